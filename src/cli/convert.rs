@@ -1,0 +1,10 @@
+//! `lora convert`.
+
+use std::process::ExitCode;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
+    anyhow::bail!("`lora convert` is not implemented yet")
+}

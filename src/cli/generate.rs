@@ -1,0 +1,10 @@
+//! `lora generate`.
+
+use std::process::ExitCode;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
+    anyhow::bail!("`lora generate` is not implemented yet")
+}

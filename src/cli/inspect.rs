@@ -1,0 +1,10 @@
+//! `lora inspect`.
+
+use std::process::ExitCode;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
+    anyhow::bail!("`lora inspect` is not implemented yet")
+}

@@ -1,0 +1,91 @@
+//! The command line: one file per command; this file only parses and dispatches.
+//!
+//! Exit codes: 0 ok, 1 the run failed, 2 the input is invalid.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+pub mod convert;
+pub mod generate;
+pub mod inspect;
+pub mod plan;
+pub mod run;
+pub mod schema;
+pub mod validate;
+
+/// Train LoRA adapters for Stable Diffusion from declarative TOML pipeline files.
+#[derive(Parser, Debug)]
+#[command(name = "lora", version, about, long_about = None)]
+pub struct Cli {
+    /// More log output (-v debug, -vv trace). `RUST_LOG` overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Only warnings and errors.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Check pipeline files against the schema and cross-field rules; print every problem.
+    Validate(validate::Args),
+    /// Print the stages of a pipeline in order with what each reads and writes.
+    Plan(plan::Args),
+    /// Print the JSON Schema of pipeline files.
+    Schema(schema::Args),
+    /// Run a pipeline: load the model and data, train the LoRA, write the adapter.
+    Run(run::Args),
+    /// Generate images with a model and optional LoRA adapters.
+    Generate(generate::Args),
+    /// Describe a LoRA file: format, targets, rank and alpha per module, metadata.
+    Inspect(inspect::Args),
+    /// Convert a LoRA file between the diffusers, kohya and PEFT forms.
+    Convert(convert::Args),
+}
+
+/// Exit code for a run that failed.
+pub const EXIT_FAILED: u8 = 1;
+/// Exit code for invalid input.
+pub const EXIT_INVALID: u8 = 2;
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose, cli.quiet);
+    let result = match cli.command {
+        Command::Validate(a) => validate::run(a),
+        Command::Plan(a) => plan::run(a),
+        Command::Schema(a) => schema::run(a),
+        Command::Run(a) => run::run(a),
+        Command::Generate(a) => generate::run(a),
+        Command::Inspect(a) => inspect::run(a),
+        Command::Convert(a) => convert::run(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+fn init_logging(verbose: u8, quiet: bool) {
+    use tracing_subscriber::EnvFilter;
+    let default = match (quiet, verbose) {
+        (true, _) => "warn",
+        (false, 0) => "info",
+        (false, 1) => "debug",
+        (false, _) => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .without_time()
+        .try_init();
+}

@@ -1,0 +1,10 @@
+//! `lora plan`.
+
+use std::process::ExitCode;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
+    anyhow::bail!("`lora plan` is not implemented yet")
+}

@@ -1,0 +1,17 @@
+//! `lora`: train LoRA adapters for Stable Diffusion from declarative TOML pipeline files.
+//!
+//! The modules follow the path a pipeline takes: `config` reads and checks the file, `models`
+//! loads the diffusion stack, `data` reads and preprocesses the dataset, `adapters` injects and
+//! saves LoRA weights, `schedulers` add and remove noise, `train` runs the optimisation, `runner`
+//! strings the stages together and `cli` is the command line on top.
+
+pub mod adapters;
+pub mod cli;
+pub mod config;
+pub mod data;
+pub mod models;
+pub mod nn;
+pub mod runner;
+pub mod schedulers;
+pub mod train;
+pub mod util;

@@ -1,0 +1,18 @@
+//! The Stable Diffusion stack on candle, loading diffusers-layout weights by name:
+//! CLIP tokenizer and text encoder, UNet2DConditionModel, AutoencoderKL.
+//!
+//! Layout: `loading` (model sources, variants, shards, HF cache/hub), `config` (the
+//! `config.json` structs), `tokenizer`, `clip`, `unet/`, `vae`.
+
+pub mod clip;
+pub mod config;
+pub mod loading;
+pub mod tokenizer;
+pub mod unet;
+pub mod vae;
+
+pub use clip::ClipTextModel;
+pub use loading::{LoadOptions, StableDiffusion};
+pub use tokenizer::ClipTokenizer;
+pub use unet::UNet2DConditionModel;
+pub use vae::{AutoencoderKL, DiagonalGaussian};

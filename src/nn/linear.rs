@@ -1,0 +1,134 @@
+//! `AdaptedLinear`: a frozen linear layer (`y = x Wᵀ + b`) that can carry LoRA branches
+//! (`y += scale · (x Aᵀ) Bᵀ`), PEFT's `lora.Linear` in candle.
+//!
+//! Every model layer that LoRA can target (attention projections, CLIP's q/k/v/out) is an
+//! `AdaptedLinear` with its full diffusers/transformers module name, so `adapters::lora`
+//! finds targets by name and the trainer owns the LoRA tensors as `Var`s.
+
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+/// One LoRA branch: `down` is A `[r, in]`, `up` is B `[out, r]`, `scale` is alpha / r times
+/// the user's strength. Tensors may be `Var`s (training) or plain tensors (inference).
+#[derive(Clone, Debug)]
+pub struct LoraBranch {
+    pub down: Tensor,
+    pub up: Tensor,
+    pub scale: f64,
+}
+
+impl LoraBranch {
+    pub fn rank(&self) -> usize {
+        self.down.dims()[0]
+    }
+
+    /// `scale · up @ down`, the weight delta `[out, in]` this branch adds.
+    pub fn delta_weight(&self) -> Result<Tensor> {
+        self.up.to_dtype(DType::F32)?.matmul(&self.down.to_dtype(DType::F32)?)? * self.scale
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct AdaptedLinear {
+    /// Full module name inside its model, e.g.
+    /// `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`.
+    pub name: String,
+    /// `[out, in]`, frozen.
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub loras: Vec<LoraBranch>,
+}
+
+impl AdaptedLinear {
+    pub fn new(name: impl Into<String>, weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { name: name.into(), weight, bias, loras: Vec::new() }
+    }
+
+    /// Load `weight` (and `bias` if `with_bias`) from `vb`, whose prefix is the module path.
+    /// `name` is the module's full name used for LoRA matching.
+    pub fn load(
+        vb: VarBuilder,
+        name: impl Into<String>,
+        in_dim: usize,
+        out_dim: usize,
+        with_bias: bool,
+    ) -> Result<Self> {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = if with_bias { Some(vb.get(out_dim, "bias")?) } else { None };
+        Ok(Self::new(name, weight, bias))
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.weight.dims()[1]
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    /// Fold every branch into the weight (`W += scale · B A`) and drop the branches.
+    pub fn merge(&mut self) -> Result<()> {
+        for lora in self.loras.drain(..) {
+            let delta = lora.delta_weight()?.to_dtype(self.weight.dtype())?;
+            self.weight = (&self.weight + delta)?;
+        }
+        Ok(())
+    }
+}
+
+/// `x @ wᵀ` for x of any rank `[..., in]`: leading dimensions are flattened into one matmul.
+fn linear_no_bias(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims();
+    let k = *dims.last().expect("linear input has at least one dimension");
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let y = x.reshape((rows, k))?.matmul(&w.t()?)?;
+    let mut out_dims = dims[..dims.len() - 1].to_vec();
+    out_dims.push(w.dims()[0]);
+    y.reshape(out_dims)
+}
+
+impl Module for AdaptedLinear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut y = linear_no_bias(x, &self.weight)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        for lora in &self.loras {
+            // PEFT casts the input to the LoRA dtype and the result back to the base dtype.
+            let xl = x.to_dtype(lora.down.dtype())?;
+            let h = linear_no_bias(&xl, &lora.down)?;
+            let h = linear_no_bias(&h, &lora.up)?;
+            let h = (h * lora.scale)?.to_dtype(y.dtype())?;
+            y = (y + h)?;
+        }
+        Ok(y)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn lora_forward_equals_merged_weight_and_grads_flow() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (5, 3), &dev)?;
+        let b = Tensor::randn(0f32, 1.0, 5, &dev)?;
+        let a = Var::randn(0f32, 1.0, (2, 3), &dev)?;
+        let up = Var::randn(0f32, 1.0, (5, 2), &dev)?;
+        let mut lin = AdaptedLinear::new("x", w.clone(), Some(b.clone()));
+        lin.loras.push(LoraBranch { down: a.as_tensor().clone(), up: up.as_tensor().clone(), scale: 0.5 });
+        let x = Tensor::randn(0f32, 1.0, (2, 4, 3), &dev)?;
+        let y = lin.forward(&x)?;
+        // Independent computation: merged weight.
+        let merged = (w + (up.as_tensor().matmul(a.as_tensor())? * 0.5)?)?;
+        let expect = x.broadcast_matmul(&merged.t()?)?.broadcast_add(&b)?;
+        let diff = (y.clone() - expect)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "diff {diff}");
+        let grads = y.sqr()?.sum_all()?.backward()?;
+        assert!(grads.get(a.as_tensor()).is_some());
+        assert!(grads.get(up.as_tensor()).is_some());
+        Ok(())
+    }
+}

@@ -1,0 +1,2 @@
+//! Training: the step (noise, loss, backward), AdamW and clipping, lr schedules, the loop and
+//! checkpoints.

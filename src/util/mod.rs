@@ -1,0 +1,3 @@
+//! Small shared helpers: atomic file writes, device and dtype selection.
+
+pub mod fs;
