@@ -8,6 +8,8 @@
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use super::frozen::FrozenMatmul;
+
 /// One LoRA branch: `down` is A `[r, in]`, `up` is B `[out, r]`, `scale` is alpha / r times
 /// the user's strength. Tensors may be `Var`s (training) or plain tensors (inference).
 #[derive(Clone, Debug)]
@@ -37,11 +39,14 @@ pub struct AdaptedLinear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub loras: Vec<LoraBranch>,
+    /// The base matmul as a custom op whose backward skips the frozen weight's gradient.
+    base: FrozenMatmul,
 }
 
 impl AdaptedLinear {
     pub fn new(name: impl Into<String>, weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { name: name.into(), weight, bias, loras: Vec::new() }
+        let base = FrozenMatmul::new(&weight).unwrap_or_else(|_| FrozenMatmul::fallback());
+        Self { name: name.into(), weight, bias, loras: Vec::new(), base }
     }
 
     /// Load `weight` (and `bias` if `with_bias`) from `vb`, whose prefix is the module path.
@@ -72,6 +77,7 @@ impl AdaptedLinear {
             let delta = lora.delta_weight()?.to_dtype(self.weight.dtype())?;
             self.weight = (&self.weight + delta)?;
         }
+        self.base = FrozenMatmul::new(&self.weight)?;
         Ok(())
     }
 }
@@ -89,7 +95,7 @@ fn linear_no_bias(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 impl Module for AdaptedLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = linear_no_bias(x, &self.weight)?;
+        let mut y = self.base.forward(x, &self.weight)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
