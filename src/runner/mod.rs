@@ -1,1 +1,3 @@
-//! The runner: stages of a pipeline in order, fingerprints, resume and watch mode.
+//! The runner: stages of a pipeline in order, fingerprints (`lock`), resume and watch mode.
+
+pub mod lock;
