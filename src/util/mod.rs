@@ -1,3 +1,4 @@
-//! Small shared helpers: atomic file writes, device and dtype selection.
+//! Small shared helpers: atomic file writes (`fs`) and Ctrl-C handling (`interrupt`).
 
 pub mod fs;
+pub mod interrupt;
