@@ -48,3 +48,25 @@ fn unet_matches_diffusers() {
     let out = unet.forward(&g["sample"], &g["timesteps"], &g["encoder_hidden_states"]).unwrap();
     assert_close("unet out", &out, &g["out"]);
 }
+
+#[test]
+fn text_encoder_matches_transformers() {
+    let cfg = ClipTextConfig::from_json_str(&config("tiny-sd/text_encoder/config.json")).unwrap();
+    let clip = ClipTextModel::load(weights("tiny-sd/text_encoder/model.safetensors"), &cfg).unwrap();
+    let g = golden("golden/text_encoder.safetensors");
+    let out = clip.forward(&g["input_ids"]).unwrap();
+    assert_close("text encoder last_hidden_state", &out, &g["last_hidden_state"]);
+}
+
+#[test]
+fn vae_encode_and_decode_match_diffusers() {
+    let cfg = VaeConfig::from_json_str(&config("tiny-sd/vae/config.json")).unwrap();
+    let vae = AutoencoderKL::load(weights("tiny-sd/vae/diffusion_pytorch_model.safetensors"), &cfg).unwrap();
+    assert_eq!(vae.scaling_factor(), 0.18215);
+    let g = golden("golden/vae.safetensors");
+    let dist = vae.encode(&g["pixel_values"]).unwrap();
+    assert_close("vae latent_mean", &dist.mean, &g["latent_mean"]);
+    assert_close("vae latent_std", &dist.std().unwrap(), &g["latent_std"]);
+    let decoded = vae.decode(&g["latent_mean"]).unwrap();
+    assert_close("vae decoded_from_mean", &decoded, &g["decoded_from_mean"]);
+}
