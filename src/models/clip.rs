@@ -1,25 +1,147 @@
-//! CLIP text encoder (transformers' `CLIPTextModel`): causal self-attention, last hidden state
-//! after the final layer norm.
+//! CLIP text encoder (transformers' `CLIPTextModel`): token + position embeddings, pre-norm
+//! causal self-attention layers, last hidden state after the final layer norm.
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::VarBuilder;
 
-use crate::nn::AdaptedLinear;
+use super::config::ClipTextConfig;
+use crate::nn::{scaled_dot_product_attention, Activation, AdaptedLinear, LayerNorm};
 
-pub struct ClipTextModel {}
+/// Multi-head self-attention with biased `q_proj/k_proj/v_proj/out_proj`.
+#[derive(Clone, Debug)]
+pub struct ClipAttention {
+    pub q_proj: AdaptedLinear,
+    pub k_proj: AdaptedLinear,
+    pub v_proj: AdaptedLinear,
+    pub out_proj: AdaptedLinear,
+    heads: usize,
+}
 
-impl ClipTextModel {
-    pub fn load(_vb: candle_nn::VarBuilder, _cfg: &super::config::ClipTextConfig) -> Result<Self> {
-        todo!("models::clip")
+impl ClipAttention {
+    fn load(vb: VarBuilder, name: &str, hidden: usize, heads: usize) -> Result<Self> {
+        let linear = |sub: &str| AdaptedLinear::load(vb.pp(sub), format!("{name}.{sub}"), hidden, hidden, true);
+        Ok(Self { q_proj: linear("q_proj")?, k_proj: linear("k_proj")?, v_proj: linear("v_proj")?, out_proj: linear("out_proj")?, heads })
     }
 
-    /// `input_ids` `[B, 77]` (u32) → last hidden state `[B, 77, hidden]`.
-    pub fn forward(&self, _input_ids: &Tensor) -> Result<Tensor> {
-        todo!("models::clip")
+    fn forward(&self, x: &Tensor, causal_mask: &Tensor) -> Result<Tensor> {
+        let q = self.q_proj.forward(x)?;
+        let k = self.k_proj.forward(x)?;
+        let v = self.v_proj.forward(x)?;
+        let attended = scaled_dot_product_attention(&q, &k, &v, self.heads, Some(causal_mask), false)?;
+        self.out_proj.forward(&attended)
+    }
+}
+
+/// `fc1` → activation → `fc2`.
+#[derive(Clone, Debug)]
+pub struct ClipMlp {
+    pub fc1: AdaptedLinear,
+    pub fc2: AdaptedLinear,
+    act: Activation,
+}
+
+/// One encoder layer: `x + attn(ln1 x)`, then `x + mlp(ln2 x)`.
+#[derive(Clone, Debug)]
+pub struct ClipEncoderLayer {
+    pub layer_norm1: LayerNorm,
+    pub self_attn: ClipAttention,
+    pub layer_norm2: LayerNorm,
+    pub mlp: ClipMlp,
+}
+
+impl ClipEncoderLayer {
+    fn load(vb: VarBuilder, name: &str, cfg: &ClipTextConfig) -> Result<Self> {
+        let (hidden, inter) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            layer_norm1: LayerNorm::load(vb.pp("layer_norm1"), hidden, cfg.layer_norm_eps)?,
+            self_attn: ClipAttention::load(vb.pp("self_attn"), &format!("{name}.self_attn"), hidden, cfg.num_attention_heads)?,
+            layer_norm2: LayerNorm::load(vb.pp("layer_norm2"), hidden, cfg.layer_norm_eps)?,
+            mlp: ClipMlp {
+                fc1: AdaptedLinear::load(vb.pp("mlp.fc1"), format!("{name}.mlp.fc1"), hidden, inter, true)?,
+                fc2: AdaptedLinear::load(vb.pp("mlp.fc2"), format!("{name}.mlp.fc2"), inter, hidden, true)?,
+                act: cfg.hidden_act,
+            },
+        })
+    }
+
+    fn forward(&self, x: &Tensor, causal_mask: &Tensor) -> Result<Tensor> {
+        let x = (self.self_attn.forward(&self.layer_norm1.forward(x)?, causal_mask)? + x)?;
+        let h = self.layer_norm2.forward(&x)?;
+        let h = self.mlp.fc2.forward(&self.mlp.act.forward(&self.mlp.fc1.forward(&h)?)?)?;
+        h + x
+    }
+}
+
+pub struct ClipTextModel {
+    pub token_embedding: Tensor,
+    pub position_embedding: Tensor,
+    pub layers: Vec<ClipEncoderLayer>,
+    pub final_layer_norm: LayerNorm,
+    config: ClipTextConfig,
+}
+
+impl ClipTextModel {
+    /// Load from a `text_encoder` weight file. Weights may be named `text_model.embeddings...`
+    /// (as SD ships them) or `embeddings...` (transformers 5 without the prefix); either way the
+    /// LoRA names start with `text_model.`.
+    pub fn load(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
+        let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") { vb.pp("text_model") } else { vb };
+        let hidden = cfg.hidden_size;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| ClipEncoderLayer::load(vb.pp(format!("encoder.layers.{i}")), &format!("text_model.encoder.layers.{i}"), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            token_embedding: vb.get((cfg.vocab_size, hidden), "embeddings.token_embedding.weight")?,
+            position_embedding: vb.get((cfg.max_position_embeddings, hidden), "embeddings.position_embedding.weight")?,
+            layers,
+            final_layer_norm: LayerNorm::load(vb.pp("final_layer_norm"), hidden, cfg.layer_norm_eps)?,
+            config: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &ClipTextConfig {
+        &self.config
+    }
+
+    /// `input_ids` `[B, L]` (any integer dtype, L ≤ max positions) → last hidden state
+    /// `[B, L, hidden]` after the final layer norm. No padding mask, as the SD pipelines do.
+    pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (batch, len) = input_ids.dims2()?;
+        let cfg = &self.config;
+        if len > cfg.max_position_embeddings {
+            candle_core::bail!("text encoder: {len} tokens exceed max_position_embeddings {}", cfg.max_position_embeddings)
+        }
+        let ids = input_ids.to_dtype(DType::U32)?;
+        let max_id = ids.max_all()?.to_scalar::<u32>()?;
+        if max_id as usize >= cfg.vocab_size {
+            candle_core::bail!("text encoder: token id {max_id} is outside the vocabulary of {}", cfg.vocab_size)
+        }
+        let tokens = self.token_embedding.index_select(&ids.flatten_all()?, 0)?.reshape((batch, len, cfg.hidden_size))?;
+        let positions = self.position_embedding.narrow(0, 0, len)?;
+        let mut h = tokens.broadcast_add(&positions)?;
+        let mask = causal_mask(len, h.dtype(), h.device())?;
+        for layer in &self.layers {
+            h = layer.forward(&h, &mask)?;
+        }
+        self.final_layer_norm.forward(&h)
     }
 
     /// Every LoRA-targetable linear (`…self_attn.{q,k,v,out}_proj`, `…mlp.fc1/fc2`), with full names
     /// like `text_model.encoder.layers.0.self_attn.q_proj`.
     pub fn linears_mut(&mut self) -> Vec<&mut AdaptedLinear> {
-        todo!("models::clip")
+        let mut out = Vec::with_capacity(self.layers.len() * 6);
+        for layer in &mut self.layers {
+            let attn = &mut layer.self_attn;
+            out.extend([&mut attn.q_proj, &mut attn.k_proj, &mut attn.v_proj, &mut attn.out_proj]);
+            out.extend([&mut layer.mlp.fc1, &mut layer.mlp.fc2]);
+        }
+        out
     }
+}
+
+/// `[L, L]` additive mask: 0 on and below the diagonal, -inf above (a token sees only itself
+/// and earlier tokens).
+fn causal_mask(len: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let values: Vec<f32> = (0..len).flat_map(|i| (0..len).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
+    Tensor::from_vec(values, (len, len), device)?.to_dtype(dtype)
 }

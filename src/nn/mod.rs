@@ -2,8 +2,20 @@
 //!
 //! - `frozen`: frozen conv and linear as custom ops whose backward returns only the input gradient.
 //! - `linear`: the frozen linear layer that can carry LoRA branches (`AdaptedLinear`).
+//! - `norm`: layer norm and group norm composed from differentiable ops.
+//! - `attention`: multi-head scaled dot-product attention (batched matmuls, composed softmax).
+//! - `activation`: activations by config name (`silu`, `gelu`, `quick_gelu`, ...).
+//! - `resnet`: diffusers' `ResnetBlock2D`, with or without a time embedding.
 
+pub mod activation;
+pub mod attention;
 pub mod frozen;
 pub mod linear;
+pub mod norm;
+pub mod resnet;
 
+pub use activation::Activation;
+pub use attention::scaled_dot_product_attention;
 pub use linear::{AdaptedLinear, LoraBranch};
+pub use norm::{GroupNorm, LayerNorm};
+pub use resnet::{ResnetBlock2D, ResnetConfig};

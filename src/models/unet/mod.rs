@@ -1,26 +1,198 @@
 //! UNet2DConditionModel (diffusers), SD 1.x and 2.x shapes, built from its `config.json`.
+//!
+//! - `embeddings`: sinusoidal timestep projection and the time-embedding MLP.
+//! - `resnet`: down/up samplers (the resnet block is `crate::nn::resnet`).
+//! - `transformer`: `Transformer2DModel`, `BasicTransformerBlock`, `Attention`, GEGLU feed-forward.
+//! - `blocks`: down, mid and up blocks.
 
-use candle_core::{Result, Tensor};
+pub mod blocks;
+pub mod embeddings;
+pub mod resnet;
+pub mod transformer;
 
-use crate::nn::AdaptedLinear;
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Conv2d, VarBuilder};
 
-pub struct UNet2DConditionModel {}
+use self::blocks::{DownBlock, MidBlock, UpBlock, UpBlockChannels};
+use self::embeddings::{timestep_embedding, TimestepEmbedding};
+use self::resnet::{conv2d_same, ResnetConfig};
+use self::transformer::TransformerConfig;
+use crate::models::config::{DownBlockType, UNetConfig, UpBlockType};
+use crate::nn::{AdaptedLinear, GroupNorm};
+
+pub struct UNet2DConditionModel {
+    pub conv_in: Conv2d,
+    pub time_embedding: TimestepEmbedding,
+    pub down_blocks: Vec<DownBlock>,
+    pub mid_block: Option<MidBlock>,
+    pub up_blocks: Vec<UpBlock>,
+    pub conv_norm_out: GroupNorm,
+    pub conv_out: Conv2d,
+    config: UNetConfig,
+}
 
 impl UNet2DConditionModel {
-    pub fn load(_vb: candle_nn::VarBuilder, _cfg: &crate::models::config::UNetConfig) -> Result<Self> {
-        todo!("models::unet")
+    /// Build the network described by `cfg` from weights under `vb` (diffusers names:
+    /// `conv_in`, `time_embedding.linear_1`, `down_blocks.0.resnets.0.conv1`, ...).
+    pub fn load(vb: VarBuilder, cfg: &UNetConfig) -> Result<Self> {
+        let channels = &cfg.block_out_channels;
+        let blocks = channels.len();
+        let resnet_cfg = |in_channels: usize, out_channels: usize, output_scale_factor: f64| ResnetConfig {
+            in_channels,
+            out_channels,
+            temb_channels: Some(cfg.time_embed_dim),
+            groups: cfg.norm_num_groups,
+            eps: cfg.norm_eps,
+            act: cfg.act_fn,
+            output_scale_factor,
+            skip_time_act: cfg.resnet_skip_time_act,
+        };
+        let transformer_cfg = |i: usize, only_cross: bool| TransformerConfig {
+            channels: channels[i],
+            heads: cfg.num_attention_heads[i],
+            num_layers: cfg.transformer_layers_per_block[i],
+            cross_attention_dim: cfg.cross_attention_dim[i],
+            norm_num_groups: cfg.norm_num_groups,
+            use_linear_projection: cfg.use_linear_projection,
+            only_cross_attention: only_cross,
+            upcast_attention: cfg.upcast_attention,
+        };
+
+        let time_embedding = TimestepEmbedding::load(vb.pp("time_embedding"), "time_embedding", channels[0], cfg.time_embed_dim, cfg.act_fn)?;
+
+        let mut down_blocks = Vec::with_capacity(blocks);
+        for (i, kind) in cfg.down_block_types.iter().enumerate() {
+            let in_channels = if i == 0 { channels[0] } else { channels[i - 1] };
+            let is_final = i == blocks - 1;
+            let attention = (*kind == DownBlockType::CrossAttnDownBlock2D).then(|| transformer_cfg(i, cfg.only_cross_attention[i]));
+            let name = format!("down_blocks.{i}");
+            down_blocks.push(DownBlock::load(
+                vb.pp(&name),
+                &name,
+                cfg.layers_per_block[i],
+                &resnet_cfg(in_channels, channels[i], cfg.resnet_out_scale_factor),
+                attention.as_ref(),
+                (!is_final).then_some(cfg.downsample_padding),
+            )?);
+        }
+
+        let mid_block = match cfg.mid_block_type {
+            Some(_) => {
+                let last = blocks - 1;
+                let c = channels[last];
+                Some(MidBlock::load(vb.pp("mid_block"), "mid_block", &resnet_cfg(c, c, cfg.mid_block_scale_factor), &transformer_cfg(last, false))?)
+            }
+            None => None,
+        };
+
+        let mut up_blocks = Vec::with_capacity(blocks);
+        for (i, kind) in cfg.up_block_types.iter().enumerate() {
+            // Up block i mirrors down block `blocks - 1 - i`.
+            let mirror = blocks - 1 - i;
+            let up_channels = UpBlockChannels {
+                in_channels: channels[mirror.saturating_sub(1)],
+                prev_output_channels: channels[(mirror + 1).min(blocks - 1)],
+                out_channels: channels[mirror],
+            };
+            let attention = (*kind == UpBlockType::CrossAttnUpBlock2D).then(|| transformer_cfg(mirror, cfg.only_cross_attention[mirror]));
+            let name = format!("up_blocks.{i}");
+            up_blocks.push(UpBlock::load(
+                vb.pp(&name),
+                &name,
+                cfg.layers_per_block[mirror] + 1,
+                up_channels,
+                &resnet_cfg(0, 0, cfg.resnet_out_scale_factor),
+                attention.as_ref(),
+                i != blocks - 1,
+            )?);
+        }
+
+        Ok(Self {
+            conv_in: conv2d_same(vb.pp("conv_in"), cfg.in_channels, channels[0], cfg.conv_in_kernel)?,
+            time_embedding,
+            down_blocks,
+            mid_block,
+            up_blocks,
+            conv_norm_out: GroupNorm::load(vb.pp("conv_norm_out"), cfg.norm_num_groups, channels[0], cfg.norm_eps)?,
+            conv_out: conv2d_same(vb.pp("conv_out"), channels[0], cfg.out_channels, cfg.conv_out_kernel)?,
+            config: cfg.clone(),
+        })
+    }
+
+    /// The config this network was built from.
+    pub fn config(&self) -> &UNetConfig {
+        &self.config
     }
 
     /// `sample` `[B, C, H, W]`, `timesteps` `[B]` (any numeric dtype), `encoder_hidden_states`
     /// `[B, 77, cross_dim]` → predicted noise (or velocity) `[B, C_out, H, W]`.
-    pub fn forward(&self, _sample: &Tensor, _timesteps: &Tensor, _encoder_hidden_states: &Tensor) -> Result<Tensor> {
-        todo!("models::unet")
+    pub fn forward(&self, sample: &Tensor, timesteps: &Tensor, encoder_hidden_states: &Tensor) -> Result<Tensor> {
+        let cfg = &self.config;
+        let (batch, channels, height, width) = sample.dims4()?;
+        if channels != cfg.in_channels {
+            candle_core::bail!("UNet expects {} input channels, got sample of shape {:?}", cfg.in_channels, sample.dims())
+        }
+        let timesteps = match timesteps.dims() {
+            [] | [1] => timesteps.reshape(1)?.broadcast_as(batch)?.contiguous()?,
+            [n] if *n == batch => timesteps.clone(),
+            other => candle_core::bail!("UNet timesteps must be a scalar or [{batch}], got shape {other:?}"),
+        };
+
+        let sample = if cfg.center_input_sample { ((sample * 2.0)? - 1.0)? } else { sample.clone() };
+        let t_emb = timestep_embedding(&timesteps, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)?.to_dtype(sample.dtype())?;
+        let mut emb = self.time_embedding.forward(&t_emb)?;
+        if let Some(act) = cfg.time_embedding_act_fn {
+            emb = act.forward(&emb)?;
+        }
+
+        let mut h = self.conv_in.forward(&sample)?;
+        let mut skips = vec![h.clone()];
+        for block in &self.down_blocks {
+            let (out, block_skips) = block.forward(&h, &emb, encoder_hidden_states)?;
+            h = out;
+            skips.extend(block_skips);
+        }
+        if let Some(mid) = &self.mid_block {
+            h = mid.forward(&h, &emb, encoder_hidden_states)?;
+        }
+        // diffusers passes the skip's size to the upsampler when the input is not a multiple of
+        // the total upsampling factor; upsampling to the next skip's size covers both cases.
+        let exact = {
+            let factor = 1usize << self.up_blocks.iter().filter(|b| b.upsampler.is_some()).count();
+            height % factor == 0 && width % factor == 0
+        };
+        for block in &self.up_blocks {
+            let remaining = skips.len().saturating_sub(block.resnets.len());
+            let upsample_size = match (exact, remaining.checked_sub(1).and_then(|i| skips.get(i))) {
+                (false, Some(next)) => {
+                    let (_, _, sh, sw) = next.dims4()?;
+                    Some((sh, sw))
+                }
+                _ => None,
+            };
+            h = block.forward(&h, &mut skips, &emb, encoder_hidden_states, upsample_size)?;
+        }
+        let h = cfg.act_fn.forward(&self.conv_norm_out.forward(&h)?)?;
+        self.conv_out.forward(&h)
     }
 
-    /// Every LoRA-targetable linear (attention `to_q/to_k/to_v/to_out.0`, `ff.net.0.proj`,
-    /// `ff.net.2`, and `proj_in/proj_out` when linear), with full diffusers module names like
-    /// `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`.
+    /// Every linear layer, named as in diffusers: attention `to_q/to_k/to_v/to_out.0`,
+    /// `ff.net.0.proj`, `ff.net.2`, `proj_in/proj_out` (also when stored as 1x1 convs: the
+    /// weight is held as `[out, in]`), resnets' `time_emb_proj` and `time_embedding.linear_1/2`,
+    /// e.g. `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`. Pick LoRA targets by
+    /// name from this list.
     pub fn linears_mut(&mut self) -> Vec<&mut AdaptedLinear> {
-        todo!("models::unet")
+        let mut out = Vec::new();
+        self.time_embedding.linears_mut(&mut out);
+        for block in &mut self.down_blocks {
+            block.linears_mut(&mut out);
+        }
+        if let Some(mid) = &mut self.mid_block {
+            mid.linears_mut(&mut out);
+        }
+        for block in &mut self.up_blocks {
+            block.linears_mut(&mut out);
+        }
+        out
     }
 }

@@ -1,0 +1,51 @@
+//! Resolution changes between UNet/VAE blocks: `Downsample2D` (strided conv) and `Upsample2D`
+//! (nearest ×2 then conv). The resnet block itself lives in `crate::nn::resnet`.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+
+pub use crate::nn::resnet::{conv2d_same, ResnetBlock2D, ResnetConfig};
+
+/// diffusers' `Downsample2D` with `use_conv`: a 3x3 stride-2 conv (`downsamplers.0.conv`).
+/// With `padding == 0` (the VAE) the input is first padded by one on the right and bottom.
+#[derive(Clone, Debug)]
+pub struct Downsample2D {
+    pub conv: Conv2d,
+    padding: usize,
+}
+
+impl Downsample2D {
+    pub fn load(vb: VarBuilder, channels: usize, padding: usize) -> Result<Self> {
+        let cfg = Conv2dConfig { padding, stride: 2, ..Default::default() };
+        Ok(Self { conv: candle_nn::conv2d(channels, channels, 3, cfg, vb.pp("conv"))?, padding })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.padding == 0 {
+            let x = x.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?;
+            self.conv.forward(&x)
+        } else {
+            self.conv.forward(x)
+        }
+    }
+}
+
+/// diffusers' `Upsample2D` with `use_conv`: nearest-neighbour upsampling, then a 3x3 conv
+/// (`upsamplers.0.conv`).
+#[derive(Clone, Debug)]
+pub struct Upsample2D {
+    pub conv: Conv2d,
+}
+
+impl Upsample2D {
+    pub fn load(vb: VarBuilder, channels: usize) -> Result<Self> {
+        Ok(Self { conv: conv2d_same(vb.pp("conv"), channels, channels, 3)? })
+    }
+
+    /// Upsample to `size` (H, W) if given, else by a factor of two.
+    pub fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let (th, tw) = size.unwrap_or((2 * h, 2 * w));
+        self.conv.forward(&x.upsample_nearest2d(th, tw)?)
+    }
+}

@@ -1,0 +1,98 @@
+//! diffusers' `ResnetBlock2D`: GroupNorm → act → conv → (+ time embedding) → GroupNorm → act →
+//! conv, plus a (1x1 conv) shortcut; shared by the UNet (with time embedding) and the VAE
+//! (without).
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+
+use super::{Activation, AdaptedLinear, GroupNorm};
+
+/// How a `ResnetBlock2D` is built.
+#[derive(Clone, Debug)]
+pub struct ResnetConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    /// Width of the time embedding; `None` for the VAE (no `time_emb_proj`).
+    pub temb_channels: Option<usize>,
+    pub groups: usize,
+    pub eps: f64,
+    pub act: Activation,
+    /// The output is divided by this (`output_scale_factor`).
+    pub output_scale_factor: f64,
+    /// `skip_time_act`: project the time embedding without applying the activation first.
+    pub skip_time_act: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct ResnetBlock2D {
+    pub norm1: GroupNorm,
+    pub conv1: Conv2d,
+    pub time_emb_proj: Option<AdaptedLinear>,
+    pub norm2: GroupNorm,
+    pub conv2: Conv2d,
+    pub conv_shortcut: Option<Conv2d>,
+    act: Activation,
+    output_scale_factor: f64,
+    skip_time_act: bool,
+}
+
+/// A `k`x`k` conv with bias, stride 1 and "same" padding, loaded from `vb`.
+pub fn conv2d_same(vb: VarBuilder, in_c: usize, out_c: usize, k: usize) -> Result<Conv2d> {
+    let cfg = Conv2dConfig { padding: (k - 1) / 2, ..Default::default() };
+    candle_nn::conv2d(in_c, out_c, k, cfg, vb)
+}
+
+impl ResnetBlock2D {
+    /// Load from `vb`; `name` is the block's module name in its model (e.g.
+    /// `down_blocks.0.resnets.0`), used to name `time_emb_proj` for LoRA matching.
+    pub fn load(vb: VarBuilder, name: &str, cfg: &ResnetConfig) -> Result<Self> {
+        let (i, o) = (cfg.in_channels, cfg.out_channels);
+        let time_emb_proj = match cfg.temb_channels {
+            Some(t) => {
+                let name = format!("{name}.time_emb_proj");
+                Some(AdaptedLinear::load(vb.pp("time_emb_proj"), name, t, o, true)?)
+            }
+            None => None,
+        };
+        let conv_shortcut = if i != o { Some(candle_nn::conv2d(i, o, 1, Default::default(), vb.pp("conv_shortcut"))?) } else { None };
+        Ok(Self {
+            norm1: GroupNorm::load(vb.pp("norm1"), cfg.groups, i, cfg.eps)?,
+            conv1: conv2d_same(vb.pp("conv1"), i, o, 3)?,
+            time_emb_proj,
+            norm2: GroupNorm::load(vb.pp("norm2"), cfg.groups, o, cfg.eps)?,
+            conv2: conv2d_same(vb.pp("conv2"), o, o, 3)?,
+            conv_shortcut,
+            act: cfg.act,
+            output_scale_factor: cfg.output_scale_factor,
+            skip_time_act: cfg.skip_time_act,
+        })
+    }
+
+    /// The time-embedding projection, if any (the only linear layer in a resnet).
+    pub fn linears_mut<'a>(&'a mut self, out: &mut Vec<&'a mut AdaptedLinear>) {
+        if let Some(proj) = &mut self.time_emb_proj {
+            out.push(proj);
+        }
+    }
+
+    /// `x` `[B, C_in, H, W]`, `temb` `[B, T]` (required when built with a time embedding).
+    pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+        let mut h = self.conv1.forward(&self.act.forward(&self.norm1.forward(x)?)?)?;
+        if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
+            let t = if self.skip_time_act { temb.clone() } else { self.act.forward(temb)? };
+            let t = proj.forward(&t)?.unsqueeze(2)?.unsqueeze(3)?;
+            h = h.broadcast_add(&t)?;
+        }
+        let h = self.conv2.forward(&self.act.forward(&self.norm2.forward(&h)?)?)?;
+        let shortcut = match &self.conv_shortcut {
+            Some(conv) => conv.forward(x)?,
+            None => x.clone(),
+        };
+        let out = (shortcut + h)?;
+        if self.output_scale_factor == 1.0 {
+            Ok(out)
+        } else {
+            out / self.output_scale_factor
+        }
+    }
+}
