@@ -332,6 +332,15 @@ pub fn plan_model_files(
             components.push(ComponentFiles { config, weights: vec![], weight_index: None });
             continue;
         }
+        if !weights::has_weight_files(&in_dir) {
+            let wanted = match (variant, policy) {
+                (Some(v), VariantPolicy::Required) => format!("{prefix}{base}.{v}.safetensors"),
+                _ => format!("{prefix}{base}.safetensors"),
+            };
+            missing.push(wanted);
+            components.push(ComponentFiles { config, weights: vec![], weight_index: None });
+            continue;
+        }
         let (weights, weight_index) = match weights::choose_weights(dir, &in_dir, base, variant, policy)? {
             WeightChoice::Single(name) => (vec![PathBuf::from(format!("{prefix}{name}"))], None),
             WeightChoice::Sharded { index } => {

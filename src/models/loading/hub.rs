@@ -30,27 +30,31 @@ impl HubSettings {
     /// `HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`; `HF_ENDPOINT`;
     /// `HF_HUB_OFFLINE`; `HF_TOKEN`. Progress bars when stderr is a terminal.
     pub fn from_env() -> Self {
-        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        let mut settings = Self::from_vars(|name| std::env::var(name).ok());
+        settings.progress = std::io::stderr().is_terminal();
+        settings
+    }
+
+    /// [`Self::from_env`] with the variables read through `var` (progress bars off).
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Self {
+        let var = |name: &str| var(name).filter(|v| !v.trim().is_empty());
+        let home = || {
+            var("HOME").or_else(|| var("USERPROFILE")).map(PathBuf::from).unwrap_or_default()
+        };
         let cache_dir = var("HF_HUB_CACHE")
             .or_else(|| var("HUGGINGFACE_HUB_CACHE"))
             .map(PathBuf::from)
-            .or_else(|| var("HF_HOME").map(|home| PathBuf::from(home).join("hub")))
-            .unwrap_or_else(default_cache_dir);
+            .or_else(|| var("HF_HOME").map(|h| PathBuf::from(h).join("hub")))
+            .unwrap_or_else(|| home().join(".cache").join("huggingface").join("hub"));
         let endpoint = var("HF_ENDPOINT").unwrap_or_else(|| "https://huggingface.co".into());
-        let offline = var("HF_HUB_OFFLINE").is_some_and(|v| is_truthy(&v));
         Self {
             cache_dir,
             endpoint: endpoint.trim_end_matches('/').to_string(),
-            offline,
+            offline: var("HF_HUB_OFFLINE").is_some_and(|v| is_truthy(&v)),
             token: var("HF_TOKEN"),
-            progress: std::io::stderr().is_terminal(),
+            progress: false,
         }
     }
-}
-
-fn default_cache_dir() -> PathBuf {
-    let home = std::env::var_os("HOME").or_else(|| std::env::var_os("USERPROFILE")).map(PathBuf::from).unwrap_or_default();
-    home.join(".cache").join("huggingface").join("hub")
 }
 
 fn is_truthy(value: &str) -> bool {

@@ -120,6 +120,16 @@ pub fn choose_weights(
     bail!("{component}/ has no weights: expected {} ({listing})", expected.join(" or "))
 }
 
+/// True when a component folder's file names include any weights (safetensors, a shard index,
+/// or a pickle), so that "no weights at all" can be reported as a missing file.
+pub fn has_weight_files(files: &BTreeSet<String>) -> bool {
+    files.iter().any(|f| {
+        f.ends_with(".safetensors")
+            || (f.contains(".safetensors.index") && f.ends_with(".json"))
+            || PICKLE_EXTENSIONS.iter().any(|ext| f.ends_with(&format!(".{ext}")))
+    })
+}
+
 /// The shard file names listed by a `*.safetensors.index.json`, in first-use order.
 pub fn shards_from_index(index_json: &str, index_name: &str) -> anyhow::Result<Vec<String>> {
     #[derive(serde::Deserialize)]
