@@ -1,12 +1,27 @@
 //! Model sources: a local diffusers folder or a hub id resolved through the HF cache
 //! (`HF_HOME` / `HF_HUB_CACHE`), weight variants, sharded weights, and the refusal of pickles.
+//!
+//! - [`resolve_model_dir`] turns a source into a local folder (downloading with `hf-hub` when
+//!   needed, see [`hub`]).
+//! - [`locate_model_files`] finds every file the pipeline reads in that folder
+//!   ([`ModelFiles`]): configs, tokenizer files, and the chosen weight files per component.
+//! - [`weights::ComponentWeights`] is the checking `VarBuilder` backend the networks load from.
+//! - [`StableDiffusion::load`] does all of it and builds the networks.
 
-use std::path::PathBuf;
+pub mod hub;
+pub mod weights;
 
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 
+use super::config::{ClipTextConfig, UNetConfig, VaeConfig};
 use super::{AutoencoderKL, ClipTextModel, ClipTokenizer, UNet2DConditionModel};
 use crate::schedulers::SchedulerConfig;
+pub use hub::HubSettings;
+pub use weights::{ComponentWeights, VariantPolicy, WeightChoice, WeightOptions};
 
 #[derive(Clone, Debug, Default)]
 pub struct LoadOptions {
@@ -29,13 +44,343 @@ pub struct StableDiffusion {
 
 impl StableDiffusion {
     /// Load from a local diffusers folder or a hub id.
-    pub fn load(_source: &str, _opts: &LoadOptions, _device: &Device, _dtype: DType) -> anyhow::Result<Self> {
-        todo!("models::loading")
+    ///
+    /// Weights are converted to `dtype` on `device`. A weight that is missing, left over, or of
+    /// the wrong shape is an error naming the tensor (and both shapes).
+    pub fn load(source: &str, opts: &LoadOptions, device: &Device, dtype: DType) -> anyhow::Result<Self> {
+        Self::load_with(source, opts, &HubSettings::from_env(), device, dtype)
+    }
+
+    /// [`Self::load`] with explicit hub settings instead of the environment.
+    pub fn load_with(
+        source: &str,
+        opts: &LoadOptions,
+        hub: &HubSettings,
+        device: &Device,
+        dtype: DType,
+    ) -> anyhow::Result<Self> {
+        let files = resolve_model_files_with(source, opts, hub)?;
+        let tokenizer = ClipTokenizer::from_dir(&files.tokenizer_dir)
+            .with_context(|| format!("loading the tokenizer of {source}"))?;
+
+        let text_encoder_config = ClipTextConfig::from_json_str(&read_text(&files.text_encoder.config)?)
+            .with_context(|| format!("in {}", files.text_encoder.config.display()))?;
+        let text_encoder = files
+            .text_encoder
+            .open_weights("text_encoder", &WeightOptions::default())?
+            .build(dtype, device, |vb| ClipTextModel::load(vb, &text_encoder_config))?;
+
+        let unet_config = UNetConfig::from_json_str(&read_text(&files.unet.config)?)
+            .with_context(|| format!("in {}", files.unet.config.display()))?;
+        let unet = files
+            .unet
+            .open_weights("unet", &WeightOptions::default())?
+            .build(dtype, device, |vb| UNet2DConditionModel::load(vb, &unet_config))?;
+
+        let vae_config = VaeConfig::from_json_str(&read_text(&files.vae.config)?)
+            .with_context(|| format!("in {}", files.vae.config.display()))?;
+        let vae = files
+            .vae
+            .open_weights("vae", &WeightOptions { legacy_attention_names: true })?
+            .build(dtype, device, |vb| AutoencoderKL::load(vb, &vae_config))?;
+
+        let scheduler: SchedulerConfig = serde_json::from_str(&read_text(&files.scheduler_config)?)
+            .with_context(|| format!("{} is not a valid scheduler config", files.scheduler_config.display()))?;
+
+        Ok(Self { root: files.root, tokenizer, text_encoder, unet, vae, scheduler })
     }
 }
 
-/// Resolve a model source (local folder or hub id) to a local diffusers folder.
-pub fn resolve_model_dir(_source: &str, _opts: &LoadOptions) -> anyhow::Result<PathBuf> {
-    todo!("models::loading")
+fn read_text(path: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
 }
 
+/// Where a model comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A local diffusers folder.
+    Local(PathBuf),
+    /// A hub repository id (`org/name` or `name`).
+    Hub(String),
+}
+
+impl ModelSource {
+    /// An existing folder is local; otherwise a well-formed hub id is a hub model; anything else
+    /// (a path that does not exist) is an error.
+    pub fn parse(source: &str) -> anyhow::Result<Self> {
+        let trimmed = source.trim();
+        if trimmed.is_empty() {
+            bail!("the model source is empty: give a diffusers folder or a hub id such as `org/name`");
+        }
+        let path = Path::new(trimmed);
+        if path.is_dir() {
+            return Ok(Self::Local(path.to_path_buf()));
+        }
+        if path.exists() {
+            bail!("model source {trimmed} is a file, not a diffusers folder (with model_index.json, unet/, vae/, …) or a hub id");
+        }
+        if is_hub_id(trimmed) {
+            return Ok(Self::Hub(trimmed.to_string()));
+        }
+        bail!("model folder {trimmed} does not exist (and it is not a hub id like `org/name`)")
+    }
+}
+
+/// `org/name` or `name`: letters, digits, `-`, `_`, `.`; no `--` or `..`; at most one `/`.
+pub fn is_hub_id(id: &str) -> bool {
+    let parts: Vec<&str> = id.split('/').collect();
+    if parts.len() > 2 || id.contains("--") || id.contains("..") || id.len() > 96 {
+        return false;
+    }
+    parts.iter().all(|part| {
+        !part.is_empty()
+            && part.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            && !part.starts_with(['-', '.'])
+            && !part.ends_with(['-', '.'])
+    })
+}
+
+/// Resolve a model source (local folder or hub id) to a local diffusers folder.
+pub fn resolve_model_dir(source: &str, opts: &LoadOptions) -> anyhow::Result<PathBuf> {
+    Ok(resolve_model_files_with(source, opts, &HubSettings::from_env())?.root)
+}
+
+/// Resolve a source and find every file the pipeline needs, with explicit hub settings.
+pub fn resolve_model_files_with(source: &str, opts: &LoadOptions, hub: &HubSettings) -> anyhow::Result<ModelFiles> {
+    let variant = opts.variant.as_deref().filter(|v| !v.is_empty());
+    match ModelSource::parse(source)? {
+        ModelSource::Local(dir) => {
+            if opts.revision.is_some() {
+                tracing::warn!("revision is ignored for the local folder {}", dir.display());
+            }
+            locate_model_files(&dir, variant)
+        }
+        ModelSource::Hub(id) => {
+            let revision = opts.revision.as_deref().filter(|r| !r.is_empty()).unwrap_or("main");
+            Ok(hub::resolve_hub_model(&id, revision, variant, hub)?.1)
+        }
+    }
+}
+
+/// The files of one network component (`unet/`, `vae/`, `text_encoder/`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ComponentFiles {
+    /// `config.json`.
+    pub config: PathBuf,
+    /// The `.safetensors` file, or every shard in index order.
+    pub weights: Vec<PathBuf>,
+    /// The `*.safetensors.index.json` when sharded.
+    pub weight_index: Option<PathBuf>,
+}
+
+impl ComponentFiles {
+    /// Open the weights behind a checking `VarBuilder`.
+    pub fn open_weights(&self, component: &str, options: &WeightOptions) -> anyhow::Result<ComponentWeights> {
+        ComponentWeights::open(component, &self.weights, options)
+    }
+
+    fn paths(&self) -> impl Iterator<Item = &PathBuf> {
+        std::iter::once(&self.config).chain(self.weight_index.iter()).chain(self.weights.iter())
+    }
+}
+
+/// Every file of a diffusers folder that loading reads (absolute paths, or relative to the
+/// repository root while planning a download).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelFiles {
+    pub root: PathBuf,
+    pub model_index: Option<PathBuf>,
+    pub scheduler_config: PathBuf,
+    pub tokenizer_dir: PathBuf,
+    /// The tokenizer files present: `tokenizer.json` or `vocab.json` + `merges.txt`, plus the
+    /// JSON configs.
+    pub tokenizer_files: Vec<PathBuf>,
+    pub text_encoder: ComponentFiles,
+    pub unet: ComponentFiles,
+    pub vae: ComponentFiles,
+}
+
+impl ModelFiles {
+    /// Every file, relative to the root.
+    pub fn relative_paths(&self) -> Vec<PathBuf> {
+        self.all_paths()
+            .map(|p| p.strip_prefix(&self.root).map(Path::to_path_buf).unwrap_or_else(|_| p.clone()))
+            .collect()
+    }
+
+    /// Every file, as stored (absolute once rebased).
+    pub fn all_paths(&self) -> impl Iterator<Item = &PathBuf> {
+        self.model_index
+            .iter()
+            .chain(std::iter::once(&self.scheduler_config))
+            .chain(self.tokenizer_files.iter())
+            .chain(self.text_encoder.paths())
+            .chain(self.unet.paths())
+            .chain(self.vae.paths())
+    }
+
+    /// The same files under `root` (the plan is made with an empty root).
+    pub fn rebased(&self, root: &Path) -> Self {
+        let re = |p: &PathBuf| root.join(p.strip_prefix(&self.root).unwrap_or(p));
+        let component = |c: &ComponentFiles| ComponentFiles {
+            config: re(&c.config),
+            weights: c.weights.iter().map(re).collect(),
+            weight_index: c.weight_index.as_ref().map(re),
+        };
+        Self {
+            root: root.to_path_buf(),
+            model_index: self.model_index.as_ref().map(re),
+            scheduler_config: re(&self.scheduler_config),
+            tokenizer_dir: re(&self.tokenizer_dir),
+            tokenizer_files: self.tokenizer_files.iter().map(re).collect(),
+            text_encoder: component(&self.text_encoder),
+            unet: component(&self.unet),
+            vae: component(&self.vae),
+        }
+    }
+}
+
+/// Find every file the pipeline reads in a local diffusers folder; an error lists everything
+/// that is missing, or refuses pickle-only weights.
+pub fn locate_model_files(root: &Path, variant: Option<&str>) -> anyhow::Result<ModelFiles> {
+    if !root.is_dir() {
+        bail!("model folder {} does not exist", root.display());
+    }
+    let listing = list_folder(root)?;
+    let files = plan_model_files(&listing, variant, &mut |rel| read_text(&root.join(rel)))
+        .with_context(|| format!("model folder {}", root.display()))?;
+    Ok(files.rebased(root))
+}
+
+/// Paths (with `/`) of the regular files under `dir`, two folder levels deep, following
+/// symlinks (a hub snapshot is made of links into `blobs/`); dangling links are left out.
+pub fn list_folder(dir: &Path) -> anyhow::Result<BTreeSet<String>> {
+    fn walk(dir: &Path, prefix: &str, depth: usize, out: &mut BTreeSet<String>) -> anyhow::Result<()> {
+        let entries = std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))?;
+        for entry in entries {
+            let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
+            let Some(name) = entry.file_name().to_str().map(str::to_string) else { continue };
+            let path = entry.path();
+            let Ok(meta) = std::fs::metadata(&path) else { continue };
+            let rel = if prefix.is_empty() { name } else { format!("{prefix}/{name}") };
+            if meta.is_file() {
+                out.insert(rel);
+            } else if meta.is_dir() && depth > 0 {
+                walk(&path, &rel, depth - 1, out)?;
+            }
+        }
+        Ok(())
+    }
+    let mut out = BTreeSet::new();
+    walk(dir, "", 2, &mut out)?;
+    Ok(out)
+}
+
+/// The network components, their weight base name and how they treat a variant.
+const COMPONENTS: [(&str, &str, VariantPolicy); 3] = [
+    ("text_encoder", "model", VariantPolicy::PlainFirst),
+    ("unet", "diffusion_pytorch_model", VariantPolicy::Required),
+    ("vae", "diffusion_pytorch_model", VariantPolicy::Required),
+];
+
+/// Choose the files of a diffusers repository from its file list (`listing`, relative paths
+/// with `/`). `read` returns the text of a listed file (shard indexes and `model_index.json`
+/// are read to plan). The result has an empty root; see [`ModelFiles::rebased`].
+pub fn plan_model_files(
+    listing: &BTreeSet<String>,
+    variant: Option<&str>,
+    read: &mut dyn FnMut(&str) -> anyhow::Result<String>,
+) -> anyhow::Result<ModelFiles> {
+    let mut missing: Vec<String> = Vec::new();
+    let require = |rel: &str, missing: &mut Vec<String>| -> PathBuf {
+        if !listing.contains(rel) {
+            missing.push(rel.to_string());
+        }
+        PathBuf::from(rel)
+    };
+
+    let model_index = if listing.contains("model_index.json") {
+        check_model_index(&read("model_index.json")?)?;
+        Some(PathBuf::from("model_index.json"))
+    } else {
+        None
+    };
+    let scheduler_config = require("scheduler/scheduler_config.json", &mut missing);
+
+    let mut tokenizer_files = Vec::new();
+    if listing.contains("tokenizer/tokenizer.json") {
+        tokenizer_files.push(PathBuf::from("tokenizer/tokenizer.json"));
+    } else {
+        for name in ["tokenizer/vocab.json", "tokenizer/merges.txt"] {
+            tokenizer_files.push(require(name, &mut missing));
+        }
+    }
+    for optional in ["tokenizer/tokenizer_config.json", "tokenizer/special_tokens_map.json"] {
+        if listing.contains(optional) {
+            tokenizer_files.push(PathBuf::from(optional));
+        }
+    }
+
+    let mut components = Vec::new();
+    for (dir, base, policy) in COMPONENTS {
+        let config = require(&format!("{dir}/config.json"), &mut missing);
+        let prefix = format!("{dir}/");
+        let in_dir: BTreeSet<String> =
+            listing.iter().filter_map(|p| p.strip_prefix(&prefix)).filter(|p| !p.contains('/')).map(str::to_string).collect();
+        if in_dir.is_empty() && !listing.iter().any(|p| p.starts_with(&prefix)) {
+            missing.push(format!("{dir}/ (the whole folder)"));
+            components.push(ComponentFiles { config, weights: vec![], weight_index: None });
+            continue;
+        }
+        if !weights::has_weight_files(&in_dir) {
+            let wanted = match (variant, policy) {
+                (Some(v), VariantPolicy::Required) => format!("{prefix}{base}.{v}.safetensors"),
+                _ => format!("{prefix}{base}.safetensors"),
+            };
+            missing.push(wanted);
+            components.push(ComponentFiles { config, weights: vec![], weight_index: None });
+            continue;
+        }
+        let (weights, weight_index) = match weights::choose_weights(dir, &in_dir, base, variant, policy)? {
+            WeightChoice::Single(name) => (vec![PathBuf::from(format!("{prefix}{name}"))], None),
+            WeightChoice::Sharded { index } => {
+                let index_rel = format!("{prefix}{index}");
+                let shards = weights::shards_from_index(&read(&index_rel)?, &index_rel)?;
+                let shards: Vec<PathBuf> = shards.iter().map(|s| require(&format!("{prefix}{s}"), &mut missing)).collect();
+                (shards, Some(PathBuf::from(index_rel)))
+            }
+        };
+        components.push(ComponentFiles { config, weights, weight_index });
+    }
+
+    if !missing.is_empty() {
+        bail!("not a complete Stable Diffusion folder: missing {}", missing.join(", "));
+    }
+    let vae = components.pop().expect("three components");
+    let unet = components.pop().expect("three components");
+    let text_encoder = components.pop().expect("three components");
+    Ok(ModelFiles {
+        root: PathBuf::new(),
+        model_index,
+        scheduler_config,
+        tokenizer_dir: PathBuf::from("tokenizer"),
+        tokenizer_files,
+        text_encoder,
+        unet,
+        vae,
+    })
+}
+
+/// Refuse pipelines whose layout is not SD 1.x/2.x (a second text encoder, a transformer
+/// instead of a UNet).
+fn check_model_index(json: &str) -> anyhow::Result<()> {
+    let index: serde_json::Value = serde_json::from_str(json).context("model_index.json is not valid JSON")?;
+    let class = index.get("_class_name").and_then(|c| c.as_str()).unwrap_or("an unnamed pipeline");
+    if index.get("text_encoder_2").is_some_and(|v| !v.is_null() && v.get(0).is_some_and(|x| !x.is_null())) {
+        bail!("model_index.json describes {class} with a second text encoder (SDXL-style); only SD 1.x/2.x pipelines are supported");
+    }
+    if index.get("unet").is_none() && index.get("transformer").is_some() {
+        bail!("model_index.json describes {class}, which uses a transformer instead of a UNet; only SD 1.x/2.x pipelines are supported");
+    }
+    Ok(())
+}
