@@ -1,10 +1,32 @@
-//! Noise schedules: `ddpm` adds noise for training; `pndm`, `ddim`, `euler` sample at inference.
-//! All are built from a diffusers `scheduler_config.json` (`SchedulerConfig`).
+//! Noise schedules: `ddpm` adds noise for training; `pndm`, `ddim`, `euler`, `euler_ancestral`
+//! sample at inference through the [`Sampler`] trait; `pipeline` runs text-to-image generation.
+//! All are built from a diffusers `scheduler_config.json` (`SchedulerConfig`); `betas` computes
+//! the shared noise schedule bit for bit as torch does.
 
+use std::path::Path;
+
+use anyhow::Context;
+use candle_core::Tensor;
 use serde::Deserialize;
 
+pub mod betas;
+pub mod ddim;
+pub mod ddpm;
+pub mod euler;
+pub mod euler_ancestral;
+pub mod pipeline;
+pub mod pndm;
+
+pub use ddim::Ddim;
+pub use ddpm::{Ddpm, PredictionType};
+pub use euler::EulerDiscrete;
+pub use euler_ancestral::EulerAncestral;
+pub use pndm::Pndm;
+
 /// A diffusers `scheduler_config.json` (any scheduler class; keys a class does not use are kept
-/// and ignored as diffusers does).
+/// and ignored as diffusers does). `None` means "the key is absent": each scheduler class then
+/// applies its own diffusers default (they differ, e.g. `set_alpha_to_one` is true for DDIM and
+/// false for PNDM, `timestep_spacing` is "leading" for DDIM/PNDM and "linspace" for Euler).
 #[derive(Clone, Debug, Deserialize)]
 pub struct SchedulerConfig {
     #[serde(rename = "_class_name", default)]
@@ -29,6 +51,34 @@ pub struct SchedulerConfig {
     pub skip_prk_steps: Option<bool>,
     #[serde(default)]
     pub clip_sample: Option<bool>,
+    /// Explicit betas (length `num_train_timesteps`); overrides `beta_schedule` when present.
+    #[serde(default)]
+    pub trained_betas: Option<Vec<f64>>,
+    /// DDIM/DDPM clip range for the predicted x0 when `clip_sample` is on (default 1.0).
+    #[serde(default)]
+    pub clip_sample_range: Option<f64>,
+    /// Rescale betas to zero terminal SNR (Lin et al. 2023).
+    #[serde(default)]
+    pub rescale_betas_zero_snr: Option<bool>,
+    /// Dynamic thresholding (Imagen); not supported, refused when true.
+    #[serde(default)]
+    pub thresholding: Option<bool>,
+    /// Euler: how sigmas are interpolated between training timesteps ("linear" only).
+    #[serde(default)]
+    pub interpolation_type: Option<String>,
+    /// Euler: Karras / exponential / beta sigma spacing; not supported, refused when true.
+    #[serde(default)]
+    pub use_karras_sigmas: Option<bool>,
+    #[serde(default)]
+    pub use_exponential_sigmas: Option<bool>,
+    #[serde(default)]
+    pub use_beta_sigmas: Option<bool>,
+    /// Euler: the sigma after the last step, "zero" (default) or "sigma_min".
+    #[serde(default)]
+    pub final_sigmas_type: Option<String>,
+    /// Euler: "discrete" (default) or "continuous" (refused).
+    #[serde(default)]
+    pub timestep_type: Option<String>,
 }
 
 fn default_train_timesteps() -> usize {
@@ -45,4 +95,107 @@ fn default_beta_schedule() -> String {
 }
 fn default_prediction_type() -> String {
     "epsilon".into()
+}
+
+impl Default for SchedulerConfig {
+    /// The diffusers class defaults (as if `scheduler_config.json` were `{}`).
+    fn default() -> Self {
+        serde_json::from_str("{}").expect("every SchedulerConfig field has a default")
+    }
+}
+
+impl SchedulerConfig {
+    /// Read a diffusers `scheduler_config.json`.
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parsing scheduler config {}", path.display()))
+    }
+
+    /// The SD 1.5 scheduler config (PNDM, scaled_linear 0.00085..0.012, `steps_offset` 1,
+    /// `skip_prk_steps`, "leading", epsilon).
+    pub fn sd15() -> Self {
+        SchedulerConfig {
+            class_name: Some("PNDMScheduler".into()),
+            beta_start: 0.00085,
+            beta_end: 0.012,
+            beta_schedule: "scaled_linear".into(),
+            steps_offset: 1,
+            set_alpha_to_one: Some(false),
+            skip_prk_steps: Some(true),
+            clip_sample: Some(false),
+            ..Default::default()
+        }
+    }
+
+    /// Refuse the keys that change the math and that we do not implement (naming the key).
+    pub(crate) fn refuse_unsupported(&self, class: &str) -> anyhow::Result<()> {
+        if self.thresholding == Some(true) {
+            anyhow::bail!("scheduler config: `thresholding: true` (dynamic thresholding) is not supported by {class}");
+        }
+        Ok(())
+    }
+}
+
+/// Which sampler `lora generate` (and validation) uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SamplerKind {
+    /// PNDM / PLMS with `skip_prk_steps` (the SD 1.5 default).
+    Pndm,
+    /// DDIM with eta 0 (deterministic).
+    Ddim,
+    /// Euler discrete.
+    Euler,
+    /// Euler ancestral (adds fresh noise each step; seeded).
+    EulerAncestral,
+}
+
+impl std::str::FromStr for SamplerKind {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s.to_ascii_lowercase().replace('_', "-").as_str() {
+            "pndm" | "plms" => Ok(SamplerKind::Pndm),
+            "ddim" => Ok(SamplerKind::Ddim),
+            "euler" | "euler-discrete" => Ok(SamplerKind::Euler),
+            "euler-a" | "euler-ancestral" => Ok(SamplerKind::EulerAncestral),
+            other => anyhow::bail!("unknown scheduler `{other}` (expected pndm, ddim, euler or euler-ancestral)"),
+        }
+    }
+}
+
+/// An inference sampler, used as diffusers' pipelines use a scheduler:
+/// `set_timesteps(n)`, then `x *= init_noise_sigma()`, then for each `t` in `timesteps()`:
+/// `eps = unet(scale_model_input(x, t), t)`, `x = step(eps, t, x)`.
+pub trait Sampler {
+    /// Choose the `n` inference timesteps (resets any multistep state).
+    fn set_timesteps(&mut self, n: usize) -> anyhow::Result<()>;
+    /// The timesteps to visit, in order (PNDM repeats one; Euler's may be fractional).
+    fn timesteps(&self) -> &[f64];
+    /// The factor the initial N(0, 1) latents are multiplied by.
+    fn init_noise_sigma(&self) -> f64;
+    /// The UNet input for latents `x` at timestep `t` (identity except for sigma-based samplers).
+    fn scale_model_input(&self, x: &Tensor, t: f64) -> candle_core::Result<Tensor>;
+    /// One denoising step: model output at `t` and the current latents → the previous latents.
+    fn step(&mut self, model_output: &Tensor, t: f64, x: &Tensor) -> candle_core::Result<Tensor>;
+}
+
+/// Build a sampler of the given kind from a scheduler config (as diffusers' `from_config`).
+/// `seed` feeds the ancestral samplers' per-step noise.
+pub fn build_sampler(kind: SamplerKind, cfg: &SchedulerConfig, seed: u64) -> anyhow::Result<Box<dyn Sampler>> {
+    Ok(match kind {
+        SamplerKind::Pndm => Box::new(Pndm::from_config(cfg)?),
+        SamplerKind::Ddim => Box::new(Ddim::from_config(cfg)?),
+        SamplerKind::Euler => Box::new(EulerDiscrete::from_config(cfg)?),
+        SamplerKind::EulerAncestral => Box::new(EulerAncestral::from_config(cfg, seed)?),
+    })
+}
+
+/// Number of inference steps check shared by all samplers.
+pub(crate) fn check_steps(n: usize, train_steps: usize) -> anyhow::Result<()> {
+    if n == 0 {
+        anyhow::bail!("the number of inference steps must be at least 1");
+    }
+    if n > train_steps {
+        anyhow::bail!("{n} inference steps exceed the scheduler's num_train_timesteps ({train_steps})");
+    }
+    Ok(())
 }
