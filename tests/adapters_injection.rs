@@ -136,7 +136,7 @@ fn injection_shares_vars_with_layers_and_scales_by_alpha_over_r() {
         assert_eq!(l.down.dtype(), DType::F32);
         assert_eq!(l.up.as_tensor().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0, "B starts at exactly 0");
         assert_eq!(l.scale(), 0.5);
-        assert_eq!(l.peft_down_name(), format!("{}.lora_A.weight", l.module));
+        assert_eq!(l.peft_down_name(), format!("{}.lora_A.default.weight", l.module));
     }
     // Setting the Vars changes the layer: forward = x Wᵀ + 0.5 · x Aᵀ Bᵀ (independent computation).
     let l = &loras[0];

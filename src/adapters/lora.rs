@@ -102,13 +102,14 @@ impl TrainableLora {
     pub fn scale(&self) -> f64 {
         self.alpha / self.rank as f64
     }
-    /// PEFT's parameter name of A (`<module>.lora_A.weight`), as in checkpoints and goldens.
+    /// PEFT's parameter name of A inside the model, adapter `default`
+    /// (`<module>.lora_A.default.weight`), as `golden/train_step.safetensors` names it.
     pub fn peft_down_name(&self) -> String {
-        format!("{}.lora_A.weight", self.module)
+        format!("{}.lora_A.default.weight", self.module)
     }
-    /// PEFT's parameter name of B (`<module>.lora_B.weight`).
+    /// PEFT's parameter name of B inside the model (`<module>.lora_B.default.weight`).
     pub fn peft_up_name(&self) -> String {
-        format!("{}.lora_B.weight", self.module)
+        format!("{}.lora_B.default.weight", self.module)
     }
 }
 
