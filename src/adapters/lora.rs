@@ -1,2 +1,431 @@
 //! LoRA injection: match target modules like PEFT, initialise A and B, attach branches to
-//! `AdaptedLinear` layers, and collect the trainable tensors.
+//! `AdaptedLinear` layers, and collect the trainable tensors; apply LoRA files for inference.
+//!
+//! Target patterns (`LoraSpec::targets`, and the keys of `rank_pattern` / `alpha_pattern`):
+//! - a plain pattern such as `to_q` or `attn1.to_out.0` matches a module whose full name equals
+//!   it or ends with `.` + pattern (PEFT's rule for a list of names);
+//! - `re:REGEX` matches a module whose *full* name matches REGEX entirely (PEFT's meaning of a
+//!   `target_modules` string, `re.fullmatch`), e.g. `re:.*attn2\.to_(k|v)`.
+//!
+//! When several `rank_pattern` / `alpha_pattern` keys match one module, the longest key wins.
+//! A target pattern or a rank/alpha pattern that matches no module is an error listing near names.
+//!
+//! Initialisation (seeded, deterministic; modules are initialised in order of their names, so
+//! the result does not depend on the order a model lists its layers):
+//! - `gaussian`: A ~ N(0, std = 1/r), B = 0 (PEFT's `init_lora_weights="gaussian"`);
+//! - `kaiming` (PEFT's default): A ~ kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in),
+//!   1/sqrt(in)), B = 0.
+//!
+//! Use a named RNG algorithm for stable results across crate versions, e.g.
+//! [`InitRng`] (`chacha20::ChaCha8Rng`) seeded with `SeedableRng::seed_from_u64`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor, Var};
+use rand::Rng;
+use rand_distr::{Distribution, Normal};
+
+use super::format::{read_lora_file, LoraModule, LoraWeights};
+use crate::nn::{AdaptedLinear, LoraBranch};
+
+/// The RNG we recommend for LoRA initialisation: a named algorithm, stable across versions.
+pub type InitRng = chacha20::ChaCha8Rng;
+
+/// How A is initialised (B always starts at zero, so the adapter starts as the identity).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum LoraInit {
+    /// A ~ N(0, std = 1/r): `init_lora_weights="gaussian"`, what the reference script uses.
+    Gaussian,
+    /// A ~ kaiming-uniform(a = sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)): PEFT's default.
+    #[default]
+    Kaiming,
+}
+
+/// What to inject: targets, rank, alpha and initialisation (PEFT's `LoraConfig` subset).
+#[derive(Clone, Debug)]
+pub struct LoraSpec {
+    /// Target patterns (see the module docs for the syntax).
+    pub targets: Vec<String>,
+    /// Global rank r.
+    pub rank: usize,
+    /// Global alpha; the branch scale is alpha / r.
+    pub alpha: f64,
+    /// Per-pattern rank overrides.
+    pub rank_pattern: BTreeMap<String, usize>,
+    /// Per-pattern alpha overrides.
+    pub alpha_pattern: BTreeMap<String, f64>,
+    pub init: LoraInit,
+}
+
+impl LoraSpec {
+    /// The reference script's UNet adapter: r = alpha = `rank`, gaussian init,
+    /// targets `to_k`, `to_q`, `to_v`, `to_out.0`.
+    pub fn reference_unet(rank: usize) -> Self {
+        Self {
+            targets: ["to_k", "to_q", "to_v", "to_out.0"].map(String::from).to_vec(),
+            rank,
+            alpha: rank as f64,
+            rank_pattern: BTreeMap::new(),
+            alpha_pattern: BTreeMap::new(),
+            init: LoraInit::Gaussian,
+        }
+    }
+
+    /// The text-encoder adapter of the SDXL / DreamBooth scripts: `q_proj`, `k_proj`,
+    /// `v_proj`, `out_proj`.
+    pub fn reference_text_encoder(rank: usize) -> Self {
+        Self {
+            targets: ["q_proj", "k_proj", "v_proj", "out_proj"].map(String::from).to_vec(),
+            ..Self::reference_unet(rank)
+        }
+    }
+}
+
+/// One injected branch the trainer optimises. The layer holds clones of these `Var`s'
+/// tensors (shared storage), so `Var::set` updates the layer in place.
+#[derive(Clone, Debug)]
+pub struct TrainableLora {
+    /// Full module name, e.g. `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`.
+    pub module: String,
+    /// A, `[r, in]`, f32.
+    pub down: Var,
+    /// B, `[out, r]`, f32.
+    pub up: Var,
+    pub alpha: f64,
+    pub rank: usize,
+}
+
+impl TrainableLora {
+    /// alpha / r.
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.rank as f64
+    }
+    /// PEFT's parameter name of A inside the model, adapter `default`
+    /// (`<module>.lora_A.default.weight`), as `golden/train_step.safetensors` names it.
+    pub fn peft_down_name(&self) -> String {
+        format!("{}.lora_A.default.weight", self.module)
+    }
+    /// PEFT's parameter name of B inside the model (`<module>.lora_B.default.weight`).
+    pub fn peft_up_name(&self) -> String {
+        format!("{}.lora_B.default.weight", self.module)
+    }
+}
+
+/// A parsed target / rank / alpha pattern.
+#[derive(Clone, Debug)]
+pub enum ModulePattern {
+    /// Matches the full name or any `.`-suffix of it.
+    Suffix(String),
+    /// `re:REGEX`, matched against the whole name.
+    Regex { source: String, regex: regex::Regex },
+}
+
+impl ModulePattern {
+    pub fn parse(text: &str) -> Result<Self> {
+        if let Some(re) = text.strip_prefix("re:") {
+            let regex = regex::Regex::new(&format!("^(?:{re})$"))
+                .with_context(|| format!("LoRA target pattern `{text}` is not a valid regular expression"))?;
+            Ok(Self::Regex { source: text.to_string(), regex })
+        } else {
+            if text.is_empty() || text.starts_with('.') || text.ends_with('.') {
+                bail!("LoRA target pattern `{text}` is not a module name (empty or starts/ends with `.`)");
+            }
+            Ok(Self::Suffix(text.to_string()))
+        }
+    }
+
+    pub fn matches(&self, name: &str) -> bool {
+        match self {
+            Self::Suffix(p) => {
+                name == p || (name.len() > p.len() && name.ends_with(p.as_str()) && name.as_bytes()[name.len() - p.len() - 1] == b'.')
+            }
+            Self::Regex { regex, .. } => regex.is_match(name),
+        }
+    }
+
+    pub fn text(&self) -> &str {
+        match self {
+            Self::Suffix(p) => p,
+            Self::Regex { source, .. } => source,
+        }
+    }
+}
+
+/// Up to five module names (or dotted suffixes of them) closest to `pattern`, for error messages.
+pub fn near_names<'a>(pattern: &str, names: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    let pattern = pattern.strip_prefix("re:").unwrap_or(pattern);
+    let mut candidates = BTreeSet::new();
+    for name in names {
+        let parts: Vec<&str> = name.split('.').collect();
+        for k in 1..=parts.len().min(3) {
+            candidates.insert(parts[parts.len() - k..].join("."));
+        }
+    }
+    let mut scored: Vec<(f64, String)> = candidates
+        .into_iter()
+        .map(|c| (strsim::normalized_damerau_levenshtein(pattern, &c), c))
+        .collect();
+    scored.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.len().cmp(&b.1.len())));
+    scored.into_iter().take(5).map(|(_, c)| c).collect()
+}
+
+/// The value of the longest pattern key in `patterns` that matches `name`.
+fn pattern_value<T: Copy>(patterns: &[(ModulePattern, T)], name: &str) -> Option<T> {
+    patterns
+        .iter()
+        .filter(|(p, _)| p.matches(name))
+        .max_by_key(|(p, _)| p.text().len())
+        .map(|(_, v)| *v)
+}
+
+/// Resolved settings for one matched module.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModulePlan {
+    pub module: String,
+    pub rank: usize,
+    pub alpha: f64,
+}
+
+/// Decide which of `names` get a branch, and with what rank and alpha. Errors name every
+/// pattern that matched nothing, with near names.
+pub fn plan_targets<'a>(names: impl IntoIterator<Item = &'a str> + Clone, spec: &LoraSpec) -> Result<Vec<ModulePlan>> {
+    if spec.rank == 0 {
+        bail!("LoRA rank must be at least 1");
+    }
+    if !(spec.alpha.is_finite() && spec.alpha > 0.0) {
+        bail!("LoRA alpha must be a positive number, got {}", spec.alpha);
+    }
+    if spec.targets.is_empty() {
+        bail!("no LoRA target modules given");
+    }
+    let targets = spec.targets.iter().map(|t| ModulePattern::parse(t)).collect::<Result<Vec<_>>>()?;
+    let mut rank_patterns = Vec::new();
+    for (k, &r) in &spec.rank_pattern {
+        if r == 0 {
+            bail!("rank_pattern `{k}`: rank must be at least 1");
+        }
+        rank_patterns.push((ModulePattern::parse(k)?, r));
+    }
+    let mut alpha_patterns = Vec::new();
+    for (k, &a) in &spec.alpha_pattern {
+        if !(a.is_finite() && a > 0.0) {
+            bail!("alpha_pattern `{k}`: alpha must be a positive number, got {a}");
+        }
+        alpha_patterns.push((ModulePattern::parse(k)?, a));
+    }
+
+    let mut sorted: Vec<&str> = names.clone().into_iter().collect();
+    sorted.sort_unstable();
+    let mut problems = Vec::new();
+    let mut plans = Vec::new();
+    let mut target_hits = vec![0usize; targets.len()];
+    for &name in &sorted {
+        let mut hit = false;
+        for (i, t) in targets.iter().enumerate() {
+            if t.matches(name) {
+                target_hits[i] += 1;
+                hit = true;
+            }
+        }
+        if hit {
+            plans.push(ModulePlan {
+                module: name.to_string(),
+                rank: pattern_value(&rank_patterns, name).unwrap_or(spec.rank),
+                alpha: pattern_value(&alpha_patterns, name).unwrap_or(spec.alpha),
+            });
+        }
+    }
+    for (t, hits) in targets.iter().zip(&target_hits) {
+        if *hits == 0 {
+            problems.push(format!(
+                "LoRA target `{}` matches no module; near names: {}",
+                t.text(),
+                near_names(t.text(), sorted.iter().copied()).join(", ")
+            ));
+        }
+    }
+    let targeted: Vec<&str> = plans.iter().map(|p| p.module.as_str()).collect();
+    for (kind, pats) in [("rank_pattern", rank_patterns.iter().map(|(p, _)| p).collect::<Vec<_>>()), ("alpha_pattern", alpha_patterns.iter().map(|(p, _)| p).collect())] {
+        for p in pats {
+            if !targeted.iter().any(|n| p.matches(n)) {
+                problems.push(format!(
+                    "{kind} key `{}` matches no targeted module; near names: {}",
+                    p.text(),
+                    near_names(p.text(), targeted.iter().copied()).join(", ")
+                ));
+            }
+        }
+    }
+    if !problems.is_empty() {
+        bail!("{}", problems.join("\n"));
+    }
+    Ok(plans)
+}
+
+/// Draw A (`[rank, in_features]`) as `init` says, as f32 values in row-major order.
+fn init_down<R: Rng + ?Sized>(init: LoraInit, rank: usize, in_features: usize, rng: &mut R) -> Result<Vec<f32>> {
+    let n = rank * in_features;
+    Ok(match init {
+        LoraInit::Gaussian => {
+            let normal = Normal::new(0f32, 1.0 / rank as f32).context("LoRA gaussian init")?;
+            (0..n).map(|_| normal.sample(rng)).collect()
+        }
+        LoraInit::Kaiming => {
+            // kaiming_uniform_(a = sqrt(5)): gain = sqrt(2 / (1 + 5)), bound = gain * sqrt(3 / fan_in)
+            // = 1 / sqrt(fan_in), with fan_in = in_features.
+            let bound = 1.0 / (in_features as f64).sqrt();
+            (0..n)
+                .map(|_| {
+                    let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+                    ((2.0 * u - 1.0) * bound) as f32
+                })
+                .collect()
+        }
+    })
+}
+
+/// Inject LoRA branches into the layers `spec` targets and return them for training.
+///
+/// Every matched layer gets one new branch whose tensors are the returned `Var`s' tensors
+/// (f32, on the layer's device); scale alpha / r. Layers are initialised in name order.
+pub fn inject<R: Rng + ?Sized>(linears: Vec<&mut AdaptedLinear>, spec: &LoraSpec, rng: &mut R) -> Result<Vec<TrainableLora>> {
+    let mut by_name: BTreeMap<String, &mut AdaptedLinear> = BTreeMap::new();
+    for lin in linears {
+        let name = lin.name.clone();
+        if by_name.insert(name.clone(), lin).is_some() {
+            bail!("two layers share the module name `{name}`");
+        }
+    }
+    let plans = plan_targets(by_name.keys().map(String::as_str), spec)?;
+    let mut out = Vec::with_capacity(plans.len());
+    for plan in plans {
+        let lin = by_name.get_mut(&plan.module).expect("planned module exists");
+        let (in_f, out_f) = (lin.in_features(), lin.out_features());
+        let device = lin.weight.device().clone();
+        let down = Tensor::from_vec(init_down(spec.init, plan.rank, in_f, rng)?, (plan.rank, in_f), &device)?;
+        let up = Tensor::zeros((out_f, plan.rank), DType::F32, &device)?;
+        let down = Var::from_tensor(&down)?;
+        let up = Var::from_tensor(&up)?;
+        lin.loras.push(LoraBranch {
+            down: down.as_tensor().clone(),
+            up: up.as_tensor().clone(),
+            scale: plan.alpha / plan.rank as f64,
+        });
+        out.push(TrainableLora { module: plan.module, down, up, alpha: plan.alpha, rank: plan.rank });
+    }
+    Ok(out)
+}
+
+/// Snapshot trained branches as a [`LoraWeights`] for writing (tensors are copied, so later
+/// training steps do not change it). `alpha` is kept per module.
+pub fn trained_weights(unet: &[TrainableLora], text_encoder: &[TrainableLora]) -> Result<LoraWeights> {
+    let snapshot = |loras: &[TrainableLora]| -> Result<BTreeMap<String, LoraModule>> {
+        loras
+            .iter()
+            .map(|l| {
+                Ok((
+                    l.module.clone(),
+                    LoraModule {
+                        down: l.down.as_tensor().to_dtype(DType::F32)?.copy()?,
+                        up: l.up.as_tensor().to_dtype(DType::F32)?.copy()?,
+                        alpha: Some(l.alpha),
+                    },
+                ))
+            })
+            .collect()
+    };
+    Ok(LoraWeights { unet: snapshot(unet)?, text_encoder: snapshot(text_encoder)?, ..LoraWeights::default() })
+}
+
+/// Match the modules of one component of a LoRA file to `linears` and check shapes. Returns
+/// (index into linears, module) pairs, or every problem found.
+fn match_component<'w>(
+    component: &str,
+    modules: &'w BTreeMap<String, LoraModule>,
+    linears: &[&mut AdaptedLinear],
+    problems: &mut Vec<String>,
+) -> Vec<(usize, &'w LoraModule)> {
+    let mut exact = BTreeMap::new();
+    let mut underscored = BTreeMap::new();
+    for (i, lin) in linears.iter().enumerate() {
+        exact.insert(lin.name.as_str(), i);
+        underscored.insert(lin.name.replace('.', "_"), i);
+    }
+    let mut out = Vec::new();
+    for (name, m) in modules {
+        // Kohya names lose the dots; fall back to comparing with underscores.
+        let idx = exact.get(name.as_str()).copied().or_else(|| underscored.get(&name.replace('.', "_")).copied());
+        let Some(i) = idx else {
+            problems.push(format!(
+                "{component} LoRA module `{name}` matches no layer of the model; near names: {}",
+                near_names(name, linears.iter().map(|l| l.name.as_str())).join(", ")
+            ));
+            continue;
+        };
+        let lin = &linears[i];
+        let (r, in_f) = (m.down.dims()[0], m.down.dims()[1]);
+        let (out_f, r_up) = (m.up.dims()[0], m.up.dims()[1]);
+        if in_f != lin.in_features() || out_f != lin.out_features() || r != r_up {
+            problems.push(format!(
+                "{component} LoRA module `{name}`: down {:?} / up {:?} do not fit layer `{}` with weight {:?} (down must be [r, {}], up [{}, r])",
+                m.down.dims(),
+                m.up.dims(),
+                lin.name,
+                lin.weight.dims(),
+                lin.in_features(),
+                lin.out_features()
+            ));
+            continue;
+        }
+        out.push((i, m));
+    }
+    out
+}
+
+/// Attach the branches of `weights` to the given layers, each scaled by its alpha / r times
+/// `scale`. Nothing is attached unless every module matches a layer with fitting shapes.
+pub fn apply_lora_weights(
+    weights: &LoraWeights,
+    mut unet: Vec<&mut AdaptedLinear>,
+    mut text_encoder: Vec<&mut AdaptedLinear>,
+    scale: f64,
+) -> Result<()> {
+    let mut problems = Vec::new();
+    if !weights.text_encoder_2.is_empty() {
+        problems.push(format!(
+            "the LoRA has {} modules for a second text encoder (SDXL); this model has one text encoder",
+            weights.text_encoder_2.len()
+        ));
+    }
+    let unet_plan = match_component("UNet", &weights.unet, &unet, &mut problems);
+    let te_plan = match_component("text encoder", &weights.text_encoder, &text_encoder, &mut problems);
+    if !problems.is_empty() {
+        bail!("{}", problems.join("\n"));
+    }
+    let attach = |lin: &mut AdaptedLinear, m: &LoraModule| -> Result<()> {
+        let device = lin.weight.device().clone();
+        lin.loras.push(LoraBranch {
+            down: m.down.to_dtype(DType::F32)?.to_device(&device)?,
+            up: m.up.to_dtype(DType::F32)?.to_device(&device)?,
+            scale: m.scale() * scale,
+        });
+        Ok(())
+    };
+    for (i, m) in unet_plan {
+        attach(&mut *unet[i], m)?;
+    }
+    for (i, m) in te_plan {
+        attach(&mut *text_encoder[i], m)?;
+    }
+    Ok(())
+}
+
+/// Read a LoRA file in any supported format and attach it to the UNet and text encoder of
+/// `sd` with strength `scale`. Several files may be applied one after another.
+pub fn apply_lora_file(sd: &mut crate::models::StableDiffusion, path: &Path, scale: f64) -> Result<()> {
+    let weights = read_lora_file(path)?;
+    apply_lora_weights(&weights, sd.unet.linears_mut(), sd.text_encoder.linears_mut(), scale)
+        .with_context(|| format!("cannot apply LoRA file {}", path.display()))
+}

@@ -1,5 +1,11 @@
-//! LoRA adapters: `lora` finds target layers, initialises and injects branches; `format` reads
-//! and writes LoRA files (diffusers, PEFT, old attention-processor and kohya forms).
+//! LoRA adapters: `lora` finds target layers, initialises and injects branches, and applies
+//! LoRA files for inference; `format` reads and writes LoRA files (diffusers, PEFT, old
+//! attention-processor and kohya forms); `inspect` describes a LoRA (format, base model guess,
+//! ranks, alphas) for `lora inspect`.
 
 pub mod format;
+pub mod inspect;
 pub mod lora;
+
+pub use format::{read_lora_file, write_lora_file, Component, LoraFormat, LoraModule, LoraWeights, TrainingInfo};
+pub use lora::{apply_lora_file, apply_lora_weights, inject, trained_weights, InitRng, LoraInit, LoraSpec, TrainableLora};
