@@ -56,9 +56,10 @@ pub fn decode_rgb8(bytes: &[u8], origin: &str, opts: &DecodeOptions) -> Result<R
     if format.is_none() {
         return Err(bad("not an image (the content is not PNG, JPEG or WebP)".into()));
     }
-    let (width, height) = reader()
-        .into_dimensions()
-        .map_err(|e| bad(format!("unreadable image header: {e}")))?;
+    let (width, height) = match png_header_dimensions(bytes) {
+        Some(dims) => dims,
+        None => reader().into_dimensions().map_err(|e| bad(format!("unreadable image header: {e}")))?,
+    };
     let pixels = width as u64 * height as u64;
     if let Some(limit) = opts.max_image_pixels {
         if pixels > limit {
@@ -71,6 +72,17 @@ pub fn decode_rgb8(bytes: &[u8], origin: &str, opts: &DecodeOptions) -> Result<R
     r.no_limits();
     let image = r.decode().map_err(|e| bad(format!("truncated or corrupt image data: {e}")))?;
     Ok(to_rgb8_like_pil(image))
+}
+
+/// A PNG's size from its `IHDR` chunk alone (the image crate reads up to the first `IDAT` to
+/// report dimensions, so a file that is only a header would look truncated, not too large).
+fn png_header_dimensions(bytes: &[u8]) -> Option<(u32, u32)> {
+    const SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
+    if bytes.len() < 24 || &bytes[..8] != SIGNATURE || &bytes[12..16] != b"IHDR" {
+        return None;
+    }
+    let be = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+    Some((be(&bytes[16..20]), be(&bytes[20..24])))
 }
 
 /// Read and decode one example's image.
