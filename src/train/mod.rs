@@ -1,2 +1,5 @@
 //! Training: the step (noise, loss, backward), AdamW and clipping, lr schedules, the loop and
 //! checkpoints.
+
+pub mod lr;
+pub mod optim;

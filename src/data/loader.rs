@@ -1,0 +1,220 @@
+//! Batches for training: a seeded shuffled order per epoch (`drop_last = false`), each example
+//! decoded and preprocessed in parallel (rayon) by a background thread that stays a few batches
+//! ahead of the consumer. Every random draw derives from (seed, epoch, example), so the batches
+//! are the same whatever the thread timing.
+
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use anyhow::Context;
+use candle_core::{Device, Tensor};
+use rand::seq::{IndexedRandom, SliceRandom};
+use rayon::prelude::*;
+
+use super::decode::{decode_example, DecodeOptions};
+use super::rng::{rng_for, Stream};
+use super::source::{Caption, Dataset};
+use super::transform::{preprocess, PreprocessOptions};
+
+/// How batches are made.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoaderOptions {
+    pub batch_size: usize,
+    /// Seed of the order and of every augmentation and caption draw.
+    pub seed: u64,
+    /// Shuffle each epoch (the reference does); off keeps dataset order.
+    pub shuffle: bool,
+    /// Batches prepared ahead of the consumer (at least 1).
+    pub prefetch_batches: usize,
+    pub preprocess: PreprocessOptions,
+    pub decode: DecodeOptions,
+}
+
+impl Default for LoaderOptions {
+    fn default() -> Self {
+        Self {
+            batch_size: 1,
+            seed: 0,
+            shuffle: true,
+            prefetch_batches: 2,
+            preprocess: PreprocessOptions::default(),
+            decode: DecodeOptions::default(),
+        }
+    }
+}
+
+/// One batch.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// `[B, 3, R, R]` f32 in [-1, 1], on the CPU.
+    pub pixel_values: Tensor,
+    /// The caption drawn for each example.
+    pub captions: Vec<String>,
+    /// Each example's index in the dataset.
+    pub indices: Vec<usize>,
+}
+
+struct Inner {
+    dataset: Arc<Dataset>,
+    opts: LoaderOptions,
+}
+
+/// Seeded, prefetching batches over a dataset.
+#[derive(Clone)]
+pub struct DataLoader {
+    inner: Arc<Inner>,
+}
+
+impl DataLoader {
+    /// A loader over `dataset`; errors on an empty dataset or a zero batch size / resolution.
+    pub fn new(dataset: Arc<Dataset>, opts: LoaderOptions) -> anyhow::Result<Self> {
+        anyhow::ensure!(!dataset.is_empty(), "dataset {} has no examples", dataset.description);
+        anyhow::ensure!(opts.batch_size > 0, "batch size must be at least 1");
+        anyhow::ensure!(opts.preprocess.resolution > 0, "resolution must be positive");
+        Ok(Self { inner: Arc::new(Inner { dataset, opts }) })
+    }
+
+    /// The dataset.
+    pub fn dataset(&self) -> &Dataset {
+        &self.inner.dataset
+    }
+
+    /// `len(dataloader)`: `ceil(examples / batch_size)` (the last batch may be short).
+    pub fn batches_per_epoch(&self) -> usize {
+        self.inner.dataset.len().div_ceil(self.inner.opts.batch_size)
+    }
+
+    /// The dataset indices in the order epoch `epoch` visits them.
+    pub fn epoch_order(&self, epoch: usize) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.inner.dataset.len()).collect();
+        if self.inner.opts.shuffle {
+            order.shuffle(&mut rng_for(self.inner.opts.seed, Stream::Order, epoch as u64, 0));
+        }
+        order
+    }
+
+    /// Decode and preprocess example `index` as epoch `epoch` sees it: CHW pixels and caption.
+    pub fn load_example(&self, epoch: usize, index: usize) -> anyhow::Result<(Vec<f32>, String)> {
+        self.inner.load_example(epoch, index)
+    }
+
+    /// Make the batch of these dataset indices for epoch `epoch` (examples in parallel).
+    pub fn load_batch(&self, epoch: usize, indices: &[usize]) -> anyhow::Result<Batch> {
+        self.inner.load_batch(epoch, indices)
+    }
+
+    /// The batches of epoch `epoch`, prepared by a background thread `prefetch_batches` ahead.
+    /// Dropping the iterator stops the thread.
+    pub fn epoch(&self, epoch: usize) -> EpochBatches {
+        let order = self.epoch_order(epoch);
+        let chunks: Vec<Vec<usize>> = order.chunks(self.inner.opts.batch_size).map(<[usize]>::to_vec).collect();
+        let remaining = chunks.len();
+        let (tx, rx) = sync_channel(self.inner.opts.prefetch_batches.max(1));
+        let inner = Arc::clone(&self.inner);
+        let handle = std::thread::Builder::new()
+            .name(format!("data-epoch-{epoch}"))
+            .spawn(move || {
+                for chunk in chunks {
+                    let result = inner.load_batch(epoch, &chunk);
+                    let failed = result.is_err();
+                    if tx.send(result).is_err() || failed {
+                        return;
+                    }
+                }
+            })
+            .expect("spawning the data loader thread");
+        EpochBatches { rx: Some(rx), handle: Some(handle), remaining }
+    }
+}
+
+impl Inner {
+    fn load_example(&self, epoch: usize, index: usize) -> anyhow::Result<(Vec<f32>, String)> {
+        let example = self
+            .dataset
+            .examples
+            .get(index)
+            .with_context(|| format!("example {index} out of range ({} examples)", self.dataset.len()))?;
+        let image = decode_example(example, &self.opts.decode)?;
+        let mut aug_rng = rng_for(self.opts.seed, Stream::Augment, epoch as u64, index as u64);
+        let pixels = preprocess(&image, &self.opts.preprocess, &mut aug_rng)
+            .with_context(|| format!("preprocessing {}", example.origin))?;
+        let caption = match &example.caption {
+            Caption::One(s) => s.clone(),
+            Caption::Choices(list) => {
+                let mut rng = rng_for(self.opts.seed, Stream::Caption, epoch as u64, index as u64);
+                list.choose(&mut rng).cloned().unwrap_or_default()
+            }
+        };
+        Ok((pixels, caption))
+    }
+
+    fn load_batch(&self, epoch: usize, indices: &[usize]) -> anyhow::Result<Batch> {
+        let loaded: Vec<(Vec<f32>, String)> = indices
+            .par_iter()
+            .map(|&i| self.load_example(epoch, i))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let res = self.opts.preprocess.resolution as usize;
+        let mut data = Vec::with_capacity(indices.len() * 3 * res * res);
+        let mut captions = Vec::with_capacity(indices.len());
+        for (pixels, caption) in loaded {
+            data.extend_from_slice(&pixels);
+            captions.push(caption);
+        }
+        let pixel_values = Tensor::from_vec(data, (indices.len(), 3, res, res), &Device::Cpu)?;
+        Ok(Batch { pixel_values, captions, indices: indices.to_vec() })
+    }
+}
+
+/// The batches of one epoch, in order; an error ends the epoch.
+pub struct EpochBatches {
+    rx: Option<Receiver<anyhow::Result<Batch>>>,
+    handle: Option<JoinHandle<()>>,
+    remaining: usize,
+}
+
+impl EpochBatches {
+    /// Batches not yet returned.
+    pub fn remaining(&self) -> usize {
+        self.remaining
+    }
+}
+
+impl Iterator for EpochBatches {
+    type Item = anyhow::Result<Batch>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.remaining == 0 {
+            return None;
+        }
+        let received = self.rx.as_ref()?.recv();
+        match received {
+            Ok(Ok(batch)) => {
+                self.remaining -= 1;
+                Some(Ok(batch))
+            }
+            Ok(Err(e)) => {
+                self.remaining = 0;
+                Some(Err(e))
+            }
+            Err(_) => {
+                self.remaining = 0;
+                Some(Err(anyhow::anyhow!("the data loader thread stopped unexpectedly")))
+            }
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.remaining, Some(self.remaining))
+    }
+}
+
+impl Drop for EpochBatches {
+    fn drop(&mut self) {
+        // Closing the channel makes the producer's next send fail, so it stops.
+        drop(self.rx.take());
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
+}

@@ -1,0 +1,341 @@
+//! Preprocessing as the reference's torchvision transforms on PIL images: resize the shorter
+//! side (PIL's resampling filters, re-implemented to the bit), center or random crop, horizontal
+//! flip, `ToTensor` + `Normalize(0.5, 0.5)` to CHW f32 in [-1, 1].
+
+use image::RgbImage;
+use rand::RngExt;
+
+/// PIL / torchvision interpolation modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Interpolation {
+    Nearest,
+    Box,
+    Bilinear,
+    Hamming,
+    Bicubic,
+    /// The reference script's default (`--image_interpolation_mode lanczos`).
+    #[default]
+    Lanczos,
+}
+
+impl Interpolation {
+    /// torchvision's lowercase name (`nearest`, `bilinear`, ...). `nearest_exact` maps to
+    /// `Nearest`, as torchvision does for PIL images.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "nearest" | "nearest_exact" => Self::Nearest,
+            "box" => Self::Box,
+            "bilinear" => Self::Bilinear,
+            "hamming" => Self::Hamming,
+            "bicubic" => Self::Bicubic,
+            "lanczos" => Self::Lanczos,
+            _ => return None,
+        })
+    }
+
+    /// PIL's filter and its support (in source pixels at scale 1); `None` for nearest.
+    fn filter(self) -> Option<(fn(f64) -> f64, f64)> {
+        match self {
+            Self::Nearest => None,
+            Self::Box => Some((box_filter, 0.5)),
+            Self::Bilinear => Some((bilinear_filter, 1.0)),
+            Self::Hamming => Some((hamming_filter, 1.0)),
+            Self::Bicubic => Some((bicubic_filter, 2.0)),
+            Self::Lanczos => Some((lanczos_filter, 3.0)),
+        }
+    }
+}
+
+/// `CenterCrop(res)` or `RandomCrop(res)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CropMode {
+    Center,
+    /// The reference's default (`--center_crop` off).
+    #[default]
+    Random,
+}
+
+/// The preprocessing of one image.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PreprocessOptions {
+    /// Side of the square output.
+    pub resolution: u32,
+    pub crop: CropMode,
+    /// Probability of a horizontal flip (`--random_flip` gives 0.5, off is 0).
+    pub flip_p: f64,
+    pub interpolation: Interpolation,
+}
+
+impl Default for PreprocessOptions {
+    fn default() -> Self {
+        Self { resolution: 512, crop: CropMode::Random, flip_p: 0.0, interpolation: Interpolation::Lanczos }
+    }
+}
+
+/// The random part of one image's preprocessing, drawn before it is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Augmentation {
+    /// Crop offset in the resized image.
+    pub top: u32,
+    pub left: u32,
+    pub flip: bool,
+}
+
+/// torchvision's `Resize(int)` output size: the shorter side becomes `resolution`, the longer
+/// `int(resolution * long / short)`. Returns (width, height).
+pub fn resized_size(width: u32, height: u32, resolution: u32) -> (u32, u32) {
+    let (short, long) = if width <= height { (width, height) } else { (height, width) };
+    let new_long = (resolution as f64 * long as f64 / short as f64) as u32;
+    if width <= height { (resolution, new_long) } else { (new_long, resolution) }
+}
+
+/// torchvision's `CenterCrop` offset: `int(round((size - crop) / 2))` with Python's
+/// round-half-to-even.
+pub fn center_crop_offset(size: u32, crop: u32) -> u32 {
+    ((size as f64 - crop as f64) / 2.0).round_ties_even().max(0.0) as u32
+}
+
+/// Draw the crop offset and flip for a resized image of `width` x `height`.
+pub fn draw_augmentation(width: u32, height: u32, opts: &PreprocessOptions, rng: &mut impl rand::Rng) -> Augmentation {
+    let res = opts.resolution;
+    let (top, left) = match opts.crop {
+        CropMode::Center => (center_crop_offset(height, res), center_crop_offset(width, res)),
+        CropMode::Random => {
+            let top = rng.random_range(0..=height.saturating_sub(res));
+            let left = rng.random_range(0..=width.saturating_sub(res));
+            (top, left)
+        }
+    };
+    let flip = opts.flip_p > 0.0 && rng.random::<f64>() < opts.flip_p;
+    Augmentation { top, left, flip }
+}
+
+/// Resize, crop and flip one image with randomness from `rng`; CHW f32 in [-1, 1], length
+/// `3 * resolution²`.
+pub fn preprocess(image: &RgbImage, opts: &PreprocessOptions, rng: &mut impl rand::Rng) -> anyhow::Result<Vec<f32>> {
+    let resized = resize_shorter_side(image, opts.resolution, opts.interpolation)?;
+    let aug = draw_augmentation(resized.width(), resized.height(), opts, rng);
+    Ok(crop_flip_to_chw(&resized, opts.resolution, aug))
+}
+
+/// `Resize(resolution)` of torchvision on a PIL image.
+pub fn resize_shorter_side(image: &RgbImage, resolution: u32, interpolation: Interpolation) -> anyhow::Result<RgbImage> {
+    let (w, h) = image.dimensions();
+    anyhow::ensure!(w > 0 && h > 0, "cannot resize an empty {w}x{h} image");
+    anyhow::ensure!(resolution > 0, "resolution must be positive");
+    let (nw, nh) = resized_size(w, h, resolution);
+    Ok(pil_resize(image, nw, nh, interpolation))
+}
+
+/// Crop `resolution²` at the augmentation's offset, flip if asked, and apply `ToTensor` +
+/// `Normalize(0.5, 0.5)`: `(v / 255 - 0.5) / 0.5` in f32, CHW.
+pub fn crop_flip_to_chw(image: &RgbImage, resolution: u32, aug: Augmentation) -> Vec<f32> {
+    let res = resolution as usize;
+    let (w, h) = (image.width() as usize, image.height() as usize);
+    let mut out = vec![0f32; 3 * res * res];
+    let raw = image.as_raw();
+    for y in 0..res {
+        let sy = y + aug.top as usize;
+        for x in 0..res {
+            let cx = if aug.flip { res - 1 - x } else { x };
+            let sx = cx + aug.left as usize;
+            // torchvision pads a crop larger than the image with zeros (black); never happens after
+            // the shorter-side resize, kept for completeness.
+            let pixel = if sy < h && sx < w { &raw[(sy * w + sx) * 3..(sy * w + sx) * 3 + 3] } else { &[0, 0, 0][..] };
+            for c in 0..3 {
+                out[c * res * res + y * res + x] = (pixel[c] as f32 / 255.0 - 0.5) / 0.5;
+            }
+        }
+    }
+    out
+}
+
+// ---- PIL's resampling (Pillow `libImaging/Resample.c`, `Geometry.c`), 8 bits per channel ----
+
+/// Fixed-point precision of PIL's 8-bit convolution coefficients.
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+fn box_filter(x: f64) -> f64 {
+    if x > -0.5 && x <= 0.5 { 1.0 } else { 0.0 }
+}
+
+fn bilinear_filter(x: f64) -> f64 {
+    let x = x.abs();
+    if x < 1.0 { 1.0 - x } else { 0.0 }
+}
+
+fn hamming_filter(x: f64) -> f64 {
+    let x = x.abs();
+    if x == 0.0 {
+        1.0
+    } else if x >= 1.0 {
+        0.0
+    } else {
+        let x = x * std::f64::consts::PI;
+        x.sin() / x * (0.54 + 0.46 * x.cos())
+    }
+}
+
+fn bicubic_filter(x: f64) -> f64 {
+    const A: f64 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * A
+    } else {
+        0.0
+    }
+}
+
+fn sinc_filter(x: f64) -> f64 {
+    if x == 0.0 {
+        1.0
+    } else {
+        let x = x * std::f64::consts::PI;
+        x.sin() / x
+    }
+}
+
+fn lanczos_filter(x: f64) -> f64 {
+    if (-3.0..3.0).contains(&x) { sinc_filter(x) * sinc_filter(x / 3.0) } else { 0.0 }
+}
+
+/// The taps of one output pixel: first source index and fixed-point weights.
+struct Taps {
+    start: usize,
+    weights: Vec<i32>,
+}
+
+/// PIL's `precompute_coeffs` + `normalize_coeffs_8bpc` for resizing `in_size` to `out_size`:
+/// the filter support grows with the downscale factor (antialiasing), weights are normalised
+/// to sum 1 and rounded to 22-bit fixed point.
+fn precompute_taps(in_size: usize, out_size: usize, filter: fn(f64) -> f64, support: f64) -> Vec<Taps> {
+    let scale = in_size as f64 / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = support * filterscale;
+    let ss = 1.0 / filterscale;
+    (0..out_size)
+        .map(|xx| {
+            let center = (xx as f64 + 0.5) * scale;
+            // C's (int) cast truncates toward zero.
+            let xmin = ((center - support + 0.5).trunc() as i64).max(0) as usize;
+            let xmax = ((center + support + 0.5).trunc() as i64).min(in_size as i64) as usize;
+            let count = xmax.saturating_sub(xmin);
+            let raw: Vec<f64> = (0..count).map(|x| filter(((x + xmin) as f64 - center + 0.5) * ss)).collect();
+            let total: f64 = raw.iter().sum();
+            let one = (1u32 << PRECISION_BITS) as f64;
+            let weights = raw
+                .iter()
+                .map(|&w| {
+                    let w = if total != 0.0 { w / total } else { w };
+                    if w < 0.0 { (-0.5 + w * one).trunc() as i32 } else { (0.5 + w * one).trunc() as i32 }
+                })
+                .collect();
+            Taps { start: xmin, weights }
+        })
+        .collect()
+}
+
+/// PIL's `clip8`: drop the fixed-point fraction (floor) and clamp to 0..=255.
+fn clip8(acc: i32) -> u8 {
+    (acc >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// PIL's `Image.resize((width, height), filter)` for an RGB image (no `box`, no
+/// `reducing_gap`): a horizontal pass, then a vertical pass, each skipped when that side keeps
+/// its size; 8-bit rounding between the passes.
+pub fn pil_resize(image: &RgbImage, width: u32, height: u32, interpolation: Interpolation) -> RgbImage {
+    let (in_w, in_h) = (image.width() as usize, image.height() as usize);
+    let (out_w, out_h) = (width as usize, height as usize);
+    if (in_w, in_h) == (out_w, out_h) {
+        return image.clone();
+    }
+    let Some((filter, support)) = interpolation.filter() else {
+        return pil_nearest(image, width, height);
+    };
+    let half = 1i32 << (PRECISION_BITS - 1);
+    let mut data: Vec<u8> = image.as_raw().clone();
+    let mut cur_w = in_w;
+    if out_w != in_w {
+        let taps = precompute_taps(in_w, out_w, filter, support);
+        let mut next = vec![0u8; out_w * in_h * 3];
+        for y in 0..in_h {
+            let row = &data[y * in_w * 3..(y + 1) * in_w * 3];
+            for (x, t) in taps.iter().enumerate() {
+                for c in 0..3 {
+                    let mut acc = half;
+                    for (k, &w) in t.weights.iter().enumerate() {
+                        acc += row[(t.start + k) * 3 + c] as i32 * w;
+                    }
+                    next[(y * out_w + x) * 3 + c] = clip8(acc);
+                }
+            }
+        }
+        data = next;
+        cur_w = out_w;
+    }
+    if out_h != in_h {
+        let taps = precompute_taps(in_h, out_h, filter, support);
+        let mut next = vec![0u8; cur_w * out_h * 3];
+        for (y, t) in taps.iter().enumerate() {
+            for x in 0..cur_w {
+                for c in 0..3 {
+                    let mut acc = half;
+                    for (k, &w) in t.weights.iter().enumerate() {
+                        acc += data[((t.start + k) * cur_w + x) * 3 + c] as i32 * w;
+                    }
+                    next[(y * cur_w + x) * 3 + c] = clip8(acc);
+                }
+            }
+        }
+        data = next;
+    }
+    RgbImage::from_raw(width, height, data).expect("buffer sized for the output")
+}
+
+/// PIL's nearest-neighbour resize (`ImagingScaleAffine`): source coordinate
+/// `floor(scale * (x + 0.5))`, accumulated by repeated addition as PIL does.
+fn pil_nearest(image: &RgbImage, width: u32, height: u32) -> RgbImage {
+    let coords = |in_size: u32, out_size: u32| -> Vec<u32> {
+        let a = in_size as f64 / out_size as f64;
+        let mut pos = a * 0.5;
+        (0..out_size)
+            .map(|_| {
+                let v = if pos < 0.0 { 0 } else { (pos as u32).min(in_size - 1) };
+                pos += a;
+                v
+            })
+            .collect()
+    };
+    let xs = coords(image.width(), width);
+    let ys = coords(image.height(), height);
+    RgbImage::from_fn(width, height, |x, y| *image.get_pixel(xs[x as usize], ys[y as usize]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_size_and_center_offsets_follow_torchvision() {
+        assert_eq!(resized_size(80, 72, 64), (71, 64)); // int(64 * 80 / 72) = int(71.1)
+        assert_eq!(resized_size(64, 96, 64), (64, 96));
+        assert_eq!(resized_size(50, 70, 32), (32, 44)); // int(44.8)
+        assert_eq!(center_crop_offset(71, 64), 4); // round(3.5) = 4 (ties to even)
+        assert_eq!(center_crop_offset(69, 64), 2); // round(2.5) = 2 (ties to even)
+        assert_eq!(center_crop_offset(96, 64), 16);
+    }
+
+    #[test]
+    fn taps_sum_to_one_in_fixed_point() {
+        for (filter, support) in [(bilinear_filter as fn(f64) -> f64, 1.0), (lanczos_filter, 3.0), (bicubic_filter, 2.0)] {
+            for (i, o) in [(80, 71), (100, 13), (13, 100)] {
+                for t in precompute_taps(i, o, filter, support) {
+                    let s: i32 = t.weights.iter().sum();
+                    assert!((s - (1 << PRECISION_BITS)).abs() <= t.weights.len() as i32, "sum {s}");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! AdamW exactly as `torch.optim.AdamW` (decoupled weight decay, bias correction, f32 state),
+//! global-norm gradient clipping as `torch.nn.utils.clip_grad_norm_`, and the optimizer state's
+//! safetensors checkpoint.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Tensor, Var};
+
+/// AdamW hyperparameters (the learning rate is passed to every [`AdamW::step`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    /// The reference script's defaults: betas 0.9 / 0.999, eps 1e-8, weight decay 1e-2.
+    fn default() -> Self {
+        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2 }
+    }
+}
+
+/// One trainable parameter with its first and second moment estimates (always f32).
+struct ParamState {
+    name: String,
+    var: Var,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+}
+
+/// torch's AdamW (amsgrad off, maximize off) over candle `Var`s.
+///
+/// For update number k (1-based), with gradient g:
+/// `p ← p·(1 − lr·wd)`, `m ← β1·m + (1−β1)·g`, `v ← β2·v + (1−β2)·g²`,
+/// `p ← p − lr/(1−β1^k) · m / (√v/√(1−β2^k) + eps)`.
+pub struct AdamW {
+    params: Vec<ParamState>,
+    cfg: AdamWConfig,
+    step_count: usize,
+}
+
+impl AdamW {
+    /// An optimizer over `vars`; parameters are named `param.<index>` in saved state.
+    pub fn new(vars: Vec<Var>, cfg: AdamWConfig) -> candle_core::Result<Self> {
+        let names = (0..vars.len()).map(|i| format!("param.{i}")).collect();
+        Self::new_named(vars, names, cfg)
+    }
+
+    /// An optimizer over `vars` whose saved state uses `names` (e.g. PEFT parameter names), so a
+    /// checkpoint loaded into a differently built model reports the parameter that does not fit.
+    pub fn new_named(vars: Vec<Var>, names: Vec<String>, cfg: AdamWConfig) -> candle_core::Result<Self> {
+        if vars.len() != names.len() {
+            candle_core::bail!("AdamW: {} vars but {} names", vars.len(), names.len());
+        }
+        let params = vars
+            .into_iter()
+            .zip(names)
+            .map(|(var, name)| {
+                let zeros = Tensor::zeros(var.shape(), DType::F32, var.device())?;
+                Ok(ParamState { name, exp_avg: zeros.clone(), exp_avg_sq: zeros, var })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self { params, cfg, step_count: 0 })
+    }
+
+    /// The hyperparameters.
+    pub fn config(&self) -> AdamWConfig {
+        self.cfg
+    }
+
+    /// The parameters, in the order given to [`AdamW::new`].
+    pub fn vars(&self) -> Vec<Var> {
+        self.params.iter().map(|p| p.var.clone()).collect()
+    }
+
+    /// Number of updates done so far (restored by [`AdamW::load`]).
+    pub fn step_count(&self) -> usize {
+        self.step_count
+    }
+
+    /// One update with this lr; `grads[i]` belongs to `vars[i]` (same shape). The update is
+    /// computed in f32 and written back in the parameter's own dtype.
+    pub fn step(&mut self, grads: &[Tensor], lr: f64) -> candle_core::Result<()> {
+        if grads.len() != self.params.len() {
+            candle_core::bail!("AdamW::step: {} gradients for {} parameters", grads.len(), self.params.len());
+        }
+        for (p, g) in self.params.iter().zip(grads) {
+            if g.dims() != p.var.dims() {
+                candle_core::bail!(
+                    "AdamW::step: gradient for {} has shape {:?}, parameter has {:?}",
+                    p.name,
+                    g.dims(),
+                    p.var.dims()
+                );
+            }
+        }
+        self.step_count += 1;
+        let k = self.step_count as i32;
+        let AdamWConfig { beta1, beta2, eps, weight_decay } = self.cfg;
+        let bias_correction1 = 1.0 - beta1.powi(k);
+        let bias_correction2_sqrt = (1.0 - beta2.powi(k)).sqrt();
+        let step_size = lr / bias_correction1;
+        for (p, g) in self.params.iter_mut().zip(grads) {
+            let g = g.to_dtype(DType::F32)?;
+            let param = p.var.as_tensor().to_dtype(DType::F32)?;
+            let param = param.affine(1.0 - lr * weight_decay, 0.0)?;
+            p.exp_avg = ((&p.exp_avg * beta1)? + (&g * (1.0 - beta1))?)?;
+            p.exp_avg_sq = ((&p.exp_avg_sq * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
+            let denom = p.exp_avg_sq.sqrt()?.affine(1.0 / bias_correction2_sqrt, eps)?;
+            let update = (p.exp_avg.div(&denom)? * step_size)?;
+            let new_param = (param - update)?.to_dtype(p.var.dtype())?;
+            p.var.set(&new_param)?;
+        }
+        Ok(())
+    }
+
+    /// Save the step count, hyperparameters and moments as safetensors (`exp_avg.<name>`,
+    /// `exp_avg_sq.<name>`), atomically.
+    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+        let mut buffers: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        for p in &self.params {
+            for (prefix, t) in [("exp_avg", &p.exp_avg), ("exp_avg_sq", &p.exp_avg_sq)] {
+                let values = t.flatten_all()?.to_vec1::<f32>()?;
+                let bytes = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+                buffers.push((format!("{prefix}.{}", p.name), t.dims().to_vec(), bytes));
+            }
+        }
+        let views = buffers
+            .iter()
+            .map(|(name, shape, bytes)| {
+                Ok((name.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)?))
+            })
+            .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
+        let metadata = HashMap::from([
+            ("optimizer".to_string(), "AdamW".to_string()),
+            ("step".to_string(), self.step_count.to_string()),
+            ("beta1".to_string(), self.cfg.beta1.to_string()),
+            ("beta2".to_string(), self.cfg.beta2.to_string()),
+            ("eps".to_string(), self.cfg.eps.to_string()),
+            ("weight_decay".to_string(), self.cfg.weight_decay.to_string()),
+        ]);
+        let bytes = safetensors::serialize(views, Some(metadata))
+            .with_context(|| format!("serialising optimizer state for {}", path.display()))?;
+        crate::util::fs::write_atomic(path, &bytes)
+            .with_context(|| format!("writing optimizer state {}", path.display()))?;
+        Ok(())
+    }
+
+    /// Restore the state written by [`AdamW::save`]. Every parameter must be present with its
+    /// shape; errors name the file, the parameter and both shapes.
+    pub fn load(&mut self, path: &Path) -> anyhow::Result<()> {
+        let bytes = std::fs::read(path).with_context(|| format!("reading optimizer state {}", path.display()))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .with_context(|| format!("{}: not a safetensors file", path.display()))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)?;
+        let meta = header.metadata().clone().unwrap_or_default();
+        let step: usize = meta
+            .get("step")
+            .with_context(|| format!("{}: no `step` in the metadata", path.display()))?
+            .parse()
+            .with_context(|| format!("{}: `step` is not an integer", path.display()))?;
+        let expected: std::collections::HashSet<String> = self
+            .params
+            .iter()
+            .flat_map(|p| [format!("exp_avg.{}", p.name), format!("exp_avg_sq.{}", p.name)])
+            .collect();
+        let unexpected: Vec<&str> = st.names().into_iter().filter(|n| !expected.contains(*n)).collect();
+        if !unexpected.is_empty() {
+            bail!("{}: optimizer state for unknown parameters: {}", path.display(), unexpected.join(", "));
+        }
+        let mut restored = Vec::with_capacity(self.params.len());
+        for p in &self.params {
+            let mut pair = Vec::with_capacity(2);
+            for prefix in ["exp_avg", "exp_avg_sq"] {
+                let key = format!("{prefix}.{}", p.name);
+                let view = st.tensor(&key).map_err(|_| {
+                    anyhow::anyhow!("{}: missing optimizer state `{key}`", path.display())
+                })?;
+                if view.dtype() != safetensors::Dtype::F32 {
+                    bail!("{}: `{key}` is {:?}, expected F32", path.display(), view.dtype());
+                }
+                if view.shape() != p.var.dims() {
+                    bail!(
+                        "{}: `{key}` has shape {:?} but the parameter has shape {:?}",
+                        path.display(),
+                        view.shape(),
+                        p.var.dims()
+                    );
+                }
+                let values: Vec<f32> =
+                    view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+                pair.push(Tensor::from_vec(values, view.shape(), p.var.device())?);
+            }
+            restored.push(pair);
+        }
+        for (p, mut pair) in self.params.iter_mut().zip(restored) {
+            p.exp_avg_sq = pair.pop().expect("two moments");
+            p.exp_avg = pair.pop().expect("two moments");
+        }
+        self.step_count = step;
+        Ok(())
+    }
+}
+
+/// `torch.nn.utils.clip_grad_norm_` (L2, `error_if_nonfinite=False`): returns the total norm of
+/// all gradients before clipping and scales every gradient by `min(1, max_norm / (norm + 1e-6))`.
+pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> candle_core::Result<f64> {
+    let total_norm = global_grad_norm(grads)?;
+    let clip_coef = (max_norm / (total_norm + 1e-6)).min(1.0);
+    // torch multiplies even when the coefficient is clamped to 1; that is a no-op, skip it.
+    if clip_coef < 1.0 {
+        for g in grads.iter_mut() {
+            *g = g.affine(clip_coef, 0.0)?;
+        }
+    }
+    Ok(total_norm)
+}
+
+/// The L2 norm of all gradients together (each gradient's squared sum accumulated in f64).
+pub fn global_grad_norm(grads: &[Tensor]) -> candle_core::Result<f64> {
+    let mut sum_sq = 0f64;
+    for g in grads {
+        let s = g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()?;
+        sum_sq += s as f64;
+    }
+    Ok(sum_sq.sqrt())
+}

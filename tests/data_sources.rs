@@ -1,0 +1,127 @@
+//! Dataset sources: the HF parquet fixture (file, shard folder, dataset folder), the
+//! `metadata.jsonl` image folder, sidecar captions, configurable columns with errors that list
+//! what is there, list captions and the seeded `max_samples` subset.
+
+use std::path::{Path, PathBuf};
+
+use lora::data::decode::{decode_example, DecodeOptions};
+use lora::data::source::{load_source, Caption, Dataset, ImageData, SourceOptions, SourceSpec};
+
+fn fixture(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/datasets").join(rel)
+}
+
+fn parquet(path: PathBuf) -> SourceSpec {
+    SourceSpec::Parquet { path }
+}
+
+fn captions(ds: &Dataset) -> Vec<String> {
+    ds.examples.iter().map(|e| e.caption.first().to_string()).collect()
+}
+
+#[test]
+fn parquet_file_folder_and_dataset_dir_agree() {
+    let opts = SourceOptions::default();
+    let by_dir = load_source(&parquet(fixture("shapes-parquet")), &opts).unwrap();
+    let by_data = load_source(&parquet(fixture("shapes-parquet/data")), &opts).unwrap();
+    let by_file = load_source(&parquet(fixture("shapes-parquet/data/train-00000-of-00001.parquet")), &opts).unwrap();
+    assert_eq!(by_dir.len(), 24);
+    assert_eq!(captions(&by_dir), captions(&by_data));
+    assert_eq!(captions(&by_dir), captions(&by_file));
+    assert!(matches!(by_dir.examples[0].image, ImageData::Bytes(_)), "image struct bytes are read");
+    assert!(by_dir.examples[3].origin.ends_with("row 3"), "{}", by_dir.examples[3].origin);
+}
+
+#[test]
+fn parquet_and_image_folder_hold_the_same_examples() {
+    let opts = SourceOptions::default();
+    let pq = load_source(&parquet(fixture("shapes-parquet")), &opts).unwrap();
+    let folder = load_source(&SourceSpec::ImageFolder { dir: fixture("shapes-folder") }, &opts).unwrap();
+    let folder_train = load_source(&SourceSpec::ImageFolder { dir: fixture("shapes-folder/train") }, &opts).unwrap();
+    assert_eq!(folder.len(), 24);
+    assert_eq!(captions(&folder), captions(&folder_train));
+    assert_eq!(captions(&pq), captions(&folder), "same captions in the same order");
+    let first_line = std::fs::read_to_string(fixture("shapes-folder/train/metadata.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(first_line.lines().next().unwrap()).unwrap();
+    assert_eq!(folder.examples[0].caption, Caption::One(first["text"].as_str().unwrap().to_string()));
+    // The same image sizes from both layouts (pixels differ where the folder holds a JPEG).
+    for (a, b) in pq.examples.iter().zip(&folder.examples) {
+        let da = decode_example(a, &DecodeOptions::default()).unwrap();
+        let db = decode_example(b, &DecodeOptions::default()).unwrap();
+        assert_eq!(da.dimensions(), db.dimensions(), "{} vs {}", a.origin, b.origin);
+        if b.origin.ends_with(".png") {
+            assert_eq!(da.as_raw(), db.as_raw(), "{}: PNG pixels differ", b.origin);
+        }
+    }
+}
+
+#[test]
+fn missing_columns_are_errors_listing_what_exists() {
+    let opts = SourceOptions { caption_column: "caption".into(), ..Default::default() };
+    let err = format!("{:#}", load_source(&parquet(fixture("shapes-parquet")), &opts).unwrap_err());
+    assert!(err.contains("`caption`") && err.contains("image") && err.contains("text"), "{err}");
+    assert!(err.contains("train-00000-of-00001.parquet"), "names the file: {err}");
+    let opts = SourceOptions { image_column: "img".into(), ..Default::default() };
+    let err = format!("{:#}", load_source(&parquet(fixture("shapes-parquet")), &opts).unwrap_err());
+    assert!(err.contains("`img`") && err.contains("text"), "{err}");
+    let opts = SourceOptions { caption_column: "caption".into(), ..Default::default() };
+    let err = format!("{:#}", load_source(&SourceSpec::ImageFolder { dir: fixture("shapes-folder") }, &opts).unwrap_err());
+    assert!(err.contains("`caption`") && err.contains("file_name, text") && err.contains("line 1"), "{err}");
+    let err = format!("{:#}", load_source(&parquet(fixture("nope")), &SourceOptions::default()).unwrap_err());
+    assert!(err.contains("nope") && err.contains("does not exist"), "{err}");
+    let err = format!("{:#}", load_source(&parquet(fixture("bad/empty.png")), &SourceOptions::default()).unwrap_err());
+    assert!(err.contains("empty.png") && err.contains("parquet"), "{err}");
+}
+
+#[test]
+fn max_samples_is_a_seeded_subset() {
+    let spec = parquet(fixture("shapes-parquet"));
+    let take = |n, seed| captions(&load_source(&spec, &SourceOptions { max_samples: Some(n), seed, ..Default::default() }).unwrap());
+    let all = take(100, 0);
+    assert_eq!(all.len(), 24, "more than the dataset keeps all of it");
+    let a = take(5, 7);
+    assert_eq!(a.len(), 5);
+    assert_eq!(a, take(5, 7), "same seed, same subset");
+    assert_ne!(a, take(5, 8), "another seed, another subset");
+    let full = captions(&load_source(&spec, &SourceOptions::default()).unwrap());
+    let mut sorted_all = all.clone();
+    sorted_all.sort();
+    let mut sorted_full = full;
+    sorted_full.sort();
+    assert_eq!(sorted_all, sorted_full, "the subset is drawn without repetition");
+}
+
+fn copy(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+    std::fs::copy(from, to).unwrap();
+}
+
+#[test]
+fn sidecar_captions_and_list_captions() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    copy(&fixture("shapes-folder/train/0001.png"), &root.join("a.png"));
+    std::fs::write(root.join("a.txt"), "  a blue triangle \n").unwrap();
+    copy(&fixture("shapes-folder/train/0003.jpg"), &root.join("10_concept/b.jpg"));
+    std::fs::write(root.join("10_concept/b.caption"), "an orange square").unwrap();
+    let spec = SourceSpec::Sidecar { dir: root.to_path_buf(), caption_extensions: vec![] };
+    let ds = load_source(&spec, &SourceOptions::default()).unwrap();
+    assert_eq!(captions(&ds), vec!["an orange square".to_string(), "a blue triangle".to_string()]);
+    copy(&fixture("shapes-folder/train/0002.png"), &root.join("c.png"));
+    let err = format!("{:#}", load_source(&spec, &SourceOptions::default()).unwrap_err());
+    assert!(err.contains("c.png") && err.contains("c.txt") && err.contains("c.caption"), "{err}");
+
+    // metadata.jsonl with a list caption and a custom column name.
+    let dir = tempfile::tempdir().unwrap();
+    copy(&fixture("shapes-folder/train/0001.png"), &dir.path().join("x.png"));
+    std::fs::write(dir.path().join("metadata.jsonl"), "{\"file_name\": \"x.png\", \"prompt\": [\"one\", \"two\"]}\n").unwrap();
+    let opts = SourceOptions { caption_column: "prompt".into(), ..Default::default() };
+    let ds = load_source(&SourceSpec::ImageFolder { dir: dir.path().to_path_buf() }, &opts).unwrap();
+    assert_eq!(ds.examples[0].caption, Caption::Choices(vec!["one".into(), "two".into()]));
+    std::fs::write(dir.path().join("metadata.jsonl"), "{\"file_name\": \"missing.png\", \"prompt\": \"p\"}\n").unwrap();
+    let err = format!("{:#}", load_source(&SourceSpec::ImageFolder { dir: dir.path().to_path_buf() }, &opts).unwrap_err());
+    assert!(err.contains("missing.png") && err.contains("line 1"), "{err}");
+    std::fs::write(dir.path().join("metadata.jsonl"), "").unwrap();
+    let err = format!("{:#}", load_source(&SourceSpec::ImageFolder { dir: dir.path().to_path_buf() }, &opts).unwrap_err());
+    assert!(err.contains("no examples"), "{err}");
+}
