@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::config::{load_pipeline, Crop, OutputFormat, Pipeline};
+use crate::config::{choice_name, load_pipeline, tidy_path, Crop, OutputFormat, Pipeline};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -51,13 +51,13 @@ pub fn stages(p: &Pipeline) -> Vec<Stage> {
     let out = &p.output.dir;
     let model = match (&p.model.id, &p.model.path) {
         (Some(id), _) => format!("hub model {id}{}", p.model.revision.as_ref().map(|r| format!(" @ {r}")).unwrap_or_default()),
-        (None, Some(path)) => format!("{} (diffusers folder)", path.display()),
+        (None, Some(path)) => format!("{} (diffusers folder)", tidy_path(path).display()),
         _ => String::new(),
     };
     let variant = p.model.variant.as_ref().map(|v| format!(", variant {v}")).unwrap_or_default();
     let dataset = match (&p.dataset.name, &p.dataset.path) {
         (Some(name), _) => format!("hub dataset {name}"),
-        (None, Some(path)) => path.display().to_string(),
+        (None, Some(path)) => tidy_path(path).display().to_string(),
         _ => String::new(),
     };
     let crop = match p.preprocess.crop() {
@@ -84,25 +84,25 @@ pub fn stages(p: &Pipeline) -> Vec<Stage> {
         },
         Stage {
             name: "preprocess",
-            does: format!("resize to {} ({:?}), {crop}{flip}, normalise to [-1, 1]", p.preprocess.resolution, p.preprocess.interpolation),
+            does: format!("resize to {} ({}), {crop}{flip}, normalise to [-1, 1]", p.preprocess.resolution, choice_name(&p.preprocess.interpolation)),
             reads: vec![],
             writes: vec![],
         },
         Stage {
             name: "train",
             does: format!(
-                "LoRA rank {} on {}; {steps}, batch {} x {}, lr {} ({:?})",
+                "LoRA rank {} on {}; {steps}, batch {} x {}, lr {} ({})",
                 p.adapter.rank,
                 p.adapter.target_modules.join(", "),
                 p.train.batch_size,
                 p.train.gradient_accumulation_steps,
                 p.train.learning_rate,
-                p.train.lr_scheduler
+                choice_name(&p.train.lr_scheduler)
             ),
-            reads: p.checkpoints.resume.iter().map(|r| format!("{} (resume from {r})", out.display())).collect(),
+            reads: p.checkpoints.resume.iter().map(|r| format!("{} (resume from {r})", tidy_path(out).display())).collect(),
             writes: vec![format!(
                 "{}/checkpoint-<step> every {} steps{}",
-                out.display(),
+                tidy_path(out).display(),
                 p.checkpoints.every_steps,
                 p.checkpoints.total_limit.map(|l| format!(", keeping {l}")).unwrap_or_default()
             )],
@@ -119,7 +119,7 @@ pub fn stages(p: &Pipeline) -> Vec<Stage> {
                 p.validation.guidance_scale
             ),
             reads: vec![],
-            writes: vec![format!("{}/validation/", out.display())],
+            writes: vec![format!("{}/validation/", tidy_path(out).display())],
         });
     }
     let writes = p
@@ -127,8 +127,8 @@ pub fn stages(p: &Pipeline) -> Vec<Stage> {
         .formats
         .iter()
         .map(|f| match f {
-            OutputFormat::Diffusers => format!("{}/pytorch_lora_weights.safetensors", out.display()),
-            OutputFormat::Kohya => format!("{}/pytorch_lora_weights_kohya.safetensors", out.display()),
+            OutputFormat::Diffusers => format!("{}/pytorch_lora_weights.safetensors", tidy_path(out).display()),
+            OutputFormat::Kohya => format!("{}/pytorch_lora_weights_kohya.safetensors", tidy_path(out).display()),
         })
         .collect();
     stages.push(Stage { name: "export", does: "write the adapter".into(), reads: vec![], writes });

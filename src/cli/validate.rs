@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::config::{load_pipeline, Diagnostics, LoadedPipeline};
+use crate::config::{choice_name, load_pipeline, tidy_path, Diagnostics, LoadedPipeline};
 
 /// How diagnostics are printed.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -60,13 +60,13 @@ pub fn summary(loaded: &LoadedPipeline) -> String {
     let mut out = format!("{}: ok\n", loaded.path.display());
     let model = match (&p.model.id, &p.model.path) {
         (Some(id), _) => format!("hub {id}"),
-        (None, Some(path)) => format!("local {}", path.display()),
+        (None, Some(path)) => format!("local {}", tidy_path(path).display()),
         _ => "?".into(),
     };
     out += &format!("  model      {model}\n");
     let data = match (&p.dataset.name, &p.dataset.path) {
         (Some(name), _) => format!("hub {name}"),
-        (None, Some(path)) => format!("{} {}", kind(p), path.display()),
+        (None, Some(path)) => format!("{} {}", kind(p), tidy_path(path).display()),
         _ => "?".into(),
     };
     out += &format!(
@@ -78,12 +78,12 @@ pub fn summary(loaded: &LoadedPipeline) -> String {
         None => format!("{} epochs", p.train.epochs),
     };
     out += &format!(
-        "  train      {steps}, batch {} x {} accumulation, lr {} {:?}, precision {:?}, seed {}\n",
+        "  train      {steps}, batch {} x {} accumulation, lr {} {}, precision {}, seed {}\n",
         p.train.batch_size,
         p.train.gradient_accumulation_steps,
         p.train.learning_rate,
-        p.train.lr_scheduler,
-        p.train.precision,
+        choice_name(&p.train.lr_scheduler),
+        choice_name(&p.train.precision),
         p.train.seed.map_or("random".to_string(), |s| s.to_string()),
     );
     out += &format!(
@@ -92,7 +92,7 @@ pub fn summary(loaded: &LoadedPipeline) -> String {
         p.adapter.default_alpha(),
         p.adapter.target_modules.join(", ")
     );
-    out += &format!("  output     {}\n", p.output.dir.display());
+    out += &format!("  output     {}\n", tidy_path(&p.output.dir).display());
     let mut downloads = Vec::new();
     if let Some(id) = &p.model.id {
         downloads.push(format!("model {id}"));

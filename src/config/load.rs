@@ -296,7 +296,7 @@ impl Loader {
             DeValue::Integer(i) => match i64::from_str_radix(&i.as_str().replace('_', ""), i.radix()) {
                 Ok(n) => toml::Value::Integer(n),
                 Err(_) => {
-                    let d = Diagnostic::error(&self.prov.sources[src], value.span(), format!("`{path}`: integer out of range"))
+                    let d = Diagnostic::error(&self.prov.sources[src], value.span(), format!("`{path}` is too large for an integer (at most {})", i64::MAX))
                         .with_key(path);
                     self.diags.push(d);
                     return None;
@@ -408,6 +408,26 @@ fn de_type_name(v: &DeValue<'_>) -> &'static str {
         DeValue::Datetime(_) => "a date-time",
         DeValue::Array(_) => "an array",
         DeValue::Table(_) => "a table",
+    }
+}
+
+/// `a/b/../c` as `a/c`: drop `.` and fold `..` into the folder before it, for display.
+pub fn tidy_path(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out: Vec<Component> = Vec::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir if matches!(out.last(), Some(Component::Normal(_))) => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    if out.is_empty() {
+        PathBuf::from(".")
+    } else {
+        out.iter().collect()
     }
 }
 

@@ -9,6 +9,6 @@ pub mod types;
 pub mod validate;
 
 pub use diagnostic::{Diagnostic, Diagnostics, Severity, Source};
-pub use load::{load_pipeline, LoadedPipeline, Origin, Provenance};
-pub use schema::{pipeline_schema, pipeline_schema_text};
+pub use load::{load_pipeline, tidy_path, LoadedPipeline, Origin, Provenance};
+pub use schema::{choice_name, pipeline_schema, pipeline_schema_text};
 pub use types::*;

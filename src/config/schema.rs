@@ -219,3 +219,12 @@ pub fn toml_literal(v: &Value) -> String {
         other => other.to_string(),
     }
 }
+
+/// The name a choice has in pipeline files (`"cosine"` for `LrScheduler::Cosine`).
+pub fn choice_name<T: serde::Serialize>(choice: &T) -> String {
+    match serde_json::to_value(choice) {
+        Ok(Value::String(s)) => s,
+        Ok(other) => other.to_string(),
+        Err(_) => String::new(),
+    }
+}

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use super::diagnostic::{Diagnostic, Diagnostics};
-use super::load::{quote_key, LoadedPipeline, Provenance};
+use super::load::{quote_key, tidy_path, LoadedPipeline, Provenance};
 use super::schema::{choices, deref, keyword, pipeline_schema, properties, toml_literal};
 use super::types::*;
 
@@ -66,6 +66,8 @@ pub fn validate_document(
     let mut issues = Vec::new();
     walk(&root, &root, &toml::Value::Table(doc.clone()), &mut Vec::new(), &mut issues);
 
+    // Report in the order a reader meets them: source by source, top to bottom.
+    issues.sort_by_key(|issue| issue_position(&prov, issue));
     let mut pruned = doc.clone();
     let mut can_build = true;
     for issue in &issues {
@@ -111,6 +113,19 @@ fn resolve_paths(p: &mut Pipeline, prov: &Provenance) {
         fix("dataset.path", v);
     }
     fix("output.dir", &mut p.output.dir);
+}
+
+/// Where an issue will be shown: (source, offset).
+fn issue_position(prov: &Provenance, issue: &Issue) -> (usize, usize) {
+    let mut p = issue.path.clone();
+    loop {
+        if let Some(o) = prov.origin(&path_string(&p)) {
+            return (o.source, if issue.at_key || issue.missing { o.key.start } else { o.value.start });
+        }
+        if p.pop().is_none() {
+            return (0, 0);
+        }
+    }
 }
 
 /// Turn an issue into a diagnostic at the span its key or value came from.
@@ -381,10 +396,7 @@ fn walk(root: &Value, schema: &Value, value: &toml::Value, path: &mut Vec<Seg>, 
 }
 
 fn fmt_value(v: &toml::Value) -> String {
-    match v {
-        toml::Value::Float(f) => fmt_num(*f),
-        other => other.to_string(),
-    }
+    v.to_string()
 }
 
 fn walk_table(root: &Value, schema: &Value, table: &toml::Table, path: &mut Vec<Seg>, issues: &mut Vec<Issue>) {
@@ -591,7 +603,7 @@ impl Checks<'_> {
         match self.prov.origin(key) {
             Some(o) if self.prov.base_dirs[o.source].is_some() && Path::new(&written).is_relative() => {
                 let file = Path::new(&self.prov.sources[o.source].name);
-                file.parent().unwrap_or(Path::new("")).join(&written).display().to_string()
+                tidy_path(&file.parent().unwrap_or(Path::new("")).join(&written)).display().to_string()
             }
             Some(_) => written,
             None => fallback.display().to_string(),
