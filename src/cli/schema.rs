@@ -1,4 +1,4 @@
-//! `lora schema`.
+//! `lora schema`: print the JSON Schema of pipeline files (`schemas/pipeline.schema.json`).
 
 use std::process::ExitCode;
 
@@ -6,5 +6,6 @@ use std::process::ExitCode;
 pub struct Args {}
 
 pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`lora schema` is not implemented yet")
+    print!("{}", crate::config::pipeline_schema_text());
+    Ok(ExitCode::SUCCESS)
 }

@@ -1,10 +1,116 @@
-//! `lora validate`.
+//! `lora validate`: check pipeline files and print every problem, or a short summary of each
+//! valid file.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-#[derive(clap::Args, Debug)]
-pub struct Args {}
+use crate::config::{choice_name, load_pipeline, tidy_path, Diagnostics, LoadedPipeline};
 
-pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`lora validate` is not implemented yet")
+/// How diagnostics are printed.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Format {
+    /// `FILE:LINE:COL: error: message` with the line and a caret, on stderr.
+    #[default]
+    Human,
+    /// A JSON list of diagnostics (file, line, column, key_path, severity, message, help) on stdout.
+    Json,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Pipeline files to check.
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+    /// Override a key with a TOML value, e.g. `--set train.learning_rate=2e-4` (repeatable;
+    /// a string may be given unquoted).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Output format of the diagnostics.
+    #[arg(long, value_enum, default_value_t = Format::Human)]
+    pub format: Format,
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let mut all = Diagnostics::new();
+    let mut summaries = Vec::new();
+    for file in &args.files {
+        match load_pipeline(file, &args.overrides) {
+            Ok(loaded) => {
+                summaries.push(summary(&loaded));
+                all.extend(loaded.warnings);
+            }
+            Err(diags) => all.extend(diags),
+        }
+    }
+    match args.format {
+        Format::Json => println!("{}", all.to_json()),
+        Format::Human => {
+            eprint!("{}", all.render());
+            for s in summaries {
+                print!("{s}");
+            }
+        }
+    }
+    Ok(if all.has_errors() { ExitCode::from(super::EXIT_INVALID) } else { ExitCode::SUCCESS })
+}
+
+/// A few lines on a valid pipeline: what it reads, trains and writes, and what it downloads.
+pub fn summary(loaded: &LoadedPipeline) -> String {
+    let p = &loaded.pipeline;
+    let mut out = format!("{}: ok\n", loaded.path.display());
+    let model = match (&p.model.id, &p.model.path) {
+        (Some(id), _) => format!("hub {id}"),
+        (None, Some(path)) => format!("local {}", tidy_path(path).display()),
+        _ => "?".into(),
+    };
+    out += &format!("  model      {model}\n");
+    let data = match (&p.dataset.name, &p.dataset.path) {
+        (Some(name), _) => format!("hub {name}"),
+        (None, Some(path)) => format!("{} {}", kind(p), tidy_path(path).display()),
+        _ => "?".into(),
+    };
+    out += &format!(
+        "  dataset    {data} (columns {}, {})\n",
+        p.dataset.image_column, p.dataset.caption_column
+    );
+    let steps = match p.train.max_steps {
+        Some(n) => format!("{n} steps"),
+        None => format!("{} epochs", p.train.epochs),
+    };
+    out += &format!(
+        "  train      {steps}, batch {} x {} accumulation, lr {} {}, precision {}, seed {}\n",
+        p.train.batch_size,
+        p.train.gradient_accumulation_steps,
+        p.train.learning_rate,
+        choice_name(&p.train.lr_scheduler),
+        choice_name(&p.train.precision),
+        p.train.seed.map_or("random".to_string(), |s| s.to_string()),
+    );
+    out += &format!(
+        "  adapter    rank {} alpha {} on {}\n",
+        p.adapter.rank,
+        p.adapter.default_alpha(),
+        p.adapter.target_modules.join(", ")
+    );
+    out += &format!("  output     {}\n", tidy_path(&p.output.dir).display());
+    let mut downloads = Vec::new();
+    if let Some(id) = &p.model.id {
+        downloads.push(format!("model {id}"));
+    }
+    if let Some(name) = &p.dataset.name {
+        downloads.push(format!("dataset {name}"));
+    }
+    let downloads = if downloads.is_empty() { "none".to_string() } else { downloads.join(", ") + " (unless cached)" };
+    out += &format!("  downloads  {downloads}\n");
+    out
+}
+
+fn kind(p: &crate::config::Pipeline) -> &'static str {
+    use crate::config::DatasetKind::*;
+    match p.dataset.kind {
+        Hub => "hub",
+        Parquet => "parquet",
+        Imagefolder => "imagefolder",
+        Sidecar => "sidecar",
+    }
 }

@@ -1,3 +1,14 @@
 //! Pipeline files: the typed TOML tables (`types`), loading with `extends` and `--set`
 //! (`load`), checks against the generated JSON Schema and across fields (`validate`), and
-//! `FILE:LINE:COL` diagnostics (`diagnostic`).
+//! `FILE:LINE:COL` diagnostics (`diagnostic`); `schema` generates the schema and the docs tables.
+
+pub mod diagnostic;
+pub mod load;
+pub mod schema;
+pub mod types;
+pub mod validate;
+
+pub use diagnostic::{Diagnostic, Diagnostics, Severity, Source};
+pub use load::{load_pipeline, tidy_path, LoadedPipeline, Origin, Provenance};
+pub use schema::{choice_name, pipeline_schema, pipeline_schema_text};
+pub use types::*;

@@ -1,0 +1,609 @@
+//! The pipeline file's tables as Rust types: serde reads them, schemars turns them into the JSON
+//! Schema (doc comments become descriptions), so the two can never disagree.
+//!
+//! Defaults are the reference script's (`train_text_to_image_lora.py`) unless `docs/pipeline.md`
+//! says why not. The `x-reference` extension on a key names the reference flag it stands for.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A whole pipeline file: one table per stage, in the order the stages run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(title = "lora pipeline")]
+pub struct Pipeline {
+    /// Another pipeline file this one is layered on, relative to this file. Its keys apply first;
+    /// this file's keys override them, table by table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extends: Option<String>,
+    /// The base Stable Diffusion model the LoRA is trained on.
+    pub model: ModelConfig,
+    /// Where the training images and captions come from.
+    pub dataset: DatasetConfig,
+    /// How images are resized, cropped and flipped before encoding.
+    #[serde(default)]
+    pub preprocess: PreprocessConfig,
+    /// The LoRA adapter: rank, alpha, initialisation and the layers it wraps.
+    #[serde(default)]
+    pub adapter: AdapterConfig,
+    /// AdamW hyperparameters and gradient clipping.
+    #[serde(default)]
+    pub optimizer: OptimizerConfig,
+    /// The training loop: steps, batch, learning-rate schedule, precision, seed and loss options.
+    #[serde(default)]
+    pub train: TrainConfig,
+    /// Periodic saves of the training state, and resuming from them.
+    #[serde(default)]
+    pub checkpoints: CheckpointsConfig,
+    /// Sample images with the adapter in place while training.
+    #[serde(default)]
+    pub validation: ValidationConfig,
+    /// Where the adapter is written and in which formats.
+    #[serde(default)]
+    pub output: OutputConfig,
+    /// Metrics and trackers.
+    #[serde(default)]
+    pub logging: LoggingConfig,
+}
+
+/// `[model]`: the base model, from the Hugging Face hub or a local diffusers folder.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Hub id of the model, e.g. "stable-diffusion-v1-5/stable-diffusion-v1-5". Give `id` or
+    /// `path`, not both.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-reference" = "--pretrained_model_name_or_path"))]
+    pub id: Option<String>,
+    /// Local diffusers model folder (with `model_index.json`), relative to the pipeline file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-reference" = "--pretrained_model_name_or_path"))]
+    pub path: Option<PathBuf>,
+    /// Hub revision (branch, tag or commit) of the model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-reference" = "--revision"))]
+    pub revision: Option<String>,
+    /// Weight variant, e.g. "fp16" reads `diffusion_pytorch_model.fp16.safetensors`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-reference" = "--variant"))]
+    pub variant: Option<String>,
+    /// Hugging Face cache folder for downloaded models and datasets (default: the HF cache).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-reference" = "--cache_dir"))]
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// The layout a dataset is read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DatasetKind {
+    /// A Hugging Face hub dataset id (`name`), read through the HF cache.
+    Hub,
+    /// A parquet file or a folder of parquet shards in the Hugging Face datasets layout (`path`).
+    Parquet,
+    /// An image folder with `metadata.jsonl` (`file_name` + caption column), as `--train_data_dir`.
+    Imagefolder,
+    /// An image folder with a `.txt` or `.caption` file next to each image (kohya's layout).
+    Sidecar,
+}
+
+/// What to do with an image that cannot be decoded or is too large.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OnBadImage {
+    /// Stop before training starts, naming the file and the reason.
+    #[default]
+    Error,
+    /// Log the file, leave it out and count it in the summary.
+    Skip,
+}
+
+/// `[dataset]`: the training images and captions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetConfig {
+    /// The dataset layout: "hub" needs `name`; "parquet", "imagefolder" and "sidecar" need `path`.
+    pub kind: DatasetKind,
+    /// Hub dataset id, e.g. "lambdalabs/naruto-blip-captions" (kind = "hub").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-reference" = "--dataset_name"))]
+    pub name: Option<String>,
+    /// Hub dataset configuration name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-reference" = "--dataset_config_name"))]
+    pub config_name: Option<String>,
+    /// Local dataset file or folder, relative to the pipeline file (kind = "parquet",
+    /// "imagefolder" or "sidecar").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-reference" = "--train_data_dir"))]
+    pub path: Option<PathBuf>,
+    /// Column that holds the images.
+    #[serde(default = "default_image_column")]
+    #[schemars(extend("x-reference" = "--image_column"))]
+    pub image_column: String,
+    /// Column that holds the captions (a string, or a list: one is drawn per step).
+    #[serde(default = "default_caption_column")]
+    #[schemars(extend("x-reference" = "--caption_column"))]
+    pub caption_column: String,
+    /// Train on a seeded random subset of this many samples.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1), extend("x-reference" = "--max_train_samples"))]
+    pub max_samples: Option<u64>,
+    /// What to do with an image that cannot be decoded or is larger than `max_image_pixels`.
+    #[serde(default)]
+    pub on_bad_image: OnBadImage,
+    /// Largest image accepted, in pixels (width x height); PIL's decompression-bomb limit.
+    #[serde(default = "default_max_image_pixels")]
+    #[schemars(range(min = 1))]
+    pub max_image_pixels: u64,
+}
+
+fn default_image_column() -> String {
+    "image".into()
+}
+fn default_caption_column() -> String {
+    "text".into()
+}
+fn default_max_image_pixels() -> u64 {
+    // PIL raises DecompressionBombError above twice MAX_IMAGE_PIXELS (89_478_485).
+    2 * 89_478_485
+}
+
+/// Resampling filter for the resize, as torchvision's `InterpolationMode` (PIL filters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Interpolation {
+    Nearest,
+    NearestExact,
+    Bilinear,
+    Bicubic,
+    Box,
+    Hamming,
+    #[default]
+    Lanczos,
+}
+
+/// How the resized image is cut to a square.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Crop {
+    /// The middle square.
+    Center,
+    /// A uniformly random square, drawn anew every epoch.
+    Random,
+}
+
+/// `[preprocess]`: resize, crop, flip, normalise.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct PreprocessConfig {
+    /// Size the shorter side is resized to and the square crop size, in pixels.
+    #[schemars(range(min = 8), extend("multipleOf" = 8, "x-reference" = "--resolution"))]
+    pub resolution: u32,
+    /// Crop the middle square.
+    #[schemars(extend("x-reference" = "--center_crop"))]
+    pub center_crop: bool,
+    /// Crop a random square (the reference's behaviour when `center_crop` is false). Defaults to
+    /// the opposite of `center_crop`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub random_crop: Option<bool>,
+    /// Flip images horizontally with probability 0.5.
+    #[schemars(extend("x-reference" = "--random_flip"))]
+    pub random_flip: bool,
+    /// Resampling filter used by the resize.
+    #[schemars(extend("x-reference" = "--image_interpolation_mode"))]
+    pub interpolation: Interpolation,
+}
+
+impl Default for PreprocessConfig {
+    fn default() -> Self {
+        Self {
+            resolution: 512,
+            center_crop: false,
+            random_crop: None,
+            random_flip: false,
+            interpolation: Interpolation::Lanczos,
+        }
+    }
+}
+
+impl PreprocessConfig {
+    /// The crop to apply (validation has already rejected contradictory settings).
+    pub fn crop(&self) -> Crop {
+        if self.center_crop {
+            Crop::Center
+        } else {
+            Crop::Random
+        }
+    }
+}
+
+/// How `lora_A` is initialised (`lora_B` always starts at zero, so the adapter starts as a no-op).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LoraInit {
+    /// A ~ N(0, std = 1/rank): PEFT's `init_lora_weights="gaussian"`, what the reference uses.
+    #[default]
+    Gaussian,
+    /// Kaiming-uniform A: PEFT's default (`init_lora_weights=True`).
+    Kaiming,
+}
+
+/// `[adapter]`: the LoRA layers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdapterConfig {
+    /// LoRA rank r.
+    #[schemars(range(min = 1), extend("x-reference" = "--rank"))]
+    pub rank: u32,
+    /// LoRA alpha; the update is scaled by alpha / rank. Defaults to `rank` (scale 1), as the
+    /// reference.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("exclusiveMinimum" = 0))]
+    pub alpha: Option<f64>,
+    /// Initialisation of `lora_A`.
+    pub init: LoraInit,
+    /// UNet modules to wrap, PEFT style: a module matches when its name equals a pattern or ends
+    /// with "." + pattern.
+    #[schemars(length(min = 1))]
+    pub target_modules: Vec<String>,
+    /// Rank per pattern, overriding `rank` for the modules it matches (PEFT's `rank_pattern`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub rank_pattern: BTreeMap<String, RankValue>,
+    /// Alpha per pattern, overriding `alpha` for the modules it matches (PEFT's `alpha_pattern`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub alpha_pattern: BTreeMap<String, AlphaValue>,
+    /// Also train LoRA layers in the text encoder (as the SDXL and DreamBooth scripts offer).
+    pub text_encoder: bool,
+    /// Text-encoder modules to wrap when `text_encoder` is true.
+    #[schemars(length(min = 1))]
+    pub text_encoder_target_modules: Vec<String>,
+}
+
+/// A LoRA rank (at least 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(transparent)]
+pub struct RankValue(#[schemars(range(min = 1))] pub u32);
+
+/// A LoRA alpha (greater than 0).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(transparent)]
+pub struct AlphaValue(#[schemars(extend("exclusiveMinimum" = 0))] pub f64);
+
+impl Default for AdapterConfig {
+    fn default() -> Self {
+        Self {
+            rank: 4,
+            alpha: None,
+            init: LoraInit::Gaussian,
+            target_modules: ["to_k", "to_q", "to_v", "to_out.0"].map(String::from).to_vec(),
+            rank_pattern: BTreeMap::new(),
+            alpha_pattern: BTreeMap::new(),
+            text_encoder: false,
+            text_encoder_target_modules: ["q_proj", "k_proj", "v_proj", "out_proj"]
+                .map(String::from)
+                .to_vec(),
+        }
+    }
+}
+
+impl AdapterConfig {
+    /// Alpha for layers no `alpha_pattern` matches: `alpha`, or `rank` when unset.
+    pub fn default_alpha(&self) -> f64 {
+        self.alpha.unwrap_or(self.rank as f64)
+    }
+}
+
+/// `[optimizer]`: AdamW (torch's, decoupled weight decay) and gradient clipping.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimizerConfig {
+    /// AdamW beta1.
+    #[schemars(range(min = 0), extend("exclusiveMaximum" = 1, "x-reference" = "--adam_beta1"))]
+    pub beta1: f64,
+    /// AdamW beta2.
+    #[schemars(range(min = 0), extend("exclusiveMaximum" = 1, "x-reference" = "--adam_beta2"))]
+    pub beta2: f64,
+    /// AdamW decoupled weight decay.
+    #[schemars(range(min = 0), extend("x-reference" = "--adam_weight_decay"))]
+    pub weight_decay: f64,
+    /// AdamW epsilon.
+    #[schemars(extend("exclusiveMinimum" = 0, "x-reference" = "--adam_epsilon"))]
+    pub epsilon: f64,
+    /// Clip the global gradient norm to this before each update; 0 turns clipping off. The
+    /// reference script never clips (see docs/pipeline.md); we do.
+    #[schemars(range(min = 0), extend("x-reference" = "--max_grad_norm"))]
+    pub max_grad_norm: f64,
+}
+
+impl Default for OptimizerConfig {
+    fn default() -> Self {
+        Self { beta1: 0.9, beta2: 0.999, weight_decay: 1e-2, epsilon: 1e-8, max_grad_norm: 1.0 }
+    }
+}
+
+/// Learning-rate schedule (diffusers' `get_scheduler`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LrScheduler {
+    /// The same rate throughout; warmup is ignored.
+    #[default]
+    Constant,
+    /// Linear warmup, then constant.
+    ConstantWithWarmup,
+    /// Linear warmup, then linear decay to 0.
+    Linear,
+    /// Linear warmup, then half a cosine down to 0.
+    Cosine,
+    /// Linear warmup, then cosine with hard restarts (one cycle).
+    CosineWithRestarts,
+    /// Linear warmup, then polynomial decay (power 1) to 1e-7.
+    Polynomial,
+}
+
+/// Floating-point precision of the frozen models.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    /// Everything in f32.
+    #[default]
+    No,
+    /// Frozen weights in f16, LoRA parameters upcast to f32 (GPU only).
+    Fp16,
+    /// Frozen weights and LoRA parameters in bf16 (GPU only).
+    Bf16,
+}
+
+/// Where training runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Device {
+    /// The first CUDA GPU if this build supports CUDA and one is present, else the CPU.
+    #[default]
+    Auto,
+    /// The CPU (f32 only).
+    Cpu,
+    /// The first CUDA GPU; an error if there is none.
+    Cuda,
+}
+
+/// What the UNet predicts, and so the training target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PredictionType {
+    /// The added noise.
+    Epsilon,
+    /// The velocity sqrt(a)·noise − sqrt(1−a)·x0.
+    VPrediction,
+}
+
+/// `[train]`: the training loop.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Optimizer updates to run; when set it overrides `epochs`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1), extend("x-reference" = "--max_train_steps"))]
+    pub max_steps: Option<u64>,
+    /// Passes over the dataset, used when `max_steps` is not set.
+    #[schemars(range(min = 1), extend("x-reference" = "--num_train_epochs"))]
+    pub epochs: u64,
+    /// Images per micro-batch.
+    #[schemars(range(min = 1), extend("x-reference" = "--train_batch_size"))]
+    pub batch_size: u32,
+    /// Micro-batches per optimizer update.
+    #[schemars(range(min = 1), extend("x-reference" = "--gradient_accumulation_steps"))]
+    pub gradient_accumulation_steps: u32,
+    /// Base learning rate.
+    #[schemars(extend("exclusiveMinimum" = 0, "x-reference" = "--learning_rate"))]
+    pub learning_rate: f64,
+    /// Multiply the learning rate by batch_size x gradient_accumulation_steps.
+    #[schemars(extend("x-reference" = "--scale_lr"))]
+    pub scale_lr: bool,
+    /// Learning-rate schedule.
+    #[schemars(extend("x-reference" = "--lr_scheduler"))]
+    pub lr_scheduler: LrScheduler,
+    /// Linear warmup steps (ignored by "constant").
+    #[schemars(extend("x-reference" = "--lr_warmup_steps"))]
+    pub lr_warmup_steps: u64,
+    /// Random seed for noise, timesteps, data order and augmentation; unset draws one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-reference" = "--seed"))]
+    pub seed: Option<u64>,
+    /// Threads that decode and preprocess images ahead of the step; 0 picks the core count.
+    #[schemars(extend("x-reference" = "--dataloader_num_workers"))]
+    pub dataloader_workers: u32,
+    /// Precision of the frozen models.
+    #[schemars(extend("x-reference" = "--mixed_precision"))]
+    pub precision: Precision,
+    /// Where training runs.
+    pub device: Device,
+    /// Allow TF32 matmuls on Ampere or newer GPUs.
+    #[schemars(extend("x-reference" = "--allow_tf32"))]
+    pub allow_tf32: bool,
+    /// Recompute activations in the backward pass to save memory.
+    #[schemars(extend("x-reference" = "--gradient_checkpointing"))]
+    pub gradient_checkpointing: bool,
+    /// Min-SNR loss weighting gamma (5.0 is the recommended value); unset turns it off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("exclusiveMinimum" = 0, "x-reference" = "--snr_gamma"))]
+    pub snr_gamma: Option<f64>,
+    /// Offset-noise scale added per image and channel; 0 turns it off.
+    #[schemars(range(min = 0), extend("x-reference" = "--noise_offset"))]
+    pub noise_offset: f64,
+    /// Training target; unset uses the model's scheduler config.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-reference" = "--prediction_type"))]
+    pub prediction_type: Option<PredictionType>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            max_steps: None,
+            epochs: 100,
+            batch_size: 16,
+            gradient_accumulation_steps: 1,
+            learning_rate: 1e-4,
+            scale_lr: false,
+            lr_scheduler: LrScheduler::Constant,
+            lr_warmup_steps: 500,
+            seed: None,
+            dataloader_workers: 0,
+            precision: Precision::No,
+            device: Device::Auto,
+            allow_tf32: false,
+            gradient_checkpointing: false,
+            snr_gamma: None,
+            noise_offset: 0.0,
+            prediction_type: None,
+        }
+    }
+}
+
+/// `[checkpoints]`: saves of the training state under the output folder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointsConfig {
+    /// Save `checkpoint-<step>` every this many optimizer updates.
+    #[schemars(range(min = 1), extend("x-reference" = "--checkpointing_steps"))]
+    pub every_steps: u64,
+    /// Keep at most this many checkpoints, deleting the oldest; unset keeps all.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1), extend("x-reference" = "--checkpoints_total_limit"))]
+    pub total_limit: Option<u32>,
+    /// Resume from "latest" or a `checkpoint-<step>` folder name in the output folder.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-reference" = "--resume_from_checkpoint"))]
+    pub resume: Option<String>,
+}
+
+impl Default for CheckpointsConfig {
+    fn default() -> Self {
+        Self { every_steps: 500, total_limit: None, resume: None }
+    }
+}
+
+/// Sampler used for validation images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ValidationScheduler {
+    /// The model's own scheduler (PNDM for SD 1.5), as the reference.
+    #[default]
+    Model,
+    /// PNDM (PLMS).
+    Pndm,
+    /// DDIM, eta 0.
+    Ddim,
+    /// Euler discrete.
+    Euler,
+}
+
+/// `[validation]`: sample images while training. No prompt, no validation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct ValidationConfig {
+    /// Prompts to sample; empty turns validation off.
+    #[schemars(extend("x-reference" = "--validation_prompt"))]
+    pub prompts: Vec<String>,
+    /// Images per prompt and validation run.
+    #[schemars(range(min = 1), extend("x-reference" = "--num_validation_images"))]
+    pub num_images: u32,
+    /// Validate at the end of every N-th epoch.
+    #[schemars(range(min = 1), extend("x-reference" = "--validation_epochs"))]
+    pub every_epochs: u64,
+    /// Also validate every N optimizer updates.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub every_steps: Option<u64>,
+    /// Sampler.
+    pub scheduler: ValidationScheduler,
+    /// Denoising steps per image.
+    #[schemars(range(min = 1))]
+    pub steps: u32,
+    /// Classifier-free guidance scale; 1 or less turns guidance off.
+    #[schemars(range(min = 0))]
+    pub guidance_scale: f64,
+}
+
+impl Default for ValidationConfig {
+    fn default() -> Self {
+        Self {
+            prompts: Vec::new(),
+            num_images: 4,
+            every_epochs: 1,
+            every_steps: None,
+            scheduler: ValidationScheduler::Model,
+            steps: 30,
+            guidance_scale: 7.5,
+        }
+    }
+}
+
+/// File format of the exported adapter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputFormat {
+    /// `pytorch_lora_weights.safetensors`, as `save_lora_weights` writes it.
+    Diffusers,
+    /// `pytorch_lora_weights_kohya.safetensors` with `lora_unet_*` names and alphas.
+    Kohya,
+}
+
+/// `[output]`: the exported adapter.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutputConfig {
+    /// Folder for the adapter, checkpoints and logs, relative to the pipeline file.
+    #[schemars(extend("x-reference" = "--output_dir"))]
+    pub dir: PathBuf,
+    /// Formats to write.
+    #[schemars(length(min = 1), extend("uniqueItems" = true))]
+    pub formats: Vec<OutputFormat>,
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        Self { dir: PathBuf::from("sd-model-finetuned-lora"), formats: vec![OutputFormat::Diffusers] }
+    }
+}
+
+/// Where training metrics go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ReportTo {
+    /// TensorBoard event files under `logging.dir`.
+    #[default]
+    Tensorboard,
+    /// No tracker (the progress bar and the summary only).
+    #[serde(rename = "none")]
+    Disabled,
+}
+
+/// `[logging]`: metrics and trackers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingConfig {
+    /// Tracker for metrics.
+    #[schemars(extend("x-reference" = "--report_to"))]
+    pub report_to: ReportTo,
+    /// Log folder, relative to `output.dir`.
+    #[schemars(extend("x-reference" = "--logging_dir"))]
+    pub dir: PathBuf,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        Self { report_to: ReportTo::Tensorboard, dir: PathBuf::from("logs") }
+    }
+}
+
+/// Reference flags that have no key, and why. Listed in `docs/pipeline.md`.
+pub const UNSUPPORTED_REFERENCE_FLAGS: &[(&str, &str)] = &[
+    ("--use_8bit_adam", "bitsandbytes is CUDA/Python only; AdamW runs in f32"),
+    ("--enable_xformers_memory_efficient_attention", "xformers is PyTorch only"),
+    ("--push_to_hub, --hub_token, --hub_model_id", "uploading is left to `huggingface-cli upload`"),
+    ("--local_rank", "one process; no distributed training"),
+];

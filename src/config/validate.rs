@@ -1,0 +1,859 @@
+//! Validating a merged pipeline document: the generated JSON Schema first (every violation, each
+//! mapped back to the TOML span it came from), then serde into the types, then the checks a
+//! schema cannot express (across fields, and against the file system).
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use super::diagnostic::{Diagnostic, Diagnostics};
+use super::load::{quote_key, tidy_path, LoadedPipeline, Provenance};
+use super::schema::{choices, deref, keyword, pipeline_schema, properties, toml_literal};
+use super::types::*;
+
+/// One step of a key path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Seg {
+    Key(String),
+    Index(usize),
+}
+
+fn path_string(path: &[Seg]) -> String {
+    let mut out = String::new();
+    for seg in path {
+        match seg {
+            Seg::Key(k) => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out += &quote_key(k);
+            }
+            Seg::Index(i) => out += &format!("[{i}]"),
+        }
+    }
+    out
+}
+
+/// `[train]` for a table path, `train.learning_rate` for a key path.
+fn table_name(path: &[Seg]) -> String {
+    if path.is_empty() {
+        "the top level".into()
+    } else {
+        format!("[{}]", path_string(path))
+    }
+}
+
+/// A schema violation, before it is located in a source.
+#[derive(Debug)]
+struct Issue {
+    path: Vec<Seg>,
+    /// Point at the key rather than the value (unknown keys).
+    at_key: bool,
+    message: String,
+    help: Option<String>,
+    /// A required key is missing: the typed pipeline cannot be built.
+    missing: bool,
+}
+
+/// Check `doc` against the schema, then the types, then across fields and on disk.
+pub fn validate_document(
+    path: &Path,
+    doc: toml::Table,
+    prov: Provenance,
+    mut diags: Diagnostics,
+) -> Result<LoadedPipeline, Diagnostics> {
+    let root = pipeline_schema();
+    let mut issues = Vec::new();
+    walk(&root, &root, &toml::Value::Table(doc.clone()), &mut Vec::new(), &mut issues);
+
+    // Report in the order a reader meets them: source by source, top to bottom.
+    issues.sort_by_key(|issue| issue_position(&prov, issue));
+    let mut pruned = doc.clone();
+    let mut can_build = true;
+    for issue in &issues {
+        diags.push(locate_issue(&prov, issue));
+        if issue.missing {
+            can_build = false;
+        } else {
+            remove_at(&mut pruned, &issue.path);
+        }
+    }
+    if !can_build {
+        return Err(diags);
+    }
+    let mut pipeline: Pipeline = match toml::Value::Table(pruned).try_into() {
+        Ok(p) => p,
+        Err(e) => {
+            let (source, span) = prov.locate(&[]);
+            diags.push(Diagnostic::error(source, span, format!("invalid pipeline: {}", e.message())));
+            return Err(diags);
+        }
+    };
+    resolve_paths(&mut pipeline, &prov);
+    let mut checks = Checks { prov: &prov, doc: &doc, diags: &mut diags };
+    checks.run(&pipeline);
+
+    if diags.has_errors() {
+        return Err(diags);
+    }
+    Ok(LoadedPipeline { pipeline, resolved: doc, sources: prov, path: path.to_path_buf(), warnings: diags })
+}
+
+/// Make every relative path in `p` relative to the current directory, by joining it to the folder
+/// of the file that wrote it.
+fn resolve_paths(p: &mut Pipeline, prov: &Provenance) {
+    let fix = |key: &str, v: &mut PathBuf| *v = prov.resolve_path(key, v);
+    if let Some(v) = p.model.path.as_mut() {
+        fix("model.path", v);
+    }
+    if let Some(v) = p.model.cache_dir.as_mut() {
+        fix("model.cache_dir", v);
+    }
+    if let Some(v) = p.dataset.path.as_mut() {
+        fix("dataset.path", v);
+    }
+    fix("output.dir", &mut p.output.dir);
+}
+
+/// Where an issue will be shown: (source, offset).
+fn issue_position(prov: &Provenance, issue: &Issue) -> (usize, usize) {
+    let mut p = issue.path.clone();
+    loop {
+        if let Some(o) = prov.origin(&path_string(&p)) {
+            return (o.source, if issue.at_key || issue.missing { o.key.start } else { o.value.start });
+        }
+        if p.pop().is_none() {
+            return (0, 0);
+        }
+    }
+}
+
+/// Turn an issue into a diagnostic at the span its key or value came from.
+fn locate_issue(prov: &Provenance, issue: &Issue) -> Diagnostic {
+    let key = path_string(&issue.path);
+    // The nearest ancestor that was written somewhere.
+    let mut p = issue.path.clone();
+    let mut origin = None;
+    while origin.is_none() {
+        origin = prov.origin(&path_string(&p));
+        if p.pop().is_none() {
+            break;
+        }
+    }
+    let d = match origin {
+        Some(o) => {
+            let span = if issue.at_key || issue.missing { o.key.clone() } else { o.value.clone() };
+            Diagnostic::error(&prov.sources[o.source], span, issue.message.clone())
+        }
+        None => Diagnostic::error(&prov.sources[0], 0..0, issue.message.clone()),
+    };
+    let d = if key.is_empty() { d } else { d.with_key(key) };
+    match &issue.help {
+        Some(h) => d.with_help(h.clone()),
+        None => d,
+    }
+}
+
+fn remove_at(doc: &mut toml::Table, path: &[Seg]) {
+    let Some((last, parents)) = path.split_last() else { return };
+    let mut t: &mut toml::Value = match parents.first() {
+        Some(Seg::Key(k)) => match doc.get_mut(k) {
+            Some(v) => v,
+            None => return,
+        },
+        Some(Seg::Index(_)) => return,
+        None => {
+            if let Seg::Key(k) = last {
+                doc.remove(k);
+            }
+            return;
+        }
+    };
+    for seg in &parents[1..] {
+        let next = match (seg, t) {
+            (Seg::Key(k), toml::Value::Table(tab)) => tab.get_mut(k),
+            (Seg::Index(i), toml::Value::Array(a)) => a.get_mut(*i),
+            _ => None,
+        };
+        match next {
+            Some(n) => t = n,
+            None => return,
+        }
+    }
+    match (last, t) {
+        (Seg::Key(k), toml::Value::Table(tab)) => {
+            tab.remove(k);
+        }
+        (Seg::Index(_), toml::Value::Array(_)) => {
+            // Remove the whole list: a list with a hole would shift later items.
+            let parent_path = &path[..path.len() - 1];
+            remove_at(doc, parent_path);
+        }
+        _ => {}
+    }
+}
+
+fn json_type_name(ty: &str) -> &'static str {
+    match ty {
+        "string" => "a string",
+        "integer" => "an integer",
+        "number" => "a number",
+        "boolean" => "true or false",
+        "object" => "a table",
+        "array" => "a list",
+        _ => "a value",
+    }
+}
+
+fn found(v: &toml::Value) -> String {
+    match v {
+        toml::Value::String(s) => format!("the string {}", toml::Value::String(s.clone())),
+        toml::Value::Integer(i) => format!("the integer {i}"),
+        toml::Value::Float(f) => format!("the float {}", toml::Value::Float(*f)),
+        toml::Value::Boolean(b) => format!("the boolean {b}"),
+        toml::Value::Datetime(d) => format!("the date-time {d}"),
+        toml::Value::Array(_) => "a list".into(),
+        toml::Value::Table(_) => "a table".into(),
+    }
+}
+
+fn type_matches(ty: &str, v: &toml::Value) -> bool {
+    matches!(
+        (ty, v),
+        ("string", toml::Value::String(_))
+            | ("integer", toml::Value::Integer(_))
+            | ("number", toml::Value::Integer(_) | toml::Value::Float(_))
+            | ("boolean", toml::Value::Boolean(_))
+            | ("object", toml::Value::Table(_))
+            | ("array", toml::Value::Array(_))
+    )
+}
+
+fn as_json(v: &toml::Value) -> Value {
+    serde_json::to_value(v).unwrap_or(Value::Null)
+}
+
+fn as_f64(v: &toml::Value) -> Option<f64> {
+    match v {
+        toml::Value::Integer(i) => Some(*i as f64),
+        toml::Value::Float(f) => Some(*f),
+        _ => None,
+    }
+}
+
+fn fmt_num(x: f64) -> String {
+    if x.fract() == 0.0 && x.abs() < 1e15 {
+        format!("{}", x as i64)
+    } else {
+        format!("{x}")
+    }
+}
+
+/// The closest candidate to `word`, if it is close enough to be a likely typo.
+pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let word_l = word.to_lowercase();
+    let mut best: Option<(f64, &str)> = None;
+    for c in candidates {
+        let score = strsim::normalized_damerau_levenshtein(&word_l, &c.to_lowercase());
+        let close = score >= 0.6 || strsim::damerau_levenshtein(&word_l, &c.to_lowercase()) <= 2;
+        if close && best.is_none_or(|(s, _)| score > s) {
+            best = Some((score, c));
+        }
+    }
+    best.map(|(_, c)| c)
+}
+
+/// Check `value` against `schema`, pushing one issue per violation.
+fn walk(root: &Value, schema: &Value, value: &toml::Value, path: &mut Vec<Seg>, issues: &mut Vec<Issue>) {
+    let here = path_string(path);
+    let issue = |message: String, help: Option<String>| Issue { path: path.clone(), at_key: false, message, help, missing: false };
+
+    if let Some(allowed) = choices(root, schema) {
+        let v = as_json(value);
+        if !allowed.contains(&v) {
+            let list: Vec<String> = allowed.iter().map(toml_literal).collect();
+            let help = value.as_str().and_then(|s| {
+                let names: Vec<&str> = allowed.iter().filter_map(Value::as_str).collect();
+                did_you_mean(s, names).map(|m| format!("did you mean \"{m}\"?"))
+            });
+            issues.push(issue(format!("`{here}` must be one of {}; found {}", list.join(", "), found(value)), help));
+        }
+        return;
+    }
+
+    let s = deref(root, schema);
+    if let Some(ty) = keyword(root, schema, "type") {
+        let types: Vec<&str> = match ty {
+            Value::String(t) => vec![t.as_str()],
+            Value::Array(ts) => ts.iter().filter_map(Value::as_str).collect(),
+            _ => vec![],
+        };
+        if !types.is_empty() && !types.iter().any(|t| type_matches(t, value)) {
+            let expected = types.iter().map(|t| json_type_name(t)).collect::<Vec<_>>().join(" or ");
+            let help = match (types[0], value) {
+                ("number" | "integer", toml::Value::String(s)) if s.trim().parse::<f64>().is_ok() => {
+                    Some(format!("remove the quotes: {}", s.trim()))
+                }
+                ("boolean", toml::Value::String(s)) if matches!(s.as_str(), "true" | "false") => {
+                    Some(format!("remove the quotes: {s}"))
+                }
+                ("integer", toml::Value::Float(f)) if f.fract() == 0.0 => Some(format!("write it without a decimal point: {}", *f as i64)),
+                ("array", toml::Value::String(s)) => Some(format!("write a list: [{}]", toml::Value::String(s.clone()))),
+                _ => None,
+            };
+            let what = if path.len() == 1 { table_name(path) } else { format!("`{here}`") };
+            issues.push(issue(format!("{what} must be {expected}; found {}", found(value)), help));
+            return;
+        }
+    }
+
+    match value {
+        toml::Value::Integer(_) | toml::Value::Float(_) => {
+            let x = as_f64(value).unwrap_or(f64::NAN);
+            let num = |k: &str| keyword(root, schema, k).and_then(Value::as_f64);
+            let mut bound = |ok: bool, what: String| {
+                if !ok {
+                    issues.push(issue(format!("`{here}` must be {what}; found {}", fmt_value(value)), None));
+                    true
+                } else {
+                    false
+                }
+            };
+            if let Some(m) = num("minimum") {
+                if bound(x >= m, format!("at least {}", fmt_num(m))) {
+                    return;
+                }
+            }
+            if let Some(m) = num("exclusiveMinimum") {
+                if bound(x > m, format!("greater than {}", fmt_num(m))) {
+                    return;
+                }
+            }
+            if let Some(m) = num("maximum") {
+                if bound(x <= m, format!("at most {}", fmt_num(m))) {
+                    return;
+                }
+            }
+            if let Some(m) = num("exclusiveMaximum") {
+                if bound(x < m, format!("less than {}", fmt_num(m))) {
+                    return;
+                }
+            }
+            let max_for_format = match keyword(root, schema, "format").and_then(Value::as_str) {
+                Some("uint8") => Some(u8::MAX as f64),
+                Some("uint16") => Some(u16::MAX as f64),
+                Some("uint32") => Some(u32::MAX as f64),
+                _ => None,
+            };
+            if let Some(m) = max_for_format {
+                if bound(x <= m, format!("at most {}", fmt_num(m))) {
+                    return;
+                }
+            }
+            if let Some(m) = num("multipleOf") {
+                if (x / m).fract() != 0.0 {
+                    let below = (x / m).floor() * m;
+                    let help = format!("the nearest multiples are {} and {}", fmt_num(below), fmt_num(below + m));
+                    let help = if below > 0.0 { Some(help) } else { Some(format!("try {}", fmt_num(below + m))) };
+                    issues.push(issue(format!("`{here}` must be a multiple of {}; found {}", fmt_num(m), fmt_value(value)), help));
+                }
+            }
+        }
+        toml::Value::Array(items) => {
+            let n = |k: &str| keyword(root, schema, k).and_then(Value::as_u64);
+            if let Some(min) = n("minItems") {
+                if (items.len() as u64) < min {
+                    let what = if min == 1 { "must not be empty".to_string() } else { format!("needs at least {min} items") };
+                    issues.push(issue(format!("`{here}` {what}"), None));
+                }
+            }
+            if keyword(root, schema, "uniqueItems").and_then(Value::as_bool) == Some(true) {
+                for (i, item) in items.iter().enumerate() {
+                    if items[..i].contains(item) {
+                        path.push(Seg::Index(i));
+                        issues.push(Issue {
+                            path: path.clone(),
+                            at_key: false,
+                            message: format!("`{here}` lists {} twice", fmt_value(item)),
+                            help: None,
+                            missing: false,
+                        });
+                        path.pop();
+                    }
+                }
+            }
+            if let Some(item_schema) = s.get("items") {
+                for (i, item) in items.iter().enumerate() {
+                    path.push(Seg::Index(i));
+                    walk(root, item_schema, item, path, issues);
+                    path.pop();
+                }
+            }
+        }
+        toml::Value::Table(table) => walk_table(root, schema, table, path, issues),
+        _ => {}
+    }
+}
+
+fn fmt_value(v: &toml::Value) -> String {
+    v.to_string()
+}
+
+fn walk_table(root: &Value, schema: &Value, table: &toml::Table, path: &mut Vec<Seg>, issues: &mut Vec<Issue>) {
+    let s = deref(root, schema);
+    let props = properties(root, schema);
+    let known: Vec<&str> = props.iter().map(|(k, _)| k.as_str()).collect();
+    let closed = s.get("additionalProperties") == Some(&Value::Bool(false));
+    let extra_schema = s.get("additionalProperties").filter(|v| v.is_object());
+
+    for (key, value) in table {
+        path.push(Seg::Key(key.clone()));
+        if let Some((_, prop)) = props.iter().find(|(k, _)| *k == key) {
+            walk(root, prop, value, path, issues);
+        } else if let Some(extra) = extra_schema {
+            walk(root, extra, value, path, issues);
+        } else if closed {
+            let parent = &path[..path.len() - 1];
+            let (message, help) = unknown_key(root, parent, key, &known, value.is_table());
+            issues.push(Issue { path: path.clone(), at_key: true, message, help, missing: false });
+        }
+        path.pop();
+    }
+
+    if let Some(Value::Array(required)) = s.get("required") {
+        for r in required.iter().filter_map(Value::as_str) {
+            if table.contains_key(r) {
+                continue;
+            }
+            let prop = props.iter().find(|(k, _)| *k == r).map(|(_, p)| *p);
+            let is_table = prop.is_some_and(|p| keyword(root, p, "type").and_then(Value::as_str) == Some("object"));
+            let mut full = path.clone();
+            full.push(Seg::Key(r.to_string()));
+            let message = if is_table {
+                format!("missing table [{}]", path_string(&full))
+            } else if path.is_empty() {
+                format!("missing key `{r}`")
+            } else {
+                format!("missing key `{r}` in {}", table_name(path))
+            };
+            let help = prop.and_then(|p| keyword(root, p, "description")).and_then(Value::as_str).map(|d| {
+                let d = d.replace('\n', " ");
+                format!("`{}`: {d}", path_string(&full))
+            });
+            issues.push(Issue { path: path.clone(), at_key: true, message, help, missing: true });
+        }
+    }
+}
+
+/// The message and help for an unknown key: a reference flag's new name, a key that belongs in
+/// another table, a likely typo, or the list of keys.
+fn unknown_key(root: &Value, parent: &[Seg], key: &str, known: &[&str], is_table: bool) -> (String, Option<String>) {
+    let message = if parent.is_empty() {
+        if is_table {
+            format!("unknown table [{key}]")
+        } else {
+            format!("unknown key `{key}` at the top level")
+        }
+    } else {
+        format!("unknown key `{key}` in {}", table_name(parent))
+    };
+    let flag = format!("--{}", key.trim_start_matches('-'));
+    let mut by_flag = Vec::new();
+    let mut elsewhere = Vec::new();
+    for (stage, stage_schema) in properties(root, root) {
+        for (k, prop) in properties(root, stage_schema) {
+            if prop.get("x-reference").and_then(Value::as_str) == Some(flag.as_str()) {
+                by_flag.push(format!("`{stage}.{k}`"));
+            }
+            if k == key && parent.len() == 1 && parent[0] != Seg::Key(stage.clone()) {
+                elsewhere.push(format!("[{stage}]"));
+            }
+        }
+    }
+    let help = if !by_flag.is_empty() {
+        Some(format!("the reference's `{flag}` is {} here", by_flag.join(" or ")))
+    } else if !elsewhere.is_empty() {
+        Some(format!("`{key}` belongs in {}", elsewhere.join(" or ")))
+    } else if let Some(m) = did_you_mean(key, known.iter().copied()) {
+        Some(if parent.is_empty() && is_table { format!("did you mean [{m}]?") } else { format!("did you mean `{m}`?") })
+    } else if parent.is_empty() {
+        Some(format!("the tables are: {}", known.iter().filter(|k| **k != "extends").map(|k| format!("[{k}]")).collect::<Vec<_>>().join(", ")))
+    } else {
+        Some(format!("the keys of {} are: {}", table_name(parent), known.join(", ")))
+    };
+    (message, help)
+}
+
+/// Checks that need more than one key, or the file system.
+struct Checks<'a> {
+    prov: &'a Provenance,
+    doc: &'a toml::Table,
+    diags: &'a mut Diagnostics,
+}
+
+impl Checks<'_> {
+    fn error(&mut self, keys: &[&str], message: String, help: Option<String>) {
+        self.push(keys, message, help, false);
+    }
+
+    fn warning(&mut self, keys: &[&str], message: String, help: Option<String>) {
+        self.push(keys, message, help, true);
+    }
+
+    fn push(&mut self, keys: &[&str], message: String, help: Option<String>, warning: bool) {
+        let (source, span) = self.prov.locate(keys);
+        let mut d = if warning { Diagnostic::warning(source, span, message) } else { Diagnostic::error(source, span, message) };
+        if let Some(k) = keys.iter().find(|k| self.prov.origin(k).is_some()).or(keys.first()) {
+            d = d.with_key(*k);
+        }
+        if let Some(h) = help {
+            d = d.with_help(h);
+        }
+        self.diags.push(d);
+    }
+
+    /// The error location for a table that is missing something: its header, else the file.
+    fn table_error(&mut self, table: &str, message: String, help: Option<String>) {
+        let (source, span) = self.prov.locate_key(&[table]);
+        let mut d = Diagnostic::error(source, span, message).with_key(table);
+        if let Some(h) = help {
+            d = d.with_help(h);
+        }
+        self.diags.push(d);
+    }
+
+    fn is_set(&self, key: &str) -> bool {
+        self.prov.origin(key).is_some()
+    }
+
+    /// `value` as the user wrote it, for messages.
+    fn written(&self, key: &str) -> String {
+        let mut v: Option<&toml::Value> = None;
+        for (i, part) in key.split('.').enumerate() {
+            v = if i == 0 { self.doc.get(part) } else { v.and_then(|t| t.get(part)) };
+        }
+        v.map(|v| match v {
+            toml::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        })
+        .unwrap_or_default()
+    }
+
+    fn run(&mut self, p: &Pipeline) {
+        self.model(p);
+        self.dataset(p);
+        self.preprocess(p);
+        self.adapter(p);
+        self.train(p);
+        self.validation(p);
+        self.output(p);
+    }
+
+    fn model(&mut self, p: &Pipeline) {
+        let m = &p.model;
+        match (&m.id, &m.path) {
+            (None, None) => self.table_error(
+                "model",
+                "[model] needs `id` (a hub model) or `path` (a local diffusers folder)".into(),
+                Some("e.g. path = \"../tests/fixtures/tiny-sd\" or id = \"stable-diffusion-v1-5/stable-diffusion-v1-5\"".into()),
+            ),
+            (Some(_), Some(_)) => self.error(
+                &["model.path"],
+                "[model] has both `id` and `path`; give one".into(),
+                Some("`id` is a hub model, `path` a local folder".into()),
+            ),
+            (Some(id), None) => {
+                let looks_local = id.starts_with('.') || id.starts_with('/') || id.starts_with('~') || id.contains('\\') || id.matches('/').count() > 1;
+                if looks_local {
+                    self.error(&["model.id"], format!("`model.id` \"{id}\" looks like a local path, not a hub id"), Some(format!("for a local folder write path = \"{id}\"")));
+                } else if !valid_hub_id(id) {
+                    self.error(&["model.id"], format!("`model.id` \"{id}\" is not a hub id (owner/name, letters, digits, `-`, `_`, `.`)"), None);
+                }
+            }
+            (None, Some(path)) => {
+                let shown = self.shown("model.path", path);
+                if !path.exists() {
+                    self.error(&["model.path"], format!("model folder `{shown}` does not exist"), None);
+                } else if !path.is_dir() {
+                    self.error(&["model.path"], format!("model path `{shown}` is a file; expected a diffusers model folder"), None);
+                } else if !path.join("model_index.json").is_file() && !path.join("unet").is_dir() {
+                    self.error(
+                        &["model.path"],
+                        format!("`{shown}` is not a diffusers model folder (no model_index.json)"),
+                        Some("it should hold model_index.json, unet/, vae/, text_encoder/, tokenizer/ and scheduler/".into()),
+                    );
+                }
+            }
+        }
+        if m.revision.is_some() && m.path.is_some() {
+            self.warning(&["model.revision"], "`model.revision` is ignored for a local model folder".into(), None);
+        }
+        if let Some(dir) = &m.cache_dir {
+            if dir.exists() && !dir.is_dir() {
+                let shown = self.shown("model.cache_dir", dir);
+                self.error(&["model.cache_dir"], format!("cache folder `{shown}` is a file"), None);
+            }
+        }
+    }
+
+    /// A path key as the user sees it: the folder of the file that wrote it joined with the value
+    /// (`fallback`, the typed value, when no source set it).
+    fn shown(&self, key: &str, fallback: &Path) -> String {
+        let written = self.written(key);
+        match self.prov.origin(key) {
+            Some(o) if self.prov.base_dirs[o.source].is_some() && Path::new(&written).is_relative() => {
+                let file = Path::new(&self.prov.sources[o.source].name);
+                tidy_path(&file.parent().unwrap_or(Path::new("")).join(&written)).display().to_string()
+            }
+            Some(_) => written,
+            None => fallback.display().to_string(),
+        }
+    }
+
+    fn dataset(&mut self, p: &Pipeline) {
+        let d = &p.dataset;
+        match d.kind {
+            DatasetKind::Hub => {
+                if d.name.is_none() {
+                    self.error(&["dataset.kind"], "dataset kind \"hub\" needs `dataset.name` (a hub dataset id)".into(), Some("e.g. name = \"lambdalabs/naruto-blip-captions\"".into()));
+                }
+                if d.path.is_some() {
+                    self.error(&["dataset.path"], "`dataset.path` is for local datasets; kind \"hub\" reads `dataset.name`".into(), Some("use kind = \"parquet\", \"imagefolder\" or \"sidecar\" for a local dataset".into()));
+                }
+                if let Some(name) = &d.name {
+                    if !valid_hub_id(name) {
+                        self.error(&["dataset.name"], format!("`dataset.name` \"{name}\" is not a hub dataset id (owner/name)"), Some("for a local dataset set kind and `path`".into()));
+                    }
+                }
+            }
+            kind => {
+                if d.name.is_some() {
+                    self.error(&["dataset.name"], format!("`dataset.name` is for hub datasets; kind \"{}\" reads `dataset.path`", kind_name(kind)), None);
+                }
+                match &d.path {
+                    None => self.error(&["dataset.kind"], format!("dataset kind \"{}\" needs `dataset.path`", kind_name(kind)), None),
+                    Some(path) => self.dataset_path(kind, path),
+                }
+            }
+        }
+        if d.config_name.is_some() && d.kind != DatasetKind::Hub {
+            self.warning(&["dataset.config_name"], "`dataset.config_name` is only used with kind \"hub\"".into(), None);
+        }
+    }
+
+    fn dataset_path(&mut self, kind: DatasetKind, path: &Path) {
+        let shown = self.shown("dataset.path", path);
+        if !path.exists() {
+            return self.error(&["dataset.path"], format!("dataset path `{shown}` does not exist"), None);
+        }
+        match kind {
+            DatasetKind::Parquet => {
+                let ok = if path.is_file() { true } else { find_file(path, 3, &|n| n.ends_with(".parquet")) };
+                if !ok {
+                    self.error(&["dataset.path"], format!("no .parquet file in `{shown}`"), None);
+                }
+            }
+            DatasetKind::Imagefolder => {
+                if !path.is_dir() {
+                    self.error(&["dataset.path"], format!("`{shown}` is a file; kind \"imagefolder\" needs a folder"), None);
+                } else if !find_file(path, 3, &|n| n == "metadata.jsonl") {
+                    self.error(
+                        &["dataset.path"],
+                        format!("no metadata.jsonl in `{shown}`"),
+                        Some("an image folder needs metadata.jsonl lines {\"file_name\": ..., \"text\": ...}; for .txt captions next to the images use kind = \"sidecar\"".into()),
+                    );
+                }
+            }
+            DatasetKind::Sidecar => {
+                if !path.is_dir() {
+                    self.error(&["dataset.path"], format!("`{shown}` is a file; kind \"sidecar\" needs a folder"), None);
+                }
+            }
+            DatasetKind::Hub => {}
+        }
+    }
+
+    fn preprocess(&mut self, p: &Pipeline) {
+        let pp = &p.preprocess;
+        match (pp.center_crop, pp.random_crop) {
+            (true, Some(true)) => self.error(
+                &["preprocess.random_crop", "preprocess.center_crop"],
+                "`preprocess.random_crop` and `preprocess.center_crop` are both true; pick one".into(),
+                None,
+            ),
+            (false, Some(false)) => self.error(
+                &["preprocess.random_crop"],
+                "`preprocess.random_crop` is false and `center_crop` is false: images must be cropped to a square".into(),
+                Some("set center_crop = true for the middle square".into()),
+            ),
+            _ => {}
+        }
+    }
+
+    fn adapter(&mut self, p: &Pipeline) {
+        let a = &p.adapter;
+        for (i, t) in a.target_modules.iter().enumerate() {
+            if t.trim().is_empty() {
+                self.error(&[&format!("adapter.target_modules[{i}]"), "adapter.target_modules"], "empty module pattern in `adapter.target_modules`".into(), None);
+            }
+        }
+        if !a.text_encoder && self.is_set("adapter.text_encoder_target_modules") {
+            self.warning(
+                &["adapter.text_encoder_target_modules"],
+                "`adapter.text_encoder_target_modules` is set but `adapter.text_encoder` is false".into(),
+                Some("set text_encoder = true to train text-encoder LoRA layers".into()),
+            );
+        }
+    }
+
+    fn train(&mut self, p: &Pipeline) {
+        let t = &p.train;
+        if let Some(steps) = t.max_steps {
+            if t.lr_scheduler != LrScheduler::Constant && t.lr_warmup_steps > steps {
+                let default = if self.is_set("train.lr_warmup_steps") { "" } else { ", the default" };
+                self.error(
+                    &["train.lr_warmup_steps", "train.lr_scheduler", "train.max_steps"],
+                    format!("warmup ({} steps{default}) is longer than training ({steps} steps)", t.lr_warmup_steps),
+                    Some(format!("set train.lr_warmup_steps below {steps}")),
+                );
+            }
+            if p.checkpoints.every_steps > steps && self.is_set("checkpoints.every_steps") {
+                self.warning(
+                    &["checkpoints.every_steps"],
+                    format!("no checkpoint will be saved: `checkpoints.every_steps` ({}) is more than train.max_steps ({steps})", p.checkpoints.every_steps),
+                    None,
+                );
+            }
+        }
+        if t.precision != Precision::No {
+            let name = if t.precision == Precision::Fp16 { "fp16" } else { "bf16" };
+            match t.device {
+                Device::Cpu => self.error(
+                    &["train.precision"],
+                    format!("precision \"{name}\" cannot run on the CPU (train.device = \"cpu\")"),
+                    Some("use precision = \"no\" on the CPU, or device = \"cuda\"".into()),
+                ),
+                Device::Auto => self.warning(
+                    &["train.precision"],
+                    format!("precision \"{name}\" needs a CUDA GPU; with train.device = \"auto\" on a machine without one, training stops"),
+                    Some("say device = \"cuda\" to make the GPU a requirement, or use precision = \"no\"".into()),
+                ),
+                _ => {}
+            }
+        }
+        if t.allow_tf32 && t.device == Device::Cpu {
+            self.warning(&["train.allow_tf32"], "`train.allow_tf32` has no effect on the CPU".into(), None);
+        }
+    }
+
+    fn validation(&mut self, p: &Pipeline) {
+        let v = &p.validation;
+        if v.prompts.is_empty() {
+            let set: Vec<String> = ["num_images", "every_epochs", "every_steps", "scheduler", "steps", "guidance_scale"]
+                .iter()
+                .map(|k| format!("validation.{k}"))
+                .filter(|k| self.is_set(k))
+                .collect();
+            if let Some(first) = set.first() {
+                self.error(
+                    &[first.as_str()],
+                    format!("`{first}` is set but `validation.prompts` is empty, so no validation images would be made"),
+                    Some("add prompts = [\"...\"] to [validation], or remove the [validation] keys".into()),
+                );
+            }
+        }
+        for (i, prompt) in v.prompts.iter().enumerate() {
+            if prompt.trim().is_empty() {
+                self.error(&[&format!("validation.prompts[{i}]"), "validation.prompts"], format!("validation prompt {} is empty", i + 1), None);
+            }
+        }
+        if let (Some(every), Some(max)) = (v.every_steps, p.train.max_steps) {
+            if every > max && !v.prompts.is_empty() {
+                self.warning(&["validation.every_steps"], format!("`validation.every_steps` ({every}) is more than train.max_steps ({max})"), None);
+            }
+        }
+    }
+
+    fn output(&mut self, p: &Pipeline) {
+        let dir = &p.output.dir;
+        let shown = self.shown("output.dir", dir);
+        if dir.as_os_str().is_empty() {
+            return self.error(&["output.dir"], "`output.dir` is empty".into(), None);
+        }
+        if dir.exists() {
+            if !dir.is_dir() {
+                return self.error(&["output.dir"], format!("output folder `{shown}` is a file"), None);
+            }
+            if let Err(e) = tempfile::Builder::new().prefix(".lora-write-test").tempfile_in(dir) {
+                return self.error(&["output.dir"], format!("output folder `{shown}` is not writable: {}", reason(&e)), None);
+            }
+            return;
+        }
+        // Not there yet: the nearest existing ancestor must be a folder we can write in.
+        let mut ancestor = dir.as_path();
+        loop {
+            match ancestor.parent() {
+                Some(p) if p.as_os_str().is_empty() => {
+                    ancestor = Path::new(".");
+                    break;
+                }
+                Some(p) => {
+                    ancestor = p;
+                    if ancestor.exists() {
+                        break;
+                    }
+                }
+                None => break,
+            }
+        }
+        if !ancestor.is_dir() {
+            let a = ancestor.display().to_string();
+            return self.error(&["output.dir"], format!("output folder `{shown}` cannot be created: `{a}` is a file"), None);
+        }
+        if let Err(e) = tempfile::Builder::new().prefix(".lora-write-test").tempfile_in(ancestor) {
+            let a = ancestor.display().to_string();
+            self.error(&["output.dir"], format!("output folder `{shown}` cannot be created in `{a}`: {}", reason(&e)), None);
+        }
+    }
+}
+
+fn reason(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::PermissionDenied => "permission denied".into(),
+        _ => e.to_string(),
+    }
+}
+
+fn kind_name(kind: DatasetKind) -> &'static str {
+    match kind {
+        DatasetKind::Hub => "hub",
+        DatasetKind::Parquet => "parquet",
+        DatasetKind::Imagefolder => "imagefolder",
+        DatasetKind::Sidecar => "sidecar",
+    }
+}
+
+/// `name` or `owner/name` with the characters the hub allows.
+fn valid_hub_id(id: &str) -> bool {
+    let parts: Vec<&str> = id.split('/').collect();
+    parts.len() <= 2
+        && parts.iter().all(|p| {
+            !p.is_empty() && !p.starts_with('.') && p.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        })
+}
+
+/// Whether a file whose name passes `want` is in `dir`, at most `depth` folders down.
+fn find_file(dir: &Path, depth: usize, want: &dyn Fn(&str) -> bool) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else { return false };
+    let mut subdirs = Vec::new();
+    for entry in entries.flatten().take(10_000) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Ok(ft) = entry.file_type() else { continue };
+        if ft.is_dir() {
+            subdirs.push(entry.path());
+        } else if want(&name) {
+            return true;
+        }
+    }
+    depth > 0 && subdirs.iter().any(|d| find_file(d, depth - 1, want))
+}

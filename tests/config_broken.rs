@@ -1,0 +1,217 @@
+//! The broken-pipeline corpus (`tests/broken/*.toml`, each with the exact `.stderr` it must
+//! produce), `--set` and file-level errors, JSON output, and a no-panic fuzz of valid files.
+//!
+//! Set `LORA_BLESS=1` to rewrite the `.stderr` files after an intended change of wording.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use assert_cmd::cargo::CommandCargoExt;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn lora() -> Command {
+    Command::cargo_bin("lora").expect("the lora binary is built")
+}
+
+#[test]
+fn every_broken_file_gives_exit_2_and_its_exact_diagnostics() {
+    let dir = root().join("tests/broken");
+    let bless = std::env::var_os("LORA_BLESS").is_some();
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".toml"))
+        .collect();
+    names.sort();
+    assert!(names.len() >= 30, "the corpus needs at least 30 broken files, has {}", names.len());
+    let mut failures = Vec::new();
+    for name in &names {
+        let out = lora().current_dir(&dir).args(["validate", name]).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let expected_path = dir.join(name.replace(".toml", ".stderr"));
+        if bless {
+            std::fs::write(&expected_path, &stderr).unwrap();
+        }
+        let expected = std::fs::read_to_string(&expected_path).unwrap_or_default();
+        if out.status.code() != Some(2) {
+            failures.push(format!("{name}: exit {:?}, expected 2\n{stderr}", out.status.code()));
+        } else if stderr != expected {
+            failures.push(format!("{name}: stderr differs\n--- expected\n{expected}--- got\n{stderr}"));
+        }
+        assert!(!stderr.contains("panicked"), "{name} made lora panic:\n{stderr}");
+    }
+    assert!(failures.is_empty(), "{} of {} corpus files failed:\n{}", failures.len(), names.len(), failures.join("\n"));
+}
+
+#[test]
+fn set_overrides_are_typed_and_their_errors_name_the_set_source() {
+    let out = lora()
+        .current_dir(root())
+        .args(["validate", "pipelines/tiny.toml", "--set", "train.learning_rate=fast", "--set", "train.max_stepz=3"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let expected = "\
+--set:1:21: error: `train.learning_rate` must be a number; found the string \"fast\"
+  |
+1 | train.learning_rate=fast
+  |                     ^^^^
+
+--set:2:7: error: unknown key `max_stepz` in [train]
+  |
+2 | train.max_stepz=3
+  |       ^^^^^^^^^
+  = help: did you mean `max_steps`?
+
+";
+    assert_eq!(String::from_utf8_lossy(&out.stderr), expected);
+
+    let ok = lora()
+        .current_dir(root())
+        .args(["validate", "pipelines/tiny.toml", "--set", "train.learning_rate=2e-4", "--set", "model.variant=fp16"])
+        .output()
+        .unwrap();
+    assert_eq!(ok.status.code(), Some(0), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("lr 0.0002"));
+}
+
+#[test]
+fn a_file_over_the_size_limit_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.toml");
+    std::fs::write(&big, "# padding\n".repeat(120_000)).unwrap();
+    let out = lora().current_dir(dir.path()).args(["validate", "big.toml"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.starts_with("big.toml:1:1: error: the file is 1200000 bytes; a pipeline file is at most 1048576 bytes"), "{stderr}");
+}
+
+#[test]
+fn missing_file_and_folder_are_errors_with_exit_2() {
+    let out = lora().current_dir(root()).args(["validate", "no-such.toml", "tests"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no-such.toml:1:1: error: cannot read `no-such.toml`: no such file"), "{stderr}");
+    assert!(stderr.contains("tests:1:1: error: cannot read `tests`: it is a folder, not a pipeline file"), "{stderr}");
+}
+
+#[test]
+fn json_format_lists_every_diagnostic_with_its_location() {
+    let out = lora()
+        .current_dir(root().join("tests/broken"))
+        .args(["validate", "--format", "json", "many-errors.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is JSON");
+    let list = list.as_array().expect("a JSON list");
+    assert_eq!(list.len(), 5, "{list:#?}");
+    let first = &list[0];
+    assert_eq!(first["file"], "many-errors.toml");
+    assert_eq!(first["line"], 7);
+    assert_eq!(first["column"], 1);
+    assert_eq!(first["key_path"], "dataset.image_colum");
+    assert_eq!(first["severity"], "error");
+    assert_eq!(first["help"], "did you mean `image_column`?");
+    assert!(out.stderr.is_empty(), "json mode prints nothing on stderr");
+}
+
+/// A small deterministic generator (xorshift64*), so the fuzz cases are the same on every run.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+/// Break `text` the way a hurried user might: delete, duplicate or swap lines, flip or insert
+/// bytes, truncate.
+fn mutate(text: &[u8], rng: &mut Rng) -> Vec<u8> {
+    let mut out = text.to_vec();
+    let pieces: &[&[u8]] = &[b"=", b"\"", b"[", b"]", b"\n", b"0", b"-1", b"1e400", b"{", b".", b"\xff", b"[[x]]", b"nan", b"''"];
+    for _ in 0..1 + rng.below(3) {
+        match rng.below(6) {
+            0 if !out.is_empty() => {
+                let at = rng.below(out.len());
+                out.remove(at);
+            }
+            1 => {
+                let at = rng.below(out.len() + 1);
+                let piece = pieces[rng.below(pieces.len())];
+                out.splice(at..at, piece.iter().copied());
+            }
+            2 if !out.is_empty() => {
+                let at = rng.below(out.len());
+                out[at] = out[at].wrapping_add(1 + rng.below(200) as u8);
+            }
+            3 => {
+                let len = rng.below(out.len() + 1);
+                out.truncate(len);
+            }
+            4 => {
+                let mut lines: Vec<&[u8]> = out.split(|b| *b == b'\n').collect();
+                if lines.len() > 1 {
+                    let (a, b) = (rng.below(lines.len()), rng.below(lines.len()));
+                    lines.swap(a, b);
+                }
+                out = lines.join(&b'\n');
+            }
+            _ => {
+                let lines: Vec<&[u8]> = out.split(|b| *b == b'\n').collect();
+                let dup = lines[rng.below(lines.len())].to_vec();
+                out.extend_from_slice(b"\n");
+                out.extend_from_slice(&dup);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn mutated_pipelines_never_panic() {
+    let seeds: Vec<(&str, Vec<u8>)> = ["pipelines/tiny.toml", "pipelines/naruto.toml"]
+        .iter()
+        .map(|p| (*p, std::fs::read(root().join(p)).unwrap()))
+        .collect();
+    // One folder below the root, like pipelines/, so the relative paths resolve and the
+    // file-system checks run too.
+    let dir = tempfile::tempdir_in(root()).unwrap();
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let mut outcomes = [0usize; 2];
+    for case in 0..400 {
+        let (name, text) = &seeds[case % seeds.len()];
+        let mutated = mutate(text, &mut rng);
+        let path = dir.path().join(format!("case{case}.toml"));
+        std::fs::write(&path, &mutated).unwrap();
+        let result = std::panic::catch_unwind(|| lora::config::load_pipeline(&path, &[]));
+        match result {
+            Ok(Ok(_)) => outcomes[0] += 1,
+            Ok(Err(diags)) => {
+                outcomes[1] += 1;
+                assert!(diags.has_errors(), "case {case} from {name}: Err without an error");
+                for d in diags.iter() {
+                    assert!(d.line >= 1 && d.col >= 1, "case {case}: bad location {d:?}");
+                }
+            }
+            Err(_) => panic!("case {case} (mutated {name}) panicked; input:\n{}", String::from_utf8_lossy(&mutated)),
+        }
+    }
+    assert!(outcomes[1] > 100, "the mutations should mostly break the files: {outcomes:?}");
+    // A few through the binary, which must exit 0 or 2 and never print a backtrace.
+    for case in 0..8 {
+        let path = dir.path().join(format!("case{case}.toml"));
+        let out = lora().arg("validate").arg(&path).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(matches!(out.status.code(), Some(0 | 2)), "case {case}: exit {:?}\n{stderr}", out.status.code());
+        assert!(!stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"), "case {case}:\n{stderr}");
+    }
+}
