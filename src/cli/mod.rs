@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub mod bench;
 pub mod convert;
 pub mod generate;
 pub mod inspect;
@@ -13,6 +14,7 @@ pub mod plan;
 pub mod run;
 pub mod schema;
 pub mod validate;
+pub mod watch;
 
 /// Train LoRA adapters for Stable Diffusion from declarative TOML pipeline files.
 #[derive(Parser, Debug)]
@@ -44,6 +46,10 @@ pub enum Command {
     Inspect(inspect::Args),
     /// Convert a LoRA file between the diffusers, kohya and PEFT forms.
     Convert(convert::Args),
+    /// Time the training step of a pipeline: ms per step, images/s, peak memory.
+    Bench(bench::Args),
+    /// Run a pipeline and rerun it on every edit, from the first stage whose inputs changed.
+    Watch(watch::Args),
 }
 
 /// Exit code for a run that failed.
@@ -62,6 +68,8 @@ pub fn main() -> ExitCode {
         Command::Generate(a) => generate::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Convert(a) => convert::run(a),
+        Command::Watch(a) => watch::run(a),
+        Command::Bench(a) => bench::run(a),
     };
     match result {
         Ok(code) => code,

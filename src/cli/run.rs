@@ -1,10 +1,65 @@
-//! `lora run`.
+//! `lora run`: validate a pipeline, then run its stages (model, dataset, train, export,
+//! validation), skipping the ones whose inputs did not change since the last run.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-#[derive(clap::Args, Debug)]
-pub struct Args {}
+use crate::config::load_pipeline;
+use crate::runner::run::{run_pipeline, RunOptions, RunReport, Session};
 
-pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`lora run` is not implemented yet")
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The pipeline file.
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+    /// Override a key with a TOML value, e.g. `--set train.max_steps=10` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Run every stage even if `lora.lock` says it is up to date.
+    #[arg(long)]
+    pub force: bool,
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let loaded = match load_pipeline(&args.file, &args.overrides) {
+        Ok(l) => l,
+        Err(diags) => {
+            eprint!("{}", diags.render());
+            return Ok(ExitCode::from(super::EXIT_INVALID));
+        }
+    };
+    eprint!("{}", loaded.warnings.render());
+    let stop = crate::util::interrupt::flag();
+    let mut session = Session::default();
+    let report = run_pipeline(&loaded, &mut session, &RunOptions { force: args.force }, stop)?;
+    print_summary(&report);
+    if report.train.as_ref().is_some_and(|t| t.interrupted) {
+        return Ok(ExitCode::from(130));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The end-of-run summary on stdout.
+pub fn print_summary(report: &RunReport) {
+    println!("summary");
+    println!("  examples   {} ({} bad image(s) skipped)", report.examples, report.skipped_images);
+    match &report.train {
+        Some(t) => {
+            let state = if t.interrupted { " (interrupted: run again to resume)" } else { "" };
+            println!("  steps      {}/{}{state}", t.global_step, t.max_train_steps);
+            if let Some(dir) = &t.resumed_from {
+                println!("  resumed    {}", dir.display());
+            }
+            if let (Some(first), Some(last)) = (t.first_loss, t.final_loss) {
+                println!("  loss       {first:.4} (first step) -> {last:.4} (last step)");
+            }
+            println!("  train time {:.1} s", t.seconds);
+        }
+        None if report.skipped_train => println!("  train      up to date (nothing to do)"),
+        None => {}
+    }
+    println!("  total time {:.1} s", report.seconds);
+    for f in &report.files {
+        println!("  wrote      {}", f.display());
+    }
 }

@@ -1,0 +1,519 @@
+//! `lora run`: the stages of a pipeline in order — model, dataset, train, export, validation —
+//! each with a fingerprint in `<output>/lora.lock`, so a rerun (or watch mode) skips what is up
+//! to date and a [`Session`] keeps the loaded model and dataset between runs.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+
+use super::lock::{Fingerprint, Lock};
+use crate::adapters::format::{write_lora_file, LoraFormat, TrainingInfo};
+use crate::adapters::lora::{inject, trained_weights, InitRng, LoraInit, LoraSpec, TrainableLora};
+use crate::config::types::{self as cfg, Pipeline};
+use crate::config::LoadedPipeline;
+use crate::data::{self, DataLoader, Dataset, LoaderOptions};
+use crate::models::{LoadOptions, StableDiffusion};
+use crate::schedulers::pipeline::{generate, save_png, to_rgb8, GenerateOptions};
+use crate::schedulers::SamplerKind;
+use crate::train::checkpoint::NamedVar;
+use crate::train::lr::LrSchedule;
+use crate::train::optim::AdamWConfig;
+use crate::train::step::LossOptions;
+use crate::train::trainer::{BatchSource, TrainBatch, TrainOutcome, TrainSettings, Trainer};
+
+/// The diffusers-form adapter file, as the reference names it.
+pub const DIFFUSERS_FILE: &str = "pytorch_lora_weights.safetensors";
+/// The kohya-form adapter file (A1111, ComfyUI).
+pub const KOHYA_FILE: &str = "pytorch_lora_weights.kohya.safetensors";
+
+/// Lock entry of a training run that was interrupted (its checkpoint is resumed next time).
+const PARTIAL: &str = "train.partial";
+
+/// What stays loaded between runs of watch mode.
+#[derive(Default)]
+pub struct Session {
+    model: Option<(String, StableDiffusion)>,
+    dataset: Option<(String, Arc<Dataset>, usize)>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Rerun every stage even when its fingerprint is unchanged.
+    pub force: bool,
+}
+
+/// What a run did, for the summary.
+#[derive(Debug, Default)]
+pub struct RunReport {
+    pub train: Option<TrainOutcome>,
+    pub skipped_train: bool,
+    pub files: Vec<PathBuf>,
+    pub skipped_images: usize,
+    pub examples: usize,
+    pub seconds: f64,
+}
+
+/// The stage names, in order.
+pub const STAGES: &[&str] = &["model", "dataset", "train", "export", "validate"];
+
+/// Fingerprints of every stage of a loaded pipeline (model and dataset include file sizes and
+/// modification times of local inputs).
+pub fn fingerprints(loaded: &LoadedPipeline) -> Vec<(&'static str, String)> {
+    let t = &loaded.resolved;
+    let p = &loaded.pipeline;
+    let mut model = Fingerprint::new("model");
+    model.add_toml("model", t.get("model"));
+    if let Some(path) = &p.model.path {
+        model.add_files("files", path);
+    }
+    let model = model.finish();
+    let mut dataset = Fingerprint::new("dataset");
+    dataset.add_toml("dataset", t.get("dataset")).add_toml("preprocess", t.get("preprocess"));
+    if let Some(path) = &p.dataset.path {
+        dataset.add_files("files", path);
+    }
+    let dataset = dataset.finish();
+    let train = Fingerprint::new("train")
+        .add("model", &model)
+        .add("dataset", &dataset)
+        .add_toml("adapter", t.get("adapter"))
+        .add_toml("optimizer", t.get("optimizer"))
+        .add_toml("train", t.get("train"))
+        .finish();
+    let export = Fingerprint::new("export").add("train", &train).add_toml("output", t.get("output").and_then(|o| o.get("formats"))).finish();
+    let validate = Fingerprint::new("validate").add("train", &train).add_toml("validation", t.get("validation")).finish();
+    vec![("model", model), ("dataset", dataset), ("train", train), ("export", export), ("validate", validate)]
+}
+
+fn fp<'a>(fps: &'a [(&'static str, String)], stage: &str) -> &'a str {
+    &fps.iter().find(|(s, _)| *s == stage).expect("every stage has a fingerprint").1
+}
+
+/// The device a pipeline asks for.
+pub fn select_device(device: cfg::Device) -> Result<Device> {
+    match device {
+        cfg::Device::Cpu => Ok(Device::Cpu),
+        cfg::Device::Cuda => Device::new_cuda(0).context(
+            "device = \"cuda\" but CUDA is not available (this build has no `cuda` feature, or no GPU was found); use device = \"cpu\"",
+        ),
+        cfg::Device::Auto => Ok(Device::cuda_if_available(0).unwrap_or(Device::Cpu)),
+    }
+}
+
+/// The dtype of the frozen weights for `precision` on `device` (LoRA parameters stay f32).
+pub fn weight_dtype(precision: cfg::Precision, device: &Device) -> Result<DType> {
+    match (precision, device.is_cpu()) {
+        (cfg::Precision::No, _) => Ok(DType::F32),
+        (_, true) => bail!("precision {precision:?} needs a GPU: candle's CPU backend cannot run half-precision convolutions; use precision = \"no\""),
+        (cfg::Precision::Fp16, false) => Ok(DType::F16),
+        (cfg::Precision::Bf16, false) => Ok(DType::BF16),
+    }
+}
+
+fn model_source(p: &Pipeline) -> Result<String> {
+    match (&p.model.id, &p.model.path) {
+        (_, Some(path)) => Ok(path.display().to_string()),
+        (Some(id), None) => Ok(id.clone()),
+        (None, None) => bail!("[model] needs `id` or `path`"),
+    }
+}
+
+fn source_spec(p: &Pipeline) -> Result<data::SourceSpec> {
+    let path = || p.dataset.path.clone().context("[dataset] needs `path` for this kind");
+    Ok(match p.dataset.kind {
+        cfg::DatasetKind::Parquet => data::SourceSpec::Parquet { path: path()? },
+        cfg::DatasetKind::Imagefolder => data::SourceSpec::ImageFolder { dir: path()? },
+        cfg::DatasetKind::Sidecar => data::SourceSpec::Sidecar { dir: path()?, caption_extensions: vec!["txt".into(), "caption".into()] },
+        cfg::DatasetKind::Hub => bail!(
+            "dataset kind \"hub\" ({}) is not supported yet: download it once (e.g. `huggingface-cli download --repo-type dataset {}`) and point kind = \"parquet\" at the folder",
+            p.dataset.name.as_deref().unwrap_or("?"),
+            p.dataset.name.as_deref().unwrap_or("NAME")
+        ),
+    })
+}
+
+fn interpolation(i: cfg::Interpolation) -> data::Interpolation {
+    let name = serde_json::to_value(i).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+    data::Interpolation::from_name(&name).unwrap_or(data::Interpolation::Lanczos)
+}
+
+fn loader_options(p: &Pipeline) -> LoaderOptions {
+    let pre = &p.preprocess;
+    LoaderOptions {
+        batch_size: p.train.batch_size as usize,
+        seed: p.train.seed.unwrap_or(0),
+        shuffle: true,
+        prefetch_batches: 2,
+        preprocess: data::PreprocessOptions {
+            resolution: pre.resolution,
+            crop: match pre.crop() {
+                cfg::Crop::Center => data::CropMode::Center,
+                cfg::Crop::Random => data::CropMode::Random,
+            },
+            flip_p: if pre.random_flip { 0.5 } else { 0.0 },
+            interpolation: interpolation(pre.interpolation),
+        },
+        decode: data::DecodeOptions { max_image_pixels: Some(p.dataset.max_image_pixels) },
+    }
+}
+
+fn lora_spec(a: &cfg::AdapterConfig, targets: &[String]) -> LoraSpec {
+    LoraSpec {
+        targets: targets.to_vec(),
+        rank: a.rank as usize,
+        alpha: a.default_alpha(),
+        rank_pattern: a.rank_pattern.iter().map(|(k, v)| (k.clone(), v.0 as usize)).collect(),
+        alpha_pattern: a.alpha_pattern.iter().map(|(k, v)| (k.clone(), v.0)).collect(),
+        init: match a.init {
+            cfg::LoraInit::Gaussian => LoraInit::Gaussian,
+            cfg::LoraInit::Kaiming => LoraInit::Kaiming,
+        },
+    }
+}
+
+fn lr_schedule(s: cfg::LrScheduler) -> LrSchedule {
+    match s {
+        cfg::LrScheduler::Constant => LrSchedule::Constant,
+        cfg::LrScheduler::ConstantWithWarmup => LrSchedule::ConstantWithWarmup,
+        cfg::LrScheduler::Linear => LrSchedule::Linear,
+        cfg::LrScheduler::Cosine => LrSchedule::Cosine,
+        cfg::LrScheduler::CosineWithRestarts => LrSchedule::CosineWithRestarts { num_cycles: 1 },
+        cfg::LrScheduler::Polynomial => LrSchedule::Polynomial { power: 1.0, lr_end: 1e-7 },
+    }
+}
+
+/// The trainer's settings from a pipeline.
+pub fn train_settings(loaded: &LoadedPipeline) -> TrainSettings {
+    let p = &loaded.pipeline;
+    let t = &p.train;
+    TrainSettings {
+        batch_size: t.batch_size as usize,
+        gradient_accumulation_steps: t.gradient_accumulation_steps as usize,
+        num_epochs: t.epochs as usize,
+        max_train_steps: t.max_steps.map(|n| n as usize),
+        learning_rate: t.learning_rate,
+        scale_lr: t.scale_lr,
+        lr_schedule: lr_schedule(t.lr_scheduler),
+        lr_warmup_steps: t.lr_warmup_steps as usize,
+        adamw: AdamWConfig {
+            beta1: p.optimizer.beta1,
+            beta2: p.optimizer.beta2,
+            eps: p.optimizer.epsilon,
+            weight_decay: p.optimizer.weight_decay,
+        },
+        max_grad_norm: (p.optimizer.max_grad_norm > 0.0).then_some(p.optimizer.max_grad_norm),
+        loss: LossOptions {
+            snr_gamma: t.snr_gamma,
+            prediction_type: t.prediction_type.map(|pt| match pt {
+                cfg::PredictionType::Epsilon => crate::schedulers::ddpm::PredictionType::Epsilon,
+                cfg::PredictionType::VPrediction => crate::schedulers::ddpm::PredictionType::VPrediction,
+            }),
+            noise_offset: t.noise_offset,
+        },
+        seed: t.seed.unwrap_or(0),
+        checkpointing_steps: (p.checkpoints.every_steps > 0).then_some(p.checkpoints.every_steps as usize),
+        checkpoints_total_limit: p.checkpoints.total_limit.map(|n| n as usize),
+        output_dir: p.output.dir.clone(),
+        resume_from_checkpoint: p.checkpoints.resume.clone(),
+        cache_encodings: !p.adapter.text_encoder,
+        pipeline_sha256: Some(pipeline_sha256(loaded)),
+    }
+}
+
+/// SHA-256 of the resolved pipeline TOML.
+pub fn pipeline_sha256(loaded: &LoadedPipeline) -> String {
+    Fingerprint::new("pipeline").add("toml", &resolved_toml(loaded)).finish()
+}
+
+fn resolved_toml(loaded: &LoadedPipeline) -> String {
+    toml::to_string(&loaded.resolved).unwrap_or_default()
+}
+
+/// Adapts the data loader to the trainer's [`BatchSource`].
+struct LoaderSource(DataLoader);
+
+impl BatchSource for LoaderSource {
+    fn num_examples(&self) -> usize {
+        self.0.dataset().len()
+    }
+
+    fn batches<'a>(&'a self, epoch: usize, start_batch: usize) -> Box<dyn Iterator<Item = Result<TrainBatch>> + 'a> {
+        let to_train = |b: data::Batch| TrainBatch { pixel_values: b.pixel_values, captions: b.captions };
+        if start_batch == 0 {
+            return Box::new(self.0.epoch(epoch).map(move |b| b.map(to_train)));
+        }
+        // Resuming mid-epoch: the same seeded order, from the first batch not yet consumed.
+        let order = self.0.epoch_order(epoch);
+        let bs = self.0.batches_per_epoch();
+        let chunk = order.len().div_ceil(bs.max(1));
+        let chunks: Vec<Vec<usize>> = order.chunks(chunk.max(1)).skip(start_batch).map(<[usize]>::to_vec).collect();
+        Box::new(chunks.into_iter().map(move |c| self.0.load_batch(epoch, &c).map(to_train)))
+    }
+}
+
+fn progress_bar(total: usize, start: usize) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(total as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} train [{bar:30}] {pos}/{len} {msg} {per_sec} ETA {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_position(start as u64);
+    bar
+}
+
+/// Run every stage of `loaded`. `stop` ends training cleanly (Ctrl-C, or an edit in watch mode).
+pub fn run_pipeline(loaded: &LoadedPipeline, session: &mut Session, opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<RunReport> {
+    let started = Instant::now();
+    let p = &loaded.pipeline;
+    let out_dir = p.output.dir.clone();
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating output directory {}", out_dir.display()))?;
+    let fps = fingerprints(loaded);
+    let mut lock = Lock::read(&out_dir)?;
+    lock.pipeline = loaded.path.display().to_string();
+    let mut report = RunReport::default();
+
+    // model
+    let device = select_device(p.train.device)?;
+    let dtype = weight_dtype(p.train.precision, &device)?;
+    let model_fp = fp(&fps, "model").to_string();
+    if session.model.as_ref().map(|(f, _)| f != &model_fp).unwrap_or(true) || opts.force {
+        let source = model_source(p)?;
+        tracing::info!("model: loading {source}");
+        let load_opts = LoadOptions { revision: p.model.revision.clone(), variant: p.model.variant.clone() };
+        let sd = StableDiffusion::load(&source, &load_opts, &device, dtype).with_context(|| format!("loading model {source}"))?;
+        session.model = Some((model_fp.clone(), sd));
+    } else {
+        tracing::info!("model: up to date (kept in memory)");
+    }
+
+    // dataset
+    let data_fp = fp(&fps, "dataset").to_string();
+    if session.dataset.as_ref().map(|(f, _, _)| f != &data_fp).unwrap_or(true) || opts.force {
+        let spec = source_spec(p)?;
+        let source_opts = data::SourceOptions {
+            image_column: p.dataset.image_column.clone(),
+            caption_column: p.dataset.caption_column.clone(),
+            max_samples: p.dataset.max_samples.map(|n| n as usize),
+            seed: p.train.seed.unwrap_or(0),
+        };
+        let dataset = data::source::load_source(&spec, &source_opts)?;
+        let policy = match p.dataset.on_bad_image {
+            cfg::OnBadImage::Error => data::OnBadImage::Error,
+            cfg::OnBadImage::Skip => data::OnBadImage::Skip,
+        };
+        let (dataset, skipped) = data::decode::screen_dataset(dataset, &loader_options(p).decode, policy)?;
+        tracing::info!("dataset: {} examples ({} skipped)", dataset.len(), skipped.len());
+        session.dataset = Some((data_fp.clone(), Arc::new(dataset), skipped.len()));
+    } else {
+        tracing::info!("dataset: up to date (kept in memory)");
+    }
+    let (_, dataset, skipped) = session.dataset.as_ref().expect("dataset stage ran");
+    report.examples = dataset.len();
+    report.skipped_images = *skipped;
+
+    let (_, sd) = session.model.as_mut().expect("model stage ran");
+    // Remove adapters a previous run of this session attached.
+    for l in sd.unet.linears_mut() {
+        l.loras.clear();
+    }
+    for l in sd.text_encoder.linears_mut() {
+        l.loras.clear();
+    }
+
+    let train_fp = fp(&fps, "train").to_string();
+    let diffusers_path = out_dir.join(DIFFUSERS_FILE);
+    if !opts.force && lock.is_fresh(&out_dir, "train", &train_fp) && diffusers_path.exists() {
+        tracing::info!("train: up to date ({} unchanged); use --force to train again", diffusers_path.display());
+        report.skipped_train = true;
+    } else {
+        let mut rng = <InitRng as rand::SeedableRng>::seed_from_u64(p.train.seed.unwrap_or(0));
+        let unet_loras = inject(sd.unet.linears_mut(), &lora_spec(&p.adapter, &p.adapter.target_modules), &mut rng)
+            .context("[adapter] target_modules")?;
+        let te_loras: Vec<TrainableLora> = if p.adapter.text_encoder {
+            inject(sd.text_encoder.linears_mut(), &lora_spec(&p.adapter, &p.adapter.text_encoder_target_modules), &mut rng)
+                .context("[adapter] text_encoder_target_modules")?
+        } else {
+            Vec::new()
+        };
+        let mut params = Vec::new();
+        for (prefix, loras) in [("unet", &unet_loras), ("text_encoder", &te_loras)] {
+            for l in loras.iter() {
+                params.push(NamedVar { name: format!("{prefix}.{}.lora_A.weight", l.module), var: l.down.clone() });
+                params.push(NamedVar { name: format!("{prefix}.{}.lora_B.weight", l.module), var: l.up.clone() });
+            }
+        }
+        let n_params: usize = params.iter().map(|p| p.var.elem_count()).sum();
+        tracing::info!("adapter: {} modules, {n_params} trainable parameters", unet_loras.len() + te_loras.len());
+        let loader = DataLoader::new(dataset.clone(), loader_options(p))?;
+        let mut settings = train_settings(loaded);
+        if settings.resume_from_checkpoint.is_none() && lock.stages.get(PARTIAL).is_some_and(|r| r.fingerprint == train_fp) {
+            tracing::info!("train: the last run with these settings was interrupted; resuming from its latest checkpoint");
+            settings.resume_from_checkpoint = Some("latest".into());
+        }
+        let sd_ref: &StableDiffusion = sd;
+        let mut trainer = Trainer::new(sd_ref, params, settings)?;
+        trainer.stop = stop.clone();
+        let bar: Option<indicatif::ProgressBar> = None;
+        let mut bar = bar;
+        let mut last_log = Instant::now();
+        let mut on_update = |step: usize, total: usize, loss: f64, lr: f64| {
+            let b = bar.get_or_insert_with(|| progress_bar(total, step.saturating_sub(1)));
+            b.set_position(step as u64);
+            b.set_message(format!("loss {loss:.4} lr {lr:.2e}"));
+            if b.is_hidden() && (last_log.elapsed().as_secs_f64() > 10.0 || step == total || step == 1) {
+                tracing::info!("step {step}/{total} loss {loss:.4} lr {lr:.2e}");
+                last_log = Instant::now();
+            }
+        };
+        let outcome = trainer.train(&LoaderSource(loader), Some(&mut on_update))?;
+        if let Some(b) = &bar {
+            b.finish_and_clear();
+        }
+        let weights = trained_weights(&unet_loras, &te_loras)?;
+        let info = TrainingInfo {
+            base_model_version: "sd_v1".into(),
+            model_name: model_source(p)?,
+            rank: p.adapter.rank as usize,
+            alpha: p.adapter.default_alpha(),
+            learning_rate: p.train.learning_rate,
+            max_train_steps: outcome.max_train_steps as u64,
+            epochs: p.train.epochs,
+            batch_size: p.train.batch_size as usize,
+            resolution: p.preprocess.resolution as usize,
+            seed: p.train.seed,
+            num_train_images: dataset.len(),
+            v_prediction: false,
+            train_text_encoder: p.adapter.text_encoder,
+            pipeline_toml: resolved_toml(loaded),
+            training_started_at: None,
+            training_finished_at: None,
+        };
+        write_lora_file(&weights, &diffusers_path, LoraFormat::Diffusers)?;
+        report.files.push(diffusers_path.clone());
+        if p.output.formats.contains(&cfg::OutputFormat::Kohya) {
+            let kohya = out_dir.join(KOHYA_FILE);
+            let mut w = weights.clone();
+            w.metadata.extend(crate::adapters::format::training_metadata(&info));
+            write_lora_file(&w, &kohya, LoraFormat::Kohya)?;
+            report.files.push(kohya);
+        }
+        let interrupted = outcome.interrupted;
+        report.train = Some(outcome);
+        if interrupted {
+            // Not complete: remember the fingerprint so the next run with the same settings resumes.
+            lock.record(PARTIAL, &train_fp, vec![]);
+            lock.write(&out_dir)?;
+            report.seconds = started.elapsed().as_secs_f64();
+            return Ok(report);
+        }
+        lock.stages.remove(PARTIAL);
+        lock.record("train", &train_fp, vec![DIFFUSERS_FILE.into()]);
+        let mut outputs = vec![DIFFUSERS_FILE.to_string()];
+        if p.output.formats.contains(&cfg::OutputFormat::Kohya) {
+            outputs.push(KOHYA_FILE.into());
+        }
+        lock.record("export", fp(&fps, "export"), outputs);
+        lock.write(&out_dir)?;
+    }
+
+    // validation
+    if !p.validation.prompts.is_empty() {
+        let val_fp = fp(&fps, "validate");
+        let dir_name = "validation";
+        if !opts.force && report.skipped_train && lock.is_fresh(&out_dir, "validate", val_fp) {
+            tracing::info!("validate: up to date");
+        } else {
+            if report.skipped_train {
+                crate::adapters::lora::apply_lora_file(sd, &diffusers_path, 1.0)?;
+            }
+            let files = validation_images(sd, p, &out_dir.join(dir_name), &device)?;
+            report.files.extend(files);
+            lock.record("validate", val_fp, vec![dir_name.into()]);
+            lock.write(&out_dir)?;
+        }
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+fn validation_images(sd: &StableDiffusion, p: &Pipeline, dir: &Path, device: &Device) -> Result<Vec<PathBuf>> {
+    let sampler = match p.validation.scheduler {
+        cfg::ValidationScheduler::Model | cfg::ValidationScheduler::Pndm => SamplerKind::Pndm,
+        cfg::ValidationScheduler::Ddim => SamplerKind::Ddim,
+        cfg::ValidationScheduler::Euler => SamplerKind::Euler,
+    };
+    let res = p.preprocess.resolution as usize;
+    let mut files = Vec::new();
+    for (i, prompt) in p.validation.prompts.iter().enumerate() {
+        let opts = GenerateOptions {
+            prompt: prompt.clone(),
+            negative_prompt: String::new(),
+            sampler,
+            steps: p.validation.steps as usize,
+            guidance_scale: p.validation.guidance_scale,
+            height: res,
+            width: res,
+            seed: p.train.seed.unwrap_or(0),
+            progress: false,
+        };
+        tracing::info!("validate: {} image(s) for {prompt:?}", p.validation.num_images);
+        let images = generate(sd, &opts, p.validation.num_images as usize, None, device)?;
+        for (j, img) in images.iter().enumerate() {
+            let path = dir.join(format!("prompt{i}-{j}.png"));
+            save_png(&to_rgb8(img)?, &path)?;
+            files.push(path);
+        }
+    }
+    Ok(files)
+}
+
+/// What `lora bench` needs back.
+pub struct BenchReport {
+    /// When the first training step started (after model and data loading).
+    pub train_started: Instant,
+    pub device_is_cpu: bool,
+}
+
+/// Load the model and data of `loaded`, inject the adapter and train for `train.max_steps`
+/// steps, calling `on_update` after each; nothing is exported. With `no_cache` the VAE and
+/// text encoder run every step, as the reference does.
+pub fn bench_pipeline(loaded: &LoadedPipeline, no_cache: bool, on_update: &mut dyn FnMut(usize, usize, f64, f64)) -> Result<BenchReport> {
+    let p = &loaded.pipeline;
+    let device = select_device(p.train.device)?;
+    let dtype = weight_dtype(p.train.precision, &device)?;
+    let source = model_source(p)?;
+    let load_opts = LoadOptions { revision: p.model.revision.clone(), variant: p.model.variant.clone() };
+    let mut sd = StableDiffusion::load(&source, &load_opts, &device, dtype).with_context(|| format!("loading model {source}"))?;
+    let source_opts = data::SourceOptions {
+        image_column: p.dataset.image_column.clone(),
+        caption_column: p.dataset.caption_column.clone(),
+        max_samples: p.dataset.max_samples.map(|n| n as usize),
+        seed: p.train.seed.unwrap_or(0),
+    };
+    let dataset = data::source::load_source(&source_spec(p)?, &source_opts)?;
+    let mut rng = <InitRng as rand::SeedableRng>::seed_from_u64(p.train.seed.unwrap_or(0));
+    let loras = inject(sd.unet.linears_mut(), &lora_spec(&p.adapter, &p.adapter.target_modules), &mut rng)?;
+    let params: Vec<NamedVar> = loras
+        .iter()
+        .flat_map(|l| {
+            [
+                NamedVar { name: format!("unet.{}.lora_A.weight", l.module), var: l.down.clone() },
+                NamedVar { name: format!("unet.{}.lora_B.weight", l.module), var: l.up.clone() },
+            ]
+        })
+        .collect();
+    let loader = DataLoader::new(Arc::new(dataset), loader_options(p))?;
+    let mut settings = train_settings(loaded);
+    settings.cache_encodings = !no_cache;
+    settings.resume_from_checkpoint = None;
+    settings.checkpointing_steps = None;
+    let mut trainer = Trainer::new(&sd, params, settings)?;
+    let train_started = Instant::now();
+    trainer.train(&LoaderSource(loader), Some(on_update))?;
+    Ok(BenchReport { train_started, device_is_cpu: device.is_cpu() })
+}

@@ -1,0 +1,108 @@
+//! One training micro-step as the reference computes it: noise (plus offset noise), timesteps,
+//! `add_noise`, the UNet prediction, the epsilon or velocity target, and the MSE or min-SNR loss.
+//!
+//! The VAE latents and text embeddings come in already computed (they are frozen, so the
+//! trainer may cache them); the random draws come in as [`NoiseDraw`] so that a step can be
+//! replayed exactly from a seed, and compared with the reference's golden step.
+
+use candle_core::{DType, Device, Result, Tensor, D};
+use rand::{Rng, RngExt};
+use rand_distr::{Distribution, StandardNormal};
+
+use crate::models::UNet2DConditionModel;
+use crate::schedulers::ddpm::{Ddpm, PredictionType};
+
+/// Loss options of the `[train]` table that change the math.
+#[derive(Clone, Debug, Default)]
+pub struct LossOptions {
+    /// Min-SNR weighting gamma (diffusers' `--snr_gamma`); `None` is plain MSE.
+    pub snr_gamma: Option<f64>,
+    /// Overrides the scheduler config's prediction type (diffusers' `--prediction_type`).
+    pub prediction_type: Option<PredictionType>,
+    /// Offset-noise scale (`--noise_offset`); 0 disables it.
+    pub noise_offset: f64,
+}
+
+/// The random numbers one micro-step uses, drawn up front.
+pub struct NoiseDraw {
+    /// N(0,1) for sampling the VAE posterior, shaped like the latents.
+    pub posterior: Tensor,
+    /// The diffusion noise ε (offset noise already added), shaped like the latents.
+    pub noise: Tensor,
+    /// One timestep per sample in `[0, num_train_timesteps)`.
+    pub timesteps: Vec<u32>,
+}
+
+/// A tensor of standard normal samples from `rng`.
+pub fn randn(rng: &mut impl Rng, shape: &[usize], device: &Device) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let data: Vec<f32> = (0..n).map(|_| StandardNormal.sample(rng)).collect();
+    Tensor::from_vec(data, shape, device)
+}
+
+impl NoiseDraw {
+    /// Draw everything a micro-step needs for latents of `latent_shape` (`[B, C, h, w]`).
+    pub fn draw(
+        rng: &mut impl Rng,
+        latent_shape: &[usize],
+        num_train_timesteps: usize,
+        noise_offset: f64,
+        device: &Device,
+    ) -> Result<Self> {
+        let posterior = randn(rng, latent_shape, device)?;
+        let mut noise = randn(rng, latent_shape, device)?;
+        if noise_offset != 0.0 {
+            // noise += offset * randn(B, C, 1, 1), as the reference.
+            let offset = randn(rng, &[latent_shape[0], latent_shape[1], 1, 1], device)?;
+            noise = noise.broadcast_add(&(offset * noise_offset)?)?;
+        }
+        let timesteps = (0..latent_shape[0]).map(|_| rng.random_range(0..num_train_timesteps as u32)).collect();
+        Ok(Self { posterior, noise, timesteps })
+    }
+}
+
+/// The denoising loss for clean latents `x0` (already scaled by the VAE scaling factor).
+/// Returns the scalar loss (f32) before division by the accumulation steps.
+pub fn denoising_loss(
+    unet: &UNet2DConditionModel,
+    ddpm: &Ddpm,
+    x0: &Tensor,
+    noise: &Tensor,
+    timesteps: &[u32],
+    encoder_hidden_states: &Tensor,
+    opts: &LossOptions,
+) -> Result<Tensor> {
+    let noisy = ddpm.add_noise(x0, noise, timesteps)?;
+    let prediction_type = opts.prediction_type.unwrap_or(ddpm.prediction_type);
+    let target = match prediction_type {
+        PredictionType::Epsilon => noise.clone(),
+        PredictionType::VPrediction => ddpm.get_velocity(x0, noise, timesteps)?,
+        PredictionType::Sample => {
+            return Err(candle_core::Error::Msg(
+                "prediction_type \"sample\" is not supported for training (the reference accepts only epsilon and v_prediction)".into(),
+            ))
+        }
+    };
+    let t = Tensor::from_vec(timesteps.to_vec(), timesteps.len(), x0.device())?;
+    let pred = unet.forward(&noisy, &t, encoder_hidden_states)?.to_dtype(DType::F32)?;
+    let sq = (pred - target.to_dtype(DType::F32)?)?.sqr()?;
+    match opts.snr_gamma {
+        None => sq.mean_all(),
+        Some(gamma) => {
+            let snr = ddpm.snr(timesteps);
+            let weights: Vec<f32> = snr
+                .iter()
+                .map(|&s| {
+                    let clipped = s.min(gamma as f32);
+                    match prediction_type {
+                        PredictionType::VPrediction => clipped / (s + 1.0),
+                        _ => clipped / s,
+                    }
+                })
+                .collect();
+            let w = Tensor::from_vec(weights, timesteps.len(), x0.device())?;
+            let per_sample = sq.flatten_from(1)?.mean(D::Minus1)?;
+            (per_sample * w)?.mean_all()
+        }
+    }
+}

@@ -1,0 +1,323 @@
+//! The training loop: micro-steps with gradient accumulation, clipping, AdamW, the lr schedule,
+//! checkpoints, resume, Ctrl-C, progress and `metrics.jsonl`.
+//!
+//! Determinism: every random draw of micro-step `k` (VAE posterior sample, noise, offset noise,
+//! timesteps) comes from a ChaCha8 stream seeded by `(seed, k)`, and the data order of epoch `e`
+//! from `(seed, e)` in the data source, so the same pipeline and seed give the same weights bit
+//! for bit, and a resumed run continues exactly where the stopped one was (the reference
+//! restarts the interrupted epoch from its first batch; we skip the batches already consumed).
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use rand::SeedableRng;
+use chacha20::ChaCha8Rng;
+
+use super::checkpoint::{self, NamedVar, TrainerState};
+use super::lr::{lr_at, scale_lr, LrSchedule, StepPlan};
+use super::optim::{clip_grad_norm, global_grad_norm, AdamW, AdamWConfig};
+use super::step::{denoising_loss, LossOptions, NoiseDraw};
+use crate::models::StableDiffusion;
+use crate::schedulers::ddpm::Ddpm;
+
+/// Everything of `[train]`, `[optimizer]` and `[checkpoints]` the loop needs, already resolved.
+#[derive(Clone, Debug)]
+pub struct TrainSettings {
+    pub batch_size: usize,
+    pub gradient_accumulation_steps: usize,
+    pub num_epochs: usize,
+    pub max_train_steps: Option<usize>,
+    pub learning_rate: f64,
+    pub scale_lr: bool,
+    pub lr_schedule: LrSchedule,
+    pub lr_warmup_steps: usize,
+    pub adamw: AdamWConfig,
+    /// `None` disables clipping (the reference script never clips, see docs/pipeline.md).
+    pub max_grad_norm: Option<f64>,
+    pub loss: LossOptions,
+    pub seed: u64,
+    pub checkpointing_steps: Option<usize>,
+    pub checkpoints_total_limit: Option<usize>,
+    pub output_dir: PathBuf,
+    /// `"latest"` or a checkpoint path.
+    pub resume_from_checkpoint: Option<String>,
+    /// Keep VAE latent distributions and text embeddings of seen inputs in memory (exact: the
+    /// encoders are frozen and the posterior is still sampled every step).
+    pub cache_encodings: bool,
+    /// SHA-256 of the resolved pipeline, recorded in checkpoints.
+    pub pipeline_sha256: Option<String>,
+}
+
+/// One micro-batch from the data stage.
+pub struct TrainBatch {
+    /// `[B, 3, R, R]` f32 in [-1, 1].
+    pub pixel_values: Tensor,
+    pub captions: Vec<String>,
+}
+
+/// The data stage as the loop sees it: a seeded order per epoch, and the ability to start an
+/// epoch at a given batch (for exact resume without decoding skipped images).
+pub trait BatchSource {
+    fn num_examples(&self) -> usize;
+    fn batches<'a>(&'a self, epoch: usize, start_batch: usize) -> Box<dyn Iterator<Item = Result<TrainBatch>> + 'a>;
+}
+
+/// What happened, for the summary.
+#[derive(Clone, Debug)]
+pub struct TrainOutcome {
+    pub global_step: usize,
+    pub max_train_steps: usize,
+    pub final_loss: Option<f64>,
+    pub first_loss: Option<f64>,
+    pub seconds: f64,
+    pub interrupted: bool,
+    pub resumed_from: Option<PathBuf>,
+    pub checkpoints: Vec<PathBuf>,
+}
+
+/// Callback per update: `(global_step, max_steps, loss, lr)`.
+pub type ProgressFn<'a> = dyn FnMut(usize, usize, f64, f64) + 'a;
+
+pub struct Trainer<'a> {
+    pub sd: &'a StableDiffusion,
+    pub ddpm: Ddpm,
+    pub params: Vec<NamedVar>,
+    pub optimizer: AdamW,
+    pub settings: TrainSettings,
+    pub stop: Arc<AtomicBool>,
+    device: Device,
+    text_cache: HashMap<String, Tensor>,
+    latent_cache: HashMap<u64, (Tensor, Tensor)>,
+}
+
+/// The seed of micro-step `k`'s random stream.
+fn micro_step_rng(seed: u64, k: usize) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(k as u64 + 1);
+    rng
+}
+
+fn pixel_key(t: &Tensor) -> Result<u64> {
+    let v = t.flatten_all()?.to_vec1::<f32>()?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    v.len().hash(&mut h);
+    for x in v {
+        x.to_bits().hash(&mut h);
+    }
+    Ok(h.finish())
+}
+
+impl<'a> Trainer<'a> {
+    pub fn new(sd: &'a StableDiffusion, params: Vec<NamedVar>, settings: TrainSettings) -> Result<Self> {
+        let ddpm = Ddpm::from_config(&sd.scheduler)?;
+        let vars = params.iter().map(|p| p.var.clone()).collect();
+        let names = params.iter().map(|p| p.name.clone()).collect();
+        let optimizer = AdamW::new_named(vars, names, settings.adamw.clone())?;
+        let device = params.first().map(|p| p.var.device().clone()).unwrap_or(Device::Cpu);
+        Ok(Self {
+            sd,
+            ddpm,
+            params,
+            optimizer,
+            settings,
+            stop: Arc::new(AtomicBool::new(false)),
+            device,
+            text_cache: HashMap::new(),
+            latent_cache: HashMap::new(),
+        })
+    }
+
+    /// Text embeddings `[B, 77, D]` for `captions` (the text encoder is frozen).
+    fn encode_text(&mut self, captions: &[String]) -> Result<Tensor> {
+        let missing: Vec<&str> = captions
+            .iter()
+            .filter(|c| !self.text_cache.contains_key(c.as_str()))
+            .map(|c| c.as_str())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if !missing.is_empty() {
+            let ids = self.sd.tokenizer.encode_batch(&missing, &self.device)?;
+            let hidden = self.sd.text_encoder.forward(&ids)?.detach();
+            for (i, c) in missing.iter().enumerate() {
+                self.text_cache.insert(c.to_string(), hidden.get(i)?);
+            }
+        }
+        let rows = captions.iter().map(|c| self.text_cache[c.as_str()].clone()).collect::<Vec<_>>();
+        let out = Tensor::stack(&rows, 0)?;
+        if !self.settings.cache_encodings {
+            self.text_cache.clear();
+        }
+        Ok(out)
+    }
+
+    /// Mean and std of the VAE posterior for each image of the batch.
+    fn encode_pixels(&mut self, pixel_values: &Tensor) -> Result<(Tensor, Tensor)> {
+        let b = pixel_values.dim(0)?;
+        if !self.settings.cache_encodings {
+            let dist = self.sd.vae.encode(&pixel_values.to_device(&self.device)?)?;
+            return Ok((dist.mean.detach(), dist.std()?.detach()));
+        }
+        let keys = (0..b).map(|i| pixel_key(&pixel_values.get(i)?)).collect::<Result<Vec<_>>>()?;
+        let missing: Vec<usize> = (0..b).filter(|&i| !self.latent_cache.contains_key(&keys[i])).collect();
+        if !missing.is_empty() {
+            let idx = Tensor::from_vec(missing.iter().map(|&i| i as u32).collect::<Vec<_>>(), missing.len(), pixel_values.device())?;
+            let px = pixel_values.index_select(&idx, 0)?.to_device(&self.device)?;
+            let dist = self.sd.vae.encode(&px)?;
+            let (mean, std) = (dist.mean.detach(), dist.std()?.detach());
+            for (j, &i) in missing.iter().enumerate() {
+                self.latent_cache.insert(keys[i], (mean.get(j)?, std.get(j)?));
+            }
+        }
+        let means = keys.iter().map(|k| self.latent_cache[k].0.clone()).collect::<Vec<_>>();
+        let stds = keys.iter().map(|k| self.latent_cache[k].1.clone()).collect::<Vec<_>>();
+        Ok((Tensor::stack(&means, 0)?, Tensor::stack(&stds, 0)?))
+    }
+
+    /// Loss of one micro-batch (not yet divided by the accumulation steps).
+    pub fn micro_step_loss(&mut self, batch: &TrainBatch, micro_index: usize) -> Result<Tensor> {
+        let (mean, std) = self.encode_pixels(&batch.pixel_values)?;
+        let text = self.encode_text(&batch.captions)?;
+        let mut rng = micro_step_rng(self.settings.seed, micro_index);
+        let draw = NoiseDraw::draw(
+            &mut rng,
+            mean.dims(),
+            self.ddpm.num_train_timesteps,
+            self.settings.loss.noise_offset,
+            &self.device,
+        )?;
+        let latents = ((mean + std.mul(&draw.posterior)?)? * self.sd.vae.scaling_factor())?;
+        let loss = denoising_loss(&self.sd.unet, &self.ddpm, &latents, &draw.noise, &draw.timesteps, &text, &self.settings.loss)?;
+        Ok(loss)
+    }
+
+    /// Run the whole loop over `source`.
+    pub fn train(&mut self, source: &dyn BatchSource, mut progress: Option<&mut ProgressFn<'_>>) -> Result<TrainOutcome> {
+        let s = self.settings.clone();
+        let plan = StepPlan::new(source.num_examples(), s.batch_size, s.gradient_accumulation_steps, s.num_epochs, s.max_train_steps)?;
+        let base_lr = if s.scale_lr { scale_lr(s.learning_rate, s.gradient_accumulation_steps, s.batch_size, 1) } else { s.learning_rate };
+        std::fs::create_dir_all(&s.output_dir).with_context(|| format!("creating output directory {}", s.output_dir.display()))?;
+
+        let mut state = TrainerState { global_step: 0, micro_steps: 0, pipeline_sha256: s.pipeline_sha256.clone(), last_loss: None };
+        let mut resumed_from = None;
+        if let Some(resume) = &s.resume_from_checkpoint {
+            match checkpoint::resolve_resume(&s.output_dir, resume)? {
+                Some(dir) => {
+                    state = checkpoint::load_checkpoint(&dir, &self.params, &mut self.optimizer)?;
+                    tracing::info!("resumed from {} at step {}", dir.display(), state.global_step);
+                    resumed_from = Some(dir);
+                }
+                None => tracing::info!("resume_from_checkpoint = \"latest\" but no checkpoint exists in {}: starting fresh", s.output_dir.display()),
+            }
+        }
+
+        let metrics_path = s.output_dir.join("metrics.jsonl");
+        let mut metrics = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&metrics_path)
+            .with_context(|| format!("opening {}", metrics_path.display()))?;
+
+        let started = Instant::now();
+        let mut outcome = TrainOutcome {
+            global_step: state.global_step,
+            max_train_steps: plan.max_train_steps,
+            final_loss: state.last_loss,
+            first_loss: None,
+            seconds: 0.0,
+            interrupted: false,
+            resumed_from,
+            checkpoints: Vec::new(),
+        };
+        if state.global_step >= plan.max_train_steps {
+            tracing::info!("already at step {} of {}: nothing to train", state.global_step, plan.max_train_steps);
+            return Ok(outcome);
+        }
+
+        let mut acc: Option<Vec<Tensor>> = None;
+        let mut acc_loss = 0f64;
+        let first_epoch = state.micro_steps / plan.batches_per_epoch;
+        'epochs: for epoch in first_epoch..plan.num_epochs {
+            let start_batch = if epoch == first_epoch { state.micro_steps % plan.batches_per_epoch } else { 0 };
+            for (offset, batch) in source.batches(epoch, start_batch).enumerate() {
+                let batch = batch?;
+                let batch_in_epoch = start_batch + offset;
+                let micro_index = epoch * plan.batches_per_epoch + batch_in_epoch;
+                let loss = self.micro_step_loss(&batch, micro_index)?;
+                let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                if !loss_value.is_finite() {
+                    bail!(
+                        "the loss became {loss_value} at step {} (micro-batch {micro_index}); lower the learning rate or use precision \"no\"",
+                        state.global_step + 1
+                    );
+                }
+                let scaled = (loss / s.gradient_accumulation_steps as f64)?;
+                let grads = scaled.backward()?;
+                let mut step_grads = Vec::with_capacity(self.params.len());
+                for p in &self.params {
+                    let g = grads.get(p.var.as_tensor()).with_context(|| {
+                        format!("LoRA parameter `{}` received no gradient: the path from it to the loss is broken", p.name)
+                    })?;
+                    step_grads.push(g.to_dtype(DType::F32)?);
+                }
+                drop(grads);
+                acc = Some(match acc.take() {
+                    None => step_grads,
+                    Some(prev) => prev.iter().zip(&step_grads).map(|(a, b)| a + b).collect::<candle_core::Result<Vec<_>>>()?,
+                });
+                acc_loss += loss_value / s.gradient_accumulation_steps as f64;
+                state.micro_steps = micro_index + 1;
+
+                if !plan.is_update_batch(batch_in_epoch, s.gradient_accumulation_steps) {
+                    continue;
+                }
+                let mut g = acc.take().expect("an update follows at least one micro-step");
+                let _norm = match s.max_grad_norm {
+                    Some(max) => clip_grad_norm(&mut g, max)?,
+                    None => global_grad_norm(&g)?,
+                };
+                let lr = lr_at(&s.lr_schedule, base_lr, state.global_step, s.lr_warmup_steps, plan.max_train_steps);
+                self.optimizer.step(&g, lr)?;
+                state.global_step += 1;
+                state.last_loss = Some(acc_loss);
+                outcome.first_loss.get_or_insert(acc_loss);
+                outcome.final_loss = Some(acc_loss);
+                writeln!(
+                    metrics,
+                    "{}",
+                    serde_json::json!({"step": state.global_step, "epoch": epoch, "loss": acc_loss, "lr": lr, "grad_norm": _norm})
+                )?;
+                if let Some(cb) = progress.as_deref_mut() {
+                    cb(state.global_step, plan.max_train_steps, acc_loss, lr);
+                }
+                acc_loss = 0.0;
+
+                let done = state.global_step >= plan.max_train_steps;
+                let interrupted = self.stop.load(Ordering::SeqCst);
+                let due = s.checkpointing_steps.is_some_and(|n| n > 0 && state.global_step % n == 0);
+                if due || (interrupted && !done) {
+                    let dir = checkpoint::save_checkpoint(&s.output_dir, &self.params, &self.optimizer, &state, s.checkpoints_total_limit)?;
+                    tracing::info!("saved {}", dir.display());
+                    outcome.checkpoints.push(dir);
+                }
+                if done {
+                    break 'epochs;
+                }
+                if interrupted {
+                    outcome.interrupted = true;
+                    break 'epochs;
+                }
+            }
+        }
+        outcome.global_step = state.global_step;
+        outcome.seconds = started.elapsed().as_secs_f64();
+        Ok(outcome)
+    }
+}
