@@ -62,6 +62,17 @@ fn cached_model_resolves_offline_by_branch_and_by_commit() {
 }
 
 #[test]
+fn unreachable_hub_falls_back_to_a_complete_cache() {
+    let cache = tempfile::tempdir().unwrap();
+    let snapshot = build_cache(cache.path(), "models--org--tiny-sd", &fixture_repo_files());
+    // Nothing listens on port 9 of 127.0.0.1: the listing fails and the cache is used.
+    let s = settings(cache.path(), "http://127.0.0.1:9", false);
+    assert_eq!(resolve_model_files_with("org/tiny-sd", &LoadOptions::default(), &s).unwrap().root, snapshot);
+    let err = format!("{:#}", resolve_model_files_with("org/not-cached", &LoadOptions::default(), &s).unwrap_err());
+    assert!(err.contains("could not list model `org/not-cached`"), "{err}");
+}
+
+#[test]
 fn offline_errors_say_what_is_missing() {
     let cache = tempfile::tempdir().unwrap();
     let mut files = fixture_repo_files();
