@@ -87,3 +87,62 @@ fn old_vae_attention_names_give_the_same_decoder_output() {
     let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert_eq!(diff, 0.0, "decoder output differs by {diff} (expected exactly 0)");
 }
+
+/// The UNet output for the golden `unet.safetensors` inputs.
+fn unet_out(sd: &StableDiffusion) -> Tensor {
+    let g = candle_core::safetensors::load(fixtures().join("golden/unet.safetensors"), &Device::Cpu).unwrap();
+    let timesteps = g["timesteps"].to_dtype(DType::F32).unwrap();
+    sd.unet.forward(&g["sample"], &timesteps, &g["encoder_hidden_states"]).unwrap()
+}
+
+fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    diff / scale
+}
+
+#[test]
+#[ignore = "needs the networks (models::config/clip/unet/vae) from the parallel models branch"]
+fn sharded_and_fp16_variant_unets_match_the_single_f32_file() {
+    let cache = tempfile::tempdir().unwrap();
+    let hub = offline_hub(cache.path());
+    let reference = StableDiffusion::load_with(fixtures().join("tiny-sd").to_str().unwrap(), &LoadOptions::default(), &hub, &Device::Cpu, DType::F32).unwrap();
+    let want = unet_out(&reference);
+
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&fixtures().join("tiny-sd"), dir.path());
+    let unet_dir = dir.path().join("unet");
+    let single = unet_dir.join("diffusion_pytorch_model.safetensors");
+    let tensors = candle_core::safetensors::load(&single, &Device::Cpu).unwrap();
+
+    // fp16 variant next to the f32 file.
+    let half: HashMap<String, Tensor> = tensors.iter().map(|(k, t)| (k.clone(), t.to_dtype(DType::F16).unwrap())).collect();
+    candle_core::safetensors::save(&half, unet_dir.join("diffusion_pytorch_model.fp16.safetensors")).unwrap();
+    let vae_dir = dir.path().join("vae");
+    std::fs::copy(vae_dir.join("diffusion_pytorch_model.safetensors"), vae_dir.join("diffusion_pytorch_model.fp16.safetensors")).unwrap();
+    let fp16 = LoadOptions { revision: None, variant: Some("fp16".into()) };
+    let sd = StableDiffusion::load_with(dir.path().to_str().unwrap(), &fp16, &hub, &Device::Cpu, DType::F32).unwrap();
+    // fp16 weights carry ~5e-4 relative rounding; the output must stay within 1e-2 relative.
+    let rel = max_rel_diff(&unet_out(&sd), &want);
+    assert!(rel < 1e-2 && rel > 0.0, "fp16 variant: max relative difference {rel} (tolerance 1e-2, and not 0: the fp16 file was used)");
+
+    // Two shards + index instead of the single file.
+    std::fs::remove_file(&single).unwrap();
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let (first, second) = names.split_at(names.len() / 2);
+    let mut weight_map = serde_json::Map::new();
+    for (i, part) in [first, second].iter().enumerate() {
+        let file = format!("diffusion_pytorch_model-0000{}-of-00002.safetensors", i + 1);
+        let shard: HashMap<String, Tensor> = part.iter().map(|k| ((*k).clone(), tensors[*k].clone())).collect();
+        candle_core::safetensors::save(&shard, unet_dir.join(&file)).unwrap();
+        for k in part.iter() {
+            weight_map.insert((*k).clone(), serde_json::Value::String(file.clone()));
+        }
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+    std::fs::write(unet_dir.join("diffusion_pytorch_model.safetensors.index.json"), index.to_string()).unwrap();
+    let sd = StableDiffusion::load_with(dir.path().to_str().unwrap(), &LoadOptions::default(), &hub, &Device::Cpu, DType::F32).unwrap();
+    // Same f32 weights from two files: identical output (tolerance 0).
+    assert_eq!(max_rel_diff(&unet_out(&sd), &want), 0.0, "sharded UNet output differs (expected exactly equal)");
+}
