@@ -37,7 +37,10 @@ fn build_cache(cache: &Path, repo_folder: &str, files: &BTreeMap<String, PathBuf
         std::fs::copy(src, &blob).unwrap();
         let link = snapshot.join(rel);
         std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+        #[cfg(unix)]
         std::os::unix::fs::symlink(&blob, &link).unwrap();
+        #[cfg(not(unix))]
+        std::fs::copy(&blob, &link).unwrap();
     }
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs/main"), SHA).unwrap();

@@ -160,7 +160,10 @@ pub fn resolve_model_files_with(source: &str, opts: &LoadOptions, hub: &HubSetti
         }
         ModelSource::Hub(id) => {
             let revision = opts.revision.as_deref().filter(|r| !r.is_empty()).unwrap_or("main");
-            Ok(hub::resolve_hub_model(&id, revision, variant, hub)?.1)
+            let found = hub::resolve_hub_model(&id, revision, variant, hub).with_context(|| {
+                format!("there is no local folder `{id}`, so it was looked up as a hub model id")
+            })?;
+            Ok(found.1)
         }
     }
 }
