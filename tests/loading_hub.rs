@@ -37,7 +37,10 @@ fn build_cache(cache: &Path, repo_folder: &str, files: &BTreeMap<String, PathBuf
         std::fs::copy(src, &blob).unwrap();
         let link = snapshot.join(rel);
         std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+        #[cfg(unix)]
         std::os::unix::fs::symlink(&blob, &link).unwrap();
+        #[cfg(not(unix))]
+        std::fs::copy(&blob, &link).unwrap();
     }
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs/main"), SHA).unwrap();
@@ -59,6 +62,17 @@ fn cached_model_resolves_offline_by_branch_and_by_commit() {
     let by_commit = LoadOptions { revision: Some(SHA.into()), variant: None };
     assert_eq!(resolve_model_files_with("org/tiny-sd", &by_commit, &s).unwrap().root, snapshot);
     assert_eq!(hub::cached_snapshot(cache.path(), "org/tiny-sd", "main"), Some(snapshot.clone()));
+}
+
+#[test]
+fn unreachable_hub_falls_back_to_a_complete_cache() {
+    let cache = tempfile::tempdir().unwrap();
+    let snapshot = build_cache(cache.path(), "models--org--tiny-sd", &fixture_repo_files());
+    // Nothing listens on port 9 of 127.0.0.1: the listing fails and the cache is used.
+    let s = settings(cache.path(), "http://127.0.0.1:9", false);
+    assert_eq!(resolve_model_files_with("org/tiny-sd", &LoadOptions::default(), &s).unwrap().root, snapshot);
+    let err = format!("{:#}", resolve_model_files_with("org/not-cached", &LoadOptions::default(), &s).unwrap_err());
+    assert!(err.contains("could not list model `org/not-cached`"), "{err}");
 }
 
 #[test]

@@ -110,3 +110,19 @@ fn missing_files_and_bad_configs_are_clear_errors() {
     let err = format!("{:#}", ClipTokenizer::from_dir(&dir.path().join("nope")).err().unwrap());
     assert!(err.contains("does not exist"), "{err}");
 }
+
+#[test]
+fn tokenizer_json_without_special_tokens_is_refused() {
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("golden/clip-tokenizer.json")).unwrap()).unwrap();
+    json["post_processor"] = serde_json::Value::Null;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokenizer.json");
+    std::fs::write(&path, json.to_string()).unwrap();
+    let err = format!("{:#}", ClipTokenizer::from_tokenizer_json(&path).err().expect("no BOS/EOS must be refused"));
+    assert!(err.contains("special tokens") && err.contains("tokenizer.json"), "{err}");
+
+    std::fs::write(&path, "{ not json").unwrap();
+    let err = format!("{:#}", ClipTokenizer::from_tokenizer_json(&path).err().unwrap());
+    assert!(err.contains("not a valid tokenizers JSON file"), "{err}");
+}

@@ -344,7 +344,7 @@ fn old_vae_attention_names_and_conv_shaped_projections_load() {
     specs.push(spec("encoder.mid_block.attentions.0.group_norm.weight", &[4]));
     write_safetensors(&path, &specs, Dtype::F32);
 
-    let legacy = WeightOptions { legacy_attention_names: true };
+    let legacy = WeightOptions { legacy_attention_names: true, ..Default::default() };
     let w = ComponentWeights::open("vae", &[path.clone()], &legacy).unwrap();
     let read_all = |vb: candle_nn::VarBuilder| -> candle_core::Result<Vec<Tensor>> {
         let vb = vb.pp(prefix);
@@ -397,6 +397,16 @@ fn damaged_safetensors_files_give_clear_errors() {
     }
     cases.insert("header not JSON", garbage);
 
+    // Headers that lie about the tensors: offsets past the data, and a shape that does not fit
+    // the byte range.
+    let forged = |header: &str, data_len: usize| {
+        let mut out = (header.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(header.as_bytes());
+        out.extend(std::iter::repeat_n(0u8, data_len));
+        out
+    };
+    cases.insert("offsets past the data", forged(r#"{"a":{"dtype":"F32","shape":[1000],"data_offsets":[0,4000]}}"#, 16));
+    cases.insert("shape larger than its bytes", forged(r#"{"a":{"dtype":"F32","shape":[8],"data_offsets":[0,16]}}"#, 16));
     for (case, content) in cases {
         let path = dir.path().join(format!("{}.safetensors", case.replace(' ', "_")));
         std::fs::write(&path, content).unwrap();
@@ -411,4 +421,27 @@ fn damaged_safetensors_files_give_clear_errors() {
     assert!(err.contains("absent.safetensors"), "{err}");
     let err = ComponentWeights::open("unet", &[dir.path().join("x.bin")], &WeightOptions::default()).err().unwrap().to_string();
     assert!(err.contains("only safetensors"), "{err}");
+}
+
+#[test]
+fn text_encoder_names_load_with_or_without_the_text_model_prefix() {
+    // transformers 5 saved the fixture without `text_model.`; SD 1.5 hub files carry it.
+    let options = WeightOptions { optional_prefix: Some("text_model.".into()), ..Default::default() };
+    let fixture = fixtures().join("tiny-sd/text_encoder/model.safetensors");
+    let w = ComponentWeights::open("text_encoder", &[fixture], &options).unwrap();
+    let vb = w.var_builder(DType::F32, &Device::Cpu);
+    assert!(vb.contains_tensor("text_model.final_layer_norm.weight"));
+    assert_eq!(vb.get(32, "text_model.final_layer_norm.weight").unwrap().dims(), &[32]);
+    assert_eq!(vb.get(32, "final_layer_norm.weight").unwrap().dims(), &[32]);
+    assert!(!w.unread().contains(&"final_layer_norm.weight".to_string()));
+    let err = vb.get(33, "text_model.final_layer_norm.weight").unwrap_err().to_string();
+    assert!(err.contains("[32]") && err.contains("[33]"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("prefixed.safetensors");
+    write_safetensors(&path, &[spec("text_model.block.weight", &[3, 4]), spec("text_model.block.bias", &[3])], Dtype::F32);
+    let w = ComponentWeights::open("text_encoder", &[path.clone()], &options).unwrap();
+    w.build(DType::F32, &Device::Cpu, build_block).expect("unprefixed requests find prefixed weights");
+    let w = ComponentWeights::open("text_encoder", &[path], &WeightOptions::default()).unwrap();
+    assert!(w.build(DType::F32, &Device::Cpu, build_block).is_err(), "without the option the names must match exactly");
 }

@@ -67,7 +67,10 @@ impl StableDiffusion {
             .with_context(|| format!("in {}", files.text_encoder.config.display()))?;
         let text_encoder = files
             .text_encoder
-            .open_weights("text_encoder", &WeightOptions::default())?
+            .open_weights(
+                "text_encoder",
+                &WeightOptions { optional_prefix: Some("text_model.".into()), ..Default::default() },
+            )?
             .build(dtype, device, |vb| ClipTextModel::load(vb, &text_encoder_config))?;
 
         let unet_config = UNetConfig::from_json_str(&read_text(&files.unet.config)?)
@@ -81,7 +84,7 @@ impl StableDiffusion {
             .with_context(|| format!("in {}", files.vae.config.display()))?;
         let vae = files
             .vae
-            .open_weights("vae", &WeightOptions { legacy_attention_names: true })?
+            .open_weights("vae", &WeightOptions { legacy_attention_names: true, ..Default::default() })?
             .build(dtype, device, |vb| AutoencoderKL::load(vb, &vae_config))?;
 
         let scheduler: SchedulerConfig = serde_json::from_str(&read_text(&files.scheduler_config)?)
@@ -157,7 +160,10 @@ pub fn resolve_model_files_with(source: &str, opts: &LoadOptions, hub: &HubSetti
         }
         ModelSource::Hub(id) => {
             let revision = opts.revision.as_deref().filter(|r| !r.is_empty()).unwrap_or("main");
-            Ok(hub::resolve_hub_model(&id, revision, variant, hub)?.1)
+            let found = hub::resolve_hub_model(&id, revision, variant, hub).with_context(|| {
+                format!("there is no local folder `{id}`, so it was looked up as a hub model id")
+            })?;
+            Ok(found.1)
         }
     }
 }

@@ -240,6 +240,21 @@ impl ClipTokenizer {
             pad_type_id: 0,
             pad_token: settings.pad_token.clone(),
         }));
+        // A tokenizer.json without CLIP's post-processor would silently drop BOS/EOS.
+        let bos_id = token_id(&tokenizer, &settings.bos_token, "bos_token", source)?;
+        let eos_id = token_id(&tokenizer, &settings.eos_token, "eos_token", source)?;
+        let probe = tokenizer
+            .encode("", true)
+            .map_err(|e| anyhow::anyhow!("{}: tokenizing an empty text failed: {e}", source.display()))?;
+        let probe = probe.get_ids();
+        if probe.len() < 2 || probe[0] != bos_id || probe[1] != eos_id {
+            bail!(
+                "{}: an empty text encodes to {:?}, not [{bos_id} (BOS), {eos_id} (EOS), padding…]: \
+                 the tokenizer does not add CLIP's special tokens",
+                source.display(),
+                &probe[..probe.len().min(4)]
+            );
+        }
         Ok(Self { tokenizer, settings, pad_id })
     }
 

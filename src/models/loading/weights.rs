@@ -163,6 +163,10 @@ pub struct WeightOptions {
     /// Accept the old VAE attention names (`query`/`key`/`value`/`proj_attn` →
     /// `to_q`/`to_k`/`to_v`/`to_out.0`) and 1x1-conv shaped `[out, in, 1, 1]` projections.
     pub legacy_attention_names: bool,
+    /// A name prefix that files may or may not carry: a request for `text_model.x` finds a
+    /// stored `x` and the other way round (transformers ≥ 5 saves `CLIPTextModel` without the
+    /// `text_model.` prefix that SD 1.x/2.x hub files have).
+    pub optional_prefix: Option<String>,
 }
 
 struct StoredTensor {
@@ -179,7 +183,22 @@ struct Inner {
     files: Vec<MmapedSafetensors>,
     /// Canonical name (as the model asks for it) → where it is stored.
     tensors: HashMap<String, StoredTensor>,
+    optional_prefix: Option<String>,
     read: Mutex<HashSet<String>>,
+}
+
+impl Inner {
+    /// The stored (canonical) key a requested name refers to, trying the optional prefix both ways.
+    fn key<'a>(&'a self, name: &str) -> Option<(&'a String, &'a StoredTensor)> {
+        if let Some(found) = self.tensors.get_key_value(name) {
+            return Some(found);
+        }
+        let prefix = self.optional_prefix.as_deref().filter(|p| !p.is_empty())?;
+        match name.strip_prefix(prefix) {
+            Some(bare) => self.tensors.get_key_value(bare),
+            None => self.tensors.get_key_value(&format!("{prefix}{name}")),
+        }
+    }
 }
 
 /// The safetensors weights of one component behind a checking `VarBuilder`: every read is
@@ -235,7 +254,14 @@ impl ComponentWeights {
             format!("{component} ({} shards in {})", paths.len(), paths[0].parent().unwrap_or(Path::new("")).display())
         };
         Ok(Self {
-            inner: Arc::new(Inner { label, paths: paths.to_vec(), files, tensors, read: Mutex::new(HashSet::new()) }),
+            inner: Arc::new(Inner {
+                label,
+                paths: paths.to_vec(),
+                files,
+                tensors,
+                optional_prefix: options.optional_prefix.clone(),
+                read: Mutex::new(HashSet::new()),
+            }),
         })
     }
 
@@ -264,9 +290,9 @@ impl ComponentWeights {
         names
     }
 
-    /// Shape of a stored tensor by its canonical name.
+    /// Shape of a stored tensor by name (canonical, or with/without the optional prefix).
     pub fn shape(&self, name: &str) -> Option<&[usize]> {
-        self.inner.tensors.get(name).map(|t| t.shape.as_slice())
+        self.inner.key(name).map(|(_, t)| t.shape.as_slice())
     }
 
     /// The weight files, in the order given to [`Self::open`].
@@ -349,8 +375,8 @@ struct CheckingBackend {
 }
 
 impl CheckingBackend {
-    fn load(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<(Tensor, &StoredTensor)> {
-        let stored = self.inner.tensors.get(name).ok_or_else(|| {
+    fn load(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+        let (key, stored) = self.inner.key(name).ok_or_else(|| {
             candle_core::Error::Msg(format!("weight `{name}` is missing from {}", self.inner.label))
         })?;
         let tensor = self.inner.files[stored.file]
@@ -365,15 +391,15 @@ impl CheckingBackend {
                 ))
             })?
             .to_dtype(dtype)?;
-        self.inner.read.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string());
-        Ok((tensor, stored))
+        self.inner.read.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone());
+        Ok(tensor)
     }
 }
 
 impl SimpleBackend for CheckingBackend {
     fn get(&self, shape: Shape, name: &str, _: candle_nn::Init, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
         let wanted = shape.dims();
-        if let Some(stored) = self.inner.tensors.get(name) {
+        if let Some((_, stored)) = self.inner.key(name) {
             let squeeze = is_squeezable_projection(name, &stored.shape, wanted);
             if stored.shape != wanted && !squeeze {
                 return Err(candle_core::Error::Msg(format!(
@@ -389,7 +415,7 @@ impl SimpleBackend for CheckingBackend {
                 self.inner.label
             )));
         }
-        let (tensor, _) = self.load(name, dtype, device)?;
+        let tensor = self.load(name, dtype, device)?;
         if tensor.dims() != wanted {
             return tensor.reshape(wanted);
         }
@@ -397,10 +423,10 @@ impl SimpleBackend for CheckingBackend {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
-        Ok(self.load(name, dtype, device)?.0)
+        self.load(name, dtype, device)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.inner.tensors.contains_key(name)
+        self.inner.key(name).is_some()
     }
 }
