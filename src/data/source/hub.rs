@@ -15,7 +15,7 @@ pub struct HubOptions {
     pub revision: Option<String>,
     /// The hub cache folder (default: `$HF_HOME/hub` or `~/.cache/huggingface/hub`).
     pub cache_dir: Option<PathBuf>,
-    /// Never download; the dataset must be in the cache.
+    /// Never download; the dataset must be in the cache (also when `HF_HUB_OFFLINE=1`).
     pub offline: bool,
     /// Another hub endpoint (default: `$HF_ENDPOINT` or the public hub).
     pub endpoint: Option<String>,
@@ -44,7 +44,8 @@ pub fn resolve(repo_id: &str, opts: &HubOptions) -> anyhow::Result<PathBuf> {
     if let Some(snapshot) = cached_snapshot(cache.path(), &repo, &revision) {
         return Ok(snapshot);
     }
-    if opts.offline {
+    let env_offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    if opts.offline || env_offline {
         bail!(
             "hub dataset {repo_id}@{revision} is not in the cache {} and downloads are off (offline)",
             cache.path().display()
