@@ -55,6 +55,17 @@ pub enum CropMode {
     Random,
 }
 
+impl CropMode {
+    /// `"center"` or `"random"`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "center" => Some(Self::Center),
+            "random" => Some(Self::Random),
+            _ => None,
+        }
+    }
+}
+
 /// The preprocessing of one image.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PreprocessOptions {
