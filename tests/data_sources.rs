@@ -125,3 +125,25 @@ fn sidecar_captions_and_list_captions() {
     let err = format!("{:#}", load_source(&SourceSpec::ImageFolder { dir: dir.path().to_path_buf() }, &opts).unwrap_err());
     assert!(err.contains("no examples"), "{err}");
 }
+
+#[test]
+fn hub_dataset_id_resolves_through_the_cache_offline() {
+    use lora::data::source::hub::HubOptions;
+    let cache = tempfile::tempdir().unwrap();
+    let repo_dir = cache.path().join("datasets--someone--shapes");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    copy(
+        &fixture("shapes-parquet/data/train-00000-of-00001.parquet"),
+        &repo_dir.join("snapshots").join(commit).join("data/train-00000-of-00001.parquet"),
+    );
+    std::fs::create_dir_all(repo_dir.join("refs")).unwrap();
+    std::fs::write(repo_dir.join("refs/main"), commit).unwrap();
+    let hub = HubOptions { cache_dir: Some(cache.path().to_path_buf()), offline: true, ..Default::default() };
+    let spec = SourceSpec::Hub { repo_id: "someone/shapes".into(), hub: hub.clone() };
+    let ds = load_source(&spec, &SourceOptions::default()).unwrap();
+    assert_eq!(ds.len(), 24);
+    assert!(ds.description.contains("someone/shapes"), "{}", ds.description);
+    let spec = SourceSpec::Hub { repo_id: "someone/other".into(), hub };
+    let err = format!("{:#}", load_source(&spec, &SourceOptions::default()).unwrap_err());
+    assert!(err.contains("someone/other") && err.contains("offline"), "{err}");
+}

@@ -132,3 +132,23 @@ fn resize_agrees_with_an_independent_float_convolution() {
         assert_eq!(near.get_pixel(x, y), img.get_pixel(sx, sy), "nearest at ({x},{y})");
     }
 }
+
+/// `preprocess` resizes only the crop window; it must equal resizing everything and cropping.
+#[test]
+fn windowed_resize_equals_full_resize_then_crop() {
+    use lora::data::rng::{rng_for, Stream};
+    use lora::data::transform::{draw_augmentation, preprocess, resized_size, CropMode, PreprocessOptions};
+    let img = RgbImage::from_fn(90, 57, |x, y| image::Rgb([((x * 13 + y * 5) % 256) as u8, ((x * y) % 256) as u8, ((x + 3 * y) % 256) as u8]));
+    for interpolation in [Interpolation::Nearest, Interpolation::Bilinear, Interpolation::Bicubic, Interpolation::Lanczos, Interpolation::Box, Interpolation::Hamming] {
+        for (resolution, crop, seed) in [(32, CropMode::Random, 1), (32, CropMode::Random, 2), (40, CropMode::Center, 0), (57, CropMode::Random, 3), (64, CropMode::Random, 4)] {
+            let opts = PreprocessOptions { resolution, crop, flip_p: 0.5, interpolation };
+            let ours = preprocess(&img, &opts, &mut rng_for(seed, Stream::Augment, 0, 0)).unwrap();
+            let (rw, rh) = resized_size(90, 57, resolution);
+            let aug = draw_augmentation(rw, rh, &opts, &mut rng_for(seed, Stream::Augment, 0, 0));
+            let full = resize_shorter_side(&img, resolution, interpolation).unwrap();
+            assert_eq!((full.width(), full.height()), (rw, rh));
+            let expected = crop_flip_to_chw(&full, resolution, aug);
+            assert_eq!(ours, expected, "{interpolation:?} res {resolution} {crop:?} seed {seed}");
+        }
+    }
+}

@@ -208,3 +208,24 @@ fn scale_lr_and_step_bookkeeping_as_the_reference() {
     let err = StepPlan::new(0, 5, 1, 1, None).unwrap_err().to_string();
     assert!(err.contains("empty"), "{err}");
 }
+
+/// A parameter without a gradient is skipped as torch skips `grad is None`: unchanged, and its
+/// own bias-correction count does not advance.
+#[test]
+fn parameters_without_gradients_are_skipped() {
+    let dev = Device::Cpu;
+    let a = Var::new(&[1.0f32], &dev).unwrap();
+    let b = Var::new(&[1.0f32], &dev).unwrap();
+    let mut opt = AdamW::new(vec![a.clone(), b.clone()], AdamWConfig::default()).unwrap();
+    let g = Tensor::new(&[0.5f32], &dev).unwrap();
+    opt.step_some(&[Some(&g), None], 0.1).unwrap();
+    assert_eq!(b.as_tensor().to_vec1::<f32>().unwrap(), vec![1.0], "no gradient, no weight decay either");
+    opt.step_some(&[Some(&g), Some(&g)], 0.1).unwrap();
+    // b's first update (k = 1) equals a's first update.
+    let fresh = Var::new(&[1.0f32], &dev).unwrap();
+    let mut reference = AdamW::new(vec![fresh.clone()], AdamWConfig::default()).unwrap();
+    reference.step(&[g.clone()], 0.1).unwrap();
+    assert_eq!(b.as_tensor().to_vec1::<f32>().unwrap(), fresh.as_tensor().to_vec1::<f32>().unwrap());
+    assert_ne!(a.as_tensor().to_vec1::<f32>().unwrap(), fresh.as_tensor().to_vec1::<f32>().unwrap());
+    assert_eq!(opt.step_count(), 2);
+}

@@ -35,6 +35,17 @@ pub enum OnBadImage {
     Skip,
 }
 
+impl OnBadImage {
+    /// `"error"` or `"skip"`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "error" => Some(Self::Error),
+            "skip" => Some(Self::Skip),
+            _ => None,
+        }
+    }
+}
+
 /// Why an image could not be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{origin}: {reason}")]

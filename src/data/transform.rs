@@ -55,6 +55,17 @@ pub enum CropMode {
     Random,
 }
 
+impl CropMode {
+    /// `"center"` or `"random"`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "center" => Some(Self::Center),
+            "random" => Some(Self::Random),
+            _ => None,
+        }
+    }
+}
+
 /// The preprocessing of one image.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PreprocessOptions {
@@ -113,9 +124,20 @@ pub fn draw_augmentation(width: u32, height: u32, opts: &PreprocessOptions, rng:
 /// Resize, crop and flip one image with randomness from `rng`; CHW f32 in [-1, 1], length
 /// `3 * resolution²`.
 pub fn preprocess(image: &RgbImage, opts: &PreprocessOptions, rng: &mut impl rand::Rng) -> anyhow::Result<Vec<f32>> {
-    let resized = resize_shorter_side(image, opts.resolution, opts.interpolation)?;
-    let aug = draw_augmentation(resized.width(), resized.height(), opts, rng);
-    Ok(crop_flip_to_chw(&resized, opts.resolution, aug))
+    let (w, h) = image.dimensions();
+    anyhow::ensure!(w > 0 && h > 0, "cannot resize an empty {w}x{h} image");
+    anyhow::ensure!(opts.resolution > 0, "resolution must be positive");
+    let (rw, rh) = resized_size(w, h, opts.resolution);
+    let aug = draw_augmentation(rw, rh, opts, rng);
+    // Resize only the crop: the same pixels as resizing everything, then cropping.
+    let res = opts.resolution;
+    let window = Window { left: aug.left, top: aug.top, width: res.min(rw - aug.left), height: res.min(rh - aug.top) };
+    let cropped = if (w, h) == (rw, rh) {
+        image::imageops::crop_imm(image, window.left, window.top, window.width, window.height).to_image()
+    } else {
+        pil_resize_window(image, rw, rh, opts.interpolation, window)
+    };
+    Ok(crop_flip_to_chw(&cropped, res, Augmentation { top: 0, left: 0, flip: aug.flip }))
 }
 
 /// `Resize(resolution)` of torchvision on a PIL image.
@@ -246,57 +268,95 @@ fn clip8(acc: i32) -> u8 {
 /// `reducing_gap`): a horizontal pass, then a vertical pass, each skipped when that side keeps
 /// its size; 8-bit rounding between the passes.
 pub fn pil_resize(image: &RgbImage, width: u32, height: u32, interpolation: Interpolation) -> RgbImage {
+    pil_resize_window(image, width, height, interpolation, Window { left: 0, top: 0, width, height })
+}
+
+/// A rectangle of a resized image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub left: u32,
+    pub top: u32,
+    pub width: u32,
+    pub height: u32,
+}
+
+/// The `window` of `pil_resize(image, width, height, interpolation)`, computing only the output
+/// pixels inside it (each output pixel depends only on its own taps, so the values are the
+/// same as resizing everything and cropping).
+pub fn pil_resize_window(image: &RgbImage, width: u32, height: u32, interpolation: Interpolation, window: Window) -> RgbImage {
     let (in_w, in_h) = (image.width() as usize, image.height() as usize);
     let (out_w, out_h) = (width as usize, height as usize);
-    if (in_w, in_h) == (out_w, out_h) {
-        return image.clone();
-    }
+    let (x0, y0, win_w, win_h) = (window.left as usize, window.top as usize, window.width as usize, window.height as usize);
+    assert!(x0 + win_w <= out_w && y0 + win_h <= out_h, "window {window:?} outside {width}x{height}");
     let Some((filter, support)) = interpolation.filter() else {
-        return pil_nearest(image, width, height);
+        return pil_nearest(image, width, height, window);
     };
     let half = 1i32 << (PRECISION_BITS - 1);
-    let mut data: Vec<u8> = image.as_raw().clone();
-    let mut cur_w = in_w;
+
+    // Vertical taps first: they say which source rows the horizontal pass must produce.
+    let vertical: Vec<Taps> = if out_h != in_h {
+        precompute_taps(in_h, out_h, filter, support).into_iter().skip(y0).take(win_h).collect()
+    } else {
+        (y0..y0 + win_h).map(|y| Taps { start: y, weights: Vec::new() }).collect()
+    };
+    let row_first = vertical.iter().map(|t| t.start).min().unwrap_or(0);
+    let row_end = vertical.iter().map(|t| t.start + t.weights.len().max(1)).max().unwrap_or(0);
+
+    // Horizontal pass over source rows row_first..row_end, output columns x0..x0+win_w.
+    let src = image.as_raw();
+    let rows = row_end - row_first;
+    let mut horiz = vec![0u8; rows * win_w * 3];
     if out_w != in_w {
-        let taps = precompute_taps(in_w, out_w, filter, support);
-        let mut next = vec![0u8; out_w * in_h * 3];
-        for y in 0..in_h {
-            let row = &data[y * in_w * 3..(y + 1) * in_w * 3];
-            for (x, t) in taps.iter().enumerate() {
-                for c in 0..3 {
-                    let mut acc = half;
-                    for (k, &w) in t.weights.iter().enumerate() {
-                        acc += row[(t.start + k) * 3 + c] as i32 * w;
-                    }
-                    next[(y * out_w + x) * 3 + c] = clip8(acc);
+        let taps: Vec<Taps> = precompute_taps(in_w, out_w, filter, support).into_iter().skip(x0).take(win_w).collect();
+        for r in 0..rows {
+            let row = &src[(row_first + r) * in_w * 3..(row_first + r + 1) * in_w * 3];
+            let out_row = &mut horiz[r * win_w * 3..(r + 1) * win_w * 3];
+            for (t, out) in taps.iter().zip(out_row.chunks_exact_mut(3)) {
+                let mut acc = [half; 3];
+                let pixels = &row[t.start * 3..(t.start + t.weights.len()) * 3];
+                for (p, &w) in pixels.chunks_exact(3).zip(&t.weights) {
+                    acc[0] += p[0] as i32 * w;
+                    acc[1] += p[1] as i32 * w;
+                    acc[2] += p[2] as i32 * w;
                 }
+                out[0] = clip8(acc[0]);
+                out[1] = clip8(acc[1]);
+                out[2] = clip8(acc[2]);
             }
         }
-        data = next;
-        cur_w = out_w;
+    } else {
+        for r in 0..rows {
+            let row = &src[(row_first + r) * in_w * 3..(row_first + r + 1) * in_w * 3];
+            horiz[r * win_w * 3..(r + 1) * win_w * 3].copy_from_slice(&row[x0 * 3..(x0 + win_w) * 3]);
+        }
     }
+
+    // Vertical pass: each output row is a weighted sum of whole rows.
+    let line = win_w * 3;
+    let mut out = vec![0u8; win_h * line];
     if out_h != in_h {
-        let taps = precompute_taps(in_h, out_h, filter, support);
-        let mut next = vec![0u8; cur_w * out_h * 3];
-        for (y, t) in taps.iter().enumerate() {
-            for x in 0..cur_w {
-                for c in 0..3 {
-                    let mut acc = half;
-                    for (k, &w) in t.weights.iter().enumerate() {
-                        acc += data[((t.start + k) * cur_w + x) * 3 + c] as i32 * w;
-                    }
-                    next[(y * cur_w + x) * 3 + c] = clip8(acc);
+        let mut acc = vec![0i32; line];
+        for (t, out_row) in vertical.iter().zip(out.chunks_exact_mut(line)) {
+            acc.fill(half);
+            for (k, &w) in t.weights.iter().enumerate() {
+                let r = t.start + k - row_first;
+                for (a, &v) in acc.iter_mut().zip(&horiz[r * line..(r + 1) * line]) {
+                    *a += v as i32 * w;
                 }
             }
+            for (o, &a) in out_row.iter_mut().zip(&acc) {
+                *o = clip8(a);
+            }
         }
-        data = next;
+    } else {
+        out.copy_from_slice(&horiz[(y0 - row_first) * line..(y0 - row_first + win_h) * line]);
     }
-    RgbImage::from_raw(width, height, data).expect("buffer sized for the output")
+    RgbImage::from_raw(window.width, window.height, out).expect("buffer sized for the window")
 }
 
 /// PIL's nearest-neighbour resize (`ImagingScaleAffine`): source coordinate
 /// `floor(scale * (x + 0.5))`, accumulated by repeated addition as PIL does.
-fn pil_nearest(image: &RgbImage, width: u32, height: u32) -> RgbImage {
+fn pil_nearest(image: &RgbImage, width: u32, height: u32, window: Window) -> RgbImage {
     let coords = |in_size: u32, out_size: u32| -> Vec<u32> {
         let a = in_size as f64 / out_size as f64;
         let mut pos = a * 0.5;
@@ -310,7 +370,9 @@ fn pil_nearest(image: &RgbImage, width: u32, height: u32) -> RgbImage {
     };
     let xs = coords(image.width(), width);
     let ys = coords(image.height(), height);
-    RgbImage::from_fn(width, height, |x, y| *image.get_pixel(xs[x as usize], ys[y as usize]))
+    RgbImage::from_fn(window.width, window.height, |x, y| {
+        *image.get_pixel(xs[(x + window.left) as usize], ys[(y + window.top) as usize])
+    })
 }
 
 #[cfg(test)]

@@ -30,6 +30,8 @@ struct ParamState {
     var: Var,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
+    /// Updates this parameter received (torch keeps one `step` per parameter).
+    steps: usize,
 }
 
 /// torch's AdamW (amsgrad off, maximize off) over candle `Var`s.
@@ -61,7 +63,7 @@ impl AdamW {
             .zip(names)
             .map(|(var, name)| {
                 let zeros = Tensor::zeros(var.shape(), DType::F32, var.device())?;
-                Ok(ParamState { name, exp_avg: zeros.clone(), exp_avg_sq: zeros, var })
+                Ok(ParamState { name, exp_avg: zeros.clone(), exp_avg_sq: zeros, var, steps: 0 })
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self { params, cfg, step_count: 0 })
@@ -85,26 +87,38 @@ impl AdamW {
     /// One update with this lr; `grads[i]` belongs to `vars[i]` (same shape). The update is
     /// computed in f32 and written back in the parameter's own dtype.
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> candle_core::Result<()> {
+        let grads: Vec<Option<&Tensor>> = grads.iter().map(Some).collect();
+        self.step_some(&grads, lr)
+    }
+
+    /// Like [`AdamW::step`], where a parameter without a gradient (`None`) is left untouched,
+    /// its moments and bias-correction count included, as torch skips parameters whose
+    /// `.grad` is `None`.
+    pub fn step_some(&mut self, grads: &[Option<&Tensor>], lr: f64) -> candle_core::Result<()> {
         if grads.len() != self.params.len() {
             candle_core::bail!("AdamW::step: {} gradients for {} parameters", grads.len(), self.params.len());
         }
         for (p, g) in self.params.iter().zip(grads) {
-            if g.dims() != p.var.dims() {
-                candle_core::bail!(
-                    "AdamW::step: gradient for {} has shape {:?}, parameter has {:?}",
-                    p.name,
-                    g.dims(),
-                    p.var.dims()
-                );
+            if let Some(g) = g {
+                if g.dims() != p.var.dims() {
+                    candle_core::bail!(
+                        "AdamW::step: gradient for {} has shape {:?}, parameter has {:?}",
+                        p.name,
+                        g.dims(),
+                        p.var.dims()
+                    );
+                }
             }
         }
         self.step_count += 1;
-        let k = self.step_count as i32;
         let AdamWConfig { beta1, beta2, eps, weight_decay } = self.cfg;
-        let bias_correction1 = 1.0 - beta1.powi(k);
-        let bias_correction2_sqrt = (1.0 - beta2.powi(k)).sqrt();
-        let step_size = lr / bias_correction1;
         for (p, g) in self.params.iter_mut().zip(grads) {
+            let Some(g) = g else { continue };
+            p.steps += 1;
+            let k = p.steps as i32;
+            let bias_correction1 = 1.0 - beta1.powi(k);
+            let bias_correction2_sqrt = (1.0 - beta2.powi(k)).sqrt();
+            let step_size = lr / bias_correction1;
             let g = g.to_dtype(DType::F32)?;
             let param = p.var.as_tensor().to_dtype(DType::F32)?;
             let param = param.affine(1.0 - lr * weight_decay, 0.0)?;
@@ -135,7 +149,7 @@ impl AdamW {
                 Ok((name.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)?))
             })
             .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
-        let metadata = HashMap::from([
+        let mut metadata = HashMap::from([
             ("optimizer".to_string(), "AdamW".to_string()),
             ("step".to_string(), self.step_count.to_string()),
             ("beta1".to_string(), self.cfg.beta1.to_string()),
@@ -143,6 +157,9 @@ impl AdamW {
             ("eps".to_string(), self.cfg.eps.to_string()),
             ("weight_decay".to_string(), self.cfg.weight_decay.to_string()),
         ]);
+        for p in &self.params {
+            metadata.insert(format!("step.{}", p.name), p.steps.to_string());
+        }
         let bytes = safetensors::serialize(views, Some(metadata))
             .with_context(|| format!("serialising optimizer state for {}", path.display()))?;
         crate::util::fs::write_atomic(path, &bytes)
@@ -173,7 +190,14 @@ impl AdamW {
             bail!("{}: optimizer state for unknown parameters: {}", path.display(), unexpected.join(", "));
         }
         let mut restored = Vec::with_capacity(self.params.len());
+        let mut param_steps = Vec::with_capacity(self.params.len());
         for p in &self.params {
+            // Files without per-parameter counts: every parameter took every step.
+            let steps = match meta.get(&format!("step.{}", p.name)) {
+                Some(v) => v.parse().with_context(|| format!("{}: `step.{}` is not an integer", path.display(), p.name))?,
+                None => step,
+            };
+            param_steps.push(steps);
             let mut pair = Vec::with_capacity(2);
             for prefix in ["exp_avg", "exp_avg_sq"] {
                 let key = format!("{prefix}.{}", p.name);
@@ -197,7 +221,8 @@ impl AdamW {
             }
             restored.push(pair);
         }
-        for (p, mut pair) in self.params.iter_mut().zip(restored) {
+        for ((p, mut pair), steps) in self.params.iter_mut().zip(restored).zip(param_steps) {
+            p.steps = steps;
             p.exp_avg_sq = pair.pop().expect("two moments");
             p.exp_avg = pair.pop().expect("two moments");
         }

@@ -1,6 +1,7 @@
 //! Dataset sources: what a dataset is (examples = image + caption) and how each layout on disk is
 //! listed: Hugging Face parquet, an image folder with `metadata.jsonl`, or sidecar caption files.
 
+pub mod hub;
 pub mod image_folder;
 pub mod parquet;
 pub mod sidecar;
@@ -76,6 +77,9 @@ pub enum SourceSpec {
     /// Images with a caption file of the same stem beside each (kohya): the first of
     /// `caption_extensions` that exists (default `.txt`, then `.caption`). Subfolders included.
     Sidecar { dir: PathBuf, caption_extensions: Vec<String> },
+    /// A hub dataset id (`owner/name`): its parquet files in the HF cache, downloaded through
+    /// `hf-hub` when missing (unless offline), then read as [`SourceSpec::Parquet`].
+    Hub { repo_id: String, hub: hub::HubOptions },
 }
 
 /// Options common to every source.
@@ -105,6 +109,12 @@ pub fn load_source(spec: &SourceSpec, opts: &SourceOptions) -> anyhow::Result<Da
         SourceSpec::Parquet { path } => parquet::load(path, opts)?,
         SourceSpec::ImageFolder { dir } => image_folder::load(dir, opts)?,
         SourceSpec::Sidecar { dir, caption_extensions } => sidecar::load(dir, caption_extensions)?,
+        SourceSpec::Hub { repo_id, hub } => {
+            let snapshot = hub::resolve(repo_id, hub)?;
+            let mut dataset = parquet::load(&snapshot, opts)?;
+            dataset.description = format!("{repo_id} ({})", snapshot.display());
+            dataset
+        }
     };
     if dataset.is_empty() {
         anyhow::bail!("dataset {} has no examples", dataset.description);
