@@ -54,6 +54,7 @@ fn generate_matches_diffusers_for_each_scheduler() {
         let got = pipeline::to_rgb8(&images[0]).unwrap().into_raw();
         let want = golden_rgb8(&golden[&format!("image_{name}")]);
         let (diff, at) = max_pixel_diff(&got, &want);
+        eprintln!("{name}: max difference {diff}/255");
         assert!(diff <= 2, "{name}: pixel channel {at} differs by {diff}/255 > 2/255");
     }
 }

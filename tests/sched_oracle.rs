@@ -98,6 +98,21 @@ fn euler_lands_on_x0() {
 }
 
 #[test]
+fn dpm_solver_pp_2m_lands_on_x0() {
+    // Exact x0 predictions make DPM-Solver++ exact at every order; the last sigma is 0, so the
+    // end is x0. Tolerance 1e-4 absolute.
+    for pred in ["epsilon", "v_prediction"] {
+        for spacing in [Some("leading"), Some("trailing"), None] {
+            for steps in [1, 2, 6] {
+                let cfg = config(pred, spacing);
+                let (got, _) = run(SamplerKind::DpmPP2M, &cfg, steps, &INIT, &X0);
+                assert_close(&got, &X0, 1e-4, &format!("DPM++ 2M {pred} {spacing:?} {steps} steps"));
+            }
+        }
+    }
+}
+
+#[test]
 fn ddim_clips_the_predicted_x0_by_default() {
     // DDIM's class default clip_sample = true: an x0 outside [-1, 1] is clamped, so the oracle's
     // x0 = 3 ends at √ᾱ_f·1 + √(1−ᾱ_f)·ε₁ (one step). With clip_sample false it ends at 3·√ᾱ_f + ….
