@@ -86,6 +86,19 @@ fn ddim_and_pndm_follow_the_ray_to_the_final_alpha() {
 }
 
 #[test]
+fn pndm_with_runge_kutta_warmup_follows_the_ray() {
+    // skip_prk_steps false: RK4 weights 1/6 + 1/3 + 1/3 + 1/6 = 1 keep the exact ε, so the end is
+    // the same closed form as DDIM. Epsilon only (see above). Tolerance 1e-4 absolute.
+    let cfg = SchedulerConfig { skip_prk_steps: Some(false), ..config("epsilon", Some("leading")) };
+    let ac0 = Ddpm::from_config(&cfg).unwrap().alphas_cumprod[0];
+    for steps in [4, 10] {
+        let (got, eps) = run(SamplerKind::Pndm, &cfg, steps, &INIT, &X0);
+        let want: Vec<f32> = X0.iter().zip(&eps).map(|(c, e)| ac0.sqrt() * c + (1.0 - ac0).sqrt() * e).collect();
+        assert_close(&got, &want, 1e-4, &format!("PNDM with PRK, {steps} steps"));
+    }
+}
+
+#[test]
 fn euler_lands_on_x0() {
     // Euler ends at σ = 0, where the latents are exactly the predicted x0. Tolerance 1e-4 absolute.
     for pred in ["epsilon", "v_prediction"] {
