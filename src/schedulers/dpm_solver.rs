@@ -122,7 +122,6 @@ impl Sampler for DpmSolverPP2M {
         let n = self.timesteps.len();
         // The final sigma is zero, so the last step is first order (diffusers' lower_order_final).
         let last_step = i == n - 1;
-        let second_to_last_low = i + 2 == n && n < 15;
         let x0 = self.to_x0(model_output, x, self.sigmas[i])?;
         if self.model_outputs.len() == 2 {
             self.model_outputs.remove(0);
@@ -138,7 +137,6 @@ impl Sampler for DpmSolverPP2M {
             // x_t = (σ_t/σ_s) x − α_t (e^{−h} − 1) D0
             (x.affine((sigma_t / sigma_s0) as f64, 0.0)? - x0.affine(decay as f64, 0.0)?)?
         } else {
-            let _ = second_to_last_low; // order 2 is the maximum, so the "lower order second" rule changes nothing
             let (alpha_s1, sigma_s1) = alpha_sigma(self.sigmas[i - 1]);
             let h0 = lambda(alpha_s0, sigma_s0) - lambda(alpha_s1, sigma_s1);
             let r0 = h0 / h;

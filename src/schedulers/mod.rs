@@ -1,5 +1,5 @@
-//! Noise schedules: `ddpm` adds noise for training; `pndm`, `ddim`, `euler`, `euler_ancestral`
-//! sample at inference through the [`Sampler`] trait; `pipeline` runs text-to-image generation.
+//! Noise schedules: `ddpm` adds noise for training; `pndm`, `ddim`, `euler`, `euler_ancestral`,
+//! `dpm_solver` (DPM-Solver++ 2M) sample at inference through the [`Sampler`] trait; `pipeline` runs text-to-image generation.
 //! All are built from a diffusers `scheduler_config.json` (`SchedulerConfig`); `betas` computes
 //! the shared noise schedule bit for bit as torch does.
 
