@@ -136,6 +136,29 @@ mod tests {
     }
 
     #[test]
+    fn trained_betas_override_the_schedule() {
+        // Tolerance: exact (cumprod of three f32 values in f64, rounded once each).
+        let cfg = SchedulerConfig {
+            num_train_timesteps: 3,
+            beta_schedule: "nonsense-is-ignored".into(),
+            trained_betas: Some(vec![0.1, 0.2, 0.5]),
+            ..Default::default()
+        };
+        let ac = alphas_cumprod(&cfg).unwrap();
+        let a: Vec<f64> = [0.1f32, 0.2, 0.5].iter().map(|b| (1.0 - b) as f64).collect();
+        assert_eq!(ac, vec![a[0] as f32, (a[0] * a[1]) as f32, (a[0] * a[1] * a[2]) as f32]);
+    }
+
+    #[test]
+    fn cosine_schedule_is_capped_and_increasing() {
+        let cfg = SchedulerConfig { beta_schedule: "squaredcos_cap_v2".into(), ..Default::default() };
+        let b = betas(&cfg).unwrap();
+        assert_eq!(b.len(), 1000);
+        assert!(b.windows(2).all(|w| w[0] <= w[1]), "cosine betas must not decrease");
+        assert_eq!(*b.last().unwrap(), 0.999f32, "the last beta is capped at 0.999");
+    }
+
+    #[test]
     fn zero_snr_rescale_ends_at_alpha_bar_zero() {
         let cfg = SchedulerConfig { rescale_betas_zero_snr: Some(true), ..SchedulerConfig::sd15() };
         let ac = alphas_cumprod(&cfg).unwrap();

@@ -79,7 +79,8 @@ impl Ddpm {
         noise.broadcast_mul(&signal)?.sub(&x0.broadcast_mul(&noise_level)?)
     }
 
-    /// diffusers' compute_snr, f32.
+    /// diffusers' compute_snr, f32: `(sqrt(ab_t) / sqrt(1 - ab_t))^2` per timestep.
+    /// Timesteps past the schedule are clamped to the last one (training draws t in 0..T).
     pub fn snr(&self, timesteps: &[u32]) -> Vec<f32> {
         timesteps
             .iter()

@@ -1,5 +1,5 @@
-//! Noise schedules: `ddpm` adds noise for training; `pndm`, `ddim`, `euler`, `euler_ancestral`
-//! sample at inference through the [`Sampler`] trait; `pipeline` runs text-to-image generation.
+//! Noise schedules: `ddpm` adds noise for training; `pndm`, `ddim`, `euler`, `euler_ancestral`,
+//! `dpm_solver` (DPM-Solver++ 2M) sample at inference through the [`Sampler`] trait; `pipeline` runs text-to-image generation.
 //! All are built from a diffusers `scheduler_config.json` (`SchedulerConfig`); `betas` computes
 //! the shared noise schedule bit for bit as torch does.
 
@@ -12,6 +12,7 @@ use serde::Deserialize;
 pub mod betas;
 pub mod ddim;
 pub mod ddpm;
+pub mod dpm_solver;
 pub mod euler;
 pub mod euler_ancestral;
 pub mod pipeline;
@@ -19,6 +20,7 @@ pub mod pndm;
 
 pub use ddim::Ddim;
 pub use ddpm::{Ddpm, PredictionType};
+pub use dpm_solver::DpmSolverPP2M;
 pub use euler::EulerDiscrete;
 pub use euler_ancestral::EulerAncestral;
 pub use pndm::Pndm;
@@ -147,6 +149,9 @@ pub enum SamplerKind {
     Euler,
     /// Euler ancestral (adds fresh noise each step; seeded).
     EulerAncestral,
+    /// DPM-Solver++ 2M (diffusers' DPMSolverMultistepScheduler defaults).
+    #[value(name = "dpmpp-2m")]
+    DpmPP2M,
 }
 
 impl std::str::FromStr for SamplerKind {
@@ -157,7 +162,8 @@ impl std::str::FromStr for SamplerKind {
             "ddim" => Ok(SamplerKind::Ddim),
             "euler" | "euler-discrete" => Ok(SamplerKind::Euler),
             "euler-a" | "euler-ancestral" => Ok(SamplerKind::EulerAncestral),
-            other => anyhow::bail!("unknown scheduler `{other}` (expected pndm, ddim, euler or euler-ancestral)"),
+            "dpmpp-2m" | "dpm++-2m" | "dpm-solver++" => Ok(SamplerKind::DpmPP2M),
+            other => anyhow::bail!("unknown scheduler `{other}` (expected pndm, ddim, euler, euler-ancestral or dpmpp-2m)"),
         }
     }
 }
@@ -186,6 +192,7 @@ pub fn build_sampler(kind: SamplerKind, cfg: &SchedulerConfig, seed: u64) -> any
         SamplerKind::Ddim => Box::new(Ddim::from_config(cfg)?),
         SamplerKind::Euler => Box::new(EulerDiscrete::from_config(cfg)?),
         SamplerKind::EulerAncestral => Box::new(EulerAncestral::from_config(cfg, seed)?),
+        SamplerKind::DpmPP2M => Box::new(DpmSolverPP2M::from_config(cfg)?),
     })
 }
 

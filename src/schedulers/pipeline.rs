@@ -58,6 +58,18 @@ pub fn vae_scale_factor(sd: &StableDiffusion) -> usize {
         .unwrap_or(8)
 }
 
+/// The default image side: the UNet's `sample_size` (from `unet/config.json`, 64 if absent)
+/// times the VAE factor, as diffusers' pipeline does.
+pub fn default_image_side(sd: &StableDiffusion, factor: usize) -> usize {
+    let path = sd.root.join("unet").join("config.json");
+    let sample_size = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .and_then(|v| v.get("sample_size").and_then(|s| s.as_u64()))
+        .unwrap_or(64) as usize;
+    sample_size * factor
+}
+
 /// The latent shape `[1, 4, H/f, W/f]` for an image size, refusing sizes the VAE cannot produce.
 pub fn latent_shape(height: usize, width: usize, factor: usize) -> anyhow::Result<[usize; 4]> {
     if height == 0 || width == 0 || height % factor != 0 || width % factor != 0 {

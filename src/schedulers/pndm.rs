@@ -1,5 +1,6 @@
-//! PNDM sampler in its PLMS form (`skip_prk_steps`, the SD 1.5 default): a linear multistep
-//! method over the last four noise predictions (diffusers' `PNDMScheduler.step_plms`).
+//! PNDM sampler (diffusers' `PNDMScheduler`): with `skip_prk_steps` (the SD 1.5 default) a
+//! linear multistep method over the last four noise predictions (`step_plms`); without it,
+//! three Runge-Kutta steps (`step_prk`, four model calls each) warm up the multistep history.
 
 use candle_core::Tensor;
 
@@ -55,8 +56,15 @@ impl TimestepSpacing {
     }
 }
 
-/// PNDM (PLMS) with `skip_prk_steps`.
+/// PNDM: PLMS, with or without the Runge-Kutta warm-up.
 pub struct Pndm {
+    skip_prk_steps: bool,
+    /// Number of Runge-Kutta model calls at the start (0 with `skip_prk_steps`).
+    prk_calls: usize,
+    /// The timesteps of the Runge-Kutta part (indexed by `counter`).
+    prk_timesteps: Vec<i64>,
+    /// Running RK4 combination of the noise predictions.
+    cur_model_output: Option<Tensor>,
     alphas_cumprod: Vec<f32>,
     final_alpha_cumprod: f32,
     train_steps: usize,
@@ -75,14 +83,14 @@ pub struct Pndm {
 impl Pndm {
     pub fn from_config(cfg: &SchedulerConfig) -> anyhow::Result<Self> {
         cfg.refuse_unsupported("PNDMScheduler")?;
-        if cfg.skip_prk_steps != Some(true) {
-            anyhow::bail!(
-                "scheduler config: PNDM with `skip_prk_steps` false or absent (Runge-Kutta warm-up steps) is not supported; set `skip_prk_steps: true` (the SD 1.5 setting)"
-            );
-        }
         let alphas_cumprod = super::betas::alphas_cumprod(cfg)?;
         let final_alpha_cumprod = if cfg.set_alpha_to_one.unwrap_or(false) { 1.0 } else { alphas_cumprod[0] };
         Ok(Pndm {
+            // PNDM's class default is false (Runge-Kutta warm-up); SD 1.x configs set it true.
+            skip_prk_steps: cfg.skip_prk_steps.unwrap_or(false),
+            prk_calls: 0,
+            prk_timesteps: Vec::new(),
+            cur_model_output: None,
             alphas_cumprod,
             final_alpha_cumprod,
             train_steps: cfg.num_train_timesteps,
@@ -123,18 +131,81 @@ impl Pndm {
     }
 }
 
+impl Pndm {
+    /// One Runge-Kutta sub-step (diffusers' `step_prk`): four model calls per RK4 step, all
+    /// stepping from the sample stored at the first call.
+    fn step_prk(&mut self, model_output: &Tensor, t: f64, x: &Tensor) -> candle_core::Result<Tensor> {
+        let half = (self.train_steps / self.num_inference_steps / 2) as i64;
+        let diff_to_prev = if self.counter % 2 == 1 { 0 } else { half };
+        let prev_timestep = t as i64 - diff_to_prev;
+        let timestep = self.prk_timesteps[self.counter / 4 * 4];
+        let add = |acc: &Option<Tensor>, term: Tensor| -> candle_core::Result<Tensor> {
+            match acc {
+                Some(a) => a + term,
+                None => Ok(term),
+            }
+        };
+        let eps = match self.counter % 4 {
+            0 => {
+                self.cur_model_output = Some(add(&self.cur_model_output, model_output.affine(1.0 / 6.0, 0.0)?)?);
+                self.ets.push(model_output.clone());
+                self.cur_sample = Some(x.clone());
+                model_output.clone()
+            }
+            1 | 2 => {
+                self.cur_model_output = Some(add(&self.cur_model_output, model_output.affine(1.0 / 3.0, 0.0)?)?);
+                model_output.clone()
+            }
+            _ => {
+                let combined = add(&self.cur_model_output, model_output.affine(1.0 / 6.0, 0.0)?)?;
+                self.cur_model_output = None;
+                combined
+            }
+        };
+        let sample = self.cur_sample.clone().unwrap_or_else(|| x.clone());
+        let prev = self.prev_sample(&sample, timestep, prev_timestep, &eps)?;
+        self.counter += 1;
+        Ok(prev)
+    }
+}
+
 impl Sampler for Pndm {
     fn set_timesteps(&mut self, n: usize) -> anyhow::Result<()> {
         check_steps(n, self.train_steps)?;
         let ts = self.spacing.ascending(n, self.train_steps, self.steps_offset);
-        // PLMS list: all but the last, the second-to-last again, the last; then reversed.
-        let mut plms: Vec<i64> = ts[..n - 1].to_vec();
-        if n >= 2 {
-            plms.push(ts[n - 2]);
-        }
-        plms.push(ts[n - 1]);
-        plms.reverse();
-        self.timesteps = plms.into_iter().map(|t| t as f64).collect();
+        let all: Vec<i64> = if self.skip_prk_steps {
+            // PLMS list: all but the last, the second-to-last again, the last; then reversed.
+            self.prk_timesteps.clear();
+            let mut plms: Vec<i64> = ts[..n - 1].to_vec();
+            if n >= 2 {
+                plms.push(ts[n - 2]);
+            }
+            plms.push(ts[n - 1]);
+            plms.reverse();
+            plms
+        } else {
+            // prk = (ts[-4:].repeat(2) + tile([0, T//n//2], 4))[:-1].repeat(2)[1:-1] reversed;
+            // plms = ts[:-3] reversed.
+            let half = (self.train_steps / n / 2) as i64;
+            let tail = &ts[n.saturating_sub(4)..];
+            let mut prk: Vec<i64> = tail.iter().flat_map(|&t| [t, t + half]).collect();
+            prk.pop();
+            let mut prk: Vec<i64> = prk.iter().flat_map(|&t| [t, t]).collect();
+            if prk.len() >= 2 {
+                prk.remove(0);
+                prk.pop();
+            } else {
+                prk.clear();
+            }
+            prk.reverse();
+            let mut plms: Vec<i64> = ts[..n.saturating_sub(3)].to_vec();
+            plms.reverse();
+            self.prk_timesteps = prk.clone();
+            prk.into_iter().chain(plms).collect()
+        };
+        self.prk_calls = self.prk_timesteps.len();
+        self.cur_model_output = None;
+        self.timesteps = all.into_iter().map(|t| t as f64).collect();
         self.num_inference_steps = n;
         self.ets.clear();
         self.counter = 0;
@@ -157,6 +228,9 @@ impl Sampler for Pndm {
     fn step(&mut self, model_output: &Tensor, t: f64, x: &Tensor) -> candle_core::Result<Tensor> {
         if self.num_inference_steps == 0 {
             candle_core::bail!("PNDM: call set_timesteps before step");
+        }
+        if !self.skip_prk_steps && self.counter < self.prk_calls {
+            return self.step_prk(model_output, t, x);
         }
         let ratio = (self.train_steps / self.num_inference_steps) as i64;
         let mut timestep = t as i64;
@@ -209,9 +283,16 @@ mod tests {
     }
 
     #[test]
-    fn prk_warmup_is_refused_by_name() {
-        let cfg = SchedulerConfig { skip_prk_steps: Some(false), ..SchedulerConfig::sd15() };
-        let err = Pndm::from_config(&cfg).err().expect("must refuse").to_string();
-        assert!(err.contains("skip_prk_steps"), "{err}");
+    fn prk_timesteps_follow_diffusers() {
+        // diffusers, T = 1000, n = 10, steps_offset 1: prk [901, 851, 851, 801, 801, 751, 751,
+        // 701, 701, 651, 651, 601] then plms [601, 501, …, 1] (worked by hand from set_timesteps).
+        let cfg = SchedulerConfig { skip_prk_steps: None, ..SchedulerConfig::sd15() };
+        let mut p = Pndm::from_config(&cfg).unwrap();
+        p.set_timesteps(10).unwrap();
+        let want: Vec<f64> = [901, 851, 851, 801, 801, 751, 751, 701, 701, 651, 651, 601, 601, 501, 401, 301, 201, 101, 1]
+            .iter()
+            .map(|&t| t as f64)
+            .collect();
+        assert_eq!(p.timesteps(), want.as_slice());
     }
 }
