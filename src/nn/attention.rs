@@ -58,3 +58,48 @@ pub fn scaled_dot_product_attention(
     let probs = softmax_last_dim(&scores)?.to_dtype(vh.dtype())?;
     merge_heads(&probs.matmul(&vh)?, heads)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn softmax_equals_candle_and_has_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::randn(0f32, 3.0, (4, 7), &dev)?;
+        let ours = softmax_last_dim(x.as_tensor())?;
+        let reference = candle_nn::ops::softmax_last_dim(x.as_tensor())?;
+        let diff = (&ours - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        // Tolerance 1e-6 absolute on probabilities (f32 rounding only).
+        assert!(diff < 1e-6, "softmax diff {diff}");
+        let grads = ours.mul(&Tensor::randn(0f32, 1.0, (4, 7), &dev)?)?.sum_all()?.backward()?;
+        assert!(grads.get(x.as_tensor()).is_some(), "softmax passes a gradient");
+        Ok(())
+    }
+
+    /// Multi-head attention against a per-head loop computed with plain 2-D matmuls.
+    #[test]
+    fn attention_matches_per_head_loop() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, lq, lk, heads, d) = (2, 5, 3, 2, 4);
+        let q = Tensor::randn(0f32, 1.0, (b, lq, heads * d), &dev)?;
+        let k = Tensor::randn(0f32, 1.0, (b, lk, heads * d), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (b, lk, heads * d), &dev)?;
+        let ours = scaled_dot_product_attention(&q, &k, &v, heads, None, false)?;
+        for n in 0..b {
+            for h in 0..heads {
+                let qh = q.get(n)?.narrow(1, h * d, d)?;
+                let kh = k.get(n)?.narrow(1, h * d, d)?;
+                let vh = v.get(n)?.narrow(1, h * d, d)?;
+                let scores = (qh.matmul(&kh.t()?)? / (d as f64).sqrt())?;
+                let expect = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&vh)?;
+                let got = ours.get(n)?.narrow(1, h * d, d)?;
+                let diff = (got - expect)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                // Tolerance 1e-5 absolute (f32 rounding only).
+                assert!(diff < 1e-5, "batch {n} head {h}: diff {diff}");
+            }
+        }
+        Ok(())
+    }
+}
