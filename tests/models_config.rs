@@ -189,3 +189,66 @@ fn wrong_weight_shape_names_tensor_and_shapes() {
     };
     assert!(err.contains(name), "{err}");
 }
+
+/// Less common settings build and run with random weights: `only_cross_attention`, no mid
+/// block, `center_input_sample`, `time_embedding_act_fn`, `resnet_skip_time_act`,
+/// `num_attention_heads`, `layers_per_block` per block, a 1x1 `conv_in`.
+#[test]
+fn optional_unet_features_build_and_run() {
+    let cfg = unet_config(|c| {
+        c.insert("only_cross_attention".into(), serde_json::json!([true, false, false, false]));
+        c.insert("mid_block_type".into(), serde_json::Value::Null);
+        c.insert("center_input_sample".into(), true.into());
+        c.insert("time_embedding_act_fn".into(), "silu".into());
+        c.insert("resnet_skip_time_act".into(), true.into());
+        c.insert("num_attention_heads".into(), serde_json::json!([4, 4, 8, 8]));
+        c.insert("layers_per_block".into(), serde_json::json!([1, 2, 1, 2]));
+        c.insert("conv_in_kernel".into(), 1.into());
+    })
+    .unwrap();
+    assert_eq!(cfg.num_attention_heads, vec![4, 4, 8, 8]);
+    let dev = Device::Cpu;
+    let varmap = VarMap::new();
+    let unet = UNet2DConditionModel::load(VarBuilder::from_varmap(&varmap, DType::F32, &dev), &cfg).unwrap();
+    for var in varmap.all_vars() {
+        var.set(&Tensor::randn(0f32, 0.2, var.shape(), &dev).unwrap()).unwrap();
+    }
+    assert!(unet.mid_block.is_none());
+    // only_cross_attention: attn1 reads the 32-wide text context.
+    assert_eq!(unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_k.in_features(), 32);
+    assert_eq!(unet.down_blocks[1].resnets.len(), 2);
+    assert_eq!(unet.up_blocks[0].resnets.len(), 3);
+    let sample = Tensor::randn(0f32, 1.0, (1, 4, 16, 16), &dev).unwrap();
+    let context = Tensor::randn(0f32, 1.0, (1, 77, 32), &dev).unwrap();
+    let out = unet.forward(&sample, &Tensor::new(500f32, &dev).unwrap(), &context).unwrap();
+    assert_eq!(out.dims(), &[1, 4, 16, 16]);
+    let max = out.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(max.is_finite() && max > 0.0, "output max |x| = {max}");
+}
+
+/// SD repositories name the text encoder's weights `text_model.…`; transformers 5 may save them
+/// without the prefix (as the fixture does). Both load to the same network and LoRA names.
+#[test]
+fn clip_weights_with_or_without_text_model_prefix() {
+    let dev = Device::Cpu;
+    let cfg = ClipTextConfig::from_json_file(fixture("tiny-sd/text_encoder/config.json")).unwrap();
+    let plain: HashMap<String, Tensor> = candle_core::safetensors::load(fixture("tiny-sd/text_encoder/model.safetensors"), &dev).unwrap();
+    let prefixed: HashMap<String, Tensor> = plain.iter().map(|(k, v)| (format!("text_model.{k}"), v.clone())).collect();
+    let ids = Tensor::new(&[[49406u32, 320, 1000, 49407, 49407]], &dev).unwrap();
+    let mut outs = Vec::new();
+    for tensors in [plain, prefixed] {
+        let mut clip = lora::models::ClipTextModel::load(VarBuilder::from_tensors(tensors, DType::F32, &dev), &cfg).unwrap();
+        assert_eq!(clip.linears_mut()[0].name, "text_model.encoder.layers.0.self_attn.q_proj");
+        assert_eq!(clip.linears_mut().len(), 3 * 6);
+        outs.push(clip.forward(&ids).unwrap());
+    }
+    assert_eq!(rel_diff(&outs[0], &outs[1]), 0.0);
+    let bad = Tensor::new(&[[49408u32]], &dev).unwrap();
+    let clip = lora::models::ClipTextModel::load(
+        VarBuilder::from_tensors(candle_core::safetensors::load(fixture("tiny-sd/text_encoder/model.safetensors"), &dev).unwrap(), DType::F32, &dev),
+        &cfg,
+    )
+    .unwrap();
+    let err = clip.forward(&bad).unwrap_err().to_string();
+    assert!(err.contains("49408"), "{err}");
+}
