@@ -100,12 +100,38 @@ pub fn scaled_dot_product_attention(
     } else {
         (qh, kh)
     };
-    let mut scores = qh.matmul(&kh.t()?)?;
-    if let Some(mask) = mask {
-        scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
+    // Without gradients (inference) the `[B·H, Lq, Lk]` scores are computed a slice of heads
+    // at a time once they would pass MAX_SCORES_ELEMENTS; with gradients the graph keeps them
+    // all anyway.
+    let (bh, lq, _) = qh.dims3()?;
+    let lk = kh.dim(1)?;
+    let tracked = q.track_op() || k.track_op() || v.track_op();
+    let chunk = if tracked { bh } else { (MAX_SCORES_ELEMENTS / (lq * lk).max(1)).clamp(1, bh) };
+    merge_heads(&attend_in_chunks(&qh, &kh, &vh, mask, chunk)?, heads)
+}
+
+/// Largest attention-score tensor (elements) computed at once without gradients: 256 MiB of f32.
+const MAX_SCORES_ELEMENTS: usize = 1 << 26;
+
+/// `softmax(q kᵀ + mask) v` on `[B·H, L, d]` tensors, `chunk` rows of the first dimension at a
+/// time (a rank-3 mask with that first dimension is sliced alongside).
+pub fn attend_in_chunks(qh: &Tensor, kh: &Tensor, vh: &Tensor, mask: Option<&Tensor>, chunk: usize) -> Result<Tensor> {
+    let bh = qh.dim(0)?;
+    let attend = |start: usize, len: usize| -> Result<Tensor> {
+        let (q, k, v) = if len == bh { (qh.clone(), kh.clone(), vh.clone()) } else { (qh.narrow(0, start, len)?, kh.narrow(0, start, len)?, vh.narrow(0, start, len)?) };
+        let mut scores = q.matmul(&k.t()?)?;
+        if let Some(mask) = mask {
+            let mask = if mask.rank() == 3 && mask.dim(0)? == bh && len != bh { mask.narrow(0, start, len)? } else { mask.clone() };
+            scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
+        }
+        softmax_last_dim(&scores)?.to_dtype(v.dtype())?.matmul(&v)
+    };
+    let chunk = chunk.max(1);
+    if chunk >= bh {
+        return attend(0, bh);
     }
-    let probs = softmax_last_dim(&scores)?.to_dtype(vh.dtype())?;
-    merge_heads(&probs.matmul(&vh)?, heads)
+    let parts = (0..bh).step_by(chunk).map(|start| attend(start, chunk.min(bh - start))).collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&parts, 0)
 }
 
 #[cfg(test)]
@@ -159,6 +185,12 @@ mod tests {
                 assert!(diff < 1e-5, "batch {n} head {h}: diff {diff}");
             }
         }
+        // Slicing the heads (as inference does for large scores) changes nothing.
+        let (qh, kh, vh) = (split_heads(&q, heads)?, split_heads(&k, heads)?, split_heads(&v, heads)?);
+        let mask = Tensor::randn(0f32, 1.0, (b * heads, lq, lk), &dev)?;
+        let whole = attend_in_chunks(&qh, &kh, &vh, Some(&mask), b * heads)?;
+        let sliced = attend_in_chunks(&qh, &kh, &vh, Some(&mask), 3)?;
+        assert_eq!((whole - sliced)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
         Ok(())
     }
 }
