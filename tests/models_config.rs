@@ -66,6 +66,9 @@ fn sd2_shaped_unet_builds_and_runs() {
         let context = Tensor::randn(0f32, 1.0, (2, 77, 48), &dev).unwrap();
         let out = unet.forward(&sample, &Tensor::new(&[999i64, 1], &dev).unwrap(), &context).unwrap();
         assert_eq!(out.dims(), &[2, 4, h, w]);
+        let wrong = Tensor::zeros((2, 77, 32), DType::F32, &dev).unwrap();
+        let err = unet.forward(&sample, &Tensor::new(&[999i64, 1], &dev).unwrap(), &wrong).unwrap_err().to_string();
+        assert!(err.contains("encoder_hidden_states") && err.contains("48") && err.contains("32"), "{err}");
         let max = out.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(max.is_finite() && max > 0.0, "output max |x| = {max}");
     }
