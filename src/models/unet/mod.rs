@@ -132,6 +132,13 @@ impl UNet2DConditionModel {
         if channels != cfg.in_channels {
             candle_core::bail!("UNet expects {} input channels, got sample of shape {:?}", cfg.in_channels, sample.dims())
         }
+        let context_dims = encoder_hidden_states.dims();
+        let context_width = cfg.cross_attention_dim.iter().copied().max().unwrap_or(0);
+        if context_dims.len() != 3 || context_dims[0] != batch || !cfg.cross_attention_dim.contains(&context_dims[2]) {
+            candle_core::bail!(
+                "UNet encoder_hidden_states must be [{batch}, tokens, {context_width}], got shape {context_dims:?}"
+            )
+        }
         let timesteps = match timesteps.dims() {
             [] | [1] => timesteps.reshape(1)?.broadcast_as(batch)?.contiguous()?,
             [n] if *n == batch => timesteps.clone(),

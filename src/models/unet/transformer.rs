@@ -39,6 +39,11 @@ impl Attention {
         })
     }
 
+    /// Number of attention heads.
+    pub fn heads(&self) -> usize {
+        self.heads
+    }
+
     /// Self-attention when `context` is `None`, else cross-attention to `context` `[B, L, ctx]`.
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let context = context.unwrap_or(x);
