@@ -1,7 +1,8 @@
 //! AutoencoderKL (diffusers): encoder to a diagonal Gaussian over latents, decoder back to pixels.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, VarBuilder};
+use candle_nn::VarBuilder;
+use crate::nn::frozen::FrozenConv2d;
 
 use super::config::VaeConfig;
 use super::unet::resnet::{conv2d_same, Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
@@ -136,11 +137,11 @@ impl VaeBlock {
 /// activation, `conv_out`.
 #[derive(Clone, Debug)]
 pub struct VaeCoder {
-    pub conv_in: Conv2d,
+    pub conv_in: FrozenConv2d,
     pub blocks: Vec<VaeBlock>,
     pub mid_block: VaeMidBlock,
     pub conv_norm_out: GroupNorm,
-    pub conv_out: Conv2d,
+    pub conv_out: FrozenConv2d,
     act: Activation,
     mid_first: bool,
 }
@@ -164,8 +165,8 @@ impl VaeCoder {
 pub struct AutoencoderKL {
     pub encoder: VaeCoder,
     pub decoder: VaeCoder,
-    pub quant_conv: Option<Conv2d>,
-    pub post_quant_conv: Option<Conv2d>,
+    pub quant_conv: Option<FrozenConv2d>,
+    pub post_quant_conv: Option<FrozenConv2d>,
     config: VaeConfig,
 }
 

@@ -195,6 +195,17 @@ impl Module for FrozenConv2d {
     }
 }
 
+/// Load a frozen conv from `vb` (`weight` `[out, in, k, k]`, `bias` `[out]`), the drop-in for
+/// `candle_nn::conv2d` (groups and dilation must be 1).
+pub fn conv2d(in_channels: usize, out_channels: usize, kernel: usize, cfg: candle_nn::Conv2dConfig, vb: candle_nn::VarBuilder) -> Result<FrozenConv2d> {
+    if cfg.groups != 1 || cfg.dilation != 1 {
+        candle_core::bail!("frozen conv2d supports groups = 1 and dilation = 1 only (got groups {}, dilation {})", cfg.groups, cfg.dilation);
+    }
+    let weight = vb.get((out_channels, in_channels, kernel, kernel), "weight")?;
+    let bias = vb.get(out_channels, "bias")?;
+    FrozenConv2d::new(weight, Some(bias), cfg.stride, cfg.padding)
+}
+
 /// `x @ Wᵀ` for a frozen `W` `[out, in]`, as a custom op whose backward is `grad @ W` only.
 struct FrozenMatmulOp {
     w_t: Tensor,

@@ -3,7 +3,8 @@
 //! (without).
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
+use crate::nn::frozen::FrozenConv2d;
 
 use super::{Activation, AdaptedLinear, GroupNorm};
 
@@ -26,20 +27,20 @@ pub struct ResnetConfig {
 #[derive(Clone, Debug)]
 pub struct ResnetBlock2D {
     pub norm1: GroupNorm,
-    pub conv1: Conv2d,
+    pub conv1: FrozenConv2d,
     pub time_emb_proj: Option<AdaptedLinear>,
     pub norm2: GroupNorm,
-    pub conv2: Conv2d,
-    pub conv_shortcut: Option<Conv2d>,
+    pub conv2: FrozenConv2d,
+    pub conv_shortcut: Option<FrozenConv2d>,
     act: Activation,
     output_scale_factor: f64,
     skip_time_act: bool,
 }
 
 /// A `k`x`k` conv with bias, stride 1 and "same" padding, loaded from `vb`.
-pub fn conv2d_same(vb: VarBuilder, in_c: usize, out_c: usize, k: usize) -> Result<Conv2d> {
+pub fn conv2d_same(vb: VarBuilder, in_c: usize, out_c: usize, k: usize) -> Result<FrozenConv2d> {
     let cfg = Conv2dConfig { padding: (k - 1) / 2, ..Default::default() };
-    candle_nn::conv2d(in_c, out_c, k, cfg, vb)
+    crate::nn::frozen::conv2d(in_c, out_c, k, cfg, vb)
 }
 
 impl ResnetBlock2D {
@@ -54,7 +55,7 @@ impl ResnetBlock2D {
             }
             None => None,
         };
-        let conv_shortcut = if i != o { Some(candle_nn::conv2d(i, o, 1, Default::default(), vb.pp("conv_shortcut"))?) } else { None };
+        let conv_shortcut = if i != o { Some(crate::nn::frozen::conv2d(i, o, 1, Default::default(), vb.pp("conv_shortcut"))?) } else { None };
         Ok(Self {
             norm1: GroupNorm::load(vb.pp("norm1"), cfg.groups, i, cfg.eps)?,
             conv1: conv2d_same(vb.pp("conv1"), i, o, 3)?,

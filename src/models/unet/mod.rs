@@ -11,7 +11,8 @@ pub mod resnet;
 pub mod transformer;
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, VarBuilder};
+use candle_nn::VarBuilder;
+use crate::nn::frozen::FrozenConv2d;
 
 use self::blocks::{DownBlock, MidBlock, UpBlock, UpBlockChannels};
 use self::embeddings::{timestep_embedding, TimestepEmbedding};
@@ -21,13 +22,13 @@ use crate::models::config::{DownBlockType, UNetConfig, UpBlockType};
 use crate::nn::{AdaptedLinear, GroupNorm};
 
 pub struct UNet2DConditionModel {
-    pub conv_in: Conv2d,
+    pub conv_in: FrozenConv2d,
     pub time_embedding: TimestepEmbedding,
     pub down_blocks: Vec<DownBlock>,
     pub mid_block: Option<MidBlock>,
     pub up_blocks: Vec<UpBlock>,
     pub conv_norm_out: GroupNorm,
-    pub conv_out: Conv2d,
+    pub conv_out: FrozenConv2d,
     config: UNetConfig,
 }
 

@@ -2,7 +2,8 @@
 //! (nearest ×2 then conv). The resnet block itself lives in `crate::nn::resnet`.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
+use crate::nn::frozen::FrozenConv2d;
 
 pub use crate::nn::resnet::{conv2d_same, ResnetBlock2D, ResnetConfig};
 
@@ -10,14 +11,14 @@ pub use crate::nn::resnet::{conv2d_same, ResnetBlock2D, ResnetConfig};
 /// With `padding == 0` (the VAE) the input is first padded by one on the right and bottom.
 #[derive(Clone, Debug)]
 pub struct Downsample2D {
-    pub conv: Conv2d,
+    pub conv: FrozenConv2d,
     padding: usize,
 }
 
 impl Downsample2D {
     pub fn load(vb: VarBuilder, channels: usize, padding: usize) -> Result<Self> {
         let cfg = Conv2dConfig { padding, stride: 2, ..Default::default() };
-        Ok(Self { conv: candle_nn::conv2d(channels, channels, 3, cfg, vb.pp("conv"))?, padding })
+        Ok(Self { conv: crate::nn::frozen::conv2d(channels, channels, 3, cfg, vb.pp("conv"))?, padding })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -34,7 +35,7 @@ impl Downsample2D {
 /// (`upsamplers.0.conv`).
 #[derive(Clone, Debug)]
 pub struct Upsample2D {
-    pub conv: Conv2d,
+    pub conv: FrozenConv2d,
 }
 
 impl Upsample2D {
