@@ -429,3 +429,65 @@ pub fn apply_lora_file(sd: &mut crate::models::StableDiffusion, path: &Path, sca
     apply_lora_weights(&weights, sd.unet.linears_mut(), sd.text_encoder.linears_mut(), scale)
         .with_context(|| format!("cannot apply LoRA file {}", path.display()))
 }
+
+/// Overwrite the trainable tensors of `loras` with tensors named `{prefix}{peft name}`, e.g.
+/// `before.` + `down_blocks.0….to_q.lora_A.default.weight` (goldens). Every branch must be
+/// present with its exact shape; nothing is changed unless all are.
+pub fn load_peft_tensors(
+    loras: &[TrainableLora],
+    tensors: &std::collections::HashMap<String, Tensor>,
+    prefix: &str,
+) -> Result<()> {
+    let mut staged = Vec::with_capacity(loras.len() * 2);
+    let mut problems = Vec::new();
+    for l in loras {
+        for (var, name) in [(&l.down, l.peft_down_name()), (&l.up, l.peft_up_name())] {
+            let key = format!("{prefix}{name}");
+            match tensors.get(&key) {
+                None => problems.push(format!("tensor `{key}` is missing")),
+                Some(t) if t.dims() != var.dims() => {
+                    problems.push(format!("tensor `{key}` has shape {:?}, the LoRA parameter has {:?}", t.dims(), var.dims()))
+                }
+                Some(t) => staged.push((var, t)),
+            }
+        }
+    }
+    if !problems.is_empty() {
+        bail!("{}", problems.join("\n"));
+    }
+    for (var, t) in staged {
+        var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+    }
+    Ok(())
+}
+
+/// Overwrite the trainable tensors of `loras` with the modules of a LoRA file (e.g. to resume
+/// from a checkpoint). The file must hold exactly the injected modules with the same shapes.
+pub fn load_lora_modules(loras: &[TrainableLora], modules: &BTreeMap<String, LoraModule>) -> Result<()> {
+    let mut problems = Vec::new();
+    let injected: BTreeSet<&str> = loras.iter().map(|l| l.module.as_str()).collect();
+    for name in modules.keys() {
+        if !injected.contains(name.as_str()) {
+            problems.push(format!("LoRA module `{name}` is not among the injected modules"));
+        }
+    }
+    let mut tensors = std::collections::HashMap::new();
+    for l in loras {
+        match modules.get(&l.module) {
+            None => problems.push(format!("LoRA module `{}` is missing", l.module)),
+            Some(m) => {
+                if let Some(a) = m.alpha {
+                    if (a - l.alpha).abs() > 1e-9 * l.alpha.abs().max(1.0) {
+                        problems.push(format!("LoRA module `{}` has alpha {a}, the injected branch {}", l.module, l.alpha));
+                    }
+                }
+                tensors.insert(l.peft_down_name(), m.down.clone());
+                tensors.insert(l.peft_up_name(), m.up.clone());
+            }
+        }
+    }
+    if !problems.is_empty() {
+        bail!("{}", problems.join("\n"));
+    }
+    load_peft_tensors(loras, &tensors, "")
+}
