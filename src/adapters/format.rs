@@ -606,6 +606,15 @@ fn alpha_view(alpha: f64) -> OwnedView {
     }
 }
 
+/// A whole number as a JSON integer, otherwise a float.
+fn json_number(x: f64) -> serde_json::Value {
+    if x.fract() == 0.0 && x.abs() < 9e15 {
+        (x as i64).into()
+    } else {
+        x.into()
+    }
+}
+
 /// diffusers' `lora_adapter_metadata` for the components whose alphas are not all equal to
 /// their ranks; `None` when every scale is 1 (the reference's case).
 fn adapter_metadata(weights: &LoraWeights) -> Option<String> {
@@ -627,21 +636,28 @@ fn adapter_metadata(weights: &LoraWeights) -> Option<String> {
             alpha_counts.entry(a.to_string()).or_insert((0, a)).0 += 1;
         }
         let alpha = alpha_counts.values().max_by_key(|(n, _)| *n).map(|(_, a)| *a).unwrap_or(r as f64);
+        // transformers 5 flattens CLIPTextModel (no `text_model.` level): name text-encoder
+        // modules from `encoder.` on, which PEFT's suffix matching finds in either layout.
+        let peft_name = |n: &str| -> String {
+            match c {
+                Component::Unet => n.to_string(),
+                _ => n.strip_prefix("text_model.").unwrap_or(n).to_string(),
+            }
+        };
         let rank_pattern: serde_json::Map<_, _> =
-            modules.iter().filter(|(_, m)| m.rank() != r).map(|(n, m)| (n.clone(), m.rank().into())).collect();
+            modules.iter().filter(|(_, m)| m.rank() != r).map(|(n, m)| (peft_name(n), m.rank().into())).collect();
         let alpha_pattern: serde_json::Map<_, _> = modules
             .iter()
             .filter(|(_, m)| m.effective_alpha() != alpha)
-            .map(|(n, m)| (n.clone(), m.effective_alpha().into()))
+            .map(|(n, m)| (peft_name(n), json_number(m.effective_alpha())))
             .collect();
-        let mut targets: Vec<&String> = modules.keys().collect();
-        targets.sort();
+        let targets: Vec<String> = modules.keys().map(|n| peft_name(n)).collect();
         let p = c.diffusers_prefix();
         out.insert(format!("{p}.r"), r.into());
-        out.insert(format!("{p}.lora_alpha"), alpha.into());
+        out.insert(format!("{p}.lora_alpha"), json_number(alpha));
         out.insert(format!("{p}.rank_pattern"), rank_pattern.into());
         out.insert(format!("{p}.alpha_pattern"), alpha_pattern.into());
-        out.insert(format!("{p}.target_modules"), targets.into_iter().cloned().collect::<Vec<_>>().into());
+        out.insert(format!("{p}.target_modules"), targets.into());
     }
     if out.is_empty() {
         None
