@@ -221,6 +221,14 @@ fn text_encoder_forms_read() {
             "text_model.encoder.layers.1.mlp.fc1"
         ]
     );
+    // Keys from transformers 5's flattened CLIPTextModel (no `text_model.`) get the same names.
+    let mut flat = HashMap::new();
+    flat.insert("text_encoder.encoder.layers.1.mlp.fc1.lora_A.weight".to_string(), t(2, 32));
+    flat.insert("text_encoder.encoder.layers.1.mlp.fc1.lora_B.weight".to_string(), t(37, 2));
+    let p2 = dir.path().join("flat.safetensors");
+    candle_core::safetensors::save(&flat, &p2).unwrap();
+    let f = read_lora_file(&p2).unwrap();
+    assert_eq!(f.text_encoder.keys().collect::<Vec<_>>(), vec!["text_model.encoder.layers.1.mlp.fc1"]);
     // kohya text-encoder names come back as module names.
     let k = parse_lora_bytes(&serialize_lora(&w, LoraFormat::Kohya).unwrap()).unwrap();
     assert_same_lora(&w, &k);
@@ -369,6 +377,7 @@ fn applying_a_mismatched_file_attaches_nothing_and_names_key_and_shapes() {
     let e = format!("{:#}", apply_lora_weights(&d, unet.iter_mut().collect(), vec![], 1.0).unwrap_err());
     assert!(e.contains(bad) && e.contains("[4, 32]") && e.contains("[32, 40]"), "{e}");
     assert!(e.contains(missing) && e.contains("near names"), "{e}");
+    assert!(e.contains(&format!("unet.{missing}.lora.down.weight")), "the file key is named: {e}");
     assert!(unet.iter().all(|l| l.loras.is_empty()), "nothing attached after an error");
     // A text-encoder LoRA with no text-encoder layers is an error too.
     let mut te_only = LoraWeights::default();

@@ -398,6 +398,29 @@ pub fn kohya_to_module(_component: Component, stem: &str) -> String {
     parts.join(".")
 }
 
+/// Text-encoder module names always start at `text_model.` (transformers 4 layout); files
+/// saved from transformers 5's flattened `CLIPTextModel` name them from `encoder.` on.
+fn canonical_module_name(component: Component, module: &str) -> String {
+    let flattened = ["encoder.", "embeddings.", "final_layer_norm"].iter().any(|p| module.starts_with(p));
+    if component != Component::Unet && flattened {
+        format!("text_model.{module}")
+    } else {
+        module.to_string()
+    }
+}
+
+/// The key a module's down weight has in `format` (for messages and tools).
+pub fn down_key(format: LoraFormat, component: Component, module: &str) -> String {
+    let p = component.diffusers_prefix();
+    match format {
+        LoraFormat::Diffusers if component == Component::Unet => format!("{p}.{module}.lora.down.weight"),
+        LoraFormat::Diffusers => format!("{p}.{module}.lora_linear_layer.down.weight"),
+        LoraFormat::Peft => format!("{p}.{module}.lora_A.weight"),
+        LoraFormat::AttnProcessor => format!("{p}.{module} (attention-processor form)"),
+        LoraFormat::Kohya => format!("{}.lora_down.weight", module_to_kohya(component, module)),
+    }
+}
+
 /// The kohya stem of a module: every `.` becomes `_`.
 pub fn module_to_kohya(component: Component, module: &str) -> String {
     format!("{}{}", component.kohya_prefix(), module.replace('.', "_"))
@@ -534,6 +557,10 @@ pub fn parse_lora_bytes(bytes: &[u8]) -> Result<LoraWeights> {
                 down.dims(),
                 up.dims()
             );
+        }
+        let module = canonical_module_name(component, &module);
+        if weights.component(component).contains_key(&module) {
+            bail!("two spellings of module `{module}` in one file (e.g. `{down_key}`)");
         }
         weights.component_mut(component).insert(module, LoraModule { down, up, alpha: p.alpha });
     }

@@ -27,7 +27,7 @@ use candle_core::{DType, Tensor, Var};
 use rand::Rng;
 use rand_distr::{Distribution, Normal};
 
-use super::format::{read_lora_file, LoraModule, LoraWeights};
+use super::format::{down_key, read_lora_file, Component, LoraFormat, LoraModule, LoraWeights};
 use crate::nn::{AdaptedLinear, LoraBranch};
 
 /// The RNG we recommend for LoRA initialisation: a named algorithm, stable across versions.
@@ -342,11 +342,17 @@ pub fn trained_weights(unet: &[TrainableLora], text_encoder: &[TrainableLora]) -
 /// Match the modules of one component of a LoRA file to `linears` and check shapes. Returns
 /// (index into linears, module) pairs, or every problem found.
 fn match_component<'w>(
-    component: &str,
+    component: Component,
+    format: Option<LoraFormat>,
     modules: &'w BTreeMap<String, LoraModule>,
     linears: &[&mut AdaptedLinear],
     problems: &mut Vec<String>,
 ) -> Vec<(usize, &'w LoraModule)> {
+    let title = match component {
+        Component::Unet => "UNet",
+        Component::TextEncoder => "text encoder",
+        Component::TextEncoder2 => "second text encoder",
+    };
     let mut exact = BTreeMap::new();
     let mut underscored = BTreeMap::new();
     for (i, lin) in linears.iter().enumerate() {
@@ -357,9 +363,10 @@ fn match_component<'w>(
     for (name, m) in modules {
         // Kohya names lose the dots; fall back to comparing with underscores.
         let idx = exact.get(name.as_str()).copied().or_else(|| underscored.get(&name.replace('.', "_")).copied());
+        let key = format.map_or_else(|| name.clone(), |f| down_key(f, component, name));
         let Some(i) = idx else {
             problems.push(format!(
-                "{component} LoRA module `{name}` matches no layer of the model; near names: {}",
+                "{title} LoRA module `{name}` (key `{key}`) matches no layer of the model; near names: {}",
                 near_names(name, linears.iter().map(|l| l.name.as_str())).join(", ")
             ));
             continue;
@@ -369,7 +376,7 @@ fn match_component<'w>(
         let (out_f, r_up) = (m.up.dims()[0], m.up.dims()[1]);
         if in_f != lin.in_features() || out_f != lin.out_features() || r != r_up {
             problems.push(format!(
-                "{component} LoRA module `{name}`: down {:?} / up {:?} do not fit layer `{}` with weight {:?} (down must be [r, {}], up [{}, r])",
+                "{title} LoRA module `{name}` (key `{key}`): down {:?} / up {:?} do not fit layer `{}` with weight {:?} (down must be [r, {}], up [{}, r])",
                 m.down.dims(),
                 m.up.dims(),
                 lin.name,
@@ -399,8 +406,9 @@ pub fn apply_lora_weights(
             weights.text_encoder_2.len()
         ));
     }
-    let unet_plan = match_component("UNet", &weights.unet, &unet, &mut problems);
-    let te_plan = match_component("text encoder", &weights.text_encoder, &text_encoder, &mut problems);
+    let f = weights.source_format;
+    let unet_plan = match_component(Component::Unet, f, &weights.unet, &unet, &mut problems);
+    let te_plan = match_component(Component::TextEncoder, f, &weights.text_encoder, &text_encoder, &mut problems);
     if !problems.is_empty() {
         bail!("{}", problems.join("\n"));
     }
