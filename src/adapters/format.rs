@@ -473,17 +473,73 @@ pub fn read_lora_file(path: &Path) -> Result<LoraWeights> {
     parse_lora_bytes(&bytes).with_context(|| format!("LoRA file {}", path.display()))
 }
 
-/// Explain a safetensors header error with the offsets involved.
+/// Explain a safetensors header error: which tensor and which offsets are wrong.
 fn header_error(bytes: &[u8], err: safetensors::SafeTensorError) -> anyhow::Error {
-    let declared = bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().unwrap()));
-    match declared {
-        None => anyhow!("not a safetensors file: {} bytes, shorter than the 8-byte header length", bytes.len()),
-        Some(n) if n.saturating_add(8) > bytes.len() as u64 => anyhow!(
+    let Some(prefix) = bytes.get(..8) else {
+        return anyhow!("not a safetensors file: {} bytes, shorter than the 8-byte header length", bytes.len());
+    };
+    let n = u64::from_le_bytes(prefix.try_into().expect("8 bytes"));
+    if n.saturating_add(8) > bytes.len() as u64 {
+        return anyhow!(
             "damaged safetensors header: it claims {n} header bytes at offset 8, but the file has only {} bytes ({err})",
             bytes.len()
-        ),
-        Some(n) => anyhow!("damaged safetensors header (JSON at offsets 8..{}; file is {} bytes): {err}", 8 + n, bytes.len()),
+        );
     }
+    let header_end = 8 + n as usize;
+    let data_len = (bytes.len() - header_end) as u64;
+    let generic = || anyhow!("damaged safetensors header (JSON at offsets 8..{header_end}; file is {} bytes): {err}", bytes.len());
+    let Ok(serde_json::Value::Object(header)) = serde_json::from_slice::<serde_json::Value>(&bytes[8..header_end]) else {
+        return generic();
+    };
+    // Walk the entries in data order and name the first one that does not add up.
+    let mut entries: Vec<(u64, u64, &String, &serde_json::Value)> = Vec::new();
+    for (name, info) in &header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let offsets = info.get("data_offsets").and_then(|o| o.as_array());
+        let (Some(start), Some(end)) = (
+            offsets.and_then(|o| o.first()).and_then(|v| v.as_u64()),
+            offsets.and_then(|o| o.get(1)).and_then(|v| v.as_u64()),
+        ) else {
+            return anyhow!("damaged safetensors header: tensor `{name}` has no valid `data_offsets` ({err})");
+        };
+        entries.push((start, end, name, info));
+    }
+    entries.sort_by_key(|e| (e.0, e.1));
+    let mut expected_start = 0u64;
+    for (start, end, name, info) in entries {
+        let elem_size = match info.get("dtype").and_then(|d| d.as_str()) {
+            Some("F64" | "I64" | "U64") => 8,
+            Some("F32" | "I32" | "U32") => 4,
+            Some("F16" | "BF16" | "I16" | "U16") => 2,
+            Some("U8" | "I8" | "BOOL" | "F8_E4M3" | "F8_E5M2") => 1,
+            other => return anyhow!("damaged safetensors header: tensor `{name}` has dtype {other:?} ({err})"),
+        };
+        let shape: Option<Vec<u64>> = info.get("shape").and_then(|s| s.as_array()).map(|s| s.iter().filter_map(|d| d.as_u64()).collect());
+        let Some(shape) = shape else {
+            return anyhow!("damaged safetensors header: tensor `{name}` has no valid `shape` ({err})");
+        };
+        let want = shape.iter().try_fold(elem_size, |acc: u64, d| acc.checked_mul(*d));
+        if start != expected_start {
+            return anyhow!("damaged safetensors header: tensor `{name}` starts at data offset {start}, expected {expected_start} (overlap or gap)");
+        }
+        if want != Some(end.saturating_sub(start)) || end < start {
+            return anyhow!(
+                "damaged safetensors header: tensor `{name}` has shape {shape:?} ({} bytes) but data offsets {start}..{end} ({} bytes)",
+                want.map_or("too many".to_string(), |w| w.to_string()),
+                end.saturating_sub(start)
+            );
+        }
+        expected_start = end;
+    }
+    if expected_start != data_len {
+        return anyhow!(
+            "damaged safetensors file: the tensors cover {expected_start} data bytes, the file has {data_len} after the header (truncated or padded at offset {})",
+            header_end as u64 + expected_start.min(data_len)
+        );
+    }
+    generic()
 }
 
 /// Parse the bytes of a LoRA safetensors file.
