@@ -59,6 +59,13 @@ pub struct LoraSpec {
     pub init: LoraInit,
 }
 
+impl Default for LoraSpec {
+    /// The reference script's UNet adapter at its default rank 4.
+    fn default() -> Self {
+        Self::reference_unet(4)
+    }
+}
+
 impl LoraSpec {
     /// The reference script's UNet adapter: r = alpha = `rank`, gaussian init,
     /// targets `to_k`, `to_q`, `to_v`, `to_out.0`.
