@@ -221,6 +221,14 @@ fn text_encoder_forms_read() {
             "text_model.encoder.layers.1.mlp.fc1"
         ]
     );
+    // Keys from transformers 5's flattened CLIPTextModel (no `text_model.`) get the same names.
+    let mut flat = HashMap::new();
+    flat.insert("text_encoder.encoder.layers.1.mlp.fc1.lora_A.weight".to_string(), t(2, 32));
+    flat.insert("text_encoder.encoder.layers.1.mlp.fc1.lora_B.weight".to_string(), t(37, 2));
+    let p2 = dir.path().join("flat.safetensors");
+    candle_core::safetensors::save(&flat, &p2).unwrap();
+    let f = read_lora_file(&p2).unwrap();
+    assert_eq!(f.text_encoder.keys().collect::<Vec<_>>(), vec!["text_model.encoder.layers.1.mlp.fc1"]);
     // kohya text-encoder names come back as module names.
     let k = parse_lora_bytes(&serialize_lora(&w, LoraFormat::Kohya).unwrap()).unwrap();
     assert_same_lora(&w, &k);
@@ -252,7 +260,7 @@ fn damaged_or_lying_files_are_clear_errors() {
     let good = std::fs::read(diffusers_golden()).unwrap();
     // Truncated data: the header promises more bytes than there are.
     let e = err_of(&good[..good.len() - 10]);
-    assert!(e.contains("safetensors"), "{e}");
+    assert!(e.contains("truncated") && e.contains("offset"), "{e}");
     // Header length larger than the file.
     let mut lying = good.clone();
     lying[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
@@ -369,6 +377,7 @@ fn applying_a_mismatched_file_attaches_nothing_and_names_key_and_shapes() {
     let e = format!("{:#}", apply_lora_weights(&d, unet.iter_mut().collect(), vec![], 1.0).unwrap_err());
     assert!(e.contains(bad) && e.contains("[4, 32]") && e.contains("[32, 40]"), "{e}");
     assert!(e.contains(missing) && e.contains("near names"), "{e}");
+    assert!(e.contains(&format!("unet.{missing}.lora.down.weight")), "the file key is named: {e}");
     assert!(unet.iter().all(|l| l.loras.is_empty()), "nothing attached after an error");
     // A text-encoder LoRA with no text-encoder layers is an error too.
     let mut te_only = LoraWeights::default();
@@ -386,4 +395,63 @@ fn several_files_stack_each_with_its_own_scale() {
     assert!(unet.iter().all(|l| l.loras.len() == 2));
     assert_eq!(unet[0].loras[0].scale, 0.5);
     assert_eq!(unet[0].loras[1].scale, 0.25);
+}
+
+/// Rebuild a file with a hand-edited JSON header around the original data.
+fn with_header(edit: impl Fn(&mut serde_json::Map<String, serde_json::Value>)) -> Vec<u8> {
+    let good = std::fs::read(diffusers_golden()).unwrap();
+    let n = u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&good[8..8 + n]).unwrap();
+    edit(&mut header);
+    let json = serde_json::to_vec(&header).unwrap();
+    let mut out = (json.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&good[8 + n..]);
+    out
+}
+
+#[test]
+fn lying_tensor_entries_are_errors_naming_the_tensor() {
+    let key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora.down.weight";
+    // Offsets that do not match the shape.
+    let e = err_of(&with_header(|h| {
+        let end = h[key]["data_offsets"][1].as_u64().unwrap();
+        h.get_mut(key).unwrap()["data_offsets"][1] = (end + 4).into();
+    }));
+    assert!(e.contains(key) && e.contains("data offsets"), "{e}");
+    // A shape that does not match the byte count.
+    let e = err_of(&with_header(|h| h.get_mut(key).unwrap()["shape"] = serde_json::json!([4, 33])));
+    assert!(e.contains(key) && e.contains("[4, 33]"), "{e}");
+    // A dtype a LoRA weight cannot have.
+    let e = err_of(&with_header(|h| h.get_mut(key).unwrap()["dtype"] = "I32".into()));
+    assert!(e.contains(key), "{e}");
+}
+
+#[test]
+fn corrupted_bytes_never_panic() {
+    // Deterministic corruption of the header and the first data bytes: every outcome must be
+    // an Ok or an Err, never a panic.
+    let good = std::fs::read(golden("lora-kohya.safetensors")).unwrap();
+    let mut state = 0x2545F4914F6CDD1Du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut errors = 0;
+    for _ in 0..300 {
+        let mut bytes = good.clone();
+        for _ in 0..1 + next() % 4 {
+            let at = (next() % 4096.min(bytes.len() as u64)) as usize;
+            bytes[at] = next() as u8;
+        }
+        let result = std::panic::catch_unwind(|| parse_lora_bytes(&bytes).map(|_| ()));
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => errors += 1,
+            Err(_) => panic!("parse_lora_bytes panicked on corrupted input"),
+        }
+    }
+    assert!(errors > 0, "some corruptions must be detected");
 }

@@ -235,3 +235,38 @@ fn bad_specs_are_errors() {
     assert!(plan_targets(names(), &spec(&[])).is_err());
     assert!(plan_targets(names(), &spec(&[".to_q"])).is_err());
 }
+
+#[test]
+fn trained_weights_export_in_the_reference_form_and_load_back() {
+    use lora::adapters::format::{parse_lora_bytes, serialize_lora, LoraFormat};
+    use lora::adapters::lora::{load_lora_modules, load_peft_tensors, trained_weights};
+    let names = unet_names();
+    let mut layers = make_linears(&names);
+    let s = LoraSpec::reference_unet(4);
+    let loras = inject(layers.iter_mut().collect(), &s, &mut InitRng::seed_from_u64(3)).unwrap();
+    for l in &loras {
+        let (o, r) = l.up.dims2().unwrap();
+        l.up.set(&Tensor::randn(0f32, 1.0, (o, r), &Device::Cpu).unwrap()).unwrap();
+    }
+    let w = trained_weights(&loras, &[]).unwrap();
+    let bytes = serialize_lora(&w, LoraFormat::Diffusers).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let meta = header.metadata().clone().unwrap();
+    assert_eq!(meta.len(), 1, "alpha = r: header is exactly {{\"format\": \"pt\"}}, got {meta:?}");
+    let back = parse_lora_bytes(&bytes).unwrap();
+    assert_eq!(back.unet.len(), loras.len());
+
+    // Load into a fresh injection (different seed) and compare bit for bit.
+    let mut layers2 = make_linears(&names);
+    let loras2 = inject(layers2.iter_mut().collect(), &s, &mut InitRng::seed_from_u64(99)).unwrap();
+    load_lora_modules(&loras2, &back.unet).unwrap();
+    for (a, b) in loras.iter().zip(&loras2) {
+        assert_eq!(a.module, b.module);
+        let d = (a.up.as_tensor() - b.up.as_tensor()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(d, 0.0, "exact reload of {}", a.module);
+    }
+    // Missing tensors are reported by name and change nothing.
+    let empty = std::collections::HashMap::new();
+    let e = load_peft_tensors(&loras2, &empty, "before.").unwrap_err().to_string();
+    assert!(e.contains("before.") && e.contains("lora_A.default.weight"), "{e}");
+}

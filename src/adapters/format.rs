@@ -398,6 +398,29 @@ pub fn kohya_to_module(_component: Component, stem: &str) -> String {
     parts.join(".")
 }
 
+/// Text-encoder module names always start at `text_model.` (transformers 4 layout); files
+/// saved from transformers 5's flattened `CLIPTextModel` name them from `encoder.` on.
+fn canonical_module_name(component: Component, module: &str) -> String {
+    let flattened = ["encoder.", "embeddings.", "final_layer_norm"].iter().any(|p| module.starts_with(p));
+    if component != Component::Unet && flattened {
+        format!("text_model.{module}")
+    } else {
+        module.to_string()
+    }
+}
+
+/// The key a module's down weight has in `format` (for messages and tools).
+pub fn down_key(format: LoraFormat, component: Component, module: &str) -> String {
+    let p = component.diffusers_prefix();
+    match format {
+        LoraFormat::Diffusers if component == Component::Unet => format!("{p}.{module}.lora.down.weight"),
+        LoraFormat::Diffusers => format!("{p}.{module}.lora_linear_layer.down.weight"),
+        LoraFormat::Peft => format!("{p}.{module}.lora_A.weight"),
+        LoraFormat::AttnProcessor => format!("{p}.{module} (attention-processor form)"),
+        LoraFormat::Kohya => format!("{}.lora_down.weight", module_to_kohya(component, module)),
+    }
+}
+
 /// The kohya stem of a module: every `.` becomes `_`.
 pub fn module_to_kohya(component: Component, module: &str) -> String {
     format!("{}{}", component.kohya_prefix(), module.replace('.', "_"))
@@ -450,17 +473,73 @@ pub fn read_lora_file(path: &Path) -> Result<LoraWeights> {
     parse_lora_bytes(&bytes).with_context(|| format!("LoRA file {}", path.display()))
 }
 
-/// Explain a safetensors header error with the offsets involved.
+/// Explain a safetensors header error: which tensor and which offsets are wrong.
 fn header_error(bytes: &[u8], err: safetensors::SafeTensorError) -> anyhow::Error {
-    let declared = bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().unwrap()));
-    match declared {
-        None => anyhow!("not a safetensors file: {} bytes, shorter than the 8-byte header length", bytes.len()),
-        Some(n) if n.saturating_add(8) > bytes.len() as u64 => anyhow!(
+    let Some(prefix) = bytes.get(..8) else {
+        return anyhow!("not a safetensors file: {} bytes, shorter than the 8-byte header length", bytes.len());
+    };
+    let n = u64::from_le_bytes(prefix.try_into().expect("8 bytes"));
+    if n.saturating_add(8) > bytes.len() as u64 {
+        return anyhow!(
             "damaged safetensors header: it claims {n} header bytes at offset 8, but the file has only {} bytes ({err})",
             bytes.len()
-        ),
-        Some(n) => anyhow!("damaged safetensors header (JSON at offsets 8..{}; file is {} bytes): {err}", 8 + n, bytes.len()),
+        );
     }
+    let header_end = 8 + n as usize;
+    let data_len = (bytes.len() - header_end) as u64;
+    let generic = || anyhow!("damaged safetensors header (JSON at offsets 8..{header_end}; file is {} bytes): {err}", bytes.len());
+    let Ok(serde_json::Value::Object(header)) = serde_json::from_slice::<serde_json::Value>(&bytes[8..header_end]) else {
+        return generic();
+    };
+    // Walk the entries in data order and name the first one that does not add up.
+    let mut entries: Vec<(u64, u64, &String, &serde_json::Value)> = Vec::new();
+    for (name, info) in &header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let offsets = info.get("data_offsets").and_then(|o| o.as_array());
+        let (Some(start), Some(end)) = (
+            offsets.and_then(|o| o.first()).and_then(|v| v.as_u64()),
+            offsets.and_then(|o| o.get(1)).and_then(|v| v.as_u64()),
+        ) else {
+            return anyhow!("damaged safetensors header: tensor `{name}` has no valid `data_offsets` ({err})");
+        };
+        entries.push((start, end, name, info));
+    }
+    entries.sort_by_key(|e| (e.0, e.1));
+    let mut expected_start = 0u64;
+    for (start, end, name, info) in entries {
+        let elem_size = match info.get("dtype").and_then(|d| d.as_str()) {
+            Some("F64" | "I64" | "U64") => 8,
+            Some("F32" | "I32" | "U32") => 4,
+            Some("F16" | "BF16" | "I16" | "U16") => 2,
+            Some("U8" | "I8" | "BOOL" | "F8_E4M3" | "F8_E5M2") => 1,
+            other => return anyhow!("damaged safetensors header: tensor `{name}` has dtype {other:?} ({err})"),
+        };
+        let shape: Option<Vec<u64>> = info.get("shape").and_then(|s| s.as_array()).map(|s| s.iter().filter_map(|d| d.as_u64()).collect());
+        let Some(shape) = shape else {
+            return anyhow!("damaged safetensors header: tensor `{name}` has no valid `shape` ({err})");
+        };
+        let want = shape.iter().try_fold(elem_size, |acc: u64, d| acc.checked_mul(*d));
+        if start != expected_start {
+            return anyhow!("damaged safetensors header: tensor `{name}` starts at data offset {start}, expected {expected_start} (overlap or gap)");
+        }
+        if want != Some(end.saturating_sub(start)) || end < start {
+            return anyhow!(
+                "damaged safetensors header: tensor `{name}` has shape {shape:?} ({} bytes) but data offsets {start}..{end} ({} bytes)",
+                want.map_or("too many".to_string(), |w| w.to_string()),
+                end.saturating_sub(start)
+            );
+        }
+        expected_start = end;
+    }
+    if expected_start != data_len {
+        return anyhow!(
+            "damaged safetensors file: the tensors cover {expected_start} data bytes, the file has {data_len} after the header (truncated or padded at offset {})",
+            header_end as u64 + expected_start.min(data_len)
+        );
+    }
+    generic()
 }
 
 /// Parse the bytes of a LoRA safetensors file.
@@ -535,6 +614,10 @@ pub fn parse_lora_bytes(bytes: &[u8]) -> Result<LoraWeights> {
                 up.dims()
             );
         }
+        let module = canonical_module_name(component, &module);
+        if weights.component(component).contains_key(&module) {
+            bail!("two spellings of module `{module}` in one file (e.g. `{down_key}`)");
+        }
         weights.component_mut(component).insert(module, LoraModule { down, up, alpha: p.alpha });
     }
     if let Some(json) = weights.metadata.get(ADAPTER_METADATA_KEY).cloned() {
@@ -606,6 +689,15 @@ fn alpha_view(alpha: f64) -> OwnedView {
     }
 }
 
+/// A whole number as a JSON integer, otherwise a float.
+fn json_number(x: f64) -> serde_json::Value {
+    if x.fract() == 0.0 && x.abs() < 9e15 {
+        (x as i64).into()
+    } else {
+        x.into()
+    }
+}
+
 /// diffusers' `lora_adapter_metadata` for the components whose alphas are not all equal to
 /// their ranks; `None` when every scale is 1 (the reference's case).
 fn adapter_metadata(weights: &LoraWeights) -> Option<String> {
@@ -627,21 +719,28 @@ fn adapter_metadata(weights: &LoraWeights) -> Option<String> {
             alpha_counts.entry(a.to_string()).or_insert((0, a)).0 += 1;
         }
         let alpha = alpha_counts.values().max_by_key(|(n, _)| *n).map(|(_, a)| *a).unwrap_or(r as f64);
+        // transformers 5 flattens CLIPTextModel (no `text_model.` level): name text-encoder
+        // modules from `encoder.` on, which PEFT's suffix matching finds in either layout.
+        let peft_name = |n: &str| -> String {
+            match c {
+                Component::Unet => n.to_string(),
+                _ => n.strip_prefix("text_model.").unwrap_or(n).to_string(),
+            }
+        };
         let rank_pattern: serde_json::Map<_, _> =
-            modules.iter().filter(|(_, m)| m.rank() != r).map(|(n, m)| (n.clone(), m.rank().into())).collect();
+            modules.iter().filter(|(_, m)| m.rank() != r).map(|(n, m)| (peft_name(n), m.rank().into())).collect();
         let alpha_pattern: serde_json::Map<_, _> = modules
             .iter()
             .filter(|(_, m)| m.effective_alpha() != alpha)
-            .map(|(n, m)| (n.clone(), m.effective_alpha().into()))
+            .map(|(n, m)| (peft_name(n), json_number(m.effective_alpha())))
             .collect();
-        let mut targets: Vec<&String> = modules.keys().collect();
-        targets.sort();
+        let targets: Vec<String> = modules.keys().map(|n| peft_name(n)).collect();
         let p = c.diffusers_prefix();
         out.insert(format!("{p}.r"), r.into());
-        out.insert(format!("{p}.lora_alpha"), alpha.into());
+        out.insert(format!("{p}.lora_alpha"), json_number(alpha));
         out.insert(format!("{p}.rank_pattern"), rank_pattern.into());
         out.insert(format!("{p}.alpha_pattern"), alpha_pattern.into());
-        out.insert(format!("{p}.target_modules"), targets.into_iter().cloned().collect::<Vec<_>>().into());
+        out.insert(format!("{p}.target_modules"), targets.into());
     }
     if out.is_empty() {
         None

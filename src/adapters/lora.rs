@@ -27,7 +27,7 @@ use candle_core::{DType, Tensor, Var};
 use rand::Rng;
 use rand_distr::{Distribution, Normal};
 
-use super::format::{read_lora_file, LoraModule, LoraWeights};
+use super::format::{down_key, read_lora_file, Component, LoraFormat, LoraModule, LoraWeights};
 use crate::nn::{AdaptedLinear, LoraBranch};
 
 /// The RNG we recommend for LoRA initialisation: a named algorithm, stable across versions.
@@ -57,6 +57,13 @@ pub struct LoraSpec {
     /// Per-pattern alpha overrides.
     pub alpha_pattern: BTreeMap<String, f64>,
     pub init: LoraInit,
+}
+
+impl Default for LoraSpec {
+    /// The reference script's UNet adapter at its default rank 4.
+    fn default() -> Self {
+        Self::reference_unet(4)
+    }
 }
 
 impl LoraSpec {
@@ -342,11 +349,17 @@ pub fn trained_weights(unet: &[TrainableLora], text_encoder: &[TrainableLora]) -
 /// Match the modules of one component of a LoRA file to `linears` and check shapes. Returns
 /// (index into linears, module) pairs, or every problem found.
 fn match_component<'w>(
-    component: &str,
+    component: Component,
+    format: Option<LoraFormat>,
     modules: &'w BTreeMap<String, LoraModule>,
     linears: &[&mut AdaptedLinear],
     problems: &mut Vec<String>,
 ) -> Vec<(usize, &'w LoraModule)> {
+    let title = match component {
+        Component::Unet => "UNet",
+        Component::TextEncoder => "text encoder",
+        Component::TextEncoder2 => "second text encoder",
+    };
     let mut exact = BTreeMap::new();
     let mut underscored = BTreeMap::new();
     for (i, lin) in linears.iter().enumerate() {
@@ -357,9 +370,10 @@ fn match_component<'w>(
     for (name, m) in modules {
         // Kohya names lose the dots; fall back to comparing with underscores.
         let idx = exact.get(name.as_str()).copied().or_else(|| underscored.get(&name.replace('.', "_")).copied());
+        let key = format.map_or_else(|| name.clone(), |f| down_key(f, component, name));
         let Some(i) = idx else {
             problems.push(format!(
-                "{component} LoRA module `{name}` matches no layer of the model; near names: {}",
+                "{title} LoRA module `{name}` (key `{key}`) matches no layer of the model; near names: {}",
                 near_names(name, linears.iter().map(|l| l.name.as_str())).join(", ")
             ));
             continue;
@@ -369,7 +383,7 @@ fn match_component<'w>(
         let (out_f, r_up) = (m.up.dims()[0], m.up.dims()[1]);
         if in_f != lin.in_features() || out_f != lin.out_features() || r != r_up {
             problems.push(format!(
-                "{component} LoRA module `{name}`: down {:?} / up {:?} do not fit layer `{}` with weight {:?} (down must be [r, {}], up [{}, r])",
+                "{title} LoRA module `{name}` (key `{key}`): down {:?} / up {:?} do not fit layer `{}` with weight {:?} (down must be [r, {}], up [{}, r])",
                 m.down.dims(),
                 m.up.dims(),
                 lin.name,
@@ -399,8 +413,9 @@ pub fn apply_lora_weights(
             weights.text_encoder_2.len()
         ));
     }
-    let unet_plan = match_component("UNet", &weights.unet, &unet, &mut problems);
-    let te_plan = match_component("text encoder", &weights.text_encoder, &text_encoder, &mut problems);
+    let f = weights.source_format;
+    let unet_plan = match_component(Component::Unet, f, &weights.unet, &unet, &mut problems);
+    let te_plan = match_component(Component::TextEncoder, f, &weights.text_encoder, &text_encoder, &mut problems);
     if !problems.is_empty() {
         bail!("{}", problems.join("\n"));
     }
@@ -428,4 +443,66 @@ pub fn apply_lora_file(sd: &mut crate::models::StableDiffusion, path: &Path, sca
     let weights = read_lora_file(path)?;
     apply_lora_weights(&weights, sd.unet.linears_mut(), sd.text_encoder.linears_mut(), scale)
         .with_context(|| format!("cannot apply LoRA file {}", path.display()))
+}
+
+/// Overwrite the trainable tensors of `loras` with tensors named `{prefix}{peft name}`, e.g.
+/// `before.` + `down_blocks.0….to_q.lora_A.default.weight` (goldens). Every branch must be
+/// present with its exact shape; nothing is changed unless all are.
+pub fn load_peft_tensors(
+    loras: &[TrainableLora],
+    tensors: &std::collections::HashMap<String, Tensor>,
+    prefix: &str,
+) -> Result<()> {
+    let mut staged = Vec::with_capacity(loras.len() * 2);
+    let mut problems = Vec::new();
+    for l in loras {
+        for (var, name) in [(&l.down, l.peft_down_name()), (&l.up, l.peft_up_name())] {
+            let key = format!("{prefix}{name}");
+            match tensors.get(&key) {
+                None => problems.push(format!("tensor `{key}` is missing")),
+                Some(t) if t.dims() != var.dims() => {
+                    problems.push(format!("tensor `{key}` has shape {:?}, the LoRA parameter has {:?}", t.dims(), var.dims()))
+                }
+                Some(t) => staged.push((var, t)),
+            }
+        }
+    }
+    if !problems.is_empty() {
+        bail!("{}", problems.join("\n"));
+    }
+    for (var, t) in staged {
+        var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+    }
+    Ok(())
+}
+
+/// Overwrite the trainable tensors of `loras` with the modules of a LoRA file (e.g. to resume
+/// from a checkpoint). The file must hold exactly the injected modules with the same shapes.
+pub fn load_lora_modules(loras: &[TrainableLora], modules: &BTreeMap<String, LoraModule>) -> Result<()> {
+    let mut problems = Vec::new();
+    let injected: BTreeSet<&str> = loras.iter().map(|l| l.module.as_str()).collect();
+    for name in modules.keys() {
+        if !injected.contains(name.as_str()) {
+            problems.push(format!("LoRA module `{name}` is not among the injected modules"));
+        }
+    }
+    let mut tensors = std::collections::HashMap::new();
+    for l in loras {
+        match modules.get(&l.module) {
+            None => problems.push(format!("LoRA module `{}` is missing", l.module)),
+            Some(m) => {
+                if let Some(a) = m.alpha {
+                    if (a - l.alpha).abs() > 1e-9 * l.alpha.abs().max(1.0) {
+                        problems.push(format!("LoRA module `{}` has alpha {a}, the injected branch {}", l.module, l.alpha));
+                    }
+                }
+                tensors.insert(l.peft_down_name(), m.down.clone());
+                tensors.insert(l.peft_up_name(), m.up.clone());
+            }
+        }
+    }
+    if !problems.is_empty() {
+        bail!("{}", problems.join("\n"));
+    }
+    load_peft_tensors(loras, &tensors, "")
 }
