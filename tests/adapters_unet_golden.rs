@@ -37,7 +37,6 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
 }
 
 #[test]
-#[ignore = "needs models"]
 fn diffusers_lora_on_tiny_unet_equals_golden() {
     let (out, want) = unet_output_with("lora-diffusers/pytorch_lora_weights.safetensors");
     let e = rel_err(&out, &want);
@@ -46,7 +45,6 @@ fn diffusers_lora_on_tiny_unet_equals_golden() {
 }
 
 #[test]
-#[ignore = "needs models"]
 fn kohya_lora_on_tiny_unet_equals_golden() {
     let (out, want) = unet_output_with("lora-kohya.safetensors");
     let e = rel_err(&out, &want);
@@ -55,7 +53,6 @@ fn kohya_lora_on_tiny_unet_equals_golden() {
 }
 
 #[test]
-#[ignore = "needs models"]
 fn reference_injection_on_the_tiny_models_targets_what_the_reference_saved() {
     use lora::adapters::lora::{inject, trained_weights, InitRng, LoraSpec};
     use lora::models::config::ClipTextConfig;

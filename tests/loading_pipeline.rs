@@ -45,7 +45,6 @@ fn bad_sources_fail_before_any_network_is_built() {
 }
 
 #[test]
-#[ignore = "needs the networks (models::config/clip/unet/vae) from the parallel models branch"]
 fn fixture_pipeline_loads_with_every_weight_read() {
     let cache = tempfile::tempdir().unwrap();
     let root = fixtures().join("tiny-sd");
@@ -57,7 +56,6 @@ fn fixture_pipeline_loads_with_every_weight_read() {
 }
 
 #[test]
-#[ignore = "needs the networks (models::config/clip/unet/vae) from the parallel models branch"]
 fn old_vae_attention_names_give_the_same_decoder_output() {
     let cache = tempfile::tempdir().unwrap();
     let hub = offline_hub(cache.path());
@@ -102,7 +100,6 @@ fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
 }
 
 #[test]
-#[ignore = "needs the networks (models::config/clip/unet/vae) from the parallel models branch"]
 fn sharded_and_fp16_variant_unets_match_the_single_f32_file() {
     let cache = tempfile::tempdir().unwrap();
     let hub = offline_hub(cache.path());

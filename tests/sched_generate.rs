@@ -33,7 +33,6 @@ fn max_pixel_diff(got: &[u8], want: &[u8]) -> (u8, usize) {
 }
 
 #[test]
-#[ignore = "needs models (models::* are todo!() in this branch)"]
 fn generate_matches_diffusers_for_each_scheduler() {
     // Tolerance: 2/255 per channel per pixel (the bar).
     let golden = sampling_golden();
@@ -60,7 +59,6 @@ fn generate_matches_diffusers_for_each_scheduler() {
 }
 
 #[test]
-#[ignore = "needs models (models::* are todo!() in this branch)"]
 fn cli_generate_writes_the_golden_png() {
     // Same bar through the command line, PNDM, with --latents read from a file.
     let golden = sampling_golden();

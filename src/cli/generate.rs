@@ -140,13 +140,8 @@ fn check_args(args: &Args) -> Result<(), String> {
 fn apply_loras(sd: &mut StableDiffusion, loras: &[LoraSpec]) -> anyhow::Result<()> {
     for lora in loras {
         tracing::info!("applying LoRA {} (scale {})", lora.path.display(), lora.scale);
-        // TODO(integrator): `crate::adapters::lora::apply_lora_file(sd: &mut StableDiffusion,
-        // path: &Path, scale: f64) -> Result<()>` is written in the adapters worktree but not in
-        // this branch; replace the bail below with:
-        //   crate::adapters::lora::apply_lora_file(sd, &lora.path, lora.scale)
-        //       .with_context(|| format!("applying LoRA {}", lora.path.display()))?;
-        let _ = &sd;
-        anyhow::bail!("--lora {}: applying LoRA files is not available in this build yet", lora.path.display());
+        crate::adapters::lora::apply_lora_file(sd, &lora.path, lora.scale)
+            .with_context(|| format!("applying LoRA {}", lora.path.display()))?;
     }
     Ok(())
 }
