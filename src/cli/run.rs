@@ -53,6 +53,9 @@ pub fn print_summary(report: &RunReport) {
             if let (Some(first), Some(last)) = (t.first_loss, t.final_loss) {
                 println!("  loss       {first:.4} (first step) -> {last:.4} (last step)");
             }
+            if let (Some(before), Some(after)) = (t.eval_loss_before, t.eval_loss_after) {
+                println!("  eval loss  {before:.4} -> {after:.4} (fixed noise, {:+.2}%)", (after / before - 1.0) * 100.0);
+            }
             println!("  train time {:.1} s", t.seconds);
         }
         None if report.skipped_train => println!("  train      up to date (nothing to do)"),

@@ -221,6 +221,7 @@ pub fn train_settings(loaded: &LoadedPipeline) -> TrainSettings {
         resume_from_checkpoint: p.checkpoints.resume.clone(),
         cache_encodings: !p.adapter.text_encoder,
         pipeline_sha256: Some(pipeline_sha256(loaded)),
+        eval_batches: 0,
     }
 }
 
@@ -351,6 +352,8 @@ pub fn run_pipeline(loaded: &LoadedPipeline, session: &mut Session, opts: &RunOp
         tracing::info!("adapter: {} modules, {n_params} trainable parameters", unet_loras.len() + te_loras.len());
         let loader = DataLoader::new(dataset.clone(), loader_options(p))?;
         let mut settings = train_settings(loaded);
+        // Measure progress on up to 32 examples with fixed noise, before and after training.
+        settings.eval_batches = 32usize.div_ceil(settings.batch_size).min(loader.batches_per_epoch());
         if settings.resume_from_checkpoint.is_none() && lock.stages.get(PARTIAL).is_some_and(|r| r.fingerprint == train_fp) {
             tracing::info!("train: the last run with these settings was interrupted; resuming from its latest checkpoint");
             settings.resume_from_checkpoint = Some("latest".into());

@@ -53,6 +53,8 @@ pub struct TrainSettings {
     pub cache_encodings: bool,
     /// SHA-256 of the resolved pipeline, recorded in checkpoints.
     pub pipeline_sha256: Option<String>,
+    /// Batches of the fixed-noise evaluation loss measured before and after training (0: off).
+    pub eval_batches: usize,
 }
 
 /// One micro-batch from the data stage.
@@ -76,6 +78,10 @@ pub struct TrainOutcome {
     pub max_train_steps: usize,
     pub final_loss: Option<f64>,
     pub first_loss: Option<f64>,
+    /// Mean loss over the evaluation batches with fixed noise, before and after training
+    /// (a noise-free measure of progress; single-step losses vary with the drawn timesteps).
+    pub eval_loss_before: Option<f64>,
+    pub eval_loss_after: Option<f64>,
     pub seconds: f64,
     pub interrupted: bool,
     pub resumed_from: Option<PathBuf>,
@@ -198,6 +204,24 @@ impl<'a> Trainer<'a> {
         Ok(loss)
     }
 
+    /// Mean loss over the first `batches` batches of epoch 0 with fixed random draws (the same
+    /// every call), without gradients: comparable before and after training.
+    pub fn eval_loss(&mut self, source: &dyn BatchSource, batches: usize) -> Result<Option<f64>> {
+        if batches == 0 {
+            return Ok(None);
+        }
+        let mut total = 0.0;
+        let mut n = 0usize;
+        for (i, batch) in source.batches(0, 0).take(batches).enumerate() {
+            let batch = batch?;
+            // Streams far from the training ones (which count up from 1).
+            let loss = self.micro_step_loss(&batch, usize::MAX / 2 + i)?.detach();
+            total += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            n += 1;
+        }
+        Ok((n > 0).then(|| total / n as f64))
+    }
+
     /// Run the whole loop over `source`.
     pub fn train(&mut self, source: &dyn BatchSource, mut progress: Option<&mut ProgressFn<'_>>) -> Result<TrainOutcome> {
         let s = self.settings.clone();
@@ -231,6 +255,8 @@ impl<'a> Trainer<'a> {
             max_train_steps: plan.max_train_steps,
             final_loss: state.last_loss,
             first_loss: None,
+            eval_loss_before: None,
+            eval_loss_after: None,
             seconds: 0.0,
             interrupted: false,
             resumed_from,
@@ -241,6 +267,9 @@ impl<'a> Trainer<'a> {
             return Ok(outcome);
         }
 
+        if s.eval_batches > 0 && state.global_step == 0 {
+            outcome.eval_loss_before = self.eval_loss(source, s.eval_batches)?;
+        }
         let mut acc: Option<Vec<Tensor>> = None;
         let mut acc_loss = 0f64;
         let first_epoch = state.micro_steps / plan.batches_per_epoch;
@@ -317,6 +346,9 @@ impl<'a> Trainer<'a> {
             }
         }
         outcome.global_step = state.global_step;
+        if s.eval_batches > 0 && outcome.eval_loss_before.is_some() && !outcome.interrupted {
+            outcome.eval_loss_after = self.eval_loss(source, s.eval_batches)?;
+        }
         outcome.seconds = started.elapsed().as_secs_f64();
         Ok(outcome)
     }
