@@ -96,7 +96,9 @@ pub struct LoadedPipeline {
 /// strings as given to `--set`. Any error returns every diagnostic found.
 pub fn load_pipeline(path: &Path, overrides: &[String]) -> Result<LoadedPipeline, Diagnostics> {
     let (resolved, provenance, diags) = load_document(path, overrides);
-    if diags.has_errors() {
+    // A file that cannot be read or parsed stops here; a broken `--set` is skipped, and the
+    // rest is still checked.
+    if diags.iter().any(|d| d.is_error() && d.file != "--set") {
         return Err(diags);
     }
     super::validate::validate_document(path, resolved, provenance, diags)
