@@ -212,3 +212,50 @@ impl Source {
         (line_no, col, Some(snippet))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_like_rustc_with_caret_under_the_span() {
+        let src = Source::new("p.toml", "[train]\nlearning_rat = 1e-4\n");
+        let d = Diagnostic::error(&src, 8..20, "unknown key").with_help("did you mean `learning_rate`?");
+        assert_eq!((d.line, d.col), (2, 1));
+        assert_eq!(
+            d.render(),
+            "p.toml:2:1: error: unknown key\n  |\n2 | learning_rat = 1e-4\n  | ^^^^^^^^^^^^\n  = help: did you mean `learning_rate`?\n"
+        );
+    }
+
+    #[test]
+    fn columns_count_characters_and_spans_stop_at_the_line_end() {
+        let src = Source::new("p.toml", "a = \"é\" # x\nb = 1\n");
+        // The span of `# x` starts after a two-byte character.
+        let start = src.text.find('#').unwrap();
+        let (line, col, snippet) = src.locate(start..src.text.len());
+        assert_eq!((line, col), (1, 9));
+        assert_eq!(snippet.unwrap().width, 3, "the caret stops at the end of the first line");
+    }
+
+    #[test]
+    fn set_sources_number_lines_by_position() {
+        let mut src = Source::new("--set", "train.seed=x");
+        src.line_offset = 2;
+        let d = Diagnostic::error(&src, 11..12, "bad");
+        assert!(d.render().starts_with("--set:3:12: error: bad\n"), "{}", d.render());
+    }
+
+    #[test]
+    fn json_has_the_documented_fields() {
+        let src = Source::new("p.toml", "x = 1\n");
+        let diags = Diagnostics(vec![Diagnostic::error(&src, 4..5, "m").with_key("x")]);
+        let v: serde_json::Value = serde_json::from_str(&diags.to_json()).unwrap();
+        assert_eq!(v[0]["file"], "p.toml");
+        assert_eq!(v[0]["line"], 1);
+        assert_eq!(v[0]["column"], 5);
+        assert_eq!(v[0]["key_path"], "x");
+        assert_eq!(v[0]["severity"], "error");
+        assert_eq!(v[0]["message"], "m");
+    }
+}

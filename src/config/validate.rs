@@ -866,3 +866,26 @@ fn find_file(dir: &Path, depth: usize, want: &dyn Fn(&str) -> bool) -> bool {
     }
     depth > 0 && subdirs.iter().any(|d| find_file(d, depth - 1, want))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn did_you_mean_finds_near_misses_only() {
+        let keys = ["learning_rate", "lr_scheduler", "max_steps", "seed"];
+        assert_eq!(did_you_mean("learning_rat", keys), Some("learning_rate"));
+        assert_eq!(did_you_mean("Learning_Rate", keys), Some("learning_rate"));
+        assert_eq!(did_you_mean("max_step", keys), Some("max_steps"));
+        assert_eq!(did_you_mean("gradient_checkpointing", keys), None);
+    }
+
+    #[test]
+    fn hub_ids_are_owner_slash_name() {
+        assert!(valid_hub_id("stable-diffusion-v1-5/stable-diffusion-v1-5"));
+        assert!(valid_hub_id("gpt2"));
+        assert!(!valid_hub_id("a/b/c"));
+        assert!(!valid_hub_id("../x"));
+        assert!(!valid_hub_id("a b/c"));
+    }
+}
