@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::config::{choice_name, load_pipeline, tidy_path, Crop, OutputFormat, Pipeline};
+use crate::config::{choice_name, load_pipeline, tidy_path, Crop, OutputFormat, Pipeline, ReportTo};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -100,12 +100,18 @@ pub fn stages(p: &Pipeline) -> Vec<Stage> {
                 choice_name(&p.train.lr_scheduler)
             ),
             reads: p.checkpoints.resume.iter().map(|r| format!("{} (resume from {r})", tidy_path(out).display())).collect(),
-            writes: vec![format!(
-                "{}/checkpoint-<step> every {} steps{}",
-                tidy_path(out).display(),
-                p.checkpoints.every_steps,
-                p.checkpoints.total_limit.map(|l| format!(", keeping {l}")).unwrap_or_default()
-            )],
+            writes: {
+                let mut w = vec![format!(
+                    "{}/checkpoint-<step> every {} steps{}",
+                    tidy_path(out).display(),
+                    p.checkpoints.every_steps,
+                    p.checkpoints.total_limit.map(|l| format!(", keeping {l}")).unwrap_or_default()
+                )];
+                if p.logging.report_to == ReportTo::Tensorboard {
+                    w.push(format!("{} (TensorBoard events)", tidy_path(&out.join(&p.logging.dir)).display()));
+                }
+                w
+            },
         },
     ];
     if !p.validation.prompts.is_empty() {
