@@ -28,11 +28,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let loaded = match load_pipeline(&args.file, &args.overrides) {
         Ok(l) => l,
         Err(diags) => {
-            eprint!("{}", diags.render());
+            eprint!("{}", diags.render_styled(std::io::IsTerminal::is_terminal(&std::io::stderr())));
             return Ok(ExitCode::from(super::EXIT_INVALID));
         }
     };
-    eprint!("{}", loaded.warnings.render());
+    eprint!("{}", loaded.warnings.render_styled(std::io::IsTerminal::is_terminal(&std::io::stderr())));
     println!("plan for {}", args.file.display());
     for (i, stage) in stages(&loaded.pipeline).iter().enumerate() {
         println!("{}. {:<10} {}", i + 1, stage.name, stage.does);

@@ -110,8 +110,19 @@ impl Diagnostic {
 
     /// The human form: `FILE:LINE:COL: error: message`, the line with a caret, then the help.
     pub fn render(&self) -> String {
+        self.render_styled(false)
+    }
+
+    /// [`Diagnostic::render`], with the severity and caret in colour when `colour` is true (for
+    /// a terminal).
+    pub fn render_styled(&self, colour: bool) -> String {
+        let (on, off) = match (colour, self.severity) {
+            (false, _) => ("", ""),
+            (true, Severity::Error) => ("\x1b[1;31m", "\x1b[0m"),
+            (true, Severity::Warning) => ("\x1b[1;33m", "\x1b[0m"),
+        };
         let mut out = String::new();
-        let _ = writeln!(out, "{}:{}:{}: {}: {}", self.file, self.line, self.col, self.severity.label(), self.message);
+        let _ = writeln!(out, "{}:{}:{}: {on}{}{off}: {}", self.file, self.line, self.col, self.severity.label(), self.message);
         let gutter = self.line.to_string().len();
         if let Some(snippet) = &self.snippet {
             let pad = " ".repeat(gutter);
@@ -123,7 +134,7 @@ impl Diagnostic {
                 .take(snippet.col - 1)
                 .map(|c| if c == '\t' { '\t' } else { ' ' })
                 .collect();
-            let _ = writeln!(out, "{pad} | {lead}{}", "^".repeat(snippet.width.max(1)));
+            let _ = writeln!(out, "{pad} | {lead}{on}{}{off}", "^".repeat(snippet.width.max(1)));
         }
         if let Some(help) = &self.help {
             let _ = writeln!(out, "{} = help: {help}", " ".repeat(gutter));
@@ -160,7 +171,11 @@ impl Diagnostics {
     }
     /// All diagnostics in the human form, each followed by a blank line.
     pub fn render(&self) -> String {
-        self.0.iter().map(|d| d.render() + "\n").collect()
+        self.render_styled(false)
+    }
+    /// [`Diagnostics::render`], in colour when `colour` is true.
+    pub fn render_styled(&self, colour: bool) -> String {
+        self.0.iter().map(|d| d.render_styled(colour) + "\n").collect()
     }
     /// A JSON list of `{file, line, column, key_path, severity, message, help}`.
     pub fn to_json(&self) -> String {
