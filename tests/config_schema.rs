@@ -195,3 +195,47 @@ fn extends_layers_and_set_overrides_remember_their_sources() {
     assert_eq!(name_of("train.learning_rate"), "--set");
     assert_eq!(loaded.resolved["train"]["learning_rate"].as_float(), Some(2e-4));
 }
+
+#[test]
+fn every_reference_flag_has_a_key_or_a_documented_reason() {
+    // The arguments of train_text_to_image_lora.py (spec §1).
+    let flags = [
+        "--pretrained_model_name_or_path", "--revision", "--variant", "--dataset_name", "--dataset_config_name",
+        "--train_data_dir", "--image_column", "--caption_column", "--validation_prompt", "--num_validation_images",
+        "--validation_epochs", "--max_train_samples", "--output_dir", "--cache_dir", "--seed", "--resolution",
+        "--center_crop", "--random_flip", "--train_batch_size", "--num_train_epochs", "--max_train_steps",
+        "--gradient_accumulation_steps", "--gradient_checkpointing", "--learning_rate", "--scale_lr", "--lr_scheduler",
+        "--lr_warmup_steps", "--snr_gamma", "--use_8bit_adam", "--allow_tf32", "--dataloader_num_workers",
+        "--adam_beta1", "--adam_beta2", "--adam_weight_decay", "--adam_epsilon", "--max_grad_norm", "--push_to_hub",
+        "--hub_token", "--prediction_type", "--hub_model_id", "--logging_dir", "--mixed_precision", "--report_to",
+        "--local_rank", "--checkpointing_steps", "--checkpoints_total_limit", "--resume_from_checkpoint",
+        "--enable_xformers_memory_efficient_attention", "--noise_offset", "--rank", "--image_interpolation_mode",
+    ];
+    let schema = pipeline_schema();
+    let text = serde_json::to_string(&schema).unwrap();
+    let docs = std::fs::read_to_string(root().join("docs/pipeline.md")).unwrap();
+    let unsupported: String = UNSUPPORTED_REFERENCE_FLAGS.iter().map(|(f, _)| *f).collect::<Vec<_>>().join(" ");
+    for flag in flags {
+        let mapped = text.contains(&format!("\"x-reference\":\"{flag}\""));
+        let explained = unsupported.contains(flag) && docs.contains(flag);
+        assert!(mapped || explained, "reference flag {flag} has no key and no documented reason");
+    }
+}
+
+#[test]
+fn plan_lists_the_stages_in_order_with_their_inputs_and_outputs() {
+    let out = Command::cargo_bin("lora").unwrap().current_dir(root()).args(["plan", "pipelines/tiny.toml"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let order: Vec<usize> = ["1. model", "2. dataset", "3. preprocess", "4. train", "5. export"]
+        .iter()
+        .map(|s| text.find(s).unwrap_or_else(|| panic!("`{s}` missing from the plan:\n{text}")))
+        .collect();
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "stages out of order:\n{text}");
+    for expected in ["reads    tests/fixtures/tiny-sd", "reads    tests/fixtures/datasets/shapes-parquet", "writes   runs/tiny/pytorch_lora_weights.safetensors", "writes   runs/tiny/checkpoint-<step> every 10 steps"] {
+        assert!(text.contains(expected), "`{expected}` missing from the plan:\n{text}");
+    }
+    let bad = Command::cargo_bin("lora").unwrap().current_dir(root().join("tests/broken")).args(["plan", "rank-zero.toml"]).output().unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).starts_with("rank-zero.toml:9:8: error:"));
+}

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::config::{choice_name, load_pipeline, tidy_path, Crop, OutputFormat, Pipeline};
+use crate::config::{choice_name, load_pipeline, tidy_path, Crop, OutputFormat, Pipeline, ReportTo};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -28,11 +28,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let loaded = match load_pipeline(&args.file, &args.overrides) {
         Ok(l) => l,
         Err(diags) => {
-            eprint!("{}", diags.render());
+            eprint!("{}", diags.render_styled(std::io::IsTerminal::is_terminal(&std::io::stderr())));
             return Ok(ExitCode::from(super::EXIT_INVALID));
         }
     };
-    eprint!("{}", loaded.warnings.render());
+    eprint!("{}", loaded.warnings.render_styled(std::io::IsTerminal::is_terminal(&std::io::stderr())));
     println!("plan for {}", args.file.display());
     for (i, stage) in stages(&loaded.pipeline).iter().enumerate() {
         println!("{}. {:<10} {}", i + 1, stage.name, stage.does);
@@ -100,12 +100,18 @@ pub fn stages(p: &Pipeline) -> Vec<Stage> {
                 choice_name(&p.train.lr_scheduler)
             ),
             reads: p.checkpoints.resume.iter().map(|r| format!("{} (resume from {r})", tidy_path(out).display())).collect(),
-            writes: vec![format!(
-                "{}/checkpoint-<step> every {} steps{}",
-                tidy_path(out).display(),
-                p.checkpoints.every_steps,
-                p.checkpoints.total_limit.map(|l| format!(", keeping {l}")).unwrap_or_default()
-            )],
+            writes: {
+                let mut w = vec![format!(
+                    "{}/checkpoint-<step> every {} steps{}",
+                    tidy_path(out).display(),
+                    p.checkpoints.every_steps,
+                    p.checkpoints.total_limit.map(|l| format!(", keeping {l}")).unwrap_or_default()
+                )];
+                if p.logging.report_to == ReportTo::Tensorboard {
+                    w.push(format!("{} (TensorBoard events)", tidy_path(&out.join(&p.logging.dir)).display()));
+                }
+                w
+            },
         },
     ];
     if !p.validation.prompts.is_empty() {

@@ -45,7 +45,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     match args.format {
         Format::Json => println!("{}", all.to_json()),
         Format::Human => {
-            eprint!("{}", all.render());
+            eprint!("{}", all.render_styled(std::io::IsTerminal::is_terminal(&std::io::stderr())));
             for s in summaries {
                 print!("{s}");
             }

@@ -110,8 +110,19 @@ impl Diagnostic {
 
     /// The human form: `FILE:LINE:COL: error: message`, the line with a caret, then the help.
     pub fn render(&self) -> String {
+        self.render_styled(false)
+    }
+
+    /// [`Diagnostic::render`], with the severity and caret in colour when `colour` is true (for
+    /// a terminal).
+    pub fn render_styled(&self, colour: bool) -> String {
+        let (on, off) = match (colour, self.severity) {
+            (false, _) => ("", ""),
+            (true, Severity::Error) => ("\x1b[1;31m", "\x1b[0m"),
+            (true, Severity::Warning) => ("\x1b[1;33m", "\x1b[0m"),
+        };
         let mut out = String::new();
-        let _ = writeln!(out, "{}:{}:{}: {}: {}", self.file, self.line, self.col, self.severity.label(), self.message);
+        let _ = writeln!(out, "{}:{}:{}: {on}{}{off}: {}", self.file, self.line, self.col, self.severity.label(), self.message);
         let gutter = self.line.to_string().len();
         if let Some(snippet) = &self.snippet {
             let pad = " ".repeat(gutter);
@@ -123,7 +134,7 @@ impl Diagnostic {
                 .take(snippet.col - 1)
                 .map(|c| if c == '\t' { '\t' } else { ' ' })
                 .collect();
-            let _ = writeln!(out, "{pad} | {lead}{}", "^".repeat(snippet.width.max(1)));
+            let _ = writeln!(out, "{pad} | {lead}{on}{}{off}", "^".repeat(snippet.width.max(1)));
         }
         if let Some(help) = &self.help {
             let _ = writeln!(out, "{} = help: {help}", " ".repeat(gutter));
@@ -160,7 +171,11 @@ impl Diagnostics {
     }
     /// All diagnostics in the human form, each followed by a blank line.
     pub fn render(&self) -> String {
-        self.0.iter().map(|d| d.render() + "\n").collect()
+        self.render_styled(false)
+    }
+    /// [`Diagnostics::render`], in colour when `colour` is true.
+    pub fn render_styled(&self, colour: bool) -> String {
+        self.0.iter().map(|d| d.render_styled(colour) + "\n").collect()
     }
     /// A JSON list of `{file, line, column, key_path, severity, message, help}`.
     pub fn to_json(&self) -> String {
@@ -210,5 +225,52 @@ impl Source {
         let width = text[start..end].chars().count().max(1);
         let snippet = Snippet { text: line_text.to_string(), col, width };
         (line_no, col, Some(snippet))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_like_rustc_with_caret_under_the_span() {
+        let src = Source::new("p.toml", "[train]\nlearning_rat = 1e-4\n");
+        let d = Diagnostic::error(&src, 8..20, "unknown key").with_help("did you mean `learning_rate`?");
+        assert_eq!((d.line, d.col), (2, 1));
+        assert_eq!(
+            d.render(),
+            "p.toml:2:1: error: unknown key\n  |\n2 | learning_rat = 1e-4\n  | ^^^^^^^^^^^^\n  = help: did you mean `learning_rate`?\n"
+        );
+    }
+
+    #[test]
+    fn columns_count_characters_and_spans_stop_at_the_line_end() {
+        let src = Source::new("p.toml", "a = \"é\" # x\nb = 1\n");
+        // The span of `# x` starts after a two-byte character.
+        let start = src.text.find('#').unwrap();
+        let (line, col, snippet) = src.locate(start..src.text.len());
+        assert_eq!((line, col), (1, 9));
+        assert_eq!(snippet.unwrap().width, 3, "the caret stops at the end of the first line");
+    }
+
+    #[test]
+    fn set_sources_number_lines_by_position() {
+        let mut src = Source::new("--set", "train.seed=x");
+        src.line_offset = 2;
+        let d = Diagnostic::error(&src, 11..12, "bad");
+        assert!(d.render().starts_with("--set:3:12: error: bad\n"), "{}", d.render());
+    }
+
+    #[test]
+    fn json_has_the_documented_fields() {
+        let src = Source::new("p.toml", "x = 1\n");
+        let diags = Diagnostics(vec![Diagnostic::error(&src, 4..5, "m").with_key("x")]);
+        let v: serde_json::Value = serde_json::from_str(&diags.to_json()).unwrap();
+        assert_eq!(v[0]["file"], "p.toml");
+        assert_eq!(v[0]["line"], 1);
+        assert_eq!(v[0]["column"], 5);
+        assert_eq!(v[0]["key_path"], "x");
+        assert_eq!(v[0]["severity"], "error");
+        assert_eq!(v[0]["message"], "m");
     }
 }

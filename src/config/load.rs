@@ -96,7 +96,9 @@ pub struct LoadedPipeline {
 /// strings as given to `--set`. Any error returns every diagnostic found.
 pub fn load_pipeline(path: &Path, overrides: &[String]) -> Result<LoadedPipeline, Diagnostics> {
     let (resolved, provenance, diags) = load_document(path, overrides);
-    if diags.has_errors() {
+    // A file that cannot be read or parsed stops here; a broken `--set` is skipped, and the
+    // rest is still checked.
+    if diags.iter().any(|d| d.is_error() && d.file != "--set") {
         return Err(diags);
     }
     super::validate::validate_document(path, resolved, provenance, diags)
@@ -465,5 +467,45 @@ fn forget(origins: &mut BTreeMap<String, Origin>, path: &str) {
         .collect();
     for k in below {
         origins.remove(&k);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tidy_path_folds_parent_components() {
+        assert_eq!(tidy_path(Path::new("pipelines/../tests/x")), Path::new("tests/x"));
+        assert_eq!(tidy_path(Path::new("bases/../../x")), Path::new("../x"));
+        assert_eq!(tidy_path(Path::new("./a/./b")), Path::new("a/b"));
+        assert_eq!(tidy_path(Path::new("a/..")), Path::new("."));
+    }
+
+    #[test]
+    fn key_paths_quote_keys_that_are_not_bare() {
+        assert_eq!(key_path(&["adapter".into(), "rank_pattern".into(), "to_out.0".into()]), "adapter.rank_pattern.\"to_out.0\"");
+    }
+
+    #[test]
+    fn replacing_a_value_forgets_the_origins_below_it_only() {
+        let o = Origin { source: 0, key: 0..1, value: 0..1 };
+        let mut origins: BTreeMap<String, Origin> =
+            ["a", "a.b", "a[0]", "ab", "a.b.c"].iter().map(|k| (k.to_string(), o.clone())).collect();
+        forget(&mut origins, "a");
+        assert_eq!(origins.keys().collect::<Vec<_>>(), ["ab"]);
+    }
+
+    #[test]
+    fn unquoted_set_strings_keep_spans_on_the_original_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.toml");
+        std::fs::write(&file, "[model]\nid = \"a/b\"\n").unwrap();
+        let (doc, prov, diags) = load_document(&file, &["model.variant=fp16".into()]);
+        assert!(diags.is_empty(), "{diags}");
+        assert_eq!(doc["model"]["variant"].as_str(), Some("fp16"));
+        let o = prov.origin("model.variant").unwrap();
+        assert_eq!(prov.sources[o.source].name, "--set");
+        assert_eq!(o.value, 14..18);
     }
 }

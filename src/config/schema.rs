@@ -5,10 +5,10 @@ use serde_json::{Map, Value};
 
 use super::types::Pipeline;
 
-/// The pipeline JSON Schema (draft 2020-12). `Option` fields are plain optional keys: TOML has
-/// no null, so the schema does not offer one.
+/// The pipeline JSON Schema (draft 07, which every TOML editor's validator understands).
+/// `Option` fields are plain optional keys: TOML has no null, so the schema does not offer one.
 pub fn pipeline_schema() -> Value {
-    let generator = schemars::generate::SchemaSettings::draft2020_12().into_generator();
+    let generator = schemars::generate::SchemaSettings::draft07().into_generator();
     let schema = generator.into_root_schema_for::<Pipeline>();
     let mut value = schema.to_value();
     strip_null(&mut value);
@@ -55,16 +55,27 @@ fn strip_null(v: &mut Value) {
     }
 }
 
-/// Follow a `$ref` to `#/$defs/...` in `root`; other schemas are returned as they are.
+/// Follow a `$ref` to `#/definitions/...` (or `#/$defs/...`) in `root`, or the single schema
+/// of an `allOf` wrapper; other schemas are returned as they are.
 pub fn deref<'a>(root: &'a Value, schema: &'a Value) -> &'a Value {
     let mut s = schema;
     for _ in 0..16 {
-        match s.get("$ref").and_then(Value::as_str).and_then(|r| r.strip_prefix("#/$defs/")) {
-            Some(name) => match root.get("$defs").and_then(|d| d.get(name)) {
-                Some(target) => s = target,
+        if let Some(r) = s.get("$ref").and_then(Value::as_str) {
+            let target = ["#/definitions/", "#/$defs/"].iter().find_map(|prefix| {
+                let name = r.strip_prefix(prefix)?;
+                root.get(&prefix[2..prefix.len() - 1])?.get(name)
+            });
+            match target {
+                Some(t) => s = t,
                 None => break,
-            },
-            None => break,
+            }
+        } else if let Some(Value::Array(all)) = s.get("allOf").filter(|_| s.get("type").is_none()) {
+            match all.as_slice() {
+                [only] => s = only,
+                _ => break,
+            }
+        } else {
+            break;
         }
     }
     s

@@ -83,6 +83,8 @@ pub fn validate_document(
     }
     let mut pipeline: Pipeline = match toml::Value::Table(pruned).try_into() {
         Ok(p) => p,
+        // The schema issues already explain why the types cannot be built.
+        Err(_) if !issues.is_empty() => return Err(diags),
         Err(e) => {
             let (source, span) = prov.locate(&[]);
             diags.push(Diagnostic::error(source, span, format!("invalid pipeline: {}", e.message())));
@@ -90,7 +92,9 @@ pub fn validate_document(
         }
     };
     resolve_paths(&mut pipeline, &prov);
-    let mut checks = Checks { prov: &prov, doc: &doc, diags: &mut diags };
+    // Keys the schema rejected now hold their defaults: checks about them would mislead.
+    let rejected: Vec<String> = issues.iter().map(|i| path_string(&i.path)).collect();
+    let mut checks = Checks { prov: &prov, doc: &doc, diags: &mut diags, rejected };
     checks.run(&pipeline);
 
     if diags.has_errors() {
@@ -465,7 +469,7 @@ fn unknown_key(root: &Value, parent: &[Seg], key: &str, known: &[&str], is_table
             if prop.get("x-reference").and_then(Value::as_str) == Some(flag.as_str()) {
                 by_flag.push(format!("`{stage}.{k}`"));
             }
-            if k == key && parent.len() == 1 && parent[0] != Seg::Key(stage.clone()) {
+            if k == key && parent.len() <= 1 && parent.first() != Some(&Seg::Key(stage.clone())) {
                 elsewhere.push(format!("[{stage}]"));
             }
         }
@@ -489,6 +493,8 @@ struct Checks<'a> {
     prov: &'a Provenance,
     doc: &'a toml::Table,
     diags: &'a mut Diagnostics,
+    /// Key paths the schema rejected (and so replaced by defaults).
+    rejected: Vec<String>,
 }
 
 impl Checks<'_> {
@@ -501,6 +507,9 @@ impl Checks<'_> {
     }
 
     fn push(&mut self, keys: &[&str], message: String, help: Option<String>, warning: bool) {
+        if keys.iter().any(|k| self.rejected.iter().any(|r| r == k || k.starts_with(&format!("{r}.")))) {
+            return;
+        }
         let (source, span) = self.prov.locate(keys);
         let mut d = if warning { Diagnostic::warning(source, span, message) } else { Diagnostic::error(source, span, message) };
         if let Some(k) = keys.iter().find(|k| self.prov.origin(k).is_some()).or(keys.first()) {
@@ -856,4 +865,27 @@ fn find_file(dir: &Path, depth: usize, want: &dyn Fn(&str) -> bool) -> bool {
         }
     }
     depth > 0 && subdirs.iter().any(|d| find_file(d, depth - 1, want))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn did_you_mean_finds_near_misses_only() {
+        let keys = ["learning_rate", "lr_scheduler", "max_steps", "seed"];
+        assert_eq!(did_you_mean("learning_rat", keys), Some("learning_rate"));
+        assert_eq!(did_you_mean("Learning_Rate", keys), Some("learning_rate"));
+        assert_eq!(did_you_mean("max_step", keys), Some("max_steps"));
+        assert_eq!(did_you_mean("gradient_checkpointing", keys), None);
+    }
+
+    #[test]
+    fn hub_ids_are_owner_slash_name() {
+        assert!(valid_hub_id("stable-diffusion-v1-5/stable-diffusion-v1-5"));
+        assert!(valid_hub_id("gpt2"));
+        assert!(!valid_hub_id("a/b/c"));
+        assert!(!valid_hub_id("../x"));
+        assert!(!valid_hub_id("a b/c"));
+    }
 }
