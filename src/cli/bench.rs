@@ -45,7 +45,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.steps > 0, "--steps must be at least 1");
     let mut overrides = args.overrides.clone();
     overrides.push(format!("train.max_steps={}", args.steps + args.warmup));
-    overrides.push("checkpoints.every_steps=0".into());
+    overrides.push(format!("checkpoints.every_steps={}", usize::MAX >> 1));
     overrides.push("validation.prompts=[]".into());
     let tmp = tempfile::tempdir().context("creating a temporary output directory")?;
     overrides.push(format!("output.dir={:?}", tmp.path().display().to_string()));

@@ -234,8 +234,8 @@ fn resolved_toml(loaded: &LoadedPipeline) -> String {
     toml::to_string(&loaded.resolved).unwrap_or_default()
 }
 
-/// Adapts the data loader to the trainer's [`BatchSource`].
-struct LoaderSource(DataLoader);
+/// Adapts the data loader to the trainer's [`BatchSource`] (with its batch size).
+struct LoaderSource(DataLoader, usize);
 
 impl BatchSource for LoaderSource {
     fn num_examples(&self) -> usize {
@@ -249,9 +249,7 @@ impl BatchSource for LoaderSource {
         }
         // Resuming mid-epoch: the same seeded order, from the first batch not yet consumed.
         let order = self.0.epoch_order(epoch);
-        let bs = self.0.batches_per_epoch();
-        let chunk = order.len().div_ceil(bs.max(1));
-        let chunks: Vec<Vec<usize>> = order.chunks(chunk.max(1)).skip(start_batch).map(<[usize]>::to_vec).collect();
+        let chunks: Vec<Vec<usize>> = order.chunks(self.1.max(1)).skip(start_batch).map(<[usize]>::to_vec).collect();
         Box::new(chunks.into_iter().map(move |c| self.0.load_batch(epoch, &c).map(to_train)))
     }
 }
@@ -373,7 +371,7 @@ pub fn run_pipeline(loaded: &LoadedPipeline, session: &mut Session, opts: &RunOp
                 last_log = Instant::now();
             }
         };
-        let outcome = trainer.train(&LoaderSource(loader), Some(&mut on_update))?;
+        let outcome = trainer.train(&LoaderSource(loader, p.train.batch_size as usize), Some(&mut on_update))?;
         if let Some(b) = &bar {
             b.finish_and_clear();
         }
@@ -517,6 +515,6 @@ pub fn bench_pipeline(loaded: &LoadedPipeline, no_cache: bool, on_update: &mut d
     settings.checkpointing_steps = None;
     let mut trainer = Trainer::new(&sd, params, settings)?;
     let train_started = Instant::now();
-    trainer.train(&LoaderSource(loader), Some(on_update))?;
+    trainer.train(&LoaderSource(loader, p.train.batch_size as usize), Some(on_update))?;
     Ok(BenchReport { train_started, device_is_cpu: device.is_cpu() })
 }
