@@ -71,6 +71,7 @@ pub const EXIT_FAILED: u8 = 1;
 pub const EXIT_INVALID: u8 = 2;
 
 pub fn main() -> ExitCode {
+    pin_thread_count();
     let cli = Cli::parse();
     init_logging(cli.verbose, cli.quiet, cli.log_format);
     let result = match cli.command {
@@ -90,6 +91,16 @@ pub fn main() -> ExitCode {
             eprintln!("error: {err:#}");
             ExitCode::from(EXIT_FAILED)
         }
+    }
+}
+
+/// candle asks for its thread count on every matmul and, without `RAYON_NUM_THREADS`, answers by
+/// parsing `/proc/cpuinfo` each time (10-20% of a small training step). Set the variable once, to
+/// the cores this process may use, before any thread starts.
+fn pin_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
 }
 

@@ -31,6 +31,15 @@ impl ConvGeometry {
     }
 }
 
+/// The output columns `ox` whose input column `ox·stride + j - padding` lies inside `[0, w)`.
+fn valid_range(out: usize, w: usize, stride: usize, j: usize, padding: usize) -> std::ops::Range<usize> {
+    // ix = ox*stride + j - padding >= 0  <=>  ox >= ceil((padding - j) / stride)
+    let lo = if padding > j { (padding - j).div_ceil(stride) } else { 0 };
+    // ix < w  <=>  ox*stride < w + padding - j
+    let hi = if w + padding > j { (w + padding - j).div_ceil(stride).min(out) } else { 0 };
+    lo.min(hi)..hi
+}
+
 /// Unfold `x` `[B, C, H, W]` (contiguous) into columns `[C·kh·kw, B·Ho·Wo]`.
 fn im2col(x: &[f32], b: usize, h: usize, w: usize, g: &ConvGeometry) -> Vec<f32> {
     let (ho, wo) = g.out_hw(h, w);
@@ -39,22 +48,26 @@ fn im2col(x: &[f32], b: usize, h: usize, w: usize, g: &ConvGeometry) -> Vec<f32>
     let khw = g.kh * g.kw;
     cols.par_chunks_mut(khw * n).enumerate().for_each(|(c, chunk)| {
         for i in 0..g.kh {
+            let rows_y = valid_range(ho, h, g.stride, i, g.padding);
             for j in 0..g.kw {
+                let cols_x = valid_range(wo, w, g.stride, j, g.padding);
                 let row = &mut chunk[(i * g.kw + j) * n..(i * g.kw + j + 1) * n];
                 for bi in 0..b {
                     let plane = &x[(bi * g.c_in + c) * h * w..(bi * g.c_in + c + 1) * h * w];
                     let out = &mut row[bi * ho * wo..(bi + 1) * ho * wo];
-                    for oy in 0..ho {
-                        let iy = (oy * g.stride + i) as isize - g.padding as isize;
-                        if iy < 0 || iy >= h as isize {
+                    for oy in rows_y.clone() {
+                        let iy = oy * g.stride + i - g.padding;
+                        let src = &plane[iy * w..(iy + 1) * w];
+                        let dst = &mut out[oy * wo..(oy + 1) * wo];
+                        if cols_x.is_empty() {
                             continue;
                         }
-                        let src = &plane[iy as usize * w..(iy as usize + 1) * w];
-                        let dst = &mut out[oy * wo..(oy + 1) * wo];
-                        for (ox, d) in dst.iter_mut().enumerate() {
-                            let ix = (ox * g.stride + j) as isize - g.padding as isize;
-                            if ix >= 0 && ix < w as isize {
-                                *d = src[ix as usize];
+                        let ix0 = cols_x.start * g.stride + j - g.padding;
+                        if g.stride == 1 {
+                            dst[cols_x.clone()].copy_from_slice(&src[ix0..ix0 + cols_x.len()]);
+                        } else {
+                            for (k, d) in dst[cols_x.clone()].iter_mut().enumerate() {
+                                *d = src[ix0 + k * g.stride];
                             }
                         }
                     }
@@ -73,19 +86,26 @@ fn col2im(cols: &[f32], b: usize, h: usize, w: usize, g: &ConvGeometry) -> Vec<f
     x.par_chunks_mut(h * w).enumerate().for_each(|(bc, plane)| {
         let (bi, c) = (bc / g.c_in, bc % g.c_in);
         for i in 0..g.kh {
+            let rows_y = valid_range(ho, h, g.stride, i, g.padding);
             for j in 0..g.kw {
+                let cols_x = valid_range(wo, w, g.stride, j, g.padding);
+                if cols_x.is_empty() {
+                    continue;
+                }
+                let ix0 = cols_x.start * g.stride + j - g.padding;
                 let row = &cols[(c * g.kh * g.kw + i * g.kw + j) * n..][..n];
                 let src = &row[bi * ho * wo..(bi + 1) * ho * wo];
-                for oy in 0..ho {
-                    let iy = (oy * g.stride + i) as isize - g.padding as isize;
-                    if iy < 0 || iy >= h as isize {
-                        continue;
-                    }
-                    let dst = &mut plane[iy as usize * w..(iy as usize + 1) * w];
-                    for ox in 0..wo {
-                        let ix = (ox * g.stride + j) as isize - g.padding as isize;
-                        if ix >= 0 && ix < w as isize {
-                            dst[ix as usize] += src[oy * wo + ox];
+                for oy in rows_y.clone() {
+                    let iy = oy * g.stride + i - g.padding;
+                    let dst = &mut plane[iy * w..(iy + 1) * w];
+                    let s = &src[oy * wo + cols_x.start..oy * wo + cols_x.end];
+                    if g.stride == 1 {
+                        for (d, v) in dst[ix0..ix0 + s.len()].iter_mut().zip(s) {
+                            *d += v;
+                        }
+                    } else {
+                        for (k, v) in s.iter().enumerate() {
+                            dst[ix0 + k * g.stride] += v;
                         }
                     }
                 }
