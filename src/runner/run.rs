@@ -268,6 +268,18 @@ fn progress_bar(total: usize, start: usize) -> indicatif::ProgressBar {
 /// Run every stage of `loaded`. `stop` ends training cleanly (Ctrl-C, or an edit in watch mode).
 pub fn run_pipeline(loaded: &LoadedPipeline, session: &mut Session, opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<RunReport> {
     let started = Instant::now();
+    let with_seed;
+    let loaded = if loaded.pipeline.train.seed.is_none() {
+        // As the reference without --seed: a fresh seed, logged so the run can be repeated.
+        let mut l = loaded.clone();
+        let seed: u64 = rand::random::<u32>() as u64;
+        tracing::info!("train.seed is not set: using seed {seed} (add `seed = {seed}` to [train] to repeat this run)");
+        l.pipeline.train.seed = Some(seed);
+        with_seed = l;
+        &with_seed
+    } else {
+        loaded
+    };
     let p = &loaded.pipeline;
     let out_dir = p.output.dir.clone();
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating output directory {}", out_dir.display()))?;
@@ -362,7 +374,33 @@ pub fn run_pipeline(loaded: &LoadedPipeline, session: &mut Session, opts: &RunOp
         let bar: Option<indicatif::ProgressBar> = None;
         let mut bar = bar;
         let mut last_log = Instant::now();
+        // Validation while training, as the reference: at the end of every `every_epochs`-th
+        // epoch (epoch 0 included), and every `every_steps` updates when set.
+        let plan = crate::train::lr::StepPlan::new(
+            dataset.len(),
+            p.train.batch_size as usize,
+            p.train.gradient_accumulation_steps as usize,
+            p.train.epochs as usize,
+            p.train.max_steps.map(|n| n as usize),
+        )?;
+        let validate_at = |step: usize| -> bool {
+            if p.validation.prompts.is_empty() {
+                return false;
+            }
+            let by_steps = p.validation.every_steps.is_some_and(|n| n > 0 && step % n as usize == 0);
+            let epoch_end = step % plan.updates_per_epoch == 0;
+            let epoch = (step / plan.updates_per_epoch).saturating_sub(1);
+            let by_epochs = epoch_end && p.validation.every_epochs > 0 && epoch % p.validation.every_epochs as usize == 0;
+            (by_steps || by_epochs) && step < plan.max_train_steps
+        };
         let mut on_update = |step: usize, total: usize, loss: f64, lr: f64| {
+            if validate_at(step) {
+                let dir = out_dir.join("validation").join(format!("step-{step}"));
+                match validation_images(sd_ref, p, &dir, &device) {
+                    Ok(files) => tracing::info!("validation: {} image(s) in {}", files.len(), dir.display()),
+                    Err(e) => tracing::warn!("validation at step {step} failed: {e:#}"),
+                }
+            }
             let b = bar.get_or_insert_with(|| progress_bar(total, step.saturating_sub(1)));
             b.set_position(step as u64);
             b.set_message(format!("loss {loss:.4} lr {lr:.2e}"));
