@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::config::{choice_name, load_pipeline, tidy_path, Crop, OutputFormat, Pipeline, ReportTo};
+use crate::config::{choice_name, load_pipeline, tidy_path, Crop, OutputFormat, Pipeline};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -34,8 +34,22 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     eprint!("{}", loaded.warnings.render_styled(std::io::IsTerminal::is_terminal(&std::io::stderr())));
     println!("plan for {}", args.file.display());
+    // Which stages `lora run` would redo, from the fingerprints in <output>/lora.lock.
+    let out_dir = &loaded.pipeline.output.dir;
+    let lock = crate::runner::lock::Lock::read(out_dir).unwrap_or_default();
+    let fingerprints = crate::runner::run::fingerprints(&loaded);
+    let status = |name: &str| -> Option<&'static str> {
+        let (_, fp) = fingerprints.iter().find(|(s, _)| *s == name)?;
+        if matches!(name, "model" | "dataset") {
+            return None;
+        }
+        Some(if lock.is_fresh(out_dir, name, fp) { "up to date" } else { "will run" })
+    };
     for (i, stage) in stages(&loaded.pipeline).iter().enumerate() {
-        println!("{}. {:<10} {}", i + 1, stage.name, stage.does);
+        match status(stage.name) {
+            Some(st) => println!("{}. {:<10} {} [{st}]", i + 1, stage.name, stage.does),
+            None => println!("{}. {:<10} {}", i + 1, stage.name, stage.does),
+        }
         for r in &stage.reads {
             println!("   reads    {r}");
         }
@@ -107,9 +121,7 @@ pub fn stages(p: &Pipeline) -> Vec<Stage> {
                     p.checkpoints.every_steps,
                     p.checkpoints.total_limit.map(|l| format!(", keeping {l}")).unwrap_or_default()
                 )];
-                if p.logging.report_to == ReportTo::Tensorboard {
-                    w.push(format!("{} (TensorBoard events)", tidy_path(&out.join(&p.logging.dir)).display()));
-                }
+                w.push(format!("{}/metrics.jsonl (loss, lr, grad norm per step)", tidy_path(out).display()));
                 w
             },
         },

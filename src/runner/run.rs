@@ -128,11 +128,15 @@ fn source_spec(p: &Pipeline) -> Result<data::SourceSpec> {
         cfg::DatasetKind::Parquet => data::SourceSpec::Parquet { path: path()? },
         cfg::DatasetKind::Imagefolder => data::SourceSpec::ImageFolder { dir: path()? },
         cfg::DatasetKind::Sidecar => data::SourceSpec::Sidecar { dir: path()?, caption_extensions: vec!["txt".into(), "caption".into()] },
-        cfg::DatasetKind::Hub => bail!(
-            "dataset kind \"hub\" ({}) is not supported yet: download it once (e.g. `huggingface-cli download --repo-type dataset {}`) and point kind = \"parquet\" at the folder",
-            p.dataset.name.as_deref().unwrap_or("?"),
-            p.dataset.name.as_deref().unwrap_or("NAME")
-        ),
+        cfg::DatasetKind::Hub => data::SourceSpec::Hub {
+            repo_id: p.dataset.name.clone().context("[dataset] kind = \"hub\" needs `name`")?,
+            hub: data::source::hub::HubOptions {
+                revision: None,
+                cache_dir: p.model.cache_dir.clone(),
+                offline: std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true")),
+                endpoint: std::env::var("HF_ENDPOINT").ok(),
+            },
+        },
     })
 }
 
