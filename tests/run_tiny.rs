@@ -101,3 +101,16 @@ fn a_stopped_run_resumes_to_the_same_weights() {
         "stop + resume gives the same weights as an uninterrupted run"
     );
 }
+
+#[test]
+fn text_encoder_lora_trains_and_is_exported() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("te");
+    let report = run(&out, &["adapter.text_encoder=true", "train.max_steps=2"], false);
+    assert_eq!(report.train.as_ref().unwrap().global_step, 2);
+    let weights = read_lora_file(&out.join(DIFFUSERS_FILE)).unwrap();
+    assert_eq!(weights.unet.len(), 80);
+    assert_eq!(weights.text_encoder.len(), 12, "q/k/v/out of the 3 CLIP layers");
+    // The text-encoder branches received gradients: B moved away from zero.
+    assert!(weights.text_encoder.values().all(|m| m.up.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() > 0.0));
+}

@@ -142,6 +142,12 @@ impl<'a> Trainer<'a> {
 
     /// Text embeddings `[B, 77, D]` for `captions` (the text encoder is frozen).
     fn encode_text(&mut self, captions: &[String]) -> Result<Tensor> {
+        if !self.settings.cache_encodings {
+            // The text encoder may carry trained LoRA branches: keep the graph.
+            let refs: Vec<&str> = captions.iter().map(String::as_str).collect();
+            let ids = self.sd.tokenizer.encode_batch(&refs, &self.device)?;
+            return Ok(self.sd.text_encoder.forward(&ids)?);
+        }
         let missing: Vec<&str> = captions
             .iter()
             .filter(|c| !self.text_cache.contains_key(c.as_str()))
@@ -157,11 +163,7 @@ impl<'a> Trainer<'a> {
             }
         }
         let rows = captions.iter().map(|c| self.text_cache[c.as_str()].clone()).collect::<Vec<_>>();
-        let out = Tensor::stack(&rows, 0)?;
-        if !self.settings.cache_encodings {
-            self.text_cache.clear();
-        }
-        Ok(out)
+        Ok(Tensor::stack(&rows, 0)?)
     }
 
     /// Mean and std of the VAE posterior for each image of the batch.
