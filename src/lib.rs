@@ -11,6 +11,7 @@ pub mod config;
 pub mod data;
 pub mod models;
 pub mod nn;
+pub mod report;
 pub mod runner;
 pub mod schedulers;
 pub mod train;

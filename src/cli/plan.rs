@@ -122,6 +122,9 @@ pub fn stages(p: &Pipeline) -> Vec<Stage> {
                     p.checkpoints.total_limit.map(|l| format!(", keeping {l}")).unwrap_or_default()
                 )];
                 w.push(format!("{}/metrics.jsonl (loss, lr, grad norm per step)", tidy_path(out).display()));
+                if p.logging.report_to == crate::config::ReportTo::Tensorboard {
+                    w.push(format!("{} (TensorBoard events)", tidy_path(&out.join(&p.logging.dir)).display()));
+                }
                 w
             },
         },

@@ -226,6 +226,7 @@ pub fn train_settings(loaded: &LoadedPipeline) -> TrainSettings {
         cache_encodings: !p.adapter.text_encoder,
         pipeline_sha256: Some(pipeline_sha256(loaded)),
         eval_batches: 0,
+        tensorboard_dir: (p.logging.report_to == cfg::ReportTo::Tensorboard).then(|| p.output.dir.join(&p.logging.dir)),
     }
 }
 
@@ -555,6 +556,7 @@ pub fn bench_pipeline(loaded: &LoadedPipeline, no_cache: bool, on_update: &mut d
     settings.cache_encodings = !no_cache;
     settings.resume_from_checkpoint = None;
     settings.checkpointing_steps = None;
+    settings.tensorboard_dir = None;
     let mut trainer = Trainer::new(&sd, params, settings)?;
     let train_started = Instant::now();
     trainer.train(&LoaderSource(loader, p.train.batch_size as usize), Some(on_update))?;

@@ -55,6 +55,8 @@ pub struct TrainSettings {
     pub pipeline_sha256: Option<String>,
     /// Batches of the fixed-noise evaluation loss measured before and after training (0: off).
     pub eval_batches: usize,
+    /// Write TensorBoard scalars (train_loss, lr, grad_norm) to an event file in this folder.
+    pub tensorboard_dir: Option<PathBuf>,
 }
 
 /// One micro-batch from the data stage.
@@ -251,6 +253,10 @@ impl<'a> Trainer<'a> {
             .open(&metrics_path)
             .with_context(|| format!("opening {}", metrics_path.display()))?;
 
+        let mut tensorboard = match &s.tensorboard_dir {
+            Some(dir) => Some(crate::report::tensorboard::EventWriter::create(dir)?),
+            None => None,
+        };
         let started = Instant::now();
         let mut outcome = TrainOutcome {
             global_step: state.global_step,
@@ -325,6 +331,9 @@ impl<'a> Trainer<'a> {
                     "{}",
                     serde_json::json!({"step": state.global_step, "epoch": epoch, "loss": acc_loss, "lr": lr, "grad_norm": _norm})
                 )?;
+                if let Some(tb) = tensorboard.as_mut() {
+                    tb.scalars(state.global_step as u64, &[("train_loss", acc_loss), ("lr", lr), ("grad_norm", _norm)])?;
+                }
                 if let Some(cb) = progress.as_deref_mut() {
                     cb(state.global_step, plan.max_train_steps, acc_loss, lr);
                 }

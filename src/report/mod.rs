@@ -1,0 +1,3 @@
+//! Reporting what a run does beyond the progress bar: TensorBoard event files (`tensorboard`).
+
+pub mod tensorboard;
