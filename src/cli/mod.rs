@@ -71,6 +71,7 @@ pub const EXIT_FAILED: u8 = 1;
 pub const EXIT_INVALID: u8 = 2;
 
 pub fn main() -> ExitCode {
+    restore_sigpipe();
     pin_thread_count();
     let cli = Cli::parse();
     init_logging(cli.verbose, cli.quiet, cli.log_format);
@@ -91,6 +92,16 @@ pub fn main() -> ExitCode {
             eprintln!("error: {err:#}");
             ExitCode::from(EXIT_FAILED)
         }
+    }
+}
+
+/// Rust ignores SIGPIPE, so `lora plan x.toml | head` would panic on the closed pipe; restore
+/// the default (exit quietly), as command-line tools do.
+fn restore_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: called first thing in main, before any thread exists; SIG_DFL is always valid.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

@@ -18,9 +18,16 @@ pub struct Args {
     /// Run every stage even if `lora.lock` says it is up to date.
     #[arg(long)]
     pub force: bool,
+    /// Validate and print the plan (stages, what each reads and writes, what is up to date),
+    /// then stop: no model is loaded, nothing is written.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if args.dry_run {
+        return super::plan::run(super::plan::Args { file: args.file, overrides: args.overrides });
+    }
     let loaded = match load_pipeline(&args.file, &args.overrides) {
         Ok(l) => l,
         Err(diags) => {
