@@ -2,22 +2,16 @@
 //! training step (warm-up steps excluded), for side-by-side runs with the reference
 //! (`docs/benchmarks.md`).
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Context;
 
-use crate::config::load_pipeline;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// The pipeline file (its model, dataset, batch size and resolution are used).
-    #[arg(value_name = "FILE")]
-    pub file: PathBuf,
-    /// Override a key with a TOML value (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub overrides: Vec<String>,
+    #[command(flatten)]
+    pub pipeline: super::PipelineArgs,
     /// Timed optimizer steps.
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
@@ -43,18 +37,15 @@ pub fn peak_rss_bytes() -> Option<u64> {
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.steps > 0, "--steps must be at least 1");
-    let mut overrides = args.overrides.clone();
+    let mut overrides = Vec::new();
     overrides.push(format!("train.max_steps={}", args.steps + args.warmup));
     overrides.push(format!("checkpoints.every_steps={}", usize::MAX >> 1));
     overrides.push("validation.prompts=[]".into());
     let tmp = tempfile::tempdir().context("creating a temporary output directory")?;
     overrides.push(format!("output.dir={:?}", tmp.path().display().to_string()));
-    let mut loaded = match load_pipeline(&args.file, &overrides) {
+    let mut loaded = match args.pipeline.load(&overrides) {
         Ok(l) => l,
-        Err(diags) => {
-            eprint!("{}", diags.render());
-            return Ok(ExitCode::from(super::EXIT_INVALID));
-        }
+        Err(code) => return Ok(code),
     };
     loaded.pipeline.train.gradient_accumulation_steps = loaded.pipeline.train.gradient_accumulation_steps.max(1);
     let batch = loaded.pipeline.train.batch_size as usize * loaded.pipeline.train.gradient_accumulation_steps as usize;
@@ -80,7 +71,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 "cache": args.cache, "threads": rayon::current_num_threads(), "peak_rss_bytes": peak, "total_s": total})
         );
     } else {
-        println!("lora bench {} ({device}, {} threads)", args.file.display(), rayon::current_num_threads());
+        println!("lora bench {} ({device}, {} threads)", args.pipeline.file.display(), rayon::current_num_threads());
         println!("  batch {batch} at {resolution} px, {} timed steps after {} warm-up", args.steps, args.warmup);
         println!("  {ms:.1} ms per optimizer step, {images_per_s:.1} images/s");
         if let Some(p) = peak {

@@ -65,6 +65,38 @@ pub enum LogFormat {
     Json,
 }
 
+/// The pipeline file and `--set` overrides, shared by `plan`, `run`, `watch` and `bench`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct PipelineArgs {
+    /// The pipeline file.
+    #[arg(value_name = "FILE")]
+    pub file: std::path::PathBuf,
+    /// Override a key with a TOML value, e.g. `--set train.max_steps=10` (repeatable; a string may
+    /// be given unquoted).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+}
+
+impl PipelineArgs {
+    /// Load and validate the pipeline, with `extra` overrides after the user's. Diagnostics are
+    /// printed to stderr (warnings too); an invalid pipeline gives the exit code to return.
+    pub fn load(&self, extra: &[String]) -> Result<crate::config::LoadedPipeline, ExitCode> {
+        let mut overrides = self.overrides.clone();
+        overrides.extend_from_slice(extra);
+        let styled = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        match crate::config::load_pipeline(&self.file, &overrides) {
+            Ok(loaded) => {
+                eprint!("{}", loaded.warnings.render_styled(styled));
+                Ok(loaded)
+            }
+            Err(diags) => {
+                eprint!("{}", diags.render_styled(styled));
+                Err(ExitCode::from(EXIT_INVALID))
+            }
+        }
+    }
+}
+
 /// Exit code for a run that failed.
 pub const EXIT_FAILED: u8 = 1;
 /// Exit code for invalid input.

@@ -1,18 +1,13 @@
 //! `lora plan`: the stages of a pipeline in order, with what each reads and writes.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::config::{choice_name, load_pipeline, tidy_path, Crop, OutputFormat, Pipeline};
+use crate::config::{choice_name, tidy_path, Crop, OutputFormat, Pipeline};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// The pipeline file.
-    #[arg(value_name = "FILE")]
-    pub file: PathBuf,
-    /// Override a key with a TOML value, e.g. `--set train.max_steps=10` (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub overrides: Vec<String>,
+    #[command(flatten)]
+    pub pipeline: super::PipelineArgs,
 }
 
 /// One stage of the plan.
@@ -25,15 +20,11 @@ pub struct Stage {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let loaded = match load_pipeline(&args.file, &args.overrides) {
+    let loaded = match args.pipeline.load(&[]) {
         Ok(l) => l,
-        Err(diags) => {
-            eprint!("{}", diags.render_styled(std::io::IsTerminal::is_terminal(&std::io::stderr())));
-            return Ok(ExitCode::from(super::EXIT_INVALID));
-        }
+        Err(code) => return Ok(code),
     };
-    eprint!("{}", loaded.warnings.render_styled(std::io::IsTerminal::is_terminal(&std::io::stderr())));
-    println!("plan for {}", args.file.display());
+    println!("plan for {}", args.pipeline.file.display());
     // Which stages `lora run` would redo, from the fingerprints in <output>/lora.lock.
     let out_dir = &loaded.pipeline.output.dir;
     let lock = crate::runner::lock::Lock::read(out_dir).unwrap_or_default();

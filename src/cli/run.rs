@@ -1,20 +1,14 @@
 //! `lora run`: validate a pipeline, then run its stages (model, dataset, train, export,
 //! validation), skipping the ones whose inputs did not change since the last run.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::config::load_pipeline;
 use crate::runner::run::{run_pipeline, RunOptions, RunReport, Session};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// The pipeline file.
-    #[arg(value_name = "FILE")]
-    pub file: PathBuf,
-    /// Override a key with a TOML value, e.g. `--set train.max_steps=10` (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub overrides: Vec<String>,
+    #[command(flatten)]
+    pub pipeline: super::PipelineArgs,
     /// Run every stage even if `lora.lock` says it is up to date.
     #[arg(long)]
     pub force: bool,
@@ -26,16 +20,12 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if args.dry_run {
-        return super::plan::run(super::plan::Args { file: args.file, overrides: args.overrides });
+        return super::plan::run(super::plan::Args { pipeline: args.pipeline });
     }
-    let loaded = match load_pipeline(&args.file, &args.overrides) {
+    let loaded = match args.pipeline.load(&[]) {
         Ok(l) => l,
-        Err(diags) => {
-            eprint!("{}", diags.render());
-            return Ok(ExitCode::from(super::EXIT_INVALID));
-        }
+        Err(code) => return Ok(code),
     };
-    eprint!("{}", loaded.warnings.render());
     let stop = crate::util::interrupt::flag();
     let mut session = Session::default();
     let report = run_pipeline(&loaded, &mut session, &RunOptions { force: args.force }, stop)?;

@@ -4,29 +4,21 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::config::load_pipeline;
 use crate::runner::run::{run_pipeline, RunOptions, Session};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// The pipeline file.
-    #[arg(value_name = "FILE")]
-    pub file: PathBuf,
-    /// Override a key with a TOML value (repeatable), applied on every rerun.
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub overrides: Vec<String>,
+    #[command(flatten)]
+    pub pipeline: super::PipelineArgs,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let stop = crate::util::interrupt::flag();
     let mut session = Session::default();
-    let watched_cell = std::cell::RefCell::new(vec![args.file.clone()]);
+    let watched_cell = std::cell::RefCell::new(vec![args.pipeline.file.clone()]);
     let mut run_once = || -> anyhow::Result<()> {
-        match load_pipeline(&args.file, &args.overrides) {
-            Err(diags) => {
-                eprint!("{}", diags.render());
-                eprintln!("fix the file and save: watching for changes");
-            }
+        match args.pipeline.load(&[]) {
+            Err(_) => eprintln!("fix the file and save: watching for changes"),
             Ok(loaded) => {
                 // Watch every file the pipeline was built from (the file and its bases).
                 let files: Vec<PathBuf> =
@@ -34,7 +26,6 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 if !files.is_empty() {
                     *watched_cell.borrow_mut() = files;
                 }
-                eprint!("{}", loaded.warnings.render());
                 let report = run_pipeline(&loaded, &mut session, &RunOptions::default(), stop.clone())?;
                 super::run::print_summary(&report);
             }
