@@ -63,14 +63,6 @@ impl Sampler for Ddim {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, x: &Tensor, _t: f64) -> candle_core::Result<Tensor> {
-        Ok(x.clone())
-    }
-
     fn step(&mut self, model_output: &Tensor, t: f64, x: &Tensor) -> candle_core::Result<Tensor> {
         if self.num_inference_steps == 0 {
             candle_core::bail!("DDIM: call set_timesteps before step");

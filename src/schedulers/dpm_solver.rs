@@ -106,14 +106,6 @@ impl Sampler for DpmSolverPP2M {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, x: &Tensor, _t: f64) -> candle_core::Result<Tensor> {
-        Ok(x.clone())
-    }
-
     fn step(&mut self, model_output: &Tensor, t: f64, x: &Tensor) -> candle_core::Result<Tensor> {
         if self.sigmas.is_empty() {
             candle_core::bail!("DPM-Solver++: call set_timesteps before step");

@@ -176,10 +176,14 @@ pub trait Sampler {
     fn set_timesteps(&mut self, n: usize) -> anyhow::Result<()>;
     /// The timesteps to visit, in order (PNDM repeats one; Euler's may be fractional).
     fn timesteps(&self) -> &[f64];
-    /// The factor the initial N(0, 1) latents are multiplied by.
-    fn init_noise_sigma(&self) -> f64;
-    /// The UNet input for latents `x` at timestep `t` (identity except for sigma-based samplers).
-    fn scale_model_input(&self, x: &Tensor, t: f64) -> candle_core::Result<Tensor>;
+    /// The factor the initial N(0, 1) latents are multiplied by (1 unless sigma-based).
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+    /// The UNet input for latents `x` at timestep `t` (identity unless sigma-based).
+    fn scale_model_input(&self, x: &Tensor, _t: f64) -> candle_core::Result<Tensor> {
+        Ok(x.clone())
+    }
     /// One denoising step: model output at `t` and the current latents → the previous latents.
     fn step(&mut self, model_output: &Tensor, t: f64, x: &Tensor) -> candle_core::Result<Tensor>;
 }
