@@ -239,6 +239,38 @@ fn resolved_toml(loaded: &LoadedPipeline) -> String {
     toml::to_string(&loaded.resolved).unwrap_or_default()
 }
 
+/// Load the pipeline's model on `device` in `dtype`.
+fn load_model(p: &Pipeline, device: &Device, dtype: DType) -> Result<StableDiffusion> {
+    let source = model_source(p)?;
+    tracing::info!("model: loading {source}");
+    let load_opts = LoadOptions { revision: p.model.revision.clone(), variant: p.model.variant.clone() };
+    StableDiffusion::load(&source, &load_opts, device, dtype).with_context(|| format!("loading model {source}"))
+}
+
+/// Column names, subset size and seed of the dataset stage.
+fn source_options(p: &Pipeline) -> data::SourceOptions {
+    data::SourceOptions {
+        image_column: p.dataset.image_column.clone(),
+        caption_column: p.dataset.caption_column.clone(),
+        max_samples: p.dataset.max_samples.map(|n| n as usize),
+        seed: p.train.seed.unwrap_or(0),
+    }
+}
+
+/// The trainable tensors of injected branches under their checkpoint names
+/// (`<prefix>.<module>.lora_A.weight` / `lora_B`, PEFT's names as the reference saves them).
+fn named_params(prefix: &str, loras: &[TrainableLora]) -> Vec<NamedVar> {
+    loras
+        .iter()
+        .flat_map(|l| {
+            [
+                NamedVar { name: format!("{prefix}.{}.lora_A.weight", l.module), var: l.down.clone() },
+                NamedVar { name: format!("{prefix}.{}.lora_B.weight", l.module), var: l.up.clone() },
+            ]
+        })
+        .collect()
+}
+
 /// Adapts the data loader to the trainer's [`BatchSource`] (with its batch size).
 struct LoaderSource(DataLoader, usize);
 
@@ -298,11 +330,7 @@ pub fn run_pipeline(loaded: &LoadedPipeline, session: &mut Session, opts: &RunOp
     let dtype = weight_dtype(p.train.precision, &device)?;
     let model_fp = fp(&fps, "model").to_string();
     if session.model.as_ref().map(|(f, _)| f != &model_fp).unwrap_or(true) || opts.force {
-        let source = model_source(p)?;
-        tracing::info!("model: loading {source}");
-        let load_opts = LoadOptions { revision: p.model.revision.clone(), variant: p.model.variant.clone() };
-        let sd = StableDiffusion::load(&source, &load_opts, &device, dtype).with_context(|| format!("loading model {source}"))?;
-        session.model = Some((model_fp.clone(), sd));
+        session.model = Some((model_fp.clone(), load_model(p, &device, dtype)?));
     } else {
         tracing::info!("model: up to date (kept in memory)");
     }
@@ -311,13 +339,7 @@ pub fn run_pipeline(loaded: &LoadedPipeline, session: &mut Session, opts: &RunOp
     let data_fp = fp(&fps, "dataset").to_string();
     if session.dataset.as_ref().map(|(f, _, _)| f != &data_fp).unwrap_or(true) || opts.force {
         let spec = source_spec(p)?;
-        let source_opts = data::SourceOptions {
-            image_column: p.dataset.image_column.clone(),
-            caption_column: p.dataset.caption_column.clone(),
-            max_samples: p.dataset.max_samples.map(|n| n as usize),
-            seed: p.train.seed.unwrap_or(0),
-        };
-        let dataset = data::source::load_source(&spec, &source_opts)?;
+        let dataset = data::source::load_source(&spec, &source_options(p))?;
         let policy = match p.dataset.on_bad_image {
             cfg::OnBadImage::Error => data::OnBadImage::Error,
             cfg::OnBadImage::Skip => data::OnBadImage::Skip,
@@ -356,13 +378,8 @@ pub fn run_pipeline(loaded: &LoadedPipeline, session: &mut Session, opts: &RunOp
         } else {
             Vec::new()
         };
-        let mut params = Vec::new();
-        for (prefix, loras) in [("unet", &unet_loras), ("text_encoder", &te_loras)] {
-            for l in loras.iter() {
-                params.push(NamedVar { name: format!("{prefix}.{}.lora_A.weight", l.module), var: l.down.clone() });
-                params.push(NamedVar { name: format!("{prefix}.{}.lora_B.weight", l.module), var: l.up.clone() });
-            }
-        }
+        let mut params = named_params("unet", &unet_loras);
+        params.extend(named_params("text_encoder", &te_loras));
         let n_params: usize = params.iter().map(|p| p.var.elem_count()).sum();
         tracing::info!("adapter: {} modules, {n_params} trainable parameters", unet_loras.len() + te_loras.len());
         let loader = DataLoader::new(dataset.clone(), loader_options(p))?;
@@ -530,27 +547,11 @@ pub fn bench_pipeline(loaded: &LoadedPipeline, no_cache: bool, on_update: &mut d
     let p = &loaded.pipeline;
     let device = select_device(p.train.device)?;
     let dtype = weight_dtype(p.train.precision, &device)?;
-    let source = model_source(p)?;
-    let load_opts = LoadOptions { revision: p.model.revision.clone(), variant: p.model.variant.clone() };
-    let mut sd = StableDiffusion::load(&source, &load_opts, &device, dtype).with_context(|| format!("loading model {source}"))?;
-    let source_opts = data::SourceOptions {
-        image_column: p.dataset.image_column.clone(),
-        caption_column: p.dataset.caption_column.clone(),
-        max_samples: p.dataset.max_samples.map(|n| n as usize),
-        seed: p.train.seed.unwrap_or(0),
-    };
-    let dataset = data::source::load_source(&source_spec(p)?, &source_opts)?;
+    let mut sd = load_model(p, &device, dtype)?;
+    let dataset = data::source::load_source(&source_spec(p)?, &source_options(p))?;
     let mut rng = <InitRng as rand::SeedableRng>::seed_from_u64(p.train.seed.unwrap_or(0));
     let loras = inject(sd.unet.linears_mut(), &lora_spec(&p.adapter, &p.adapter.target_modules), &mut rng)?;
-    let params: Vec<NamedVar> = loras
-        .iter()
-        .flat_map(|l| {
-            [
-                NamedVar { name: format!("unet.{}.lora_A.weight", l.module), var: l.down.clone() },
-                NamedVar { name: format!("unet.{}.lora_B.weight", l.module), var: l.up.clone() },
-            ]
-        })
-        .collect();
+    let params = named_params("unet", &loras);
     let loader = DataLoader::new(Arc::new(dataset), loader_options(p))?;
     let mut settings = train_settings(loaded);
     settings.cache_encodings = !no_cache;
