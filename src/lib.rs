@@ -9,6 +9,7 @@ pub mod adapters;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod device;
 pub mod models;
 pub mod nn;
 pub mod report;

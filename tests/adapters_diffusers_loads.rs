@@ -3,7 +3,7 @@
 //! `W += alpha / r · up @ down` does, to 1e-4 absolute in f32 (see `adapters_diffusers_check.py`).
 //!
 //! Needs the reference Python (torch, diffusers, transformers, peft): set
-//! `LORA_REFERENCE_PYTHON=/path/to/python` and run `cargo test --test adapters_diffusers_loads -- --ignored`.
+//! `LORA_REFERENCE_PYTHON=/path/to/python` and run `cargo test --test tests adapters_diffusers_loads -- --ignored`.
 
 use std::path::PathBuf;
 use std::process::Command;

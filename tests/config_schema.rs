@@ -26,7 +26,7 @@ fn checked_in_schema_is_current() {
         std::fs::write(&path, &generated).unwrap();
     }
     let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
-    assert!(checked_in == generated, "schemas/pipeline.schema.json is stale: run `LORA_BLESS=1 cargo test --test config_schema`");
+    assert!(checked_in == generated, "schemas/pipeline.schema.json is stale: run `LORA_BLESS=1 cargo test --test tests config_schema`");
 }
 
 #[test]
@@ -37,7 +37,7 @@ fn lora_schema_prints_the_checked_in_schema() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), checked_in);
 }
 
-const BEGIN: &str = "<!-- BEGIN GENERATED KEY TABLES: `LORA_BLESS=1 cargo test --test config_schema` -->\n";
+const BEGIN: &str = "<!-- BEGIN GENERATED KEY TABLES: `LORA_BLESS=1 cargo test --test tests config_schema` -->\n";
 const END: &str = "<!-- END GENERATED KEY TABLES -->";
 
 #[test]
@@ -52,7 +52,7 @@ fn docs_key_tables_match_the_types() {
         std::fs::write(&path, new).unwrap();
         return;
     }
-    assert!(current == tables, "docs/pipeline.md key tables are stale: run `LORA_BLESS=1 cargo test --test config_schema`");
+    assert!(current == tables, "docs/pipeline.md key tables are stale: run `LORA_BLESS=1 cargo test --test tests config_schema`");
 }
 
 use lora::config::schema::key_tables_markdown;

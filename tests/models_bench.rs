@@ -1,5 +1,5 @@
 //! Timing of the tiny UNet's forward and forward+backward with LoRA on the attention
-//! projections (ignored by default: `cargo test --test models_bench -- --ignored --nocapture`).
+//! projections (ignored by default: `cargo test --test tests models_bench -- --ignored --nocapture`).
 
 use std::path::PathBuf;
 use std::time::Instant;

@@ -25,6 +25,12 @@ pub struct Args {
     /// Print one JSON line instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Image side in pixels (shortcut for `--set preprocess.resolution=N`).
+    #[arg(long, value_name = "PX")]
+    pub resolution: Option<u32>,
+    /// Images per micro-step (shortcut for `--set train.batch_size=N`).
+    #[arg(long, value_name = "N")]
+    pub batch: Option<u32>,
 }
 
 /// Peak resident memory of this process in bytes (Linux `VmHWM`), if known.
@@ -39,7 +45,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.steps > 0, "--steps must be at least 1");
     let mut overrides = Vec::new();
     overrides.push(format!("train.max_steps={}", args.steps + args.warmup));
-    overrides.push(format!("checkpoints.every_steps={}", usize::MAX >> 1));
+    if let Some(r) = args.resolution {
+        overrides.push(format!("preprocess.resolution={r}"));
+    }
+    if let Some(b) = args.batch {
+        overrides.push(format!("train.batch_size={b}"));
+    }
     overrides.push("validation.prompts=[]".into());
     let tmp = tempfile::tempdir().context("creating a temporary output directory")?;
     overrides.push(format!("output.dir={:?}", tmp.path().display().to_string()));
@@ -48,6 +59,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Err(code) => return Ok(code),
     };
     loaded.pipeline.train.gradient_accumulation_steps = loaded.pipeline.train.gradient_accumulation_steps.max(1);
+    // No checkpoint inside the timed steps (set here, not as an override, so that validation
+    // does not warn about a key the user never wrote).
+    loaded.pipeline.checkpoints.every_steps = u64::MAX >> 1;
     let batch = loaded.pipeline.train.batch_size as usize * loaded.pipeline.train.gradient_accumulation_steps as usize;
     let resolution = loaded.pipeline.preprocess.resolution;
 
@@ -63,19 +77,32 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let images_per_s = batch as f64 / (ms / 1e3);
     let peak = peak_rss_bytes();
     let device = if report.device_is_cpu { "cpu" } else { "cuda" };
+    let p = &loaded.pipeline;
+    let precision = serde_json::to_value(p.train.precision).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     if args.json {
         println!(
             "{}",
-            serde_json::json!({"tool": "lora", "device": device, "ms_per_step": ms, "images_per_s": images_per_s,
+            serde_json::json!({"tool": "lora", "device": device, "device_name": report.device, "ms_per_step": ms, "images_per_s": images_per_s,
                 "batch": batch, "resolution": resolution, "steps": args.steps, "warmup": args.warmup,
-                "cache": args.cache, "threads": rayon::current_num_threads(), "peak_rss_bytes": peak, "total_s": total})
+                "cache": args.cache, "precision": precision, "gradient_checkpointing": p.train.gradient_checkpointing,
+                "threads": rayon::current_num_threads(), "peak_rss_bytes": peak,
+                "peak_device_bytes": report.peak_device_bytes, "model_device_bytes": report.model_bytes, "total_s": total})
         );
     } else {
-        println!("lora bench {} ({device}, {} threads)", args.pipeline.file.display(), rayon::current_num_threads());
-        println!("  batch {batch} at {resolution} px, {} timed steps after {} warm-up", args.steps, args.warmup);
+        println!("lora bench {} ({})", args.pipeline.file.display(), report.device);
+        println!(
+            "  batch {batch} at {resolution} px, precision {precision}, gradient checkpointing {}, {} timed steps after {} warm-up",
+            if p.train.gradient_checkpointing { "on" } else { "off" },
+            args.steps,
+            args.warmup
+        );
         println!("  {ms:.1} ms per optimizer step, {images_per_s:.1} images/s");
+        if let Some(g) = report.peak_device_bytes {
+            println!("  peak GPU memory {:.0} MiB (of which model {:.0} MiB)", mib(g), mib(report.model_bytes.unwrap_or(0)));
+        }
         if let Some(p) = peak {
-            println!("  peak memory {:.0} MiB (resident)", p as f64 / (1024.0 * 1024.0));
+            println!("  peak host memory {:.0} MiB (resident)", mib(p));
         }
         println!("  whole run {total:.1} s (model load, data, warm-up included)");
     }

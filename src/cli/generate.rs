@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use candle_core::{DType, Device};
+use candle_core::DType;
 
 use crate::models::{LoadOptions, StableDiffusion};
 use crate::schedulers::pipeline::{self, GenerateOptions};
@@ -64,6 +64,14 @@ pub struct Args {
     /// Hide the progress bar.
     #[arg(long)]
     pub no_progress: bool,
+    /// Where to run: `auto` (a CUDA GPU when this build has CUDA and one answers, else the CPU),
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "auto", value_parser = parse_device)]
+    pub device: crate::config::types::Device,
+}
+
+fn parse_device(s: &str) -> Result<crate::config::types::Device, String> {
+    crate::config::types::Device::parse(s).ok_or_else(|| format!("`{s}` is not a device: use auto, cpu, cuda or cuda:N"))
 }
 
 /// One `--lora FILE[:SCALE]`.
@@ -151,7 +159,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         eprintln!("error: {message}");
         return Ok(ExitCode::from(super::EXIT_INVALID));
     }
-    let device = Device::Cpu;
+    let device = crate::device::select(args.device)?;
     let opts = LoadOptions { revision: args.revision.clone(), variant: args.variant.clone() };
     let mut sd = StableDiffusion::load(&args.model, &opts, &device, DType::F32)
         .with_context(|| format!("loading model {}", args.model))?;

@@ -356,17 +356,70 @@ pub enum Precision {
     Bf16,
 }
 
-/// Where training runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "snake_case")]
+/// Where training runs: `"auto"`, `"cpu"`, `"cuda"` (the first GPU) or `"cuda:N"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Device {
-    /// The first CUDA GPU if this build supports CUDA and one is present, else the CPU.
+    /// The first CUDA GPU if this build supports CUDA and one answers, else the CPU.
     #[default]
     Auto,
-    /// The CPU (f32 only).
+    /// The CPU.
     Cpu,
-    /// The first CUDA GPU; an error if there is none.
-    Cuda,
+    /// CUDA GPU number N (`"cuda"` is `"cuda:0"`); an error if there is none.
+    Cuda(usize),
+}
+
+impl Device {
+    /// The pattern every accepted spelling matches (the schema's `pattern`).
+    pub const PATTERN: &'static str = "^(auto|cpu|cuda(:[0-9]+)?)$";
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "auto" => Some(Self::Auto),
+            "cpu" => Some(Self::Cpu),
+            "cuda" => Some(Self::Cuda(0)),
+            _ => s.strip_prefix("cuda:").filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())).and_then(|n| n.parse().ok()).map(Self::Cuda),
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(0) => f.write_str("cuda"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl Serialize for Device {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Device {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Self::parse(&s).ok_or_else(|| serde::de::Error::custom(format!("device must be \"auto\", \"cpu\", \"cuda\" or \"cuda:N\"; found \"{s}\"")))
+    }
+}
+
+impl JsonSchema for Device {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Device".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "Where training runs: \"auto\" (a CUDA GPU if this build has CUDA and one answers, else the CPU), \"cpu\", \"cuda\" (the first GPU) or \"cuda:N\".",
+            "type": "string",
+            "pattern": Device::PATTERN,
+            "x-expected": "\"auto\", \"cpu\", \"cuda\" or \"cuda:N\"",
+            "examples": ["auto", "cpu", "cuda", "cuda:1"]
+        })
+    }
 }
 
 /// What the UNet predicts, and so the training target.

@@ -395,6 +395,18 @@ fn walk(root: &Value, schema: &Value, value: &toml::Value, path: &mut Vec<Seg>, 
             }
         }
         toml::Value::Table(table) => walk_table(root, schema, table, path, issues),
+        toml::Value::String(text) => {
+            if let Some(pattern) = keyword(root, schema, "pattern").and_then(Value::as_str) {
+                let matches = regex::Regex::new(pattern).map(|re| re.is_match(text)).unwrap_or(true);
+                if !matches {
+                    let expected = keyword(root, schema, "x-expected")
+                        .and_then(Value::as_str)
+                        .map(str::to_string)
+                        .unwrap_or_else(|| format!("a string matching `{pattern}`"));
+                    issues.push(issue(format!("`{here}` must be {expected}; found {}", found(value)), None));
+                }
+            }
+        }
         _ => {}
     }
 }

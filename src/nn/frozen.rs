@@ -1,14 +1,22 @@
-//! Frozen layers as custom ops whose backward returns only the input gradient.
+//! Frozen layers as custom ops whose backward returns only the input gradient, on every device
+//! and dtype.
 //!
 //! candle's conv2d and matmul backward always compute the weight gradient too, even for weights
-//! that are not trained, and its conv2d backward goes through a slow transposed convolution.
-//! For LoRA training every conv and every base linear is frozen, so on CPU (f32) these ops run
-//! as im2col + one GEMM forward, and one GEMM + col2im backward — the weight never gets a
-//! gradient. Other devices and dtypes fall back to candle's ops (same values, slower backward).
+//! that are not trained. For LoRA training every conv and every base linear is frozen, so:
+//! - linear: one custom op that runs the backend's own GEMM (candle's CPU gemm, cuBLAS on CUDA)
+//!   on the held weight; backward `grad @ W` with ordinary tensor ops (any device).
+//! - conv on the CPU (any float dtype): im2col + one GEMM forward, one GEMM + col2im backward, in
+//!   f32 (half-precision inputs are widened and the result rounded back, as candle has no
+//!   half-precision CPU conv worth using).
+//! - conv elsewhere (CUDA): candle's conv2d on the detached input computes the output, which a
+//!   custom op attaches to the graph; its backward is the input gradient as a transposed
+//!   convolution of the gradient with the same kernel (ordinary tensor ops).
+//! The weight never gets a gradient, and no weight-gradient buffer is ever allocated.
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Result, Shape, Tensor};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Device, Layout, Module, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 /// Geometry of a 2-D convolution (square kernel stride/padding as diffusers uses them).
@@ -126,11 +134,26 @@ fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Res
     }
 }
 
-/// The frozen conv as a custom op; holds the weight as a `[C_out, K]` matrix and its transpose.
+/// The CPU conv as a custom op: im2col + GEMM in f32 whatever the input dtype.
 struct FrozenConv2dOp {
     geometry: ConvGeometry,
+    /// The weight as `[C_out, K]` (its own dtype); f32 copies are made per call for half weights.
     w_mat: Tensor,
-    w_mat_t: Tensor,
+    /// f32 `[C_out, K]` and `[K, C_out]`, kept when the weight is f32 (no per-call conversion).
+    f32_mats: Option<(Tensor, Tensor)>,
+}
+
+impl FrozenConv2dOp {
+    fn mats_f32(&self) -> Result<(Tensor, Tensor)> {
+        match &self.f32_mats {
+            Some((w, wt)) => Ok((w.clone(), wt.clone())),
+            None => {
+                let w = self.w_mat.to_dtype(DType::F32)?;
+                let wt = w.t()?.contiguous()?;
+                Ok((w, wt))
+            }
+        }
+    }
 }
 
 impl CustomOp1 for FrozenConv2dOp {
@@ -139,6 +162,14 @@ impl CustomOp1 for FrozenConv2dOp {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dtype = storage.dtype();
+        let widened;
+        let (storage, layout) = if dtype == DType::F32 {
+            (storage, layout)
+        } else {
+            widened = (storage.to_dtype(layout, DType::F32)?, Layout::contiguous(layout.shape()));
+            (&widened.0, &widened.1)
+        };
         let x = contiguous_f32(storage, layout, self.name())?;
         let (b, c, h, w) = layout.shape().dims4()?;
         let g = &self.geometry;
@@ -148,10 +179,13 @@ impl CustomOp1 for FrozenConv2dOp {
         let (ho, wo) = g.out_hw(h, w);
         let cols = im2col(x, b, h, w, g);
         let cols = Tensor::from_vec(cols, (g.k(), b * ho * wo), &Device::Cpu)?;
-        let out = self.w_mat.matmul(&cols)?; // [C_out, B·Ho·Wo]
+        let (w_mat, _) = self.mats_f32()?;
+        let out = w_mat.matmul(&cols)?; // [C_out, B·Ho·Wo]
         let out = if b == 1 { out } else { out.reshape((g.c_out, b, ho * wo))?.transpose(0, 1)?.contiguous()? };
-        let out = out.flatten_all()?.to_vec1::<f32>()?;
-        Ok((CpuStorage::F32(out), Shape::from((b, g.c_out, ho, wo))))
+        let out = out.flatten_all()?.to_dtype(dtype)?;
+        let (guard, l) = out.storage_and_layout();
+        let Storage::Cpu(cpu) = &*guard else { candle_core::bail!("frozen-conv2d: result left the CPU") };
+        Ok((cpu.try_clone(l)?, Shape::from((b, g.c_out, ho, wo))))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
@@ -164,9 +198,54 @@ impl CustomOp1 for FrozenConv2dOp {
         } else {
             grad.reshape((b, c_out, ho * wo))?.transpose(0, 1)?.contiguous()?.reshape((c_out, b * ho * wo))?
         };
-        let dcols = self.w_mat_t.matmul(&grad)?.flatten_all()?.to_vec1::<f32>()?;
+        let (_, w_mat_t) = self.mats_f32()?;
+        let dcols = w_mat_t.matmul(&grad)?.flatten_all()?.to_vec1::<f32>()?;
         let dx = col2im(&dcols, b, h, w, g);
-        Ok(Some(Tensor::from_vec(dx, (b, g.c_in, h, w), arg.device())?))
+        Tensor::from_vec(dx, (b, g.c_in, h, w), arg.device())?.to_dtype(arg.dtype()).map(Some)
+    }
+}
+
+/// Attaches an output computed without a graph (`y`, the second argument) to the input `x`,
+/// with the frozen conv's input gradient as backward: a transposed convolution of the gradient
+/// with the same kernel. Its forward is a copy of `y`, on any device.
+struct AttachConvGrad {
+    weight: Tensor,
+    geometry: ConvGeometry,
+}
+
+fn copy_of<S: BackendStorage>(s: &S, l: &Layout) -> Result<(S, Shape)> {
+    if !l.is_contiguous() || l.start_offset() != 0 {
+        candle_core::bail!("attach-grad: the precomputed output must be contiguous");
+    }
+    Ok((s.try_clone(l)?, l.shape().clone()))
+}
+
+impl CustomOp2 for AttachConvGrad {
+    fn name(&self) -> &'static str {
+        "frozen-conv2d-attach"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, y: &CpuStorage, yl: &Layout) -> Result<(CpuStorage, Shape)> {
+        copy_of(y, yl)
+    }
+
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout, y: &CudaStorage, yl: &Layout) -> Result<(CudaStorage, Shape)> {
+        copy_of(y, yl)
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = &self.geometry;
+        let (_, _, h, w) = x.dims4()?;
+        let (_, _, ho, wo) = grad.dims4()?;
+        // A transposed conv maps Ho to (Ho−1)·s − 2p + k; output padding makes up the rows a
+        // strided forward conv dropped.
+        let out_pad = |full: usize, o: usize, k: usize| full + 2 * g.padding - ((o - 1) * g.stride + k);
+        let (ph, pw) = (out_pad(h, ho, g.kh), out_pad(w, wo, g.kw));
+        if ph != pw {
+            candle_core::bail!("frozen conv backward: uneven output padding ({ph} vs {pw}) for input {h}x{w}");
+        }
+        let dx = grad.to_dtype(self.weight.dtype())?.conv_transpose2d(&self.weight, g.padding, ph, g.stride, 1)?;
+        Ok((Some(dx.to_dtype(x.dtype())?), None))
     }
 }
 
@@ -176,7 +255,10 @@ pub struct FrozenConv2d {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub geometry: ConvGeometry,
-    op: Option<Arc<Box<dyn CustomOp1 + Send + Sync>>>,
+    /// The CPU op (im2col); `None` off the CPU.
+    cpu_op: Option<Arc<Box<dyn CustomOp1 + Send + Sync>>>,
+    /// Use the device path (candle conv + attached backward) even on the CPU (tests).
+    force_attach: bool,
 }
 
 impl std::fmt::Debug for FrozenConv2d {
@@ -190,26 +272,43 @@ impl FrozenConv2d {
     pub fn new(weight: Tensor, bias: Option<Tensor>, stride: usize, padding: usize) -> Result<Self> {
         let (c_out, c_in, kh, kw) = weight.dims4()?;
         let geometry = ConvGeometry { c_in, c_out, kh, kw, stride, padding };
-        let op: Option<Arc<Box<dyn CustomOp1 + Send + Sync>>> =
-            if weight.device().is_cpu() && weight.dtype() == DType::F32 {
-                let w_mat = weight.reshape((c_out, c_in * kh * kw))?.contiguous()?;
-                let w_mat_t = w_mat.t()?.contiguous()?;
-                Some(Arc::new(Box::new(FrozenConv2dOp { geometry, w_mat, w_mat_t })))
-            } else {
-                None
-            };
-        Ok(Self { weight, bias, geometry, op })
+        // f32 and half precision go through the f32 im2col kernel; f64 (the parity tests' exact
+        // mode) through candle's f64 conv and the attached backward.
+        let cpu_op: Option<Arc<Box<dyn CustomOp1 + Send + Sync>>> = if weight.device().is_cpu() && weight.dtype() != DType::F64 {
+            let w_mat = weight.reshape((c_out, c_in * kh * kw))?.contiguous()?;
+            let f32_mats = if weight.dtype() == DType::F32 { Some((w_mat.clone(), w_mat.t()?.contiguous()?)) } else { None };
+            Some(Arc::new(Box::new(FrozenConv2dOp { geometry, w_mat, f32_mats })))
+        } else {
+            None
+        };
+        Ok(Self { weight, bias, geometry, cpu_op, force_attach: false })
+    }
+
+    /// Run the device path (candle's conv2d + attached input-gradient backward) on the CPU too,
+    /// so that tests exercise the code the GPU runs.
+    pub fn with_device_path(mut self) -> Self {
+        self.force_attach = true;
+        self
     }
 }
 
 impl Module for FrozenConv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match &self.op {
-            Some(op) if x.dtype() == DType::F32 && x.device().is_cpu() => x.contiguous()?.apply_op1_arc(op.clone())?,
-            _ => x.conv2d(&self.weight, self.geometry.padding, self.geometry.stride, 1, 1)?,
+        let g = self.geometry;
+        let x = if x.dtype() == self.weight.dtype() { x.clone() } else { x.to_dtype(self.weight.dtype())? };
+        let y = match &self.cpu_op {
+            Some(op) if !self.force_attach && x.device().is_cpu() => x.contiguous()?.apply_op1_arc(op.clone())?,
+            _ => {
+                let y = x.detach().conv2d(&self.weight.detach(), g.padding, g.stride, 1, 1)?.contiguous()?;
+                if x.track_op() {
+                    x.apply_op2_arc(&y, Arc::new(Box::new(AttachConvGrad { weight: self.weight.clone(), geometry: g })))?
+                } else {
+                    y
+                }
+            }
         };
         match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, self.geometry.c_out, 1, 1))?),
+            Some(b) => y.broadcast_add(&b.reshape((1, g.c_out, 1, 1))?),
             None => Ok(y),
         }
     }
@@ -226,10 +325,57 @@ pub fn conv2d(in_channels: usize, out_channels: usize, kernel: usize, cfg: candl
     FrozenConv2d::new(weight, Some(bias), cfg.stride, cfg.padding)
 }
 
-/// `x @ Wᵀ` for a frozen `W` `[out, in]`, as a custom op whose backward is `grad @ W` only.
+/// `x @ Wᵀ` for a frozen `W` `[out, in]` with the backend's own GEMM (any device, any float
+/// dtype); backward `grad @ W` only.
 struct FrozenMatmulOp {
-    w_t: Tensor,
     w: Tensor,
+    /// `Wᵀ` `[in, out]` contiguous, kept on the CPU only (candle's CPU gemm is fastest, and
+    /// rounds as the parity goldens were measured, with a contiguous right-hand side; on a GPU,
+    /// cuBLAS reads the transposed view of `W` at no cost, and a copy would double the memory).
+    w_t: Option<Tensor>,
+}
+
+impl FrozenMatmulOp {
+    /// Run the backend's matmul of `x` `[rows, in]` with `Wᵀ`, a strided view of `W`.
+    fn matmul<S: BackendStorage>(&self, x: &S, xl: &Layout, w: &S, wl: &Layout) -> Result<(S, Shape)> {
+        let dims = xl.shape().dims();
+        let k = *dims.last().unwrap_or(&1);
+        let rows = xl.shape().elem_count() / k.max(1);
+        let (n, wk) = wl.shape().dims2()?;
+        if wk != k {
+            candle_core::bail!("frozen-linear: input has {k} features, the weight expects {wk}");
+        }
+        if !xl.is_contiguous() || !wl.is_contiguous() {
+            candle_core::bail!("frozen-linear: input and weight must be contiguous");
+        }
+        let x_mat = Layout::contiguous_with_offset((rows, k), xl.start_offset());
+        let w_t = Layout::new(Shape::from((k, n)), vec![1, k], wl.start_offset());
+        let y = x.matmul(w, (1, rows, n, k), &x_mat, &w_t)?;
+        let mut out_dims = dims[..dims.len() - 1].to_vec();
+        out_dims.push(n);
+        Ok((y, Shape::from(out_dims)))
+    }
+}
+
+impl FrozenMatmulOp {
+    /// `x` `[rows, in]` times a contiguous `Wᵀ` `[in, out]`.
+    fn matmul_contiguous_rhs(&self, x: &CpuStorage, xl: &Layout, w_t: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = xl.shape().dims();
+        let k = *dims.last().unwrap_or(&1);
+        let rows = xl.shape().elem_count() / k.max(1);
+        let (wk, n) = wl.shape().dims2()?;
+        if wk != k {
+            candle_core::bail!("frozen-linear: input has {k} features, the weight expects {wk}");
+        }
+        if !xl.is_contiguous() {
+            candle_core::bail!("frozen-linear: input must be contiguous");
+        }
+        let x_mat = Layout::contiguous_with_offset((rows, k), xl.start_offset());
+        let y = x.matmul(w_t, (1, rows, n, k), &x_mat, wl)?;
+        let mut out_dims = dims[..dims.len() - 1].to_vec();
+        out_dims.push(n);
+        Ok((y, Shape::from(out_dims)))
+    }
 }
 
 impl CustomOp1 for FrozenMatmulOp {
@@ -238,36 +384,40 @@ impl CustomOp1 for FrozenMatmulOp {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(storage, layout, self.name())?;
-        let dims = layout.shape().dims();
-        let k = *dims.last().unwrap_or(&1);
-        let rows = x.len() / k.max(1);
-        let x = Tensor::from_slice(x, (rows, k), &Device::Cpu)?;
-        let y = x.matmul(&self.w_t)?;
-        let out_dim = self.w_t.dim(1)?;
-        let mut out_dims = dims[..dims.len() - 1].to_vec();
-        out_dims.push(out_dim);
-        Ok((CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), Shape::from(out_dims)))
+        if let Some(w_t) = &self.w_t {
+            let (guard, wl) = w_t.storage_and_layout();
+            let Storage::Cpu(w_t) = &*guard else { candle_core::bail!("frozen-linear: input on the CPU, weight elsewhere") };
+            return self.matmul_contiguous_rhs(storage, layout, w_t, wl);
+        }
+        let (guard, wl) = self.w.storage_and_layout();
+        let Storage::Cpu(w) = &*guard else { candle_core::bail!("frozen-linear: input on the CPU, weight elsewhere") };
+        self.matmul(storage, layout, w, wl)
+    }
+
+    fn cuda_fwd(&self, storage: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+        let (guard, wl) = self.w.storage_and_layout();
+        let Storage::Cuda(w) = &*guard else { candle_core::bail!("frozen-linear: input on a GPU, weight elsewhere") };
+        self.matmul(storage, layout, w, wl)
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let out_dim = self.w.dim(0)?;
         let rows = grad_res.elem_count() / out_dim;
-        let g = grad_res.to_dtype(DType::F32)?.reshape((rows, out_dim))?;
-        Ok(Some(g.matmul(&self.w)?.reshape(arg.shape())?))
+        let g = grad_res.to_dtype(self.w.dtype())?.reshape((rows, out_dim))?;
+        Ok(Some(g.matmul(&self.w)?.reshape(arg.shape())?.to_dtype(arg.dtype())?))
     }
 }
 
-/// A cached frozen-matmul op for a weight; `None` where the fast path does not apply.
+/// A cached frozen-matmul op for a weight; `None` for weights that are not plain matrices.
 #[derive(Clone)]
 pub struct FrozenMatmul(Option<Arc<Box<dyn CustomOp1 + Send + Sync>>>);
 
 impl FrozenMatmul {
     pub fn new(weight: &Tensor) -> Result<Self> {
-        if weight.device().is_cpu() && weight.dtype() == DType::F32 && weight.rank() == 2 {
-            let w = weight.contiguous()?;
-            let w_t = w.t()?.contiguous()?;
-            Ok(Self(Some(Arc::new(Box::new(FrozenMatmulOp { w_t, w })))))
+        if weight.rank() == 2 && weight.dtype().is_float() {
+            let w = weight.contiguous()?.detach();
+            let w_t = if w.device().is_cpu() { Some(w.t()?.contiguous()?) } else { None };
+            Ok(Self(Some(Arc::new(Box::new(FrozenMatmulOp { w, w_t })))))
         } else {
             Ok(Self(None))
         }
@@ -278,11 +428,13 @@ impl FrozenMatmul {
         Self(None)
     }
 
-    /// `x @ weightᵀ` for `x` `[..., in]`; `weight` is the same tensor given to `new`.
+    /// `x @ weightᵀ` for `x` `[..., in]`; `weight` is the same tensor given to `new`. An input
+    /// of another dtype is cast to the weight's (autocast: the frozen weight's dtype computes).
     pub fn forward(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        let x = if x.dtype() == weight.dtype() { x.clone() } else { x.to_dtype(weight.dtype())? };
         match &self.0 {
-            Some(op) if x.dtype() == DType::F32 && x.device().is_cpu() => x.contiguous()?.apply_op1_arc(op.clone()),
-            _ => {
+            Some(op) => x.contiguous()?.apply_op1_arc(op.clone()),
+            None => {
                 let dims = x.dims();
                 let k = *dims.last().unwrap_or(&1);
                 let rows = x.elem_count() / k.max(1);
@@ -352,6 +504,68 @@ mod tests {
         let g_ref = (expect * &probe)?.sum_all()?.backward()?;
         assert!(max_rel(g_ours.get(x.as_tensor()).unwrap(), g_ref.get(x.as_tensor()).unwrap()) < 1e-5);
         assert!(g_ours.get(&weight).is_none());
+        Ok(())
+    }
+
+    /// The device path (candle's conv2d on the detached input + the attached transposed-conv
+    /// backward), run on the CPU: the same values and input gradient as candle's autograd, also
+    /// for strided convs whose input size the stride does not divide (output padding).
+    /// Tolerance 1e-5 relative to the largest value (f32, different summation order).
+    #[test]
+    fn device_path_conv_matches_candle() -> Result<()> {
+        let dev = Device::Cpu;
+        for &(b, c_in, c_out, h, w, k, stride, pad) in
+            &[(2, 3, 5, 9, 9, 3, 1, 1), (1, 4, 6, 8, 8, 3, 2, 1), (1, 4, 6, 9, 9, 3, 2, 1), (2, 2, 3, 10, 10, 3, 2, 0), (3, 4, 2, 5, 6, 1, 1, 0)]
+        {
+            let weight = Tensor::randn(0f32, 1.0, (c_out, c_in, k, k), &dev)?;
+            let x = Var::randn(0f32, 1.0, (b, c_in, h, w), &dev)?;
+            let conv = FrozenConv2d::new(weight.clone(), None, stride, pad)?.with_device_path();
+            let y = conv.forward(x.as_tensor())?;
+            let expect = x.as_tensor().conv2d(&weight, pad, stride, 1, 1)?;
+            assert!(max_rel(&y, &expect) < 1e-5, "forward differs beyond 1e-5 relative");
+            let probe = Tensor::randn(0f32, 1.0, y.dims(), &dev)?;
+            let g_ours = (y * &probe)?.sum_all()?.backward()?;
+            let g_ref = (expect * &probe)?.sum_all()?.backward()?;
+            let (a, r) = (g_ours.get(x.as_tensor()).expect("input gradient"), g_ref.get(x.as_tensor()).unwrap());
+            assert!(max_rel(a, r) < 1e-5, "input gradient differs beyond 1e-5 relative for {h}x{w} stride {stride}");
+            assert!(g_ours.get(&weight).is_none(), "frozen weight must get no gradient");
+        }
+        Ok(())
+    }
+
+    /// Half-precision frozen conv and linear on the CPU against the same computation in f32 on
+    /// the rounded inputs. Tolerance: bf16 keeps 8 significant bits (relative rounding 2^-9 ≈
+    /// 2e-3 per value); the outputs are sums of products of already-rounded values computed in
+    /// f32 and rounded once, so they are within one output rounding (4e-3 relative to the largest
+    /// value for bf16, 1e-3 for f16, ×2 margin).
+    #[test]
+    fn half_precision_frozen_ops_on_cpu() -> Result<()> {
+        let dev = Device::Cpu;
+        for (dtype, tol) in [(DType::BF16, 8e-3f32), (DType::F16, 2e-3)] {
+            let weight = Tensor::randn(0f32, 1.0, (6, 4, 3, 3), &dev)?.to_dtype(dtype)?;
+            let x = Var::randn(0f32, 1.0, (2, 4, 8, 8), &dev)?;
+            let xh = x.as_tensor().to_dtype(dtype)?;
+            let conv = FrozenConv2d::new(weight.clone(), None, 2, 1)?;
+            let y = conv.forward(&xh)?;
+            assert_eq!(y.dtype(), dtype);
+            let expect = xh.to_dtype(DType::F32)?.conv2d(&weight.to_dtype(DType::F32)?, 1, 2, 1, 1)?;
+            assert!(max_rel(&y.to_dtype(DType::F32)?, &expect) < tol, "{dtype:?} conv forward");
+            let g = y.to_dtype(DType::F32)?.sum_all()?.backward()?;
+            let gx = g.get(x.as_tensor()).expect("gradient reaches the f32 input through the cast");
+            let g_ref = expect.sum_all()?.backward()?;
+            // The reference's gradient flows to the same f32 input.
+            assert!(max_rel(gx, g_ref.get(x.as_tensor()).unwrap()) < tol, "{dtype:?} conv input gradient");
+
+            let w = Tensor::randn(0f32, 1.0, (7, 5), &dev)?.to_dtype(dtype)?;
+            let fm = FrozenMatmul::new(&w)?;
+            let xl = Var::randn(0f32, 1.0, (2, 3, 5), &dev)?;
+            let y = fm.forward(&xl.as_tensor().to_dtype(dtype)?, &w)?;
+            let expect = xl.as_tensor().to_dtype(dtype)?.to_dtype(DType::F32)?.broadcast_matmul(&w.to_dtype(DType::F32)?.t()?)?;
+            assert!(max_rel(&y.to_dtype(DType::F32)?, &expect) < tol, "{dtype:?} linear forward");
+            let g = y.to_dtype(DType::F32)?.sum_all()?.backward()?;
+            assert!(g.get(xl.as_tensor()).is_some());
+            assert!(g.get(&w).is_none());
+        }
         Ok(())
     }
 }

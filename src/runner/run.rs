@@ -93,25 +93,18 @@ fn fp<'a>(fps: &'a [(&'static str, String)], stage: &str) -> &'a str {
     &fps.iter().find(|(s, _)| *s == stage).expect("every stage has a fingerprint").1
 }
 
-/// The device a pipeline asks for.
+/// The device a pipeline asks for (logged; see `crate::device`).
 pub fn select_device(device: cfg::Device) -> Result<Device> {
-    match device {
-        cfg::Device::Cpu => Ok(Device::Cpu),
-        cfg::Device::Cuda => Device::new_cuda(0).context(
-            "device = \"cuda\" but CUDA is not available (this build has no `cuda` feature, or no GPU was found); use device = \"cpu\"",
-        ),
-        cfg::Device::Auto => Ok(Device::cuda_if_available(0).unwrap_or(Device::Cpu)),
-    }
+    crate::device::select(device)
 }
 
-/// The dtype of the frozen weights for `precision` on `device` (LoRA parameters stay f32).
-pub fn weight_dtype(precision: cfg::Precision, device: &Device) -> Result<DType> {
-    match (precision, device.is_cpu()) {
-        (cfg::Precision::No, _) => Ok(DType::F32),
-        (_, true) => bail!("precision {precision:?} needs a GPU: candle's CPU backend cannot run half-precision convolutions; use precision = \"no\""),
-        (cfg::Precision::Fp16, false) => Ok(DType::F16),
-        (cfg::Precision::Bf16, false) => Ok(DType::BF16),
-    }
+/// The dtype of the frozen weights for `precision` (LoRA parameters stay f32).
+pub fn weight_dtype(precision: cfg::Precision, _device: &Device) -> Result<DType> {
+    Ok(match precision {
+        cfg::Precision::No => DType::F32,
+        cfg::Precision::Fp16 => DType::F16,
+        cfg::Precision::Bf16 => DType::BF16,
+    })
 }
 
 fn model_source(p: &Pipeline) -> Result<String> {
@@ -538,6 +531,13 @@ pub struct BenchReport {
     /// When the first training step started (after model and data loading).
     pub train_started: Instant,
     pub device_is_cpu: bool,
+    /// `cpu (2 threads)`, `cuda:0 (NVIDIA H200, 139.8 GiB)`.
+    pub device: String,
+    /// Peak device memory in use during training (GPU only), bytes above what was in use when
+    /// training started (model weights already loaded are counted in `model_bytes`).
+    pub peak_device_bytes: Option<u64>,
+    /// Device memory in use after loading the model, before training (GPU only).
+    pub model_bytes: Option<u64>,
 }
 
 /// Load the model and data of `loaded`, inject the adapter and train for `train.max_steps`
@@ -546,6 +546,8 @@ pub struct BenchReport {
 pub fn bench_pipeline(loaded: &LoadedPipeline, no_cache: bool, on_update: &mut dyn FnMut(usize, usize, f64, f64)) -> Result<BenchReport> {
     let p = &loaded.pipeline;
     let device = select_device(p.train.device)?;
+    // The high-water mark starts before the model loads: peak_memory counts from zero use.
+    crate::device::reset_peak(&device);
     let dtype = weight_dtype(p.train.precision, &device)?;
     let mut sd = load_model(p, &device, dtype)?;
     let dataset = data::source::load_source(&source_spec(p)?, &source_options(p))?;
@@ -559,7 +561,12 @@ pub fn bench_pipeline(loaded: &LoadedPipeline, no_cache: bool, on_update: &mut d
     settings.checkpointing_steps = None;
     settings.tensorboard_dir = None;
     let mut trainer = Trainer::new(&sd, params, settings)?;
+    // Device memory: the peak during training includes the model (loaded before this point).
+    let model_bytes = crate::device::peak_memory(&device);
+    let sampler = crate::device::start_sampler(&device);
     let train_started = Instant::now();
     trainer.train(&LoaderSource(loader, p.train.batch_size as usize), Some(on_update))?;
-    Ok(BenchReport { train_started, device_is_cpu: device.is_cpu() })
+    drop(sampler);
+    let peak_device_bytes = crate::device::peak_memory(&device);
+    Ok(BenchReport { train_started, device_is_cpu: device.is_cpu(), device: crate::device::describe(&device), peak_device_bytes, model_bytes })
 }

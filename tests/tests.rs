@@ -1,0 +1,32 @@
+//! The integration tests, one binary (`cargo test --test tests`): each module is one area, so a
+//! change links the world once, not once per file. Filter by module: `cargo test --test tests
+//! train_golden`, or several: `cargo test --test tests -- config_schema config_broken`.
+
+mod adapters_cli;
+mod adapters_diffusers_loads;
+mod adapters_format;
+mod adapters_injection;
+mod adapters_unet_golden;
+mod config_broken;
+mod config_schema;
+mod data_decode;
+mod data_hub;
+mod data_loader;
+mod data_parquet_variants;
+mod data_sources;
+mod data_transform;
+mod loading_hub;
+mod loading_pipeline;
+mod loading_tokenizer;
+mod loading_weights;
+mod models_bench;
+mod models_config;
+mod models_lora;
+mod models_parity;
+mod optim_golden;
+mod run_tiny;
+mod sched_generate;
+mod sched_golden;
+mod sched_oracle;
+mod sd2_parity;
+mod train_golden;
