@@ -10,6 +10,7 @@ mod adapters_unet_golden;
 mod config_broken;
 mod config_schema;
 mod data_decode;
+mod device_parity;
 mod data_hub;
 mod data_loader;
 mod data_parquet_variants;

@@ -3,6 +3,7 @@
 //! - `frozen`: frozen conv and linear as custom ops whose backward returns only the input gradient.
 //! - `linear`: the frozen linear layer that can carry LoRA branches (`AdaptedLinear`).
 //! - `norm`: layer norm and group norm composed from differentiable ops.
+//! - `fused_norm`: GroupNorm (+ SiLU) as one CPU f32 kernel with its own backward.
 //! - `attention`: multi-head scaled dot-product attention (batched matmuls, composed softmax).
 //! - `activation`: activations by config name (`silu`, `gelu`, `quick_gelu`, ...).
 //! - `resnet`: diffusers' `ResnetBlock2D`, with or without a time embedding.
@@ -10,6 +11,7 @@
 pub mod activation;
 pub mod attention;
 pub mod frozen;
+pub mod fused_norm;
 pub mod linear;
 pub mod norm;
 pub mod resnet;

@@ -56,8 +56,27 @@ impl GroupNorm {
         self.weight.dims()[0]
     }
 
-    /// Normalise each group of channels over its channels and spatial positions.
+    /// Normalise each group of channels over its channels and spatial positions (the fused CPU
+    /// f32 kernel of `nn::fused_norm` where it applies, else composed ops).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match super::fused_norm::group_norm_cpu(x, &self.weight, &self.bias, self.num_groups, self.eps, false) {
+            Some(y) => y,
+            None => self.forward_composed(x),
+        }
+    }
+
+    /// `act(self.forward(x))`, one fused kernel for SiLU on the CPU in f32.
+    pub fn forward_act(&self, x: &Tensor, act: super::Activation) -> Result<Tensor> {
+        if act == super::Activation::Silu {
+            if let Some(y) = super::fused_norm::group_norm_cpu(x, &self.weight, &self.bias, self.num_groups, self.eps, true) {
+                return y;
+            }
+        }
+        act.forward(&self.forward(x)?)
+    }
+
+    /// The norm from candle ops, each with its own backward (any device and dtype).
+    pub fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         if dims.len() < 3 || dims[1] != self.channels() {
             candle_core::bail!(

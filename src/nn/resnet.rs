@@ -78,13 +78,13 @@ impl ResnetBlock2D {
 
     /// `x` `[B, C_in, H, W]`, `temb` `[B, T]` (required when built with a time embedding).
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self.conv1.forward(&self.act.forward(&self.norm1.forward(x)?)?)?;
+        let mut h = self.conv1.forward(&self.norm1.forward_act(x, self.act)?)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             let t = if self.skip_time_act { temb.clone() } else { self.act.forward(temb)? };
             let t = proj.forward(&t)?.unsqueeze(2)?.unsqueeze(3)?;
             h = h.broadcast_add(&t)?;
         }
-        let h = self.conv2.forward(&self.act.forward(&self.norm2.forward(&h)?)?)?;
+        let h = self.conv2.forward(&self.norm2.forward_act(&h, self.act)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(x)?,
             None => x.clone(),

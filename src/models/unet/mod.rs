@@ -180,7 +180,7 @@ impl UNet2DConditionModel {
             };
             h = block.forward(&h, &mut skips, &emb, encoder_hidden_states, upsample_size)?;
         }
-        let h = cfg.act_fn.forward(&self.conv_norm_out.forward(&h)?)?;
+        let h = self.conv_norm_out.forward_act(&h, cfg.act_fn)?;
         self.conv_out.forward(&h)
     }
 

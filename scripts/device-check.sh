@@ -1,0 +1,174 @@
+#!/usr/bin/env bash
+# The device check: one prepared command for the lent GPU machine (one H200), about 8 minutes.
+#   1. the CUDA parity tests (`device_*` tests of the integration binary with LORA_TEST_DEVICE=cuda:
+#      f32 at the CPU tolerances, half precision at the stated looser ones);
+#   2. `lora bench` on an SD 1.5-shaped model with random weights (the published SD 1.5 configs,
+#      generated on the machine), 512 px, batch 1 and 4, bf16, without and with gradient
+#      checkpointing, and the reference beside it (tools/reference/reference_step.py: diffusers +
+#      PEFT, bf16 autocast, SDPA), printed side by side;
+#   3. 50 real `lora run` steps of that model on a generated image folder, with the GPU's
+#      utilisation sampled, to show the whole loop (data, encode, train, checkpoint).
+#
+# Prepare here first: `scripts/device-prepare.sh` (CUDA build + wheels into .device/), then run
+# through the device tool: command `bash scripts/device-check.sh`, carry [".device"].
+# Dry run on the CPU with a small model (checks the script itself):
+#   scripts/device-prepare.sh --cpu && bash scripts/device-check.sh --cpu-dry-run
+# Results: $OUT (the device tool's folder) or /tmp/device-check-out: summary.md, *.jsonl, logs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+repo=$(pwd)
+dry=0
+[ "${1:-}" = "--cpu-dry-run" ] && dry=1
+out=${OUT:-/tmp/device-check-out}
+work=${WORK:-/tmp/lora-device-check}
+mkdir -p "$out" "$work"
+exec > >(tee "$out/device-check.log") 2>&1
+started=$(date +%s)
+say() { echo "== [$(( $(date +%s) - started ))s] $*"; }
+fail=0
+
+# --- binaries and libraries ------------------------------------------------------------------
+[ -f .device/bin.tar.xz ] || { echo "no .device/bin.tar.xz: run scripts/device-prepare.sh first"; exit 2; }
+rm -rf "$work/bin" && tar -C "$work" -xJf .device/bin.tar.xz
+lora="$work/bin/lora"; tests="$work/bin/tests"
+mode=$(cat "$work/bin/MODE")
+if [ "$dry" = 1 ]; then
+  [ "$mode" = cpu ] || echo "note: dry run with a $mode build"
+  device=cpu; dtype=f32; precision=no; res=64; small=--small; steps=3; warmup=2; run_steps=6
+else
+  [ "$mode" = cuda ] || { echo ".device holds a $mode build; run scripts/device-prepare.sh (without --cpu)"; exit 2; }
+  device=cuda; dtype=bf16; precision=bf16; res=512; small=; steps=10; warmup=5; run_steps=50
+  # The CUDA libraries the binary links (cuBLAS, cuRAND, NVRTC) come with PyTorch's wheels there;
+  # libcuda.so.1 with the driver.
+  libs=$(python3 - <<'PY'
+import glob, os
+dirs = set()
+try:
+    import nvidia
+    for base in nvidia.__path__:
+        for so in glob.glob(os.path.join(base, "**", "lib*.so*"), recursive=True):
+            dirs.add(os.path.dirname(so))
+except ImportError:
+    pass
+print(":".join(sorted(dirs)))
+PY
+)
+  export LD_LIBRARY_PATH="${libs}:/usr/local/nvidia/lib64:/usr/local/nvidia/lib:/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  say "ldd"
+  if ldd "$lora" | grep "not found"; then echo "missing libraries above (LD_LIBRARY_PATH=$LD_LIBRARY_PATH)"; exit 1; fi
+  ldd "$lora" | grep -E "cuda|cublas|curand|nvrtc"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+fi
+export RUST_LOG=${RUST_LOG:-info}
+
+# --- 1. parity tests on the device -----------------------------------------------------------
+say "parity tests on $device"
+LORA_TEST_DEVICE=$device timeout 240 "$tests" device_ --test-threads=1 2>&1 | tee "$out/parity.log" | grep -E "^test |test result|panicked|relative" || true
+grep -q "test result: ok" "$out/parity.log" || { echo "PARITY TESTS FAILED"; fail=1; }
+
+# --- 2. the SD 1.5-shaped model and the pipeline ---------------------------------------------
+say "python environment"
+site=/tmp/lora-site
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .device/wheels/*.whl 2>&1 | tail -2
+export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+python3 -c "import torch, diffusers, transformers, peft; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'cuda', torch.cuda.is_available())"
+say "random SD 1.5 model"
+timeout 300 python3 tools/device/make_sd15.py "$work/sd15" $small --images 16 --resolution "$res" || { echo "model generation failed"; exit 1; }
+mkdir -p "$work/sd15/images-bench/train"
+cp "$work/sd15"/images/train/000[0-3].png "$work/sd15/images-bench/train/"
+head -4 "$work/sd15/images/train/metadata.jsonl" >"$work/sd15/images-bench/train/metadata.jsonl"
+pipeline() { # $1 = file, $2 = image folder, $3 = output dir
+  cat >"$1" <<TOML
+[model]
+path = "$work/sd15/model"
+
+[dataset]
+kind = "imagefolder"
+path = "$2"
+
+[preprocess]
+resolution = $res
+center_crop = true
+
+[train]
+batch_size = 1
+learning_rate = 1e-4
+seed = 0
+precision = "$precision"
+device = "$device"
+
+[checkpoints]
+every_steps = 25
+
+[output]
+dir = "$3"
+TOML
+}
+pipeline "$work/bench.toml" "$work/sd15/images-bench/train" "$work/bench-out"
+pipeline "$work/run.toml" "$work/sd15/images/train" "$work/run-out"
+
+# --- 3. lora bench and the reference, side by side -------------------------------------------
+: >"$out/lora-bench.jsonl"; : >"$out/ref-bench.jsonl"
+for batch in 1 4; do
+  for ckpt in false true; do
+    say "lora bench batch $batch checkpointing $ckpt"
+    timeout 150 "$lora" -q bench "$work/bench.toml" --cache --resolution "$res" --batch "$batch" --steps "$steps" --warmup "$warmup" \
+      --set "train.gradient_checkpointing=$ckpt" --json >>"$out/lora-bench.jsonl" 2>"$out/lora-bench-$batch-$ckpt.err" \
+      || { echo "lora bench failed:"; tail -5 "$out/lora-bench-$batch-$ckpt.err"; fail=1; }
+    tail -1 "$out/lora-bench.jsonl"
+    say "reference batch $batch checkpointing $ckpt"
+    gc=(); [ "$ckpt" = true ] && gc=(--gradient-checkpointing)
+    if [ "$dry" = 1 ]; then ref_model=(--model "$work/sd15/model"); else ref_model=(--config sd15); fi
+    timeout 150 python3 tools/reference/reference_step.py "${ref_model[@]}" --resolution "$res" --batch "$batch" --dtype "$dtype" \
+      --steps "$steps" --warmup "$warmup" --device "$device" "${gc[@]}" >>"$out/ref-bench.jsonl" 2>"$out/ref-$batch-$ckpt.err" \
+      || { echo "reference failed:"; tail -5 "$out/ref-$batch-$ckpt.err"; }
+    tail -1 "$out/ref-bench.jsonl"
+  done
+done
+
+# --- 4. a real run: data, encode, train, checkpoint ------------------------------------------
+say "lora run, $run_steps steps"
+if [ "$dry" = 0 ]; then
+  nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -lms 250 >"$out/gpu-util.csv" 2>/dev/null &
+  smi=$!
+fi
+run_start=$(date +%s.%N)
+timeout 240 "$lora" run "$work/run.toml" --set "train.max_steps=$run_steps" >"$out/run.log" 2>&1 || { echo "lora run failed"; tail -20 "$out/run.log"; fail=1; }
+run_end=$(date +%s.%N)
+[ "$dry" = 0 ] && kill "$smi" 2>/dev/null
+tail -8 "$out/run.log"
+ls "$work/run-out" || true
+
+# --- summary ---------------------------------------------------------------------------------
+python3 - "$out" "$run_start" "$run_end" "$run_steps" <<'PY' | tee "$out/summary.md"
+import json, sys, os
+out, t0, t1, n = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+def rows(name):
+    try:
+        return [json.loads(l) for l in open(os.path.join(out, name)) if l.strip().startswith("{")]
+    except FileNotFoundError:
+        return []
+ours, ref = rows("lora-bench.jsonl"), rows("ref-bench.jsonl")
+key = lambda r: (r.get("batch"), bool(r.get("gradient_checkpointing")))
+refs = {key(r): r for r in ref}
+print("| batch | grad. ckpt | lora ms/step | diffusers ms/step | ratio | lora peak GPU MiB | diffusers peak GPU MiB | lora host RSS MiB |")
+print("|---|---|---|---|---|---|---|---|")
+for r in ours:
+    f = refs.get(key(r), {})
+    ms, rms = r.get("ms_per_step"), f.get("ms_per_step")
+    ratio = f"{ms / rms:.2f}" if ms and rms else "-"
+    gpu = r.get("peak_device_bytes"); rgpu = f.get("peak_mem_gib")
+    print(f"| {r['batch']} | {'on' if r.get('gradient_checkpointing') else 'off'} | {ms:.1f} | {rms if rms is not None else '-'} | {ratio} | "
+          f"{gpu / 2**20:.0f} | {rgpu * 1024:.0f} | {(r.get('peak_rss_bytes') or 0) / 2**20:.0f} |".replace("None", "-")
+          if gpu is not None and rgpu is not None else
+          f"| {r['batch']} | {'on' if r.get('gradient_checkpointing') else 'off'} | {ms:.1f} | {rms if rms is not None else '-'} | {ratio} | - | - | {(r.get('peak_rss_bytes') or 0) / 2**20:.0f} |")
+util = os.path.join(out, "gpu-util.csv")
+extra = ""
+if os.path.exists(util):
+    vals = [float(l.split(",")[0]) for l in open(util) if l.strip() and l.split(",")[0].strip().replace(".", "").isdigit()]
+    if vals:
+        extra = f", GPU utilisation mean {sum(vals) / len(vals):.0f}% over {len(vals)} samples"
+print(f"\nlora run: {n} steps in {t1 - t0:.1f} s wall (model load, data, encode, checkpoints included){extra}")
+PY
+say "done (fail=$fail)"
+exit $fail
