@@ -83,6 +83,12 @@ impl Plan {
     /// `(dq, dk, dv)` from the inputs, the output, its gradient and the saved logsumexp,
     /// recomputing the probabilities chunk by chunk.
     fn backward(&self, q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, d_o: &Tensor, lse: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        if k.dim(1)? == 1 {
+            // One key: the softmax is identically 1 and O = v, so dq = dk = 0 exactly (the
+            // general path would leave rounding noise from dP − D) and dv = Σ_rows dO.
+            let dv = d_o.to_dtype(DType::F32)?.sum_keepdim(1)?.to_dtype(v.dtype())?;
+            return Ok((q.zeros_like()?, k.zeros_like()?, dv));
+        }
         let mm = self.mm_dtype(q.dtype());
         let (qm, km) = (q.to_dtype(mm)?, k.to_dtype(mm)?);
         let kt = km.t()?;

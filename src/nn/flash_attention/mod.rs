@@ -18,8 +18,8 @@
 //! (CPU kernel) or one chunk of query rows (chunked version).
 //!
 //! # The implementations
-//! - `cpu`: the fused CPU kernel, a `CustomOp3` in f32 (bf16/f16 upcast inside), parallel over
-//!   B·H × query tiles, tile products with the `gemm` crate. The default on CPU.
+//! - `cpu` + `kernel`: the fused CPU kernel, a `CustomOp3` in f32 (bf16/f16 upcast inside),
+//!   parallel over B·H × query tiles, tile products with the `gemm` crate. The default on CPU.
 //! - `chunked`: the device-agnostic version: the same forward and backward written with ordinary
 //!   candle tensor ops, a chunk of query rows at a time (the "tile" is a whole chunk of rows
 //!   against all keys, so no online rescaling is needed); the backward is attached through a
@@ -28,6 +28,7 @@
 
 pub(crate) mod chunked;
 pub(crate) mod cpu;
+mod kernel;
 
 use candle_core::Result;
 
@@ -262,6 +263,28 @@ mod tests {
         assert!(!chunked.track_op());
         assert!(rel_err(&fused, &reference)? < F32_TOL);
         assert!(rel_err(&chunked, &reference)? < F32_TOL);
+        Ok(())
+    }
+
+    /// With a single key the output is v and the gradients of q and k are exactly zero (as in
+    /// torch, where the softmax backward of one element cancels exactly); the UNet's mid block
+    /// sees one token at 64 px.
+    #[test]
+    fn single_key_gradients_are_exactly_zero() -> Result<()> {
+        let c = Case { bh: 2, lq: 3, lk: 1, d: 8 };
+        let scale = 1.0 / 8f64.sqrt();
+        let (q, k, v, probe) = inputs(&c, DType::F32, 0.0)?;
+        let fused = |q: &Tensor, k: &Tensor, v: &Tensor| fused_attention(q, k, v, scale);
+        let chunked = |q: &Tensor, k: &Tensor, v: &Tensor| chunked_attention(q, k, v, scale, false);
+        for attend in [&fused as &dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>, &chunked] {
+            let [out, dq, dk, dv] = run(attend, &q, &k, &v, &probe)?;
+            let expect_out = v.as_tensor().broadcast_as((2, 3, 8))?;
+            assert_eq!((out - expect_out)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
+            assert_eq!(dq.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
+            assert_eq!(dk.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
+            let expect_dv = probe.sum_keepdim(1)?;
+            assert!((dv - expect_dv)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-6);
+        }
         Ok(())
     }
 
