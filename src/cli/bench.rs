@@ -25,6 +25,10 @@ pub struct Args {
     /// Print one JSON line instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Attention implementation: auto (the fused flash kernel on CPU, chunked elsewhere),
+    /// fused, chunked or composed (full score matrices). Default: `LORA_ATTENTION`, else auto.
+    #[arg(long)]
+    pub attention: Option<crate::nn::attention::AttentionBackend>,
 }
 
 /// Peak resident memory of this process in bytes (Linux `VmHWM`), if known.
@@ -37,6 +41,10 @@ pub fn peak_rss_bytes() -> Option<u64> {
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.steps > 0, "--steps must be at least 1");
+    if let Some(backend) = args.attention {
+        crate::nn::attention::set_backend(backend);
+    }
+    let attention = crate::nn::attention::backend()?;
     let mut overrides = Vec::new();
     overrides.push(format!("train.max_steps={}", args.steps + args.warmup));
     overrides.push(format!("checkpoints.every_steps={}", usize::MAX >> 1));
@@ -68,11 +76,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             "{}",
             serde_json::json!({"tool": "lora", "device": device, "ms_per_step": ms, "images_per_s": images_per_s,
                 "batch": batch, "resolution": resolution, "steps": args.steps, "warmup": args.warmup,
-                "cache": args.cache, "threads": rayon::current_num_threads(), "peak_rss_bytes": peak, "total_s": total})
+                "cache": args.cache, "attention": attention.name(), "threads": rayon::current_num_threads(), "peak_rss_bytes": peak, "total_s": total})
         );
     } else {
         println!("lora bench {} ({device}, {} threads)", args.pipeline.file.display(), rayon::current_num_threads());
-        println!("  batch {batch} at {resolution} px, {} timed steps after {} warm-up", args.steps, args.warmup);
+        println!("  batch {batch} at {resolution} px, {} timed steps after {} warm-up, {attention} attention", args.steps, args.warmup);
         println!("  {ms:.1} ms per optimizer step, {images_per_s:.1} images/s");
         if let Some(p) = peak {
             println!("  peak memory {:.0} MiB (resident)", p as f64 / (1024.0 * 1024.0));
