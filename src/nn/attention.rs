@@ -198,11 +198,20 @@ pub fn scaled_dot_product_attention(
     if heads == 0 || inner % heads != 0 {
         candle_core::bail!("attention: width {inner} is not divisible into {heads} heads")
     }
-    let scale = 1.0 / ((inner / heads) as f64).sqrt();
     let kernel = kernel_for(backend()?, q.device().is_cpu(), q.dtype(), mask.is_some());
+    attention_with(kernel, q, k, v, heads, mask, upcast)
+}
+
+/// `scaled_dot_product_attention` with the implementation chosen (a mask needs `Composed`).
+fn attention_with(kernel: Kernel, q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>, upcast: bool) -> Result<Tensor> {
     if kernel == Kernel::Composed {
         return composed_attention(q, k, v, heads, mask, upcast);
     }
+    if mask.is_some() {
+        candle_core::bail!("attention: the {kernel:?} kernel takes no mask")
+    }
+    let (_, _, inner) = q.dims3()?;
+    let scale = 1.0 / ((inner / heads) as f64).sqrt();
     let (qh, kh, vh) = (split_heads(q, heads)?, split_heads(k, heads)?, split_heads(v, heads)?);
     let out = match kernel {
         Kernel::Fused => fused_attention(&qh, &kh, &vh, scale)?,
@@ -306,6 +315,46 @@ mod tests {
         for b in AttentionBackend::ALL {
             assert_eq!(kernel_for(b, true, DType::F32, true), Kernel::Composed, "{b} with a mask");
         }
+    }
+
+    /// The three implementations through the multi-head entry point (head split, scale, dtype
+    /// back, `upcast`): outputs and the gradients of q, k, v agree. f32: 2e-5 relative to the
+    /// largest value (summation order and the fused kernel's polynomial exp); bf16: 2e-2 (the
+    /// composed path rounds q·scale, the scores and the probabilities to bf16 without
+    /// `upcast`, the flash kernels do not).
+    #[test]
+    fn kernels_agree_through_multi_head_entry() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, lq, lk, heads, d) = (2, 37, 29, 3, 8);
+        for (dtype, upcast, tol) in [(DType::F32, false, 2e-5f32), (DType::BF16, true, 2e-2), (DType::BF16, false, 2e-2)] {
+            let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, lq, heads * d), &dev)?.to_dtype(dtype)?)?;
+            let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, lk, heads * d), &dev)?.to_dtype(dtype)?)?;
+            let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, lk, heads * d), &dev)?.to_dtype(dtype)?)?;
+            let probe = Tensor::randn(0f32, 1.0, (b, lq, heads * d), &dev)?;
+            let mut results = Vec::new();
+            for kernel in [Kernel::Composed, Kernel::Fused, Kernel::Chunked] {
+                let out = attention_with(kernel, q.as_tensor(), k.as_tensor(), v.as_tensor(), heads, None, upcast)?;
+                assert_eq!(out.dtype(), dtype, "{kernel:?} output dtype");
+                let grads = out.to_dtype(DType::F32)?.mul(&probe)?.sum_all()?.backward()?;
+                let mut all = vec![out.to_dtype(DType::F32)?];
+                for x in [&q, &k, &v] {
+                    all.push(grads.get(x.as_tensor()).expect("gradient for every input").to_dtype(DType::F32)?);
+                }
+                results.push((kernel, all));
+            }
+            let (_, reference) = &results[0];
+            for (kernel, ours) in &results[1..] {
+                for (i, (o, r)) in ours.iter().zip(reference).enumerate() {
+                    let diff = (o - r)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                    let scale = r.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0);
+                    assert!(diff / scale <= tol, "{kernel:?} {dtype:?} upcast={upcast}: tensor {i} relative diff {}", diff / scale);
+                }
+            }
+        }
+        let mask = Tensor::zeros((2, 3, 3), DType::F32, &dev)?;
+        let x = Tensor::zeros((2, 3, 4), DType::F32, &dev)?;
+        assert!(attention_with(Kernel::Fused, &x, &x, &x, 1, Some(&mask), false).is_err());
+        Ok(())
     }
 
     /// Multi-head attention against a per-head loop computed with plain 2-D matmuls.
