@@ -14,7 +14,9 @@ use super::{Geometry, CHUNK_SCORE_ELEMENTS};
 
 /// `softmax(scale · q kᵀ) v` on `[B·H, L, d]` tensors of any device, at most
 /// `CHUNK_SCORE_ELEMENTS` scores at a time. With `upcast` the score matmuls run in f32 (for
-/// bf16/f16 inputs); the softmax is always f32. The result has v's dtype.
+/// bf16/f16 inputs); the softmax is always f32 (f64 for f64 inputs). The result has v's dtype. Unlike the fused
+/// kernel it saves no statistic: a chunk is all keys of its rows, so the backward recomputes its
+/// probabilities with one fused softmax.
 pub(crate) fn chunked_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, upcast: bool) -> Result<Tensor> {
     chunked_attention_budget(q, k, v, scale, upcast, CHUNK_SCORE_ELEMENTS)
 }
@@ -26,13 +28,13 @@ pub(crate) fn chunked_attention_budget(q: &Tensor, k: &Tensor, v: &Tensor, scale
         return Tensor::zeros((g.bh, 0, g.dv), v.dtype(), v.device());
     }
     let plan = Plan { scale, upcast, rows: (budget / (g.bh * g.lk).max(1)).clamp(1, g.lq.max(1)) };
-    let (out, lse) = plan.forward(&q.detach(), &k.detach(), &v.detach())?;
+    let out = plan.forward(&q.detach(), &k.detach(), &v.detach())?;
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(out);
     }
     // The op's forward returns this storage as is, so it must start at offset 0, contiguous.
     let out = if out.is_contiguous() && out.layout().start_offset() == 0 { out } else { out.copy()? };
-    q.apply_op3(k, v, ChunkedAttention { out: Mutex::new(Some(out)), lse, plan })
+    q.apply_op3(k, v, ChunkedAttention { out: Mutex::new(Some(out)), plan })
 }
 
 /// What one call computes: the scale, the dtype handling, the query rows per chunk.
@@ -53,61 +55,75 @@ impl Plan {
         }
     }
 
+    /// dtype of the softmax and the gradient accumulators: f32, or f64 for f64 inputs.
+    fn acc_dtype(dtype: DType) -> DType {
+        if dtype == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        }
+    }
+
     /// Query-row ranges `(start, len)` of the chunks.
     fn chunks(&self, lq: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
         (0..lq).step_by(self.rows).map(move |start| (start, self.rows.min(lq - start)))
     }
 
-    /// f32 scores `scale · q_c kᵀ` of one chunk.
-    fn scores(&self, q_c: &Tensor, kt: &Tensor) -> Result<Tensor> {
-        q_c.matmul(kt)?.to_dtype(DType::F32)? * self.scale
+    /// Probabilities `softmax(q_c kᵀ)` of one chunk (`acc` dtype), `q_c` already scaled. A chunk
+    /// spans all keys, so candle's fused softmax (one kernel on every device) gives them exactly;
+    /// no running statistics are needed, and the backward recomputes the same values.
+    fn probs(q_c: &Tensor, kt: &Tensor, acc: DType) -> Result<Tensor> {
+        candle_nn::ops::softmax_last_dim(&q_c.matmul(kt)?.to_dtype(acc)?)
     }
 
-    /// Output `[B·H, Lq, dv]` (v's dtype) and logsumexp `[B·H, Lq, 1]` (f32).
-    fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let mm = self.mm_dtype(q.dtype());
-        let q = q.to_dtype(mm)?;
-        let kt = k.to_dtype(mm)?.t()?;
-        let (mut outs, mut lses) = (Vec::new(), Vec::new());
+    /// `q · scale` in the product dtype (L·d values scaled instead of L² scores).
+    fn scaled_q(&self, q: &Tensor) -> Result<Tensor> {
+        q.to_dtype(self.mm_dtype(q.dtype()))? * self.scale
+    }
+
+    /// Output `[B·H, Lq, dv]` (v's dtype).
+    fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let qs = self.scaled_q(q)?;
+        let kt = k.to_dtype(qs.dtype())?.t()?;
+        let mut outs = Vec::new();
         for (start, len) in self.chunks(q.dim(1)?) {
-            let s = self.scores(&q.narrow(1, start, len)?.contiguous()?, &kt)?;
-            let max = s.max_keepdim(D::Minus1)?;
-            let e = s.broadcast_sub(&max)?.exp()?;
-            let sum = e.sum_keepdim(D::Minus1)?;
-            outs.push(e.broadcast_div(&sum)?.to_dtype(v.dtype())?.matmul(v)?);
-            lses.push((max + sum.log()?)?);
+            let p = Self::probs(&qs.narrow(1, start, len)?.contiguous()?, &kt, Self::acc_dtype(q.dtype()))?;
+            outs.push(p.to_dtype(v.dtype())?.matmul(v)?);
         }
-        Ok((cat_rows(outs)?, cat_rows(lses)?))
+        cat_rows(outs)
     }
 
-    /// `(dq, dk, dv)` from the inputs, the output, its gradient and the saved logsumexp,
-    /// recomputing the probabilities chunk by chunk.
-    fn backward(&self, q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, d_o: &Tensor, lse: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    /// `(dq, dk, dv)` from the inputs, the output and its gradient, recomputing the
+    /// probabilities chunk by chunk: `dV += Pᵀ dO`, `dS = P ∘ (dO Vᵀ − D)` with
+    /// `D = rowsum(dO ∘ O)`, `dQ = scale · dS K`, `dK += dSᵀ (scale · Q)`.
+    fn backward(&self, q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, d_o: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         if k.dim(1)? == 1 {
             // One key: the softmax is identically 1 and O = v, so dq = dk = 0 exactly (the
             // general path would leave rounding noise from dP − D) and dv = Σ_rows dO.
-            let dv = d_o.to_dtype(DType::F32)?.sum_keepdim(1)?.to_dtype(v.dtype())?;
+            let dv = d_o.to_dtype(Self::acc_dtype(v.dtype()))?.sum_keepdim(1)?.to_dtype(v.dtype())?;
             return Ok((q.zeros_like()?, k.zeros_like()?, dv));
         }
-        let mm = self.mm_dtype(q.dtype());
-        let (qm, km) = (q.to_dtype(mm)?, k.to_dtype(mm)?);
+        let qs = self.scaled_q(q)?;
+        let mm = qs.dtype();
+        let km = k.to_dtype(mm)?;
         let kt = km.t()?;
         let vt = v.t()?;
         let d_o = d_o.to_dtype(v.dtype())?;
-        // D = rowsum(dO ∘ O), f32 [B·H, Lq, 1].
-        let dsum = (d_o.to_dtype(DType::F32)? * o.to_dtype(DType::F32)?)?.sum_keepdim(D::Minus1)?;
-        let mut dk = Tensor::zeros(k.shape(), DType::F32, k.device())?;
-        let mut dv = Tensor::zeros(v.shape(), DType::F32, v.device())?;
+        let acc = Self::acc_dtype(q.dtype());
+        // D = rowsum(dO ∘ O), [B·H, Lq, 1].
+        let dsum = (d_o.to_dtype(acc)? * o.to_dtype(acc)?)?.sum_keepdim(D::Minus1)?;
+        let mut dk = Tensor::zeros(k.shape(), acc, k.device())?;
+        let mut dv = Tensor::zeros(v.shape(), acc, v.device())?;
         let mut dqs = Vec::new();
         for (start, len) in self.chunks(q.dim(1)?) {
-            let q_c = qm.narrow(1, start, len)?.contiguous()?;
+            let qs_c = qs.narrow(1, start, len)?.contiguous()?;
             let do_c = d_o.narrow(1, start, len)?.contiguous()?;
-            let p = self.scores(&q_c, &kt)?.broadcast_sub(&lse.narrow(1, start, len)?)?.exp()?;
-            dv = (dv + p.to_dtype(v.dtype())?.t()?.matmul(&do_c)?.to_dtype(DType::F32)?)?;
-            let dp = do_c.matmul(&vt)?.to_dtype(DType::F32)?;
+            let p = Self::probs(&qs_c, &kt, acc)?;
+            dv = (dv + p.to_dtype(v.dtype())?.t()?.matmul(&do_c)?.to_dtype(acc)?)?;
+            let dp = do_c.matmul(&vt)?.to_dtype(acc)?;
             let ds = (p * dp.broadcast_sub(&dsum.narrow(1, start, len)?)?)?.to_dtype(mm)?;
-            dqs.push((ds.matmul(&km)?.to_dtype(DType::F32)? * self.scale)?);
-            dk = (dk + (ds.t()?.matmul(&q_c)?.to_dtype(DType::F32)? * self.scale)?)?;
+            dqs.push((ds.matmul(&km)?.to_dtype(acc)? * self.scale)?);
+            dk = (dk + ds.t()?.matmul(&qs_c)?.to_dtype(acc)?)?;
         }
         Ok((cat_rows(dqs)?.to_dtype(q.dtype())?, dk.to_dtype(k.dtype())?, dv.to_dtype(v.dtype())?))
     }
@@ -125,7 +141,6 @@ fn cat_rows(mut parts: Vec<Tensor>) -> Result<Tensor> {
 struct ChunkedAttention {
     /// Taken by the forward (the op's result then owns the values; no second copy is kept).
     out: Mutex<Option<Tensor>>,
-    lse: Tensor,
     plan: Plan,
 }
 
@@ -172,7 +187,7 @@ impl CustomOp3 for ChunkedAttention {
     }
 
     fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, grad_out: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dq, dk, dv) = self.plan.backward(&q.detach(), &k.detach(), &v.detach(), &out.detach(), &grad_out.detach(), &self.lse)?;
+        let (dq, dk, dv) = self.plan.backward(&q.detach(), &k.detach(), &v.detach(), &out.detach(), &grad_out.detach())?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }
 }

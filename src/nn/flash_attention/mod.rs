@@ -21,10 +21,11 @@
 //! - `cpu` + `kernel`: the fused CPU kernel, a `CustomOp3` in f32 (bf16/f16 upcast inside),
 //!   parallel over B·H × query tiles, tile products with the `gemm` crate. The default on CPU.
 //! - `chunked`: the device-agnostic version: the same forward and backward written with ordinary
-//!   candle tensor ops, a chunk of query rows at a time (the "tile" is a whole chunk of rows
-//!   against all keys, so no online rescaling is needed); the backward is attached through a
-//!   `CustomOp3` that hands back the precomputed output. The default on non-CPU devices, and the
-//!   structure a CUDA kernel should follow.
+//!   candle tensor ops, a chunk of query rows at a time. Its "tile" is a whole chunk of rows
+//!   against all keys, so neither the online rescaling nor the saved logsumexp is needed (the
+//!   backward recomputes a chunk's probabilities with candle's fused softmax); the backward is
+//!   attached through a `CustomOp3` that hands back the precomputed output. The default on
+//!   non-CPU devices; a CUDA kernel should follow the fused kernel's tiles and statistics.
 
 pub(crate) mod chunked;
 pub(crate) mod cpu;
@@ -236,6 +237,24 @@ mod tests {
             check("fused bf16", &c, errs, 1e-2);
             let errs = compare(&c, DType::BF16, &|q, k, v, s| chunked::chunked_attention_budget(q, k, v, s, true, 2000))?;
             check("chunked bf16", &c, errs, 1e-2);
+        }
+        Ok(())
+    }
+
+    /// f64 inputs (the f64 parity tests run on CPU through the chunked version): softmax and
+    /// accumulation stay in f64, so it matches the composed f64 reference to 1e-12 relative.
+    #[test]
+    fn chunked_keeps_f64() -> Result<()> {
+        let c = Case { bh: 2, lq: 45, lk: 33, d: 8 };
+        // The loss is taken in f32 (`run`), but its gradient, the f32 probe, is exact in f64.
+        let (q, k, v, probe) = inputs(&c, DType::F64, 0.3)?;
+        let ours = run(&|q, k, v| chunked::chunked_attention_budget(q, k, v, 0.3, false, 500), &q, &k, &v, &probe)?;
+        let reference = run(&|q, k, v| attend_in_chunks(&(q * 0.3)?, k, v, None, 2), &q, &k, &v, &probe)?;
+        for (o, r) in ours.iter().zip(&reference) {
+            assert_eq!(o.dtype(), DType::F64);
+            let diff = (o - r)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            let scale = r.abs()?.max_all()?.to_scalar::<f64>()?.max(1.0);
+            assert!(diff / scale < 1e-12, "f64 relative error {}", diff / scale);
         }
         Ok(())
     }
