@@ -107,13 +107,31 @@ pub(crate) fn check_training_step(dev: &Device) {
     let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2 };
     let mut opt = AdamW::new_named(vars.clone(), names.clone(), cfg).unwrap();
     opt.step(&grad_list, 1e-3).unwrap();
+    // After the step. AdamW's first (bias-corrected) step moves each element by lr·g/(|g|+eps)
+    // plus the decay lr·wd·p: that is ±lr = 1e-3 whatever rounding does to g, so where the
+    // clipped reference gradient is well above eps (|g| > 1e-6 = 100 eps) the new value must match
+    // the reference to 1e-4 absolute (the reference's own recomputation agrees to 5e-5). Where
+    // |g| is within a few eps of zero, the update's size is set by rounding-level differences in g
+    // (measured: up to 2.4e-4 off for such elements), so there we check only that the element
+    // moved by no more than one step can (lr·(1 + wd·|p|) + 1e-6).
+    let lr = 1e-3f32;
+    let clip = (1.0 / (reference_norm + 1e-6)).min(1.0) as f32;
+    let mut well_posed = 0usize;
     for (var, name) in vars.iter().zip(&names) {
-        let after = &step[&format!("after.{name}")];
-        let diff = max_abs(&(var.as_tensor() - after).unwrap());
-        // 2e-4 absolute: AdamW's first step moves each element by lr·g/(|g|+eps) (bias-corrected),
-        // which is ±lr = 1e-3 whatever rounding does to g, except for elements whose |g| is within
-        // a few eps (1e-8): there rounding-level gradient differences move the update by up to
-        // lr·0.1 and more. Measured: 1.08e-4 at worst (one such element of attn2.to_out.0).
-        assert!(diff <= 2e-4, "{name} after the step differs by {diff} (tolerance 2e-4 absolute)");
+        let ours = var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let after = step[&format!("after.{name}")].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let before = step[&format!("before.{name}")].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let grad = step[&format!("grad.{name}")].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for i in 0..ours.len() {
+            if (grad[i] * clip).abs() > 1e-6 {
+                well_posed += 1;
+                let diff = (ours[i] - after[i]).abs();
+                assert!(diff <= 1e-4, "{name}[{i}] after the step differs by {diff} (tolerance 1e-4 absolute; |g| = {})", grad[i].abs());
+            } else {
+                let moved = (ours[i] - before[i]).abs();
+                assert!(moved <= lr * (1.0 + 1e-2 * before[i].abs()) + 1e-6, "{name}[{i}] moved by {moved}, more than one AdamW step can");
+            }
+        }
     }
+    assert!(well_posed > 1000, "only {well_posed} elements with a well-posed update were compared");
 }

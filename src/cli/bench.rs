@@ -31,6 +31,10 @@ pub struct Args {
     /// Images per micro-step (shortcut for `--set train.batch_size=N`).
     #[arg(long, value_name = "N")]
     pub batch: Option<u32>,
+    /// Attention implementation: auto (the fused flash kernel on CPU, chunked elsewhere),
+    /// fused, chunked or composed (full score matrices). Default: `LORA_ATTENTION`, else auto.
+    #[arg(long)]
+    pub attention: Option<crate::nn::attention::AttentionBackend>,
 }
 
 /// Peak resident memory of this process in bytes (Linux `VmHWM`), if known.
@@ -43,6 +47,10 @@ pub fn peak_rss_bytes() -> Option<u64> {
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.steps > 0, "--steps must be at least 1");
+    if let Some(backend) = args.attention {
+        crate::nn::attention::set_backend(backend);
+    }
+    let attention = crate::nn::attention::backend()?;
     let mut overrides = Vec::new();
     overrides.push(format!("train.max_steps={}", args.steps + args.warmup));
     if let Some(r) = args.resolution {
@@ -86,13 +94,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             serde_json::json!({"tool": "lora", "device": device, "device_name": report.device, "ms_per_step": ms, "images_per_s": images_per_s,
                 "batch": batch, "resolution": resolution, "steps": args.steps, "warmup": args.warmup,
                 "cache": args.cache, "precision": precision, "gradient_checkpointing": p.train.gradient_checkpointing,
-                "threads": rayon::current_num_threads(), "peak_rss_bytes": peak,
+                "attention": attention.name(), "threads": rayon::current_num_threads(), "peak_rss_bytes": peak,
                 "peak_device_bytes": report.peak_device_bytes, "model_device_bytes": report.model_bytes, "total_s": total})
         );
     } else {
         println!("lora bench {} ({})", args.pipeline.file.display(), report.device);
         println!(
-            "  batch {batch} at {resolution} px, precision {precision}, gradient checkpointing {}, {} timed steps after {} warm-up",
+            "  batch {batch} at {resolution} px, precision {precision}, gradient checkpointing {}, {attention} attention, {} timed steps after {} warm-up",
             if p.train.gradient_checkpointing { "on" } else { "off" },
             args.steps,
             args.warmup

@@ -1,8 +1,114 @@
-//! Multi-head scaled dot-product attention from batched 3-D matmuls and a softmax with a
-//! backward (candle's fused `softmax_last_dim` has none).
+//! Multi-head scaled dot-product attention: the choice of implementation (`AttentionBackend`:
+//! the flash kernels of `nn::flash_attention`, or the composed reference from batched 3-D matmuls
+//! and a softmax with a backward, since candle's fused `softmax_last_dim` has none).
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::OnceLock;
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
+
+use crate::nn::flash_attention::{chunked_attention, fused_attention};
+
+/// Which implementation `scaled_dot_product_attention` uses, for the whole process.
+///
+/// Set with `set_backend`, else from the environment variable `LORA_ATTENTION`
+/// (`auto`, `fused`, `chunked` or `composed`; read once), else `Auto`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AttentionBackend {
+    /// `Fused` on the CPU (f32, bf16, f16), `Chunked` elsewhere.
+    #[default]
+    Auto,
+    /// The fused CPU flash-attention kernel (on other devices or dtypes: `Chunked`).
+    Fused,
+    /// Flash attention from tensor ops, a chunk of query rows at a time (any device).
+    Chunked,
+    /// The reference: full `[B·H, Lq, Lk]` scores, softmax, matmul, candle's autograd.
+    Composed,
+}
+
+impl AttentionBackend {
+    const ALL: [AttentionBackend; 4] = [Self::Auto, Self::Fused, Self::Chunked, Self::Composed];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Fused => "fused",
+            Self::Chunked => "chunked",
+            Self::Composed => "composed",
+        }
+    }
+}
+
+impl std::fmt::Display for AttentionBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for AttentionBackend {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|b| b.name() == s.trim().to_ascii_lowercase())
+            .ok_or_else(|| format!("unknown attention backend {s:?}: expected auto, fused, chunked or composed"))
+    }
+}
+
+/// 0: not set (use the environment); otherwise 1 + index in `AttentionBackend::ALL`.
+static BACKEND: AtomicU8 = AtomicU8::new(0);
+
+/// Selects the attention implementation for the whole process (overrides `LORA_ATTENTION`).
+pub fn set_backend(backend: AttentionBackend) {
+    let index = AttentionBackend::ALL.iter().position(|b| *b == backend).expect("every backend is in ALL");
+    BACKEND.store(index as u8 + 1, Ordering::Relaxed);
+}
+
+/// The selected backend: `set_backend`'s, else `LORA_ATTENTION`'s, else `Auto`.
+pub fn backend() -> Result<AttentionBackend> {
+    match BACKEND.load(Ordering::Relaxed) {
+        0 => {
+            static FROM_ENV: OnceLock<std::result::Result<AttentionBackend, String>> = OnceLock::new();
+            FROM_ENV
+                .get_or_init(|| match std::env::var("LORA_ATTENTION") {
+                    Ok(value) => value.parse().map_err(|e| format!("LORA_ATTENTION: {e}")),
+                    Err(_) => Ok(AttentionBackend::Auto),
+                })
+                .clone()
+                .map_err(candle_core::Error::Msg)
+        }
+        i => Ok(AttentionBackend::ALL[i as usize - 1]),
+    }
+}
+
+/// The implementation one call runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kernel {
+    Fused,
+    Chunked,
+    Composed,
+}
+
+/// `backend` resolved for one call: a mask always takes the composed path (the flash kernels
+/// take none); the fused kernel needs the CPU and a float dtype it upcasts.
+fn kernel_for(backend: AttentionBackend, on_cpu: bool, dtype: DType, masked: bool) -> Kernel {
+    if masked {
+        return Kernel::Composed;
+    }
+    match backend {
+        AttentionBackend::Composed => Kernel::Composed,
+        AttentionBackend::Chunked => Kernel::Chunked,
+        AttentionBackend::Auto | AttentionBackend::Fused => {
+            if on_cpu && matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+                Kernel::Fused
+            } else {
+                Kernel::Chunked
+            }
+        }
+    }
+}
 
 /// Softmax over the last dimension, with a backward.
 ///
@@ -78,7 +184,8 @@ pub fn merge_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
 ///
 /// `q` is `[B, Lq, H·d]`, `k` and `v` are `[B, Lk, H·d]`; `mask`, if any, is added to the
 /// scores and broadcasts to `[B·H, Lq, Lk]`. With `upcast`, scores and softmax run in f32
-/// (diffusers' `upcast_attention`/`upcast_softmax`); the result has `q`'s dtype.
+/// (diffusers' `upcast_attention`/`upcast_softmax`; the fused CPU kernel always computes in
+/// f32); the result has `q`'s dtype. The implementation is the process-wide `backend()`.
 pub fn scaled_dot_product_attention(
     q: &Tensor,
     k: &Tensor,
@@ -91,6 +198,32 @@ pub fn scaled_dot_product_attention(
     if heads == 0 || inner % heads != 0 {
         candle_core::bail!("attention: width {inner} is not divisible into {heads} heads")
     }
+    let kernel = kernel_for(backend()?, q.device().is_cpu(), q.dtype(), mask.is_some());
+    attention_with(kernel, q, k, v, heads, mask, upcast)
+}
+
+/// `scaled_dot_product_attention` with the implementation chosen (a mask needs `Composed`).
+fn attention_with(kernel: Kernel, q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>, upcast: bool) -> Result<Tensor> {
+    if kernel == Kernel::Composed {
+        return composed_attention(q, k, v, heads, mask, upcast);
+    }
+    if mask.is_some() {
+        candle_core::bail!("attention: the {kernel:?} kernel takes no mask")
+    }
+    let (_, _, inner) = q.dims3()?;
+    let scale = 1.0 / ((inner / heads) as f64).sqrt();
+    let (qh, kh, vh) = (split_heads(q, heads)?, split_heads(k, heads)?, split_heads(v, heads)?);
+    let out = match kernel {
+        Kernel::Fused => fused_attention(&qh, &kh, &vh, scale)?,
+        _ => chunked_attention(&qh, &kh, &vh, scale, upcast)?,
+    };
+    merge_heads(&out.to_dtype(q.dtype())?, heads)
+}
+
+/// The composed reference: `[B·H, Lq, Lk]` scores from a batched matmul, the softmax above,
+/// a matmul with v, all through candle's autograd (the graph keeps the scores).
+pub fn composed_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>, upcast: bool) -> Result<Tensor> {
+    let (_, _, inner) = q.dims3()?;
     let scale = 1.0 / ((inner / heads) as f64).sqrt();
     let dtype = q.dtype();
     // Scaling q (L·d values) rather than the scores (L·L values) is cheaper and equal.
@@ -163,6 +296,67 @@ mod tests {
         Ok(())
     }
 
+    #[test]
+    fn backend_names_and_resolution() {
+        for b in AttentionBackend::ALL {
+            assert_eq!(b.name().parse::<AttentionBackend>(), Ok(b));
+        }
+        assert_eq!(" Fused ".parse::<AttentionBackend>(), Ok(AttentionBackend::Fused));
+        let err = "flash".parse::<AttentionBackend>().unwrap_err();
+        assert!(err.contains("\"flash\"") && err.contains("composed"), "{err}");
+        use AttentionBackend as B;
+        assert_eq!(kernel_for(B::Auto, true, DType::F32, false), Kernel::Fused);
+        assert_eq!(kernel_for(B::Auto, true, DType::BF16, false), Kernel::Fused);
+        assert_eq!(kernel_for(B::Auto, true, DType::F64, false), Kernel::Chunked);
+        assert_eq!(kernel_for(B::Auto, false, DType::F32, false), Kernel::Chunked);
+        assert_eq!(kernel_for(B::Fused, false, DType::F16, false), Kernel::Chunked);
+        assert_eq!(kernel_for(B::Chunked, true, DType::F32, false), Kernel::Chunked);
+        assert_eq!(kernel_for(B::Composed, true, DType::F32, false), Kernel::Composed);
+        for b in AttentionBackend::ALL {
+            assert_eq!(kernel_for(b, true, DType::F32, true), Kernel::Composed, "{b} with a mask");
+        }
+    }
+
+    /// The three implementations through the multi-head entry point (head split, scale, dtype
+    /// back, `upcast`): outputs and the gradients of q, k, v agree. f32: 2e-5 relative to the
+    /// largest value (summation order and the fused kernel's polynomial exp); bf16: 2e-2 (the
+    /// composed path rounds q·scale, the scores and the probabilities to bf16 without
+    /// `upcast`, the flash kernels do not).
+    #[test]
+    fn kernels_agree_through_multi_head_entry() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, lq, lk, heads, d) = (2, 37, 29, 3, 8);
+        for (dtype, upcast, tol) in [(DType::F32, false, 2e-5f32), (DType::BF16, true, 2e-2), (DType::BF16, false, 2e-2)] {
+            let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, lq, heads * d), &dev)?.to_dtype(dtype)?)?;
+            let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, lk, heads * d), &dev)?.to_dtype(dtype)?)?;
+            let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, lk, heads * d), &dev)?.to_dtype(dtype)?)?;
+            let probe = Tensor::randn(0f32, 1.0, (b, lq, heads * d), &dev)?;
+            let mut results = Vec::new();
+            for kernel in [Kernel::Composed, Kernel::Fused, Kernel::Chunked] {
+                let out = attention_with(kernel, q.as_tensor(), k.as_tensor(), v.as_tensor(), heads, None, upcast)?;
+                assert_eq!(out.dtype(), dtype, "{kernel:?} output dtype");
+                let grads = out.to_dtype(DType::F32)?.mul(&probe)?.sum_all()?.backward()?;
+                let mut all = vec![out.to_dtype(DType::F32)?];
+                for x in [&q, &k, &v] {
+                    all.push(grads.get(x.as_tensor()).expect("gradient for every input").to_dtype(DType::F32)?);
+                }
+                results.push((kernel, all));
+            }
+            let (_, reference) = &results[0];
+            for (kernel, ours) in &results[1..] {
+                for (i, (o, r)) in ours.iter().zip(reference).enumerate() {
+                    let diff = (o - r)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                    let scale = r.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0);
+                    assert!(diff / scale <= tol, "{kernel:?} {dtype:?} upcast={upcast}: tensor {i} relative diff {}", diff / scale);
+                }
+            }
+        }
+        let mask = Tensor::zeros((2, 3, 3), DType::F32, &dev)?;
+        let x = Tensor::zeros((2, 3, 4), DType::F32, &dev)?;
+        assert!(attention_with(Kernel::Fused, &x, &x, &x, 1, Some(&mask), false).is_err());
+        Ok(())
+    }
+
     /// Multi-head attention against a per-head loop computed with plain 2-D matmuls.
     #[test]
     fn attention_matches_per_head_loop() -> Result<()> {
@@ -171,7 +365,9 @@ mod tests {
         let q = Tensor::randn(0f32, 1.0, (b, lq, heads * d), &dev)?;
         let k = Tensor::randn(0f32, 1.0, (b, lk, heads * d), &dev)?;
         let v = Tensor::randn(0f32, 1.0, (b, lk, heads * d), &dev)?;
+        // The default backend (the fused kernel here) and the composed reference.
         let ours = scaled_dot_product_attention(&q, &k, &v, heads, None, false)?;
+        let composed = composed_attention(&q, &k, &v, heads, None, false)?;
         for n in 0..b {
             for h in 0..heads {
                 let qh = q.get(n)?.narrow(1, h * d, d)?;
@@ -179,10 +375,12 @@ mod tests {
                 let vh = v.get(n)?.narrow(1, h * d, d)?;
                 let scores = (qh.matmul(&kh.t()?)? / (d as f64).sqrt())?;
                 let expect = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&vh)?;
-                let got = ours.get(n)?.narrow(1, h * d, d)?;
-                let diff = (got - expect)?.abs()?.max_all()?.to_scalar::<f32>()?;
-                // Tolerance 1e-5 absolute (f32 rounding only).
-                assert!(diff < 1e-5, "batch {n} head {h}: diff {diff}");
+                for got in [&ours, &composed] {
+                    let got = got.get(n)?.narrow(1, h * d, d)?;
+                    let diff = (got - &expect)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                    // Tolerance 1e-5 absolute (f32 rounding only).
+                    assert!(diff < 1e-5, "batch {n} head {h}: diff {diff}");
+                }
             }
         }
         // Slicing the heads (as inference does for large scores) changes nothing.

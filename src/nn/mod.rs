@@ -4,12 +4,15 @@
 //! - `linear`: the frozen linear layer that can carry LoRA branches (`AdaptedLinear`).
 //! - `norm`: layer norm and group norm composed from differentiable ops.
 //! - `fused_norm`: GroupNorm (+ SiLU) as one CPU f32 kernel with its own backward.
-//! - `attention`: multi-head scaled dot-product attention (batched matmuls, composed softmax).
+//! - `attention`: multi-head scaled dot-product attention and the choice of its implementation.
+//! - `flash_attention`: blocked attention that never materialises the scores (fused CPU kernel,
+//!   chunked tensor-op version for other devices), each with its own backward.
 //! - `activation`: activations by config name (`silu`, `gelu`, `quick_gelu`, ...).
 //! - `resnet`: diffusers' `ResnetBlock2D`, with or without a time embedding.
 
 pub mod activation;
 pub mod attention;
+pub mod flash_attention;
 pub mod frozen;
 pub mod fused_norm;
 pub mod linear;
