@@ -191,8 +191,10 @@ impl FrozenConv2d {
         let (c_out, c_in, kh, kw) = weight.dims4()?;
         let geometry = ConvGeometry { c_in, c_out, kh, kw, stride, padding };
         let op: Option<Arc<Box<dyn CustomOp1 + Send + Sync>>> =
-            if weight.device().is_cpu() && weight.dtype() == DType::F32 {
-                let w_mat = weight.reshape((c_out, c_in * kh * kw))?.contiguous()?;
+            // WORKAROUND (prec branch, superseded by the integrator's frozen.rs): candle's CPU
+            // conv2d has no bf16 kernel, so half-precision CPU convs use the f32 op and round.
+            if weight.device().is_cpu() && matches!(weight.dtype(), DType::F32 | DType::F16 | DType::BF16) {
+                let w_mat = weight.to_dtype(DType::F32)?.reshape((c_out, c_in * kh * kw))?.contiguous()?;
                 let w_mat_t = w_mat.t()?.contiguous()?;
                 Some(Arc::new(Box::new(FrozenConv2dOp { geometry, w_mat, w_mat_t })))
             } else {
@@ -206,6 +208,9 @@ impl Module for FrozenConv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.op {
             Some(op) if x.dtype() == DType::F32 && x.device().is_cpu() => x.contiguous()?.apply_op1_arc(op.clone())?,
+            Some(op) if x.dtype() == self.weight.dtype() && x.device().is_cpu() => {
+                x.to_dtype(DType::F32)?.contiguous()?.apply_op1_arc(op.clone())?.to_dtype(x.dtype())?
+            }
             _ => x.conv2d(&self.weight, self.geometry.padding, self.geometry.stride, 1, 1)?,
         };
         match &self.bias {
