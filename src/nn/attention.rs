@@ -77,8 +77,9 @@ pub fn merge_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
 /// `softmax(q kᵀ / √d + mask) v` with heads split out of the last dimension.
 ///
 /// `q` is `[B, Lq, H·d]`, `k` and `v` are `[B, Lk, H·d]`; `mask`, if any, is added to the
-/// scores and broadcasts to `[B·H, Lq, Lk]`. With `upcast`, scores and softmax run in f32
-/// (diffusers' `upcast_attention`/`upcast_softmax`); the result has `q`'s dtype.
+/// scores and broadcasts to `[B·H, Lq, Lk]`. With `upcast` (diffusers' `upcast_attention`/
+/// `upcast_softmax`), and always for f16/bf16 inputs, scores and softmax run in f32; the result
+/// has `q`'s dtype.
 pub fn scaled_dot_product_attention(
     q: &Tensor,
     k: &Tensor,
@@ -93,6 +94,9 @@ pub fn scaled_dot_product_attention(
     }
     let scale = 1.0 / ((inner / heads) as f64).sqrt();
     let dtype = q.dtype();
+    // Half-precision inputs always get f32 scores and softmax, as torch's SDPA kernels compute
+    // them under autocast.
+    let upcast = upcast || matches!(dtype, DType::F16 | DType::BF16);
     // Scaling q (L·d values) rather than the scores (L·L values) is cheaper and equal.
     let (qh, kh, vh) = (split_heads(&(q * scale)?, heads)?, split_heads(k, heads)?, split_heads(v, heads)?);
     let (qh, kh) = if upcast && dtype != DType::F32 {
