@@ -453,3 +453,29 @@ fn fp16_skipped_steps_do_not_advance_the_lr_schedule_and_resume_exactly() {
 /// An initial scale at which the tiny model's scaled fp16 gradients overflow for a few steps
 /// (measured: they overflow from 2^17 on one of the three images), then grow back.
 const PROBE_EXPONENT: i32 = 19;
+
+/// The VAE follows its config's `force_upcast` under fp16 (f32 when true, diffusers' default
+/// when the key is missing); bf16 keeps the VAE in bf16; the UNet and text encoder are always in
+/// the weight dtype.
+#[test]
+fn vae_follows_force_upcast() {
+    use lora::models::config::VaeConfig;
+    use lora::models::loading::vae_dtype;
+    let fp16 = load_tiny(DType::F16);
+    assert_eq!((fp16.unet.dtype(), fp16.vae.dtype()), (DType::F16, DType::F32), "tiny-sd's VAE says force_upcast: true");
+    let bf16 = load_tiny(DType::BF16);
+    assert_eq!((bf16.unet.dtype(), bf16.vae.dtype()), (DType::BF16, DType::BF16));
+    let json = std::fs::read_to_string(fixture("tiny-sd/vae/config.json")).unwrap();
+    let without: serde_json::Value = {
+        let mut v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        v.as_object_mut().unwrap().remove("force_upcast");
+        v
+    };
+    let mut off = without.clone();
+    off["force_upcast"] = false.into();
+    let parse = |v: &serde_json::Value| VaeConfig::from_json_str(&v.to_string()).unwrap();
+    assert_eq!(vae_dtype(DType::F16, &parse(&without)), DType::F32, "missing key: diffusers' default true");
+    assert_eq!(vae_dtype(DType::F16, &parse(&off)), DType::F16, "an fp16-safe VAE stays f16");
+    assert_eq!(vae_dtype(DType::BF16, &parse(&without)), DType::BF16);
+    assert_eq!(vae_dtype(DType::F32, &parse(&without)), DType::F32);
+}
