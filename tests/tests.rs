@@ -31,3 +31,4 @@ mod sched_golden;
 mod sched_oracle;
 mod sd2_parity;
 mod train_golden;
+mod train_precision;

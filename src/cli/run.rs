@@ -53,6 +53,9 @@ pub fn print_summary(report: &RunReport) {
             if let (Some(before), Some(after)) = (t.eval_loss_before, t.eval_loss_after) {
                 println!("  eval loss  {before:.4} -> {after:.4} (fixed noise, {:+.2}%)", (after / before - 1.0) * 100.0);
             }
+            if let Some(scale) = t.loss_scale {
+                println!("  fp16       {} skipped step(s) (inf/NaN gradients), loss scale {scale}", t.skipped_steps);
+            }
             println!("  train time {:.1} s", t.seconds);
         }
         None if report.skipped_train => println!("  train      up to date (nothing to do)"),

@@ -350,9 +350,10 @@ pub enum Precision {
     /// Everything in f32.
     #[default]
     No,
-    /// Frozen weights in f16, LoRA parameters upcast to f32 (GPU only).
+    /// Frozen weights in f16 (a `force_upcast` VAE in f32), LoRA parameters in f32, dynamic
+    /// loss scaling.
     Fp16,
-    /// Frozen weights and LoRA parameters in bf16 (GPU only).
+    /// Frozen weights in bf16, LoRA parameters in f32.
     Bf16,
 }
 

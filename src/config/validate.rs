@@ -746,21 +746,13 @@ impl Checks<'_> {
                 );
             }
         }
-        if t.precision != Precision::No {
+        if t.precision != Precision::No && t.device == Device::Cpu {
             let name = if t.precision == Precision::Fp16 { "fp16" } else { "bf16" };
-            match t.device {
-                Device::Cpu => self.error(
-                    &["train.precision"],
-                    format!("precision \"{name}\" cannot run on the CPU (train.device = \"cpu\")"),
-                    Some("use precision = \"no\" on the CPU, or device = \"cuda\"".into()),
-                ),
-                Device::Auto => self.warning(
-                    &["train.precision"],
-                    format!("precision \"{name}\" needs a CUDA GPU; with train.device = \"auto\" on a machine without one, training stops"),
-                    Some("say device = \"cuda\" to make the GPU a requirement, or use precision = \"no\"".into()),
-                ),
-                _ => {}
-            }
+            self.warning(
+                &["train.precision"],
+                format!("precision \"{name}\" on the CPU is slower than \"no\": the CPU has no half-precision kernels, so convolutions compute in f32 and round"),
+                Some("use precision = \"no\" on the CPU unless you are testing mixed precision".into()),
+            );
         }
         if t.allow_tf32 && t.device == Device::Cpu {
             self.warning(&["train.allow_tf32"], "`train.allow_tf32` has no effect on the CPU".into(), None);

@@ -369,6 +369,9 @@ pub struct VaeConfig {
     pub use_post_quant_conv: bool,
     pub mid_block_add_attention: bool,
     pub sample_size: Option<usize>,
+    /// The VAE overflows in f16 (SDXL's): under fp16 it runs in f32. diffusers' default is
+    /// `true` when the key is missing.
+    pub force_upcast: bool,
 }
 
 #[derive(Deserialize)]
@@ -389,6 +392,7 @@ struct RawVaeConfig {
     use_quant_conv: bool,
     use_post_quant_conv: bool,
     mid_block_add_attention: bool,
+    force_upcast: bool,
 }
 
 impl Default for RawVaeConfig {
@@ -409,6 +413,7 @@ impl Default for RawVaeConfig {
             use_quant_conv: true,
             use_post_quant_conv: true,
             mid_block_add_attention: true,
+            force_upcast: true,
         }
     }
 }
@@ -461,6 +466,7 @@ impl VaeConfig {
             use_post_quant_conv: raw.use_post_quant_conv,
             mid_block_add_attention: raw.mid_block_add_attention,
             sample_size: raw.sample_size,
+            force_upcast: raw.force_upcast,
         })
     }
 }

@@ -85,12 +85,23 @@ impl StableDiffusion {
         let vae = files
             .vae
             .open_weights("vae", &WeightOptions { legacy_attention_names: true, ..Default::default() })?
-            .build(dtype, device, |vb| AutoencoderKL::load(vb, &vae_config))?;
+            .build(vae_dtype(dtype, &vae_config), device, |vb| AutoencoderKL::load(vb, &vae_config))?;
 
         let scheduler: SchedulerConfig = serde_json::from_str(&read_text(&files.scheduler_config)?)
             .with_context(|| format!("{} is not a valid scheduler config", files.scheduler_config.display()))?;
 
         Ok(Self { root: files.root, tokenizer, text_encoder, unet, vae, scheduler })
+    }
+}
+
+/// The VAE's dtype when the model is loaded in `dtype`: f32 instead of f16 where its config says
+/// `force_upcast` (diffusers' SDXL pipelines and training scripts upcast such a VAE; bf16 has
+/// f32's range and is kept).
+pub fn vae_dtype(dtype: DType, config: &VaeConfig) -> DType {
+    if dtype == DType::F16 && config.force_upcast {
+        DType::F32
+    } else {
+        dtype
     }
 }
 

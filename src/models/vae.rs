@@ -237,6 +237,12 @@ impl AutoencoderKL {
         &self.config
     }
 
+    /// The dtype of the weights (what pixels and latents must be cast to); f32 for a VAE whose
+    /// config says `force_upcast` when the model was loaded in f16.
+    pub fn dtype(&self) -> candle_core::DType {
+        self.encoder.conv_in.weight.dtype()
+    }
+
     /// Pixels `[B, 3, H, W]` in [-1, 1] → latent distribution `[B, 4, H/8, W/8]` (unscaled).
     pub fn encode(&self, x: &Tensor) -> Result<DiagonalGaussian> {
         let mut moments = self.encoder.forward(x)?;

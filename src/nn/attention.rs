@@ -183,9 +183,10 @@ pub fn merge_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
 /// `softmax(q kᵀ / √d + mask) v` with heads split out of the last dimension.
 ///
 /// `q` is `[B, Lq, H·d]`, `k` and `v` are `[B, Lk, H·d]`; `mask`, if any, is added to the
-/// scores and broadcasts to `[B·H, Lq, Lk]`. With `upcast`, scores and softmax run in f32
-/// (diffusers' `upcast_attention`/`upcast_softmax`; the fused CPU kernel always computes in
-/// f32); the result has `q`'s dtype. The implementation is the process-wide `backend()`.
+/// scores and broadcasts to `[B·H, Lq, Lk]`. With `upcast` (diffusers' `upcast_attention`/
+/// `upcast_softmax`), and always for f16/bf16 inputs, scores and softmax run in f32 (the fused
+/// CPU kernel always computes in f32); the result has `q`'s dtype. The implementation is the
+/// process-wide `backend()`.
 pub fn scaled_dot_product_attention(
     q: &Tensor,
     k: &Tensor,
@@ -212,6 +213,8 @@ fn attention_with(kernel: Kernel, q: &Tensor, k: &Tensor, v: &Tensor, heads: usi
     }
     let (_, _, inner) = q.dims3()?;
     let scale = 1.0 / ((inner / heads) as f64).sqrt();
+    // Half-precision inputs always get f32 scores and softmax (torch's SDPA under autocast).
+    let upcast = upcast || matches!(q.dtype(), DType::F16 | DType::BF16);
     let (qh, kh, vh) = (split_heads(q, heads)?, split_heads(k, heads)?, split_heads(v, heads)?);
     let out = match kernel {
         Kernel::Fused => fused_attention(&qh, &kh, &vh, scale)?,
@@ -226,6 +229,9 @@ pub fn composed_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask
     let (_, _, inner) = q.dims3()?;
     let scale = 1.0 / ((inner / heads) as f64).sqrt();
     let dtype = q.dtype();
+    // Half-precision inputs always get f32 scores and softmax, as torch's SDPA kernels compute
+    // them under autocast.
+    let upcast = upcast || matches!(dtype, DType::F16 | DType::BF16);
     // Scaling q (L·d values) rather than the scores (L·L values) is cheaper and equal.
     let (qh, kh, vh) = (split_heads(&(q * scale)?, heads)?, split_heads(k, heads)?, split_heads(v, heads)?);
     let (qh, kh) = if upcast && dtype != DType::F32 {
@@ -389,6 +395,39 @@ mod tests {
         let whole = attend_in_chunks(&qh, &kh, &vh, Some(&mask), b * heads)?;
         let sliced = attend_in_chunks(&qh, &kh, &vh, Some(&mask), 3)?;
         assert_eq!((whole - sliced)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
+        Ok(())
+    }
+
+    /// Half precision in the shapes of the deep UNet blocks (1×1 and 2×2 latents: one or four
+    /// query tokens, self- and cross-attention): every kernel's q, k, v gradients against the
+    /// composed ops in f32 on the same rounded inputs, within 2e-2 of the largest value (bf16
+    /// keeps 8 bits; the gradients pass through a few bf16 roundings).
+    #[test]
+    fn half_precision_gradients_in_tiny_blocks() -> Result<()> {
+        let dev = Device::Cpu;
+        for &(lq, lk) in &[(1usize, 1usize), (1, 77), (4, 4), (4, 77)] {
+            let (b, heads, d) = (2, 2, 8);
+            let mk = |l: usize| Tensor::randn(0f32, 1.0, (b, l, heads * d), &dev).and_then(|t| t.to_dtype(DType::BF16));
+            let (q, k) = (mk(lq)?, mk(if lk == lq { lq } else { lk })?);
+            let v = mk(lk)?;
+            let k = if lk == lq { k } else { k };
+            let probe = Tensor::randn(0f32, 1.0, (b, lq, heads * d), &dev)?;
+            let grads = |kernel: Kernel, dtype: DType| -> Result<Vec<Tensor>> {
+                let (qv, kv, vv) = (Var::from_tensor(&q.to_dtype(dtype)?)?, Var::from_tensor(&k.to_dtype(dtype)?)?, Var::from_tensor(&v.to_dtype(dtype)?)?);
+                let out = attention_with(kernel, qv.as_tensor(), kv.as_tensor(), vv.as_tensor(), heads, None, false)?;
+                let g = out.to_dtype(DType::F32)?.mul(&probe)?.sum_all()?.backward()?;
+                [qv, kv, vv].iter().map(|x| g.get(x.as_tensor()).expect("gradient").to_dtype(DType::F32)).collect()
+            };
+            let reference = grads(Kernel::Composed, DType::F32)?;
+            for kernel in [Kernel::Fused, Kernel::Chunked, Kernel::Composed] {
+                let ours = grads(kernel, DType::BF16)?;
+                for (name, (a, r)) in ["q", "k", "v"].iter().zip(ours.iter().zip(&reference)) {
+                    let scale = r.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-3);
+                    let diff = (a - r)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                    assert!(diff <= 2e-2 * scale, "{kernel:?} bf16 d{name} for Lq {lq}, Lk {lk}: {diff} vs max {scale}");
+                }
+            }
+        }
         Ok(())
     }
 }

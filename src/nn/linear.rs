@@ -100,12 +100,16 @@ impl Module for AdaptedLinear {
             y = y.broadcast_add(b)?;
         }
         for lora in &self.loras {
-            // PEFT casts the input to the LoRA dtype and the result back to the base dtype.
-            let xl = x.to_dtype(lora.down.dtype())?;
-            let h = linear_no_bias(&xl, &lora.down)?;
-            let h = linear_no_bias(&h, &lora.up)?;
-            let h = (h * lora.scale)?.to_dtype(y.dtype())?;
-            y = (y + h)?;
+            // PEFT casts the input to the LoRA dtype and the result back to the base dtype. Under
+            // autocast (the reference's mixed precision) the branch's two matmuls then run in the
+            // autocast dtype, which is the base's: f32 LoRA weights are cast to it, and their
+            // gradients come back through the casts as f32. With an f32 base this is PEFT's
+            // plain f32 branch.
+            let dtype = y.dtype();
+            let (down, up) = (lora.down.to_dtype(dtype)?, lora.up.to_dtype(dtype)?);
+            let h = linear_no_bias(&x.to_dtype(dtype)?, &down)?;
+            let h = linear_no_bias(&h, &up)?;
+            y = (y + (h * lora.scale)?)?;
         }
         Ok(y)
     }
@@ -135,6 +139,51 @@ mod tests {
         let grads = y.sqr()?.sum_all()?.backward()?;
         assert!(grads.get(a.as_tensor()).is_some());
         assert!(grads.get(up.as_tensor()).is_some());
+        Ok(())
+    }
+
+    /// A bf16 (and f16) base with f32 LoRA `Var`s: the output is in the base dtype and close to
+    /// the all-f32 computation, and f32 gradients reach both LoRA parameters, close to the f32
+    /// gradients.
+    #[test]
+    fn half_base_with_f32_lora_vars_gives_f32_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        let (i, o, r) = (48, 40, 4);
+        let w = Tensor::randn(0f32, 0.2, (o, i), &dev)?;
+        let b = Tensor::randn(0f32, 0.2, o, &dev)?;
+        let a = Var::randn(0f32, 0.25, (r, i), &dev)?;
+        let up = Var::randn(0f32, 0.25, (o, r), &dev)?;
+        let x = Tensor::randn(0f32, 1.0, (2, 6, i), &dev)?;
+        let probe = Tensor::randn(0f32, 1.0, (2, 6, o), &dev)?;
+        let run = |dtype: DType| -> Result<(Tensor, Tensor, Tensor)> {
+            let mut lin = AdaptedLinear::new("x", w.to_dtype(dtype)?, Some(b.to_dtype(dtype)?));
+            lin.loras.push(LoraBranch { down: a.as_tensor().clone(), up: up.as_tensor().clone(), scale: 0.5 });
+            let y = lin.forward(&x.to_dtype(dtype)?)?;
+            assert_eq!(y.dtype(), dtype, "the output keeps the base dtype");
+            let loss = y.to_dtype(DType::F32)?.mul(&probe)?.sum_all()?;
+            let grads = loss.backward()?;
+            let ga = grads.get(a.as_tensor()).expect("gradient reaches lora A").clone();
+            let gb = grads.get(up.as_tensor()).expect("gradient reaches lora B").clone();
+            assert_eq!((ga.dtype(), gb.dtype()), (DType::F32, DType::F32), "LoRA gradients are f32");
+            Ok((y.to_dtype(DType::F32)?, ga, gb))
+        };
+        let rel = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()? / b.abs()?.max_all()?.to_scalar::<f32>()?)
+        };
+        let (y32, ga32, gb32) = run(DType::F32)?;
+        // bf16 keeps 8 significant bits (relative rounding 2^-9 ≈ 2e-3 per value). Each output is a
+        // 48-term dot product of rounded inputs plus a few rounded intermediates, so the error
+        // relative to the largest value stays a small multiple of that (measured: bf16 4.5e-3,
+        // f16 5.5e-4 at most); bounds 2e-2 for bf16 and 4e-3 for f16 (11 bits, 2^-12 ≈ 2.4e-4 per
+        // rounding). An f32 computation would be ~1e-6, a dropped branch or a lost gradient ~1.
+        for (dtype, tol) in [(DType::BF16, 2e-2f32), (DType::F16, 4e-3)] {
+            let (y, ga, gb) = run(dtype)?;
+            for (what, got, want) in [("output", &y, &y32), ("grad A", &ga, &ga32), ("grad B", &gb, &gb32)] {
+                let e = rel(got, want)?;
+                eprintln!("{dtype:?} {what}: relative error {e}");
+                assert!(e < tol, "{dtype:?} {what}: relative error {e} (tolerance {tol})");
+            }
+        }
         Ok(())
     }
 }

@@ -22,6 +22,7 @@ use crate::schedulers::SamplerKind;
 use crate::train::checkpoint::NamedVar;
 use crate::train::lr::LrSchedule;
 use crate::train::optim::AdamWConfig;
+use crate::train::precision::{GradScalerConfig, MixedPrecision};
 use crate::train::step::LossOptions;
 use crate::train::trainer::{BatchSource, TrainBatch, TrainOutcome, TrainSettings, Trainer};
 
@@ -98,13 +99,23 @@ pub fn select_device(device: cfg::Device) -> Result<Device> {
     crate::device::select(device)
 }
 
-/// The dtype of the frozen weights for `precision` (LoRA parameters stay f32).
-pub fn weight_dtype(precision: cfg::Precision, _device: &Device) -> Result<DType> {
-    Ok(match precision {
-        cfg::Precision::No => DType::F32,
-        cfg::Precision::Fp16 => DType::F16,
-        cfg::Precision::Bf16 => DType::BF16,
-    })
+/// The trainer's view of `train.precision`.
+pub fn mixed_precision(precision: cfg::Precision) -> MixedPrecision {
+    match precision {
+        cfg::Precision::No => MixedPrecision::No,
+        cfg::Precision::Fp16 => MixedPrecision::Fp16,
+        cfg::Precision::Bf16 => MixedPrecision::Bf16,
+    }
+}
+
+/// The dtype of the frozen weights for `precision` (LoRA parameters stay f32). Half precision
+/// runs on the CPU too (slowly: convolutions compute in f32 and round).
+pub fn weight_dtype(precision: cfg::Precision, device: &Device) -> Result<DType> {
+    let dtype = mixed_precision(precision).weight_dtype();
+    if dtype != DType::F32 && device.is_cpu() {
+        tracing::info!("precision {precision:?} on the CPU: half-precision training is much slower there than f32");
+    }
+    Ok(dtype)
 }
 
 fn model_source(p: &Pipeline) -> Result<String> {
@@ -220,6 +231,8 @@ pub fn train_settings(loaded: &LoadedPipeline) -> TrainSettings {
         pipeline_sha256: Some(pipeline_sha256(loaded)),
         eval_batches: 0,
         tensorboard_dir: (p.logging.report_to == cfg::ReportTo::Tensorboard).then(|| p.output.dir.join(&p.logging.dir)),
+        precision: mixed_precision(t.precision),
+        grad_scaler: GradScalerConfig::default(),
     }
 }
 
@@ -373,6 +386,13 @@ pub fn run_pipeline(loaded: &LoadedPipeline, session: &mut Session, opts: &RunOp
         };
         let mut params = named_params("unet", &unet_loras);
         params.extend(named_params("text_encoder", &te_loras));
+        if p.train.precision == cfg::Precision::Fp16 {
+            // The reference creates the LoRA weights in the base layer's dtype and only then
+            // upcasts them (`cast_training_params`): the init is rounded to f16.
+            for nv in &params {
+                nv.var.set(&crate::train::precision::round_through(nv.var.as_tensor(), DType::F16)?)?;
+            }
+        }
         let n_params: usize = params.iter().map(|p| p.var.elem_count()).sum();
         tracing::info!("adapter: {} modules, {n_params} trainable parameters", unet_loras.len() + te_loras.len());
         let loader = DataLoader::new(dataset.clone(), loader_options(p))?;

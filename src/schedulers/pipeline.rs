@@ -165,8 +165,10 @@ pub fn generate_image(
 }
 
 /// `vae.decode(latents / scaling_factor)`, then `(x / 2 + 0.5).clamp(0, 1)`: `[3, H, W]` f32.
-pub fn decode_latents(sd: &StableDiffusion, latents: &Tensor, model_dtype: DType) -> anyhow::Result<Tensor> {
-    let z = latents.affine(1.0 / sd.vae.scaling_factor(), 0.0)?.to_dtype(model_dtype)?;
+/// The latents are cast to the VAE's own dtype (f32 for an upcast VAE under fp16), not
+/// `_model_dtype`.
+pub fn decode_latents(sd: &StableDiffusion, latents: &Tensor, _model_dtype: DType) -> anyhow::Result<Tensor> {
+    let z = latents.affine(1.0 / sd.vae.scaling_factor(), 0.0)?.to_dtype(sd.vae.dtype())?;
     let image = sd.vae.decode(&z).context("decoding latents with the VAE")?.to_dtype(DType::F32)?;
     Ok(image.affine(0.5, 0.5)?.clamp(0.0, 1.0)?.squeeze(0)?)
 }

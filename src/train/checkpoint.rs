@@ -32,6 +32,17 @@ pub struct TrainerState {
     /// Loss of the last update.
     #[serde(default)]
     pub last_loss: Option<f64>,
+    /// Updates whose optimizer step was skipped for inf/NaN fp16 gradients (the lr schedule
+    /// did not advance on them).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub skipped_steps: usize,
+    /// The fp16 loss scaler (torch's `scaler.pt`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grad_scaler: Option<super::precision::GradScalerState>,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// A named trainable tensor; names are the file keys (`unet.<module>.lora_A.weight`).

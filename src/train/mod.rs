@@ -4,5 +4,6 @@
 pub mod checkpoint;
 pub mod lr;
 pub mod optim;
+pub mod precision;
 pub mod step;
 pub mod trainer;

@@ -62,7 +62,9 @@ impl NoiseDraw {
 }
 
 /// The denoising loss for clean latents `x0` (already scaled by the VAE scaling factor).
-/// Returns the scalar loss (f32) before division by the accumulation steps.
+/// Returns the scalar loss (f32) before division by the accumulation steps. `x0` and `noise`
+/// may be f32 for a half-precision UNet: the noisy latents are cast to the UNet's dtype, the
+/// target and the loss are computed in f32.
 pub fn denoising_loss(
     unet: &UNet2DConditionModel,
     ddpm: &Ddpm,
@@ -84,7 +86,9 @@ pub fn denoising_loss(
         }
     };
     let t = Tensor::from_vec(timesteps.to_vec(), timesteps.len(), x0.device())?;
-    let pred = unet.forward(&noisy, &t, encoder_hidden_states)?.to_dtype(DType::F32)?;
+    // The UNet runs in its weight dtype (autocast); its prediction and the loss are f32.
+    let wd = unet.dtype();
+    let pred = unet.forward(&noisy.to_dtype(wd)?, &t, &encoder_hidden_states.to_dtype(wd)?)?.to_dtype(DType::F32)?;
     let sq = (pred - target.to_dtype(DType::F32)?)?.sqr()?;
     match opts.snr_gamma {
         None => sq.mean_all(),

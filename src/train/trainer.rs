@@ -23,6 +23,7 @@ use chacha20::ChaCha8Rng;
 use super::checkpoint::{self, NamedVar, TrainerState};
 use super::lr::{lr_at, scale_lr, LrSchedule, StepPlan};
 use super::optim::{clip_grad_norm, global_grad_norm, AdamW, AdamWConfig};
+use super::precision::{round_through, GradScaler, GradScalerConfig, MixedPrecision};
 use super::step::{denoising_loss, LossOptions, NoiseDraw};
 use crate::models::StableDiffusion;
 use crate::schedulers::ddpm::Ddpm;
@@ -57,6 +58,11 @@ pub struct TrainSettings {
     pub eval_batches: usize,
     /// Write TensorBoard scalars (train_loss, lr, grad_norm) to an event file in this folder.
     pub tensorboard_dir: Option<PathBuf>,
+    /// `train.precision`. The models come in already cast to its weight dtype; this decides the
+    /// rounding of latents and noise and, for fp16, dynamic loss scaling.
+    pub precision: MixedPrecision,
+    /// The fp16 loss scaler's settings (unused for other precisions).
+    pub grad_scaler: GradScalerConfig,
 }
 
 /// One micro-batch from the data stage.
@@ -88,6 +94,10 @@ pub struct TrainOutcome {
     pub interrupted: bool,
     pub resumed_from: Option<PathBuf>,
     pub checkpoints: Vec<PathBuf>,
+    /// Updates whose optimizer step was skipped because fp16 gradients overflowed.
+    pub skipped_steps: usize,
+    /// The fp16 loss scale at the end (`None` without loss scaling).
+    pub loss_scale: Option<f64>,
 }
 
 /// Callback per update: `(global_step, max_steps, loss, lr)`.
@@ -172,14 +182,14 @@ impl<'a> Trainer<'a> {
     fn encode_pixels(&mut self, pixel_values: &Tensor) -> Result<(Tensor, Tensor)> {
         let b = pixel_values.dim(0)?;
         if !self.settings.cache_encodings {
-            let dist = self.sd.vae.encode(&pixel_values.to_device(&self.device)?)?;
+            let dist = self.sd.vae.encode(&pixel_values.to_device(&self.device)?.to_dtype(self.sd.vae.dtype())?)?;
             return Ok((dist.mean.detach(), dist.std()?.detach()));
         }
         let keys = (0..b).map(|i| pixel_key(&pixel_values.get(i)?)).collect::<Result<Vec<_>>>()?;
         let missing: Vec<usize> = (0..b).filter(|&i| !self.latent_cache.contains_key(&keys[i])).collect();
         if !missing.is_empty() {
             let idx = Tensor::from_vec(missing.iter().map(|&i| i as u32).collect::<Vec<_>>(), missing.len(), pixel_values.device())?;
-            let px = pixel_values.index_select(&idx, 0)?.to_device(&self.device)?;
+            let px = pixel_values.index_select(&idx, 0)?.to_device(&self.device)?.to_dtype(self.sd.vae.dtype())?;
             let dist = self.sd.vae.encode(&px)?;
             let (mean, std) = (dist.mean.detach(), dist.std()?.detach());
             for (j, &i) in missing.iter().enumerate() {
@@ -203,8 +213,12 @@ impl<'a> Trainer<'a> {
             self.settings.loss.noise_offset,
             &self.device,
         )?;
+        let (mean, std) = (mean.to_dtype(DType::F32)?, std.to_dtype(DType::F32)?);
         let latents = ((mean + std.mul(&draw.posterior)?)? * self.sd.vae.scaling_factor())?;
-        let loss = denoising_loss(&self.sd.unet, &self.ddpm, &latents, &draw.noise, &draw.timesteps, &text, &self.settings.loss)?;
+        // The reference's latents and noise (`randn_like(latents)`) are in the weight dtype.
+        let wd = self.sd.unet.dtype();
+        let (latents, noise) = (round_through(&latents, wd)?, round_through(&draw.noise, wd)?);
+        let loss = denoising_loss(&self.sd.unet, &self.ddpm, &latents, &noise, &draw.timesteps, &text, &self.settings.loss)?;
         Ok(loss)
     }
 
@@ -233,12 +247,23 @@ impl<'a> Trainer<'a> {
         let base_lr = if s.scale_lr { scale_lr(s.learning_rate, s.gradient_accumulation_steps, s.batch_size, 1) } else { s.learning_rate };
         std::fs::create_dir_all(&s.output_dir).with_context(|| format!("creating output directory {}", s.output_dir.display()))?;
 
-        let mut state = TrainerState { global_step: 0, micro_steps: 0, pipeline_sha256: s.pipeline_sha256.clone(), last_loss: None };
+        let mut state = TrainerState {
+            global_step: 0,
+            micro_steps: 0,
+            pipeline_sha256: s.pipeline_sha256.clone(),
+            last_loss: None,
+            skipped_steps: 0,
+            grad_scaler: None,
+        };
+        let mut scaler = s.precision.uses_loss_scaling().then(|| GradScaler::new(s.grad_scaler));
         let mut resumed_from = None;
         if let Some(resume) = &s.resume_from_checkpoint {
             match checkpoint::resolve_resume(&s.output_dir, resume)? {
                 Some(dir) => {
                     state = checkpoint::load_checkpoint(&dir, &self.params, &mut self.optimizer)?;
+                    if let (Some(scaler), Some(saved)) = (scaler.as_mut(), state.grad_scaler) {
+                        scaler.restore(saved);
+                    }
                     tracing::info!("resumed from {} at step {}", dir.display(), state.global_step);
                     resumed_from = Some(dir);
                 }
@@ -269,6 +294,8 @@ impl<'a> Trainer<'a> {
             interrupted: false,
             resumed_from,
             checkpoints: Vec::new(),
+            skipped_steps: state.skipped_steps,
+            loss_scale: scaler.as_ref().map(GradScaler::scale),
         };
         if state.global_step >= plan.max_train_steps {
             tracing::info!("already at step {} of {}: nothing to train", state.global_step, plan.max_train_steps);
@@ -280,6 +307,9 @@ impl<'a> Trainer<'a> {
         }
         let mut acc: Option<Vec<Tensor>> = None;
         let mut acc_loss = 0f64;
+        // fp16: a micro-step of this accumulation window had a non-finite loss (its gradients
+        // would be inf/NaN, so the update is skipped without running that backward).
+        let mut window_overflow = false;
         let first_epoch = state.micro_steps / plan.batches_per_epoch;
         'epochs: for epoch in first_epoch..plan.num_epochs {
             let start_batch = if epoch == first_epoch { state.micro_steps % plan.batches_per_epoch } else { 0 };
@@ -289,50 +319,99 @@ impl<'a> Trainer<'a> {
                 let micro_index = epoch * plan.batches_per_epoch + batch_in_epoch;
                 let loss = self.micro_step_loss(&batch, micro_index)?;
                 let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                if !loss_value.is_finite() {
+                if !loss_value.is_finite() && scaler.is_none() {
                     bail!(
                         "the loss became {loss_value} at step {} (micro-batch {micro_index}); lower the learning rate or use precision \"no\"",
                         state.global_step + 1
                     );
                 }
-                let scaled = (loss / s.gradient_accumulation_steps as f64)?;
-                let grads = scaled.backward()?;
-                let mut step_grads = Vec::with_capacity(self.params.len());
-                for p in &self.params {
-                    let g = grads.get(p.var.as_tensor()).with_context(|| {
-                        format!("LoRA parameter `{}` received no gradient: the path from it to the loss is broken", p.name)
-                    })?;
-                    step_grads.push(g.to_dtype(DType::F32)?);
+                if loss_value.is_finite() {
+                    // accelerate's `backward`: loss / GA, times the fp16 loss scale.
+                    let mut scaled = (loss / s.gradient_accumulation_steps as f64)?;
+                    if let Some(scaler) = &scaler {
+                        scaled = (scaled * scaler.scale())?;
+                    }
+                    let grads = scaled.backward()?;
+                    let mut step_grads = Vec::with_capacity(self.params.len());
+                    for p in &self.params {
+                        let g = grads.get(p.var.as_tensor()).with_context(|| {
+                            format!("LoRA parameter `{}` received no gradient: the path from it to the loss is broken", p.name)
+                        })?;
+                        step_grads.push(g.to_dtype(DType::F32)?);
+                    }
+                    drop(grads);
+                    acc = Some(match acc.take() {
+                        None => step_grads,
+                        Some(prev) => prev.iter().zip(&step_grads).map(|(a, b)| a + b).collect::<candle_core::Result<Vec<_>>>()?,
+                    });
+                } else {
+                    window_overflow = true;
                 }
-                drop(grads);
-                acc = Some(match acc.take() {
-                    None => step_grads,
-                    Some(prev) => prev.iter().zip(&step_grads).map(|(a, b)| a + b).collect::<candle_core::Result<Vec<_>>>()?,
-                });
                 acc_loss += loss_value / s.gradient_accumulation_steps as f64;
                 state.micro_steps = micro_index + 1;
 
                 if !plan.is_update_batch(batch_in_epoch, s.gradient_accumulation_steps) {
                     continue;
                 }
-                let mut g = acc.take().expect("an update follows at least one micro-step");
-                let _norm = match s.max_grad_norm {
-                    Some(max) => clip_grad_norm(&mut g, max)?,
-                    None => global_grad_norm(&g)?,
+                let mut g = acc.take();
+                let overflow = std::mem::take(&mut window_overflow);
+                // GradScaler: unscale (before clipping, as accelerate's clip_grad_norm_ does), and
+                // skip the optimizer step when any gradient is inf/NaN.
+                let found_inf = match (&scaler, g.as_mut()) {
+                    (Some(scaler), Some(g)) => scaler.unscale(g)? || overflow,
+                    _ => overflow,
                 };
-                let lr = lr_at(&s.lr_schedule, base_lr, state.global_step, s.lr_warmup_steps, plan.max_train_steps);
-                self.optimizer.step(&g, lr)?;
+                let _norm = match (g.as_mut(), s.max_grad_norm) {
+                    (Some(g), _) if found_inf => global_grad_norm(g)?,
+                    (Some(g), Some(max)) => clip_grad_norm(g, max)?,
+                    (Some(g), None) => global_grad_norm(g)?,
+                    (None, _) => f64::NAN,
+                };
+                // The lr schedule advances only on steps the optimizer took (accelerate's
+                // `AcceleratedScheduler.step` returns early when `optimizer.step_was_skipped`).
+                let lr = lr_at(&s.lr_schedule, base_lr, state.global_step - state.skipped_steps, s.lr_warmup_steps, plan.max_train_steps);
+                let loss_scale = scaler.as_ref().map(GradScaler::scale);
+                if found_inf {
+                    state.skipped_steps += 1;
+                    tracing::warn!(
+                        "step {}: fp16 gradients overflowed (inf/NaN) at loss scale {}; optimizer step skipped, scale halved",
+                        state.global_step + 1,
+                        loss_scale.unwrap_or(1.0)
+                    );
+                } else {
+                    self.optimizer.step(g.as_deref().expect("a finite window has gradients"), lr)?;
+                }
+                if let Some(scaler) = scaler.as_mut() {
+                    scaler.update(found_inf);
+                    if scaler.scale() == 0.0 {
+                        bail!(
+                            "fp16 loss scaling: the scale fell to 0 after {} skipped steps (every step overflowed); use precision \"bf16\" or \"no\"",
+                            state.skipped_steps
+                        );
+                    }
+                    state.grad_scaler = Some(scaler.state());
+                }
+                outcome.skipped_steps = state.skipped_steps;
+                outcome.loss_scale = scaler.as_ref().map(GradScaler::scale);
                 state.global_step += 1;
                 state.last_loss = Some(acc_loss);
                 outcome.first_loss.get_or_insert(acc_loss);
                 outcome.final_loss = Some(acc_loss);
-                writeln!(
-                    metrics,
-                    "{}",
-                    serde_json::json!({"step": state.global_step, "epoch": epoch, "loss": acc_loss, "lr": lr, "grad_norm": _norm})
-                )?;
+                let mut line = serde_json::json!({"step": state.global_step, "epoch": epoch, "loss": acc_loss, "lr": lr, "grad_norm": _norm});
+                if let Some(scale) = loss_scale {
+                    // The scale this step's backward used, whether its update was skipped, and
+                    // the skipped updates so far.
+                    line["loss_scale"] = scale.into();
+                    line["skipped"] = found_inf.into();
+                    line["skipped_steps"] = state.skipped_steps.into();
+                }
+                writeln!(metrics, "{line}")?;
                 if let Some(tb) = tensorboard.as_mut() {
-                    tb.scalars(state.global_step as u64, &[("train_loss", acc_loss), ("lr", lr), ("grad_norm", _norm)])?;
+                    let mut scalars = vec![("train_loss", acc_loss), ("lr", lr), ("grad_norm", _norm)];
+                    if let Some(scale) = loss_scale {
+                        scalars.push(("loss_scale", scale));
+                    }
+                    tb.scalars(state.global_step as u64, &scalars)?;
                 }
                 if let Some(cb) = progress.as_deref_mut() {
                     cb(state.global_step, plan.max_train_steps, acc_loss, lr);

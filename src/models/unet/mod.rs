@@ -125,6 +125,11 @@ impl UNet2DConditionModel {
         &self.config
     }
 
+    /// The dtype of the weights (what inputs must be cast to).
+    pub fn dtype(&self) -> candle_core::DType {
+        self.conv_in.weight.dtype()
+    }
+
     /// `sample` `[B, C, H, W]`, `timesteps` `[B]` (any numeric dtype), `encoder_hidden_states`
     /// `[B, 77, cross_dim]` → predicted noise (or velocity) `[B, C_out, H, W]`.
     pub fn forward(&self, sample: &Tensor, timesteps: &Tensor, encoder_hidden_states: &Tensor) -> Result<Tensor> {

@@ -1,7 +1,7 @@
 //! Resolution changes between UNet/VAE blocks: `Downsample2D` (strided conv) and `Upsample2D`
 //! (nearest ×2 then conv). The resnet block itself lives in `crate::nn::resnet`.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use crate::nn::frozen::FrozenConv2d;
 
@@ -47,6 +47,13 @@ impl Upsample2D {
     pub fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let (th, tw) = size.unwrap_or((2 * h, 2 * w));
-        self.conv.forward(&x.upsample_nearest2d(th, tw)?)
+        // candle's backward of a nearest upsample is a conv2d, which its CPU backend lacks for
+        // bf16: upsample half-precision CPU tensors in f32 (copying values is exact, and the
+        // backward then sums the gradients in f32).
+        let up = match x.dtype() {
+            DType::BF16 | DType::F16 if x.device().is_cpu() => x.to_dtype(DType::F32)?.upsample_nearest2d(th, tw)?.to_dtype(x.dtype())?,
+            _ => x.upsample_nearest2d(th, tw)?,
+        };
+        self.conv.forward(&up)
     }
 }

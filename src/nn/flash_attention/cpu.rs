@@ -23,7 +23,7 @@ pub(crate) fn fused_attention_tiled(q: &Tensor, k: &Tensor, v: &Tensor, scale: f
         candle_core::bail!("flash attention: the fused kernel runs on the CPU only (q is on {:?})", q.device().location())
     }
     Geometry::of(q.dims(), k.dims(), v.dims())?;
-    let op = FlashAttentionCpu { scale: scale as f32, tiling, lse: OnceLock::new() };
+    let op = FlashAttentionCpu { scale: scale as f32, tiling, lse: OnceLock::new(), out_f32: OnceLock::new() };
     q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
 
@@ -33,6 +33,10 @@ struct FlashAttentionCpu {
     scale: f32,
     tiling: Tiling,
     lse: OnceLock<Vec<f32>>,
+    /// The output before rounding, kept for half-precision inputs: the backward's
+    /// `D = rowsum(dO ∘ O)` from a bf16-rounded O is off by O's rounding, which `dP − D` then
+    /// turns into gradient noise where the softmax is nearly one-hot (the 1×1 and 2×2 blocks).
+    out_f32: OnceLock<Vec<f32>>,
 }
 
 impl CustomOp3 for FlashAttentionCpu {
@@ -49,6 +53,9 @@ impl CustomOp3 for FlashAttentionCpu {
         if self.lse.set(lse).is_err() {
             candle_core::bail!("flash attention: an op instance was run twice (make a fresh one per call)")
         }
+        if s1.dtype() != DType::F32 {
+            let _ = self.out_f32.set(out.clone());
+        }
         Ok((from_f32(out, s1.dtype())?, Shape::from((g.bh, g.lq, g.dv))))
     }
 
@@ -57,8 +64,12 @@ impl CustomOp3 for FlashAttentionCpu {
             candle_core::bail!("flash attention: backward before forward (no saved logsumexp)")
         };
         let g = Geometry::of(q.dims(), k.dims(), v.dims())?;
-        let [qd, kd, vd, od, dod] = [q, k, v, out, grad_out].map(f32_vec);
-        let (dq, dk, dv) = backward(&qd?, &kd?, &vd?, &od?, &dod?, lse, g, self.scale, self.tiling);
+        let [qd, kd, vd, dod] = [q, k, v, grad_out].map(f32_vec);
+        let od = match self.out_f32.get() {
+            Some(o) => o.clone(),
+            None => f32_vec(out)?,
+        };
+        let (dq, dk, dv) = backward(&qd?, &kd?, &vd?, &od, &dod?, lse, g, self.scale, self.tiling);
         let cpu = Device::Cpu;
         let dq = Tensor::from_vec(dq, (g.bh, g.lq, g.d), &cpu)?.to_dtype(q.dtype())?;
         let dk = Tensor::from_vec(dk, (g.bh, g.lk, g.d), &cpu)?.to_dtype(k.dtype())?;
