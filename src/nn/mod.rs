@@ -6,9 +6,11 @@
 //! - `attention`: multi-head scaled dot-product attention (batched matmuls, composed softmax).
 //! - `activation`: activations by config name (`silu`, `gelu`, `quick_gelu`, ...).
 //! - `resnet`: diffusers' `ResnetBlock2D`, with or without a time embedding.
+//! - `checkpoint`: gradient checkpointing (recompute a piece in the backward pass).
 
 pub mod activation;
 pub mod attention;
+pub mod checkpoint;
 pub mod frozen;
 pub mod linear;
 pub mod norm;
@@ -16,6 +18,7 @@ pub mod resnet;
 
 pub use activation::Activation;
 pub use attention::scaled_dot_product_attention;
+pub use checkpoint::CheckpointGrads;
 pub use linear::{AdaptedLinear, LoraBranch};
 pub use norm::{GroupNorm, LayerNorm};
 pub use resnet::{ResnetBlock2D, ResnetConfig};

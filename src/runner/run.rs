@@ -227,6 +227,7 @@ pub fn train_settings(loaded: &LoadedPipeline) -> TrainSettings {
         pipeline_sha256: Some(pipeline_sha256(loaded)),
         eval_batches: 0,
         tensorboard_dir: (p.logging.report_to == cfg::ReportTo::Tensorboard).then(|| p.output.dir.join(&p.logging.dir)),
+        gradient_checkpointing: t.gradient_checkpointing,
     }
 }
 

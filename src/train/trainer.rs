@@ -23,8 +23,9 @@ use chacha20::ChaCha8Rng;
 use super::checkpoint::{self, NamedVar, TrainerState};
 use super::lr::{lr_at, scale_lr, LrSchedule, StepPlan};
 use super::optim::{clip_grad_norm, global_grad_norm, AdamW, AdamWConfig};
-use super::step::{denoising_loss, LossOptions, NoiseDraw};
+use super::step::{denoising_loss_checkpointed, LossOptions, NoiseDraw};
 use crate::models::StableDiffusion;
+use crate::nn::CheckpointGrads;
 use crate::schedulers::ddpm::Ddpm;
 
 /// Everything of `[train]`, `[optimizer]` and `[checkpoints]` the loop needs, already resolved.
@@ -57,6 +58,8 @@ pub struct TrainSettings {
     pub eval_batches: usize,
     /// Write TensorBoard scalars (train_loss, lr, grad_norm) to an event file in this folder.
     pub tensorboard_dir: Option<PathBuf>,
+    /// Recompute the UNet's resnets and transformers in the backward pass (`nn::checkpoint`).
+    pub gradient_checkpointing: bool,
 }
 
 /// One micro-batch from the data stage.
@@ -103,6 +106,9 @@ pub struct Trainer<'a> {
     device: Device,
     text_cache: HashMap<String, Tensor>,
     latent_cache: HashMap<u64, (Tensor, Tensor)>,
+    /// With gradient checkpointing: the accumulator of the last micro-step's forward, merged
+    /// into its backward's gradients (a fresh one per micro-step).
+    checkpoint: Option<CheckpointGrads>,
 }
 
 /// The seed of micro-step `k`'s random stream.
@@ -139,6 +145,7 @@ impl<'a> Trainer<'a> {
             device,
             text_cache: HashMap::new(),
             latent_cache: HashMap::new(),
+            checkpoint: None,
         })
     }
 
@@ -204,7 +211,9 @@ impl<'a> Trainer<'a> {
             &self.device,
         )?;
         let latents = ((mean + std.mul(&draw.posterior)?)? * self.sd.vae.scaling_factor())?;
-        let loss = denoising_loss(&self.sd.unet, &self.ddpm, &latents, &draw.noise, &draw.timesteps, &text, &self.settings.loss)?;
+        self.checkpoint = self.settings.gradient_checkpointing.then(CheckpointGrads::new);
+        let (unet, loss_opts) = (&self.sd.unet, &self.settings.loss);
+        let loss = denoising_loss_checkpointed(unet, &self.ddpm, &latents, &draw.noise, &draw.timesteps, &text, loss_opts, self.checkpoint.as_ref())?;
         Ok(loss)
     }
 
@@ -296,7 +305,10 @@ impl<'a> Trainer<'a> {
                     );
                 }
                 let scaled = (loss / s.gradient_accumulation_steps as f64)?;
-                let grads = scaled.backward()?;
+                let mut grads = scaled.backward()?;
+                if let Some(ckpt) = self.checkpoint.take() {
+                    ckpt.merge_into(&mut grads)?;
+                }
                 let mut step_grads = Vec::with_capacity(self.params.len());
                 for p in &self.params {
                     let g = grads.get(p.var.as_tensor()).with_context(|| {
