@@ -32,3 +32,4 @@ mod sched_oracle;
 mod sd2_parity;
 mod train_golden;
 mod train_precision;
+mod train_checkpointing;

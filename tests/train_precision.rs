@@ -307,6 +307,7 @@ fn settings(dir: &Path, max_steps: usize, scaler: GradScalerConfig) -> TrainSett
         eval_batches: 0,
         tensorboard_dir: None,
         precision: MixedPrecision::Fp16,
+        gradient_checkpointing: false,
         grad_scaler: scaler,
     }
 }

@@ -477,7 +477,7 @@ pub struct TrainConfig {
     /// Allow TF32 matmuls on Ampere or newer GPUs.
     #[schemars(extend("x-reference" = "--allow_tf32"))]
     pub allow_tf32: bool,
-    /// Recompute activations in the backward pass to save memory.
+    /// Recompute each UNet resnet and transformer in the backward pass instead of keeping its activations: same gradients, less memory, more time per step.
     #[schemars(extend("x-reference" = "--gradient_checkpointing"))]
     pub gradient_checkpointing: bool,
     /// Min-SNR loss weighting gamma (5.0 is the recommended value); unset turns it off.

@@ -9,9 +9,11 @@
 //!   chunked tensor-op version for other devices), each with its own backward.
 //! - `activation`: activations by config name (`silu`, `gelu`, `quick_gelu`, ...).
 //! - `resnet`: diffusers' `ResnetBlock2D`, with or without a time embedding.
+//! - `checkpoint`: gradient checkpointing (recompute a piece in the backward pass).
 
 pub mod activation;
 pub mod attention;
+pub mod checkpoint;
 pub mod flash_attention;
 pub mod frozen;
 pub mod fused_norm;
@@ -21,6 +23,7 @@ pub mod resnet;
 
 pub use activation::Activation;
 pub use attention::scaled_dot_product_attention;
+pub use checkpoint::CheckpointGrads;
 pub use linear::{AdaptedLinear, LoraBranch};
 pub use norm::{GroupNorm, LayerNorm};
 pub use resnet::{ResnetBlock2D, ResnetConfig};

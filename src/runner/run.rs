@@ -233,6 +233,7 @@ pub fn train_settings(loaded: &LoadedPipeline) -> TrainSettings {
         tensorboard_dir: (p.logging.report_to == cfg::ReportTo::Tensorboard).then(|| p.output.dir.join(&p.logging.dir)),
         precision: mixed_precision(t.precision),
         grad_scaler: GradScalerConfig::default(),
+        gradient_checkpointing: t.gradient_checkpointing,
     }
 }
 

@@ -10,6 +10,7 @@ use rand::{Rng, RngExt};
 use rand_distr::{Distribution, StandardNormal};
 
 use crate::models::UNet2DConditionModel;
+use crate::nn::CheckpointGrads;
 use crate::schedulers::ddpm::{Ddpm, PredictionType};
 
 /// Loss options of the `[train]` table that change the math.
@@ -74,6 +75,22 @@ pub fn denoising_loss(
     encoder_hidden_states: &Tensor,
     opts: &LossOptions,
 ) -> Result<Tensor> {
+    denoising_loss_checkpointed(unet, ddpm, x0, noise, timesteps, encoder_hidden_states, opts, None)
+}
+
+/// [`denoising_loss`] with the UNet run under gradient checkpointing when `ckpt` is given (see
+/// [`UNet2DConditionModel::forward_checkpointed`]; merge `ckpt` after the backward).
+#[allow(clippy::too_many_arguments)]
+pub fn denoising_loss_checkpointed(
+    unet: &UNet2DConditionModel,
+    ddpm: &Ddpm,
+    x0: &Tensor,
+    noise: &Tensor,
+    timesteps: &[u32],
+    encoder_hidden_states: &Tensor,
+    opts: &LossOptions,
+    ckpt: Option<&CheckpointGrads>,
+) -> Result<Tensor> {
     let noisy = ddpm.add_noise(x0, noise, timesteps)?;
     let prediction_type = opts.prediction_type.unwrap_or(ddpm.prediction_type);
     let target = match prediction_type {
@@ -88,7 +105,7 @@ pub fn denoising_loss(
     let t = Tensor::from_vec(timesteps.to_vec(), timesteps.len(), x0.device())?;
     // The UNet runs in its weight dtype (autocast); its prediction and the loss are f32.
     let wd = unet.dtype();
-    let pred = unet.forward(&noisy.to_dtype(wd)?, &t, &encoder_hidden_states.to_dtype(wd)?)?.to_dtype(DType::F32)?;
+    let pred = unet.forward_checkpointed(&noisy.to_dtype(wd)?, &t, &encoder_hidden_states.to_dtype(wd)?, ckpt)?.to_dtype(DType::F32)?;
     let sq = (pred - target.to_dtype(DType::F32)?)?.sqr()?;
     match opts.snr_gamma {
         None => sq.mean_all(),

@@ -24,8 +24,9 @@ use super::checkpoint::{self, NamedVar, TrainerState};
 use super::lr::{lr_at, scale_lr, LrSchedule, StepPlan};
 use super::optim::{clip_grad_norm, global_grad_norm, AdamW, AdamWConfig};
 use super::precision::{round_through, GradScaler, GradScalerConfig, MixedPrecision};
-use super::step::{denoising_loss, LossOptions, NoiseDraw};
+use super::step::{denoising_loss_checkpointed, LossOptions, NoiseDraw};
 use crate::models::StableDiffusion;
+use crate::nn::CheckpointGrads;
 use crate::schedulers::ddpm::Ddpm;
 
 /// Everything of `[train]`, `[optimizer]` and `[checkpoints]` the loop needs, already resolved.
@@ -63,6 +64,8 @@ pub struct TrainSettings {
     pub precision: MixedPrecision,
     /// The fp16 loss scaler's settings (unused for other precisions).
     pub grad_scaler: GradScalerConfig,
+    /// Recompute the UNet's resnets and transformers in the backward pass (`nn::checkpoint`).
+    pub gradient_checkpointing: bool,
 }
 
 /// One micro-batch from the data stage.
@@ -113,6 +116,9 @@ pub struct Trainer<'a> {
     device: Device,
     text_cache: HashMap<String, Tensor>,
     latent_cache: HashMap<u64, (Tensor, Tensor)>,
+    /// With gradient checkpointing: the accumulator of the last micro-step's forward, merged
+    /// into its backward's gradients (a fresh one per micro-step).
+    checkpoint: Option<CheckpointGrads>,
 }
 
 /// The seed of micro-step `k`'s random stream.
@@ -149,6 +155,7 @@ impl<'a> Trainer<'a> {
             device,
             text_cache: HashMap::new(),
             latent_cache: HashMap::new(),
+            checkpoint: None,
         })
     }
 
@@ -218,7 +225,9 @@ impl<'a> Trainer<'a> {
         // The reference's latents and noise (`randn_like(latents)`) are in the weight dtype.
         let wd = self.sd.unet.dtype();
         let (latents, noise) = (round_through(&latents, wd)?, round_through(&draw.noise, wd)?);
-        let loss = denoising_loss(&self.sd.unet, &self.ddpm, &latents, &noise, &draw.timesteps, &text, &self.settings.loss)?;
+        self.checkpoint = self.settings.gradient_checkpointing.then(CheckpointGrads::new);
+        let (unet, loss_opts) = (&self.sd.unet, &self.settings.loss);
+        let loss = denoising_loss_checkpointed(unet, &self.ddpm, &latents, &noise, &draw.timesteps, &text, loss_opts, self.checkpoint.as_ref())?;
         Ok(loss)
     }
 
@@ -331,7 +340,10 @@ impl<'a> Trainer<'a> {
                     if let Some(scaler) = &scaler {
                         scaled = (scaled * scaler.scale())?;
                     }
-                    let grads = scaled.backward()?;
+                    let mut grads = scaled.backward()?;
+                    if let Some(ckpt) = self.checkpoint.take() {
+                        ckpt.merge_into(&mut grads)?;
+                    }
                     let mut step_grads = Vec::with_capacity(self.params.len());
                     for p in &self.params {
                         let g = grads.get(p.var.as_tensor()).with_context(|| {

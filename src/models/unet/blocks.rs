@@ -1,13 +1,39 @@
 //! The UNet's down, mid and up blocks (diffusers' `CrossAttnDownBlock2D`/`DownBlock2D`,
 //! `UNetMidBlock2DCrossAttn`, `CrossAttnUpBlock2D`/`UpBlock2D`). A block without cross
 //! attention is the same struct with no attentions.
+//!
+//! With gradient checkpointing (a [`CheckpointGrads`] handle passed to `forward`) each resnet and
+//! each transformer is one checkpointed piece, as diffusers' `gradient_checkpointing` does;
+//! down/up samplers (one conv each) and the up blocks' skip concatenation stay in the graph.
 
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 use super::transformer::{Transformer2DModel, TransformerConfig};
-use crate::nn::AdaptedLinear;
+use crate::nn::{AdaptedLinear, CheckpointGrads};
+
+/// `resnet(x, temb)`, checkpointed through `ckpt` when given.
+fn run_resnet(resnet: &ResnetBlock2D, x: &Tensor, temb: &Tensor, ckpt: Option<&CheckpointGrads>) -> Result<Tensor> {
+    match ckpt {
+        None => resnet.forward(x, Some(temb)),
+        Some(c) => {
+            let resnet = resnet.clone();
+            c.checkpoint(x, temb, move |x, temb| resnet.forward(x, Some(temb)))
+        }
+    }
+}
+
+/// `attention(x, context)`, checkpointed through `ckpt` when given.
+fn run_attention(attention: &Transformer2DModel, x: &Tensor, context: &Tensor, ckpt: Option<&CheckpointGrads>) -> Result<Tensor> {
+    match ckpt {
+        None => attention.forward(x, context),
+        Some(c) => {
+            let attention = attention.clone();
+            c.checkpoint(x, context, move |x, context| attention.forward(x, context))
+        }
+    }
+}
 
 /// Load `attentions.{i}` for `i < count` with `cfg` (none when `cfg` is `None`).
 fn load_attentions(vb: &VarBuilder, name: &str, count: usize, cfg: Option<&TransformerConfig>) -> Result<Vec<Transformer2DModel>> {
@@ -52,13 +78,13 @@ impl DownBlock {
     }
 
     /// Returns the block output and the skip connections it produced, in order.
-    pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
+    pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor, ckpt: Option<&CheckpointGrads>) -> Result<(Tensor, Vec<Tensor>)> {
         let mut h = x.clone();
         let mut skips = Vec::with_capacity(self.resnets.len() + 1);
         for (i, resnet) in self.resnets.iter().enumerate() {
-            h = resnet.forward(&h, Some(temb))?;
+            h = run_resnet(resnet, &h, temb, ckpt)?;
             if let Some(attention) = self.attentions.get(i) {
-                h = attention.forward(&h, context)?;
+                h = run_attention(attention, &h, context, ckpt)?;
             }
             skips.push(h.clone());
         }
@@ -90,11 +116,11 @@ impl MidBlock {
         Ok(Self { resnets, attentions })
     }
 
-    pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let mut h = self.resnets[0].forward(x, Some(temb))?;
+    pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor, ckpt: Option<&CheckpointGrads>) -> Result<Tensor> {
+        let mut h = run_resnet(&self.resnets[0], x, temb, ckpt)?;
         for (attention, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
-            h = attention.forward(&h, context)?;
-            h = resnet.forward(&h, Some(temb))?;
+            h = run_attention(attention, &h, context, ckpt)?;
+            h = run_resnet(resnet, &h, temb, ckpt)?;
         }
         Ok(h)
     }
@@ -157,13 +183,14 @@ impl UpBlock {
         temb: &Tensor,
         context: &Tensor,
         upsample_size: Option<(usize, usize)>,
+        ckpt: Option<&CheckpointGrads>,
     ) -> Result<Tensor> {
         let mut h = x.clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
             let skip = skips.pop().ok_or_else(|| candle_core::Error::Msg("UNet up block ran out of skip connections".into()))?;
-            h = resnet.forward(&Tensor::cat(&[&h, &skip], 1)?, Some(temb))?;
+            h = run_resnet(resnet, &Tensor::cat(&[&h, &skip], 1)?, temb, ckpt)?;
             if let Some(attention) = self.attentions.get(i) {
-                h = attention.forward(&h, context)?;
+                h = run_attention(attention, &h, context, ckpt)?;
             }
         }
         match &self.upsampler {

@@ -19,7 +19,7 @@ use self::embeddings::{timestep_embedding, TimestepEmbedding};
 use self::resnet::{conv2d_same, ResnetConfig};
 use self::transformer::TransformerConfig;
 use crate::models::config::{DownBlockType, UNetConfig, UpBlockType};
-use crate::nn::{AdaptedLinear, GroupNorm};
+use crate::nn::{AdaptedLinear, CheckpointGrads, GroupNorm};
 
 pub struct UNet2DConditionModel {
     pub conv_in: FrozenConv2d,
@@ -133,6 +133,21 @@ impl UNet2DConditionModel {
     /// `sample` `[B, C, H, W]`, `timesteps` `[B]` (any numeric dtype), `encoder_hidden_states`
     /// `[B, 77, cross_dim]` → predicted noise (or velocity) `[B, C_out, H, W]`.
     pub fn forward(&self, sample: &Tensor, timesteps: &Tensor, encoder_hidden_states: &Tensor) -> Result<Tensor> {
+        self.forward_checkpointed(sample, timesteps, encoder_hidden_states, None)
+    }
+
+    /// [`forward`](Self::forward) with gradient checkpointing when `ckpt` is given: every resnet
+    /// and transformer of the down, mid and up blocks is recomputed in the backward pass instead
+    /// of keeping its activations, and the gradients of the LoRA parameters inside them land in
+    /// `ckpt` (merge them into the `GradStore` of the backward with
+    /// [`CheckpointGrads::merge_into`]). Same value and gradients as without.
+    pub fn forward_checkpointed(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+        ckpt: Option<&CheckpointGrads>,
+    ) -> Result<Tensor> {
         let cfg = &self.config;
         let (batch, channels, height, width) = sample.dims4()?;
         if channels != cfg.in_channels {
@@ -161,12 +176,12 @@ impl UNet2DConditionModel {
         let mut h = self.conv_in.forward(&sample)?;
         let mut skips = vec![h.clone()];
         for block in &self.down_blocks {
-            let (out, block_skips) = block.forward(&h, &emb, encoder_hidden_states)?;
+            let (out, block_skips) = block.forward(&h, &emb, encoder_hidden_states, ckpt)?;
             h = out;
             skips.extend(block_skips);
         }
         if let Some(mid) = &self.mid_block {
-            h = mid.forward(&h, &emb, encoder_hidden_states)?;
+            h = mid.forward(&h, &emb, encoder_hidden_states, ckpt)?;
         }
         // diffusers passes the skip's size to the upsampler when the input is not a multiple of
         // the total upsampling factor; upsampling to the next skip's size covers both cases.
@@ -183,7 +198,7 @@ impl UNet2DConditionModel {
                 }
                 _ => None,
             };
-            h = block.forward(&h, &mut skips, &emb, encoder_hidden_states, upsample_size)?;
+            h = block.forward(&h, &mut skips, &emb, encoder_hidden_states, upsample_size, ckpt)?;
         }
         let h = self.conv_norm_out.forward_act(&h, cfg.act_fn)?;
         self.conv_out.forward(&h)

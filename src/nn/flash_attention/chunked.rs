@@ -108,8 +108,9 @@ impl Plan {
         let vt = v.t()?;
         let d_o = d_o.to_dtype(v.dtype())?;
         let acc = Self::acc_dtype(q.dtype());
-        // D = rowsum(dO ∘ O), [B·H, Lq, 1].
-        let dsum = (d_o.to_dtype(acc)? * o.to_dtype(acc)?)?.sum_keepdim(D::Minus1)?;
+        // D = rowsum(dO ∘ O) = rowsum(P ∘ dP) (O = P V), taken per chunk from the recomputed
+        // probabilities in the accumulation dtype: a half-precision O would bring its rounding in.
+        let _ = o;
         let mut dk = Tensor::zeros(k.shape(), acc, k.device())?;
         let mut dv = Tensor::zeros(v.shape(), acc, v.device())?;
         let mut dqs = Vec::new();
@@ -119,7 +120,8 @@ impl Plan {
             let p = self.probs(&q_c, &kt, acc)?;
             dv = (dv + p.to_dtype(v.dtype())?.t()?.matmul(&do_c)?.to_dtype(acc)?)?;
             let dp = do_c.matmul(&vt)?.to_dtype(acc)?;
-            let ds = (p * dp.broadcast_sub(&dsum.narrow(1, start, len)?)?)?.to_dtype(mm)?;
+            let dsum = (&p * &dp)?.sum_keepdim(D::Minus1)?;
+            let ds = (p * dp.broadcast_sub(&dsum)?)?.to_dtype(mm)?;
             dqs.push((ds.matmul(&km)?.to_dtype(acc)? * self.scale)?);
             dk = (dk + (ds.t()?.matmul(&q_c)?.to_dtype(acc)? * self.scale)?)?;
         }
