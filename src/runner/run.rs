@@ -67,7 +67,7 @@ pub fn fingerprints(loaded: &LoadedPipeline) -> Vec<(&'static str, String)> {
     let p = &loaded.pipeline;
     let mut model = Fingerprint::new("model");
     model.add_toml("model", t.get("model"));
-    if let Some(path) = &p.model.path {
+    for path in [&p.model.path, &p.model.file, &p.model.vae, &p.model.config].into_iter().flatten() {
         model.add_files("files", path);
     }
     let model = model.finish();
@@ -116,6 +116,7 @@ pub fn weight_dtype(precision: cfg::Precision, device: &Device) -> Result<DType>
 
 fn model_source(p: &Pipeline) -> Result<String> {
     match (&p.model.id, &p.model.path) {
+        _ if p.model.file.is_some() => Ok(p.model.file.as_ref().map(|f| f.display().to_string()).unwrap_or_default()),
         (_, Some(path)) => Ok(path.display().to_string()),
         (Some(id), None) => Ok(id.clone()),
         (None, None) => bail!("[model] needs `id` or `path`"),
@@ -243,7 +244,7 @@ fn resolved_toml(loaded: &LoadedPipeline) -> String {
 fn load_model(p: &Pipeline, device: &Device, dtype: DType) -> Result<StableDiffusion> {
     let source = model_source(p)?;
     tracing::info!("model: loading {source}");
-    let load_opts = LoadOptions { revision: p.model.revision.clone(), variant: p.model.variant.clone() };
+    let load_opts = LoadOptions::from_config(&p.model);
     StableDiffusion::load(&source, &load_opts, device, dtype).with_context(|| format!("loading model {source}"))
 }
 
