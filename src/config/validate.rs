@@ -590,6 +590,8 @@ impl Checks<'_> {
                 self.error(&["model.file"], format!("`{shown}` is a folder; a diffusers folder goes in `path`"), None);
             } else if !file.is_file() && !crate::models::loading::is_hub_file(&file.to_string_lossy()) {
                 self.error(&["model.file"], format!("model file `{shown}` does not exist"), Some("a hub file is written org/repo/file.safetensors".into()));
+            } else if let Some(Err(e)) = crate::models::single_file::recognise_config(m) {
+                self.error(&["model.file"], format!("model file `{shown}` is not a usable single-file checkpoint: {e:#}"), None);
             }
         } else {
             for (key, set) in [("model.config", m.config.is_some()), ("model.prediction_type", m.prediction_type.is_some()), ("model.ema", m.ema)] {

@@ -423,6 +423,26 @@ pub struct SingleFileOptions {
     pub ema: bool,
 }
 
+/// Recognise the local single file of a `[model]` table (`None` when there is none, or it is a
+/// hub file not yet downloaded); every tensor must be accounted for.
+pub fn recognise_config(m: &crate::config::ModelConfig) -> Option<anyhow::Result<Recognition>> {
+    let file = m.file.as_ref().filter(|f| f.is_file())?;
+    let opts = SingleFileOptions {
+        config_dir: m.config.clone(),
+        prediction_type: m.prediction_type.map(|p| match p {
+            crate::config::ModelPrediction::Epsilon => "epsilon".to_string(),
+            crate::config::ModelPrediction::VPrediction => "v_prediction".to_string(),
+        }),
+        ema: m.ema,
+    };
+    Some((|| {
+        let header = Header::read(file)?;
+        let mut rec = recognise(file, &header, &opts)?;
+        open_weights(&mut rec, &header, m.vae.is_none())?;
+        Ok(rec)
+    })())
+}
+
 fn read_json(path: &Path) -> anyhow::Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
 }

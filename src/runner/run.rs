@@ -438,7 +438,7 @@ pub fn run_pipeline(loaded: &LoadedPipeline, session: &mut Session, opts: &RunOp
         }
         let weights = trained_weights(&unet_loras, &te_loras)?;
         let info = TrainingInfo {
-            base_model_version: "sd_v1".into(),
+            base_model_version: sd.single_file.as_ref().map_or("sd_v1", |r| r.family.base_model_version()).into(),
             model_name: model_source(p)?,
             rank: p.adapter.rank as usize,
             alpha: p.adapter.default_alpha(),
@@ -449,7 +449,7 @@ pub fn run_pipeline(loaded: &LoadedPipeline, session: &mut Session, opts: &RunOp
             resolution: p.preprocess.resolution as usize,
             seed: p.train.seed,
             num_train_images: dataset.len(),
-            v_prediction: false,
+            v_prediction: sd.single_file.as_ref().is_some_and(|r| r.prediction.kind == "v_prediction"),
             train_text_encoder: p.adapter.text_encoder,
             pipeline_toml: resolved_toml(loaded),
             training_started_at: None,
@@ -461,7 +461,10 @@ pub fn run_pipeline(loaded: &LoadedPipeline, session: &mut Session, opts: &RunOp
             let kohya = out_dir.join(KOHYA_FILE);
             let mut w = weights.clone();
             w.metadata.extend(crate::adapters::format::training_metadata(&info));
-            write_lora_file(&w, &kohya, LoraFormat::Kohya)?;
+            // A single-file model (and a separate VAE) are named and hashed as kohya does.
+            w.metadata.extend(crate::adapters::kohya_hash::source_file_metadata(p.model.file.as_deref(), p.model.vae.as_deref())?);
+            let bytes = crate::adapters::kohya_hash::with_sshs_hashes(&crate::adapters::format::serialize_lora(&w, LoraFormat::Kohya)?)?;
+            crate::util::fs::write_atomic(&kohya, &bytes).with_context(|| format!("cannot write LoRA file {}", kohya.display()))?;
             report.files.push(kohya);
         }
         let interrupted = outcome.interrupted;
