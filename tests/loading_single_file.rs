@@ -214,3 +214,23 @@ fn pickle_checkpoints_are_refused() {
     let err = format!("{:#}", load(&lora, &LoadOptions::default()).err().unwrap());
     assert!(err.contains("not a single-file Stable Diffusion checkpoint") && err.contains("LoRA"), "{err}");
 }
+
+#[test]
+fn a_hub_file_comes_from_the_hf_cache() {
+    // `org/repo/file.safetensors` offline: found in the cache's snapshot for refs/main.
+    let cache = tempfile::tempdir().unwrap();
+    let sha = "0123456789abcdef0123456789abcdef01234567";
+    let repo = cache.path().join("models--org--tiny-single");
+    std::fs::create_dir_all(repo.join("snapshots").join(sha)).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), sha).unwrap();
+    std::fs::copy(single("sd2-tiny.safetensors"), repo.join("snapshots").join(sha).join("sd2-tiny.safetensors")).unwrap();
+    let hub = offline_hub(cache.path());
+    let sd = StableDiffusion::load_with("org/tiny-single/sd2-tiny.safetensors", &with_config("sd2-tiny"), &hub, &Device::Cpu, DType::F32).unwrap();
+    assert_eq!(sd.single_file.as_ref().unwrap().family, Family::Sd2);
+    let err = StableDiffusion::load_with("org/tiny-single/other.safetensors", &with_config("sd2-tiny"), &hub, &Device::Cpu, DType::F32)
+        .err()
+        .map(|e| format!("{e:#}"))
+        .unwrap();
+    assert!(err.contains("other.safetensors") && err.contains("HF_HUB_OFFLINE"), "{err}");
+}

@@ -143,9 +143,13 @@ impl StableDiffusion {
         let weights = single_file::open_weights(&mut rec, &header, opts.vae.is_none())?;
         tracing::info!("model: {} recognised as {}", path.display(), rec.summary());
         let (tokenizer, scheduler) = single_file::tokenizer_and_scheduler(&rec)?;
-        let text_encoder = weights.text_encoder.build(dtype, device, |vb| ClipTextModel::load(vb, &rec.text_encoder))?;
-        let unet = weights.unet.build(dtype, device, |vb| UNet2DConditionModel::load(vb, &rec.unet))?;
-        let vae = match (&opts.vae, &weights.vae) {
+        // Each component's mapping is dropped as soon as its network is built.
+        let single_file::SingleFileWeights { unet: unet_weights, vae: vae_weights, text_encoder: text_weights } = weights;
+        let text_encoder = text_weights.build(dtype, device, |vb| ClipTextModel::load(vb, &rec.text_encoder))?;
+        drop(text_weights);
+        let unet = unet_weights.build(dtype, device, |vb| UNet2DConditionModel::load(vb, &rec.unet))?;
+        drop(unet_weights);
+        let vae = match (&opts.vae, vae_weights) {
             (Some(file), _) => load_vae_file(file, rec.vae.scaling_factor, dtype, device)?,
             (None, Some(w)) => w.build(dtype, device, |vb| AutoencoderKL::load(vb, &rec.vae))?,
             (None, None) => bail!("{}: no VAE weights", path.display()),

@@ -581,7 +581,7 @@ fn prediction_type(header: &Header, family: Family, opts: &SingleFileOptions) ->
         let path = dir.join("scheduler").join("scheduler_config.json");
         if path.is_file() {
             let s: SchedulerConfig = serde_json::from_str(&read_json(&path)?).with_context(|| format!("{} is not a scheduler config", path.display()))?;
-            return Ok(Prediction { kind: s.prediction_type, reason: format!("{}", path.display()) });
+            return Ok(Prediction { kind: s.prediction_type, reason: format!("the scheduler config of [model] config, {}", path.display()) });
         }
     }
     Ok(match family {
