@@ -130,7 +130,6 @@ fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Res
 struct FrozenConv2dOp {
     geometry: ConvGeometry,
     w_mat: Tensor,
-    w_mat_t: Tensor,
 }
 
 impl CustomOp1 for FrozenConv2dOp {
@@ -164,7 +163,9 @@ impl CustomOp1 for FrozenConv2dOp {
         } else {
             grad.reshape((b, c_out, ho * wo))?.transpose(0, 1)?.contiguous()?.reshape((c_out, b * ho * wo))?
         };
-        let dcols = self.w_mat_t.matmul(&grad)?.flatten_all()?.to_vec1::<f32>()?;
+        // `w_mat.t()` is a strided view: the GEMM reads it transposed, so no second (transposed)
+        // copy of every conv weight stays resident.
+        let dcols = self.w_mat.t()?.matmul(&grad)?.flatten_all()?.to_vec1::<f32>()?;
         let dx = col2im(&dcols, b, h, w, g);
         Ok(Some(Tensor::from_vec(dx, (b, g.c_in, h, w), arg.device())?))
     }
@@ -193,8 +194,7 @@ impl FrozenConv2d {
         let op: Option<Arc<Box<dyn CustomOp1 + Send + Sync>>> =
             if weight.device().is_cpu() && weight.dtype() == DType::F32 {
                 let w_mat = weight.reshape((c_out, c_in * kh * kw))?.contiguous()?;
-                let w_mat_t = w_mat.t()?.contiguous()?;
-                Some(Arc::new(Box::new(FrozenConv2dOp { geometry, w_mat, w_mat_t })))
+                Some(Arc::new(Box::new(FrozenConv2dOp { geometry, w_mat })))
             } else {
                 None
             };
