@@ -59,7 +59,7 @@ fn cached_model_resolves_offline_by_branch_and_by_commit() {
     for path in files.all_paths() {
         assert!(path.is_file(), "{} should resolve through its symlink", path.display());
     }
-    let by_commit = LoadOptions { revision: Some(SHA.into()), variant: None };
+    let by_commit = LoadOptions { revision: Some(SHA.into()), variant: None, ..Default::default() };
     assert_eq!(resolve_model_files_with("org/tiny-sd", &by_commit, &s).unwrap().root, snapshot);
     assert_eq!(hub::cached_snapshot(cache.path(), "org/tiny-sd", "main"), Some(snapshot.clone()));
 }
@@ -91,7 +91,7 @@ fn offline_errors_say_what_is_missing() {
     let err = format!("{:#}", resolve_model_files_with("org/absent", &LoadOptions::default(), &s).unwrap_err());
     assert!(err.contains("not in the hub cache") && err.contains("models--org--absent"), "{err}");
 
-    let dev = LoadOptions { revision: Some("dev".into()), variant: None };
+    let dev = LoadOptions { revision: Some("dev".into()), variant: None, ..Default::default() };
     let err = format!("{:#}", resolve_model_files_with("org/tiny-sd", &dev, &s).unwrap_err());
     assert!(err.contains("revision `dev`"), "{err}");
 }

@@ -117,7 +117,7 @@ fn sharded_and_fp16_variant_unets_match_the_single_f32_file() {
     candle_core::safetensors::save(&half, unet_dir.join("diffusion_pytorch_model.fp16.safetensors")).unwrap();
     let vae_dir = dir.path().join("vae");
     std::fs::copy(vae_dir.join("diffusion_pytorch_model.safetensors"), vae_dir.join("diffusion_pytorch_model.fp16.safetensors")).unwrap();
-    let fp16 = LoadOptions { revision: None, variant: Some("fp16".into()) };
+    let fp16 = LoadOptions { revision: None, variant: Some("fp16".into()), ..Default::default() };
     let sd = StableDiffusion::load_with(dir.path().to_str().unwrap(), &fp16, &hub, &Device::Cpu, DType::F32).unwrap();
     // fp16 weights carry ~5e-4 relative rounding; the output must stay within 1e-2 relative.
     let rel = max_rel_diff(&unet_out(&sd), &want);

@@ -33,3 +33,5 @@ mod sd2_parity;
 mod train_golden;
 mod train_precision;
 mod train_checkpointing;
+mod loading_single_file;
+mod run_single_file;

@@ -13,9 +13,21 @@ use crate::schedulers::SamplerKind;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Model: a local diffusers folder or a Hugging Face hub id.
+    /// Model: a local diffusers folder, a Hugging Face hub id, or a single-file checkpoint
+    /// (`FILE.safetensors` in the LDM layout, or a hub file `org/repo/FILE.safetensors`).
     #[arg(long)]
     pub model: String,
+    /// A separate VAE `.safetensors` file used instead of the model's.
+    #[arg(long)]
+    pub vae: Option<PathBuf>,
+    /// Single files: a diffusers folder whose configs, tokenizer and scheduler replace the
+    /// recognised and bundled ones.
+    #[arg(long)]
+    pub model_config: Option<PathBuf>,
+    /// Single files: the prediction type (`epsilon` or `v_prediction`), overriding what the file
+    /// says or implies.
+    #[arg(long)]
+    pub prediction_type: Option<String>,
     /// Hub revision (branch, tag or commit) of a hub model.
     #[arg(long)]
     pub revision: Option<String>,
@@ -160,7 +172,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(super::EXIT_INVALID));
     }
     let device = crate::device::select(args.device)?;
-    let opts = LoadOptions { revision: args.revision.clone(), variant: args.variant.clone() };
+    let opts = LoadOptions {
+        revision: args.revision.clone(),
+        variant: args.variant.clone(),
+        vae: args.vae.clone(),
+        config: args.model_config.clone(),
+        prediction_type: args.prediction_type.clone(),
+        ema: false,
+    };
     let mut sd = StableDiffusion::load(&args.model, &opts, &device, DType::F32)
         .with_context(|| format!("loading model {}", args.model))?;
     apply_loras(&mut sd, &args.loras)?;

@@ -55,6 +55,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 pub fn stages(p: &Pipeline) -> Vec<Stage> {
     let out = &p.output.dir;
     let model = match (&p.model.id, &p.model.path) {
+        _ if p.model.file.is_some() => format!("{} (single-file checkpoint)", p.model.file.as_deref().map(tidy_path).unwrap_or_default().display()),
         (Some(id), _) => format!("hub model {id}{}", p.model.revision.as_ref().map(|r| format!(" @ {r}")).unwrap_or_default()),
         (None, Some(path)) => format!("{} (diffusers folder)", tidy_path(path).display()),
         _ => String::new(),

@@ -58,12 +58,16 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 pub fn summary(loaded: &LoadedPipeline) -> String {
     let p = &loaded.pipeline;
     let mut out = format!("{}: ok\n", loaded.path.display());
-    let model = match (&p.model.id, &p.model.path) {
-        (Some(id), _) => format!("hub {id}"),
-        (None, Some(path)) => format!("local {}", tidy_path(path).display()),
+    let model = match (&p.model.id, &p.model.path, &p.model.file) {
+        (_, _, Some(file)) => format!("single file {}{}", tidy_path(file).display(), single_file_summary(p)),
+        (Some(id), _, _) => format!("hub {id}"),
+        (None, Some(path), _) => format!("local {}", tidy_path(path).display()),
         _ => "?".into(),
     };
     out += &format!("  model      {model}\n");
+    if let Some(vae) = &p.model.vae {
+        out += &format!("  vae        {}\n", tidy_path(vae).display());
+    }
     let data = match (&p.dataset.name, &p.dataset.path) {
         (Some(name), _) => format!("hub {name}"),
         (None, Some(path)) => format!("{} {}", kind(p), tidy_path(path).display()),
@@ -103,6 +107,15 @@ pub fn summary(loaded: &LoadedPipeline) -> String {
     let downloads = if downloads.is_empty() { "none".to_string() } else { downloads.join(", ") + " (unless cached)" };
     out += &format!("  downloads  {downloads}\n");
     out
+}
+
+/// `: SD 1.x single file, … (prediction …)` for a local single file (validation has checked it).
+fn single_file_summary(p: &crate::config::Pipeline) -> String {
+    match crate::models::single_file::recognise_config(&p.model) {
+        Some(Ok(rec)) => format!(": {}", rec.summary()),
+        Some(Err(e)) => format!(" (not recognised: {e:#})"),
+        None => String::new(),
+    }
 }
 
 fn kind(p: &crate::config::Pipeline) -> &'static str {

@@ -49,12 +49,13 @@ pub struct Pipeline {
     pub logging: LoggingConfig,
 }
 
-/// `[model]`: the base model, from the Hugging Face hub or a local diffusers folder.
+/// `[model]`: the base model, from the Hugging Face hub, a local diffusers folder or a
+/// single-file checkpoint.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
-    /// Hub id of the model, e.g. "stable-diffusion-v1-5/stable-diffusion-v1-5". Give `id` or
-    /// `path`, not both.
+    /// Hub id of the model, e.g. "stable-diffusion-v1-5/stable-diffusion-v1-5". Give one of
+    /// `id`, `path` and `file`.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schemars(extend("x-reference" = "--pretrained_model_name_or_path"))]
     pub id: Option<String>,
@@ -74,6 +75,38 @@ pub struct ModelConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schemars(extend("x-reference" = "--cache_dir"))]
     pub cache_dir: Option<PathBuf>,
+    /// A single-file checkpoint (A1111 / ComfyUI / civitai `.safetensors` in the original LDM
+    /// layout), relative to the pipeline file, or a hub file "org/repo/file.safetensors". SD 1.x
+    /// or 2.x and the network configs are recognised from the tensors. Give `id`, `path` or
+    /// `file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<PathBuf>,
+    /// A separate VAE `.safetensors` file (diffusers layout, or an LDM VAE with or without the
+    /// `first_stage_model.` prefix) used instead of the model's VAE.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vae: Option<PathBuf>,
+    /// With `file`: a diffusers folder (or one holding just the `unet/`, `vae/`, `text_encoder/`
+    /// configs, `tokenizer/` and `scheduler/`) whose configs replace the recognised ones, as
+    /// diffusers' `from_single_file(config=...)`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config: Option<PathBuf>,
+    /// With `file`: the model's prediction type, overriding the file's `prediction_type`
+    /// metadata or `v_pred` key and the SD 1.x (epsilon) / SD 2.x (v_prediction) default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prediction_type: Option<ModelPrediction>,
+    /// With `file`: train on the UNet's EMA copy (`model_ema.*`) instead of the plain weights.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub ema: bool,
+}
+
+/// What a model's UNet predicts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelPrediction {
+    /// The added noise (SD 1.x, SD 2.x base).
+    Epsilon,
+    /// The velocity (SD 2.x 768-v).
+    VPrediction,
 }
 
 /// The layout a dataset is read from.

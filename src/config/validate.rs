@@ -113,6 +113,19 @@ fn resolve_paths(p: &mut Pipeline, prov: &Provenance) {
     if let Some(v) = p.model.cache_dir.as_mut() {
         fix("model.cache_dir", v);
     }
+    if let Some(v) = p.model.file.as_mut() {
+        // A hub file `org/repo/file.safetensors` stays as written unless such a local file exists.
+        let local = prov.resolve_path("model.file", v);
+        if local.exists() || !crate::models::loading::is_hub_file(&v.to_string_lossy()) {
+            *v = local;
+        }
+    }
+    if let Some(v) = p.model.vae.as_mut() {
+        fix("model.vae", v);
+    }
+    if let Some(v) = p.model.config.as_mut() {
+        fix("model.config", v);
+    }
     if let Some(v) = p.dataset.path.as_mut() {
         fix("dataset.path", v);
     }
@@ -572,10 +585,64 @@ impl Checks<'_> {
 
     fn model(&mut self, p: &Pipeline) {
         let m = &p.model;
+        let sources = [m.id.is_some(), m.path.is_some(), m.file.is_some()].iter().filter(|s| **s).count();
+        if let Some(file) = &m.file {
+            if sources > 1 {
+                self.error(&["model.file"], "[model] has `file` and `id` or `path`; give one".into(), Some("`file` is a single-file checkpoint, `path` a diffusers folder, `id` a hub model".into()));
+            }
+            let shown = self.shown("model.file", file);
+            let text = file.to_string_lossy().to_ascii_lowercase();
+            if !text.ends_with(".safetensors") {
+                self.error(
+                    &["model.file"],
+                    format!("model file `{shown}` is not a .safetensors file"),
+                    Some("lora reads safetensors only, because loading a pickle (.ckpt/.pt/.bin) can run arbitrary code; use the model's .safetensors release".into()),
+                );
+            } else if file.is_dir() {
+                self.error(&["model.file"], format!("`{shown}` is a folder; a diffusers folder goes in `path`"), None);
+            } else if !file.is_file() && !crate::models::loading::is_hub_file(&file.to_string_lossy()) {
+                self.error(&["model.file"], format!("model file `{shown}` does not exist"), Some("a hub file is written org/repo/file.safetensors".into()));
+            } else if let Some(Err(e)) = crate::models::single_file::recognise_config(m) {
+                self.error(&["model.file"], format!("model file `{shown}` is not a usable single-file checkpoint: {e:#}"), None);
+            }
+        } else {
+            for (key, set) in [("model.config", m.config.is_some()), ("model.prediction_type", m.prediction_type.is_some()), ("model.ema", m.ema)] {
+                if set {
+                    self.error(
+                        &[key],
+                        format!("`{key}` applies to single-file checkpoints (`model.file`) only"),
+                        Some("a diffusers folder or hub model has its own configs; `train.prediction_type` overrides the training target".into()),
+                    );
+                }
+            }
+        }
+        if let Some(dir) = &m.config {
+            let shown = self.shown("model.config", dir);
+            let missing: Vec<&str> = ["unet/config.json", "vae/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json", "tokenizer"]
+                .into_iter()
+                .filter(|f| !dir.join(f).exists())
+                .collect();
+            if !dir.is_dir() {
+                self.error(&["model.config"], format!("config folder `{shown}` does not exist"), None);
+            } else if !missing.is_empty() {
+                self.error(&["model.config"], format!("config folder `{shown}` lacks {}", missing.join(", ")), Some("it should be laid out as a diffusers model folder (weights are not needed)".into()));
+            }
+        }
+        if let Some(vae) = &m.vae {
+            let shown = self.shown("model.vae", vae);
+            if !vae.to_string_lossy().to_ascii_lowercase().ends_with(".safetensors") {
+                self.error(&["model.vae"], format!("VAE file `{shown}` is not a .safetensors file"), Some("lora reads safetensors only, because loading a pickle can run arbitrary code".into()));
+            } else if !vae.is_file() {
+                self.error(&["model.vae"], format!("VAE file `{shown}` does not exist"), None);
+            }
+        }
+        if m.file.is_some() {
+            return;
+        }
         match (&m.id, &m.path) {
             (None, None) => self.table_error(
                 "model",
-                "[model] needs `id` (a hub model) or `path` (a local diffusers folder)".into(),
+                "[model] needs `id` (a hub model), `path` (a local diffusers folder) or `file` (a single-file checkpoint)".into(),
                 Some("e.g. path = \"../tests/fixtures/tiny-sd\" or id = \"stable-diffusion-v1-5/stable-diffusion-v1-5\"".into()),
             ),
             (Some(_), Some(_)) => self.error(

@@ -11,6 +11,8 @@
 pub mod hub;
 pub mod weights;
 
+use super::single_file;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
@@ -29,6 +31,32 @@ pub struct LoadOptions {
     pub revision: Option<String>,
     /// Weight variant, e.g. `fp16` → `diffusion_pytorch_model.fp16.safetensors`.
     pub variant: Option<String>,
+    /// A separate VAE `.safetensors` file (diffusers or LDM layout) used instead of the model's.
+    pub vae: Option<PathBuf>,
+    /// Single files: a diffusers folder whose configs, tokenizer and scheduler are used instead
+    /// of the recognised and bundled ones.
+    pub config: Option<PathBuf>,
+    /// Single files: `epsilon` or `v_prediction`, overriding what the file says or implies.
+    pub prediction_type: Option<String>,
+    /// Single files: read the UNet's EMA copy (`model_ema.*`).
+    pub ema: bool,
+}
+
+impl LoadOptions {
+    /// The options a pipeline's `[model]` table gives.
+    pub fn from_config(m: &crate::config::ModelConfig) -> Self {
+        Self {
+            revision: m.revision.clone(),
+            variant: m.variant.clone(),
+            vae: m.vae.clone(),
+            config: m.config.clone(),
+            prediction_type: m.prediction_type.map(|p| match p {
+                crate::config::ModelPrediction::Epsilon => "epsilon".to_string(),
+                crate::config::ModelPrediction::VPrediction => "v_prediction".to_string(),
+            }),
+            ema: m.ema,
+        }
+    }
 }
 
 /// A loaded pipeline: every component a trainer or sampler needs.
@@ -40,6 +68,8 @@ pub struct StableDiffusion {
     pub unet: UNet2DConditionModel,
     pub vae: AutoencoderKL,
     pub scheduler: SchedulerConfig,
+    /// What a single-file checkpoint was recognised as; `None` for a diffusers folder.
+    pub single_file: Option<single_file::Recognition>,
 }
 
 impl StableDiffusion {
@@ -59,6 +89,9 @@ impl StableDiffusion {
         device: &Device,
         dtype: DType,
     ) -> anyhow::Result<Self> {
+        if let Some(file) = single_file_source(source, opts, hub)? {
+            return Self::load_single_file(&file, opts, device, dtype);
+        }
         let files = resolve_model_files_with(source, opts, hub)?;
         let tokenizer = ClipTokenizer::from_dir(&files.tokenizer_dir)
             .with_context(|| format!("loading the tokenizer of {source}"))?;
@@ -82,16 +115,112 @@ impl StableDiffusion {
 
         let vae_config = VaeConfig::from_json_str(&read_text(&files.vae.config)?)
             .with_context(|| format!("in {}", files.vae.config.display()))?;
-        let vae = files
-            .vae
-            .open_weights("vae", &WeightOptions { legacy_attention_names: true, ..Default::default() })?
-            .build(vae_dtype(dtype, &vae_config), device, |vb| AutoencoderKL::load(vb, &vae_config))?;
+        let vae = match &opts.vae {
+            Some(path) => load_vae_file(path, vae_config.scaling_factor, vae_dtype(dtype, &vae_config), device)?,
+            None => files
+                .vae
+                .open_weights("vae", &WeightOptions { legacy_attention_names: true, ..Default::default() })?
+                .build(vae_dtype(dtype, &vae_config), device, |vb| AutoencoderKL::load(vb, &vae_config))?,
+        };
 
         let scheduler: SchedulerConfig = serde_json::from_str(&read_text(&files.scheduler_config)?)
             .with_context(|| format!("{} is not a valid scheduler config", files.scheduler_config.display()))?;
 
-        Ok(Self { root: files.root, tokenizer, text_encoder, unet, vae, scheduler })
+        Ok(Self { root: files.root, tokenizer, text_encoder, unet, vae, scheduler, single_file: None })
     }
+
+    /// Load a single-file checkpoint (LDM layout `.safetensors`), recognising the model from
+    /// its tensors (see [`single_file`]). Each tensor is read from the memory map and converted
+    /// to `dtype` when the network asks for it; nothing else is kept.
+    pub fn load_single_file(path: &Path, opts: &LoadOptions, device: &Device, dtype: DType) -> anyhow::Result<Self> {
+        let header = single_file::Header::read(path)?;
+        let sf_opts = single_file::SingleFileOptions {
+            config_dir: opts.config.clone(),
+            prediction_type: opts.prediction_type.clone(),
+            ema: opts.ema,
+        };
+        let mut rec = single_file::recognise(path, &header, &sf_opts)?;
+        let weights = single_file::open_weights(&mut rec, &header, opts.vae.is_none())?;
+        tracing::info!("model: {} recognised as {}", path.display(), rec.summary());
+        let (tokenizer, scheduler) = single_file::tokenizer_and_scheduler(&rec)?;
+        // Each component's mapping is dropped as soon as its network is built.
+        let single_file::SingleFileWeights { unet: unet_weights, vae: vae_weights, text_encoder: text_weights } = weights;
+        let text_encoder = text_weights.build(dtype, device, |vb| ClipTextModel::load(vb, &rec.text_encoder))?;
+        drop(text_weights);
+        let unet = unet_weights.build(dtype, device, |vb| UNet2DConditionModel::load(vb, &rec.unet))?;
+        drop(unet_weights);
+        let vae = match (&opts.vae, vae_weights) {
+            (Some(file), _) => load_vae_file(file, rec.vae.scaling_factor, dtype, device)?,
+            (None, Some(w)) => w.build(dtype, device, |vb| AutoencoderKL::load(vb, &rec.vae))?,
+            (None, None) => bail!("{}: no VAE weights", path.display()),
+        };
+        Ok(Self {
+            root: path.parent().map(Path::to_path_buf).unwrap_or_default(),
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            scheduler,
+            single_file: Some(rec),
+        })
+    }
+}
+
+/// Build the VAE of a separate VAE file (`[model] vae`), keeping the model's scaling factor.
+fn load_vae_file(path: &Path, scaling_factor: f64, dtype: DType, device: &Device) -> anyhow::Result<AutoencoderKL> {
+    let (weights, config) = single_file::open_vae_file(path, scaling_factor)?;
+    tracing::info!("model: VAE from {}", path.display());
+    weights.build(dtype, device, |vb| AutoencoderKL::load(vb, &config))
+}
+
+/// True for `org/repo/path/file.safetensors`: a file of a hub repository.
+pub fn is_hub_file(source: &str) -> bool {
+    let parts: Vec<&str> = source.split('/').collect();
+    source.to_ascii_lowercase().ends_with(".safetensors")
+        && parts.len() >= 3
+        && !source.starts_with(['.', '/', '~'])
+        && is_hub_id(&parts[..2].join("/"))
+        && parts[2..].iter().all(|p| !p.is_empty() && *p != "..")
+}
+
+/// True for a source naming a checkpoint file rather than a folder or a hub repository.
+pub fn is_file_source(source: &str) -> bool {
+    let lower = source.trim().to_ascii_lowercase();
+    lower.ends_with(".safetensors") || PICKLE_FILE_EXTENSIONS.iter().any(|e| lower.ends_with(&format!(".{e}")))
+}
+
+const PICKLE_FILE_EXTENSIONS: [&str; 4] = ["ckpt", "pt", "pth", "bin"];
+
+/// The local single-file checkpoint a source names: a local `.safetensors` file, or a hub file
+/// `org/repo/file.safetensors` fetched into the HF cache. `None` for folders and hub ids;
+/// pickles are refused.
+pub fn single_file_source(source: &str, opts: &LoadOptions, hub: &HubSettings) -> anyhow::Result<Option<PathBuf>> {
+    let trimmed = source.trim();
+    if !is_file_source(trimmed) {
+        return Ok(None);
+    }
+    let path = Path::new(trimmed);
+    let lower = trimmed.to_ascii_lowercase();
+    if !lower.ends_with(".safetensors") {
+        bail!(
+            "model file {trimmed} is a pickle checkpoint: lora reads safetensors only, because loading a pickle \
+             (.bin/.ckpt/.pt) can run arbitrary code. Use the model's .safetensors release, or convert it once in \
+             Python (`safetensors.torch.save_file(torch.load(PATH, weights_only=True)[\"state_dict\"], OUT)`)"
+        );
+    }
+    if path.is_file() {
+        return Ok(Some(path.to_path_buf()));
+    }
+    let parts: Vec<&str> = trimmed.split('/').collect();
+    if is_hub_file(trimmed) {
+        let repo = parts[..2].join("/");
+        let file = parts[2..].join("/");
+        let revision = opts.revision.as_deref().filter(|r| !r.is_empty()).unwrap_or("main");
+        return hub::fetch_file(&repo, revision, &file, hub)
+            .map(Some)
+            .with_context(|| format!("there is no local file `{trimmed}`, so it was looked up as file `{file}` of hub model `{repo}`"));
+    }
+    bail!("model file {trimmed} does not exist")
 }
 
 /// The VAE's dtype when the model is loaded in `dtype`: f32 instead of f16 where its config says

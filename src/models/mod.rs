@@ -2,11 +2,12 @@
 //! CLIP tokenizer and text encoder, UNet2DConditionModel, AutoencoderKL.
 //!
 //! Layout: `loading` (model sources, variants, shards, HF cache/hub), `config` (the
-//! `config.json` structs), `tokenizer`, `clip`, `unet/`, `vae`.
+//! `config.json` structs), `tokenizer`, `clip`, `unet/`, `vae`, `single_file` (LDM-layout checkpoints).
 
 pub mod clip;
 pub mod config;
 pub mod loading;
+pub mod single_file;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

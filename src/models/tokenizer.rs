@@ -175,8 +175,24 @@ impl ClipTokenizer {
 
     /// Build the CLIP pipeline from `vocab.json` and `merges.txt`.
     pub fn from_vocab_merges(vocab_path: &Path, merges_path: &Path, settings: ClipTokenizerSettings) -> anyhow::Result<Self> {
-        let vocab = read_vocab(vocab_path)?;
-        let merges = read_merges(merges_path)?;
+        let vocab_text =
+            std::fs::read_to_string(vocab_path).with_context(|| format!("reading {}", vocab_path.display()))?;
+        let merges_text =
+            std::fs::read_to_string(merges_path).with_context(|| format!("reading {}", merges_path.display()))?;
+        Self::from_vocab_merges_text(&vocab_text, &merges_text, settings, vocab_path, merges_path)
+    }
+
+    /// [`Self::from_vocab_merges`] from the files' text (e.g. a bundled copy); the paths only
+    /// label error messages.
+    pub fn from_vocab_merges_text(
+        vocab_text: &str,
+        merges_text: &str,
+        settings: ClipTokenizerSettings,
+        vocab_path: &Path,
+        merges_path: &Path,
+    ) -> anyhow::Result<Self> {
+        let vocab = parse_vocab(vocab_text, vocab_path)?;
+        let merges = parse_merges(merges_text, merges_path)?;
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
             .unk_token(settings.unk_token.clone())
@@ -306,9 +322,8 @@ fn token_id(tokenizer: &Tokenizer, token: &str, role: &str, source: &Path) -> an
         .with_context(|| format!("{role} {token:?} is not in the vocabulary of {}", source.display()))
 }
 
-fn read_vocab(path: &Path) -> anyhow::Result<Vocab> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let json: Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+fn parse_vocab(text: &str, path: &Path) -> anyhow::Result<Vocab> {
+    let json: Value = serde_json::from_str(text).with_context(|| format!("{} is not valid JSON", path.display()))?;
     let Value::Object(entries) = json else {
         bail!("{} must be a JSON object mapping tokens to ids", path.display());
     };
@@ -323,8 +338,7 @@ fn read_vocab(path: &Path) -> anyhow::Result<Vocab> {
     Ok(vocab)
 }
 
-fn read_merges(path: &Path) -> anyhow::Result<Vec<(String, String)>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+fn parse_merges(text: &str, path: &Path) -> anyhow::Result<Vec<(String, String)>> {
     let mut merges = Vec::new();
     for (index, line) in text.lines().enumerate() {
         if line.starts_with("#version") || line.trim().is_empty() {

@@ -139,20 +139,16 @@ struct FrozenConv2dOp {
     geometry: ConvGeometry,
     /// The weight as `[C_out, K]` (its own dtype); f32 copies are made per call for half weights.
     w_mat: Tensor,
-    /// f32 `[C_out, K]` and `[K, C_out]`, kept when the weight is f32 (no per-call conversion).
-    f32_mats: Option<(Tensor, Tensor)>,
+    /// Whether `w_mat` is f32 already (no per-call conversion). Its transpose for the backward
+    /// is a strided view, not a copy: a second copy of every conv weight was 2.5 GB at SD 1.5.
+    is_f32: bool,
 }
 
 impl FrozenConv2dOp {
     fn mats_f32(&self) -> Result<(Tensor, Tensor)> {
-        match &self.f32_mats {
-            Some((w, wt)) => Ok((w.clone(), wt.clone())),
-            None => {
-                let w = self.w_mat.to_dtype(DType::F32)?;
-                let wt = w.t()?.contiguous()?;
-                Ok((w, wt))
-            }
-        }
+        let w = if self.is_f32 { self.w_mat.clone() } else { self.w_mat.to_dtype(DType::F32)? };
+        let wt = w.t()?;
+        Ok((w, wt))
     }
 }
 
@@ -276,8 +272,8 @@ impl FrozenConv2d {
         // mode) through candle's f64 conv and the attached backward.
         let cpu_op: Option<Arc<Box<dyn CustomOp1 + Send + Sync>>> = if weight.device().is_cpu() && weight.dtype() != DType::F64 {
             let w_mat = weight.reshape((c_out, c_in * kh * kw))?.contiguous()?;
-            let f32_mats = if weight.dtype() == DType::F32 { Some((w_mat.clone(), w_mat.t()?.contiguous()?)) } else { None };
-            Some(Arc::new(Box::new(FrozenConv2dOp { geometry, w_mat, f32_mats })))
+            let is_f32 = weight.dtype() == DType::F32;
+            Some(Arc::new(Box::new(FrozenConv2dOp { geometry, w_mat, is_f32 })))
         } else {
             None
         };

@@ -68,7 +68,7 @@ pub fn fingerprints(loaded: &LoadedPipeline) -> Vec<(&'static str, String)> {
     let p = &loaded.pipeline;
     let mut model = Fingerprint::new("model");
     model.add_toml("model", t.get("model"));
-    if let Some(path) = &p.model.path {
+    for path in [&p.model.path, &p.model.file, &p.model.vae, &p.model.config].into_iter().flatten() {
         model.add_files("files", path);
     }
     let model = model.finish();
@@ -120,6 +120,7 @@ pub fn weight_dtype(precision: cfg::Precision, device: &Device) -> Result<DType>
 
 fn model_source(p: &Pipeline) -> Result<String> {
     match (&p.model.id, &p.model.path) {
+        _ if p.model.file.is_some() => Ok(p.model.file.as_ref().map(|f| f.display().to_string()).unwrap_or_default()),
         (_, Some(path)) => Ok(path.display().to_string()),
         (Some(id), None) => Ok(id.clone()),
         (None, None) => bail!("[model] needs `id` or `path`"),
@@ -250,7 +251,7 @@ fn resolved_toml(loaded: &LoadedPipeline) -> String {
 fn load_model(p: &Pipeline, device: &Device, dtype: DType) -> Result<StableDiffusion> {
     let source = model_source(p)?;
     tracing::info!("model: loading {source}");
-    let load_opts = LoadOptions { revision: p.model.revision.clone(), variant: p.model.variant.clone() };
+    let load_opts = LoadOptions::from_config(&p.model);
     StableDiffusion::load(&source, &load_opts, device, dtype).with_context(|| format!("loading model {source}"))
 }
 
@@ -451,7 +452,7 @@ pub fn run_pipeline(loaded: &LoadedPipeline, session: &mut Session, opts: &RunOp
         }
         let weights = trained_weights(&unet_loras, &te_loras)?;
         let info = TrainingInfo {
-            base_model_version: "sd_v1".into(),
+            base_model_version: sd.single_file.as_ref().map_or("sd_v1", |r| r.family.base_model_version()).into(),
             model_name: model_source(p)?,
             rank: p.adapter.rank as usize,
             alpha: p.adapter.default_alpha(),
@@ -462,7 +463,7 @@ pub fn run_pipeline(loaded: &LoadedPipeline, session: &mut Session, opts: &RunOp
             resolution: p.preprocess.resolution as usize,
             seed: p.train.seed,
             num_train_images: dataset.len(),
-            v_prediction: false,
+            v_prediction: sd.single_file.as_ref().is_some_and(|r| r.prediction.kind == "v_prediction"),
             train_text_encoder: p.adapter.text_encoder,
             pipeline_toml: resolved_toml(loaded),
             training_started_at: None,
@@ -474,7 +475,10 @@ pub fn run_pipeline(loaded: &LoadedPipeline, session: &mut Session, opts: &RunOp
             let kohya = out_dir.join(KOHYA_FILE);
             let mut w = weights.clone();
             w.metadata.extend(crate::adapters::format::training_metadata(&info));
-            write_lora_file(&w, &kohya, LoraFormat::Kohya)?;
+            // A single-file model (and a separate VAE) are named and hashed as kohya does.
+            w.metadata.extend(crate::adapters::kohya_hash::source_file_metadata(p.model.file.as_deref(), p.model.vae.as_deref())?);
+            let bytes = crate::adapters::kohya_hash::with_sshs_hashes(&crate::adapters::format::serialize_lora(&w, LoraFormat::Kohya)?)?;
+            crate::util::fs::write_atomic(&kohya, &bytes).with_context(|| format!("cannot write LoRA file {}", kohya.display()))?;
             report.files.push(kohya);
         }
         let interrupted = outcome.interrupted;

@@ -45,29 +45,16 @@ impl Default for GenerateOptions {
     }
 }
 
-/// The VAE's spatial down-sampling factor, `2^(len(block_out_channels) - 1)` from
-/// `vae/config.json` under the model root (8 when the file cannot be read).
+/// The VAE's spatial down-sampling factor, `2^(len(block_out_channels) - 1)`.
 pub fn vae_scale_factor(sd: &StableDiffusion) -> usize {
-    let path = sd.root.join("vae").join("config.json");
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
-        .and_then(|v| v.get("block_out_channels").and_then(|b| b.as_array()).map(|b| b.len()))
-        .filter(|&n| n >= 1)
-        .map(|n| 1usize << (n - 1))
-        .unwrap_or(8)
+    let n = sd.vae.config().block_out_channels.len().max(1);
+    1usize << (n - 1)
 }
 
-/// The default image side: the UNet's `sample_size` (from `unet/config.json`, 64 if absent)
-/// times the VAE factor, as diffusers' pipeline does.
+/// The default image side: the UNet's `sample_size` (64 if absent) times the VAE factor, as
+/// diffusers' pipeline does.
 pub fn default_image_side(sd: &StableDiffusion, factor: usize) -> usize {
-    let path = sd.root.join("unet").join("config.json");
-    let sample_size = std::fs::read_to_string(path)
-        .ok()
-        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
-        .and_then(|v| v.get("sample_size").and_then(|s| s.as_u64()))
-        .unwrap_or(64) as usize;
-    sample_size * factor
+    sd.unet.config().sample_size.unwrap_or(64) * factor
 }
 
 /// The latent shape `[1, 4, H/f, W/f]` for an image size, refusing sizes the VAE cannot produce.

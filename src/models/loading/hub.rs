@@ -207,3 +207,34 @@ pub fn download_model(
     }
     Ok((snapshot.clone(), files.rebased(&snapshot)))
 }
+
+/// One file of a hub repository (a single-file checkpoint `org/repo/file.safetensors`): from
+/// the cache when offline or already there, else downloaded into the HF cache.
+pub fn fetch_file(repo_id: &str, revision: &str, file: &str, settings: &HubSettings) -> anyhow::Result<PathBuf> {
+    if let Some(snapshot) = cached_snapshot(&settings.cache_dir, repo_id, revision) {
+        let local = snapshot.join(file);
+        if local.is_file() {
+            return Ok(local);
+        }
+    }
+    if settings.offline {
+        bail!(
+            "HF_HUB_OFFLINE is set and `{file}` of `{repo_id}` (revision {revision}) is not in the hub cache {}",
+            settings.cache_dir.display()
+        );
+    }
+    let mut builder = ApiBuilder::from_cache(Cache::new(settings.cache_dir.clone()))
+        .with_endpoint(settings.endpoint.clone())
+        .with_progress(settings.progress);
+    if settings.token.is_some() {
+        builder = builder.with_token(settings.token.clone());
+    }
+    let api = builder.build().context("setting up the hub client")?;
+    let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.to_string());
+    api.repo(repo).get(file).map_err(|e| {
+        anyhow::anyhow!(
+            "downloading `{file}` of `{repo_id}` (revision {revision}) from {}: {e} (set HF_TOKEN for gated models)",
+            settings.endpoint
+        )
+    })
+}

@@ -172,9 +172,25 @@ pub struct WeightOptions {
 struct StoredTensor {
     file: usize,
     stored_name: String,
+    /// Rows `start..start + len` of the stored tensor's first dimension (a slice of a fused
+    /// tensor such as OpenCLIP's `in_proj_weight`); `None` for the whole tensor.
+    rows: Option<(usize, usize)>,
+    /// The shape the model sees (the slice's shape when `rows` is set).
     shape: Vec<usize>,
     dtype: String,
 }
+
+/// One tensor of a renamed layout (see [`ComponentWeights::open_mapped`]): the name the model
+/// asks for, the name stored in the file and optionally a row range of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MappedTensor {
+    pub name: String,
+    pub stored_name: String,
+    pub rows: Option<(usize, usize)>,
+}
+
+/// Names the stored tensor a missing model weight was expected as (for error messages).
+pub type MissingHint = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
 struct Inner {
     /// What the weights are, for error messages (e.g. `unet (…/diffusion_pytorch_model.safetensors)`).
@@ -185,6 +201,7 @@ struct Inner {
     tensors: HashMap<String, StoredTensor>,
     optional_prefix: Option<String>,
     read: Mutex<HashSet<String>>,
+    missing_hint: Option<MissingHint>,
 }
 
 impl Inner {
@@ -233,6 +250,7 @@ impl ComponentWeights {
                 let stored = StoredTensor {
                     file: file_index,
                     stored_name: name.clone(),
+                    rows: None,
                     shape: view.shape().to_vec(),
                     dtype: format!("{:?}", view.dtype()),
                 };
@@ -261,8 +279,71 @@ impl ComponentWeights {
                 tensors,
                 optional_prefix: options.optional_prefix.clone(),
                 read: Mutex::new(HashSet::new()),
+                missing_hint: None,
             }),
         })
+    }
+
+    /// Open one safetensors file whose tensors are stored under other names (a single-file
+    /// checkpoint): `tensors` says which stored tensor (or rows of it) each model weight is.
+    /// Every stored name must exist; `hint` names what a missing model weight was expected as.
+    pub fn open_mapped(
+        component: &str,
+        path: &Path,
+        tensors: &[MappedTensor],
+        options: &WeightOptions,
+        hint: Option<MissingHint>,
+    ) -> anyhow::Result<Self> {
+        // SAFETY: as in `open`, the file is mapped read-only and must not change while in use.
+        let st = unsafe { MmapedSafetensors::new(path) }
+            .map_err(|e| anyhow::anyhow!("{component}: {} is not a valid safetensors file: {e}", path.display()))?;
+        let views: HashMap<String, (Vec<usize>, String)> =
+            st.tensors().into_iter().map(|(name, view)| (name, (view.shape().to_vec(), format!("{:?}", view.dtype())))).collect();
+        let mut stored_tensors: HashMap<String, StoredTensor> = HashMap::new();
+        for mapped in tensors {
+            let (shape, dtype) = views.get(&mapped.stored_name).with_context(|| {
+                format!("{component}: tensor `{}` is not in {}", mapped.stored_name, path.display())
+            })?;
+            let mut shape = shape.clone();
+            if let Some((start, len)) = mapped.rows {
+                if shape.is_empty() || start + len > shape[0] {
+                    bail!(
+                        "{component}: rows {start}..{} of `{}` {shape:?} in {} do not exist",
+                        start + len,
+                        mapped.stored_name,
+                        path.display()
+                    );
+                }
+                shape[0] = len;
+            }
+            let canonical =
+                if options.legacy_attention_names { modern_attention_name(&mapped.name) } else { mapped.name.clone() };
+            let stored = StoredTensor { file: 0, stored_name: mapped.stored_name.clone(), rows: mapped.rows, shape, dtype: dtype.clone() };
+            if let Some(previous) = stored_tensors.insert(canonical.clone(), stored) {
+                bail!(
+                    "{component}: `{canonical}` would be read from both `{}` and `{}` in {}",
+                    previous.stored_name,
+                    mapped.stored_name,
+                    path.display()
+                );
+            }
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                label: format!("{component} ({})", path.display()),
+                paths: vec![path.to_path_buf()],
+                files: vec![st],
+                tensors: stored_tensors,
+                optional_prefix: options.optional_prefix.clone(),
+                read: Mutex::new(HashSet::new()),
+                missing_hint: hint,
+            }),
+        })
+    }
+
+    /// The stored name (in the file) of a model weight, when it differs from the weight's name.
+    pub fn stored_name(&self, name: &str) -> Option<&str> {
+        self.inner.key(name).map(|(_, t)| t.stored_name.as_str())
     }
 
     /// A `VarBuilder` reading from these weights, converting to `dtype` on `device`.
@@ -327,7 +408,14 @@ impl ComponentWeights {
         let mut list: Vec<String> = unread
             .iter()
             .take(SHOWN)
-            .map(|name| format!("`{name}` {:?}", self.inner.tensors[name].shape))
+            .map(|name| {
+                let stored = &self.inner.tensors[name];
+                if stored.stored_name == *name {
+                    format!("`{name}` {:?}", stored.shape)
+                } else {
+                    format!("`{}` {:?} (as `{name}`)", stored.stored_name, stored.shape)
+                }
+            })
             .collect();
         if unread.len() > SHOWN {
             list.push(format!("and {} more", unread.len() - SHOWN));
@@ -381,6 +469,11 @@ impl CheckingBackend {
         })?;
         let tensor = self.inner.files[stored.file]
             .load(&stored.stored_name, device)
+            .and_then(|t| match stored.rows {
+                // A fresh copy, so that the slice does not keep the whole fused tensor alive.
+                Some((start, len)) => t.narrow(0, start, len)?.copy(),
+                None => Ok(t),
+            })
             .map_err(|e| {
                 candle_core::Error::Msg(format!(
                     "reading weight `{}` ({} {:?}) from {}: {e}",
@@ -391,9 +484,39 @@ impl CheckingBackend {
                 ))
             })?
             .to_dtype(dtype)?;
+        if let Ok(view) = self.inner.files[stored.file].get(&stored.stored_name) {
+            release_pages(view.data());
+        }
         self.inner.read.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone());
         Ok(tensor)
     }
+}
+
+/// Give the mapped pages of a tensor that has been copied out back to the OS, so that a
+/// component's file does not stay resident next to the converted weights while the rest of the
+/// model loads (peak memory ≈ the model in its compute dtype plus one tensor). Reading the bytes
+/// again would fault them back in from the file.
+fn release_pages(bytes: &[u8]) {
+    #[cfg(unix)]
+    {
+        // SAFETY: `sysconf` has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        if page <= 0 || bytes.is_empty() {
+            return;
+        }
+        let page = page as usize;
+        let start = bytes.as_ptr() as usize / page * page;
+        let end = (bytes.as_ptr() as usize + bytes.len()).div_ceil(page) * page;
+        // SAFETY: the range lies within (page-aligned bounds of) a read-only private file
+        // mapping owned by the open `MmapedSafetensors`; MADV_DONTNEED on such a mapping only
+        // drops resident pages, which later reads refill from the file. No reference into those
+        // pages outlives this call except the mapping itself.
+        unsafe {
+            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = bytes;
 }
 
 impl SimpleBackend for CheckingBackend {
@@ -410,8 +533,9 @@ impl SimpleBackend for CheckingBackend {
                 )));
             }
         } else {
+            let hint = self.inner.missing_hint.as_ref().and_then(|h| h(name)).map(|s| format!(" (stored as `{s}`)")).unwrap_or_default();
             return Err(candle_core::Error::Msg(format!(
-                "weight `{name}` (expected shape {wanted:?}) is missing from {}",
+                "weight `{name}`{hint} (expected shape {wanted:?}) is missing from {}",
                 self.inner.label
             )));
         }
