@@ -1,6 +1,7 @@
 //! The command line: one file per command; this file only parses and dispatches.
 //!
-//! Exit codes: 0 ok, 1 the run failed, 2 the input is invalid.
+//! Exit codes: 0 ok, 1 the run failed, 2 the input is invalid or the run was refused (busy output
+//! folder, resume with changed settings), 130 interrupted.
 
 use std::process::ExitCode;
 
@@ -122,7 +123,9 @@ pub fn main() -> ExitCode {
         Ok(code) => code,
         Err(err) => {
             eprintln!("error: {err:#}");
-            ExitCode::from(EXIT_FAILED)
+            // A busy output folder or a refused resume is the user's to resolve, not a failure.
+            let refused = err.chain().any(|e| e.is::<crate::runner::run_dir::FolderBusy>() || e.is::<crate::runner::stages::Refused>());
+            ExitCode::from(if refused { EXIT_INVALID } else { EXIT_FAILED })
         }
     }
 }

@@ -1,5 +1,5 @@
-//! `lora run`: validate a pipeline, then run its stages (model, dataset, train, export,
-//! validation), skipping the ones whose inputs did not change since the last run.
+//! `lora run`: validate a pipeline, then walk the stage table (model, dataset, preprocess, train,
+//! export, validate), skipping the stages whose inputs did not change since the last run.
 
 use std::process::ExitCode;
 
@@ -20,7 +20,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if args.dry_run {
-        return super::plan::run(super::plan::Args { pipeline: args.pipeline });
+        return super::plan::run(super::plan::Args { pipeline: args.pipeline, force: args.force, json: false });
     }
     let loaded = match args.pipeline.load(&[]) {
         Ok(l) => l,
@@ -39,6 +39,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 /// The end-of-run summary on stdout.
 pub fn print_summary(report: &RunReport) {
     println!("summary");
+    let stages: Vec<String> = report.stages.iter().map(|(name, st)| format!("{name} ({})", st.done_label())).collect();
+    println!("  stages     {}", stages.join(", "));
     println!("  examples   {} ({} bad image(s) skipped)", report.examples, report.skipped_images);
     match &report.train {
         Some(t) => {

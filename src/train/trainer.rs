@@ -235,7 +235,17 @@ impl<'a> Trainer<'a> {
 
         let mut state = TrainerState { global_step: 0, micro_steps: 0, pipeline_sha256: s.pipeline_sha256.clone(), last_loss: None };
         let mut resumed_from = None;
-        if let Some(resume) = &s.resume_from_checkpoint {
+        if s.resume_from_checkpoint.as_deref() == Some("latest") {
+            // The newest checkpoint that loads (a damaged one is reported and the previous used).
+            match checkpoint::load_newest_loadable(&s.output_dir, &self.params, &mut self.optimizer)? {
+                Some((dir, st)) => {
+                    tracing::info!("resumed from {} at step {}", dir.display(), st.global_step);
+                    state = st;
+                    resumed_from = Some(dir);
+                }
+                None => tracing::info!("resume_from_checkpoint = \"latest\" but no checkpoint in {} loads: starting fresh", s.output_dir.display()),
+            }
+        } else if let Some(resume) = &s.resume_from_checkpoint {
             match checkpoint::resolve_resume(&s.output_dir, resume)? {
                 Some(dir) => {
                     state = checkpoint::load_checkpoint(&dir, &self.params, &mut self.optimizer)?;
@@ -246,7 +256,13 @@ impl<'a> Trainer<'a> {
             }
         }
 
+        // Logs hold every step once after any number of resumes: drop what a stopped or killed
+        // run logged past the step resumed from (and everything, on a fresh start).
         let metrics_path = s.output_dir.join("metrics.jsonl");
+        crate::report::metrics::keep_steps_up_to(&metrics_path, state.global_step)?;
+        if let Some(dir) = &s.tensorboard_dir {
+            crate::report::tensorboard::keep_steps_up_to(dir, state.global_step as u64)?;
+        }
         let mut metrics = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
