@@ -105,7 +105,9 @@ impl Fingerprint {
         collect_files(path, &mut entries);
         entries.sort();
         for (p, len, mtime) in entries {
-            self.add(label, &format!("{}|{len}|{mtime}", p.display()));
+            // Relative to `path`, so the fingerprint does not depend on the working directory.
+            let rel = p.strip_prefix(path).unwrap_or(&p);
+            self.add(label, &format!("{}|{len}|{mtime}", rel.display()));
         }
         self
     }

@@ -57,9 +57,13 @@ impl RunDir {
     }
 
     /// Remove the temporaries (`.name.PID.tmp` files and `.checkpoint-N.PID.tmp` folders) a
-    /// killed run left in the folder: while we hold the lock no other run can be writing them.
+    /// killed run left in the folder and its direct subfolders: while we hold the lock no other run can be writing them.
     fn remove_temporaries(&self) -> Result<()> {
-        for dir in [self.dir.clone(), self.dir.join("train")] {
+        let mut dirs = vec![self.dir.clone()];
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            dirs.extend(entries.flatten().map(|e| e.path()).filter(|p| p.is_dir() && !p.to_string_lossy().ends_with(".tmp")));
+        }
+        for dir in dirs {
             let Ok(entries) = std::fs::read_dir(&dir) else { continue };
             for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();

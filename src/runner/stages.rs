@@ -378,7 +378,9 @@ const DATASET: Stage = Stage {
             f.add_files("files", path);
         }
         // The subset drawn with max_samples depends on the seed.
-        f.add("seed", &format!("{:?}", p.pipeline().train.seed));
+        if p.pipeline().dataset.max_samples.is_some() {
+            f.add("seed", &format!("{:?}", p.pipeline().train.seed));
+        }
         f.finish()
     },
     reads: |p| {
@@ -533,21 +535,31 @@ fn train_outputs(p: &Plan) -> Vec<Output> {
     o
 }
 
-/// The settings a train run's checkpoints depend on, as dotted keys, to say what changed.
+/// The settings a train run's checkpoints depend on, as dotted keys, to say what changed: the
+/// typed values (defaults included), with the keys the file sets as written (paths as written
+/// do not change with the working directory).
 fn train_settings_snapshot(p: &Plan) -> BTreeMap<String, serde_json::Value> {
-    fn flatten(prefix: &str, v: &toml::Value, out: &mut BTreeMap<String, serde_json::Value>) {
+    fn flatten(prefix: &str, v: &serde_json::Value, out: &mut BTreeMap<String, serde_json::Value>) {
         match v {
-            toml::Value::Table(t) => t.iter().for_each(|(k, v)| flatten(&format!("{prefix}.{k}"), v, out)),
+            serde_json::Value::Object(t) => t.iter().for_each(|(k, v)| flatten(&format!("{prefix}.{k}"), v, out)),
             other => {
-                out.insert(prefix.to_string(), serde_json::to_value(other).unwrap_or_default());
+                out.insert(prefix.to_string(), other.clone());
             }
         }
     }
+    let typed = serde_json::to_value(p.pipeline()).unwrap_or_default();
+    let written = serde_json::to_value(&p.loaded.resolved).unwrap_or_default();
     let mut out = BTreeMap::new();
     for table in ["model", "dataset", "preprocess", "adapter", "optimizer", "train"] {
-        if let Some(v) = p.table(table) {
-            flatten(table, v, &mut out);
+        for source in [&typed, &written] {
+            if let Some(v) = source.get(table) {
+                flatten(table, v, &mut out);
+            }
         }
+    }
+    // Without a seed in the file every run draws its own: not a change of the run's settings.
+    if written.get("train").and_then(|t| t.get("seed")).is_none() {
+        out.remove("train.seed");
     }
     out.insert("model files".into(), p.fingerprint("model").into());
     out.insert("dataset files".into(), p.fingerprint("dataset").into());
