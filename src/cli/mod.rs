@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 pub mod bench;
+pub mod cache;
 pub mod convert;
 pub mod generate;
 pub mod inspect;
@@ -54,6 +55,8 @@ pub enum Command {
     Bench(bench::Args),
     /// Run a pipeline and rerun it on every edit, from the first stage whose inputs changed.
     Watch(watch::Args),
+    /// List or clear the encode cache of a pipeline's output folder.
+    Cache(cache::Args),
 }
 
 /// How log lines are written.
@@ -118,6 +121,7 @@ pub fn main() -> ExitCode {
         Command::Convert(a) => convert::run(a),
         Command::Watch(a) => watch::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Cache(a) => cache::run(a),
     };
     match result {
         Ok(code) => code,

@@ -15,6 +15,9 @@ pub struct Args {
     /// As `lora run --force` would: every stage runs.
     #[arg(long)]
     pub force: bool,
+    /// As `lora run --no-cache` would: no encode stage.
+    #[arg(long)]
+    pub no_cache: bool,
     /// Print the plan as one JSON object (stages, status, reads, writes).
     #[arg(long)]
     pub json: bool,
@@ -25,7 +28,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Ok(l) => l,
         Err(code) => return Ok(code),
     };
-    let plan = Plan::resolve(&loaded);
+    let mut plan = Plan::resolve(&loaded);
+    plan.no_cache = args.no_cache;
     let lock = Lock::read(&plan.out_dir).unwrap_or_default();
     let stages = describe(&plan, &lock, args.force);
     let out = tidy_path(&plan.out_dir);

@@ -16,12 +16,14 @@ pub struct Plan {
     pub out_dir: PathBuf,
     /// Every stage's fingerprint, by stage name (each folds in its upstream stages' ones).
     pub fingerprints: BTreeMap<&'static str, String>,
+    /// `--no-cache`: the encoders run every step, as the reference does (no encode stage).
+    pub no_cache: bool,
 }
 
 impl Plan {
     /// Resolve `loaded` once: fingerprints in table order, each seeing the upstream ones.
     pub fn resolve(loaded: &LoadedPipeline) -> Self {
-        let mut plan = Self { loaded: loaded.clone(), out_dir: loaded.pipeline.output.dir.clone(), fingerprints: BTreeMap::new() };
+        let mut plan = Self { loaded: loaded.clone(), out_dir: loaded.pipeline.output.dir.clone(), fingerprints: BTreeMap::new(), no_cache: false };
         for stage in STAGES {
             let fp = (stage.fingerprint)(&plan);
             plan.fingerprints.insert(stage.name, fp);

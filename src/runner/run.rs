@@ -36,6 +36,8 @@ pub use super::stages::{Refused, Session};
 pub struct RunOptions {
     /// Rerun every stage even when its fingerprint is unchanged; start training over.
     pub force: bool,
+    /// Encode every step, as the reference does: no encode stage, no encode cache.
+    pub no_cache: bool,
 }
 
 /// What a run did, for the summary.

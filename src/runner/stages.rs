@@ -27,6 +27,7 @@ use crate::adapters::format::{read_lora_file, write_lora_file, LoraFormat, Train
 use crate::adapters::lora::{inject, trained_weights, InitRng, TrainableLora};
 use crate::config::types as cfg;
 use crate::config::{choice_name, tidy_path};
+use crate::data::cache::EncodeCache;
 use crate::data::{self, DataLoader, Dataset};
 use crate::models::StableDiffusion;
 use crate::train::trainer::Trainer;
@@ -83,7 +84,7 @@ pub struct Stage {
     pub run: fn(&mut StageCtx<'_>) -> Result<Ran>,
 }
 
-pub const STAGES: &[Stage] = &[MODEL, DATASET, PREPROCESS, TRAIN, EXPORT, VALIDATE];
+pub const STAGES: &[Stage] = &[MODEL, DATASET, PREPROCESS, ENCODE, TRAIN, EXPORT, VALIDATE];
 
 /// A refusal the user can resolve (exit code 2): e.g. resuming with changed settings.
 #[derive(Debug, thiserror::Error)]
@@ -239,6 +240,7 @@ pub fn run_plan(plan: &Plan, session: &mut Session, opts: &RunOptions, stop: Arc
     let started = Instant::now();
     let mut plan = plan.clone();
     plan.pick_seed();
+    plan.no_cache = opts.no_cache;
     let dir = plan.out_dir.clone();
     session.hold(&dir)?;
     let mut lock = Lock::read(&dir)?;
@@ -449,6 +451,125 @@ const PREPROCESS: Stage = Stage {
 };
 
 // ---------------------------------------------------------------------------------------------
+// encode
+
+/// The encode cache folder, relative to the output folder.
+pub const CACHE_DIR: &str = "cache/encode";
+
+/// Whether the VAE latents can be cached: every preprocessing variant of an image is one exact
+/// input (center crop; with random flip, both flips). A random crop is encoded every step.
+fn caches_latents(p: &Plan) -> bool {
+    matches!(p.pipeline().preprocess.crop(), cfg::Crop::Center)
+}
+
+/// Whether the text-encoder outputs can be cached: the text encoder is not trained.
+fn caches_text(p: &Plan) -> bool {
+    !p.pipeline().adapter.text_encoder
+}
+
+const ENCODE: Stage = Stage {
+    name: "encode",
+    depends_on: &["model", "preprocess"],
+    needs: &["model", "preprocess"],
+    tracked: true,
+    off: |p| {
+        if p.no_cache {
+            Some("--no-cache: the encoders run every step")
+        } else if !caches_latents(p) && !caches_text(p) {
+            Some("random crop and a trained text encoder: the encoders run every step")
+        } else {
+            None
+        }
+    },
+    fingerprint: |p| {
+        Fingerprint::new("encode")
+            .add("model", p.fingerprint("model"))
+            .add("preprocess", p.fingerprint("preprocess"))
+            .add("latents", &caches_latents(p).to_string())
+            .add("text", &caches_text(p).to_string())
+            .finish()
+    },
+    reads: nothing,
+    outputs: |_| vec![out(format!("{CACHE_DIR}/"), "VAE latent distributions and text embeddings, checksummed, keyed by model and input", true)],
+    describe: |p| {
+        let latents = match (caches_latents(p), p.pipeline().preprocess.random_flip) {
+            (true, true) => "VAE latent distribution (mean, std) of every image, flipped and not",
+            (true, false) => "VAE latent distribution (mean, std) of every image",
+            (false, _) => "no latents (random crop: encoded every step)",
+        };
+        let text = if caches_text(p) { "text-encoder output of every caption" } else { "no text (the text encoder trains)" };
+        format!("cache on disk: {latents}; {text}")
+    },
+    run: run_encode,
+};
+
+fn encode_cache(p: &Plan) -> Arc<EncodeCache> {
+    Arc::new(EncodeCache::new(&p.out_dir.join(CACHE_DIR), p.fingerprint("model")))
+}
+
+fn run_encode(ctx: &mut StageCtx<'_>) -> Result<Ran> {
+    let plan = ctx.plan;
+    let cache = encode_cache(plan);
+    std::fs::create_dir_all(cache.dir()).with_context(|| format!("creating {}", cache.dir().display()))?;
+    let device = ctx.device.clone().context("the model stage runs before encode")?;
+    let loader = ctx.loader.as_ref().context("the preprocess stage runs before encode")?;
+    let (_, sd) = ctx.session.model.as_ref().context("the model stage runs before encode")?;
+    let opts = loader_options(plan.pipeline());
+    let dataset = loader.dataset();
+    let flips: &[bool] = if opts.preprocess.flip_p > 0.0 { &[false, true] } else { &[false] };
+    let bar = indicatif::ProgressBar::new(dataset.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} encode [{bar:30}] {pos}/{len} {per_sec} ETA {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let (mut new_latents, mut new_texts) = (0usize, 0usize);
+    for example in &dataset.examples {
+        if caches_latents(plan) {
+            let image = data::decode::decode_example(example, &opts.decode).map_err(|e| anyhow::anyhow!("{e}"))?;
+            for &flip in flips {
+                // Exactly the loader's pixels for this variant: a center crop draws nothing,
+                // and flip_p 0 / 1 fixes the flip.
+                let pre = data::PreprocessOptions { flip_p: if flip { 1.0 } else { 0.0 }, ..opts.preprocess.clone() };
+                let mut rng = <InitRng as rand::SeedableRng>::seed_from_u64(0);
+                let pixels = data::transform::preprocess(&image, &pre, &mut rng)?;
+                let res = pre.resolution as usize;
+                let px = candle_core::Tensor::from_vec(pixels, (1, 3, res, res), &Device::Cpu)?;
+                let key = cache.latent_key(&px.get(0)?)?;
+                if cache.get(&key, &device)?.is_none() {
+                    let dist = sd.vae.encode(&px.to_device(&device)?)?;
+                    cache.put(&key, &[&dist.mean.get(0)?, &dist.std()?.get(0)?])?;
+                    new_latents += 1;
+                }
+            }
+        }
+        if caches_text(plan) {
+            let captions: Vec<&String> = match &example.caption {
+                data::Caption::One(s) => vec![s],
+                data::Caption::Choices(list) => list.iter().collect(),
+            };
+            for c in captions {
+                let key = cache.text_key(c);
+                if cache.get(&key, &device)?.is_none() {
+                    let ids = sd.tokenizer.encode_batch(&[c.as_str()], &device)?;
+                    let hidden = sd.text_encoder.forward(&ids)?;
+                    cache.put(&key, &[&hidden.get(0)?])?;
+                    new_texts += 1;
+                }
+            }
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let reused = cache.hits.load(std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(
+        "encode: {new_latents} latent distribution(s) and {new_texts} text embedding(s) encoded, {reused} reused from {}",
+        tidy_path(cache.dir()).display()
+    );
+    Ok(Ran::done())
+}
+
+// ---------------------------------------------------------------------------------------------
 // train
 
 const TRAIN: Stage = Stage {
@@ -623,6 +744,9 @@ fn run_train(ctx: &mut StageCtx<'_>) -> Result<Ran> {
     let out_dir = plan.out_dir.clone();
     let snapshot = train_settings_snapshot(plan);
     let mut settings = train_settings(&plan.loaded);
+    if plan.no_cache {
+        settings.cache_encodings = false;
+    }
     let explicit_resume = settings.resume_from_checkpoint.is_some();
     if !explicit_resume {
         if resume_decision(ctx, &snapshot)? {
@@ -662,6 +786,11 @@ fn run_train(ctx: &mut StageCtx<'_>) -> Result<Ran> {
     let sd_ref: &StableDiffusion = sd;
     let mut trainer = Trainer::new(sd_ref, params, settings)?;
     trainer.stop = ctx.stop.clone();
+    let cache = (!plan.no_cache).then(|| encode_cache(plan));
+    if let Some(cache) = &cache {
+        trainer.latent_cache_disk = caches_latents(plan).then(|| cache.clone());
+        trainer.text_cache_disk = caches_text(plan).then(|| cache.clone());
+    }
     let mut bar: Option<indicatif::ProgressBar> = None;
     let mut last_log = Instant::now();
     // Validation while training, as the reference: at the end of every `every_epochs`-th epoch
@@ -704,6 +833,16 @@ fn run_train(ctx: &mut StageCtx<'_>) -> Result<Ran> {
         b.finish_and_clear();
     }
     drop(trainer);
+    if let Some(cache) = &cache {
+        let load = |a: &std::sync::atomic::AtomicUsize| a.load(std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(
+            "train: encode cache {}: {} served, {} encoded and stored, {} damaged entries rebuilt",
+            tidy_path(cache.dir()).display(),
+            load(&cache.hits),
+            load(&cache.misses),
+            load(&cache.rebuilt)
+        );
+    }
     let weights = trained_weights(&unet_loras, &te_loras)?;
     write_lora_file(&weights, &out_dir.join(TRAINED_FILE), LoraFormat::Peft)?;
     let mut details = BTreeMap::new();
@@ -874,7 +1013,7 @@ pub fn validation_files(p: &cfg::Pipeline) -> Vec<String> {
 /// `true` when `path` (relative, `/`-separated) is what `pattern` announces (`<...>` matches any
 /// run of characters within one path segment).
 pub fn matches_output(pattern: &str, path: &str) -> bool {
-    let p_segs: Vec<&str> = pattern.split('/').collect();
+    let p_segs: Vec<&str> = pattern.trim_end_matches('/').split('/').collect();
     let segs: Vec<&str> = path.split('/').collect();
     if p_segs.len() > segs.len() {
         return false;
@@ -924,6 +1063,7 @@ mod tests {
         assert!(matches_output("validation/step-<step>/<...>.png", "validation/step-3/prompt0-1.png"));
         assert!(!matches_output("validation/step-<step>/<...>.png", "validation/prompt0-1.png"));
         assert!(matches_output("metrics.jsonl", "metrics.jsonl"));
+        assert!(matches_output("cache/encode/", "cache/encode/ab/abc.enc"));
         assert!(!matches_output("metrics.jsonl", "metrics.json"));
     }
 
