@@ -1,4 +1,4 @@
-//! A full disk during a run (a real one: a 2 MiB tmpfs, mounted when the test may mount, i.e.
+//! A full disk during a run (a real one: a 4 MiB tmpfs, mounted when the test may mount, i.e.
 //! runs as root): the error names the path, the previous checkpoint and adapter stay intact,
 //! no temporary file or folder is left, and once there is room the same pipeline resumes to the
 //! uninterrupted run's weights.
@@ -25,6 +25,7 @@ fn run(out: &Path, stop_at_once: bool) -> anyhow::Result<RunReport> {
         "train.max_steps=3".into(),
         "train.batch_size=2".into(),
         "checkpoints.every_steps=1".into(),
+        "checkpoints.total_limit=2".into(),
         format!("output.dir={:?}", out.display().to_string()),
     ];
     let loaded = load_pipeline(&pipeline, &overrides).unwrap_or_else(|d| panic!("{}", d.render()));
@@ -53,7 +54,7 @@ fn tree(dir: &Path, out: &mut Vec<(String, Vec<u8>)>) {
 #[test]
 fn a_full_disk_leaves_the_previous_checkpoint_and_adapter_intact() {
     let mnt = tempfile::tempdir().unwrap();
-    let ok = Command::new("mount").args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"]).arg(mnt.path()).status().is_ok_and(|s| s.success());
+    let ok = Command::new("mount").args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"]).arg(mnt.path()).status().is_ok_and(|s| s.success());
     if !ok {
         eprintln!("SKIPPED: cannot mount a tmpfs here (needs root); the full-disk behaviour is untested in this run");
         return;

@@ -266,7 +266,8 @@ pub(crate) fn validation_file_name(prompt: usize, image: usize) -> String {
 
 pub(crate) fn validation_images(sd: &StableDiffusion, p: &Pipeline, dir: &Path, device: &Device) -> Result<Vec<PathBuf>> {
     let sampler = match p.validation.scheduler {
-        cfg::ValidationScheduler::Model | cfg::ValidationScheduler::Pndm => SamplerKind::Pndm,
+        cfg::ValidationScheduler::Model => model_sampler(sd.scheduler.class_name.as_deref())?,
+        cfg::ValidationScheduler::Pndm => SamplerKind::Pndm,
         cfg::ValidationScheduler::Ddim => SamplerKind::Ddim,
         cfg::ValidationScheduler::Euler => SamplerKind::Euler,
     };
@@ -293,6 +294,23 @@ pub(crate) fn validation_images(sd: &StableDiffusion, p: &Pipeline, dir: &Path, 
         }
     }
     Ok(files)
+}
+
+/// The sampler of the model's own `scheduler_config.json` (`validation.scheduler = "model"`).
+pub(crate) fn model_sampler(class_name: Option<&str>) -> Result<SamplerKind> {
+    Ok(match class_name {
+        Some("PNDMScheduler") => SamplerKind::Pndm,
+        Some("DDIMScheduler") => SamplerKind::Ddim,
+        Some("EulerDiscreteScheduler") => SamplerKind::Euler,
+        Some("EulerAncestralDiscreteScheduler") => SamplerKind::EulerAncestral,
+        Some("DPMSolverMultistepScheduler") => SamplerKind::DpmPP2M,
+        Some(other) => bail!(
+            "validation.scheduler = \"model\": the model's scheduler_config.json names {other}, which lora does not sample with; set validation.scheduler to \"pndm\", \"ddim\" or \"euler\""
+        ),
+        None => bail!(
+            "validation.scheduler = \"model\": the model's scheduler_config.json has no `_class_name`; set validation.scheduler to \"pndm\", \"ddim\" or \"euler\""
+        ),
+    })
 }
 
 /// What `lora bench` needs back.
@@ -324,4 +342,19 @@ pub fn bench_pipeline(loaded: &LoadedPipeline, no_cache: bool, on_update: &mut d
     let train_started = Instant::now();
     trainer.train(&LoaderSource(loader, p.train.batch_size as usize), Some(on_update))?;
     Ok(BenchReport { train_started, device_is_cpu: device.is_cpu() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_scheduler_class_picks_the_sampler() {
+        assert_eq!(model_sampler(Some("PNDMScheduler")).unwrap(), SamplerKind::Pndm);
+        assert_eq!(model_sampler(Some("DDIMScheduler")).unwrap(), SamplerKind::Ddim);
+        assert_eq!(model_sampler(Some("EulerDiscreteScheduler")).unwrap(), SamplerKind::Euler);
+        let err = model_sampler(Some("DDPMScheduler")).unwrap_err().to_string();
+        assert!(err.contains("DDPMScheduler") && err.contains("validation.scheduler"), "{err}");
+        assert!(model_sampler(None).is_err());
+    }
 }
