@@ -227,12 +227,12 @@ fn plan_lists_the_stages_in_order_with_their_inputs_and_outputs() {
     let out = Command::cargo_bin("lora").unwrap().current_dir(root()).args(["plan", "pipelines/tiny.toml"]).output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
-    let order: Vec<usize> = ["1. model", "2. dataset", "3. preprocess", "4. train", "5. export"]
+    let order: Vec<usize> = ["1. model", "2. dataset", "3. preprocess", "4. encode", "5. train", "6. export", "7. validate"]
         .iter()
         .map(|s| text.find(s).unwrap_or_else(|| panic!("`{s}` missing from the plan:\n{text}")))
         .collect();
     assert!(order.windows(2).all(|w| w[0] < w[1]), "stages out of order:\n{text}");
-    for expected in ["reads    tests/fixtures/tiny-sd", "reads    tests/fixtures/datasets/shapes-parquet", "writes   runs/tiny/pytorch_lora_weights.safetensors", "writes   runs/tiny/checkpoint-<step> every 10 steps"] {
+    for expected in ["reads    tests/fixtures/tiny-sd", "reads    tests/fixtures/datasets/shapes-parquet", "writes   runs/tiny/pytorch_lora_weights.safetensors", "writes   runs/tiny/checkpoint-30", "writes   runs/tiny/cache/encode/"] {
         assert!(text.contains(expected), "`{expected}` missing from the plan:\n{text}");
     }
     let bad = Command::cargo_bin("lora").unwrap().current_dir(root().join("tests/broken")).args(["plan", "rank-zero.toml"]).output().unwrap();

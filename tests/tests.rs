@@ -35,3 +35,6 @@ mod train_precision;
 mod train_checkpointing;
 mod loading_single_file;
 mod run_single_file;
+mod runner_full_disk;
+mod runner_kill;
+mod runner_stages;

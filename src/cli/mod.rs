@@ -1,12 +1,14 @@
 //! The command line: one file per command; this file only parses and dispatches.
 //!
-//! Exit codes: 0 ok, 1 the run failed, 2 the input is invalid.
+//! Exit codes: 0 ok, 1 the run failed, 2 the input is invalid or the run was refused (busy output
+//! folder, resume with changed settings), 130 interrupted.
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
 pub mod bench;
+pub mod cache;
 pub mod convert;
 pub mod generate;
 pub mod inspect;
@@ -53,6 +55,8 @@ pub enum Command {
     Bench(bench::Args),
     /// Run a pipeline and rerun it on every edit, from the first stage whose inputs changed.
     Watch(watch::Args),
+    /// List or clear the encode cache of a pipeline's output folder.
+    Cache(cache::Args),
 }
 
 /// How log lines are written.
@@ -117,12 +121,15 @@ pub fn main() -> ExitCode {
         Command::Convert(a) => convert::run(a),
         Command::Watch(a) => watch::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Cache(a) => cache::run(a),
     };
     match result {
         Ok(code) => code,
         Err(err) => {
             eprintln!("error: {err:#}");
-            ExitCode::from(EXIT_FAILED)
+            // A busy output folder or a refused resume is the user's to resolve, not a failure.
+            let refused = err.chain().any(|e| e.is::<crate::runner::run_dir::FolderBusy>() || e.is::<crate::runner::stages::Refused>());
+            ExitCode::from(if refused { EXIT_INVALID } else { EXIT_FAILED })
         }
     }
 }

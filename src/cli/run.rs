@@ -1,5 +1,5 @@
-//! `lora run`: validate a pipeline, then run its stages (model, dataset, train, export,
-//! validation), skipping the ones whose inputs did not change since the last run.
+//! `lora run`: validate a pipeline, then walk the stage table (model, dataset, preprocess, train,
+//! export, validate), skipping the stages whose inputs did not change since the last run.
 
 use std::process::ExitCode;
 
@@ -16,11 +16,15 @@ pub struct Args {
     /// then stop: no model is loaded, nothing is written.
     #[arg(long)]
     pub dry_run: bool,
+    /// Run the VAE and text encoder every step, as the reference does (no encode stage, no
+    /// encode cache).
+    #[arg(long)]
+    pub no_cache: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if args.dry_run {
-        return super::plan::run(super::plan::Args { pipeline: args.pipeline });
+        return super::plan::run(super::plan::Args { pipeline: args.pipeline, force: args.force, no_cache: args.no_cache, json: false });
     }
     let loaded = match args.pipeline.load(&[]) {
         Ok(l) => l,
@@ -28,7 +32,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     let stop = crate::util::interrupt::flag();
     let mut session = Session::default();
-    let report = run_pipeline(&loaded, &mut session, &RunOptions { force: args.force }, stop)?;
+    let report = run_pipeline(&loaded, &mut session, &RunOptions { force: args.force, no_cache: args.no_cache }, stop)?;
     print_summary(&report);
     if report.train.as_ref().is_some_and(|t| t.interrupted) {
         return Ok(ExitCode::from(130));
@@ -39,6 +43,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 /// The end-of-run summary on stdout.
 pub fn print_summary(report: &RunReport) {
     println!("summary");
+    let stages: Vec<String> = report.stages.iter().map(|(name, st)| format!("{name} ({})", st.done_label())).collect();
+    println!("  stages     {}", stages.join(", "));
     println!("  examples   {} ({} bad image(s) skipped)", report.examples, report.skipped_images);
     match &report.train {
         Some(t) => {

@@ -15,6 +15,11 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let stop = crate::util::interrupt::flag();
     let mut session = Session::default();
+    // Hold the output folder for the whole watch, so a second `lora run` or `lora watch` on it
+    // is refused at once (exit 2) rather than between runs.
+    if let Ok(loaded) = args.pipeline.load(&[]) {
+        session.hold(&loaded.pipeline.output.dir)?;
+    }
     let watched_cell = std::cell::RefCell::new(vec![args.pipeline.file.clone()]);
     let mut run_once = || -> anyhow::Result<()> {
         match args.pipeline.load(&[]) {

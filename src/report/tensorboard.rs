@@ -121,6 +121,97 @@ impl EventWriter {
     }
 }
 
+/// The records of an event file that frame and checksum correctly, up to the first that does
+/// not (a record a killed run half wrote).
+fn read_records(bytes: &[u8]) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos + 12 <= bytes.len() {
+        let len_bytes = &bytes[pos..pos + 8];
+        let len = u64::from_le_bytes(len_bytes.try_into().expect("8 bytes")) as usize;
+        if u32::from_le_bytes(bytes[pos + 8..pos + 12].try_into().expect("4 bytes")) != masked_crc(len_bytes) {
+            break;
+        }
+        let Some(end) = (pos + 12).checked_add(len).filter(|e| e + 4 <= bytes.len()) else { break };
+        let data = &bytes[pos + 12..end];
+        if u32::from_le_bytes(bytes[end..end + 4].try_into().expect("4 bytes")) != masked_crc(data) {
+            break;
+        }
+        out.push(data);
+        pos = end + 4;
+    }
+    out
+}
+
+fn read_varint(data: &[u8], pos: &mut usize) -> Option<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let b = *data.get(*pos)?;
+        *pos += 1;
+        v |= ((b & 0x7f) as u64) << shift;
+        if b & 0x80 == 0 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// `(step, is_summary)` of an `Event` payload.
+fn event_step(data: &[u8]) -> Option<(u64, bool)> {
+    let (mut pos, mut step, mut summary) = (0, 0, false);
+    while pos < data.len() {
+        let key = read_varint(data, &mut pos)?;
+        match key & 7 {
+            0 => {
+                let v = read_varint(data, &mut pos)?;
+                if key >> 3 == 2 {
+                    step = v;
+                }
+            }
+            1 => pos += 8,
+            5 => pos += 4,
+            2 => {
+                let len = read_varint(data, &mut pos)? as usize;
+                summary |= key >> 3 == 5;
+                pos += len;
+            }
+            _ => return None,
+        }
+    }
+    Some((step, summary))
+}
+
+/// Drop from every event file in `dir` the summaries past `step` (and damaged trailing
+/// records), so a resumed run logs every step once; files left with no summary are removed.
+pub fn keep_steps_up_to(dir: &Path, step: u64) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(()) };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if !entry.file_name().to_string_lossy().starts_with("events.out.tfevents.") {
+            continue;
+        }
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let records = read_records(&bytes);
+        let kept: Vec<&[u8]> = records.iter().copied().filter(|r| event_step(r).is_some_and(|(s, summary)| !summary || s <= step)).collect();
+        if !kept.iter().any(|r| event_step(r).is_some_and(|(_, summary)| summary)) {
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            continue;
+        }
+        let mut out = Vec::with_capacity(bytes.len());
+        for data in kept {
+            let len = (data.len() as u64).to_le_bytes();
+            out.extend_from_slice(&len);
+            out.extend_from_slice(&masked_crc(&len).to_le_bytes());
+            out.extend_from_slice(data);
+            out.extend_from_slice(&masked_crc(data).to_le_bytes());
+        }
+        if out != bytes {
+            crate::util::fs::write_atomic(&path, &out).with_context(|| format!("writing {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,5 +248,27 @@ mod tests {
         // tag, then key 0x15 (field 2, fixed32) and the f32 value.
         assert_eq!(payloads[1][tag_at + 10], 0x15);
         assert_eq!(&payloads[1][tag_at + 11..tag_at + 15], &0.5f32.to_le_bytes());
+    }
+
+    /// After a resume from step 2 the file holds steps 1 and 2 once; a half-written record is
+    /// dropped; a file left without summaries is removed.
+    #[test]
+    fn keep_steps_up_to_trims_past_steps() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = EventWriter::create(dir.path()).unwrap();
+        for s in 1..=4 {
+            w.scalars(s, &[("train_loss", s as f64)]).unwrap();
+        }
+        let path = w.path.clone();
+        drop(w);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes.extend_from_slice(&[7, 0, 0]);
+        std::fs::write(&path, &bytes).unwrap();
+        keep_steps_up_to(dir.path(), 2).unwrap();
+        let back = std::fs::read(&path).unwrap();
+        let steps: Vec<(u64, bool)> = read_records(&back).iter().map(|r| event_step(r).unwrap()).collect();
+        assert_eq!(steps, vec![(0, false), (1, true), (2, true)]);
+        keep_steps_up_to(dir.path(), 0).unwrap();
+        assert!(!path.exists());
     }
 }

@@ -11,12 +11,21 @@ use sha2::{Digest, Sha256};
 
 pub const LOCK_FILE: &str = "lora.lock";
 
+/// Bumped whenever a change to `lora` alters what a stage produces (numerics, file layout), so a
+/// fixed binary never calls a result of an older one up to date. Part of every fingerprint.
+pub const RESULT_VERSION: u32 = 2;
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct StageRecord {
     pub fingerprint: String,
     /// Files the stage wrote (relative to the output directory).
     #[serde(default)]
     pub outputs: Vec<String>,
+    /// What a later run needs to know about this result: for the in-progress train mark, the
+    /// settings it runs with (dotted keys), to say what changed before resuming; for a finished
+    /// train stage, the example count and step count the export metadata states.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub details: BTreeMap<String, serde_json::Value>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -56,7 +65,11 @@ impl Lock {
     }
 
     pub fn record(&mut self, stage: &str, fingerprint: &str, outputs: Vec<String>) {
-        self.stages.insert(stage.to_string(), StageRecord { fingerprint: fingerprint.to_string(), outputs });
+        self.record_with(stage, fingerprint, outputs, BTreeMap::new());
+    }
+
+    pub fn record_with(&mut self, stage: &str, fingerprint: &str, outputs: Vec<String>, details: BTreeMap<String, serde_json::Value>) {
+        self.stages.insert(stage.to_string(), StageRecord { fingerprint: fingerprint.to_string(), outputs, details });
     }
 }
 
@@ -67,7 +80,7 @@ pub struct Fingerprint(Sha256);
 impl Fingerprint {
     pub fn new(stage: &str) -> Self {
         let mut f = Self(Sha256::new());
-        f.add("stage", stage);
+        f.add("stage", stage).add("result_version", &RESULT_VERSION.to_string());
         f
     }
 
@@ -92,7 +105,9 @@ impl Fingerprint {
         collect_files(path, &mut entries);
         entries.sort();
         for (p, len, mtime) in entries {
-            self.add(label, &format!("{}|{len}|{mtime}", p.display()));
+            // Relative to `path`, so the fingerprint does not depend on the working directory.
+            let rel = p.strip_prefix(path).unwrap_or(&p);
+            self.add(label, &format!("{}|{len}|{mtime}", rel.display()));
         }
         self
     }

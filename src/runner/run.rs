@@ -1,6 +1,6 @@
-//! `lora run`: the stages of a pipeline in order — model, dataset, train, export, validation —
-//! each with a fingerprint in `<output>/lora.lock`, so a rerun (or watch mode) skips what is up
-//! to date and a [`Session`] keeps the loaded model and dataset between runs.
+//! `lora run`: the conversions from the typed pipeline to what the stages call (device, data
+//! spec, LoRA spec, trainer settings, validation images), and the entry points `run_pipeline`
+//! and `bench_pipeline` that walk the stage table (`runner::stages`).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -10,12 +10,11 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 
-use super::lock::{Fingerprint, Lock};
-use crate::adapters::format::{write_lora_file, LoraFormat, TrainingInfo};
-use crate::adapters::lora::{inject, trained_weights, InitRng, LoraInit, LoraSpec, TrainableLora};
+use super::lock::Fingerprint;
+use crate::adapters::lora::{inject, InitRng, LoraInit, LoraSpec, TrainableLora};
 use crate::config::types::{self as cfg, Pipeline};
 use crate::config::LoadedPipeline;
-use crate::data::{self, DataLoader, Dataset, LoaderOptions};
+use crate::data::{self, DataLoader, LoaderOptions};
 use crate::models::{LoadOptions, StableDiffusion};
 use crate::schedulers::pipeline::{generate, save_png, to_rgb8, GenerateOptions};
 use crate::schedulers::SamplerKind;
@@ -29,22 +28,17 @@ use crate::train::trainer::{BatchSource, TrainBatch, TrainOutcome, TrainSettings
 /// The diffusers-form adapter file, as the reference names it.
 pub const DIFFUSERS_FILE: &str = "pytorch_lora_weights.safetensors";
 /// The kohya-form adapter file (A1111, ComfyUI).
-pub const KOHYA_FILE: &str = "pytorch_lora_weights.kohya.safetensors";
+pub const KOHYA_FILE: &str = "pytorch_lora_weights_kohya.safetensors";
 
-/// Lock entry of a training run that was interrupted (its checkpoint is resumed next time).
-const PARTIAL: &str = "train.partial";
-
-/// What stays loaded between runs of watch mode.
-#[derive(Default)]
-pub struct Session {
-    model: Option<(String, StableDiffusion)>,
-    dataset: Option<(String, Arc<Dataset>, usize)>,
-}
+pub use super::plan::Plan;
+pub use super::stages::{Refused, Session};
 
 #[derive(Clone, Debug, Default)]
 pub struct RunOptions {
-    /// Rerun every stage even when its fingerprint is unchanged.
+    /// Rerun every stage even when its fingerprint is unchanged; start training over.
     pub force: bool,
+    /// Encode every step, as the reference does: no encode stage, no encode cache.
+    pub no_cache: bool,
 }
 
 /// What a run did, for the summary.
@@ -56,42 +50,8 @@ pub struct RunReport {
     pub skipped_images: usize,
     pub examples: usize,
     pub seconds: f64,
-}
-
-/// The stage names, in order.
-pub const STAGES: &[&str] = &["model", "dataset", "train", "export", "validate"];
-
-/// Fingerprints of every stage of a loaded pipeline (model and dataset include file sizes and
-/// modification times of local inputs).
-pub fn fingerprints(loaded: &LoadedPipeline) -> Vec<(&'static str, String)> {
-    let t = &loaded.resolved;
-    let p = &loaded.pipeline;
-    let mut model = Fingerprint::new("model");
-    model.add_toml("model", t.get("model"));
-    for path in [&p.model.path, &p.model.file, &p.model.vae, &p.model.config].into_iter().flatten() {
-        model.add_files("files", path);
-    }
-    let model = model.finish();
-    let mut dataset = Fingerprint::new("dataset");
-    dataset.add_toml("dataset", t.get("dataset")).add_toml("preprocess", t.get("preprocess"));
-    if let Some(path) = &p.dataset.path {
-        dataset.add_files("files", path);
-    }
-    let dataset = dataset.finish();
-    let train = Fingerprint::new("train")
-        .add("model", &model)
-        .add("dataset", &dataset)
-        .add_toml("adapter", t.get("adapter"))
-        .add_toml("optimizer", t.get("optimizer"))
-        .add_toml("train", t.get("train"))
-        .finish();
-    let export = Fingerprint::new("export").add("train", &train).add_toml("output", t.get("output").and_then(|o| o.get("formats"))).finish();
-    let validate = Fingerprint::new("validate").add("train", &train).add_toml("validation", t.get("validation")).finish();
-    vec![("model", model), ("dataset", dataset), ("train", train), ("export", export), ("validate", validate)]
-}
-
-fn fp<'a>(fps: &'a [(&'static str, String)], stage: &str) -> &'a str {
-    &fps.iter().find(|(s, _)| *s == stage).expect("every stage has a fingerprint").1
+    /// Every stage of the table in order, with what this run did with it.
+    pub stages: Vec<(&'static str, super::stages::Status)>,
 }
 
 /// The device a pipeline asks for (logged; see `crate::device`).
@@ -118,7 +78,7 @@ pub fn weight_dtype(precision: cfg::Precision, device: &Device) -> Result<DType>
     Ok(dtype)
 }
 
-fn model_source(p: &Pipeline) -> Result<String> {
+pub(crate) fn model_source(p: &Pipeline) -> Result<String> {
     match (&p.model.id, &p.model.path) {
         _ if p.model.file.is_some() => Ok(p.model.file.as_ref().map(|f| f.display().to_string()).unwrap_or_default()),
         (_, Some(path)) => Ok(path.display().to_string()),
@@ -127,7 +87,7 @@ fn model_source(p: &Pipeline) -> Result<String> {
     }
 }
 
-fn source_spec(p: &Pipeline) -> Result<data::SourceSpec> {
+pub(crate) fn source_spec(p: &Pipeline) -> Result<data::SourceSpec> {
     let path = || p.dataset.path.clone().context("[dataset] needs `path` for this kind");
     Ok(match p.dataset.kind {
         cfg::DatasetKind::Parquet => data::SourceSpec::Parquet { path: path()? },
@@ -150,7 +110,7 @@ fn interpolation(i: cfg::Interpolation) -> data::Interpolation {
     data::Interpolation::from_name(&name).unwrap_or(data::Interpolation::Lanczos)
 }
 
-fn loader_options(p: &Pipeline) -> LoaderOptions {
+pub(crate) fn loader_options(p: &Pipeline) -> LoaderOptions {
     let pre = &p.preprocess;
     LoaderOptions {
         batch_size: p.train.batch_size as usize,
@@ -170,7 +130,7 @@ fn loader_options(p: &Pipeline) -> LoaderOptions {
     }
 }
 
-fn lora_spec(a: &cfg::AdapterConfig, targets: &[String]) -> LoraSpec {
+pub(crate) fn lora_spec(a: &cfg::AdapterConfig, targets: &[String]) -> LoraSpec {
     LoraSpec {
         targets: targets.to_vec(),
         rank: a.rank as usize,
@@ -243,12 +203,12 @@ pub fn pipeline_sha256(loaded: &LoadedPipeline) -> String {
     Fingerprint::new("pipeline").add("toml", &resolved_toml(loaded)).finish()
 }
 
-fn resolved_toml(loaded: &LoadedPipeline) -> String {
+pub(crate) fn resolved_toml(loaded: &LoadedPipeline) -> String {
     toml::to_string(&loaded.resolved).unwrap_or_default()
 }
 
 /// Load the pipeline's model on `device` in `dtype`.
-fn load_model(p: &Pipeline, device: &Device, dtype: DType) -> Result<StableDiffusion> {
+pub(crate) fn load_model(p: &Pipeline, device: &Device, dtype: DType) -> Result<StableDiffusion> {
     let source = model_source(p)?;
     tracing::info!("model: loading {source}");
     let load_opts = LoadOptions::from_config(&p.model);
@@ -256,7 +216,7 @@ fn load_model(p: &Pipeline, device: &Device, dtype: DType) -> Result<StableDiffu
 }
 
 /// Column names, subset size and seed of the dataset stage.
-fn source_options(p: &Pipeline) -> data::SourceOptions {
+pub(crate) fn source_options(p: &Pipeline) -> data::SourceOptions {
     data::SourceOptions {
         image_column: p.dataset.image_column.clone(),
         caption_column: p.dataset.caption_column.clone(),
@@ -267,7 +227,7 @@ fn source_options(p: &Pipeline) -> data::SourceOptions {
 
 /// The trainable tensors of injected branches under their checkpoint names
 /// (`<prefix>.<module>.lora_A.weight` / `lora_B`, PEFT's names as the reference saves them).
-fn named_params(prefix: &str, loras: &[TrainableLora]) -> Vec<NamedVar> {
+pub(crate) fn named_params(prefix: &str, loras: &[TrainableLora]) -> Vec<NamedVar> {
     loras
         .iter()
         .flat_map(|l| {
@@ -280,7 +240,7 @@ fn named_params(prefix: &str, loras: &[TrainableLora]) -> Vec<NamedVar> {
 }
 
 /// Adapts the data loader to the trainer's [`BatchSource`] (with its batch size).
-struct LoaderSource(DataLoader, usize);
+pub(crate) struct LoaderSource(pub(crate) DataLoader, pub(crate) usize);
 
 impl BatchSource for LoaderSource {
     fn num_examples(&self) -> usize {
@@ -299,230 +259,23 @@ impl BatchSource for LoaderSource {
     }
 }
 
-fn progress_bar(total: usize, start: usize) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(total as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} train [{bar:30}] {pos}/{len} {msg} {per_sec} ETA {eta}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    bar.set_position(start as u64);
-    bar
-}
-
-/// Run every stage of `loaded`. `stop` ends training cleanly (Ctrl-C, or an edit in watch mode).
+/// Run every stage of `loaded` that is not up to date (the stage table in `runner::stages`).
+/// `stop` ends training cleanly (Ctrl-C, or an edit in watch mode).
 pub fn run_pipeline(loaded: &LoadedPipeline, session: &mut Session, opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<RunReport> {
-    let started = Instant::now();
-    let with_seed;
-    let loaded = if loaded.pipeline.train.seed.is_none() {
-        // As the reference without --seed: a fresh seed, logged so the run can be repeated.
-        let mut l = loaded.clone();
-        let seed: u64 = rand::random::<u32>() as u64;
-        tracing::info!("train.seed is not set: using seed {seed} (add `seed = {seed}` to [train] to repeat this run)");
-        l.pipeline.train.seed = Some(seed);
-        with_seed = l;
-        &with_seed
-    } else {
-        loaded
-    };
-    let p = &loaded.pipeline;
-    let out_dir = p.output.dir.clone();
-    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating output directory {}", out_dir.display()))?;
-    let fps = fingerprints(loaded);
-    let mut lock = Lock::read(&out_dir)?;
-    lock.pipeline = loaded.path.display().to_string();
-    let mut report = RunReport::default();
-
-    // model
-    let device = select_device(p.train.device)?;
-    let dtype = weight_dtype(p.train.precision, &device)?;
-    let model_fp = fp(&fps, "model").to_string();
-    if session.model.as_ref().map(|(f, _)| f != &model_fp).unwrap_or(true) || opts.force {
-        session.model = Some((model_fp.clone(), load_model(p, &device, dtype)?));
-    } else {
-        tracing::info!("model: up to date (kept in memory)");
-    }
-
-    // dataset
-    let data_fp = fp(&fps, "dataset").to_string();
-    if session.dataset.as_ref().map(|(f, _, _)| f != &data_fp).unwrap_or(true) || opts.force {
-        let spec = source_spec(p)?;
-        let dataset = data::source::load_source(&spec, &source_options(p))?;
-        let policy = match p.dataset.on_bad_image {
-            cfg::OnBadImage::Error => data::OnBadImage::Error,
-            cfg::OnBadImage::Skip => data::OnBadImage::Skip,
-        };
-        let (dataset, skipped) = data::decode::screen_dataset(dataset, &loader_options(p).decode, policy)?;
-        tracing::info!("dataset: {} examples ({} skipped)", dataset.len(), skipped.len());
-        session.dataset = Some((data_fp.clone(), Arc::new(dataset), skipped.len()));
-    } else {
-        tracing::info!("dataset: up to date (kept in memory)");
-    }
-    let (_, dataset, skipped) = session.dataset.as_ref().expect("dataset stage ran");
-    report.examples = dataset.len();
-    report.skipped_images = *skipped;
-
-    let (_, sd) = session.model.as_mut().expect("model stage ran");
-    // Remove adapters a previous run of this session attached.
-    for l in sd.unet.linears_mut() {
-        l.loras.clear();
-    }
-    for l in sd.text_encoder.linears_mut() {
-        l.loras.clear();
-    }
-
-    let train_fp = fp(&fps, "train").to_string();
-    let diffusers_path = out_dir.join(DIFFUSERS_FILE);
-    if !opts.force && lock.is_fresh(&out_dir, "train", &train_fp) && diffusers_path.exists() {
-        tracing::info!("train: up to date ({} unchanged); use --force to train again", diffusers_path.display());
-        report.skipped_train = true;
-    } else {
-        let mut rng = <InitRng as rand::SeedableRng>::seed_from_u64(p.train.seed.unwrap_or(0));
-        let unet_loras = inject(sd.unet.linears_mut(), &lora_spec(&p.adapter, &p.adapter.target_modules), &mut rng)
-            .context("[adapter] target_modules")?;
-        let te_loras: Vec<TrainableLora> = if p.adapter.text_encoder {
-            inject(sd.text_encoder.linears_mut(), &lora_spec(&p.adapter, &p.adapter.text_encoder_target_modules), &mut rng)
-                .context("[adapter] text_encoder_target_modules")?
-        } else {
-            Vec::new()
-        };
-        let mut params = named_params("unet", &unet_loras);
-        params.extend(named_params("text_encoder", &te_loras));
-        if p.train.precision == cfg::Precision::Fp16 {
-            // The reference creates the LoRA weights in the base layer's dtype and only then
-            // upcasts them (`cast_training_params`): the init is rounded to f16.
-            for nv in &params {
-                nv.var.set(&crate::train::precision::round_through(nv.var.as_tensor(), DType::F16)?)?;
-            }
-        }
-        let n_params: usize = params.iter().map(|p| p.var.elem_count()).sum();
-        tracing::info!("adapter: {} modules, {n_params} trainable parameters", unet_loras.len() + te_loras.len());
-        let loader = DataLoader::new(dataset.clone(), loader_options(p))?;
-        let mut settings = train_settings(loaded);
-        // Measure progress on up to 32 examples with fixed noise, before and after training.
-        settings.eval_batches = 32usize.div_ceil(settings.batch_size).min(loader.batches_per_epoch());
-        if settings.resume_from_checkpoint.is_none() && lock.stages.get(PARTIAL).is_some_and(|r| r.fingerprint == train_fp) {
-            tracing::info!("train: the last run with these settings was interrupted; resuming from its latest checkpoint");
-            settings.resume_from_checkpoint = Some("latest".into());
-        }
-        let sd_ref: &StableDiffusion = sd;
-        let mut trainer = Trainer::new(sd_ref, params, settings)?;
-        trainer.stop = stop.clone();
-        let bar: Option<indicatif::ProgressBar> = None;
-        let mut bar = bar;
-        let mut last_log = Instant::now();
-        // Validation while training, as the reference: at the end of every `every_epochs`-th
-        // epoch (epoch 0 included), and every `every_steps` updates when set.
-        let plan = crate::train::lr::StepPlan::new(
-            dataset.len(),
-            p.train.batch_size as usize,
-            p.train.gradient_accumulation_steps as usize,
-            p.train.epochs as usize,
-            p.train.max_steps.map(|n| n as usize),
-        )?;
-        let validate_at = |step: usize| -> bool {
-            if p.validation.prompts.is_empty() {
-                return false;
-            }
-            let by_steps = p.validation.every_steps.is_some_and(|n| n > 0 && step % n as usize == 0);
-            let epoch_end = step % plan.updates_per_epoch == 0;
-            let epoch = (step / plan.updates_per_epoch).saturating_sub(1);
-            let by_epochs = epoch_end && p.validation.every_epochs > 0 && epoch % p.validation.every_epochs as usize == 0;
-            (by_steps || by_epochs) && step < plan.max_train_steps
-        };
-        let mut on_update = |step: usize, total: usize, loss: f64, lr: f64| {
-            if validate_at(step) {
-                let dir = out_dir.join("validation").join(format!("step-{step}"));
-                match validation_images(sd_ref, p, &dir, &device) {
-                    Ok(files) => tracing::info!("validation: {} image(s) in {}", files.len(), dir.display()),
-                    Err(e) => tracing::warn!("validation at step {step} failed: {e:#}"),
-                }
-            }
-            let b = bar.get_or_insert_with(|| progress_bar(total, step.saturating_sub(1)));
-            b.set_position(step as u64);
-            b.set_message(format!("loss {loss:.4} lr {lr:.2e}"));
-            if b.is_hidden() && (last_log.elapsed().as_secs_f64() > 10.0 || step == total || step == 1) {
-                tracing::info!("step {step}/{total} loss {loss:.4} lr {lr:.2e}");
-                last_log = Instant::now();
-            }
-        };
-        let outcome = trainer.train(&LoaderSource(loader, p.train.batch_size as usize), Some(&mut on_update))?;
-        if let Some(b) = &bar {
-            b.finish_and_clear();
-        }
-        let weights = trained_weights(&unet_loras, &te_loras)?;
-        let info = TrainingInfo {
-            base_model_version: sd.single_file.as_ref().map_or("sd_v1", |r| r.family.base_model_version()).into(),
-            model_name: model_source(p)?,
-            rank: p.adapter.rank as usize,
-            alpha: p.adapter.default_alpha(),
-            learning_rate: p.train.learning_rate,
-            max_train_steps: outcome.max_train_steps as u64,
-            epochs: p.train.epochs,
-            batch_size: p.train.batch_size as usize,
-            resolution: p.preprocess.resolution as usize,
-            seed: p.train.seed,
-            num_train_images: dataset.len(),
-            v_prediction: sd.single_file.as_ref().is_some_and(|r| r.prediction.kind == "v_prediction"),
-            train_text_encoder: p.adapter.text_encoder,
-            pipeline_toml: resolved_toml(loaded),
-            training_started_at: None,
-            training_finished_at: None,
-        };
-        write_lora_file(&weights, &diffusers_path, LoraFormat::Diffusers)?;
-        report.files.push(diffusers_path.clone());
-        if p.output.formats.contains(&cfg::OutputFormat::Kohya) {
-            let kohya = out_dir.join(KOHYA_FILE);
-            let mut w = weights.clone();
-            w.metadata.extend(crate::adapters::format::training_metadata(&info));
-            // A single-file model (and a separate VAE) are named and hashed as kohya does.
-            w.metadata.extend(crate::adapters::kohya_hash::source_file_metadata(p.model.file.as_deref(), p.model.vae.as_deref())?);
-            let bytes = crate::adapters::kohya_hash::with_sshs_hashes(&crate::adapters::format::serialize_lora(&w, LoraFormat::Kohya)?)?;
-            crate::util::fs::write_atomic(&kohya, &bytes).with_context(|| format!("cannot write LoRA file {}", kohya.display()))?;
-            report.files.push(kohya);
-        }
-        let interrupted = outcome.interrupted;
-        report.train = Some(outcome);
-        if interrupted {
-            // Not complete: remember the fingerprint so the next run with the same settings resumes.
-            lock.record(PARTIAL, &train_fp, vec![]);
-            lock.write(&out_dir)?;
-            report.seconds = started.elapsed().as_secs_f64();
-            return Ok(report);
-        }
-        lock.stages.remove(PARTIAL);
-        lock.record("train", &train_fp, vec![DIFFUSERS_FILE.into()]);
-        let mut outputs = vec![DIFFUSERS_FILE.to_string()];
-        if p.output.formats.contains(&cfg::OutputFormat::Kohya) {
-            outputs.push(KOHYA_FILE.into());
-        }
-        lock.record("export", fp(&fps, "export"), outputs);
-        lock.write(&out_dir)?;
-    }
-
-    // validation
-    if !p.validation.prompts.is_empty() {
-        let val_fp = fp(&fps, "validate");
-        let dir_name = "validation";
-        if !opts.force && report.skipped_train && lock.is_fresh(&out_dir, "validate", val_fp) {
-            tracing::info!("validate: up to date");
-        } else {
-            if report.skipped_train {
-                crate::adapters::lora::apply_lora_file(sd, &diffusers_path, 1.0)?;
-            }
-            let files = validation_images(sd, p, &out_dir.join(dir_name), &device)?;
-            report.files.extend(files);
-            lock.record("validate", val_fp, vec![dir_name.into()]);
-            lock.write(&out_dir)?;
-        }
-    }
-    report.seconds = started.elapsed().as_secs_f64();
+    let mut report = super::stages::run_plan(&Plan::resolve(loaded), session, opts, stop)?;
+    report.skipped_train = report.train.is_none() && report.stages.iter().any(|(n, s)| *n == "train" && *s == super::stages::Status::UpToDate);
     Ok(report)
 }
 
-fn validation_images(sd: &StableDiffusion, p: &Pipeline, dir: &Path, device: &Device) -> Result<Vec<PathBuf>> {
+/// `prompt<i>-<j>.png`: image `j` of validation prompt `i`.
+pub(crate) fn validation_file_name(prompt: usize, image: usize) -> String {
+    format!("prompt{prompt}-{image}.png")
+}
+
+pub(crate) fn validation_images(sd: &StableDiffusion, p: &Pipeline, dir: &Path, device: &Device) -> Result<Vec<PathBuf>> {
     let sampler = match p.validation.scheduler {
-        cfg::ValidationScheduler::Model | cfg::ValidationScheduler::Pndm => SamplerKind::Pndm,
+        cfg::ValidationScheduler::Model => model_sampler(sd.scheduler.class_name.as_deref())?,
+        cfg::ValidationScheduler::Pndm => SamplerKind::Pndm,
         cfg::ValidationScheduler::Ddim => SamplerKind::Ddim,
         cfg::ValidationScheduler::Euler => SamplerKind::Euler,
     };
@@ -543,12 +296,29 @@ fn validation_images(sd: &StableDiffusion, p: &Pipeline, dir: &Path, device: &De
         tracing::info!("validate: {} image(s) for {prompt:?}", p.validation.num_images);
         let images = generate(sd, &opts, p.validation.num_images as usize, None, device)?;
         for (j, img) in images.iter().enumerate() {
-            let path = dir.join(format!("prompt{i}-{j}.png"));
+            let path = dir.join(validation_file_name(i, j));
             save_png(&to_rgb8(img)?, &path)?;
             files.push(path);
         }
     }
     Ok(files)
+}
+
+/// The sampler of the model's own `scheduler_config.json` (`validation.scheduler = "model"`).
+pub(crate) fn model_sampler(class_name: Option<&str>) -> Result<SamplerKind> {
+    Ok(match class_name {
+        Some("PNDMScheduler") => SamplerKind::Pndm,
+        Some("DDIMScheduler") => SamplerKind::Ddim,
+        Some("EulerDiscreteScheduler") => SamplerKind::Euler,
+        Some("EulerAncestralDiscreteScheduler") => SamplerKind::EulerAncestral,
+        Some("DPMSolverMultistepScheduler") => SamplerKind::DpmPP2M,
+        Some(other) => bail!(
+            "validation.scheduler = \"model\": the model's scheduler_config.json names {other}, which lora does not sample with; set validation.scheduler to \"pndm\", \"ddim\" or \"euler\""
+        ),
+        None => bail!(
+            "validation.scheduler = \"model\": the model's scheduler_config.json has no `_class_name`; set validation.scheduler to \"pndm\", \"ddim\" or \"euler\""
+        ),
+    })
 }
 
 /// What `lora bench` needs back.
@@ -570,22 +340,20 @@ pub struct BenchReport {
 /// text encoder run every step, as the reference does.
 pub fn bench_pipeline(loaded: &LoadedPipeline, no_cache: bool, on_update: &mut dyn FnMut(usize, usize, f64, f64)) -> Result<BenchReport> {
     let p = &loaded.pipeline;
-    let device = select_device(p.train.device)?;
-    // The high-water mark starts before the model loads: peak_memory counts from zero use.
-    crate::device::reset_peak(&device);
-    let dtype = weight_dtype(p.train.precision, &device)?;
-    let mut sd = load_model(p, &device, dtype)?;
-    let dataset = data::source::load_source(&source_spec(p)?, &source_options(p))?;
+    let plan = Plan::resolve(loaded);
+    let mut session = Session::default();
+    let (loader, device) = super::stages::load_for_training(&plan, &mut session)?;
+    let sd = session.model_mut().context("the model stage loads the model")?;
     let mut rng = <InitRng as rand::SeedableRng>::seed_from_u64(p.train.seed.unwrap_or(0));
     let loras = inject(sd.unet.linears_mut(), &lora_spec(&p.adapter, &p.adapter.target_modules), &mut rng)?;
     let params = named_params("unet", &loras);
-    let loader = DataLoader::new(Arc::new(dataset), loader_options(p))?;
     let mut settings = train_settings(loaded);
     settings.cache_encodings = !no_cache;
     settings.resume_from_checkpoint = None;
     settings.checkpointing_steps = None;
     settings.tensorboard_dir = None;
-    let mut trainer = Trainer::new(&sd, params, settings)?;
+    let sd: &StableDiffusion = sd;
+    let mut trainer = Trainer::new(sd, params, settings)?;
     // Device memory: the peak during training includes the model (loaded before this point).
     let model_bytes = crate::device::peak_memory(&device);
     let sampler = crate::device::start_sampler(&device);
@@ -594,4 +362,19 @@ pub fn bench_pipeline(loaded: &LoadedPipeline, no_cache: bool, on_update: &mut d
     drop(sampler);
     let peak_device_bytes = crate::device::peak_memory(&device);
     Ok(BenchReport { train_started, device_is_cpu: device.is_cpu(), device: crate::device::describe(&device), peak_device_bytes, model_bytes })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_scheduler_class_picks_the_sampler() {
+        assert_eq!(model_sampler(Some("PNDMScheduler")).unwrap(), SamplerKind::Pndm);
+        assert_eq!(model_sampler(Some("DDIMScheduler")).unwrap(), SamplerKind::Ddim);
+        assert_eq!(model_sampler(Some("EulerDiscreteScheduler")).unwrap(), SamplerKind::Euler);
+        let err = model_sampler(Some("DDPMScheduler")).unwrap_err().to_string();
+        assert!(err.contains("DDPMScheduler") && err.contains("validation.scheduler"), "{err}");
+        assert!(model_sampler(None).is_err());
+    }
 }

@@ -143,15 +143,25 @@ pub fn save_checkpoint(
     if tmp_dir.exists() {
         std::fs::remove_dir_all(&tmp_dir)?;
     }
-    std::fs::create_dir_all(&tmp_dir).with_context(|| format!("creating {}", tmp_dir.display()))?;
-    let tensors: Vec<(String, Tensor)> = params.iter().map(|p| (p.name.clone(), p.var.as_tensor().clone())).collect();
-    save_safetensors_atomic(&tensors, Some(HashMap::from([("format".to_string(), "pt".to_string())])), &tmp_dir.join(LORA_FILE))?;
-    optimizer.save(&tmp_dir.join(OPTIMIZER_FILE))?;
-    crate::util::fs::write_atomic(&tmp_dir.join(STATE_FILE), serde_json::to_string_pretty(state)?.as_bytes())?;
-    if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir).with_context(|| format!("replacing {}", final_dir.display()))?;
+    // Build the folder under its temporary name; on any error (a full disk) remove it again, so
+    // nothing temporary survives and the previous checkpoints stay as they were.
+    let built = (|| -> Result<()> {
+        std::fs::create_dir_all(&tmp_dir).with_context(|| format!("creating {}", tmp_dir.display()))?;
+        let tensors: Vec<(String, Tensor)> = params.iter().map(|p| (p.name.clone(), p.var.as_tensor().clone())).collect();
+        save_safetensors_atomic(&tensors, Some(HashMap::from([("format".to_string(), "pt".to_string())])), &tmp_dir.join(LORA_FILE))?;
+        optimizer.save(&tmp_dir.join(OPTIMIZER_FILE))?;
+        let state_path = tmp_dir.join(STATE_FILE);
+        crate::util::fs::write_atomic(&state_path, serde_json::to_string_pretty(state)?.as_bytes())
+            .with_context(|| format!("writing {}", state_path.display()))?;
+        if final_dir.exists() {
+            std::fs::remove_dir_all(&final_dir).with_context(|| format!("replacing {}", final_dir.display()))?;
+        }
+        std::fs::rename(&tmp_dir, &final_dir).with_context(|| format!("renaming {} to {}", tmp_dir.display(), final_dir.display()))
+    })();
+    if let Err(e) = built {
+        let _ = std::fs::remove_dir_all(&tmp_dir);
+        return Err(e.context(format!("saving checkpoint {} (the earlier checkpoints are unchanged)", final_dir.display())));
     }
-    std::fs::rename(&tmp_dir, &final_dir).with_context(|| format!("renaming {} to {}", tmp_dir.display(), final_dir.display()))?;
     if let Some(limit) = total_limit {
         let all = list_checkpoints(output_dir)?;
         if all.len() > limit {
@@ -174,6 +184,9 @@ pub fn load_checkpoint(dir: &Path, params: &[NamedVar], optimizer: &mut AdamW) -
     let lora_path = dir.join(LORA_FILE);
     let tensors = candle_core::safetensors::load(&lora_path, &Device::Cpu)
         .with_context(|| format!("reading {}", lora_path.display()))?;
+    // Check every tensor and load the optimizer before changing any parameter, so a checkpoint
+    // that fails to load leaves the parameters as they were (and the previous one can be tried).
+    let mut values = Vec::with_capacity(params.len());
     for p in params {
         let t = tensors
             .get(&p.name)
@@ -187,7 +200,7 @@ pub fn load_checkpoint(dir: &Path, params: &[NamedVar], optimizer: &mut AdamW) -
                 p.var.dims()
             );
         }
-        p.var.set(&t.to_dtype(p.var.dtype())?.to_device(p.var.device())?)?;
+        values.push(t.to_dtype(p.var.dtype())?.to_device(p.var.device())?);
     }
     if tensors.len() != params.len() {
         let known: std::collections::HashSet<&str> = params.iter().map(|p| p.name.as_str()).collect();
@@ -195,7 +208,22 @@ pub fn load_checkpoint(dir: &Path, params: &[NamedVar], optimizer: &mut AdamW) -
         bail!("{}: holds tensors the adapter does not have, e.g. {extra:?}", lora_path.display());
     }
     optimizer.load(&dir.join(OPTIMIZER_FILE))?;
+    for (p, v) in params.iter().zip(values) {
+        p.var.set(&v)?;
+    }
     Ok(state)
+}
+
+/// Load the newest checkpoint in `output_dir` that loads; one that fails (damaged, truncated,
+/// from other settings) is reported and the previous one tried. `None` when none loads.
+pub fn load_newest_loadable(output_dir: &Path, params: &[NamedVar], optimizer: &mut AdamW) -> Result<Option<(PathBuf, TrainerState)>> {
+    for (_, dir) in list_checkpoints(output_dir)?.into_iter().rev() {
+        match load_checkpoint(&dir, params, optimizer) {
+            Ok(state) => return Ok(Some((dir, state))),
+            Err(e) => tracing::warn!("checkpoint {} does not load ({e:#}); trying the one before it", dir.display()),
+        }
+    }
+    Ok(None)
 }
 
 /// Resolve `resume` (`"latest"` or a path) as the reference: `latest` is the highest-numbered

@@ -113,6 +113,12 @@ pub struct Trainer<'a> {
     pub optimizer: AdamW,
     pub settings: TrainSettings,
     pub stop: Arc<AtomicBool>,
+    /// The on-disk encode cache serving VAE latent distributions (only when every variant of an
+    /// image is one exact input: no random crop) and, separately, text-encoder outputs (only when
+    /// the text encoder is frozen). When every row is served, the VAE / text encoder are not
+    /// called at all: the hook for keeping them off the device during training.
+    pub latent_cache_disk: Option<Arc<crate::data::cache::EncodeCache>>,
+    pub text_cache_disk: Option<Arc<crate::data::cache::EncodeCache>>,
     device: Device,
     text_cache: HashMap<String, Tensor>,
     latent_cache: HashMap<u64, (Tensor, Tensor)>,
@@ -152,6 +158,8 @@ impl<'a> Trainer<'a> {
             optimizer,
             settings,
             stop: Arc::new(AtomicBool::new(false)),
+            latent_cache_disk: None,
+            text_cache_disk: None,
             device,
             text_cache: HashMap::new(),
             latent_cache: HashMap::new(),
@@ -174,11 +182,30 @@ impl<'a> Trainer<'a> {
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .collect();
+        let missing: Vec<&str> = match self.text_cache_disk.clone() {
+            None => missing,
+            Some(disk) => {
+                let mut still = Vec::new();
+                for c in missing {
+                    match disk.get(&disk.text_key(c), &self.device)? {
+                        Some(mut t) if t.len() == 1 => {
+                            self.text_cache.insert(c.to_string(), t.remove(0));
+                        }
+                        _ => still.push(c),
+                    }
+                }
+                still
+            }
+        };
         if !missing.is_empty() {
             let ids = self.sd.tokenizer.encode_batch(&missing, &self.device)?;
             let hidden = self.sd.text_encoder.forward(&ids)?.detach();
             for (i, c) in missing.iter().enumerate() {
-                self.text_cache.insert(c.to_string(), hidden.get(i)?);
+                let row = hidden.get(i)?;
+                if let Some(disk) = &self.text_cache_disk {
+                    disk.put(&disk.text_key(c), &[&row])?;
+                }
+                self.text_cache.insert(c.to_string(), row);
             }
         }
         let rows = captions.iter().map(|c| self.text_cache[c.as_str()].clone()).collect::<Vec<_>>();
@@ -188,23 +215,67 @@ impl<'a> Trainer<'a> {
     /// Mean and std of the VAE posterior for each image of the batch.
     fn encode_pixels(&mut self, pixel_values: &Tensor) -> Result<(Tensor, Tensor)> {
         let b = pixel_values.dim(0)?;
+        if let Some(disk) = self.latent_cache_disk.clone() {
+            return self.encode_pixels_disk(&disk, pixel_values);
+        }
         if !self.settings.cache_encodings {
-            let dist = self.sd.vae.encode(&pixel_values.to_device(&self.device)?.to_dtype(self.sd.vae.dtype())?)?;
-            return Ok((dist.mean.detach(), dist.std()?.detach()));
+            return self.vae_encode_rows(&pixel_values.to_device(&self.device)?);
         }
         let keys = (0..b).map(|i| pixel_key(&pixel_values.get(i)?)).collect::<Result<Vec<_>>>()?;
         let missing: Vec<usize> = (0..b).filter(|&i| !self.latent_cache.contains_key(&keys[i])).collect();
         if !missing.is_empty() {
             let idx = Tensor::from_vec(missing.iter().map(|&i| i as u32).collect::<Vec<_>>(), missing.len(), pixel_values.device())?;
-            let px = pixel_values.index_select(&idx, 0)?.to_device(&self.device)?.to_dtype(self.sd.vae.dtype())?;
-            let dist = self.sd.vae.encode(&px)?;
-            let (mean, std) = (dist.mean.detach(), dist.std()?.detach());
+            let px = pixel_values.index_select(&idx, 0)?.to_device(&self.device)?;
+            let (mean, std) = self.vae_encode_rows(&px)?;
             for (j, &i) in missing.iter().enumerate() {
                 self.latent_cache.insert(keys[i], (mean.get(j)?, std.get(j)?));
             }
         }
         let means = keys.iter().map(|k| self.latent_cache[k].0.clone()).collect::<Vec<_>>();
         let stds = keys.iter().map(|k| self.latent_cache[k].1.clone()).collect::<Vec<_>>();
+        Ok((Tensor::stack(&means, 0)?, Tensor::stack(&stds, 0)?))
+    }
+
+    /// Mean and std of the VAE posterior, one image at a time: the VAE's convolutions are not
+    /// batch-invariant (about 1e-6 apart on the CPU), and a latent must not depend on which
+    /// images share its batch, so cached (encoded alone) and uncached runs agree bit for bit.
+    pub fn vae_encode_rows(&self, px: &Tensor) -> Result<(Tensor, Tensor)> {
+        let mut means = Vec::with_capacity(px.dim(0)?);
+        let mut stds = Vec::with_capacity(px.dim(0)?);
+        for i in 0..px.dim(0)? {
+            let dist = self.sd.vae.encode(&px.narrow(0, i, 1)?.to_dtype(self.sd.vae.dtype())?)?;
+            means.push(dist.mean.detach().to_dtype(DType::F32)?);
+            stds.push(dist.std()?.detach().to_dtype(DType::F32)?);
+        }
+        Ok((Tensor::cat(&means, 0)?, Tensor::cat(&stds, 0)?))
+    }
+
+    /// [`Self::encode_pixels`] through the disk cache: rows it holds are read, the others encoded
+    /// together and stored.
+    fn encode_pixels_disk(&mut self, disk: &crate::data::cache::EncodeCache, pixel_values: &Tensor) -> Result<(Tensor, Tensor)> {
+        let b = pixel_values.dim(0)?;
+        let mut rows: Vec<Option<(Tensor, Tensor)>> = Vec::with_capacity(b);
+        let mut keys = Vec::with_capacity(b);
+        for i in 0..b {
+            let key = disk.latent_key(&pixel_values.get(i)?)?;
+            rows.push(match disk.get(&key, &self.device)? {
+                Some(t) if t.len() == 2 => Some((t[0].clone(), t[1].clone())),
+                _ => None,
+            });
+            keys.push(key);
+        }
+        let missing: Vec<usize> = (0..b).filter(|&i| rows[i].is_none()).collect();
+        if !missing.is_empty() {
+            let idx = Tensor::from_vec(missing.iter().map(|&i| i as u32).collect::<Vec<_>>(), missing.len(), pixel_values.device())?;
+            let px = pixel_values.index_select(&idx, 0)?.to_device(&self.device)?;
+            let (mean, std) = self.vae_encode_rows(&px)?;
+            for (j, &i) in missing.iter().enumerate() {
+                let (m, s) = (mean.get(j)?, std.get(j)?);
+                disk.put(&keys[i], &[&m, &s])?;
+                rows[i] = Some((m, s));
+            }
+        }
+        let (means, stds): (Vec<Tensor>, Vec<Tensor>) = rows.into_iter().map(|r| r.expect("every row filled")).unzip();
         Ok((Tensor::stack(&means, 0)?, Tensor::stack(&stds, 0)?))
     }
 
@@ -266,7 +337,17 @@ impl<'a> Trainer<'a> {
         };
         let mut scaler = s.precision.uses_loss_scaling().then(|| GradScaler::new(s.grad_scaler));
         let mut resumed_from = None;
-        if let Some(resume) = &s.resume_from_checkpoint {
+        if s.resume_from_checkpoint.as_deref() == Some("latest") {
+            // The newest checkpoint that loads (a damaged one is reported and the previous used).
+            match checkpoint::load_newest_loadable(&s.output_dir, &self.params, &mut self.optimizer)? {
+                Some((dir, st)) => {
+                    tracing::info!("resumed from {} at step {}", dir.display(), st.global_step);
+                    state = st;
+                    resumed_from = Some(dir);
+                }
+                None => tracing::info!("resume_from_checkpoint = \"latest\" but no checkpoint in {} loads: starting fresh", s.output_dir.display()),
+            }
+        } else if let Some(resume) = &s.resume_from_checkpoint {
             match checkpoint::resolve_resume(&s.output_dir, resume)? {
                 Some(dir) => {
                     state = checkpoint::load_checkpoint(&dir, &self.params, &mut self.optimizer)?;
@@ -280,7 +361,13 @@ impl<'a> Trainer<'a> {
             }
         }
 
+        // Logs hold every step once after any number of resumes: drop what a stopped or killed
+        // run logged past the step resumed from (and everything, on a fresh start).
         let metrics_path = s.output_dir.join("metrics.jsonl");
+        crate::report::metrics::keep_steps_up_to(&metrics_path, state.global_step)?;
+        if let Some(dir) = &s.tensorboard_dir {
+            crate::report::tensorboard::keep_steps_up_to(dir, state.global_step as u64)?;
+        }
         let mut metrics = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

@@ -1,0 +1,1094 @@
+//! The stage table: every stage of a pipeline — model, dataset, preprocess, train, export,
+//! validate — with its dependencies, fingerprint, outputs, description and run function, and
+//! the one walk over it that `plan`, `run --dry-run`, `run`, `watch` and `bench` share.
+//!
+//! Stages with results on disk (train, export, validate) have a lock entry each, checked on its
+//! own: a new output format reruns only export, a new validation prompt only validate. The
+//! loading stages (model, dataset, preprocess) keep their results in memory (a [`Session`]) and
+//! run only when a stage that needs them runs.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device};
+
+use super::lock::{Fingerprint, Lock};
+use super::plan::Plan;
+use super::run::{
+    loader_options, lora_spec, model_source, named_params, resolved_toml, select_device, source_options, source_spec, train_settings,
+    validation_images, weight_dtype, LoaderSource, RunOptions, RunReport, DIFFUSERS_FILE, KOHYA_FILE,
+};
+use super::run_dir::RunDir;
+use crate::adapters::format::{read_lora_file, write_lora_file, LoraFormat, TrainingInfo};
+use crate::adapters::lora::{inject, trained_weights, InitRng, TrainableLora};
+use crate::config::types as cfg;
+use crate::config::{choice_name, tidy_path};
+use crate::data::cache::EncodeCache;
+use crate::data::{self, DataLoader, Dataset};
+use crate::models::StableDiffusion;
+use crate::train::trainer::Trainer;
+
+/// The trained weights (PEFT names), the train stage's result and what export reads.
+pub const TRAINED_FILE: &str = "train/adapter.safetensors";
+/// Lock entry of a training run in progress or interrupted (its checkpoints are resumed).
+pub const IN_PROGRESS: &str = "train.in_progress";
+/// One metrics line per optimizer update.
+pub const METRICS_FILE: &str = "metrics.jsonl";
+
+/// A file or folder a stage writes, relative to the output folder; `<step>` and `<...>` stand
+/// for parts known only while running.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Output {
+    pub path: String,
+    pub what: String,
+    /// Whether the stage's result is stale without it (recorded in the lock).
+    pub required: bool,
+}
+
+fn out(path: impl Into<String>, what: impl Into<String>, required: bool) -> Output {
+    Output { path: path.into(), what: what.into(), required }
+}
+
+/// What a stage's run function reports back to the walk.
+#[derive(Default)]
+pub struct Ran {
+    /// False when the stage stopped early (Ctrl-C): nothing is recorded and the walk ends.
+    pub complete: bool,
+    pub details: BTreeMap<String, serde_json::Value>,
+}
+
+impl Ran {
+    fn done() -> Self {
+        Self { complete: true, details: BTreeMap::new() }
+    }
+}
+
+pub struct Stage {
+    pub name: &'static str,
+    /// Upstream stages whose fingerprints this one folds in; when one of them runs, so does this.
+    pub depends_on: &'static [&'static str],
+    /// Loading stages whose in-memory result this one needs to run.
+    pub needs: &'static [&'static str],
+    /// Whether the result is on disk with a lock entry (false: loaded into memory when needed).
+    pub tracked: bool,
+    /// `Some(reason)` when the pipeline turns the stage off.
+    pub off: fn(&Plan) -> Option<&'static str>,
+    pub fingerprint: fn(&Plan) -> String,
+    pub reads: fn(&Plan) -> Vec<String>,
+    pub outputs: fn(&Plan) -> Vec<Output>,
+    pub describe: fn(&Plan) -> String,
+    pub run: fn(&mut StageCtx<'_>) -> Result<Ran>,
+}
+
+pub const STAGES: &[Stage] = &[MODEL, DATASET, PREPROCESS, ENCODE, TRAIN, EXPORT, VALIDATE];
+
+/// A refusal the user can resolve (exit code 2): e.g. resuming with changed settings.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
+
+/// What stays loaded between runs of watch mode, and the output folder held exclusively.
+#[derive(Default)]
+pub struct Session {
+    model: Option<(String, StableDiffusion)>,
+    dataset: Option<(String, Arc<Dataset>, usize)>,
+    run_dir: Option<RunDir>,
+}
+
+impl Session {
+    /// The model the model stage loaded, if any.
+    pub fn model_mut(&mut self) -> Option<&mut StableDiffusion> {
+        self.model.as_mut().map(|(_, sd)| sd)
+    }
+
+    /// Hold `dir` for this session (released when the session ends or moves to another folder).
+    pub fn hold(&mut self, dir: &Path) -> Result<()> {
+        if self.run_dir.as_ref().is_some_and(|r| r.path() == dir) {
+            return Ok(());
+        }
+        self.run_dir = None;
+        self.run_dir = Some(RunDir::acquire(dir)?);
+        Ok(())
+    }
+}
+
+/// The state a walk hands from stage to stage.
+pub struct StageCtx<'a> {
+    pub plan: &'a Plan,
+    pub session: &'a mut Session,
+    pub lock: &'a mut Lock,
+    pub opts: &'a RunOptions,
+    pub stop: Arc<AtomicBool>,
+    pub report: &'a mut RunReport,
+    device: Option<Device>,
+    loader: Option<DataLoader>,
+    /// The model in memory carries this run's trained adapter.
+    adapter_attached: bool,
+}
+
+/// Why a stage runs or not, for `plan` and the run log alike.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "status", content = "reason", rename_all = "snake_case")]
+pub enum Status {
+    /// A tracked stage runs, with why.
+    Run(String),
+    UpToDate,
+    /// A loading stage runs because a later stage needs it.
+    Load,
+    /// A loading stage that nothing needs this time.
+    NotNeeded,
+    Off(String),
+}
+
+impl Status {
+    pub fn label(&self) -> String {
+        match self {
+            Status::Run(why) => format!("will run: {why}"),
+            Status::UpToDate => "up to date".into(),
+            Status::Load => "loads (needed below)".into(),
+            Status::NotNeeded => "not needed".into(),
+            Status::Off(why) => format!("off: {why}"),
+        }
+    }
+
+    /// The label after a run: what was done.
+    pub fn done_label(&self) -> String {
+        match self {
+            Status::Run(why) => format!("ran: {why}"),
+            Status::Load => "loaded".into(),
+            other => other.label(),
+        }
+    }
+}
+
+/// What each stage of `plan` would do given `lock`: the one decision `plan` prints and `run`
+/// follows.
+pub fn decide(plan: &Plan, lock: &Lock, force: bool) -> Vec<Status> {
+    let dir = &plan.out_dir;
+    let mut status: Vec<Status> = Vec::with_capacity(STAGES.len());
+    for stage in STAGES {
+        if let Some(why) = (stage.off)(plan) {
+            status.push(Status::Off(why.into()));
+            continue;
+        }
+        if !stage.tracked {
+            status.push(Status::NotNeeded); // decided below, once the tracked stages are known
+            continue;
+        }
+        let fp = plan.fingerprint(stage.name);
+        let upstream_runs = stage.depends_on.iter().find(|d| {
+            STAGES.iter().position(|s| s.name == **d).is_some_and(|i| matches!(status.get(i), Some(Status::Run(_))))
+        });
+        let why = if force {
+            Some("--force".to_string())
+        } else if let Some(d) = upstream_runs {
+            Some(format!("{d} runs"))
+        } else {
+            match lock.stages.get(stage.name) {
+                None if stage.name == "train" && lock.stages.get(IN_PROGRESS).is_some_and(|r| r.fingerprint == fp) => {
+                    Some("resumes the interrupted run from its newest checkpoint".into())
+                }
+                None => Some("no result yet".into()),
+                Some(r) if r.fingerprint != fp => Some("its settings or inputs changed".into()),
+                Some(r) => r.outputs.iter().find(|o| !dir.join(o).exists()).map(|o| format!("{o} is missing")),
+            }
+        };
+        status.push(why.map_or(Status::UpToDate, Status::Run));
+    }
+    // A loading stage loads when a running stage (or a loading stage that loads) needs it.
+    let mut needed: Vec<&str> = Vec::new();
+    for (stage, st) in STAGES.iter().zip(&status).rev() {
+        let loads = matches!(st, Status::Run(_)) || (!stage.tracked && needed.contains(&stage.name) && !matches!(st, Status::Off(_)));
+        if loads {
+            needed.extend(stage.needs.iter().copied());
+        }
+    }
+    for (stage, st) in STAGES.iter().zip(status.iter_mut()) {
+        if !stage.tracked && matches!(st, Status::NotNeeded) && needed.contains(&stage.name) {
+            *st = Status::Load;
+        }
+    }
+    status
+}
+
+/// One stage as `plan` shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct StageView {
+    pub name: &'static str,
+    #[serde(flatten)]
+    pub status: Status,
+    pub description: String,
+    pub reads: Vec<String>,
+    pub writes: Vec<Output>,
+}
+
+/// The stages of `plan` in order, with what `lora run` would do with each now.
+pub fn describe(plan: &Plan, lock: &Lock, force: bool) -> Vec<StageView> {
+    STAGES
+        .iter()
+        .zip(decide(plan, lock, force))
+        .map(|(s, status)| StageView { name: s.name, status, description: (s.describe)(plan), reads: (s.reads)(plan), writes: (s.outputs)(plan) })
+        .collect()
+}
+
+/// Run the stages of `plan` that are not up to date, holding its output folder for `session`.
+pub fn run_plan(plan: &Plan, session: &mut Session, opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<RunReport> {
+    let started = Instant::now();
+    let mut plan = plan.clone();
+    plan.pick_seed();
+    plan.no_cache = opts.no_cache;
+    let dir = plan.out_dir.clone();
+    session.hold(&dir)?;
+    let mut lock = Lock::read(&dir)?;
+    lock.pipeline = plan.loaded.path.display().to_string();
+    let statuses = decide(&plan, &lock, opts.force);
+    let mut report = RunReport::default();
+    let mut ctx = StageCtx { plan: &plan, session, lock: &mut lock, opts, stop, report: &mut report, device: None, loader: None, adapter_attached: false };
+    for (stage, status) in STAGES.iter().zip(statuses) {
+        ctx.report.stages.push((stage.name, status.clone()));
+        match &status {
+            Status::Run(why) => tracing::info!("{}: running ({why})", stage.name),
+            Status::Load => {}
+            Status::UpToDate => {
+                tracing::info!("{}: up to date", stage.name);
+                continue;
+            }
+            Status::NotNeeded | Status::Off(_) => continue,
+        }
+        let ran = (stage.run)(&mut ctx).with_context(|| format!("stage {}", stage.name))?;
+        if !ran.complete {
+            break;
+        }
+        if stage.tracked {
+            let outputs = (stage.outputs)(&plan).into_iter().filter(|o| o.required).map(|o| o.path).collect();
+            ctx.lock.record_with(stage.name, plan.fingerprint(stage.name), outputs, ran.details);
+            ctx.lock.write(&dir)?;
+        }
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Run the loading stages (model, dataset, preprocess) for `bench`: the model and a data loader.
+pub fn load_for_training(plan: &Plan, session: &mut Session) -> Result<(DataLoader, Device)> {
+    let mut lock = Lock::default();
+    let mut report = RunReport::default();
+    let opts = RunOptions::default();
+    let mut ctx = StageCtx {
+        plan,
+        session,
+        lock: &mut lock,
+        opts: &opts,
+        stop: Arc::new(AtomicBool::new(false)),
+        report: &mut report,
+        device: None,
+        loader: None,
+        adapter_attached: false,
+    };
+    for stage in STAGES.iter().filter(|s| !s.tracked) {
+        (stage.run)(&mut ctx).with_context(|| format!("stage {}", stage.name))?;
+    }
+    let loader = ctx.loader.take().context("the preprocess stage builds the loader")?;
+    let device = ctx.device.take().context("the model stage picks the device")?;
+    Ok((loader, device))
+}
+
+fn tidy(p: &Plan, rel: &str) -> String {
+    tidy_path(&p.out_dir.join(rel)).display().to_string()
+}
+
+fn not_off(_: &Plan) -> Option<&'static str> {
+    None
+}
+
+fn nothing(_: &Plan) -> Vec<String> {
+    Vec::new()
+}
+
+fn no_outputs(_: &Plan) -> Vec<Output> {
+    Vec::new()
+}
+
+// ---------------------------------------------------------------------------------------------
+// model
+
+const MODEL: Stage = Stage {
+    name: "model",
+    depends_on: &[],
+    needs: &[],
+    tracked: false,
+    off: not_off,
+    fingerprint: |p| {
+        let mut f = Fingerprint::new("model");
+        f.add_toml("model", p.table("model"));
+        let m = &p.pipeline().model;
+        for path in [&m.path, &m.file, &m.vae, &m.config].into_iter().flatten() {
+            f.add_files("files", path);
+        }
+        f.finish()
+    },
+    reads: |p| {
+        let m = &p.pipeline().model;
+        vec![match (&m.id, &m.path) {
+            (Some(id), _) => format!("hub model {id}{}", m.revision.as_ref().map(|r| format!(" @ {r}")).unwrap_or_default()),
+            (None, Some(path)) => format!("{} (diffusers folder)", tidy_path(path).display()),
+            _ => String::new(),
+        }]
+    },
+    outputs: no_outputs,
+    describe: |p| {
+        let variant = p.pipeline().model.variant.as_ref().map(|v| format!(", variant {v}")).unwrap_or_default();
+        format!("load tokenizer, text encoder, UNet, VAE and noise scheduler{variant}")
+    },
+    run: run_model,
+};
+
+fn run_model(ctx: &mut StageCtx<'_>) -> Result<Ran> {
+    let p = ctx.plan.pipeline();
+    let device = select_device(p.train.device)?;
+    let dtype = weight_dtype(p.train.precision, &device)?;
+    let fp = ctx.plan.fingerprint("model");
+    if !ctx.opts.force && ctx.session.model.as_ref().is_some_and(|(f, _)| f == fp) {
+        tracing::info!("model: kept in memory");
+    } else {
+        ctx.session.model = Some((fp.to_string(), super::run::load_model(p, &device, dtype)?));
+    }
+    // Remove adapters a previous run of this session attached.
+    let (_, sd) = ctx.session.model.as_mut().expect("just loaded");
+    sd.unet.linears_mut().into_iter().for_each(|l| l.loras.clear());
+    sd.text_encoder.linears_mut().into_iter().for_each(|l| l.loras.clear());
+    ctx.device = Some(device);
+    Ok(Ran::done())
+}
+
+// ---------------------------------------------------------------------------------------------
+// dataset
+
+const DATASET: Stage = Stage {
+    name: "dataset",
+    depends_on: &[],
+    needs: &[],
+    tracked: false,
+    off: not_off,
+    fingerprint: |p| {
+        let mut f = Fingerprint::new("dataset");
+        f.add_toml("dataset", p.table("dataset"));
+        if let Some(path) = &p.pipeline().dataset.path {
+            f.add_files("files", path);
+        }
+        // The subset drawn with max_samples depends on the seed.
+        if p.pipeline().dataset.max_samples.is_some() {
+            f.add("seed", &format!("{:?}", p.pipeline().train.seed));
+        }
+        f.finish()
+    },
+    reads: |p| {
+        let d = &p.pipeline().dataset;
+        vec![match (&d.name, &d.path) {
+            (Some(name), _) => format!("hub dataset {name}"),
+            (None, Some(path)) => tidy_path(path).display().to_string(),
+            _ => String::new(),
+        }]
+    },
+    outputs: no_outputs,
+    describe: |p| {
+        let d = &p.pipeline().dataset;
+        format!("read images ({}) and captions ({}), screen out bad images ({})", d.image_column, d.caption_column, choice_name(&d.on_bad_image))
+    },
+    run: run_dataset,
+};
+
+fn run_dataset(ctx: &mut StageCtx<'_>) -> Result<Ran> {
+    let p = ctx.plan.pipeline();
+    let fp = ctx.plan.fingerprint("dataset");
+    if !ctx.opts.force && ctx.session.dataset.as_ref().is_some_and(|(f, _, _)| f == fp) {
+        tracing::info!("dataset: kept in memory");
+    } else {
+        let dataset = data::source::load_source(&source_spec(p)?, &source_options(p))?;
+        let policy = match p.dataset.on_bad_image {
+            cfg::OnBadImage::Error => data::OnBadImage::Error,
+            cfg::OnBadImage::Skip => data::OnBadImage::Skip,
+        };
+        let (dataset, skipped) = data::decode::screen_dataset(dataset, &loader_options(p).decode, policy)?;
+        tracing::info!("dataset: {} examples ({} skipped)", dataset.len(), skipped.len());
+        ctx.session.dataset = Some((fp.to_string(), Arc::new(dataset), skipped.len()));
+    }
+    let (_, dataset, skipped) = ctx.session.dataset.as_ref().expect("just loaded");
+    ctx.report.examples = dataset.len();
+    ctx.report.skipped_images = *skipped;
+    Ok(Ran::done())
+}
+
+// ---------------------------------------------------------------------------------------------
+// preprocess
+
+const PREPROCESS: Stage = Stage {
+    name: "preprocess",
+    depends_on: &["dataset"],
+    needs: &["dataset"],
+    tracked: false,
+    off: not_off,
+    fingerprint: |p| Fingerprint::new("preprocess").add("dataset", p.fingerprint("dataset")).add_toml("preprocess", p.table("preprocess")).finish(),
+    reads: nothing,
+    outputs: no_outputs,
+    describe: |p| {
+        let pre = &p.pipeline().preprocess;
+        let crop = match pre.crop() {
+            cfg::Crop::Center => "center crop",
+            cfg::Crop::Random => "random crop",
+        };
+        let flip = if pre.random_flip { ", random flip" } else { "" };
+        format!("resize to {} ({}), {crop}{flip}, normalise to [-1, 1] (per batch, as training reads it)", pre.resolution, choice_name(&pre.interpolation))
+    },
+    run: |ctx| {
+        let (_, dataset, _) = ctx.session.dataset.as_ref().context("the dataset stage runs before preprocess")?;
+        ctx.loader = Some(DataLoader::new(dataset.clone(), loader_options(ctx.plan.pipeline()))?);
+        Ok(Ran::done())
+    },
+};
+
+// ---------------------------------------------------------------------------------------------
+// encode
+
+/// The encode cache folder, relative to the output folder.
+pub const CACHE_DIR: &str = "cache/encode";
+
+/// Whether the VAE latents can be cached: every preprocessing variant of an image is one exact
+/// input (center crop; with random flip, both flips). A random crop is encoded every step.
+fn caches_latents(p: &Plan) -> bool {
+    matches!(p.pipeline().preprocess.crop(), cfg::Crop::Center)
+}
+
+/// Whether the text-encoder outputs can be cached: the text encoder is not trained.
+fn caches_text(p: &Plan) -> bool {
+    !p.pipeline().adapter.text_encoder
+}
+
+const ENCODE: Stage = Stage {
+    name: "encode",
+    depends_on: &["model", "preprocess"],
+    needs: &["model", "preprocess"],
+    tracked: true,
+    off: |p| {
+        if p.no_cache {
+            Some("--no-cache: the encoders run every step")
+        } else if !caches_latents(p) && !caches_text(p) {
+            Some("random crop and a trained text encoder: the encoders run every step")
+        } else {
+            None
+        }
+    },
+    fingerprint: |p| {
+        Fingerprint::new("encode")
+            .add("model", p.fingerprint("model"))
+            .add("preprocess", p.fingerprint("preprocess"))
+            .add("latents", &caches_latents(p).to_string())
+            .add("text", &caches_text(p).to_string())
+            .finish()
+    },
+    reads: nothing,
+    outputs: |_| vec![out(format!("{CACHE_DIR}/"), "VAE latent distributions and text embeddings, checksummed, keyed by model and input", true)],
+    describe: |p| {
+        let latents = match (caches_latents(p), p.pipeline().preprocess.random_flip) {
+            (true, true) => "VAE latent distribution (mean, std) of every image, flipped and not",
+            (true, false) => "VAE latent distribution (mean, std) of every image",
+            (false, _) => "no latents (random crop: encoded every step)",
+        };
+        let text = if caches_text(p) { "text-encoder output of every caption" } else { "no text (the text encoder trains)" };
+        format!("cache on disk: {latents}; {text}")
+    },
+    run: run_encode,
+};
+
+fn encode_cache(p: &Plan) -> Arc<EncodeCache> {
+    Arc::new(EncodeCache::new(&p.out_dir.join(CACHE_DIR), p.fingerprint("model")))
+}
+
+fn run_encode(ctx: &mut StageCtx<'_>) -> Result<Ran> {
+    let plan = ctx.plan;
+    let cache = encode_cache(plan);
+    std::fs::create_dir_all(cache.dir()).with_context(|| format!("creating {}", cache.dir().display()))?;
+    let device = ctx.device.clone().context("the model stage runs before encode")?;
+    let loader = ctx.loader.as_ref().context("the preprocess stage runs before encode")?;
+    let (_, sd) = ctx.session.model.as_ref().context("the model stage runs before encode")?;
+    let opts = loader_options(plan.pipeline());
+    let dataset = loader.dataset();
+    let flips: &[bool] = if opts.preprocess.flip_p > 0.0 { &[false, true] } else { &[false] };
+    let bar = indicatif::ProgressBar::new(dataset.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} encode [{bar:30}] {pos}/{len} {per_sec} ETA {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let (mut new_latents, mut new_texts) = (0usize, 0usize);
+    for example in &dataset.examples {
+        if caches_latents(plan) {
+            let image = data::decode::decode_example(example, &opts.decode).map_err(|e| anyhow::anyhow!("{e}"))?;
+            for &flip in flips {
+                // Exactly the loader's pixels for this variant: a center crop draws nothing,
+                // and flip_p 0 / 1 fixes the flip.
+                let pre = data::PreprocessOptions { flip_p: if flip { 1.0 } else { 0.0 }, ..opts.preprocess.clone() };
+                let mut rng = <InitRng as rand::SeedableRng>::seed_from_u64(0);
+                let pixels = data::transform::preprocess(&image, &pre, &mut rng)?;
+                let res = pre.resolution as usize;
+                let px = candle_core::Tensor::from_vec(pixels, (1, 3, res, res), &Device::Cpu)?;
+                let key = cache.latent_key(&px.get(0)?)?;
+                if cache.get(&key, &device)?.is_none() {
+                    let dist = sd.vae.encode(&px.to_device(&device)?)?;
+                    cache.put(&key, &[&dist.mean.get(0)?, &dist.std()?.get(0)?])?;
+                    new_latents += 1;
+                }
+            }
+        }
+        if caches_text(plan) {
+            let captions: Vec<&String> = match &example.caption {
+                data::Caption::One(s) => vec![s],
+                data::Caption::Choices(list) => list.iter().collect(),
+            };
+            for c in captions {
+                let key = cache.text_key(c);
+                if cache.get(&key, &device)?.is_none() {
+                    let ids = sd.tokenizer.encode_batch(&[c.as_str()], &device)?;
+                    let hidden = sd.text_encoder.forward(&ids)?;
+                    cache.put(&key, &[&hidden.get(0)?])?;
+                    new_texts += 1;
+                }
+            }
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let reused = cache.hits.load(std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(
+        "encode: {new_latents} latent distribution(s) and {new_texts} text embedding(s) encoded, {reused} reused from {}",
+        tidy_path(cache.dir()).display()
+    );
+    Ok(Ran::done())
+}
+
+// ---------------------------------------------------------------------------------------------
+// train
+
+const TRAIN: Stage = Stage {
+    name: "train",
+    depends_on: &["model", "preprocess"],
+    needs: &["model", "preprocess"],
+    tracked: true,
+    off: not_off,
+    fingerprint: |p| {
+        Fingerprint::new("train")
+            .add("model", p.fingerprint("model"))
+            .add("preprocess", p.fingerprint("preprocess"))
+            .add_toml("adapter", p.table("adapter"))
+            .add_toml("optimizer", p.table("optimizer"))
+            .add_toml("train", p.table("train"))
+            .finish()
+    },
+    reads: |p| {
+        let mut r = vec![format!("{} (resumes an interrupted run from its newest checkpoint that loads)", tidy(p, "checkpoint-<step>"))];
+        if let Some(resume) = &p.pipeline().checkpoints.resume {
+            r.push(format!("{} (checkpoints.resume = {resume:?})", tidy_path(&p.out_dir).display()));
+        }
+        r
+    },
+    outputs: train_outputs,
+    describe: |p| {
+        let pl = p.pipeline();
+        let steps = match pl.train.max_steps {
+            Some(n) => format!("{n} steps"),
+            None => format!("{} epochs", pl.train.epochs),
+        };
+        format!(
+            "LoRA rank {} on {}{}; {steps}, batch {} x {}, lr {} ({})",
+            pl.adapter.rank,
+            pl.adapter.target_modules.join(", "),
+            if pl.adapter.text_encoder { " and the text encoder" } else { "" },
+            pl.train.batch_size,
+            pl.train.gradient_accumulation_steps,
+            pl.train.learning_rate,
+            choice_name(&pl.train.lr_scheduler)
+        )
+    },
+    run: run_train,
+};
+
+/// The steps at which checkpoints remain after pruning, when the step count is known.
+fn kept_checkpoints(p: &Plan) -> Option<Vec<usize>> {
+    let every = p.pipeline().checkpoints.every_steps as usize;
+    let max = p.known_max_steps()?;
+    if every == 0 {
+        return Some(Vec::new());
+    }
+    let all: Vec<usize> = (1..=max / every).map(|k| k * every).collect();
+    let keep = p.pipeline().checkpoints.total_limit.map_or(all.len(), |n| n as usize);
+    Some(all[all.len().saturating_sub(keep)..].to_vec())
+}
+
+fn train_outputs(p: &Plan) -> Vec<Output> {
+    let pl = p.pipeline();
+    let mut o = vec![
+        out(TRAINED_FILE, "the trained weights (PEFT names), read by export", true),
+        out(METRICS_FILE, "loss, lr and grad norm per step", true),
+    ];
+    match kept_checkpoints(p) {
+        Some(steps) => o.extend(steps.into_iter().map(|s| out(format!("checkpoint-{s}"), "checkpoint (weights, optimizer, state)", false))),
+        None if pl.checkpoints.every_steps > 0 => o.push(out(
+            "checkpoint-<step>",
+            format!(
+                "checkpoint every {} steps{}",
+                pl.checkpoints.every_steps,
+                pl.checkpoints.total_limit.map(|l| format!(", keeping {l}")).unwrap_or_default()
+            ),
+            false,
+        )),
+        None => {}
+    }
+    if pl.logging.report_to == cfg::ReportTo::Tensorboard {
+        let dir = pl.logging.dir.display().to_string();
+        o.push(out(format!("{dir}/events.out.tfevents.<...>"), "TensorBoard events (train_loss, lr, grad_norm)", false));
+    }
+    if !pl.validation.prompts.is_empty() {
+        o.push(out("validation/step-<step>/<...>.png", "validation images while training", false));
+    }
+    o
+}
+
+/// The settings a train run's checkpoints depend on, as dotted keys, to say what changed: the
+/// typed values (defaults included), with the keys the file sets as written (paths as written
+/// do not change with the working directory).
+fn train_settings_snapshot(p: &Plan) -> BTreeMap<String, serde_json::Value> {
+    fn flatten(prefix: &str, v: &serde_json::Value, out: &mut BTreeMap<String, serde_json::Value>) {
+        match v {
+            serde_json::Value::Object(t) => t.iter().for_each(|(k, v)| flatten(&format!("{prefix}.{k}"), v, out)),
+            other => {
+                out.insert(prefix.to_string(), other.clone());
+            }
+        }
+    }
+    let typed = serde_json::to_value(p.pipeline()).unwrap_or_default();
+    let written = serde_json::to_value(&p.loaded.resolved).unwrap_or_default();
+    let mut out = BTreeMap::new();
+    for table in ["model", "dataset", "preprocess", "adapter", "optimizer", "train"] {
+        for source in [&typed, &written] {
+            if let Some(v) = source.get(table) {
+                flatten(table, v, &mut out);
+            }
+        }
+    }
+    // Without a seed in the file every run draws its own: not a change of the run's settings.
+    if written.get("train").and_then(|t| t.get("seed")).is_none() {
+        out.remove("train.seed");
+    }
+    out.insert("model files".into(), p.fingerprint("model").into());
+    out.insert("dataset files".into(), p.fingerprint("dataset").into());
+    out
+}
+
+/// Settings whose change makes an interrupted run's checkpoints unusable (shapes, data stream,
+/// model); every other change (learning rate, step count, schedule) resumes with a warning.
+fn breaks_resume(key: &str) -> bool {
+    ["model", "dataset", "preprocess", "adapter"].iter().any(|t| key.starts_with(&format!("{t}.")) || key.starts_with(&format!("{t} ")))
+        || matches!(key, "train.batch_size" | "train.gradient_accumulation_steps" | "train.seed")
+}
+
+fn changed_keys(old: &BTreeMap<String, serde_json::Value>, new: &BTreeMap<String, serde_json::Value>) -> Vec<(String, String)> {
+    let show = |v: Option<&serde_json::Value>| v.map_or("(unset)".to_string(), |v| v.to_string());
+    let keys: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+    keys.into_iter()
+        .filter(|k| old.get(*k) != new.get(*k))
+        .map(|k| {
+            let text = if k.ends_with(" files") { format!("{k} changed") } else { format!("{k} {} -> {}", show(old.get(k)), show(new.get(k))) };
+            (k.clone(), text)
+        })
+        .collect()
+}
+
+/// Whether to resume the interrupted run recorded in the lock: `Ok(true)` resume, `Ok(false)`
+/// start over, `Err(Refused)` when its settings differ in a way that breaks the checkpoints.
+fn resume_decision(ctx: &StageCtx<'_>, settings: &BTreeMap<String, serde_json::Value>) -> Result<bool> {
+    let Some(rec) = ctx.lock.stages.get(IN_PROGRESS) else { return Ok(false) };
+    if ctx.opts.force {
+        tracing::info!("train: --force: starting over instead of resuming the interrupted run");
+        return Ok(false);
+    }
+    if rec.fingerprint == ctx.plan.fingerprint("train") {
+        tracing::info!("train: the last run with these settings did not finish; resuming it from its newest checkpoint that loads");
+        return Ok(true);
+    }
+    let changes = changed_keys(&rec.details, settings);
+    let (breaking, other): (Vec<_>, Vec<_>) = changes.into_iter().partition(|(k, _)| breaks_resume(k));
+    if !breaking.is_empty() || rec.details.is_empty() {
+        let list = if rec.details.is_empty() {
+            "(the interrupted run recorded no settings)".to_string()
+        } else {
+            breaking.iter().map(|(_, t)| format!("\n  {t}")).collect::<String>()
+        };
+        return Err(Refused(format!(
+            "{} holds an interrupted training run whose checkpoints do not fit this pipeline; changed:{list}\nrevert the change to resume it, or run with --force to start over (its checkpoints are removed)",
+            ctx.plan.out_dir.display()
+        ))
+        .into());
+    }
+    for (_, t) in &other {
+        tracing::warn!("train: resuming the interrupted run with a changed setting: {t}");
+    }
+    Ok(true)
+}
+
+fn run_train(ctx: &mut StageCtx<'_>) -> Result<Ran> {
+    let plan = ctx.plan;
+    let p = plan.pipeline();
+    let out_dir = plan.out_dir.clone();
+    let snapshot = train_settings_snapshot(plan);
+    let mut settings = train_settings(&plan.loaded);
+    if plan.no_cache {
+        settings.cache_encodings = false;
+    }
+    let explicit_resume = settings.resume_from_checkpoint.is_some();
+    if !explicit_resume {
+        if resume_decision(ctx, &snapshot)? {
+            settings.resume_from_checkpoint = Some("latest".into());
+        } else {
+            // A fresh start: checkpoints of earlier runs in this folder must never be resumed.
+            for (_, dir) in crate::train::checkpoint::list_checkpoints(&out_dir)? {
+                tracing::info!("train: removing {} (from an earlier run; this one starts over)", dir.display());
+                std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+            }
+        }
+    }
+    // Mark the stage in progress before the first step, so any crash resumes.
+    ctx.lock.stages.remove("train");
+    ctx.lock.record_with(IN_PROGRESS, plan.fingerprint("train"), vec![], snapshot);
+    ctx.lock.write(&out_dir)?;
+
+    let device = ctx.device.clone().context("the model stage runs before train")?;
+    let loader = ctx.loader.take().context("the preprocess stage runs before train")?;
+    let n_examples = loader.dataset().len();
+    let (_, sd) = ctx.session.model.as_mut().context("the model stage runs before train")?;
+    let mut rng = <InitRng as rand::SeedableRng>::seed_from_u64(p.train.seed.unwrap_or(0));
+    let unet_loras = inject(sd.unet.linears_mut(), &lora_spec(&p.adapter, &p.adapter.target_modules), &mut rng).context("[adapter] target_modules")?;
+    let te_loras: Vec<TrainableLora> = if p.adapter.text_encoder {
+        inject(sd.text_encoder.linears_mut(), &lora_spec(&p.adapter, &p.adapter.text_encoder_target_modules), &mut rng)
+            .context("[adapter] text_encoder_target_modules")?
+    } else {
+        Vec::new()
+    };
+    ctx.adapter_attached = true;
+    let mut params = named_params("unet", &unet_loras);
+    params.extend(named_params("text_encoder", &te_loras));
+    if p.train.precision == cfg::Precision::Fp16 {
+        // The reference creates the LoRA weights in the base layer's dtype and only then upcasts
+        // them (`cast_training_params`): the init is rounded to f16.
+        for nv in &params {
+            nv.var.set(&crate::train::precision::round_through(nv.var.as_tensor(), DType::F16)?)?;
+        }
+    }
+    let n_params: usize = params.iter().map(|p| p.var.elem_count()).sum();
+    tracing::info!("adapter: {} modules, {n_params} trainable parameters", unet_loras.len() + te_loras.len());
+    // Measure progress on up to 32 examples with fixed noise, before and after training.
+    settings.eval_batches = 32usize.div_ceil(settings.batch_size).min(loader.batches_per_epoch());
+    let sd_ref: &StableDiffusion = sd;
+    let mut trainer = Trainer::new(sd_ref, params, settings)?;
+    trainer.stop = ctx.stop.clone();
+    let cache = (!plan.no_cache).then(|| encode_cache(plan));
+    if let Some(cache) = &cache {
+        trainer.latent_cache_disk = caches_latents(plan).then(|| cache.clone());
+        trainer.text_cache_disk = caches_text(plan).then(|| cache.clone());
+    }
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    let mut last_log = Instant::now();
+    // Validation while training, as the reference: at the end of every `every_epochs`-th epoch
+    // (epoch 0 included), and every `every_steps` updates when set.
+    let steps = crate::train::lr::StepPlan::new(
+        n_examples,
+        p.train.batch_size as usize,
+        p.train.gradient_accumulation_steps as usize,
+        p.train.epochs as usize,
+        p.train.max_steps.map(|n| n as usize),
+    )?;
+    let validate_at = |step: usize| -> bool {
+        if p.validation.prompts.is_empty() {
+            return false;
+        }
+        let by_steps = p.validation.every_steps.is_some_and(|n| n > 0 && step % n as usize == 0);
+        let epoch_end = step % steps.updates_per_epoch == 0;
+        let epoch = (step / steps.updates_per_epoch).saturating_sub(1);
+        let by_epochs = epoch_end && p.validation.every_epochs > 0 && epoch % p.validation.every_epochs as usize == 0;
+        (by_steps || by_epochs) && step < steps.max_train_steps
+    };
+    let mut on_update = |step: usize, total: usize, loss: f64, lr: f64| {
+        if validate_at(step) {
+            let dir = out_dir.join("validation").join(format!("step-{step}"));
+            match validation_images(sd_ref, p, &dir, &device) {
+                Ok(files) => tracing::info!("validation: {} image(s) in {}", files.len(), dir.display()),
+                Err(e) => tracing::warn!("validation at step {step} failed: {e:#}"),
+            }
+        }
+        let b = bar.get_or_insert_with(|| progress_bar(total, step.saturating_sub(1)));
+        b.set_position(step as u64);
+        b.set_message(format!("loss {loss:.4} lr {lr:.2e}"));
+        if b.is_hidden() && (last_log.elapsed().as_secs_f64() > 10.0 || step == total || step == 1) {
+            tracing::info!("step {step}/{total} loss {loss:.4} lr {lr:.2e}");
+            last_log = Instant::now();
+        }
+    };
+    let outcome = trainer.train(&LoaderSource(loader, p.train.batch_size as usize), Some(&mut on_update))?;
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    drop(trainer);
+    if let Some(cache) = &cache {
+        let load = |a: &std::sync::atomic::AtomicUsize| a.load(std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(
+            "train: encode cache {}: {} served, {} encoded and stored, {} damaged entries rebuilt",
+            tidy_path(cache.dir()).display(),
+            load(&cache.hits),
+            load(&cache.misses),
+            load(&cache.rebuilt)
+        );
+    }
+    let weights = trained_weights(&unet_loras, &te_loras)?;
+    write_lora_file(&weights, &out_dir.join(TRAINED_FILE), LoraFormat::Peft)?;
+    let mut details = BTreeMap::new();
+    details.insert("examples".to_string(), serde_json::Value::from(n_examples));
+    details.insert("max_train_steps".to_string(), serde_json::Value::from(outcome.max_train_steps));
+    let interrupted = outcome.interrupted;
+    ctx.report.train = Some(outcome);
+    if interrupted {
+        // Not complete: the in-progress mark stays so the next run resumes; the adapter so far
+        // is exported for a look, without recording export as done.
+        export_files(ctx, &details)?;
+        return Ok(Ran { complete: false, details });
+    }
+    ctx.lock.stages.remove(IN_PROGRESS);
+    Ok(Ran { complete: true, details })
+}
+
+fn progress_bar(total: usize, start: usize) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(total as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} train [{bar:30}] {pos}/{len} {msg} {per_sec} ETA {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_position(start as u64);
+    bar
+}
+
+// ---------------------------------------------------------------------------------------------
+// export
+
+const EXPORT: Stage = Stage {
+    name: "export",
+    depends_on: &["train"],
+    needs: &[],
+    tracked: true,
+    off: not_off,
+    fingerprint: |p| {
+        Fingerprint::new("export").add("train", p.fingerprint("train")).add_toml("formats", p.table("output").and_then(|o| o.get("formats"))).finish()
+    },
+    reads: |p| vec![tidy(p, TRAINED_FILE)],
+    outputs: |p| {
+        p.pipeline()
+            .output
+            .formats
+            .iter()
+            .map(|f| match f {
+                cfg::OutputFormat::Diffusers => out(DIFFUSERS_FILE, "diffusers form, as the reference script writes it", true),
+                cfg::OutputFormat::Kohya => out(KOHYA_FILE, "kohya form with training metadata (A1111, ComfyUI)", true),
+            })
+            .collect()
+    },
+    describe: |p| {
+        let names: Vec<String> = p.pipeline().output.formats.iter().map(choice_name).collect();
+        format!("write the adapter ({})", names.join(", "))
+    },
+    run: |ctx| {
+        let details = ctx.lock.stages.get("train").map(|r| r.details.clone()).unwrap_or_default();
+        export_files(ctx, &details)?;
+        // Files an earlier export wrote that are no longer asked for.
+        let wanted: Vec<String> = (EXPORT.outputs)(ctx.plan).into_iter().map(|o| o.path).collect();
+        if let Some(old) = ctx.lock.stages.get("export") {
+            for f in old.outputs.iter().filter(|f| !wanted.contains(f)) {
+                let path = ctx.plan.out_dir.join(f);
+                if path.is_file() {
+                    tracing::info!("export: removing {} (its format is no longer in output.formats)", path.display());
+                    std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+                }
+            }
+        }
+        Ok(Ran::done())
+    },
+};
+
+/// Write every format of `output.formats` from the train stage's file.
+fn export_files(ctx: &mut StageCtx<'_>, train_details: &BTreeMap<String, serde_json::Value>) -> Result<()> {
+    let p = ctx.plan.pipeline();
+    let dir = &ctx.plan.out_dir;
+    let weights = read_lora_file(&dir.join(TRAINED_FILE)).context("the train stage's result")?;
+    let count = |k: &str| train_details.get(k).and_then(serde_json::Value::as_u64);
+    for f in &p.output.formats {
+        match f {
+            cfg::OutputFormat::Diffusers => {
+                let path = dir.join(DIFFUSERS_FILE);
+                write_lora_file(&weights, &path, LoraFormat::Diffusers)?;
+                ctx.report.files.push(path);
+            }
+            cfg::OutputFormat::Kohya => {
+                // A single-file model says what it is (read from its header, no model load).
+                let recognised = crate::models::single_file::recognise_config(&p.model).and_then(|r| r.ok());
+                let info = TrainingInfo {
+                    base_model_version: recognised.as_ref().map_or("sd_v1", |r| r.family.base_model_version()).into(),
+                    model_name: model_source(p)?,
+                    rank: p.adapter.rank as usize,
+                    alpha: p.adapter.default_alpha(),
+                    learning_rate: p.train.learning_rate,
+                    max_train_steps: count("max_train_steps").or(p.train.max_steps).unwrap_or(0),
+                    epochs: p.train.epochs,
+                    batch_size: p.train.batch_size as usize,
+                    resolution: p.preprocess.resolution as usize,
+                    seed: p.train.seed,
+                    num_train_images: count("examples").unwrap_or(0) as usize,
+                    v_prediction: recognised.as_ref().is_some_and(|r| r.prediction.kind == "v_prediction"),
+                    train_text_encoder: p.adapter.text_encoder,
+                    pipeline_toml: resolved_toml(&ctx.plan.loaded),
+                    training_started_at: None,
+                    training_finished_at: None,
+                };
+                let mut w = weights.clone();
+                w.metadata = crate::adapters::format::training_metadata(&info);
+                // A single-file model (and a separate VAE) are named and hashed as kohya does.
+                w.metadata.extend(crate::adapters::kohya_hash::source_file_metadata(p.model.file.as_deref(), p.model.vae.as_deref())?);
+                let bytes = crate::adapters::kohya_hash::with_sshs_hashes(&crate::adapters::format::serialize_lora(&w, LoraFormat::Kohya)?)?;
+                let path = dir.join(KOHYA_FILE);
+                crate::util::fs::write_atomic(&path, &bytes).with_context(|| format!("cannot write LoRA file {}", path.display()))?;
+                ctx.report.files.push(path);
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// validate
+
+const VALIDATE: Stage = Stage {
+    name: "validate",
+    depends_on: &["train"],
+    needs: &["model"],
+    tracked: true,
+    off: |p| p.pipeline().validation.prompts.is_empty().then_some("no validation prompts"),
+    fingerprint: |p| {
+        Fingerprint::new("validate")
+            .add("train", p.fingerprint("train"))
+            .add_toml("validation", p.table("validation"))
+            .add("resolution", &p.pipeline().preprocess.resolution.to_string())
+            .finish()
+    },
+    reads: |p| vec![tidy(p, TRAINED_FILE)],
+    outputs: |p| validation_files(p.pipeline()).into_iter().map(|f| out(f, "validation image", true)).collect(),
+    describe: |p| {
+        let v = &p.pipeline().validation;
+        format!(
+            "{} image(s) per prompt for {} prompt(s), {} steps ({}), guidance {}",
+            v.num_images,
+            v.prompts.len(),
+            v.steps,
+            choice_name(&v.scheduler),
+            v.guidance_scale
+        )
+    },
+    run: |ctx| {
+        let dir = ctx.plan.out_dir.clone();
+        let device = ctx.device.clone().context("the model stage runs before validate")?;
+        let (_, sd) = ctx.session.model.as_mut().context("the model stage runs before validate")?;
+        if !ctx.adapter_attached {
+            crate::adapters::lora::apply_lora_file(sd, &dir.join(TRAINED_FILE), 1.0)?;
+            ctx.adapter_attached = true;
+        }
+        let files = validation_images(sd, ctx.plan.pipeline(), &dir.join("validation"), &device)?;
+        ctx.report.files.extend(files);
+        Ok(Ran::done())
+    },
+};
+
+/// The final validation images, relative to the output folder (what `validation_images` writes).
+pub fn validation_files(p: &cfg::Pipeline) -> Vec<String> {
+    (0..p.validation.prompts.len())
+        .flat_map(|i| (0..p.validation.num_images).map(move |j| format!("validation/{}", super::run::validation_file_name(i, j as usize))))
+        .collect()
+}
+
+/// `true` when `path` (relative, `/`-separated) is what `pattern` announces (`<...>` matches any
+/// run of characters within one path segment).
+pub fn matches_output(pattern: &str, path: &str) -> bool {
+    let p_segs: Vec<&str> = pattern.trim_end_matches('/').split('/').collect();
+    let segs: Vec<&str> = path.split('/').collect();
+    if p_segs.len() > segs.len() {
+        return false;
+    }
+    // A pattern naming a folder covers everything under it.
+    p_segs.iter().zip(&segs).all(|(p, s)| segment_matches(p, s))
+}
+
+fn segment_matches(pattern: &str, seg: &str) -> bool {
+    let mut parts: Vec<&str> = Vec::new();
+    let mut rest = pattern;
+    while let Some(start) = rest.find('<') {
+        let Some(end) = rest[start..].find('>') else { break };
+        parts.push(&rest[..start]);
+        rest = &rest[start + end + 1..];
+    }
+    parts.push(rest);
+    if parts.len() == 1 {
+        return pattern == seg;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !seg.starts_with(first) || !seg[first.len()..].ends_with(last) || seg.len() < first.len() + last.len() {
+        return false;
+    }
+    let mut pos = first.len();
+    let end = seg.len() - last.len();
+    for mid in &parts[1..parts.len() - 1] {
+        match seg[pos..end].find(mid) {
+            Some(i) => pos += i + mid.len(),
+            None => return false,
+        }
+    }
+    true
+}
+
+/// The output folder's own files, written by the runner rather than a stage.
+pub const BOOKKEEPING: &[&str] = &[super::lock::LOCK_FILE, super::run_dir::RUN_LOCK_FILE];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_patterns() {
+        assert!(matches_output("checkpoint-<step>", "checkpoint-10/optimizer.safetensors"));
+        assert!(matches_output("logs/events.out.tfevents.<...>", "logs/events.out.tfevents.17.lora.3"));
+        assert!(matches_output("validation/step-<step>/<...>.png", "validation/step-3/prompt0-1.png"));
+        assert!(!matches_output("validation/step-<step>/<...>.png", "validation/prompt0-1.png"));
+        assert!(matches_output("metrics.jsonl", "metrics.jsonl"));
+        assert!(matches_output("cache/encode/", "cache/encode/ab/abc.enc"));
+        assert!(!matches_output("metrics.jsonl", "metrics.json"));
+    }
+
+    #[test]
+    fn what_breaks_a_resume() {
+        assert!(breaks_resume("adapter.rank"));
+        assert!(breaks_resume("model files"));
+        assert!(breaks_resume("train.batch_size"));
+        assert!(!breaks_resume("train.learning_rate"));
+        assert!(!breaks_resume("train.max_steps"));
+        let old = BTreeMap::from([("adapter.rank".to_string(), serde_json::json!(4)), ("train.max_steps".to_string(), serde_json::json!(8))]);
+        let new = BTreeMap::from([("adapter.rank".to_string(), serde_json::json!(8)), ("train.max_steps".to_string(), serde_json::json!(8))]);
+        assert_eq!(changed_keys(&old, &new), vec![("adapter.rank".to_string(), "adapter.rank 4 -> 8".to_string())]);
+    }
+}
