@@ -12,13 +12,14 @@
 # Prepare here first: `scripts/device-prepare.sh` (CUDA build + wheels into .device/), then run
 # through the device tool: command `bash scripts/device-check.sh`, carry [".device"].
 # Dry run on the CPU with a small model (checks the script itself):
-#   scripts/device-prepare.sh --cpu && bash scripts/device-check.sh --cpu-dry-run
+#   scripts/device-prepare.sh --cpu && PYTHON=/work/refenv/bin/python bash scripts/device-check.sh --cpu-dry-run
 # Results: $OUT (the device tool's folder) or /tmp/device-check-out: summary.md, *.jsonl, logs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
 dry=0
 [ "${1:-}" = "--cpu-dry-run" ] && dry=1
+py=${PYTHON:-python3}   # the Python with torch (on the GPU machine: python3)
 out=${OUT:-/tmp/device-check-out}
 work=${WORK:-/tmp/lora-device-check}
 mkdir -p "$out" "$work"
@@ -40,7 +41,7 @@ else
   device=cuda; dtype=bf16; precision=bf16; res=512; small=; steps=10; warmup=5; run_steps=50
   # The CUDA libraries the binary links (cuBLAS, cuRAND, NVRTC) come with PyTorch's wheels there;
   # libcuda.so.1 with the driver.
-  libs=$(python3 - <<'PY'
+  libs=$("$py" - <<'PY'
 import glob, os
 dirs = set()
 try:
@@ -69,11 +70,11 @@ grep -q "test result: ok" "$out/parity.log" || { echo "PARITY TESTS FAILED"; fai
 # --- 2. the SD 1.5-shaped model and the pipeline ---------------------------------------------
 say "python environment"
 site=/tmp/lora-site
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .device/wheels/*.whl 2>&1 | tail -2
+"$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .device/wheels/*.whl 2>&1 | tail -2
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-python3 -c "import torch, diffusers, transformers, peft; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'cuda', torch.cuda.is_available())"
+"$py" -c "import torch, diffusers, transformers, peft; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'cuda', torch.cuda.is_available())"
 say "random SD 1.5 model"
-timeout 300 python3 tools/device/make_sd15.py "$work/sd15" $small --images 16 --resolution "$res" || { echo "model generation failed"; exit 1; }
+timeout 300 "$py" tools/device/make_sd15.py "$work/sd15" $small --images 16 --resolution "$res" || { echo "model generation failed"; exit 1; }
 mkdir -p "$work/sd15/images-bench/train"
 cp "$work/sd15"/images/train/000[0-3].png "$work/sd15/images-bench/train/"
 head -4 "$work/sd15/images/train/metadata.jsonl" >"$work/sd15/images-bench/train/metadata.jsonl"
@@ -119,7 +120,7 @@ for batch in 1 4; do
     say "reference batch $batch checkpointing $ckpt"
     gc=(); [ "$ckpt" = true ] && gc=(--gradient-checkpointing)
     if [ "$dry" = 1 ]; then ref_model=(--model "$work/sd15/model"); else ref_model=(--config sd15); fi
-    timeout 150 python3 tools/reference/reference_step.py "${ref_model[@]}" --resolution "$res" --batch "$batch" --dtype "$dtype" \
+    timeout 150 "$py" tools/reference/reference_step.py "${ref_model[@]}" --resolution "$res" --batch "$batch" --dtype "$dtype" \
       --steps "$steps" --warmup "$warmup" --device "$device" "${gc[@]}" >>"$out/ref-bench.jsonl" 2>"$out/ref-$batch-$ckpt.err" \
       || { echo "reference failed:"; tail -5 "$out/ref-$batch-$ckpt.err"; }
     tail -1 "$out/ref-bench.jsonl"

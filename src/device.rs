@@ -40,6 +40,15 @@ pub fn select(spec: DeviceSpec) -> Result<Device> {
     Ok(device)
 }
 
+/// `train.allow_tf32`: let cuBLAS use TF32 for f32 matmuls on Ampere or newer (as torch's
+/// `allow_tf32`); candle's default is off. No effect on the CPU (validation warns there).
+pub fn allow_tf32(device: &Device, allow: bool) {
+    if let Device::Cuda(_) = device {
+        cuda::set_tf32(allow);
+        tracing::info!("TF32 matmuls {}", if allow { "on (train.allow_tf32)" } else { "off" });
+    }
+}
+
 /// `cpu (2 threads)` or `cuda:0 (NVIDIA H200, 139.8 GiB)`.
 pub fn describe(device: &Device) -> String {
     match device {
@@ -128,6 +137,10 @@ mod cuda {
         format!("cuda:{} ({name}{total})", ctx.ordinal())
     }
 
+    pub fn set_tf32(allow: bool) {
+        candle_core::cuda::set_gemm_reduced_precision_f32(allow);
+    }
+
     pub fn reset_peak(device: &Device) {
         if let Some((u, _)) = used(device) {
             BASELINE.store(u, Ordering::Relaxed);
@@ -154,6 +167,7 @@ mod cuda {
     pub fn describe(device: &Device) -> String {
         format!("{device:?}")
     }
+    pub fn set_tf32(_: bool) {}
     pub fn reset_peak(_: &Device) {}
     pub fn sample(_: &Device) {}
     pub fn peak_memory(_: &Device) -> Option<u64> {

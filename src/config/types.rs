@@ -144,7 +144,7 @@ pub struct DatasetConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("x-reference" = "--dataset_name"))]
     pub name: Option<String>,
-    /// Hub dataset configuration name.
+    /// Hub dataset configuration name. Not supported yet (validation refuses it): the hub source reads the default configuration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("x-reference" = "--dataset_config_name"))]
     pub config_name: Option<String>,
@@ -499,7 +499,7 @@ pub struct TrainConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schemars(extend("x-reference" = "--seed"))]
     pub seed: Option<u64>,
-    /// Threads that decode and preprocess images ahead of the step; 0 picks the core count.
+    /// Not supported yet (validation refuses it): images decode and preprocess on the shared thread pool (`RAYON_NUM_THREADS`).
     #[schemars(extend("x-reference" = "--dataloader_num_workers"))]
     pub dataloader_workers: u32,
     /// Precision of the frozen models.

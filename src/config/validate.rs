@@ -724,8 +724,14 @@ impl Checks<'_> {
                 }
             }
         }
-        if d.config_name.is_some() && d.kind != DatasetKind::Hub {
-            self.warning(&["dataset.config_name"], "`dataset.config_name` is only used with kind \"hub\"".into(), None);
+        if d.config_name.is_some() {
+            // Accepted keys must work: the hub source reads the dataset's default parquet files and
+            // has no notion of a named configuration yet.
+            self.error(
+                &["dataset.config_name"],
+                "`dataset.config_name` is not supported yet: the hub source reads the dataset's default configuration".into(),
+                Some("remove the key, or download the configuration's parquet files and use kind = \"parquet\"".into()),
+            );
         }
     }
 
@@ -819,6 +825,15 @@ impl Checks<'_> {
                 &["train.precision"],
                 format!("precision \"{name}\" on the CPU is slower than \"no\": the CPU has no half-precision kernels, so convolutions compute in f32 and round"),
                 Some("use precision = \"no\" on the CPU unless you are testing mixed precision".into()),
+            );
+        }
+        if self.is_set("train.dataloader_workers") {
+            // Accepted keys must work: images are decoded and preprocessed on the process-wide
+            // thread pool (RAYON_NUM_THREADS), not on a worker pool of its own.
+            self.error(
+                &["train.dataloader_workers"],
+                "`train.dataloader_workers` is not supported yet: images are decoded on the shared thread pool (set RAYON_NUM_THREADS to change its size)".into(),
+                Some("remove the key".into()),
             );
         }
         if t.allow_tf32 && t.device == Device::Cpu {

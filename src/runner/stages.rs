@@ -350,6 +350,7 @@ const MODEL: Stage = Stage {
 fn run_model(ctx: &mut StageCtx<'_>) -> Result<Ran> {
     let p = ctx.plan.pipeline();
     let device = select_device(p.train.device)?;
+    crate::device::allow_tf32(&device, p.train.allow_tf32);
     let dtype = weight_dtype(p.train.precision, &device)?;
     let fp = ctx.plan.fingerprint("model");
     if !ctx.opts.force && ctx.session.model.as_ref().is_some_and(|(f, _)| f == fp) {
