@@ -24,8 +24,10 @@ log() { echo "device-prepare: $*" >&2; }
 # not use (the GGUF/MoE CUDA kernels alone are 33 MB) and keeps the stripped CUDA binary < 60 MiB.
 log "building lora ($mode, dist profile)"
 cargo build --profile dist "${features[@]}"
-log "building the integration tests ($mode, release)"
-tests_bin=$(cargo test --release "${features[@]}" --test tests --no-run --message-format=json 2>/dev/null \
+# The tests in the same profile: building them in `release` would also rebuild (and replace)
+# target/release/lora with the CUDA binary, which does not start without libcuda.so.1.
+log "building the integration tests ($mode, dist profile)"
+tests_bin=$(cargo test --profile dist "${features[@]}" --test tests --no-run --message-format=json 2>/dev/null \
   | python3 -c 'import json,sys
 for line in sys.stdin:
     m = json.loads(line)
