@@ -411,9 +411,17 @@ pub struct FrozenMatmul(Option<Arc<Box<dyn CustomOp1 + Send + Sync>>>);
 impl FrozenMatmul {
     pub fn new(weight: &Tensor) -> Result<Self> {
         if weight.rank() == 2 && weight.dtype().is_float() {
-            let w = weight.contiguous()?.detach();
-            let w_t = if w.device().is_cpu() { Some(w.t()?.contiguous()?) } else { None };
-            Ok(Self(Some(Arc::new(Box::new(FrozenMatmulOp { w, w_t })))))
+            let op = if weight.device().is_cpu() {
+                // One buffer: `Wᵀ` contiguous (the forward's right-hand side) and `W` as a strided
+                // view of it for the backward. A weight that already is such a view (see
+                // `AdaptedLinear::new`) is not copied.
+                let t = weight.t()?;
+                let w_t = if t.is_contiguous() { t.detach() } else { t.contiguous()?.detach() };
+                FrozenMatmulOp { w: w_t.t()?, w_t: Some(w_t) }
+            } else {
+                FrozenMatmulOp { w: weight.contiguous()?.detach(), w_t: None }
+            };
+            Ok(Self(Some(Arc::new(Box::new(op)))))
         } else {
             Ok(Self(None))
         }

@@ -45,6 +45,13 @@ pub struct AdaptedLinear {
 
 impl AdaptedLinear {
     pub fn new(name: impl Into<String>, weight: Tensor, bias: Option<Tensor>) -> Self {
+        // On the CPU the frozen matmul wants `Wᵀ` contiguous: keep the weight as a view of that one
+        // buffer instead of holding both layouts (a full-size UNet's linears are ~1.4 GB in f32).
+        let weight = if weight.device().is_cpu() && weight.rank() == 2 && !weight.t().is_ok_and(|t| t.is_contiguous()) {
+            weight.t().and_then(|t| t.contiguous()).and_then(|t| t.t()).unwrap_or(weight)
+        } else {
+            weight
+        };
         let base = FrozenMatmul::new(&weight).unwrap_or_else(|_| FrozenMatmul::fallback());
         Self { name: name.into(), weight, bias, loras: Vec::new(), base }
     }
