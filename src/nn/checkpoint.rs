@@ -25,9 +25,10 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor, TensorId, Var};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, TensorId, Var};
+
+use super::precomputed::Precomputed;
 
 /// A checkpointed piece: `(x, aux) -> out` (e.g. a resnet over hidden states and the time
 /// embedding, or a transformer over hidden states and the text embeddings). It must compute the
@@ -127,7 +128,7 @@ impl CheckpointGrads {
         let value = out.detach();
         drop(out);
         let anchor = Var::zeros(1, x.dtype(), x.device())?;
-        let op = CheckpointOp { piece: Arc::new(piece), pending: Mutex::new(Some(value)), sink: self.clone() };
+        let op = CheckpointOp { piece: Arc::new(piece), pending: Precomputed::new(value, "checkpoint op"), sink: self.clone() };
         let result = x.apply_op3_arc(aux, anchor.as_tensor(), Arc::new(Box::new(op)))?;
         self.inner.checkpointed.fetch_add(1, Ordering::SeqCst);
         Ok(result)
@@ -145,35 +146,13 @@ where
     }
 }
 
-/// A contiguous copy of the part of `src` that `layout` addresses.
-fn copy_out<S>(src: &S, layout: &Layout) -> Result<S>
-where
-    S: BackendStorage,
-    S::Device: BackendDevice<Storage = S>,
-{
-    // SAFETY: every element of the new storage is written by `copy_strided_src` just below.
-    let mut dst = unsafe { src.device().alloc_uninit(layout.shape(), src.dtype())? };
-    src.copy_strided_src(&mut dst, 0, layout)?;
-    Ok(dst)
-}
-
 /// The checkpoint op of one piece. Its forward returns the output computed before the op was
 /// applied (taken from `pending`, so the op in the graph holds no tensor); its backward
 /// recomputes the piece.
 struct CheckpointOp {
     piece: Arc<Piece>,
-    pending: Mutex<Option<Tensor>>,
+    pending: Precomputed,
     sink: CheckpointGrads,
-}
-
-impl CheckpointOp {
-    fn take_pending(&self) -> Result<Tensor> {
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("checkpoint op: forward ran twice (its output was already taken)".into()))
-    }
 }
 
 /// A fresh leaf for an input of the recomputation: a new `Var` (own id, own storage) when the
@@ -193,16 +172,9 @@ impl CustomOp3 for CheckpointOp {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = self.take_pending()?;
-        let (storage, layout) = out.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(s) => Ok((copy_out(s, layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("checkpoint op: the piece's output is not on the CPU like its inputs"),
-        }
+        self.pending.take_cpu()
     }
 
-    // Generic over the backend storage, so it compiles with candle's dummy CUDA backend too
-    // (a build without the `cuda` feature never reaches it).
     fn cuda_fwd(
         &self,
         _: &candle_core::CudaStorage,
@@ -212,12 +184,7 @@ impl CustomOp3 for CheckpointOp {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = self.take_pending()?;
-        let (storage, layout) = out.storage_and_layout();
-        match &*storage {
-            Storage::Cuda(s) => Ok((copy_out(s, layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("checkpoint op: the piece's output is not on the CUDA device like its inputs"),
-        }
+        self.pending.take_cuda()
     }
 
     fn bwd(

@@ -209,24 +209,17 @@ struct AttachConvGrad {
     geometry: ConvGeometry,
 }
 
-fn copy_of<S: BackendStorage>(s: &S, l: &Layout) -> Result<(S, Shape)> {
-    if !l.is_contiguous() || l.start_offset() != 0 {
-        candle_core::bail!("attach-grad: the precomputed output must be contiguous");
-    }
-    Ok((s.try_clone(l)?, l.shape().clone()))
-}
-
 impl CustomOp2 for AttachConvGrad {
     fn name(&self) -> &'static str {
         "frozen-conv2d-attach"
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, y: &CpuStorage, yl: &Layout) -> Result<(CpuStorage, Shape)> {
-        copy_of(y, yl)
+        super::precomputed::copy_storage(y, yl)
     }
 
     fn cuda_fwd(&self, _: &CudaStorage, _: &Layout, y: &CudaStorage, yl: &Layout) -> Result<(CudaStorage, Shape)> {
-        copy_of(y, yl)
+        super::precomputed::copy_storage(y, yl)
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {

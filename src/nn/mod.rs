@@ -19,6 +19,7 @@ pub mod frozen;
 pub mod fused_norm;
 pub mod linear;
 pub mod norm;
+pub(crate) mod precomputed;
 pub mod resnet;
 
 pub use activation::Activation;

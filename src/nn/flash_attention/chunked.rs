@@ -5,9 +5,9 @@
 
 // `cuda_fwd` is compiled under this crate's `cuda` feature, which the GPU build declares.
 
-use std::sync::Mutex;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D};
+use crate::nn::precomputed::Precomputed;
 
 use super::{Geometry, CHUNK_SCORE_ELEMENTS};
 
@@ -33,7 +33,7 @@ pub(crate) fn chunked_attention_budget(q: &Tensor, k: &Tensor, v: &Tensor, scale
     }
     // The op's forward returns this storage as is, so it must start at offset 0, contiguous.
     let out = if out.is_contiguous() && out.layout().start_offset() == 0 { out } else { out.copy()? };
-    q.apply_op3(k, v, ChunkedAttention { out: Mutex::new(Some(out)), plan })
+    q.apply_op3(k, v, ChunkedAttention { out: Precomputed::new(out, "chunked attention"), plan })
 }
 
 /// What one call computes: the scale, the dtype handling, the query rows per chunk.
@@ -140,15 +140,8 @@ fn cat_rows(mut parts: Vec<Tensor>) -> Result<Tensor> {
 /// recomputes chunk by chunk with tensor ops.
 struct ChunkedAttention {
     /// Taken by the forward (the op's result then owns the values; no second copy is kept).
-    out: Mutex<Option<Tensor>>,
+    out: Precomputed,
     plan: Plan,
-}
-
-impl ChunkedAttention {
-    fn take_out(&self) -> Result<Tensor> {
-        let taken = self.out.lock().map_err(|_| candle_core::Error::Msg("flash attention: output lock poisoned".into()))?.take();
-        taken.ok_or_else(|| candle_core::Error::Msg("flash attention: an op instance was run twice (make a fresh one per call)".into()))
-    }
 }
 
 impl CustomOp3 for ChunkedAttention {
@@ -157,17 +150,9 @@ impl CustomOp3 for ChunkedAttention {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = self.take_out()?;
-        let (storage, layout) = out.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(s) => Ok((s.clone(), layout.shape().clone())),
-            _ => candle_core::bail!("flash attention: precomputed output is not on the CPU"),
-        }
+        self.out.take_cpu()
     }
 
-    // Compiles only with candle's CUDA backend (`candle-core/cuda`, enabled by this crate's
-    // `cuda` feature).
-    #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
         _: &candle_core::CudaStorage,
@@ -177,13 +162,7 @@ impl CustomOp3 for ChunkedAttention {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let out = self.take_out()?;
-        let (storage, layout) = out.storage_and_layout();
-        match &*storage {
-            Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("flash attention: precomputed output is not on the GPU"),
-        }
+        self.out.take_cuda()
     }
 
     fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, grad_out: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
