@@ -58,19 +58,13 @@ pub fn describe(device: &Device) -> String {
     }
 }
 
-/// The peak device memory in use (bytes) since the last [`reset_peak`], for GPUs; `None` on the
-/// CPU (use the process's peak RSS there).
+/// The most device memory seen in use (bytes: cuMemGetInfo's total − free, so the CUDA context
+/// and any other process on the GPU count too), for GPUs; `None` on the CPU (use the process's
+/// peak RSS there).
 pub fn peak_memory(device: &Device) -> Option<u64> {
     match device {
         Device::Cuda(_) => cuda::peak_memory(device),
         _ => None,
-    }
-}
-
-/// Start a new high-water mark of device memory.
-pub fn reset_peak(device: &Device) {
-    if let Device::Cuda(_) = device {
-        cuda::reset_peak(device)
     }
 }
 
@@ -118,8 +112,6 @@ mod cuda {
 
     use candle_core::Device;
 
-    /// Bytes in use at the start of the measurement (other processes, the context itself).
-    static BASELINE: AtomicU64 = AtomicU64::new(0);
     static PEAK: AtomicU64 = AtomicU64::new(0);
 
     fn used(device: &Device) -> Option<(u64, u64)> {
@@ -141,13 +133,6 @@ mod cuda {
         candle_core::cuda::set_gemm_reduced_precision_f32(allow);
     }
 
-    pub fn reset_peak(device: &Device) {
-        if let Some((u, _)) = used(device) {
-            BASELINE.store(u, Ordering::Relaxed);
-            PEAK.store(u, Ordering::Relaxed);
-        }
-    }
-
     pub fn sample(device: &Device) {
         if let Some((u, _)) = used(device) {
             PEAK.fetch_max(u, Ordering::Relaxed);
@@ -156,7 +141,7 @@ mod cuda {
 
     pub fn peak_memory(device: &Device) -> Option<u64> {
         sample(device);
-        Some(PEAK.load(Ordering::Relaxed).saturating_sub(BASELINE.load(Ordering::Relaxed)))
+        Some(PEAK.load(Ordering::Relaxed))
     }
 }
 
@@ -168,7 +153,6 @@ mod cuda {
         format!("{device:?}")
     }
     pub fn set_tf32(_: bool) {}
-    pub fn reset_peak(_: &Device) {}
     pub fn sample(_: &Device) {}
     pub fn peak_memory(_: &Device) -> Option<u64> {
         None

@@ -107,7 +107,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         );
         println!("  {ms:.1} ms per optimizer step, {images_per_s:.1} images/s");
         if let Some(g) = report.peak_device_bytes {
-            println!("  peak GPU memory {:.0} MiB (of which model {:.0} MiB)", mib(g), mib(report.model_bytes.unwrap_or(0)));
+            println!("  peak GPU memory {:.0} MiB in use (after loading the model: {:.0} MiB; CUDA context included)", mib(g), mib(report.model_bytes.unwrap_or(0)));
         }
         if let Some(p) = peak {
             println!("  peak host memory {:.0} MiB (resident)", mib(p));

@@ -328,10 +328,10 @@ pub struct BenchReport {
     pub device_is_cpu: bool,
     /// `cpu (2 threads)`, `cuda:0 (NVIDIA H200, 139.8 GiB)`.
     pub device: String,
-    /// Peak device memory in use during training (GPU only), bytes above what was in use when
-    /// training started (model weights already loaded are counted in `model_bytes`).
+    /// Peak device memory in use up to the end of training (GPU only; `device::peak_memory`:
+    /// the CUDA context and the model included).
     pub peak_device_bytes: Option<u64>,
-    /// Device memory in use after loading the model, before training (GPU only).
+    /// Device memory in use after loading the model, before training (GPU only; context included).
     pub model_bytes: Option<u64>,
 }
 
