@@ -35,6 +35,10 @@ pub struct Args {
     /// fused, chunked or composed (full score matrices). Default: `LORA_ATTENTION`, else auto.
     #[arg(long)]
     pub attention: Option<crate::nn::attention::AttentionBackend>,
+    /// Time the pieces of the timed steps (forward, backward, optimizer, and our own conv,
+    /// linear, attention and group-norm kernels; the rest is candle's tensor ops) and print them.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 /// Peak resident memory of this process in bytes (Linux `VmHWM`), if known.
@@ -75,7 +79,15 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 
     let stamps = std::cell::RefCell::new(Vec::<Instant>::new());
     let started = Instant::now();
-    let report = crate::runner::run::bench_pipeline(&loaded, !args.cache, &mut |_, _, _, _| stamps.borrow_mut().push(Instant::now()))?;
+    let warmup = args.warmup;
+    crate::util::profile::enable(args.profile && warmup == 0);
+    let report = crate::runner::run::bench_pipeline(&loaded, !args.cache, &mut |_, _, _, _| {
+        stamps.borrow_mut().push(Instant::now());
+        if args.profile && stamps.borrow().len() == warmup {
+            crate::util::profile::enable(true);
+        }
+    })?;
+    crate::util::profile::enable(false);
     let total = started.elapsed().as_secs_f64();
     let stamps = stamps.into_inner();
     anyhow::ensure!(stamps.len() > args.warmup, "training stopped after {} steps", stamps.len());
@@ -114,5 +126,19 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         println!("  whole run {total:.1} s (model load, data, warm-up included)");
     }
+    if args.profile {
+        print_profile(ms * timed.len() as f64, timed.len());
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The profile of the timed steps, on stderr (stdout may be JSON): milliseconds per step and
+/// share of the step for each recorded piece.
+fn print_profile(total_ms: f64, steps: usize) {
+    eprintln!("profile of {steps} timed step(s), ms per step (share of the step):");
+    for (name, d, calls) in crate::util::profile::totals() {
+        let ms = d.as_secs_f64() * 1e3;
+        eprintln!("  {name:<18} {:>9.2} ms  {:>5.1} %  {:>6} calls/step", ms / steps as f64, 100.0 * ms / total_ms, calls as f64 / steps as f64);
+    }
+    eprintln!("  (step.forward and step.backward contain the kernels listed; the rest of them is candle's tensor ops)");
 }

@@ -158,6 +158,7 @@ impl CustomOp1 for FrozenConv2dOp {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _p = crate::util::profile::scope("conv.fwd");
         let dtype = storage.dtype();
         let widened;
         let (storage, layout) = if dtype == DType::F32 {
@@ -185,6 +186,7 @@ impl CustomOp1 for FrozenConv2dOp {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let _p = crate::util::profile::scope("conv.bwd");
         let (b, _c, h, w) = arg.dims4()?;
         let (_, c_out, ho, wo) = grad_res.dims4()?;
         let g = &self.geometry;
@@ -373,6 +375,7 @@ impl CustomOp1 for FrozenMatmulOp {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _p = crate::util::profile::scope("linear.fwd");
         if let Some(w_t) = &self.w_t {
             let (guard, wl) = w_t.storage_and_layout();
             let Storage::Cpu(w_t) = &*guard else { candle_core::bail!("frozen-linear: input on the CPU, weight elsewhere") };
@@ -390,6 +393,7 @@ impl CustomOp1 for FrozenMatmulOp {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let _p = crate::util::profile::scope("linear.bwd");
         let out_dim = self.w.dim(0)?;
         let rows = grad_res.elem_count() / out_dim;
         let g = grad_res.to_dtype(self.w.dtype())?.reshape((rows, out_dim))?;

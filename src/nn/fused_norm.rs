@@ -56,6 +56,7 @@ impl CustomOp1 for GroupNormOp {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _p = crate::util::profile::scope("group-norm.fwd");
         let x = slice(storage, layout, self.name())?;
         let g = self.geometry;
         let n = g.per_group();
@@ -103,6 +104,7 @@ impl CustomOp1 for GroupNormOp {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let _p = crate::util::profile::scope("group-norm.bwd");
         let Some(stats) = self.stats.get() else { candle_core::bail!("group norm backward before its forward") };
         let bwd = GroupNormBwd { fwd: self, stats };
         let grad = grad_res.to_dtype(DType::F32)?.contiguous()?;

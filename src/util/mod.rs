@@ -1,4 +1,6 @@
-//! Small shared helpers: atomic file writes (`fs`) and Ctrl-C handling (`interrupt`).
+//! Small shared helpers: atomic file writes (`fs`), Ctrl-C handling (`interrupt`) and the
+//! opt-in step profiler (`profile`).
 
 pub mod fs;
 pub mod interrupt;
+pub mod profile;

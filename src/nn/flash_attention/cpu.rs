@@ -45,6 +45,7 @@ impl CustomOp3 for FlashAttentionCpu {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _p = crate::util::profile::scope("attention.fwd");
         let g = Geometry::of(l1.dims(), l2.dims(), l3.dims())?;
         let q = as_f32(s1, l1, "q")?;
         let k = as_f32(s2, l2, "k")?;
@@ -60,6 +61,7 @@ impl CustomOp3 for FlashAttentionCpu {
     }
 
     fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, grad_out: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _p = crate::util::profile::scope("attention.bwd");
         let Some(lse) = self.lse.get() else {
             candle_core::bail!("flash attention: backward before forward (no saved logsumexp)")
         };
