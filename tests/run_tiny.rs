@@ -114,3 +114,27 @@ fn text_encoder_lora_trains_and_is_exported() {
     // The text-encoder branches received gradients: B moved away from zero.
     assert!(weights.text_encoder.values().all(|m| m.up.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() > 0.0));
 }
+
+/// `lora run pipelines/tiny.toml --set 'train.precision="bf16"'` (and fp16) on the CPU, as the
+/// README's pipeline: all 30 steps, and the loss on the fixed evaluation batches (same noise and
+/// timesteps before and after) goes down, as it does in f32 (-1.03%; measured bf16 -1.23%, fp16
+/// -0.97% with 3 overflow-skipped steps). "Goes down" is the claim, so the bound is 0: a sign
+/// error or a broken half-precision backward leaves the eval loss where it was or raises it.
+#[test]
+fn half_precision_runs_on_the_cpu_and_the_loss_goes_down() {
+    let dir = tempfile::tempdir().unwrap();
+    for precision in ["bf16", "fp16"] {
+        let out = dir.path().join(precision);
+        let loaded = load_pipeline(&pipeline(), &[format!("train.precision={precision:?}"), format!("output.dir={:?}", out.display().to_string())])
+            .unwrap_or_else(|d| panic!("{}", d.render()));
+        let report = run_pipeline(&loaded, &mut Session::default(), &RunOptions::default(), Arc::new(AtomicBool::new(false))).expect("run succeeds");
+        let t = report.train.as_ref().expect("trained");
+        assert_eq!(t.global_step, 30, "{precision}");
+        let (before, after) = (t.eval_loss_before.expect("eval before"), t.eval_loss_after.expect("eval after"));
+        assert!(after < before, "{precision}: eval loss {before} -> {after} did not go down");
+        if precision == "fp16" {
+            assert!(t.loss_scale.is_some(), "fp16 reports its loss scale");
+        }
+        assert!(out.join(DIFFUSERS_FILE).is_file());
+    }
+}
