@@ -11,6 +11,7 @@
 pub mod hub;
 pub mod weights;
 
+use crate::models::offload;
 use super::single_file;
 
 use std::collections::BTreeSet;
@@ -70,6 +71,104 @@ pub struct StableDiffusion {
     pub scheduler: SchedulerConfig,
     /// What a single-file checkpoint was recognised as; `None` for a diffusers folder.
     pub single_file: Option<single_file::Recognition>,
+    /// The frozen encoders' tensors by name, to move them off the training device and back.
+    parking: Parking,
+}
+
+/// The tensors the text encoder and the VAE were built from (on the device each is on now), and
+/// which of them are parked in host memory.
+#[derive(Default)]
+struct Parking {
+    text_encoder: offload::Tensors,
+    vae: offload::Tensors,
+    /// The text encoder, the VAE encoder: on the CPU while the encode cache serves them.
+    text_parked: bool,
+    vae_encoder_parked: bool,
+}
+
+/// The VAE's tensors that only encoding uses (its encoder half and `quant_conv`).
+fn is_vae_encoder_tensor(name: &str) -> bool {
+    name.starts_with("encoder.") || name.starts_with("quant_conv.")
+}
+
+impl StableDiffusion {
+    /// Move the text encoder (`text`) and the VAE's encoder half (`vae_encoder`) to the CPU,
+    /// freeing their memory on the training device: for runs whose encode cache serves every
+    /// caption and latent, so that training holds only the UNet (and the VAE decoder, for
+    /// validation images) on the GPU. The text encoder then encodes validation prompts on the
+    /// CPU. Nothing happens for components that are on the CPU already; a text encoder with
+    /// LoRA branches must not be parked (it trains). Returns the bytes moved.
+    pub fn park_encoders(&mut self, text: bool, vae_encoder: bool) -> anyhow::Result<usize> {
+        let text = text && !self.text_encoder.token_embedding.device().is_cpu();
+        let vae_encoder = vae_encoder && !self.vae.encoder.conv_in.weight.device().is_cpu();
+        self.move_encoders(text, vae_encoder, &Device::Cpu, true)
+    }
+
+    /// Bring parked encoders back to `device` (before an encode stage, or a run without the
+    /// cache). Returns the bytes moved.
+    pub fn unpark_encoders(&mut self, device: &Device) -> anyhow::Result<usize> {
+        let (text, vae) = (self.parking.text_parked, self.parking.vae_encoder_parked);
+        self.move_encoders(text, vae, device, false)
+    }
+
+    /// The text encoder's output `[N, 77, D]` for `texts`, on `device`, wherever the text
+    /// encoder is (parked on the CPU or on the training device).
+    pub fn text_embeddings(&self, texts: &[&str], device: &Device) -> anyhow::Result<candle_core::Tensor> {
+        let te_device = self.text_encoder.token_embedding.device().clone();
+        let ids = self.tokenizer.encode_batch(texts, &te_device)?;
+        Ok(self.text_encoder.forward(&ids)?.to_device(device)?)
+    }
+
+    /// Where the VAE's encoder half is (the CPU while parked).
+    pub fn vae_encoder_device(&self) -> Device {
+        self.vae.encoder.conv_in.weight.device().clone()
+    }
+
+    /// Whether the text encoder / the VAE encoder are parked on the CPU.
+    pub fn parked(&self) -> (bool, bool) {
+        (self.parking.text_parked, self.parking.vae_encoder_parked)
+    }
+
+    /// Rebuild the chosen encoders from their recorded tensors on `device` (also when they are
+    /// there already: the tests exercise the rebuild on the CPU).
+    pub(crate) fn move_encoders(&mut self, text: bool, vae_encoder: bool, device: &Device, parked: bool) -> anyhow::Result<usize> {
+        let mut moved = 0;
+        if text {
+            anyhow::ensure!(!self.parking.text_encoder.is_empty(), "the text encoder was not loaded in a way that lets it move");
+            let dtype = self.text_encoder.token_embedding.dtype();
+            let config = self.text_encoder.config().clone();
+            // Drop the old copy's tensors from the record first, so that its memory is freed
+            // when the model is replaced.
+            let tensors = std::mem::take(&mut self.parking.text_encoder);
+            let (model, tensors) = offload::rebuild(&tensors, dtype, device, |vb| ClipTextModel::load(vb, &config))?;
+            moved += offload::bytes(&tensors);
+            self.text_encoder = model;
+            self.parking.text_encoder = tensors;
+            self.parking.text_parked = parked;
+        }
+        if vae_encoder {
+            anyhow::ensure!(!self.parking.vae.is_empty(), "the VAE was not loaded in a way that lets it move");
+            let dtype = self.vae.dtype();
+            let config = self.vae.config().clone();
+            let (enc, rest): (offload::Tensors, offload::Tensors) =
+                std::mem::take(&mut self.parking.vae).into_iter().partition(|(k, _)| is_vae_encoder_tensor(k));
+            // The whole VAE is rebuilt where the encoder goes, from the encoder's tensors there
+            // and the decoder's where they are; only its encoder half is kept.
+            let enc = offload::to_device(&enc, device)?;
+            let mut all = enc.clone();
+            all.extend(rest.iter().map(|(k, t)| (k.clone(), t.clone())));
+            let vb = candle_nn::VarBuilder::from_tensors(all, dtype, device);
+            let built = AutoencoderKL::load(vb, &config)?;
+            moved += offload::bytes(&enc);
+            self.vae.encoder = built.encoder;
+            self.vae.quant_conv = built.quant_conv;
+            let mut record = rest;
+            record.extend(enc);
+            self.parking.vae = record;
+            self.parking.vae_encoder_parked = parked;
+        }
+        Ok(moved)
+    }
 }
 
 impl StableDiffusion {
@@ -98,13 +197,13 @@ impl StableDiffusion {
 
         let text_encoder_config = ClipTextConfig::from_json_str(&read_text(&files.text_encoder.config)?)
             .with_context(|| format!("in {}", files.text_encoder.config.display()))?;
-        let text_encoder = files
+        let (text_encoder, text_tensors) = files
             .text_encoder
             .open_weights(
                 "text_encoder",
                 &WeightOptions { optional_prefix: Some("text_model.".into()), ..Default::default() },
             )?
-            .build(dtype, device, |vb| ClipTextModel::load(vb, &text_encoder_config))?;
+            .build_recorded(dtype, device, |vb| ClipTextModel::load(vb, &text_encoder_config))?;
 
         let unet_config = UNetConfig::from_json_str(&read_text(&files.unet.config)?)
             .with_context(|| format!("in {}", files.unet.config.display()))?;
@@ -115,18 +214,19 @@ impl StableDiffusion {
 
         let vae_config = VaeConfig::from_json_str(&read_text(&files.vae.config)?)
             .with_context(|| format!("in {}", files.vae.config.display()))?;
-        let vae = match &opts.vae {
+        let (vae, vae_tensors) = match &opts.vae {
             Some(path) => load_vae_file(path, vae_config.scaling_factor, vae_dtype(dtype, &vae_config), device)?,
             None => files
                 .vae
                 .open_weights("vae", &WeightOptions { legacy_attention_names: true, ..Default::default() })?
-                .build(vae_dtype(dtype, &vae_config), device, |vb| AutoencoderKL::load(vb, &vae_config))?,
+                .build_recorded(vae_dtype(dtype, &vae_config), device, |vb| AutoencoderKL::load(vb, &vae_config))?,
         };
 
         let scheduler: SchedulerConfig = serde_json::from_str(&read_text(&files.scheduler_config)?)
             .with_context(|| format!("{} is not a valid scheduler config", files.scheduler_config.display()))?;
 
-        Ok(Self { root: files.root, tokenizer, text_encoder, unet, vae, scheduler, single_file: None })
+        let parked = Parking { text_encoder: text_tensors, vae: vae_tensors, ..Default::default() };
+        Ok(Self { root: files.root, tokenizer, text_encoder, unet, vae, scheduler, single_file: None, parking: parked })
     }
 
     /// Load a single-file checkpoint (LDM layout `.safetensors`), recognising the model from
@@ -145,13 +245,13 @@ impl StableDiffusion {
         let (tokenizer, scheduler) = single_file::tokenizer_and_scheduler(&rec)?;
         // Each component's mapping is dropped as soon as its network is built.
         let single_file::SingleFileWeights { unet: unet_weights, vae: vae_weights, text_encoder: text_weights } = weights;
-        let text_encoder = text_weights.build(dtype, device, |vb| ClipTextModel::load(vb, &rec.text_encoder))?;
+        let (text_encoder, text_tensors) = text_weights.build_recorded(dtype, device, |vb| ClipTextModel::load(vb, &rec.text_encoder))?;
         drop(text_weights);
         let unet = unet_weights.build(dtype, device, |vb| UNet2DConditionModel::load(vb, &rec.unet))?;
         drop(unet_weights);
-        let vae = match (&opts.vae, vae_weights) {
+        let (vae, vae_tensors) = match (&opts.vae, vae_weights) {
             (Some(file), _) => load_vae_file(file, rec.vae.scaling_factor, dtype, device)?,
-            (None, Some(w)) => w.build(dtype, device, |vb| AutoencoderKL::load(vb, &rec.vae))?,
+            (None, Some(w)) => w.build_recorded(dtype, device, |vb| AutoencoderKL::load(vb, &rec.vae))?,
             (None, None) => bail!("{}: no VAE weights", path.display()),
         };
         Ok(Self {
@@ -162,15 +262,16 @@ impl StableDiffusion {
             vae,
             scheduler,
             single_file: Some(rec),
+            parking: Parking { text_encoder: text_tensors, vae: vae_tensors, ..Default::default() },
         })
     }
 }
 
 /// Build the VAE of a separate VAE file (`[model] vae`), keeping the model's scaling factor.
-fn load_vae_file(path: &Path, scaling_factor: f64, dtype: DType, device: &Device) -> anyhow::Result<AutoencoderKL> {
+fn load_vae_file(path: &Path, scaling_factor: f64, dtype: DType, device: &Device) -> anyhow::Result<(AutoencoderKL, offload::Tensors)> {
     let (weights, config) = single_file::open_vae_file(path, scaling_factor)?;
     tracing::info!("model: VAE from {}", path.display());
-    weights.build(dtype, device, |vb| AutoencoderKL::load(vb, &config))
+    weights.build_recorded(dtype, device, |vb| AutoencoderKL::load(vb, &config))
 }
 
 /// True for `org/repo/path/file.safetensors`: a file of a hub repository.

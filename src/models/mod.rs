@@ -7,6 +7,7 @@
 pub mod clip;
 pub mod config;
 pub mod loading;
+pub(crate) mod offload;
 pub mod single_file;
 pub mod tokenizer;
 pub mod unet;

@@ -352,13 +352,26 @@ pub fn bench_pipeline(loaded: &LoadedPipeline, no_cache: bool, on_update: &mut d
     settings.resume_from_checkpoint = None;
     settings.checkpointing_steps = None;
     settings.tensorboard_dir = None;
+    let source = LoaderSource(loader, p.train.batch_size as usize);
+    let mut trainer = Trainer::new(sd, params.clone(), settings.clone())?;
+    // With the cache, encode what the timed steps will draw first, so that they time the UNet
+    // step alone (the reference's `reference_step.py` starts from random latents); then, as
+    // `lora run` after its encode stage, the encoders leave the GPU.
+    let micro_batches = p.train.max_steps.unwrap_or(0) as usize * p.train.gradient_accumulation_steps.max(1) as usize;
+    trainer.prefill_encodings(&source, micro_batches)?;
+    let encodings = trainer.take_encodings();
+    drop(trainer);
+    if !no_cache {
+        super::stages::park_cached_encoders(sd, !p.adapter.text_encoder, true, &device)?;
+    }
     let sd: &StableDiffusion = sd;
     let mut trainer = Trainer::new(sd, params, settings)?;
+    trainer.put_encodings(encodings);
     // Device memory: the peak during training includes the model (loaded before this point).
     let model_bytes = crate::device::peak_memory(&device);
     let sampler = crate::device::start_sampler(&device);
     let train_started = Instant::now();
-    trainer.train(&LoaderSource(loader, p.train.batch_size as usize), Some(on_update))?;
+    trainer.train(&source, Some(on_update))?;
     drop(sampler);
     let peak_device_bytes = crate::device::peak_memory(&device);
     Ok(BenchReport { train_started, device_is_cpu: device.is_cpu(), device: crate::device::describe(&device), peak_device_bytes, model_bytes })

@@ -515,7 +515,10 @@ fn run_encode(ctx: &mut StageCtx<'_>) -> Result<Ran> {
     std::fs::create_dir_all(cache.dir()).with_context(|| format!("creating {}", cache.dir().display()))?;
     let device = ctx.device.clone().context("the model stage runs before encode")?;
     let loader = ctx.loader.as_ref().context("the preprocess stage runs before encode")?;
-    let (_, sd) = ctx.session.model.as_ref().context("the model stage runs before encode")?;
+    let (_, sd) = ctx.session.model.as_mut().context("the model stage runs before encode")?;
+    // Encoders parked by an earlier run of this session (watch mode) come back to encode.
+    sd.unpark_encoders(&device)?;
+    let sd: &StableDiffusion = sd;
     let opts = loader_options(plan.pipeline());
     let dataset = loader.dataset();
     let flips: &[bool] = if opts.preprocess.flip_p > 0.0 { &[false, true] } else { &[false] };
@@ -740,6 +743,23 @@ fn resume_decision(ctx: &StageCtx<'_>, settings: &BTreeMap<String, serde_json::V
     Ok(true)
 }
 
+/// With the encode cache serving the captions (`text`) and the latents (`vae`), move the text
+/// encoder and the VAE's encoder half off a GPU, so that training holds only the UNet and the
+/// VAE decoder there (validation prompts are then encoded on the CPU). Nothing moves on the CPU.
+pub(crate) fn park_cached_encoders(sd: &mut StableDiffusion, text: bool, vae: bool, device: &Device) -> Result<()> {
+    if device.is_cpu() || !(text || vae) {
+        return Ok(());
+    }
+    let bytes = sd.park_encoders(text, vae)?;
+    let what = match (text, vae) {
+        (true, true) => "the text encoder and the VAE encoder",
+        (true, false) => "the text encoder",
+        _ => "the VAE encoder",
+    };
+    tracing::info!("train: {what} moved to host memory ({:.0} MiB; the encode cache serves them)", bytes as f64 / (1 << 20) as f64);
+    Ok(())
+}
+
 fn run_train(ctx: &mut StageCtx<'_>) -> Result<Ran> {
     let plan = ctx.plan;
     let p = plan.pipeline();
@@ -770,6 +790,8 @@ fn run_train(ctx: &mut StageCtx<'_>) -> Result<Ran> {
     let loader = ctx.loader.take().context("the preprocess stage runs before train")?;
     let n_examples = loader.dataset().len();
     let (_, sd) = ctx.session.model.as_mut().context("the model stage runs before train")?;
+    // Encoders parked by an earlier run of this session come back before anything trains.
+    sd.unpark_encoders(&device)?;
     let mut rng = <InitRng as rand::SeedableRng>::seed_from_u64(p.train.seed.unwrap_or(0));
     let unet_loras = inject(sd.unet.linears_mut(), &lora_spec(&p.adapter, &p.adapter.target_modules), &mut rng).context("[adapter] target_modules")?;
     let te_loras: Vec<TrainableLora> = if p.adapter.text_encoder {
@@ -792,6 +814,9 @@ fn run_train(ctx: &mut StageCtx<'_>) -> Result<Ran> {
     tracing::info!("adapter: {} modules, {n_params} trainable parameters", unet_loras.len() + te_loras.len());
     // Measure progress on up to 32 examples with fixed noise, before and after training.
     settings.eval_batches = 32usize.div_ceil(settings.batch_size).min(loader.batches_per_epoch());
+    if !plan.no_cache {
+        park_cached_encoders(sd, caches_text(plan), caches_latents(plan), &device)?;
+    }
     let sd_ref: &StableDiffusion = sd;
     let mut trainer = Trainer::new(sd_ref, params, settings)?;
     trainer.stop = ctx.stop.clone();

@@ -100,8 +100,7 @@ pub fn load_latents(path: &Path, expected: Option<[usize; 4]>, device: &Device) 
 /// `[cond]`.
 pub fn encode_prompts(sd: &StableDiffusion, prompt: &str, negative_prompt: &str, guidance: bool, device: &Device) -> anyhow::Result<Tensor> {
     let texts: Vec<&str> = if guidance { vec![negative_prompt, prompt] } else { vec![prompt] };
-    let ids = sd.tokenizer.encode_batch(&texts, device).context("tokenizing the prompt")?;
-    sd.text_encoder.forward(&ids).context("running the text encoder")
+    sd.text_embeddings(&texts, device).context("running the text encoder")
 }
 
 /// Run the sampler from initial N(0, 1) latents `[1, 4, h, w]` and decode: the image

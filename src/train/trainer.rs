@@ -82,6 +82,13 @@ pub trait BatchSource {
     fn batches<'a>(&'a self, epoch: usize, start_batch: usize) -> Box<dyn Iterator<Item = Result<TrainBatch>> + 'a>;
 }
 
+/// In-memory encodings of a trainer (see [`Trainer::take_encodings`]).
+#[derive(Default)]
+pub struct Encodings {
+    text: HashMap<String, Tensor>,
+    latents: HashMap<u64, (Tensor, Tensor)>,
+}
+
 /// What happened, for the summary.
 #[derive(Clone, Debug)]
 pub struct TrainOutcome {
@@ -172,8 +179,7 @@ impl<'a> Trainer<'a> {
         if !self.settings.cache_encodings {
             // The text encoder may carry trained LoRA branches: keep the graph.
             let refs: Vec<&str> = captions.iter().map(String::as_str).collect();
-            let ids = self.sd.tokenizer.encode_batch(&refs, &self.device)?;
-            return Ok(self.sd.text_encoder.forward(&ids)?);
+            return self.sd.text_embeddings(&refs, &self.device);
         }
         let missing: Vec<&str> = captions
             .iter()
@@ -198,8 +204,7 @@ impl<'a> Trainer<'a> {
             }
         };
         if !missing.is_empty() {
-            let ids = self.sd.tokenizer.encode_batch(&missing, &self.device)?;
-            let hidden = self.sd.text_encoder.forward(&ids)?.detach();
+            let hidden = self.sd.text_embeddings(&missing, &self.device)?.detach();
             for (i, c) in missing.iter().enumerate() {
                 let row = hidden.get(i)?;
                 if let Some(disk) = &self.text_cache_disk {
@@ -242,10 +247,12 @@ impl<'a> Trainer<'a> {
     pub fn vae_encode_rows(&self, px: &Tensor) -> Result<(Tensor, Tensor)> {
         let mut means = Vec::with_capacity(px.dim(0)?);
         let mut stds = Vec::with_capacity(px.dim(0)?);
+        // The VAE encoder may be parked on the CPU (the encode cache serves the run).
+        let vae_device = self.sd.vae_encoder_device();
         for i in 0..px.dim(0)? {
-            let dist = self.sd.vae.encode(&px.narrow(0, i, 1)?.to_dtype(self.sd.vae.dtype())?)?;
-            means.push(dist.mean.detach().to_dtype(DType::F32)?);
-            stds.push(dist.std()?.detach().to_dtype(DType::F32)?);
+            let dist = self.sd.vae.encode(&px.narrow(0, i, 1)?.to_device(&vae_device)?.to_dtype(self.sd.vae.dtype())?)?;
+            means.push(dist.mean.detach().to_dtype(DType::F32)?.to_device(&self.device)?);
+            stds.push(dist.std()?.detach().to_dtype(DType::F32)?.to_device(&self.device)?);
         }
         Ok((Tensor::cat(&means, 0)?, Tensor::cat(&stds, 0)?))
     }
@@ -277,6 +284,44 @@ impl<'a> Trainer<'a> {
         }
         let (means, stds): (Vec<Tensor>, Vec<Tensor>) = rows.into_iter().map(|r| r.expect("every row filled")).unzip();
         Ok((Tensor::stack(&means, 0)?, Tensor::stack(&stds, 0)?))
+    }
+
+    /// The in-memory encodings gathered so far (text embeddings by caption, latent
+    /// distributions by pixel hash), to hand to another trainer with [`Self::put_encodings`].
+    pub fn take_encodings(&mut self) -> Encodings {
+        Encodings { text: std::mem::take(&mut self.text_cache), latents: std::mem::take(&mut self.latent_cache) }
+    }
+
+    pub fn put_encodings(&mut self, e: Encodings) {
+        self.text_cache.extend(e.text);
+        self.latent_cache.extend(e.latents);
+    }
+
+    /// Fill the encode caches with the first `micro_batches` micro-batches the training loop
+    /// will draw (`lora bench --cache`: the timed steps then measure the UNet step alone, as
+    /// `lora run` does after its encode stage). Does nothing when caching is off.
+    pub fn prefill_encodings(&mut self, source: &dyn BatchSource, micro_batches: usize) -> Result<()> {
+        if !self.settings.cache_encodings || micro_batches == 0 {
+            return Ok(());
+        }
+        let mut left = micro_batches;
+        for epoch in 0.. {
+            let mut any = false;
+            for batch in source.batches(epoch, 0) {
+                let batch = batch?;
+                any = true;
+                self.encode_pixels(&batch.pixel_values)?;
+                self.encode_text(&batch.captions)?;
+                left -= 1;
+                if left == 0 {
+                    return Ok(());
+                }
+            }
+            if !any {
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// Loss of one micro-batch (not yet divided by the accumulation steps).
@@ -413,7 +458,9 @@ impl<'a> Trainer<'a> {
                 let batch = batch?;
                 let batch_in_epoch = start_batch + offset;
                 let micro_index = epoch * plan.batches_per_epoch + batch_in_epoch;
+                let forward = crate::util::profile::scope("step.forward");
                 let loss = self.micro_step_loss(&batch, micro_index)?;
+                drop(forward);
                 let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                 if !loss_value.is_finite() && scaler.is_none() {
                     bail!(
@@ -427,7 +474,9 @@ impl<'a> Trainer<'a> {
                     if let Some(scaler) = &scaler {
                         scaled = (scaled * scaler.scale())?;
                     }
+                    let backward = crate::util::profile::scope("step.backward");
                     let mut grads = scaled.backward()?;
+                    drop(backward);
                     if let Some(ckpt) = self.checkpoint.take() {
                         ckpt.merge_into(&mut grads)?;
                     }
@@ -478,6 +527,7 @@ impl<'a> Trainer<'a> {
                         loss_scale.unwrap_or(1.0)
                     );
                 } else {
+                    let _p = crate::util::profile::scope("step.optimizer");
                     self.optimizer.step(g.as_deref().expect("a finite window has gradients"), lr)?;
                 }
                 if let Some(scaler) = scaler.as_mut() {

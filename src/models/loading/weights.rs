@@ -364,6 +364,21 @@ impl ComponentWeights {
         Ok(model)
     }
 
+    /// [`Self::build`], also returning the tensors the model was built from by the names it asked
+    /// for (the same storage, no copy), so that it can be rebuilt on another device
+    /// (`models::offload`).
+    pub fn build_recorded<M>(
+        &self,
+        dtype: DType,
+        device: &Device,
+        build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<M>,
+    ) -> anyhow::Result<(M, crate::models::offload::Tensors)> {
+        let (vb, seen) = crate::models::offload::recording(Box::new(CheckingBackend { inner: self.inner.clone() }), dtype, device);
+        let model = build(vb).map_err(|e| anyhow::anyhow!("building {} failed: {e}", self.inner.label))?;
+        self.ensure_all_read()?;
+        Ok((model, crate::models::offload::take(seen)))
+    }
+
     /// Canonical names of all stored tensors, sorted.
     pub fn names(&self) -> Vec<String> {
         let mut names: Vec<String> = self.inner.tensors.keys().cloned().collect();
