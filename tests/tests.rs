@@ -3,6 +3,7 @@
 //! train_golden`, or several: `cargo test --test tests -- config_schema config_broken`.
 
 mod adapters_cli;
+mod bench_cli;
 mod adapters_diffusers_loads;
 mod adapters_format;
 mod adapters_injection;

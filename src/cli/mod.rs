@@ -85,12 +85,20 @@ impl PipelineArgs {
     /// Load and validate the pipeline, with `extra` overrides after the user's. Diagnostics are
     /// printed to stderr (warnings too); an invalid pipeline gives the exit code to return.
     pub fn load(&self, extra: &[String]) -> Result<crate::config::LoadedPipeline, ExitCode> {
+        self.load_except(extra, &[])
+    }
+
+    /// [`Self::load`] without printing the warnings about keys under `quiet` (a command that
+    /// overrides those settings itself, as `lora bench` does with checkpoints).
+    pub fn load_except(&self, extra: &[String], quiet: &[&str]) -> Result<crate::config::LoadedPipeline, ExitCode> {
         let mut overrides = self.overrides.clone();
         overrides.extend_from_slice(extra);
         let styled = std::io::IsTerminal::is_terminal(&std::io::stderr());
         match crate::config::load_pipeline(&self.file, &overrides) {
             Ok(loaded) => {
-                eprint!("{}", loaded.warnings.render_styled(styled));
+                let mut shown = loaded.warnings.clone();
+                shown.0.retain(|d| !d.key_path.as_deref().is_some_and(|k| quiet.iter().any(|q| k == *q || k.starts_with(&format!("{q}.")))));
+                eprint!("{}", shown.render_styled(styled));
                 Ok(loaded)
             }
             Err(diags) => {
