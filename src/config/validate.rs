@@ -655,7 +655,7 @@ impl Checks<'_> {
                 if looks_local {
                     self.error(&["model.id"], format!("`model.id` \"{id}\" looks like a local path, not a hub id"), Some(format!("for a local folder write path = \"{id}\"")));
                 } else if !valid_hub_id(id) {
-                    self.error(&["model.id"], format!("`model.id` \"{id}\" is not a hub id (owner/name, letters, digits, `-`, `_`, `.`)"), None);
+                    self.error(&["model.id"], format!("`model.id` \"{id}\" is not a hub id"), Some(HUB_ID_RULE.into()));
                 }
             }
             (None, Some(path)) => {
@@ -710,7 +710,7 @@ impl Checks<'_> {
                 }
                 if let Some(name) = &d.name {
                     if !valid_hub_id(name) {
-                        self.error(&["dataset.name"], format!("`dataset.name` \"{name}\" is not a hub dataset id (owner/name)"), Some("for a local dataset set kind and `path`".into()));
+                        self.error(&["dataset.name"], format!("`dataset.name` \"{name}\" is not a hub dataset id ({HUB_ID_RULE})"), Some("for a local dataset set kind and `path`".into()));
                     }
                 }
             }
@@ -928,13 +928,13 @@ fn kind_name(kind: DatasetKind) -> &'static str {
     }
 }
 
-/// `name` or `owner/name` with the characters the hub allows.
+/// The hub's id rule, for messages.
+const HUB_ID_RULE: &str = "`name` or `owner/name`, at most 96 characters of letters, digits, `-`, `_` and `.`, no `--` or `..`, parts not starting or ending with `-` or `.`";
+
+/// `name` or `owner/name` as the hub allows them: the same rule model loading applies
+/// (`models::loading::is_hub_id`), so that what validates also loads.
 fn valid_hub_id(id: &str) -> bool {
-    let parts: Vec<&str> = id.split('/').collect();
-    parts.len() <= 2
-        && parts.iter().all(|p| {
-            !p.is_empty() && !p.starts_with('.') && p.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        })
+    crate::models::loading::is_hub_id(id)
 }
 
 /// Whether a file whose name passes `want` is in `dir`, at most `depth` folders down.
@@ -973,5 +973,9 @@ mod tests {
         assert!(!valid_hub_id("a/b/c"));
         assert!(!valid_hub_id("../x"));
         assert!(!valid_hub_id("a b/c"));
+        // What loading refuses, validation refuses.
+        assert!(!valid_hub_id("org/na--me"));
+        assert!(!valid_hub_id(&format!("org/{}", "a".repeat(120))));
+        assert!(!valid_hub_id("org/-name"));
     }
 }
