@@ -41,14 +41,6 @@ pub struct Args {
     pub profile: bool,
 }
 
-/// Peak resident memory of this process in bytes (Linux `VmHWM`), if known.
-pub fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.steps > 0, "--steps must be at least 1");
     if let Some(backend) = args.attention {
@@ -97,7 +89,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let first = if args.warmup == 0 { report.train_started } else { stamps[args.warmup - 1] };
     let ms = timed.last().expect("at least one timed step").duration_since(first).as_secs_f64() * 1e3 / timed.len() as f64;
     let images_per_s = batch as f64 / (ms / 1e3);
-    let peak = peak_rss_bytes();
+    let peak = crate::util::memory::peak_rss_bytes();
+    let peak_process = report.setup_peak_rss_bytes.max(peak);
     let device = if report.device_is_cpu { "cpu" } else { "cuda" };
     let p = &loaded.pipeline;
     let precision = serde_json::to_value(p.train.precision).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
@@ -108,7 +101,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             serde_json::json!({"tool": "lora", "device": device, "device_name": report.device, "ms_per_step": ms, "images_per_s": images_per_s,
                 "batch": batch, "resolution": resolution, "steps": args.steps, "warmup": args.warmup,
                 "cache": args.cache, "precision": precision, "gradient_checkpointing": p.train.gradient_checkpointing,
-                "attention": attention.name(), "threads": rayon::current_num_threads(), "peak_rss_bytes": peak,
+                "attention": attention.name(), "threads": rayon::current_num_threads(), "peak_rss_bytes": peak, "peak_rss_process_bytes": peak_process,
                 "peak_device_bytes": report.peak_device_bytes, "model_device_bytes": report.model_bytes, "total_s": total})
         );
     } else {
@@ -124,7 +117,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             println!("  peak GPU memory {:.0} MiB in use (after loading the model: {:.0} MiB; CUDA context included)", mib(g), mib(report.model_bytes.unwrap_or(0)));
         }
         if let Some(p) = peak {
-            println!("  peak host memory {:.0} MiB (resident)", mib(p));
+            println!("  peak host memory {:.0} MiB resident while training (whole run {:.0} MiB)", mib(p), mib(peak_process.unwrap_or(p)));
         }
         println!("  whole run {total:.1} s (model load, data, warm-up included)");
     }

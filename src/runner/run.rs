@@ -333,6 +333,9 @@ pub struct BenchReport {
     pub peak_device_bytes: Option<u64>,
     /// Device memory in use after loading the model, before training (GPU only; context included).
     pub model_bytes: Option<u64>,
+    /// Peak host memory of the set-up (model load, encoding the timed batches), before the peak
+    /// was reset for the training steps (`None` where it cannot be reset).
+    pub setup_peak_rss_bytes: Option<u64>,
 }
 
 /// Load the model and data of `loaded`, inject the adapter and train for `train.max_steps`
@@ -369,12 +372,15 @@ pub fn bench_pipeline(loaded: &LoadedPipeline, no_cache: bool, on_update: &mut d
     trainer.put_encodings(encodings);
     // Device memory: the peak during training includes the model (loaded before this point).
     let model_bytes = crate::device::peak_memory(&device);
+    // Host memory: the peak of the training steps alone (the model stays resident, so it is
+    // included), not of loading and encoding.
+    let setup_peak_rss_bytes = crate::util::memory::reset_peak_rss();
     let sampler = crate::device::start_sampler(&device);
     let train_started = Instant::now();
     trainer.train(&source, Some(on_update))?;
     drop(sampler);
     let peak_device_bytes = crate::device::peak_memory(&device);
-    Ok(BenchReport { train_started, device_is_cpu: device.is_cpu(), device: crate::device::describe(&device), peak_device_bytes, model_bytes })
+    Ok(BenchReport { train_started, device_is_cpu: device.is_cpu(), device: crate::device::describe(&device), peak_device_bytes, model_bytes, setup_peak_rss_bytes })
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
-//! Small shared helpers: atomic file writes (`fs`), Ctrl-C handling (`interrupt`) and the
-//! opt-in step profiler (`profile`).
+//! Small shared helpers: atomic file writes (`fs`), Ctrl-C handling (`interrupt`), this
+//! process's host memory (`memory`) and the opt-in step profiler (`profile`).
 
 pub mod fs;
 pub mod interrupt;
+pub mod memory;
 pub mod profile;
