@@ -303,7 +303,7 @@ mod tests {
     #[test]
     fn records_frame_and_checksum() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = EventWriter::create(dir.path()).unwrap();
+        let w = EventWriter::create(dir.path()).unwrap();
         w.scalars(3, &[("train/loss", 0.5)]).unwrap();
         let bytes = std::fs::read(&w.path).unwrap();
         let mut pos = 0;
@@ -325,12 +325,37 @@ mod tests {
         assert_eq!(&payloads[1][tag_at + 11..tag_at + 15], &0.5f32.to_le_bytes());
     }
 
+    /// Validation while training writes into the trainer's open file (same path, records in
+    /// order); once it is closed a new writer starts another file and leaves the old one whole.
+    #[test]
+    fn for_dir_shares_the_open_writer_and_never_truncates() {
+        let dir = tempfile::tempdir().unwrap();
+        let trainer = EventWriter::create(dir.path()).unwrap();
+        trainer.scalars(1, &[("train_loss", 0.5)]).unwrap();
+        let shared = EventWriter::for_dir(dir.path()).unwrap();
+        assert_eq!(shared.path, trainer.path);
+        let png = [0x89u8, b'P', b'N', b'G'];
+        shared.images(1, &[ImageValue { tag: "validation/prompt0", height: 2, width: 3, png: &png }]).unwrap();
+        trainer.scalars(2, &[("train_loss", 0.4)]).unwrap();
+        let first = trainer.path.clone();
+        drop((trainer, shared));
+        let later = EventWriter::for_dir(dir.path()).unwrap();
+        assert_ne!(later.path, first, "a new file once the trainer's is closed");
+        let bytes = std::fs::read(&first).unwrap();
+        let recs = read_records(&bytes);
+        assert_eq!(recs.iter().map(|r| event_step(r).unwrap()).collect::<Vec<_>>(), vec![(0, false), (1, true), (1, true), (2, true)]);
+        // The image record: tag, then Image { height 2, width 3, colorspace 3, the PNG bytes }.
+        let img = recs[2];
+        let tag_at = img.windows(18).position(|w| w == b"validation/prompt0").unwrap();
+        assert_eq!(&img[tag_at + 18..], &[0x22, 12, 0x08, 2, 0x10, 3, 0x18, 3, 0x22, 4, 0x89, b'P', b'N', b'G']);
+    }
+
     /// After a resume from step 2 the file holds steps 1 and 2 once; a half-written record is
     /// dropped; a file left without summaries is removed.
     #[test]
     fn keep_steps_up_to_trims_past_steps() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = EventWriter::create(dir.path()).unwrap();
+        let w = EventWriter::create(dir.path()).unwrap();
         for s in 1..=4 {
             w.scalars(s, &[("train_loss", s as f64)]).unwrap();
         }
