@@ -3,6 +3,7 @@
 //! reading it back (for `loss.png` and the summary's smoothed losses).
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
@@ -80,9 +81,86 @@ pub fn loss_trend(records: &[StepRecord]) -> Option<LossTrend> {
     Some(LossTrend { first_mean: mean(&losses[..window]), last_mean: mean(&losses[losses.len() - window..]), window, steps: losses.len() })
 }
 
+/// Training speed from the times between updates, less the time spent on other work between
+/// them (validation, plotting). The first update, which includes the evaluation before training,
+/// is left out when there are others.
+pub struct StepRate {
+    started: Instant,
+    first: Option<(usize, Instant)>,
+    last: Option<(usize, Instant)>,
+    /// Time spent outside training between the first and the latest update ...
+    paused: Duration,
+    /// ... and after the latest one (counted once another update follows).
+    pending: Duration,
+}
+
+impl StepRate {
+    pub fn new() -> Self {
+        Self::starting_at(Instant::now())
+    }
+
+    fn starting_at(started: Instant) -> Self {
+        Self { started, first: None, last: None, paused: Duration::ZERO, pending: Duration::ZERO }
+    }
+
+    /// Update `step` just finished.
+    pub fn update(&mut self, step: usize) {
+        self.update_at(step, Instant::now());
+    }
+
+    fn update_at(&mut self, step: usize, now: Instant) {
+        self.first.get_or_insert((step, now));
+        self.last = Some((step, now));
+        self.paused += std::mem::take(&mut self.pending);
+    }
+
+    /// `d` was spent on other work since the latest update.
+    pub fn pause(&mut self, d: Duration) {
+        self.pending += d;
+    }
+
+    /// Updates per second.
+    pub fn per_second(&self) -> Option<f64> {
+        let ((s0, t0), (s1, t1)) = (self.first?, self.last?);
+        if s1 > s0 {
+            let secs = (t1 - t0).saturating_sub(self.paused).as_secs_f64();
+            return (secs > 0.0).then(|| (s1 - s0) as f64 / secs);
+        }
+        let secs = (t0 - self.started).as_secs_f64();
+        (secs > 0.0).then(|| 1.0 / secs)
+    }
+}
+
+impl Default for StepRate {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Updates 1..=5 every 100 ms, 150 ms of validation after update 3 and 1 s after the last
+    /// (not between updates: not counted): 4 intervals in 0.55 s - 0.15 s = 10 it/s.
+    #[test]
+    fn step_rate_leaves_out_the_first_update_and_the_pauses() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let mut r = StepRate::starting_at(t0);
+        assert_eq!(r.per_second(), None);
+        r.update_at(1, ms(500));
+        assert_eq!(r.per_second(), Some(2.0), "one update: from the start, 0.5 s");
+        for (step, at) in [(2, 600), (3, 700), (4, 950), (5, 1050)] {
+            r.update_at(step, ms(at));
+            if step == 3 {
+                r.pause(Duration::from_millis(150));
+            }
+        }
+        r.pause(Duration::from_secs(1));
+        let rate = r.per_second().unwrap();
+        assert!((rate - 10.0).abs() < 1e-9, "{rate}");
+    }
 
     #[test]
     fn reads_each_step_once_in_order_and_skips_broken_lines() {

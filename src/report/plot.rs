@@ -144,6 +144,13 @@ pub fn write_loss_plot(metrics: &Path, out: &Path) -> Result<bool> {
     Ok(true)
 }
 
+/// [`write_loss_plot`] while training: a failure is reported, never fatal to the run.
+pub fn refresh(metrics: &Path, out: &Path) {
+    if let Err(e) = write_loss_plot(metrics, out) {
+        tracing::warn!("{}: {e:#}", out.display());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

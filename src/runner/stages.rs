@@ -673,12 +673,6 @@ fn publish_validation(p: &Plan, files: &[std::path::PathBuf], dir: &Path, step: 
     crate::report::grid::publish_validation(files, p.pipeline().validation.num_images as usize, dir, events.as_deref().map(|d| (d, step)))
 }
 
-/// Redraw `loss.png` from `metrics.jsonl`; a failure is reported, never fatal to training.
-fn refresh_loss_plot(out_dir: &Path) {
-    if let Err(e) = crate::report::plot::write_loss_plot(&out_dir.join(METRICS_FILE), &out_dir.join(LOSS_PLOT)) {
-        tracing::warn!("{LOSS_PLOT}: {e:#}");
-    }
-}
 
 /// The settings a train run's checkpoints depend on, as dotted keys, to say what changed: the
 /// typed values (defaults included), with the keys the file sets as written (paths as written
@@ -845,7 +839,7 @@ fn run_train(ctx: &mut StageCtx<'_>) -> Result<Ran> {
     };
     let checkpoint_due = |step: usize| p.checkpoints.every_steps > 0 && step % p.checkpoints.every_steps as usize == 0;
     let mut last_plot = Instant::now();
-    let mut rate = StepRate::new();
+    let mut rate = crate::report::metrics::StepRate::new();
     let mut on_update = |step: usize, total: usize, loss: f64, lr: f64| {
         rate.update(step);
         let paused = Instant::now();
@@ -857,7 +851,7 @@ fn run_train(ctx: &mut StageCtx<'_>) -> Result<Ran> {
             }
         }
         if validate_at(step) || checkpoint_due(step) || last_plot.elapsed().as_secs() >= 30 {
-            refresh_loss_plot(&out_dir);
+            crate::report::plot::refresh(&out_dir.join(METRICS_FILE), &out_dir.join(LOSS_PLOT));
             last_plot = Instant::now();
         }
         rate.pause(paused.elapsed());
@@ -874,7 +868,7 @@ fn run_train(ctx: &mut StageCtx<'_>) -> Result<Ran> {
         b.finish_and_clear();
     }
     drop(trainer);
-    refresh_loss_plot(&out_dir);
+    crate::report::plot::refresh(&out_dir.join(METRICS_FILE), &out_dir.join(LOSS_PLOT));
     ctx.report.train_rate = rate.per_second();
     ctx.report.loss_trend = crate::report::metrics::loss_trend(&crate::report::metrics::read_steps(&out_dir.join(METRICS_FILE))?);
     if let Some(cache) = &cache {
@@ -902,47 +896,6 @@ fn run_train(ctx: &mut StageCtx<'_>) -> Result<Ran> {
     }
     ctx.lock.stages.remove(IN_PROGRESS);
     Ok(Ran { complete: true, details })
-}
-
-/// Training speed from the times between updates, less the time spent validating and plotting
-/// in between (the first update, which includes the evaluation before training, is left out
-/// when there are others).
-struct StepRate {
-    started: Instant,
-    first: Option<(usize, Instant)>,
-    last: Option<(usize, Instant)>,
-    /// Time spent outside training between the first and the last update ...
-    paused: std::time::Duration,
-    /// ... and after the latest one (counted once another update follows).
-    pending: std::time::Duration,
-}
-
-impl StepRate {
-    fn new() -> Self {
-        Self { started: Instant::now(), first: None, last: None, paused: Default::default(), pending: Default::default() }
-    }
-
-    fn update(&mut self, step: usize) {
-        let now = Instant::now();
-        self.first.get_or_insert((step, now));
-        self.last = Some((step, now));
-        self.paused += std::mem::take(&mut self.pending);
-    }
-
-    fn pause(&mut self, d: std::time::Duration) {
-        self.pending += d;
-    }
-
-    /// Updates per second.
-    fn per_second(&self) -> Option<f64> {
-        let ((s0, t0), (s1, t1)) = (self.first?, self.last?);
-        if s1 > s0 {
-            let secs = (t1 - t0).saturating_sub(self.paused).as_secs_f64();
-            return (secs > 0.0).then(|| (s1 - s0) as f64 / secs);
-        }
-        let secs = (t0 - self.started).as_secs_f64();
-        (secs > 0.0).then(|| 1.0 / secs)
-    }
 }
 
 fn progress_bar(total: usize, start: usize) -> indicatif::ProgressBar {
