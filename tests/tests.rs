@@ -26,6 +26,7 @@ mod models_config;
 mod models_lora;
 mod models_parity;
 mod optim_golden;
+mod report_outputs;
 mod run_tiny;
 mod sched_generate;
 mod sched_golden;

@@ -51,10 +51,15 @@ pub fn print_summary(report: &RunReport) {
             let state = if t.interrupted { " (interrupted: run again to resume)" } else { "" };
             println!("  steps      {}/{}{state}", t.global_step, t.max_train_steps);
             if let Some(dir) = &t.resumed_from {
-                println!("  resumed    {}", dir.display());
+                println!("  resumed    {}", shown_path(dir).display());
             }
-            if let (Some(first), Some(last)) = (t.first_loss, t.final_loss) {
-                println!("  loss       {first:.4} (first step) -> {last:.4} (last step)");
+            match (&report.loss_trend, t.first_loss, t.final_loss) {
+                (Some(l), _, _) if l.steps > 1 => println!(
+                    "  loss       {:.4} (mean of the first {} of {} steps) -> {:.4} (mean of the last {})",
+                    l.first_mean, l.window, l.steps, l.last_mean, l.window
+                ),
+                (_, Some(first), Some(last)) => println!("  loss       {first:.4} (first step) -> {last:.4} (last step)"),
+                _ => {}
             }
             if let (Some(before), Some(after)) = (t.eval_loss_before, t.eval_loss_after) {
                 println!("  eval loss  {before:.4} -> {after:.4} (fixed noise, {:+.2}%)", (after / before - 1.0) * 100.0);
@@ -62,13 +67,51 @@ pub fn print_summary(report: &RunReport) {
             if let Some(scale) = t.loss_scale {
                 println!("  fp16       {} skipped step(s) (inf/NaN gradients), loss scale {scale}", t.skipped_steps);
             }
-            println!("  train time {:.1} s", t.seconds);
+            let rate = report.train_rate.map(|r| format!(" ({})", rate_text(r))).unwrap_or_default();
+            println!("  train time {:.1} s{rate}", t.seconds);
         }
         None if report.skipped_train => println!("  train      up to date (nothing to do)"),
         None => {}
     }
     println!("  total time {:.1} s", report.seconds);
     for f in &report.files {
-        println!("  wrote      {}", f.display());
+        println!("  wrote      {}", shown_path(f).display());
+    }
+}
+
+/// `21.9 it/s`, or `2.35 s/it` below one update a second.
+pub(crate) fn rate_text(per_second: f64) -> String {
+    if per_second >= 1.0 {
+        format!("{per_second:.1} it/s")
+    } else {
+        format!("{:.2} s/it", 1.0 / per_second)
+    }
+}
+
+/// `path` as a user reads it: relative to the current folder when under it, with `.` and `..`
+/// folded (`runs/tiny/x`, not `pipelines/../runs/tiny/x` or `/home/me/proj/runs/tiny/x`).
+pub(crate) fn shown_path(path: &std::path::Path) -> std::path::PathBuf {
+    let tidy = crate::config::tidy_path(path);
+    if tidy.is_absolute() {
+        if let Some(rel) = std::env::current_dir().ok().and_then(|cwd| tidy.strip_prefix(crate::config::tidy_path(&cwd)).ok().map(|r| r.to_path_buf())) {
+            return if rel.as_os_str().is_empty() { ".".into() } else { rel };
+        }
+    }
+    tidy
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_and_paths_read_well() {
+        assert_eq!(rate_text(21.94), "21.9 it/s");
+        assert_eq!(rate_text(1.0), "1.0 it/s");
+        assert_eq!(rate_text(0.4), "2.50 s/it");
+        assert_eq!(shown_path(std::path::Path::new("pipelines/../runs/tiny/a.safetensors")), std::path::PathBuf::from("runs/tiny/a.safetensors"));
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(shown_path(&cwd.join("runs/./tiny/x.png")), std::path::PathBuf::from("runs/tiny/x.png"));
+        assert_eq!(shown_path(std::path::Path::new("/elsewhere/x")), std::path::PathBuf::from("/elsewhere/x"));
     }
 }

@@ -1,9 +1,11 @@
 //! TensorBoard event files (`events.out.tfevents.*`), written directly: each record is
 //! `u64 length, u32 masked-crc32c(length), bytes, u32 masked-crc32c(bytes)`, and each payload a
-//! hand-encoded `tensorflow.Event` protobuf holding scalar summaries. No TensorFlow needed.
+//! hand-encoded `tensorflow.Event` protobuf holding scalar or image summaries. No TensorFlow
+//! needed.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
 
 use anyhow::{Context, Result};
 
@@ -61,6 +63,26 @@ fn event(wall_time: f64, step: i64, body: EventBody<'_>) -> Vec<u8> {
     varint(step as u64, &mut e);
     match body {
         EventBody::FileVersion(v) => len_delimited(3, v.as_bytes(), &mut e),
+        EventBody::Images(values) => {
+            // Value { tag = 1, image = 4 }, Image { height = 1, width = 2, colorspace = 3,
+            // encoded_image_string = 4 } (colorspace 3: RGB).
+            let mut summary = Vec::new();
+            for img in values {
+                let mut im = Vec::new();
+                key(1, 0, &mut im);
+                varint(img.height as u64, &mut im);
+                key(2, 0, &mut im);
+                varint(img.width as u64, &mut im);
+                key(3, 0, &mut im);
+                varint(3, &mut im);
+                len_delimited(4, img.png, &mut im);
+                let mut v = Vec::new();
+                len_delimited(1, img.tag.as_bytes(), &mut v);
+                len_delimited(4, &im, &mut v);
+                len_delimited(1, &v, &mut summary);
+            }
+            len_delimited(5, &summary, &mut e);
+        }
         EventBody::Scalars(values) => {
             // Summary { repeated Value value = 1 }, Value { tag = 1, simple_value = 2 (float) }
             let mut summary = Vec::new();
@@ -80,12 +102,33 @@ fn event(wall_time: f64, step: i64, body: EventBody<'_>) -> Vec<u8> {
 enum EventBody<'a> {
     FileVersion(&'a str),
     Scalars(&'a [(&'a str, f64)]),
+    Images(&'a [ImageValue<'a>]),
 }
 
-/// Appends scalar summaries to one event file; every record is flushed as written.
+/// One image summary: an encoded PNG of `height` x `width` RGB pixels under `tag`.
+pub struct ImageValue<'a> {
+    pub tag: &'a str,
+    pub height: u32,
+    pub width: u32,
+    pub png: &'a [u8],
+}
+
+/// Appends summaries to one event file; every record is flushed as written. Clones share the
+/// file (see [`EventWriter::for_dir`]).
+#[derive(Clone)]
 pub struct EventWriter {
-    file: std::fs::File,
+    file: Arc<Mutex<std::fs::File>>,
     pub path: PathBuf,
+}
+
+/// The writers open in this process, by folder: validation while training appends its images
+/// to the trainer's file rather than starting a second one (TensorBoard polls only the newest
+/// file of a folder, so a second file would hide the scalars logged after it).
+#[allow(clippy::type_complexity)]
+static OPEN: Mutex<Vec<(PathBuf, PathBuf, Weak<Mutex<std::fs::File>>)>> = Mutex::new(Vec::new());
+
+fn dir_key(dir: &Path) -> PathBuf {
+    dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf())
 }
 
 fn now() -> f64 {
@@ -93,31 +136,63 @@ fn now() -> f64 {
 }
 
 impl EventWriter {
-    /// Create `dir/events.out.tfevents.<seconds>.lora` (the directory is created).
+    /// Create `dir/events.out.tfevents.<seconds>.lora.<pid>` (with `.<n>` when a file of that
+    /// name exists: never truncate another writer's file). The directory is created.
     pub fn create(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let path = dir.join(format!("events.out.tfevents.{}.lora.{}", now() as u64, std::process::id()));
-        let file = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-        let mut w = Self { file, path };
+        let base = format!("events.out.tfevents.{}.lora.{}", now() as u64, std::process::id());
+        let mut n = 0;
+        let (file, path) = loop {
+            let path = dir.join(if n == 0 { base.clone() } else { format!("{base}.{n}") });
+            match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(f) => break (f, path),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 1000 => n += 1,
+                Err(e) => return Err(e).with_context(|| format!("creating {}", path.display())),
+            }
+        };
+        let w = Self { file: Arc::new(Mutex::new(file)), path };
         w.record(&event(now(), 0, EventBody::FileVersion("brain.Event:2")))?;
+        let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
+        open.retain(|(_, _, f)| f.strong_count() > 0);
+        open.push((dir_key(dir), w.path.clone(), Arc::downgrade(&w.file)));
         Ok(w)
     }
 
-    fn record(&mut self, data: &[u8]) -> Result<()> {
+    /// The writer open on `dir` in this process (the trainer's, while it trains), else a new
+    /// file in `dir`.
+    pub fn for_dir(dir: &Path) -> Result<Self> {
+        let key = dir_key(dir);
+        let live = {
+            let open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
+            open.iter().rev().filter(|(d, _, _)| *d == key).find_map(|(_, p, f)| Some((f.upgrade()?, p.clone())))
+        };
+        match live {
+            Some((file, path)) => Ok(Self { file, path }),
+            None => Self::create(dir),
+        }
+    }
+
+    fn record(&self, data: &[u8]) -> Result<()> {
         let len = (data.len() as u64).to_le_bytes();
         let mut buf = Vec::with_capacity(data.len() + 16);
         buf.extend_from_slice(&len);
         buf.extend_from_slice(&masked_crc(&len).to_le_bytes());
         buf.extend_from_slice(data);
         buf.extend_from_slice(&masked_crc(data).to_le_bytes());
-        self.file.write_all(&buf).with_context(|| format!("writing {}", self.path.display()))?;
-        self.file.flush()?;
+        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        file.write_all(&buf).with_context(|| format!("writing {}", self.path.display()))?;
+        file.flush()?;
         Ok(())
     }
 
     /// Write `(tag, value)` scalars at `step`.
-    pub fn scalars(&mut self, step: u64, values: &[(&str, f64)]) -> Result<()> {
+    pub fn scalars(&self, step: u64, values: &[(&str, f64)]) -> Result<()> {
         self.record(&event(now(), step as i64, EventBody::Scalars(values)))
+    }
+
+    /// Write image summaries (PNG) at `step`, one record for all of them.
+    pub fn images(&self, step: u64, values: &[ImageValue<'_>]) -> Result<()> {
+        self.record(&event(now(), step as i64, EventBody::Images(values)))
     }
 }
 
@@ -228,7 +303,7 @@ mod tests {
     #[test]
     fn records_frame_and_checksum() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = EventWriter::create(dir.path()).unwrap();
+        let w = EventWriter::create(dir.path()).unwrap();
         w.scalars(3, &[("train/loss", 0.5)]).unwrap();
         let bytes = std::fs::read(&w.path).unwrap();
         let mut pos = 0;
@@ -250,12 +325,37 @@ mod tests {
         assert_eq!(&payloads[1][tag_at + 11..tag_at + 15], &0.5f32.to_le_bytes());
     }
 
+    /// Validation while training writes into the trainer's open file (same path, records in
+    /// order); once it is closed a new writer starts another file and leaves the old one whole.
+    #[test]
+    fn for_dir_shares_the_open_writer_and_never_truncates() {
+        let dir = tempfile::tempdir().unwrap();
+        let trainer = EventWriter::create(dir.path()).unwrap();
+        trainer.scalars(1, &[("train_loss", 0.5)]).unwrap();
+        let shared = EventWriter::for_dir(dir.path()).unwrap();
+        assert_eq!(shared.path, trainer.path);
+        let png = [0x89u8, b'P', b'N', b'G'];
+        shared.images(1, &[ImageValue { tag: "validation/prompt0", height: 2, width: 3, png: &png }]).unwrap();
+        trainer.scalars(2, &[("train_loss", 0.4)]).unwrap();
+        let first = trainer.path.clone();
+        drop((trainer, shared));
+        let later = EventWriter::for_dir(dir.path()).unwrap();
+        assert_ne!(later.path, first, "a new file once the trainer's is closed");
+        let bytes = std::fs::read(&first).unwrap();
+        let recs = read_records(&bytes);
+        assert_eq!(recs.iter().map(|r| event_step(r).unwrap()).collect::<Vec<_>>(), vec![(0, false), (1, true), (1, true), (2, true)]);
+        // The image record: tag, then Image { height 2, width 3, colorspace 3, the PNG bytes }.
+        let img = recs[2];
+        let tag_at = img.windows(18).position(|w| w == b"validation/prompt0").unwrap();
+        assert_eq!(&img[tag_at + 18..], &[0x22, 12, 0x08, 2, 0x10, 3, 0x18, 3, 0x22, 4, 0x89, b'P', b'N', b'G']);
+    }
+
     /// After a resume from step 2 the file holds steps 1 and 2 once; a half-written record is
     /// dropped; a file left without summaries is removed.
     #[test]
     fn keep_steps_up_to_trims_past_steps() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = EventWriter::create(dir.path()).unwrap();
+        let w = EventWriter::create(dir.path()).unwrap();
         for s in 1..=4 {
             w.scalars(s, &[("train_loss", s as f64)]).unwrap();
         }

@@ -52,6 +52,10 @@ pub struct RunReport {
     pub seconds: f64,
     /// Every stage of the table in order, with what this run did with it.
     pub stages: Vec<(&'static str, super::stages::Status)>,
+    /// Updates per second of this run's training (validation and plotting left out).
+    pub train_rate: Option<f64>,
+    /// Mean loss of the first and last tenth of the steps in `metrics.jsonl` (resumes included).
+    pub loss_trend: Option<crate::report::metrics::LossTrend>,
 }
 
 /// The device a pipeline asks for (logged; see `crate::device`).

@@ -38,6 +38,7 @@ pub const TRAINED_FILE: &str = "train/adapter.safetensors";
 pub const IN_PROGRESS: &str = "train.in_progress";
 /// One metrics line per optimizer update.
 pub const METRICS_FILE: &str = "metrics.jsonl";
+pub use crate::report::plot::LOSS_PLOT;
 
 /// A file or folder a stage writes, relative to the output folder; `<step>` and `<...>` stand
 /// for parts known only while running.
@@ -656,10 +657,25 @@ fn train_outputs(p: &Plan) -> Vec<Output> {
         o.push(out(format!("{dir}/events.out.tfevents.<...>"), "TensorBoard events (train_loss, lr, grad_norm)", false));
     }
     if !pl.validation.prompts.is_empty() {
-        o.push(out("validation/step-<step>/<...>.png", "validation images while training", false));
+        o.push(out("validation/step-<step>/<...>.png", "validation images while training, and their grid (grid.png)", false));
     }
+    o.push(out(LOSS_PLOT, "loss (raw and smoothed) and learning rate per step, redrawn as training goes", false));
     o
 }
+
+/// The TensorBoard folder, when `logging.report_to = "tensorboard"`.
+fn events_dir(p: &Plan) -> Option<std::path::PathBuf> {
+    let pl = p.pipeline();
+    (pl.logging.report_to == cfg::ReportTo::Tensorboard).then(|| p.out_dir.join(&pl.logging.dir))
+}
+
+/// After a validation point wrote `files` into `dir`: their grid and, with TensorBoard, the
+/// images in the event file at `step`.
+fn publish_validation(p: &Plan, files: &[std::path::PathBuf], dir: &Path, step: u64) -> Result<std::path::PathBuf> {
+    let events = events_dir(p);
+    crate::report::grid::publish_validation(files, p.pipeline().validation.num_images as usize, dir, events.as_deref().map(|d| (d, step)))
+}
+
 
 /// The settings a train run's checkpoints depend on, as dotted keys, to say what changed: the
 /// typed values (defaults included), with the keys the file sets as written (paths as written
@@ -846,14 +862,24 @@ fn run_train(ctx: &mut StageCtx<'_>) -> Result<Ran> {
         let by_epochs = epoch_end && p.validation.every_epochs > 0 && epoch % p.validation.every_epochs as usize == 0;
         (by_steps || by_epochs) && step < steps.max_train_steps
     };
+    let checkpoint_due = |step: usize| p.checkpoints.every_steps > 0 && step % p.checkpoints.every_steps as usize == 0;
+    let mut last_plot = Instant::now();
+    let mut rate = crate::report::metrics::StepRate::new();
     let mut on_update = |step: usize, total: usize, loss: f64, lr: f64| {
+        rate.update(step);
+        let paused = Instant::now();
         if validate_at(step) {
             let dir = out_dir.join("validation").join(format!("step-{step}"));
-            match validation_images(sd_ref, p, &dir, &device) {
-                Ok(files) => tracing::info!("validation: {} image(s) in {}", files.len(), dir.display()),
+            match validation_images(sd_ref, p, &dir, &device).and_then(|files| publish_validation(plan, &files, &dir, step as u64).map(|_| files)) {
+                Ok(files) => tracing::info!("validation: {} image(s) and their grid in {}", files.len(), dir.display()),
                 Err(e) => tracing::warn!("validation at step {step} failed: {e:#}"),
             }
         }
+        if validate_at(step) || checkpoint_due(step) || last_plot.elapsed().as_secs() >= 30 {
+            crate::report::plot::refresh(&out_dir.join(METRICS_FILE), &out_dir.join(LOSS_PLOT));
+            last_plot = Instant::now();
+        }
+        rate.pause(paused.elapsed());
         let b = bar.get_or_insert_with(|| progress_bar(total, step.saturating_sub(1)));
         b.set_position(step as u64);
         b.set_message(format!("loss {loss:.4} lr {lr:.2e}"));
@@ -867,6 +893,9 @@ fn run_train(ctx: &mut StageCtx<'_>) -> Result<Ran> {
         b.finish_and_clear();
     }
     drop(trainer);
+    crate::report::plot::refresh(&out_dir.join(METRICS_FILE), &out_dir.join(LOSS_PLOT));
+    ctx.report.train_rate = rate.per_second();
+    ctx.report.loss_trend = crate::report::metrics::loss_trend(&crate::report::metrics::read_steps(&out_dir.join(METRICS_FILE))?);
     if let Some(cache) = &cache {
         let load = |a: &std::sync::atomic::AtomicUsize| a.load(std::sync::atomic::Ordering::Relaxed);
         tracing::info!(
@@ -1016,7 +1045,15 @@ const VALIDATE: Stage = Stage {
             .finish()
     },
     reads: |p| vec![tidy(p, TRAINED_FILE)],
-    outputs: |p| validation_files(p.pipeline()).into_iter().map(|f| out(f, "validation image", true)).collect(),
+    outputs: |p| {
+        let mut o: Vec<Output> = validation_files(p.pipeline()).into_iter().map(|f| out(f, "validation image", true)).collect();
+        o.push(out(format!("validation/{}", crate::report::grid::GRID_FILE), "all validation images in one grid (rows = prompts)", true));
+        if events_dir(p).is_some() {
+            let dir = p.pipeline().logging.dir.display().to_string();
+            o.push(out(format!("{dir}/events.out.tfevents.<...>"), "TensorBoard events: the validation images (validation/prompt<i>)", false));
+        }
+        o
+    },
     describe: |p| {
         let v = &p.pipeline().validation;
         format!(
@@ -1037,7 +1074,13 @@ const VALIDATE: Stage = Stage {
             ctx.adapter_attached = true;
         }
         let files = validation_images(sd, ctx.plan.pipeline(), &dir.join("validation"), &device)?;
+        // TensorBoard shows the final images at the last training step.
+        let step = ctx.report.train.as_ref().map(|t| t.global_step as u64).or_else(|| {
+            ctx.lock.stages.get("train").and_then(|r| r.details.get("max_train_steps")).and_then(serde_json::Value::as_u64)
+        });
+        let grid = publish_validation(ctx.plan, &files, &dir.join("validation"), step.unwrap_or(0))?;
         ctx.report.files.extend(files);
+        ctx.report.files.push(grid);
         Ok(Ran::done())
     },
 };
