@@ -9,6 +9,7 @@ mod adapters_injection;
 mod adapters_unet_golden;
 mod config_broken;
 mod config_schema;
+mod config_editor_schema;
 mod data_decode;
 mod device_parity;
 mod data_hub;
