@@ -5,6 +5,8 @@
 mod adapters_cli;
 mod adapters_diffusers_loads;
 mod adapters_format;
+mod adapters_kohya_meta;
+mod adapters_ui_keys;
 mod adapters_injection;
 mod adapters_unet_golden;
 mod config_broken;
