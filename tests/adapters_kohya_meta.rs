@@ -108,3 +108,19 @@ fn sd2_v_prediction_folder_gets_sd2_v_metadata() {
     let m = read_lora_file(&eps.join(KOHYA_FILE)).unwrap().metadata;
     assert_eq!((m["ss_base_model_version"].as_str(), m["modelspec.architecture"].as_str()), ("sd_v2", "stable-diffusion-v2-512/lora"));
 }
+
+/// Export's fingerprint follows the resolved formats, so the new default (both files) reruns
+/// export in a folder whose run relied on the old default, and an explicit list equal to the
+/// default changes nothing.
+#[test]
+fn export_fingerprint_follows_the_resolved_formats() {
+    let fp = |extra: &[&str]| {
+        let overrides: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let loaded = load_pipeline(&root().join("pipelines/tiny.toml"), &overrides).unwrap_or_else(|d| panic!("{}", d.render()));
+        lora::runner::plan::Plan::resolve(&loaded).fingerprint("export").to_string()
+    };
+    let default = fp(&[]);
+    assert_eq!(default, fp(&["output.formats=[\"diffusers\", \"kohya\"]"]));
+    assert_ne!(default, fp(&["output.formats=[\"diffusers\"]"]));
+    assert_ne!(fp(&["output.formats=[\"diffusers\"]"]), fp(&["output.formats=[\"kohya\"]"]));
+}

@@ -892,6 +892,9 @@ fn progress_bar(total: usize, start: usize) -> indicatif::ProgressBar {
 // ---------------------------------------------------------------------------------------------
 // export
 
+/// Version of what export writes into the kohya header (model facts, ModelSpec, tag counts).
+const KOHYA_HEADER_VERSION: &str = "2";
+
 const EXPORT: Stage = Stage {
     name: "export",
     depends_on: &["train"],
@@ -899,7 +902,10 @@ const EXPORT: Stage = Stage {
     tracked: true,
     off: not_off,
     fingerprint: |p| {
-        Fingerprint::new("export").add("train", p.fingerprint("train")).add_toml("formats", p.table("output").and_then(|o| o.get("formats"))).finish()
+        // The resolved formats (a changed default reruns export) and the kohya header's version
+        // (bumped when what the header says changes; export is cheap to rerun).
+        let formats: Vec<String> = p.pipeline().output.formats.iter().map(choice_name).collect();
+        Fingerprint::new("export").add("train", p.fingerprint("train")).add("formats", &formats.join(",")).add("kohya_header", KOHYA_HEADER_VERSION).finish()
     },
     reads: |p| vec![tidy(p, TRAINED_FILE)],
     outputs: |p| {
