@@ -242,6 +242,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--comfy", required=True)
     ap.add_argument("--webui", required=True)
+    ap.add_argument("--check", nargs="*", default=[], metavar="FILE", help="instead: load these LoRA files with ComfyUI's load_lora (and A1111's lookup for sd15/sd21) and print what is not loaded")
+    ap.add_argument("--layout", default="tiny-sd", help="model layout for --check: tiny-sd, sd2-tiny, sd15, sd21")
     args = ap.parse_args()
     comfy = comfy_functions(args.comfy)
     webui = webui_functions(args.webui)
@@ -253,6 +255,20 @@ def main():
         "sd15": (SD15_UNET, SD15_TEXT, False),
         "sd21": (SD21_UNET, SD21_TEXT, True),
     }
+    if args.check:
+        u, t, v2 = layouts[args.layout]
+        _, key_map, ldm_modules = layout(args.layout, u, t, comfy, webui, v2)
+        bad = False
+        for path in args.check:
+            with safe_open(path, "pt") as f:
+                keys = sorted(f.keys())
+            patched, lost = run_comfy_load(comfy, key_map, keys)
+            report = {"file": path, "tensors": len(keys), "comfyui_modules_patched": patched, "comfyui_keys_not_loaded": lost}
+            if args.layout in ("sd15", "sd21"):
+                report["a1111_keys_not_matched"] = run_a1111_load(webui, ldm_modules, keys, v2)
+            print(json.dumps(report))
+            bad |= bool(lost) or bool(report.get("a1111_keys_not_matched"))
+        sys.exit(1 if bad else 0)
     out = {"layouts": {}}
     for name, (u, t, v2) in layouts.items():
         entry, key_map, ldm_modules = layout(name, u, t, comfy, webui, v2)
