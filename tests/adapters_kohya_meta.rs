@@ -64,6 +64,7 @@ fn sd1_kohya_only_run_writes_no_diffusers_file_and_sd1_metadata() {
     let w = read_lora_file(&path).unwrap();
     let m = &w.metadata;
     assert_eq!(m["ss_base_model_version"], "sd_v1");
+    assert_eq!(m["ss_sd_model_name"], "tiny-sd", "a local model by its base name, as kohya writes it");
     assert_eq!(m["ss_v2"], "false");
     assert_eq!(m["ss_v_parameterization"], "false");
     assert_eq!(m["modelspec.architecture"], "stable-diffusion-v1/lora");

@@ -958,7 +958,11 @@ fn export_files(ctx: &mut StageCtx<'_>, train_details: &BTreeMap<String, serde_j
                 let facts = model_facts(p)?;
                 let info = TrainingInfo {
                     base_model_version: facts.base_model_version().into(),
-                    model_name: model_source(p)?,
+                    // kohya: a local model by its base name, a hub model by its id.
+                    model_name: match p.model.path.as_deref().or(p.model.file.as_deref()) {
+                        Some(local) => tidy_path(local).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                        None => model_source(p)?,
+                    },
                     rank: p.adapter.rank as usize,
                     alpha: p.adapter.default_alpha(),
                     learning_rate: p.train.learning_rate,
