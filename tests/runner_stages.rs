@@ -138,7 +138,8 @@ fn a_format_change_reruns_only_export_and_a_prompt_change_only_validate() {
     let out = dir.path().join("out");
     let file = root().join("pipelines/tiny.toml");
     let val = ["validation.prompts=[\"a red circle\"]", "validation.num_images=1", "validation.steps=2"];
-    let first = load(&file, &out, &val);
+    // Both formats are the default: start from the diffusers file alone.
+    let first = load(&file, &out, &[&val[..], &["output.formats=[\"diffusers\"]"]].concat());
     run_with(&first, &RunOptions::default(), false).unwrap();
     let adapter = bytes(&out.join(DIFFUSERS_FILE));
     let image = bytes(&out.join("validation/prompt0-0.png"));

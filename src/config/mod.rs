@@ -10,5 +10,5 @@ pub mod validate;
 
 pub use diagnostic::{Diagnostic, Diagnostics, Severity, Source};
 pub use load::{load_pipeline, tidy_path, LoadedPipeline, Origin, Provenance};
-pub use schema::{choice_name, pipeline_schema, pipeline_schema_text};
+pub use schema::{choice_name, editor_schema, pipeline_schema, pipeline_schema_text};
 pub use types::*;

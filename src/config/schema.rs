@@ -15,9 +15,74 @@ pub fn pipeline_schema() -> Value {
     value
 }
 
-/// The schema as `lora schema` prints it and `schemas/pipeline.schema.json` holds it.
+/// The schema as `lora schema` prints it and `schemas/pipeline.schema.json` holds it: the
+/// [`editor_schema`], for editors that check one file at a time.
 pub fn pipeline_schema_text() -> String {
-    serde_json::to_string_pretty(&pipeline_schema()).unwrap_or_default() + "\n"
+    serde_json::to_string_pretty(&editor_schema()).unwrap_or_default() + "\n"
+}
+
+/// The schema for editors (Taplo / Even Better TOML, which check one file without its base):
+/// every `required` of [`pipeline_schema`] moves into one top-level
+/// `"if": {"required": ["extends"]}, "else": {...}`, so a file with `extends` may leave its
+/// required tables and keys to its base, and a file without one is checked as strictly as
+/// before. `lora validate` still checks the merged pipeline against [`pipeline_schema`].
+pub fn editor_schema() -> Value {
+    let mut root = pipeline_schema();
+    let strict = root.clone();
+    let mut required = Map::new();
+    collect_required(&strict, &strict, &mut required, 0);
+    strip_required(&mut root);
+    if let Value::Object(map) = &mut root {
+        map.insert("if".into(), serde_json::json!({ "required": ["extends"] }));
+        map.insert("else".into(), Value::Object(required));
+    }
+    root
+}
+
+/// The `required` lists reachable from `schema` through `properties` (following `$ref`), as a
+/// schema of nested `properties` holding only those lists.
+fn collect_required(root: &Value, schema: &Value, out: &mut Map<String, Value>, depth: usize) {
+    if depth > 16 {
+        return;
+    }
+    let table = deref(root, schema);
+    if let Some(req) = table.get("required").filter(|r| r.as_array().is_some_and(|a| !a.is_empty())) {
+        out.insert("required".into(), req.clone());
+    }
+    let mut nested = Map::new();
+    for (key, prop) in properties(root, schema) {
+        let mut inner = Map::new();
+        collect_required(root, prop, &mut inner, depth + 1);
+        if !inner.is_empty() {
+            nested.insert(key.clone(), Value::Object(inner));
+        }
+    }
+    if !nested.is_empty() {
+        out.insert("properties".into(), Value::Object(nested));
+    }
+}
+
+/// Remove every `required` keyword (of the root and of every definition).
+fn strip_required(v: &mut Value) {
+    match v {
+        Value::Object(map) => {
+            if map.get("required").is_some_and(Value::is_array) {
+                map.remove("required");
+            }
+            for (key, child) in map.iter_mut() {
+                // `properties` may hold a key named `required`: only its value is a schema.
+                if key == "properties" {
+                    if let Value::Object(props) = child {
+                        props.values_mut().for_each(strip_required);
+                    }
+                } else {
+                    strip_required(child);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(strip_required),
+        _ => {}
+    }
 }
 
 /// Remove `null` from `type` lists and `anyOf` alternatives, collapsing what is left.

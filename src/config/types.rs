@@ -646,14 +646,15 @@ pub struct OutputConfig {
     /// Folder for the adapter, checkpoints and logs, relative to the pipeline file.
     #[schemars(extend("x-reference" = "--output_dir"))]
     pub dir: PathBuf,
-    /// Formats to write.
+    /// Formats to write: by default both the reference's diffusers file (what diffusers loads)
+    /// and the kohya file (what ComfyUI and A1111 load; neither loads the diffusers file's UNet).
     #[schemars(length(min = 1), extend("uniqueItems" = true))]
     pub formats: Vec<OutputFormat>,
 }
 
 impl Default for OutputConfig {
     fn default() -> Self {
-        Self { dir: PathBuf::from("sd-model-finetuned-lora"), formats: vec![OutputFormat::Diffusers] }
+        Self { dir: PathBuf::from("sd-model-finetuned-lora"), formats: vec![OutputFormat::Diffusers, OutputFormat::Kohya] }
     }
 }
 

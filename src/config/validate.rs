@@ -103,6 +103,14 @@ pub fn validate_document(
     Ok(LoadedPipeline { pipeline, resolved: doc, sources: prov, path: path.to_path_buf(), warnings: diags })
 }
 
+/// The messages of every violation of `schema` in the (unmerged) table `doc`: what an editor
+/// checking one file with that schema reports.
+pub fn schema_messages(schema: &Value, doc: &toml::Table) -> Vec<String> {
+    let mut issues = Vec::new();
+    walk(schema, schema, &toml::Value::Table(doc.clone()), &mut Vec::new(), &mut issues);
+    issues.into_iter().map(|i| i.message).collect()
+}
+
 /// Make every relative path in `p` relative to the current directory, by joining it to the folder
 /// of the file that wrote it.
 fn resolve_paths(p: &mut Pipeline, prov: &Provenance) {
@@ -449,28 +457,61 @@ fn walk_table(root: &Value, schema: &Value, table: &toml::Table, path: &mut Vec<
         path.pop();
     }
 
-    if let Some(Value::Array(required)) = s.get("required") {
-        for r in required.iter().filter_map(Value::as_str) {
-            if table.contains_key(r) {
-                continue;
-            }
-            let prop = props.iter().find(|(k, _)| *k == r).map(|(_, p)| *p);
-            let is_table = prop.is_some_and(|p| keyword(root, p, "type").and_then(Value::as_str) == Some("object"));
-            let mut full = path.clone();
-            full.push(Seg::Key(r.to_string()));
-            let message = if is_table {
-                format!("missing table [{}]", path_string(&full))
-            } else if path.is_empty() {
-                format!("missing key `{r}`")
-            } else {
-                format!("missing key `{r}` in {}", table_name(path))
-            };
-            let help = prop.and_then(|p| keyword(root, p, "description")).and_then(Value::as_str).map(|d| {
-                let d = d.replace('\n', " ");
-                format!("`{}`: {d}", path_string(&full))
-            });
-            issues.push(Issue { path: path.clone(), at_key: true, message, help, missing: true });
+    // `if` / `then` / `else` (the editor schema's "required unless `extends`"): only conditions
+    // made of `required`, and branches made of `required` and nested `properties`, are
+    // understood, which is all the generated schemas use.
+    if let Some(Value::Array(cond)) = s.get("if").and_then(|c| c.get("required")) {
+        let holds = cond.iter().filter_map(Value::as_str).all(|k| table.contains_key(k));
+        if let Some(branch) = s.get(if holds { "then" } else { "else" }) {
+            apply_branch(root, branch, schema, table, path, issues);
         }
+    }
+    if let Some(Value::Array(required)) = s.get("required") {
+        check_required(root, required, schema, table, path, issues);
+    }
+}
+
+/// The `required` lists of an `if` branch, checked as if they stood in `schema` itself.
+fn apply_branch(root: &Value, branch: &Value, schema: &Value, table: &toml::Table, path: &mut Vec<Seg>, issues: &mut Vec<Issue>) {
+    if let Some(Value::Array(required)) = branch.get("required") {
+        check_required(root, required, schema, table, path, issues);
+    }
+    if let Some(Value::Object(nested)) = branch.get("properties") {
+        let props = properties(root, schema);
+        for (key, sub) in nested {
+            let prop = props.iter().find(|(k, _)| *k == key).map(|(_, p)| *p);
+            if let (Some(toml::Value::Table(t)), Some(prop)) = (table.get(key), prop) {
+                path.push(Seg::Key(key.clone()));
+                apply_branch(root, sub, prop, t, path, issues);
+                path.pop();
+            }
+        }
+    }
+}
+
+/// An issue per key of `required` that `table` lacks (`schema` gives the keys' descriptions).
+fn check_required(root: &Value, required: &[Value], schema: &Value, table: &toml::Table, path: &[Seg], issues: &mut Vec<Issue>) {
+    let props = properties(root, schema);
+    for r in required.iter().filter_map(Value::as_str) {
+        if table.contains_key(r) {
+            continue;
+        }
+        let prop = props.iter().find(|(k, _)| *k == r).map(|(_, p)| *p);
+        let is_table = prop.is_some_and(|p| keyword(root, p, "type").and_then(Value::as_str) == Some("object"));
+        let mut full = path.to_vec();
+        full.push(Seg::Key(r.to_string()));
+        let message = if is_table {
+            format!("missing table [{}]", path_string(&full))
+        } else if path.is_empty() {
+            format!("missing key `{r}`")
+        } else {
+            format!("missing key `{r}` in {}", table_name(path))
+        };
+        let help = prop.and_then(|p| keyword(root, p, "description")).and_then(Value::as_str).map(|d| {
+            let d = d.replace('\n', " ");
+            format!("`{}`: {d}", path_string(&full))
+        });
+        issues.push(Issue { path: path.to_vec(), at_key: true, message, help, missing: true });
     }
 }
 

@@ -805,6 +805,14 @@ fn run_train(ctx: &mut StageCtx<'_>) -> Result<Ran> {
     let device = ctx.device.clone().context("the model stage runs before train")?;
     let loader = ctx.loader.take().context("the preprocess stage runs before train")?;
     let n_examples = loader.dataset().len();
+    // For the kohya header (`ss_tag_frequency`), kept in the lock so export can rerun alone.
+    let tag_frequency = crate::adapters::kohya_meta::tag_frequency(
+        &dataset_folder_name(p),
+        loader.dataset().examples.iter().flat_map(|e| match &e.caption {
+            data::Caption::One(c) => vec![c.as_str()],
+            data::Caption::Choices(list) => list.iter().map(String::as_str).collect(),
+        }),
+    );
     let (_, sd) = ctx.session.model.as_mut().context("the model stage runs before train")?;
     // Encoders parked by an earlier run of this session come back before anything trains.
     sd.unpark_encoders(&device)?;
@@ -910,6 +918,7 @@ fn run_train(ctx: &mut StageCtx<'_>) -> Result<Ran> {
     write_lora_file(&weights, &out_dir.join(TRAINED_FILE), LoraFormat::Peft)?;
     let mut details = BTreeMap::new();
     details.insert("examples".to_string(), serde_json::Value::from(n_examples));
+    details.insert("tag_frequency".to_string(), tag_frequency);
     details.insert("max_train_steps".to_string(), serde_json::Value::from(outcome.max_train_steps));
     let interrupted = outcome.interrupted;
     ctx.report.train = Some(outcome);
@@ -937,6 +946,9 @@ fn progress_bar(total: usize, start: usize) -> indicatif::ProgressBar {
 // ---------------------------------------------------------------------------------------------
 // export
 
+/// Version of what export writes into the kohya header (model facts, ModelSpec, tag counts).
+const KOHYA_HEADER_VERSION: &str = "2";
+
 const EXPORT: Stage = Stage {
     name: "export",
     depends_on: &["train"],
@@ -944,7 +956,10 @@ const EXPORT: Stage = Stage {
     tracked: true,
     off: not_off,
     fingerprint: |p| {
-        Fingerprint::new("export").add("train", p.fingerprint("train")).add_toml("formats", p.table("output").and_then(|o| o.get("formats"))).finish()
+        // The resolved formats (a changed default reruns export) and the kohya header's version
+        // (bumped when what the header says changes; export is cheap to rerun).
+        let formats: Vec<String> = p.pipeline().output.formats.iter().map(choice_name).collect();
+        Fingerprint::new("export").add("train", p.fingerprint("train")).add("formats", &formats.join(",")).add("kohya_header", KOHYA_HEADER_VERSION).finish()
     },
     reads: |p| vec![tidy(p, TRAINED_FILE)],
     outputs: |p| {
@@ -994,11 +1009,14 @@ fn export_files(ctx: &mut StageCtx<'_>, train_details: &BTreeMap<String, serde_j
                 ctx.report.files.push(path);
             }
             cfg::OutputFormat::Kohya => {
-                // A single-file model says what it is (read from its header, no model load).
-                let recognised = crate::models::single_file::recognise_config(&p.model).and_then(|r| r.ok());
+                let facts = model_facts(p)?;
                 let info = TrainingInfo {
-                    base_model_version: recognised.as_ref().map_or("sd_v1", |r| r.family.base_model_version()).into(),
-                    model_name: model_source(p)?,
+                    base_model_version: facts.base_model_version().into(),
+                    // kohya: a local model by its base name, a hub model by its id.
+                    model_name: match p.model.path.as_deref().or(p.model.file.as_deref()) {
+                        Some(local) => tidy_path(local).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                        None => model_source(p)?,
+                    },
                     rank: p.adapter.rank as usize,
                     alpha: p.adapter.default_alpha(),
                     learning_rate: p.train.learning_rate,
@@ -1008,7 +1026,7 @@ fn export_files(ctx: &mut StageCtx<'_>, train_details: &BTreeMap<String, serde_j
                     resolution: p.preprocess.resolution as usize,
                     seed: p.train.seed,
                     num_train_images: count("examples").unwrap_or(0) as usize,
-                    v_prediction: recognised.as_ref().is_some_and(|r| r.prediction.kind == "v_prediction"),
+                    v_prediction: facts.v_prediction,
                     train_text_encoder: p.adapter.text_encoder,
                     pipeline_toml: resolved_toml(&ctx.plan.loaded),
                     training_started_at: None,
@@ -1018,6 +1036,20 @@ fn export_files(ctx: &mut StageCtx<'_>, train_details: &BTreeMap<String, serde_j
                 w.metadata = crate::adapters::format::training_metadata(&info);
                 // A single-file model (and a separate VAE) are named and hashed as kohya does.
                 w.metadata.extend(crate::adapters::kohya_hash::source_file_metadata(p.model.file.as_deref(), p.model.vae.as_deref())?);
+                // ModelSpec, dated when training wrote its weights (so a rerun of export alone
+                // writes the same bytes).
+                let title = tidy_path(dir).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let trained_at = std::fs::metadata(dir.join(TRAINED_FILE))
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_secs());
+                let spec = crate::adapters::kohya_meta::SpecInfo { title: title.clone(), resolution: info.resolution, timestamp: trained_at };
+                w.metadata.extend(crate::adapters::kohya_meta::modelspec_metadata(facts, &spec));
+                w.metadata.insert("ss_output_name".into(), title);
+                if let Some(tags) = train_details.get("tag_frequency") {
+                    w.metadata.insert("ss_tag_frequency".into(), tags.to_string());
+                }
                 let bytes = crate::adapters::kohya_hash::with_sshs_hashes(&crate::adapters::format::serialize_lora(&w, LoraFormat::Kohya)?)?;
                 let path = dir.join(KOHYA_FILE);
                 crate::util::fs::write_atomic(&path, &bytes).with_context(|| format!("cannot write LoRA file {}", path.display()))?;
@@ -1026,6 +1058,40 @@ fn export_files(ctx: &mut StageCtx<'_>, train_details: &BTreeMap<String, serde_j
         }
     }
     Ok(())
+}
+
+/// The base model's generation and prediction type for the kohya header, from its configs (a
+/// single file's header, or a diffusers folder's config files); `train.prediction_type`, the
+/// target actually trained, wins over the model's.
+fn model_facts(p: &cfg::Pipeline) -> Result<crate::adapters::kohya_meta::ModelFacts> {
+    let mut facts = match crate::models::single_file::recognise_config(&p.model) {
+        Some(r) => {
+            let r = r?;
+            crate::adapters::kohya_meta::ModelFacts {
+                v2: r.family == crate::models::single_file::Family::Sd2,
+                v_prediction: r.prediction.kind == "v_prediction",
+            }
+        }
+        None => {
+            let source = model_source(p)?;
+            let dir = crate::models::loading::resolve_model_dir(&source, &crate::models::loading::LoadOptions::from_config(&p.model))
+                .with_context(|| format!("finding the configs of {source} for the kohya header"))?;
+            crate::adapters::kohya_meta::facts_from_folder(&dir).with_context(|| format!("the configs of {source}, for the kohya header"))?
+        }
+    };
+    if let Some(t) = p.train.prediction_type {
+        facts.v_prediction = t == cfg::PredictionType::VPrediction;
+    }
+    Ok(facts)
+}
+
+/// The dataset's folder name as kohya keys `ss_tag_frequency` (the hub name for a hub dataset).
+fn dataset_folder_name(p: &cfg::Pipeline) -> String {
+    match (&p.dataset.name, &p.dataset.path) {
+        (Some(name), _) => name.clone(),
+        (None, Some(path)) => tidy_path(path).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        (None, None) => String::new(),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

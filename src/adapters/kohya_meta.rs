@@ -1,0 +1,159 @@
+//! What a kohya file's header says about its base model and its data, as kohya's sd-scripts
+//! writes it: the model generation and prediction type read from the model's own configs
+//! (`ss_v2`, `ss_v_parameterization`, `ss_base_model_version`), the SAI ModelSpec keys
+//! (`modelspec.*`) and the tag counts per dataset folder (`ss_tag_frequency`).
+//!
+//! Names follow sd-scripts: `library/model_util.py` `get_model_version_str_for_sd1_sd2`
+//! (`sd_v1`, `sd_v1_v`, `sd_v2`, `sd_v2_v`), `library/sai_model_spec.py` (architecture
+//! `stable-diffusion-v1`, `stable-diffusion-v2-512`, `stable-diffusion-v2-768-v`, then `/lora`;
+//! implementation `diffusers` for an SD 1.x/2.x LoRA; resolution `WxH`; prediction type
+//! `epsilon` or `v`; spec version 1.0.1) and `library/train_util.py` `set_tag_frequency`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+
+/// The base model as the kohya header describes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ModelFacts {
+    /// SD 2.x (OpenCLIP text encoder) rather than SD 1.x.
+    pub v2: bool,
+    /// Trained to predict the velocity (`v_prediction`) rather than the noise.
+    pub v_prediction: bool,
+}
+
+impl ModelFacts {
+    /// kohya's `ss_base_model_version`.
+    pub fn base_model_version(self) -> &'static str {
+        match (self.v2, self.v_prediction) {
+            (false, false) => "sd_v1",
+            (false, true) => "sd_v1_v",
+            (true, false) => "sd_v2",
+            (true, true) => "sd_v2_v",
+        }
+    }
+
+    /// `modelspec.architecture` of a LoRA for this model.
+    pub fn architecture(self) -> &'static str {
+        match (self.v2, self.v_prediction) {
+            (false, _) => "stable-diffusion-v1/lora",
+            (true, false) => "stable-diffusion-v2-512/lora",
+            (true, true) => "stable-diffusion-v2-768-v/lora",
+        }
+    }
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
+}
+
+/// The facts of a diffusers folder, from `unet/config.json`, `text_encoder/config.json` and
+/// `scheduler/scheduler_config.json`. SD 2.x: the text encoder is OpenCLIP (`hidden_act` `gelu`,
+/// where SD 1.x's CLIP ViT-L has `quick_gelu`), or 1024 wide (`hidden_size`, or the UNet's
+/// `cross_attention_dim`). `v_prediction` is the scheduler's `prediction_type`.
+pub fn facts_from_folder(dir: &Path) -> Result<ModelFacts> {
+    let unet = read_json(&dir.join("unet/config.json"))?;
+    let text = read_json(&dir.join("text_encoder/config.json"))?;
+    let scheduler_path = dir.join("scheduler/scheduler_config.json");
+    let scheduler = if scheduler_path.is_file() { read_json(&scheduler_path)? } else { Value::Null };
+    let num = |v: &Value, k: &str| v.get(k).and_then(Value::as_u64);
+    let v2 = text.get("hidden_act").and_then(Value::as_str) == Some("gelu")
+        || num(&text, "hidden_size") == Some(1024)
+        || num(&unet, "cross_attention_dim") == Some(1024);
+    let v_prediction = scheduler.get("prediction_type").and_then(Value::as_str) == Some("v_prediction");
+    Ok(ModelFacts { v2, v_prediction })
+}
+
+/// What the ModelSpec keys say beyond the model facts.
+#[derive(Clone, Debug, Default)]
+pub struct SpecInfo {
+    /// `modelspec.title` (kohya: the output name).
+    pub title: String,
+    /// Training resolution (square).
+    pub resolution: usize,
+    /// Seconds since the Unix epoch the adapter was made (`modelspec.date`).
+    pub timestamp: u64,
+}
+
+/// The `modelspec.*` keys kohya's `sai_model_spec.build_metadata` writes for an SD 1.x/2.x LoRA.
+pub fn modelspec_metadata(facts: ModelFacts, info: &SpecInfo) -> BTreeMap<String, String> {
+    let mut m = BTreeMap::new();
+    let mut put = |k: &str, v: String| {
+        m.insert(format!("modelspec.{k}"), v);
+    };
+    put("sai_model_spec", "1.0.1".into());
+    put("architecture", facts.architecture().into());
+    put("implementation", "diffusers".into());
+    put("implementation_version", format!("lora/{}", env!("CARGO_PKG_VERSION")));
+    put("title", info.title.clone());
+    put("resolution", format!("{0}x{0}", info.resolution));
+    put("prediction_type", if facts.v_prediction { "v" } else { "epsilon" }.into());
+    put("date", iso8601_utc(info.timestamp));
+    m
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` (UTC) of a Unix time, as Python's `datetime.isoformat()` writes a
+/// naive time (kohya writes local time; a run's output should not depend on the time zone).
+pub fn iso8601_utc(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// kohya's `ss_tag_frequency`: `{folder: {tag: count}}`, where the tags of a caption are its
+/// comma-separated parts, trimmed and lower-cased, empty parts skipped.
+pub fn tag_frequency<'a>(folder: &str, captions: impl IntoIterator<Item = &'a str>) -> Value {
+    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+    for caption in captions {
+        for tag in caption.split(',') {
+            let tag = tag.trim();
+            if !tag.is_empty() {
+                *counts.entry(tag.to_lowercase()).or_default() += 1;
+            }
+        }
+    }
+    serde_json::json!({ folder: counts })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kohya_names() {
+        // The four strings of sd-scripts' get_model_version_str_for_sd1_sd2 and
+        // sai_model_spec.determine_architecture.
+        let f = |v2, v_prediction| ModelFacts { v2, v_prediction };
+        assert_eq!([f(false, false), f(false, true), f(true, false), f(true, true)].map(ModelFacts::base_model_version), ["sd_v1", "sd_v1_v", "sd_v2", "sd_v2_v"]);
+        assert_eq!(f(true, true).architecture(), "stable-diffusion-v2-768-v/lora");
+        assert_eq!(f(true, false).architecture(), "stable-diffusion-v2-512/lora");
+        assert_eq!(f(false, true).architecture(), "stable-diffusion-v1/lora");
+    }
+
+    #[test]
+    fn dates_are_iso8601() {
+        // Values from Python: datetime.datetime.utcfromtimestamp(t).isoformat().
+        assert_eq!(iso8601_utc(0), "1970-01-01T00:00:00");
+        assert_eq!(iso8601_utc(951_782_400), "2000-02-29T00:00:00");
+        assert_eq!(iso8601_utc(1_796_132_865), "2026-12-01T13:47:45");
+    }
+
+    #[test]
+    fn tags_are_counted_as_kohya_counts_them() {
+        let v = tag_frequency("imgs", ["A cat, red ,, Blue", "a cat", " "]);
+        assert_eq!(v, serde_json::json!({"imgs": {"a cat": 2, "red": 1, "blue": 1}}));
+    }
+}
