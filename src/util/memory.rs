@@ -23,20 +23,24 @@ pub fn reset_peak_rss() -> Option<u64> {
 mod tests {
     use super::*;
 
-    /// A 64 MiB buffer touched and freed raises the peak; after a reset the peak is back near
-    /// the current size (below the buffer's peak), then grows again with the next buffer.
+    /// A 512 MiB buffer touched and freed raises the peak by at least its size above the peak
+    /// just after a reset; a second reset brings the peak back below that (tests run in
+    /// parallel threads of this process, so the margins are large and the first check only
+    /// relies on the peak never falling).
     #[test]
     fn the_peak_resets() {
-        let Some(start) = peak_rss_bytes() else { return };
-        let big = vec![1u8; 64 << 20];
-        std::hint::black_box(&big);
-        drop(big);
-        let high = peak_rss_bytes().unwrap();
-        assert!(high >= start + (60 << 20), "{start} -> {high}");
+        const BIG: usize = 512 << 20;
         if reset_peak_rss().is_none() {
             return; // not permitted here
         }
+        let start = peak_rss_bytes().unwrap();
+        let big = vec![1u8; BIG];
+        std::hint::black_box(&big);
+        drop(big);
+        let high = peak_rss_bytes().unwrap();
+        assert!(high >= start + (BIG as u64) - (8 << 20), "{start} -> {high}");
+        reset_peak_rss();
         let low = peak_rss_bytes().unwrap();
-        assert!(low + (32 << 20) < high, "after the reset {low}, before {high}");
+        assert!(low < high, "after the reset {low}, before {high}");
     }
 }
