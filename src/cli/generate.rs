@@ -8,7 +8,7 @@ use anyhow::Context;
 use candle_core::DType;
 
 use crate::models::{LoadOptions, StableDiffusion};
-use crate::schedulers::pipeline::{self, GenerateOptions};
+use crate::inference::{self as pipeline, GenerateOptions};
 use crate::schedulers::SamplerKind;
 
 #[derive(clap::Args, Debug)]
