@@ -17,7 +17,7 @@ pub(crate) fn validation_file_name(prompt: usize, image: usize) -> String {
 }
 
 /// `validation.scheduler` as a sampler choice.
-pub(crate) fn validation_sampler(s: ValidationScheduler) -> SamplerChoice {
+pub fn validation_sampler(s: ValidationScheduler) -> SamplerChoice {
     match s {
         ValidationScheduler::Model => SamplerChoice::Model,
         ValidationScheduler::Pndm => SamplerChoice::Named(SamplerKind::Pndm),
@@ -27,7 +27,7 @@ pub(crate) fn validation_sampler(s: ValidationScheduler) -> SamplerChoice {
 }
 
 /// Sample the validation images of `p` with `sd` as it is (adapters attached) into `dir`.
-pub(crate) fn validation_images(sd: &StableDiffusion, p: &Pipeline, dir: &Path, device: &Device) -> Result<Vec<PathBuf>> {
+pub fn validation_images(sd: &StableDiffusion, p: &Pipeline, dir: &Path, device: &Device) -> Result<Vec<PathBuf>> {
     let sampler = validation_sampler(p.validation.scheduler).resolve(sd)?;
     let res = p.preprocess.resolution as usize;
     let mut files = Vec::new();
