@@ -195,10 +195,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         None => None,
     };
-    let (default_h, default_w) = match &init_latents {
-        Some(l) => (l.dims()[2] * factor, l.dims()[3] * factor),
-        None => {
-            let side = pipeline::default_image_side(&sd, factor);
+    let (default_h, default_w) = match (&init_latents, args.height, args.width) {
+        (Some(l), _, _) => (l.dims()[2] * factor, l.dims()[3] * factor),
+        (None, Some(h), Some(w)) => (h, w),
+        (None, _, _) => {
+            let side = pipeline::default_image_side(&sd, factor)?;
             (side, side)
         }
     };

@@ -14,10 +14,13 @@ pub fn vae_scale_factor(sd: &StableDiffusion) -> usize {
     1usize << (n - 1)
 }
 
-/// The default image side: the UNet's `sample_size` (64 if absent) times the VAE factor, as
-/// diffusers' pipeline does.
-pub fn default_image_side(sd: &StableDiffusion, factor: usize) -> usize {
-    sd.unet.config().sample_size.unwrap_or(64) * factor
+/// The default image side: the UNet's `sample_size` times the VAE factor, as diffusers'
+/// pipeline does; an error when the UNet config has no `sample_size` (diffusers fails there too).
+pub fn default_image_side(sd: &StableDiffusion, factor: usize) -> anyhow::Result<usize> {
+    match sd.unet.config().sample_size {
+        Some(side) => Ok(side * factor),
+        None => anyhow::bail!("the UNet config has no `sample_size`, so there is no default image size; give --height and --width"),
+    }
 }
 
 /// The latent shape `[1, 4, H/f, W/f]` for an image size, refusing sizes the VAE cannot produce.
