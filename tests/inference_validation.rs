@@ -214,3 +214,26 @@ fn the_final_validation_applies_the_exported_file() {
     assert!(out.join(KOHYA_FILE).is_file() && !out.join(DIFFUSERS_FILE).exists());
     assert!(std::fs::read(&image).unwrap() == with_export, "the kohya file gives the trained weights' image");
 }
+
+#[test]
+fn cli_generate_scheduler_model_is_the_models_own_sampler() {
+    // Tolerance: bit-equal PNGs. sd2-tiny's scheduler config is DDIM (v-prediction), so
+    // `--scheduler model` must be `--scheduler ddim` exactly, and not PNDM.
+    let dir = tempfile::tempdir().unwrap();
+    let generate = |scheduler: &str| -> Vec<u8> {
+        let out = dir.path().join(format!("{scheduler}.png"));
+        assert_cmd::Command::cargo_bin("lora")
+            .unwrap()
+            .args(["generate", "--model"])
+            .arg(root().join("tests/fixtures/sd2-tiny"))
+            .args(["--prompt", "a red circle", "--scheduler", scheduler, "--steps", "3", "--height", "64", "--width", "64", "--out"])
+            .arg(&out)
+            .env("RAYON_NUM_THREADS", "1")
+            .assert()
+            .success();
+        std::fs::read(&out).unwrap()
+    };
+    let model = generate("model");
+    assert!(model == generate("ddim"), "--scheduler model on a DDIM config is DDIM");
+    assert!(model != generate("pndm"), "--scheduler model is not PNDM");
+}

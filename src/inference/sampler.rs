@@ -25,7 +25,8 @@ impl SamplerChoice {
     }
 }
 
-/// The sampler of a scheduler config's `_class_name` (`validation.scheduler = "model"`).
+/// The sampler of a scheduler config's `_class_name` (`validation.scheduler = "model"`,
+/// `lora generate --scheduler model`).
 pub fn model_sampler_kind(cfg: &SchedulerConfig) -> Result<SamplerKind> {
     Ok(match cfg.class_name.as_deref() {
         Some("PNDMScheduler") => SamplerKind::Pndm,
@@ -34,10 +35,10 @@ pub fn model_sampler_kind(cfg: &SchedulerConfig) -> Result<SamplerKind> {
         Some("EulerAncestralDiscreteScheduler") => SamplerKind::EulerAncestral,
         Some("DPMSolverMultistepScheduler") => SamplerKind::DpmPP2M,
         Some(other) => bail!(
-            "validation.scheduler = \"model\": the model's scheduler config names {other}, which lora does not sample with; set validation.scheduler to \"pndm\", \"ddim\" or \"euler\""
+            "scheduler \"model\": the model's scheduler config names {other}, which lora does not sample with; name a sampler instead (validation.scheduler \"pndm\", \"ddim\" or \"euler\"; lora generate --scheduler)"
         ),
         None => bail!(
-            "validation.scheduler = \"model\": the model's scheduler config has no `_class_name`; set validation.scheduler to \"pndm\", \"ddim\" or \"euler\""
+            "scheduler \"model\": the model's scheduler config has no `_class_name`; name a sampler instead (validation.scheduler \"pndm\", \"ddim\" or \"euler\"; lora generate --scheduler)"
         ),
     })
 }
