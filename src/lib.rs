@@ -2,7 +2,8 @@
 //!
 //! The modules follow the path a pipeline takes: `config` reads and checks the file, `models`
 //! loads the diffusion stack, `data` reads and preprocesses the dataset, `adapters` injects and
-//! saves LoRA weights, `schedulers` add and remove noise, `train` runs the optimisation, `runner`
+//! saves LoRA weights, `schedulers` add and remove noise, `inference` samples images with a
+//! loaded model (generate, validation), `train` runs the optimisation, `runner`
 //! strings the stages together and `cli` is the command line on top.
 
 pub mod adapters;
@@ -10,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod inference;
 pub mod models;
 pub mod nn;
 pub mod report;

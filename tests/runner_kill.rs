@@ -1,7 +1,8 @@
 //! Crash-safe resume with the built binary: `lora run` killed with SIGKILL at several moments,
 //! then a plain `lora run`, gives the weights of an uninterrupted run bit for bit and a
 //! `metrics.jsonl` with every step once; a second run on a busy folder exits 2 naming the PID;
-//! a run with a changed rank after a kill is refused (exit 2) naming the change.
+//! a run with a changed rank after a kill is refused (exit 2) naming the change; a second
+//! `lora watch` (or `lora run`) on a folder a `lora watch` holds exits 2 at once naming its PID.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -14,8 +15,13 @@ fn pipeline() -> PathBuf {
 }
 
 fn lora(out: &Path, extra: &[&str]) -> Command {
+    lora_cmd("run", out, extra)
+}
+
+/// `lora <sub> pipelines/tiny.toml` with the settings of these tests, writing to `out`.
+fn lora_cmd(sub: &str, out: &Path, extra: &[&str]) -> Command {
     let mut c = Command::new(assert_cmd::cargo::cargo_bin("lora"));
-    c.arg("run").arg(pipeline());
+    c.arg(sub).arg(pipeline());
     for s in [
         format!("train.max_steps={STEPS}"),
         "train.batch_size=2".into(),
@@ -144,4 +150,31 @@ fn sigkill_at_random_moments_then_a_plain_run_resumes_to_the_same_weights() {
     all_files(&out, &mut leftovers);
     leftovers.retain(|n| n.ends_with(".tmp"));
     assert!(leftovers.is_empty(), "no temporaries left: {leftovers:?}");
+}
+
+#[test]
+fn a_second_watch_on_a_busy_folder_exits_2_at_once_naming_the_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("watched");
+    // The first watch holds the folder from its start for its whole life (and trains meanwhile).
+    let mut first = lora_cmd("watch", &out, &[]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("lora watch starts");
+    let pid = first.id().to_string();
+    let pid_file = out.join(".lora-run.pid");
+    let held = wait_for(Duration::from_secs(60), || std::fs::read_to_string(&pid_file).is_ok_and(|s| s.trim() == pid));
+    let mut results = Vec::new();
+    if held {
+        for sub in ["watch", "run"] {
+            let t = Instant::now();
+            let (code, log) = checked(&mut lora_cmd(sub, &out, &[]));
+            results.push((sub, code, log, t.elapsed()));
+        }
+    }
+    first.kill().expect("SIGKILL"); // std's kill() is SIGKILL on Unix
+    first.wait().unwrap();
+    assert!(held, "the first lora watch (PID {pid}) holds {}", out.display());
+    for (sub, code, log, took) in results {
+        assert_eq!(code, 2, "a second lora {sub} on a folder a watch holds is refused: {log}");
+        assert!(log.contains(&pid) && log.contains("in use"), "lora {sub} names the holder PID {pid}: {log}");
+        assert!(took < Duration::from_secs(10), "lora {sub} is refused at once, not after {took:?}");
+    }
 }

@@ -104,6 +104,9 @@ fn plan_and_run_agree_for_every_pipeline_that_runs_here() {
         let named: Vec<&str> = views.iter().map(|v| v.name).collect();
         assert_eq!(ran, named, "{}: run walks the stages in plan's order", file.display());
         assert_eq!(named, ["model", "dataset", "preprocess", "encode", "train", "export", "validate"]);
+        // The final validation reads export's diffusers file (after export), not train's own.
+        let validate_reads = &views.iter().find(|v| v.name == "validate").unwrap().reads;
+        assert!(validate_reads.len() == 1 && validate_reads[0].ends_with(DIFFUSERS_FILE), "{}: validate reads {validate_reads:?}", file.display());
         for ((name, done), v) in report.stages.iter().zip(&views) {
             assert_eq!(done, &v.status, "{}: stage {name} did what plan said", file.display());
             assert!(matches!(done, Status::Run(_) | Status::Load), "{}: a fresh folder runs {name}", file.display());
@@ -157,10 +160,13 @@ fn a_format_change_reruns_only_export_and_a_prompt_change_only_validate() {
     assert_eq!(std::fs::metadata(out.join("train/adapter.safetensors")).unwrap().modified().unwrap(), trained_mtime, "no retraining");
     assert!(report.train.is_none());
 
-    // kohya only: export reruns and removes the file of the format no longer asked for.
+    // kohya only: export reruns and removes the file of the format no longer asked for; the
+    // final validation, which applied the diffusers file, reruns with the kohya one.
     let only_kohya = load(&file, &out, &[&val[..], &["output.formats=[\"kohya\"]"]].concat());
+    let plan = planned(&only_kohya);
     let report = run_with(&only_kohya, &RunOptions::default(), false).unwrap();
-    assert_eq!(report.stages.iter().filter(|(_, s)| matches!(s, Status::Run(_))).map(|(n, _)| *n).collect::<Vec<_>>(), ["export"]);
+    assert_eq!(statuses(&report), plan);
+    assert_eq!(report.stages.iter().filter(|(_, s)| matches!(s, Status::Run(_))).map(|(n, _)| *n).collect::<Vec<_>>(), ["export", "validate"]);
     assert!(!out.join(DIFFUSERS_FILE).exists(), "a format no longer in output.formats is removed");
     assert!(out.join(KOHYA_FILE).is_file());
 

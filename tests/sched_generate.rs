@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use lora::models::{LoadOptions, StableDiffusion};
-use lora::schedulers::pipeline::{self, GenerateOptions};
+use lora::inference::{self as pipeline, GenerateOptions};
 use lora::schedulers::SamplerKind;
 
 const PROMPT: &str = "a red circle on a white background";

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor, Var};
 use lora::adapters::lora::{apply_lora_file, inject, load_peft_tensors, InitRng, LoraSpec, TrainableLora};
 use lora::models::{LoadOptions, StableDiffusion};
-use lora::schedulers::pipeline::{self, GenerateOptions};
+use lora::inference::{self as pipeline, GenerateOptions};
 use lora::schedulers::{build_sampler, Ddpm, PredictionType, SamplerKind};
 use lora::train::optim::{clip_grad_norm, global_grad_norm, AdamW, AdamWConfig};
 use lora::train::step::{denoising_loss, LossOptions};

@@ -43,3 +43,4 @@ mod run_single_file;
 mod runner_full_disk;
 mod runner_kill;
 mod runner_stages;
+mod inference_validation;

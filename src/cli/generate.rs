@@ -8,7 +8,7 @@ use anyhow::Context;
 use candle_core::DType;
 
 use crate::models::{LoadOptions, StableDiffusion};
-use crate::schedulers::pipeline::{self, GenerateOptions};
+use crate::inference::{self as pipeline, GenerateOptions, SamplerChoice};
 use crate::schedulers::SamplerKind;
 
 #[derive(clap::Args, Debug)]
@@ -44,9 +44,10 @@ pub struct Args {
     /// repeat to apply several.
     #[arg(long = "lora", value_name = "FILE[:SCALE]", value_parser = parse_lora)]
     pub loras: Vec<LoraSpec>,
-    /// The sampler.
+    /// The sampler, configured from the model's scheduler config; `model` is the one that
+    /// config's `_class_name` names.
     #[arg(long, value_enum, default_value = "pndm")]
-    pub scheduler: SamplerKind,
+    pub scheduler: SchedulerArg,
     /// Number of denoising steps.
     #[arg(long, default_value_t = 30)]
     pub steps: usize,
@@ -80,6 +81,37 @@ pub struct Args {
     /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "auto", value_parser = parse_device)]
     pub device: crate::config::types::Device,
+}
+
+/// `--scheduler`: a sampler by name, or the model's own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SchedulerArg {
+    /// The sampler the model's scheduler config names (`_class_name`).
+    Model,
+    /// PNDM / PLMS with `skip_prk_steps` (the SD 1.5 default).
+    Pndm,
+    /// DDIM with eta 0 (deterministic).
+    Ddim,
+    /// Euler discrete.
+    Euler,
+    /// Euler ancestral (adds fresh noise each step; seeded).
+    EulerAncestral,
+    /// DPM-Solver++ 2M.
+    #[value(name = "dpmpp-2m")]
+    DpmPP2M,
+}
+
+impl SchedulerArg {
+    fn choice(self) -> SamplerChoice {
+        SamplerChoice::Named(match self {
+            SchedulerArg::Model => return SamplerChoice::Model,
+            SchedulerArg::Pndm => SamplerKind::Pndm,
+            SchedulerArg::Ddim => SamplerKind::Ddim,
+            SchedulerArg::Euler => SamplerKind::Euler,
+            SchedulerArg::EulerAncestral => SamplerKind::EulerAncestral,
+            SchedulerArg::DpmPP2M => SamplerKind::DpmPP2M,
+        })
+    }
 }
 
 fn parse_device(s: &str) -> Result<crate::config::types::Device, String> {
@@ -195,17 +227,18 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         None => None,
     };
-    let (default_h, default_w) = match &init_latents {
-        Some(l) => (l.dims()[2] * factor, l.dims()[3] * factor),
-        None => {
-            let side = pipeline::default_image_side(&sd, factor);
+    let (default_h, default_w) = match (&init_latents, args.height, args.width) {
+        (Some(l), _, _) => (l.dims()[2] * factor, l.dims()[3] * factor),
+        (None, Some(h), Some(w)) => (h, w),
+        (None, _, _) => {
+            let side = pipeline::default_image_side(&sd, factor)?;
             (side, side)
         }
     };
     let gen = GenerateOptions {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),
-        sampler: args.scheduler,
+        sampler: args.scheduler.choice().resolve(&sd)?,
         steps: args.steps,
         guidance_scale: args.guidance,
         height: args.height.unwrap_or(default_h),

@@ -2,7 +2,7 @@
 //! spec, LoRA spec, trainer settings, validation images), and the entry points `run_pipeline`
 //! and `bench_pipeline` that walk the stage table (`runner::stages`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,8 +16,7 @@ use crate::config::types::{self as cfg, Pipeline};
 use crate::config::LoadedPipeline;
 use crate::data::{self, DataLoader, LoaderOptions};
 use crate::models::{LoadOptions, StableDiffusion};
-use crate::schedulers::pipeline::{generate, save_png, to_rgb8, GenerateOptions};
-use crate::schedulers::SamplerKind;
+pub(crate) use crate::inference::validation::{validation_file_name, validation_images};
 use crate::train::checkpoint::NamedVar;
 use crate::train::lr::LrSchedule;
 use crate::train::optim::AdamWConfig;
@@ -271,60 +270,6 @@ pub fn run_pipeline(loaded: &LoadedPipeline, session: &mut Session, opts: &RunOp
     Ok(report)
 }
 
-/// `prompt<i>-<j>.png`: image `j` of validation prompt `i`.
-pub(crate) fn validation_file_name(prompt: usize, image: usize) -> String {
-    format!("prompt{prompt}-{image}.png")
-}
-
-pub(crate) fn validation_images(sd: &StableDiffusion, p: &Pipeline, dir: &Path, device: &Device) -> Result<Vec<PathBuf>> {
-    let sampler = match p.validation.scheduler {
-        cfg::ValidationScheduler::Model => model_sampler(sd.scheduler.class_name.as_deref())?,
-        cfg::ValidationScheduler::Pndm => SamplerKind::Pndm,
-        cfg::ValidationScheduler::Ddim => SamplerKind::Ddim,
-        cfg::ValidationScheduler::Euler => SamplerKind::Euler,
-    };
-    let res = p.preprocess.resolution as usize;
-    let mut files = Vec::new();
-    for (i, prompt) in p.validation.prompts.iter().enumerate() {
-        let opts = GenerateOptions {
-            prompt: prompt.clone(),
-            negative_prompt: String::new(),
-            sampler,
-            steps: p.validation.steps as usize,
-            guidance_scale: p.validation.guidance_scale,
-            height: res,
-            width: res,
-            seed: p.train.seed.unwrap_or(0),
-            progress: false,
-        };
-        tracing::info!("validate: {} image(s) for {prompt:?}", p.validation.num_images);
-        let images = generate(sd, &opts, p.validation.num_images as usize, None, device)?;
-        for (j, img) in images.iter().enumerate() {
-            let path = dir.join(validation_file_name(i, j));
-            save_png(&to_rgb8(img)?, &path)?;
-            files.push(path);
-        }
-    }
-    Ok(files)
-}
-
-/// The sampler of the model's own `scheduler_config.json` (`validation.scheduler = "model"`).
-pub(crate) fn model_sampler(class_name: Option<&str>) -> Result<SamplerKind> {
-    Ok(match class_name {
-        Some("PNDMScheduler") => SamplerKind::Pndm,
-        Some("DDIMScheduler") => SamplerKind::Ddim,
-        Some("EulerDiscreteScheduler") => SamplerKind::Euler,
-        Some("EulerAncestralDiscreteScheduler") => SamplerKind::EulerAncestral,
-        Some("DPMSolverMultistepScheduler") => SamplerKind::DpmPP2M,
-        Some(other) => bail!(
-            "validation.scheduler = \"model\": the model's scheduler_config.json names {other}, which lora does not sample with; set validation.scheduler to \"pndm\", \"ddim\" or \"euler\""
-        ),
-        None => bail!(
-            "validation.scheduler = \"model\": the model's scheduler_config.json has no `_class_name`; set validation.scheduler to \"pndm\", \"ddim\" or \"euler\""
-        ),
-    })
-}
-
 /// What `lora bench` needs back.
 pub struct BenchReport {
     /// When the first training step started (after model and data loading).
@@ -385,19 +330,4 @@ pub fn bench_pipeline(loaded: &LoadedPipeline, no_cache: bool, on_update: &mut d
     drop(sampler);
     let peak_device_bytes = crate::device::peak_memory(&device);
     Ok(BenchReport { train_started, device_is_cpu: device.is_cpu(), device: crate::device::describe(&device), peak_device_bytes, model_bytes, setup_peak_rss_bytes })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn model_scheduler_class_picks_the_sampler() {
-        assert_eq!(model_sampler(Some("PNDMScheduler")).unwrap(), SamplerKind::Pndm);
-        assert_eq!(model_sampler(Some("DDIMScheduler")).unwrap(), SamplerKind::Ddim);
-        assert_eq!(model_sampler(Some("EulerDiscreteScheduler")).unwrap(), SamplerKind::Euler);
-        let err = model_sampler(Some("DDPMScheduler")).unwrap_err().to_string();
-        assert!(err.contains("DDPMScheduler") && err.contains("validation.scheduler"), "{err}");
-        assert!(model_sampler(None).is_err());
-    }
 }

@@ -127,8 +127,6 @@ pub struct StageCtx<'a> {
     pub report: &'a mut RunReport,
     device: Option<Device>,
     loader: Option<DataLoader>,
-    /// The model in memory carries this run's trained adapter.
-    adapter_attached: bool,
 }
 
 /// Why a stage runs or not, for `plan` and the run log alike.
@@ -248,7 +246,7 @@ pub fn run_plan(plan: &Plan, session: &mut Session, opts: &RunOptions, stop: Arc
     lock.pipeline = plan.loaded.path.display().to_string();
     let statuses = decide(&plan, &lock, opts.force);
     let mut report = RunReport::default();
-    let mut ctx = StageCtx { plan: &plan, session, lock: &mut lock, opts, stop, report: &mut report, device: None, loader: None, adapter_attached: false };
+    let mut ctx = StageCtx { plan: &plan, session, lock: &mut lock, opts, stop, report: &mut report, device: None, loader: None };
     for (stage, status) in STAGES.iter().zip(statuses) {
         ctx.report.stages.push((stage.name, status.clone()));
         match &status {
@@ -288,7 +286,6 @@ pub fn load_for_training(plan: &Plan, session: &mut Session) -> Result<(DataLoad
         report: &mut report,
         device: None,
         loader: None,
-        adapter_attached: false,
     };
     for stage in STAGES.iter().filter(|s| !s.tracked) {
         (stage.run)(&mut ctx).with_context(|| format!("stage {}", stage.name))?;
@@ -824,7 +821,6 @@ fn run_train(ctx: &mut StageCtx<'_>) -> Result<Ran> {
     } else {
         Vec::new()
     };
-    ctx.adapter_attached = true;
     let mut params = named_params("unet", &unet_loras);
     params.extend(named_params("text_encoder", &te_loras));
     if p.train.precision == cfg::Precision::Fp16 {
@@ -1099,6 +1095,9 @@ fn dataset_folder_name(p: &cfg::Pipeline) -> String {
 
 const VALIDATE: Stage = Stage {
     name: "validate",
+    // Validate reads export's file (`validation_adapter`), so it comes after export in the table;
+    // its fingerprint names that file, so a format change that leaves it the same (another format
+    // added) reruns only export, one that changes it (diffusers dropped) reruns validate too.
     depends_on: &["train"],
     needs: &["model"],
     tracked: true,
@@ -1106,11 +1105,12 @@ const VALIDATE: Stage = Stage {
     fingerprint: |p| {
         Fingerprint::new("validate")
             .add("train", p.fingerprint("train"))
+            .add("adapter", validation_adapter(p.pipeline()))
             .add_toml("validation", p.table("validation"))
             .add("resolution", &p.pipeline().preprocess.resolution.to_string())
             .finish()
     },
-    reads: |p| vec![tidy(p, TRAINED_FILE)],
+    reads: |p| vec![tidy(p, validation_adapter(p.pipeline()))],
     outputs: |p| {
         let mut o: Vec<Output> = validation_files(p.pipeline()).into_iter().map(|f| out(f, "validation image", true)).collect();
         o.push(out(format!("validation/{}", crate::report::grid::GRID_FILE), "all validation images in one grid (rows = prompts)", true));
@@ -1123,22 +1123,26 @@ const VALIDATE: Stage = Stage {
     describe: |p| {
         let v = &p.pipeline().validation;
         format!(
-            "{} image(s) per prompt for {} prompt(s), {} steps ({}), guidance {}",
+            "{} image(s) per prompt for {} prompt(s), {} steps ({}), guidance {}, with {}",
             v.num_images,
             v.prompts.len(),
             v.steps,
             choice_name(&v.scheduler),
-            v.guidance_scale
+            v.guidance_scale,
+            validation_adapter(p.pipeline())
         )
     },
     run: |ctx| {
         let dir = ctx.plan.out_dir.clone();
         let device = ctx.device.clone().context("the model stage runs before validate")?;
         let (_, sd) = ctx.session.model.as_mut().context("the model stage runs before validate")?;
-        if !ctx.adapter_attached {
-            crate::adapters::lora::apply_lora_file(sd, &dir.join(TRAINED_FILE), 1.0)?;
-            ctx.adapter_attached = true;
-        }
+        // As the reference, the final images come from the saved file loaded into a fresh
+        // pipeline: the training branches are taken off and the exported file applied.
+        sd.unet.linears_mut().into_iter().for_each(|l| l.loras.clear());
+        sd.text_encoder.linears_mut().into_iter().for_each(|l| l.loras.clear());
+        let adapter = dir.join(validation_adapter(ctx.plan.pipeline()));
+        crate::adapters::lora::apply_lora_file(sd, &adapter, 1.0)?;
+        tracing::info!("validate: with {}", tidy_path(&adapter).display());
         let files = validation_images(sd, ctx.plan.pipeline(), &dir.join("validation"), &device)?;
         // TensorBoard shows the final images at the last training step.
         let step = ctx.report.train.as_ref().map(|t| t.global_step as u64).or_else(|| {
@@ -1150,6 +1154,19 @@ const VALIDATE: Stage = Stage {
         Ok(Ran::done())
     },
 };
+
+/// The file the final validation applies, relative to the output folder: the exported diffusers
+/// file when `output.formats` writes one, else the kohya one (the train stage's own file only
+/// when no format is asked for).
+pub fn validation_adapter(p: &cfg::Pipeline) -> &'static str {
+    if p.output.formats.contains(&cfg::OutputFormat::Diffusers) {
+        DIFFUSERS_FILE
+    } else if p.output.formats.contains(&cfg::OutputFormat::Kohya) {
+        KOHYA_FILE
+    } else {
+        TRAINED_FILE
+    }
+}
 
 /// The final validation images, relative to the output folder (what `validation_images` writes).
 pub fn validation_files(p: &cfg::Pipeline) -> Vec<String> {

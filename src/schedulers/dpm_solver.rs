@@ -37,8 +37,18 @@ fn lambda(alpha: f32, sigma: f32) -> f32 {
 impl DpmSolverPP2M {
     pub fn from_config(cfg: &SchedulerConfig) -> anyhow::Result<Self> {
         cfg.refuse_unsupported("DPMSolverMultistepScheduler")?;
-        if cfg.use_karras_sigmas == Some(true) {
-            anyhow::bail!("scheduler config: `use_karras_sigmas: true` is not supported by DPMSolverMultistepScheduler");
+        for (key, value) in [
+            ("use_karras_sigmas", cfg.use_karras_sigmas),
+            ("use_exponential_sigmas", cfg.use_exponential_sigmas),
+            ("use_beta_sigmas", cfg.use_beta_sigmas),
+            ("rescale_betas_zero_snr", cfg.rescale_betas_zero_snr),
+        ] {
+            if value == Some(true) {
+                anyhow::bail!("scheduler config: `{key}: true` is not supported by DPMSolverMultistepScheduler");
+            }
+        }
+        if let Some(kind) = cfg.final_sigmas_type.as_deref().filter(|k| *k != "zero") {
+            anyhow::bail!("scheduler config: `final_sigmas_type` \"{kind}\" is not supported by DPMSolverMultistepScheduler (only zero)");
         }
         let alphas_cumprod = super::betas::alphas_cumprod(cfg)?;
         Ok(DpmSolverPP2M {

@@ -1,8 +1,10 @@
 //! Noise schedules: `ddpm` adds noise for training; `pndm`, `ddim`, `euler`, `euler_ancestral`,
-//! `dpm_solver` (DPM-Solver++ 2M) sample at inference through the [`Sampler`] trait; `pipeline` runs text-to-image generation.
+//! `dpm_solver` (DPM-Solver++ 2M) sample at inference through the [`Sampler`] trait
+//! (text-to-image sampling with them is `crate::inference`).
 //! All are built from a diffusers `scheduler_config.json` (`SchedulerConfig`); `betas` computes
 //! the shared noise schedule bit for bit as torch does.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::Context;
@@ -15,7 +17,6 @@ pub mod ddpm;
 pub mod dpm_solver;
 pub mod euler;
 pub mod euler_ancestral;
-pub mod pipeline;
 pub mod pndm;
 
 pub use ddim::Ddim;
@@ -81,6 +82,30 @@ pub struct SchedulerConfig {
     /// Euler: "discrete" (default) or "continuous" (refused).
     #[serde(default)]
     pub timestep_type: Option<String>,
+    /// Every other key of the file (`_diffusers_version`, other classes' keys, ...), kept so that
+    /// a key the target class takes but lora does not implement is refused, not dropped.
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+/// Keys a diffusers scheduler class takes that lora's sampler of that class does not implement,
+/// with the class default (the value that changes nothing). A config that sets one of them to
+/// anything else is refused, naming it. Keys that only matter together with a refused one (e.g.
+/// `sample_max_value` without `thresholding`, `sigma_min` without Karras sigmas) are not listed.
+fn unimplemented_keys(class: &str) -> &'static [(&'static str, &'static str)] {
+    match class {
+        "DPMSolverMultistepScheduler" => &[
+            ("solver_order", "2"),
+            ("algorithm_type", "\"dpmsolver++\""),
+            ("solver_type", "\"midpoint\""),
+            ("use_lu_lambdas", "false"),
+            ("use_flow_sigmas", "false"),
+            ("lambda_min_clipped", "null"),
+            ("variance_type", "null"),
+            ("use_dynamic_shifting", "false"),
+        ],
+        _ => &[],
+    }
 }
 
 fn default_train_timesteps() -> usize {
@@ -133,6 +158,17 @@ impl SchedulerConfig {
     pub(crate) fn refuse_unsupported(&self, class: &str) -> anyhow::Result<()> {
         if self.thresholding == Some(true) {
             anyhow::bail!("scheduler config: `thresholding: true` (dynamic thresholding) is not supported by {class}");
+        }
+        for (key, default) in unimplemented_keys(class) {
+            let Some(value) = self.extra.get(*key) else { continue };
+            let default: serde_json::Value = serde_json::from_str(default).expect("valid JSON default");
+            // `lambda_min_clipped` defaults to -inf, which JSON writes as null or -Infinity.
+            let is_default = *value == default
+                || (*key == "lambda_min_clipped" && value.as_f64().is_some_and(|v| v == f64::NEG_INFINITY))
+                || (value.is_number() && default.is_number() && value.as_f64() == default.as_f64());
+            if !is_default {
+                anyhow::bail!("scheduler config: `{key}: {value}` is not supported by lora's {class} (only {default})");
+            }
         }
         Ok(())
     }
