@@ -2,7 +2,10 @@
 # Issue 8's table: the UNet LoRA step of the tiny SD 1.5 fixture, batch 1, f32, on this CPU at
 # 64, 256 and 512 px, `lora bench --cache` beside the reference (`reference_step.py --model`,
 # diffusers + PEFT, random latents = cached encodings), interleaved in one run with the same
-# thread count; peak RSS of both measured the same way (/usr/bin/time's maximum resident size).
+# thread count; peak RSS of both measured the same way (/usr/bin/time's maximum resident size of
+# the whole process), and lora's own peak over its training steps (`peak_rss_bytes`: the
+# process's peak is reset after loading and encoding the timed batches, which the reference,
+# starting from random latents, does not do).
 #
 #   THREADS=2 PY=/work/refenv/bin/python bash tools/reference/scale_bench.sh [OUT.jsonl]
 set -euo pipefail
@@ -30,8 +33,8 @@ done
 python3 - "$out" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
-print("| resolution | grad. ckpt | lora ms/step | diffusers ms/step | ratio | lora peak RSS | diffusers peak RSS |")
-print("|---|---|---|---|---|---|---|")
+print("| resolution | grad. ckpt | lora ms/step | diffusers ms/step | ratio | lora peak RSS, training steps | lora peak RSS, whole process | diffusers peak RSS, whole process |")
+print("|---|---|---|---|---|---|---|---|")
 ref = {r["resolution"]: r for r in rows if r.get("tool") == "diffusers"}
 for r in rows:
     if r.get("tool") != "lora":
@@ -39,5 +42,5 @@ for r in rows:
     d = ref.get(r["resolution"], {})
     ratio = r["ms_per_step"] / d["ms_per_step"] if d else float("nan")
     print(f"| {r['resolution']} px | {'on' if r.get('gradient_checkpointing') else 'off'} | {r['ms_per_step']:.0f} | {d.get('ms_per_step', float('nan')):.0f} | {ratio:.2f} | "
-          f"{r['max_rss_kb'] / 1024:.0f} MiB | {d.get('max_rss_kb', 0) / 1024:.0f} MiB |")
+          f"{(r.get('peak_rss_bytes') or 0) / 2**20:.0f} MiB | {(r.get('peak_rss_process_bytes') or r['max_rss_kb'] * 1024) / 2**20:.0f} MiB | {d.get('max_rss_kb', 0) / 1024:.0f} MiB |")
 PY
