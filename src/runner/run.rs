@@ -213,7 +213,9 @@ pub(crate) fn resolved_toml(loaded: &LoadedPipeline) -> String {
 /// Load the pipeline's model on `device` in `dtype`.
 pub(crate) fn load_model(p: &Pipeline, device: &Device, dtype: DType) -> Result<StableDiffusion> {
     let source = model_source(p)?;
-    tracing::info!("model: loading {source}");
+    // A hub id is shown as written; a local path with `..` folded.
+    let shown = if std::path::Path::new(&source).exists() { crate::config::tidy_path(std::path::Path::new(&source)).display().to_string() } else { source.clone() };
+    tracing::info!("model: loading {shown}");
     let load_opts = LoadOptions::from_config(&p.model);
     StableDiffusion::load(&source, &load_opts, device, dtype).with_context(|| format!("loading model {source}"))
 }

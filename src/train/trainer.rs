@@ -572,7 +572,7 @@ impl<'a> Trainer<'a> {
                 let due = s.checkpointing_steps.is_some_and(|n| n > 0 && state.global_step % n == 0);
                 if due || (interrupted && !done) {
                     let dir = checkpoint::save_checkpoint(&s.output_dir, &self.params, &self.optimizer, &state, s.checkpoints_total_limit)?;
-                    tracing::info!("saved {}", dir.display());
+                    tracing::info!("saved {}", crate::config::tidy_path(&dir).display());
                     outcome.checkpoints.push(dir);
                 }
                 if done {
