@@ -199,22 +199,7 @@ fn tb_images(dir: &Path) -> (BTreeMap<String, Vec<TbImage>>, Vec<(u64, f32)>) {
     (images, loss_steps)
 }
 
-fn files_under(dir: &Path) -> Vec<String> {
-    fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {
-        for e in std::fs::read_dir(dir).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                walk(base, &p, out);
-            } else {
-                out.push(p.strip_prefix(base).unwrap().to_string_lossy().replace('\\', "/"));
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(dir, dir, &mut out);
-    out.sort();
-    out
-}
+use crate::runner_stages::files_under;
 
 #[test]
 fn crc32c_matches_the_rfc_3720_check_value() {

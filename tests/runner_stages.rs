@@ -34,8 +34,8 @@ fn run_with(loaded: &LoadedPipeline, opts: &RunOptions, stop_at_once: bool) -> a
     run_pipeline(loaded, &mut Session::default(), opts, Arc::new(AtomicBool::new(stop_at_once)))
 }
 
-/// Every file under `dir`, relative, `/`-separated.
-fn files_under(dir: &Path) -> Vec<String> {
+/// Every file under `dir`, relative, `/`-separated (also used by other modules).
+pub(crate) fn files_under(dir: &Path) -> Vec<String> {
     fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {
         for e in std::fs::read_dir(dir).unwrap() {
             let p = e.unwrap().path();
