@@ -211,6 +211,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         config: args.model_config.clone(),
         prediction_type: args.prediction_type.clone(),
         ema: false,
+        movable_encoders: false,
     };
     let mut sd = StableDiffusion::load(&args.model, &opts, &device, DType::F32)
         .with_context(|| format!("loading model {}", args.model))?;

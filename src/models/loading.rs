@@ -41,6 +41,10 @@ pub struct LoadOptions {
     pub prediction_type: Option<String>,
     /// Single files: read the UNet's EMA copy (`model_ema.*`).
     pub ema: bool,
+    /// Keep a record of the text encoder's and the VAE's tensors so that they can be parked in
+    /// host memory (`StableDiffusion::park_encoders`). Off by default: on the CPU the record
+    /// would keep each linear weight alive beside the transposed copy the CPU GEMM reads.
+    pub movable_encoders: bool,
 }
 
 impl LoadOptions {
@@ -56,6 +60,7 @@ impl LoadOptions {
                 crate::config::ModelPrediction::VPrediction => "v_prediction".to_string(),
             }),
             ema: m.ema,
+            movable_encoders: false,
         }
     }
 }
@@ -134,7 +139,7 @@ impl StableDiffusion {
     pub(crate) fn move_encoders(&mut self, text: bool, vae_encoder: bool, device: &Device, parked: bool) -> anyhow::Result<usize> {
         let mut moved = 0;
         if text {
-            anyhow::ensure!(!self.parking.text_encoder.is_empty(), "the text encoder was not loaded in a way that lets it move");
+            anyhow::ensure!(!self.parking.text_encoder.is_empty(), "the text encoder was not loaded to move (LoadOptions::movable_encoders)");
             let dtype = self.text_encoder.token_embedding.dtype();
             let config = self.text_encoder.config().clone();
             // Drop the old copy's tensors from the record first, so that its memory is freed
@@ -147,7 +152,7 @@ impl StableDiffusion {
             self.parking.text_parked = parked;
         }
         if vae_encoder {
-            anyhow::ensure!(!self.parking.vae.is_empty(), "the VAE was not loaded in a way that lets it move");
+            anyhow::ensure!(!self.parking.vae.is_empty(), "the VAE was not loaded to move (LoadOptions::movable_encoders)");
             let dtype = self.vae.dtype();
             let config = self.vae.config().clone();
             let (enc, rest): (offload::Tensors, offload::Tensors) =
@@ -203,7 +208,7 @@ impl StableDiffusion {
                 "text_encoder",
                 &WeightOptions { optional_prefix: Some("text_model.".into()), ..Default::default() },
             )?
-            .build_recorded(dtype, device, |vb| ClipTextModel::load(vb, &text_encoder_config))?;
+            .build_recorded(opts.movable_encoders, dtype, device, |vb| ClipTextModel::load(vb, &text_encoder_config))?;
 
         let unet_config = UNetConfig::from_json_str(&read_text(&files.unet.config)?)
             .with_context(|| format!("in {}", files.unet.config.display()))?;
@@ -215,11 +220,11 @@ impl StableDiffusion {
         let vae_config = VaeConfig::from_json_str(&read_text(&files.vae.config)?)
             .with_context(|| format!("in {}", files.vae.config.display()))?;
         let (vae, vae_tensors) = match &opts.vae {
-            Some(path) => load_vae_file(path, vae_config.scaling_factor, vae_dtype(dtype, &vae_config), device)?,
+            Some(path) => load_vae_file(path, vae_config.scaling_factor, vae_dtype(dtype, &vae_config), device, opts.movable_encoders)?,
             None => files
                 .vae
                 .open_weights("vae", &WeightOptions { legacy_attention_names: true, ..Default::default() })?
-                .build_recorded(vae_dtype(dtype, &vae_config), device, |vb| AutoencoderKL::load(vb, &vae_config))?,
+                .build_recorded(opts.movable_encoders, vae_dtype(dtype, &vae_config), device, |vb| AutoencoderKL::load(vb, &vae_config))?,
         };
 
         let scheduler: SchedulerConfig = serde_json::from_str(&read_text(&files.scheduler_config)?)
@@ -245,13 +250,13 @@ impl StableDiffusion {
         let (tokenizer, scheduler) = single_file::tokenizer_and_scheduler(&rec)?;
         // Each component's mapping is dropped as soon as its network is built.
         let single_file::SingleFileWeights { unet: unet_weights, vae: vae_weights, text_encoder: text_weights } = weights;
-        let (text_encoder, text_tensors) = text_weights.build_recorded(dtype, device, |vb| ClipTextModel::load(vb, &rec.text_encoder))?;
+        let (text_encoder, text_tensors) = text_weights.build_recorded(opts.movable_encoders, dtype, device, |vb| ClipTextModel::load(vb, &rec.text_encoder))?;
         drop(text_weights);
         let unet = unet_weights.build(dtype, device, |vb| UNet2DConditionModel::load(vb, &rec.unet))?;
         drop(unet_weights);
         let (vae, vae_tensors) = match (&opts.vae, vae_weights) {
-            (Some(file), _) => load_vae_file(file, rec.vae.scaling_factor, dtype, device)?,
-            (None, Some(w)) => w.build_recorded(dtype, device, |vb| AutoencoderKL::load(vb, &rec.vae))?,
+            (Some(file), _) => load_vae_file(file, rec.vae.scaling_factor, dtype, device, opts.movable_encoders)?,
+            (None, Some(w)) => w.build_recorded(opts.movable_encoders, dtype, device, |vb| AutoencoderKL::load(vb, &rec.vae))?,
             (None, None) => bail!("{}: no VAE weights", path.display()),
         };
         Ok(Self {
@@ -268,10 +273,10 @@ impl StableDiffusion {
 }
 
 /// Build the VAE of a separate VAE file (`[model] vae`), keeping the model's scaling factor.
-fn load_vae_file(path: &Path, scaling_factor: f64, dtype: DType, device: &Device) -> anyhow::Result<(AutoencoderKL, offload::Tensors)> {
+fn load_vae_file(path: &Path, scaling_factor: f64, dtype: DType, device: &Device, record: bool) -> anyhow::Result<(AutoencoderKL, offload::Tensors)> {
     let (weights, config) = single_file::open_vae_file(path, scaling_factor)?;
     tracing::info!("model: VAE from {}", path.display());
-    weights.build_recorded(dtype, device, |vb| AutoencoderKL::load(vb, &config))
+    weights.build_recorded(record, dtype, device, |vb| AutoencoderKL::load(vb, &config))
 }
 
 /// True for `org/repo/path/file.safetensors`: a file of a hub repository.

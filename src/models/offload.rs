@@ -81,7 +81,8 @@ mod tests {
 
     fn tiny() -> StableDiffusion {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-sd");
-        StableDiffusion::load(dir, &LoadOptions::default(), &Device::Cpu, DType::F32).expect("the tiny fixture loads")
+        let opts = LoadOptions { movable_encoders: true, ..Default::default() };
+        StableDiffusion::load(dir, &opts, &Device::Cpu, DType::F32).expect("the tiny fixture loads")
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -115,6 +116,10 @@ mod tests {
         // On the CPU already: parking is a no-op.
         assert_eq!(sd.park_encoders(true, true)?, 0);
         assert_eq!(sd.parked(), (false, false));
+        // Loaded without the record (the default), nothing is kept and moving is refused.
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-sd");
+        let mut plain = StableDiffusion::load(dir, &LoadOptions::default(), &dev, DType::F32)?;
+        assert!(plain.move_encoders(true, false, &dev, true).is_err());
         Ok(())
     }
 }

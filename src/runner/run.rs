@@ -216,7 +216,8 @@ pub(crate) fn load_model(p: &Pipeline, device: &Device, dtype: DType) -> Result<
     // A hub id is shown as written; a local path with `..` folded.
     let shown = if std::path::Path::new(&source).exists() { crate::config::tidy_path(std::path::Path::new(&source)).display().to_string() } else { source.clone() };
     tracing::info!("model: loading {shown}");
-    let load_opts = LoadOptions::from_config(&p.model);
+    // On a GPU the frozen encoders may be parked in host memory once the encode cache serves.
+    let load_opts = LoadOptions { movable_encoders: !device.is_cpu(), ..LoadOptions::from_config(&p.model) };
     StableDiffusion::load(&source, &load_opts, device, dtype).with_context(|| format!("loading model {source}"))
 }
 

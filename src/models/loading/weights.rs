@@ -367,12 +367,17 @@ impl ComponentWeights {
     /// [`Self::build`], also returning the tensors the model was built from by the names it asked
     /// for (the same storage, no copy), so that it can be rebuilt on another device
     /// (`models::offload`).
+    /// With `record` false it is [`Self::build`] and the record is empty.
     pub fn build_recorded<M>(
         &self,
+        record: bool,
         dtype: DType,
         device: &Device,
         build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<M>,
     ) -> anyhow::Result<(M, crate::models::offload::Tensors)> {
+        if !record {
+            return Ok((self.build(dtype, device, build)?, Default::default()));
+        }
         let (vb, seen) = crate::models::offload::recording(Box::new(CheckingBackend { inner: self.inner.clone() }), dtype, device);
         let model = build(vb).map_err(|e| anyhow::anyhow!("building {} failed: {e}", self.inner.label))?;
         self.ensure_all_read()?;
