@@ -44,10 +44,10 @@ pub struct Args {
     /// repeat to apply several.
     #[arg(long = "lora", value_name = "FILE[:SCALE]", value_parser = parse_lora)]
     pub loras: Vec<LoraSpec>,
-    /// The sampler, configured from the model's scheduler config; `model` is the one that
-    /// config's `_class_name` names.
-    #[arg(long, value_enum, default_value = "pndm")]
-    pub scheduler: SchedulerArg,
+    /// The sampler (model, pndm, ddim, euler, euler-ancestral, dpmpp-2m), configured from the
+    /// model's scheduler config; `model` is the one that config's `_class_name` names.
+    #[arg(long, default_value = "pndm", value_parser = parse_scheduler)]
+    pub scheduler: SamplerChoice,
     /// Number of denoising steps.
     #[arg(long, default_value_t = 30)]
     pub steps: usize,
@@ -83,35 +83,17 @@ pub struct Args {
     pub device: crate::config::types::Device,
 }
 
-/// `--scheduler`: a sampler by name, or the model's own.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum SchedulerArg {
-    /// The sampler the model's scheduler config names (`_class_name`).
-    Model,
-    /// PNDM / PLMS with `skip_prk_steps` (the SD 1.5 default).
-    Pndm,
-    /// DDIM with eta 0 (deterministic).
-    Ddim,
-    /// Euler discrete.
-    Euler,
-    /// Euler ancestral (adds fresh noise each step; seeded).
-    EulerAncestral,
-    /// DPM-Solver++ 2M.
-    #[value(name = "dpmpp-2m")]
-    DpmPP2M,
-}
-
-impl SchedulerArg {
-    fn choice(self) -> SamplerChoice {
-        SamplerChoice::Named(match self {
-            SchedulerArg::Model => return SamplerChoice::Model,
-            SchedulerArg::Pndm => SamplerKind::Pndm,
-            SchedulerArg::Ddim => SamplerKind::Ddim,
-            SchedulerArg::Euler => SamplerKind::Euler,
-            SchedulerArg::EulerAncestral => SamplerKind::EulerAncestral,
-            SchedulerArg::DpmPP2M => SamplerKind::DpmPP2M,
-        })
+/// `--scheduler`: `model`, or a sampler name as `SamplerKind` spells it (`pndm`, `ddim`, ...).
+fn parse_scheduler(s: &str) -> Result<SamplerChoice, String> {
+    use clap::ValueEnum;
+    if s.eq_ignore_ascii_case("model") {
+        return Ok(SamplerChoice::Model);
     }
+    SamplerKind::from_str(s, true).map(SamplerChoice::Named).map_err(|_| {
+        let names: Vec<String> =
+            SamplerKind::value_variants().iter().filter_map(|v| v.to_possible_value()).map(|p| p.get_name().to_string()).collect();
+        format!("`{s}` is not a scheduler: use model, {}", names.join(", "))
+    })
 }
 
 fn parse_device(s: &str) -> Result<crate::config::types::Device, String> {
@@ -239,7 +221,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let gen = GenerateOptions {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),
-        sampler: args.scheduler.choice().resolve(&sd)?,
+        sampler: args.scheduler.resolve(&sd)?,
         steps: args.steps,
         guidance_scale: args.guidance,
         height: args.height.unwrap_or(default_h),
