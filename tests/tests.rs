@@ -2,6 +2,8 @@
 //! change links the world once, not once per file. Filter by module: `cargo test --test tests
 //! train_golden`, or several: `cargo test --test tests -- config_schema config_broken`.
 
+mod support;
+
 mod adapters_cli;
 mod bench_cli;
 mod adapters_diffusers_loads;

@@ -259,7 +259,6 @@ fn accumulated_gradients_over_two_micro_steps_are_equal() {
 
 mod trainer_loop {
     use super::*;
-    use lora::train::lr::LrSchedule;
     use lora::train::optim::AdamWConfig;
     use lora::train::trainer::{BatchSource, TrainBatch, TrainSettings, Trainer};
     use lora::train::checkpoint::NamedVar;
@@ -277,32 +276,13 @@ mod trainer_loop {
 
     fn settings(dir: &std::path::Path, checkpointing: bool, steps: usize) -> TrainSettings {
         TrainSettings {
-            batch_size: 1,
             gradient_accumulation_steps: 2,
-            num_epochs: 1,
-            max_train_steps: Some(steps),
-            learning_rate: 1e-3,
-            scale_lr: false,
-            lr_schedule: LrSchedule::Constant,
-            lr_warmup_steps: 0,
             // eps = 1 makes AdamW's update ~ lr · m / (sqrt(v) + 1) ~ lr · the gradient for
             // gradients well below 1, so the weights show a gradient's scale (with the default
             // eps the first update is lr · sign(g), blind to scale and chaotic where g ~ 0).
             adamw: AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1.0, weight_decay: 0.0 },
-            max_grad_norm: None,
-            loss: LossOptions::default(),
-            seed: 7,
-            checkpointing_steps: None,
-            checkpoints_total_limit: None,
-            output_dir: dir.to_path_buf(),
-            resume_from_checkpoint: None,
-            cache_encodings: true,
-            pipeline_sha256: None,
-            eval_batches: 0,
-            tensorboard_dir: None,
-            precision: lora::train::precision::MixedPrecision::No,
-            grad_scaler: Default::default(),
             gradient_checkpointing: checkpointing,
+            ..crate::support::small_run(dir, steps, 7)
         }
     }
 

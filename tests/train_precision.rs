@@ -285,30 +285,12 @@ fn images() -> Images {
 
 fn settings(dir: &Path, max_steps: usize, scaler: GradScalerConfig) -> TrainSettings {
     TrainSettings {
-        batch_size: 1,
-        gradient_accumulation_steps: 1,
-        num_epochs: 1,
-        max_train_steps: Some(max_steps),
-        learning_rate: 1e-3,
-        scale_lr: false,
         // Warmup makes every lr depend on how many updates the schedule has counted.
         lr_schedule: LrSchedule::ConstantWithWarmup,
         lr_warmup_steps: 4,
-        adamw: AdamWConfig::default(),
-        max_grad_norm: None,
-        loss: LossOptions::default(),
-        seed: 3,
-        checkpointing_steps: None,
-        checkpoints_total_limit: None,
-        output_dir: dir.to_path_buf(),
-        resume_from_checkpoint: None,
-        cache_encodings: true,
-        pipeline_sha256: None,
-        eval_batches: 0,
-        tensorboard_dir: None,
         precision: MixedPrecision::Fp16,
-        gradient_checkpointing: false,
         grad_scaler: scaler,
+        ..crate::support::small_run(dir, max_steps, 3)
     }
 }
 
