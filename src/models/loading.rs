@@ -104,8 +104,8 @@ impl StableDiffusion {
     /// CPU. Nothing happens for components that are on the CPU already; a text encoder with
     /// LoRA branches must not be parked (it trains). Returns the bytes moved.
     pub fn park_encoders(&mut self, text: bool, vae_encoder: bool) -> anyhow::Result<usize> {
-        let text = text && !self.text_encoder.token_embedding.device().is_cpu();
-        let vae_encoder = vae_encoder && !self.vae.encoder.conv_in.weight.device().is_cpu();
+        let text = text && !self.text_encoder_device().is_cpu();
+        let vae_encoder = vae_encoder && !self.vae_encoder_device().is_cpu();
         self.move_encoders(text, vae_encoder, &Device::Cpu, true)
     }
 
@@ -119,9 +119,13 @@ impl StableDiffusion {
     /// The text encoder's output `[N, 77, D]` for `texts`, on `device`, wherever the text
     /// encoder is (parked on the CPU or on the training device).
     pub fn text_embeddings(&self, texts: &[&str], device: &Device) -> anyhow::Result<candle_core::Tensor> {
-        let te_device = self.text_encoder.token_embedding.device().clone();
-        let ids = self.tokenizer.encode_batch(texts, &te_device)?;
+        let ids = self.tokenizer.encode_batch(texts, &self.text_encoder_device())?;
         Ok(self.text_encoder.forward(&ids)?.to_device(device)?)
+    }
+
+    /// Where the text encoder is (the CPU while parked).
+    pub fn text_encoder_device(&self) -> Device {
+        self.text_encoder.token_embedding.device().clone()
     }
 
     /// Where the VAE's encoder half is (the CPU while parked).
@@ -142,10 +146,7 @@ impl StableDiffusion {
             anyhow::ensure!(!self.parking.text_encoder.is_empty(), "the text encoder was not loaded to move (LoadOptions::movable_encoders)");
             let dtype = self.text_encoder.token_embedding.dtype();
             let config = self.text_encoder.config().clone();
-            // Drop the old copy's tensors from the record first, so that its memory is freed
-            // when the model is replaced.
-            let tensors = std::mem::take(&mut self.parking.text_encoder);
-            let (model, tensors) = offload::rebuild(&tensors, dtype, device, |vb| ClipTextModel::load(vb, &config))?;
+            let (model, tensors) = offload::rebuild(&self.parking.text_encoder, dtype, device, |vb| ClipTextModel::load(vb, &config))?;
             moved += offload::bytes(&tensors);
             self.text_encoder = model;
             self.parking.text_encoder = tensors;
@@ -155,21 +156,13 @@ impl StableDiffusion {
             anyhow::ensure!(!self.parking.vae.is_empty(), "the VAE was not loaded to move (LoadOptions::movable_encoders)");
             let dtype = self.vae.dtype();
             let config = self.vae.config().clone();
-            let (enc, rest): (offload::Tensors, offload::Tensors) =
-                std::mem::take(&mut self.parking.vae).into_iter().partition(|(k, _)| is_vae_encoder_tensor(k));
-            // The whole VAE is rebuilt where the encoder goes, from the encoder's tensors there
-            // and the decoder's where they are; only its encoder half is kept.
-            let enc = offload::to_device(&enc, device)?;
-            let mut all = enc.clone();
-            all.extend(rest.iter().map(|(k, t)| (k.clone(), t.clone())));
-            let vb = candle_nn::VarBuilder::from_tensors(all, dtype, device);
-            let built = AutoencoderKL::load(vb, &config)?;
+            let enc: offload::Tensors = self.parking.vae.iter().filter(|(k, _)| is_vae_encoder_tensor(k)).map(|(k, t)| (k.clone(), t.clone())).collect();
+            let ((encoder, quant_conv), enc) = offload::rebuild(&enc, dtype, device, |vb| AutoencoderKL::load_encoder(vb, &config))?;
             moved += offload::bytes(&enc);
-            self.vae.encoder = built.encoder;
-            self.vae.quant_conv = built.quant_conv;
-            let mut record = rest;
-            record.extend(enc);
-            self.parking.vae = record;
+            self.vae.encoder = encoder;
+            self.vae.quant_conv = quant_conv;
+            self.parking.vae.retain(|k, _| !is_vae_encoder_tensor(k));
+            self.parking.vae.extend(enc);
             self.parking.vae_encoder_parked = parked;
         }
         Ok(moved)

@@ -170,42 +170,28 @@ pub struct AutoencoderKL {
     config: VaeConfig,
 }
 
+/// The resnet of every VAE block: no time embedding.
+fn vae_resnet(cfg: &VaeConfig, in_channels: usize, out_channels: usize) -> ResnetConfig {
+    ResnetConfig {
+        in_channels,
+        out_channels,
+        temb_channels: None,
+        groups: cfg.norm_num_groups,
+        eps: VAE_EPS,
+        act: cfg.act_fn,
+        output_scale_factor: 1.0,
+        skip_time_act: false,
+    }
+}
+
 impl AutoencoderKL {
     pub fn load(vb: VarBuilder, cfg: &VaeConfig) -> Result<Self> {
         let ch = &cfg.block_out_channels;
         let n = ch.len();
         let (first, last) = (ch[0], ch[n - 1]);
-        let resnet = |i: usize, o: usize| ResnetConfig {
-            in_channels: i,
-            out_channels: o,
-            temb_channels: None,
-            groups: cfg.norm_num_groups,
-            eps: VAE_EPS,
-            act: cfg.act_fn,
-            output_scale_factor: 1.0,
-            skip_time_act: false,
-        };
+        let resnet = |i: usize, o: usize| vae_resnet(cfg, i, o);
         let latent = cfg.latent_channels;
-
-        let enc = vb.pp("encoder");
-        let mut enc_blocks = Vec::with_capacity(n);
-        for i in 0..n {
-            let name = format!("encoder.down_blocks.{i}");
-            let bvb = enc.pp(format!("down_blocks.{i}"));
-            let input = if i == 0 { first } else { ch[i - 1] };
-            let resnets = VaeBlock::load_resnets(&bvb, &name, cfg.layers_per_block, &resnet(input, ch[i]))?;
-            let downsampler = if i + 1 < n { Some(Downsample2D::load(bvb.pp("downsamplers.0"), ch[i], 0)?) } else { None };
-            enc_blocks.push(VaeBlock { resnets, downsampler, upsampler: None });
-        }
-        let encoder = VaeCoder {
-            conv_in: conv2d_same(enc.pp("conv_in"), cfg.in_channels, first, 3)?,
-            blocks: enc_blocks,
-            mid_block: VaeMidBlock::load(enc.pp("mid_block"), "encoder.mid_block", &resnet(last, last), cfg.mid_block_add_attention)?,
-            conv_norm_out: GroupNorm::load(enc.pp("conv_norm_out"), cfg.norm_num_groups, last, VAE_EPS)?,
-            conv_out: conv2d_same(enc.pp("conv_out"), last, 2 * latent, 3)?,
-            act: cfg.act_fn,
-            mid_first: false,
-        };
+        let (encoder, quant_conv) = Self::load_encoder(vb.clone(), cfg)?;
 
         let dec = vb.pp("decoder");
         let mut dec_blocks = Vec::with_capacity(n);
@@ -228,9 +214,39 @@ impl AutoencoderKL {
             mid_first: true,
         };
 
-        let quant_conv = if cfg.use_quant_conv { Some(conv2d_same(vb.pp("quant_conv"), 2 * latent, 2 * latent, 1)?) } else { None };
         let post_quant_conv = if cfg.use_post_quant_conv { Some(conv2d_same(vb.pp("post_quant_conv"), latent, latent, 1)?) } else { None };
         Ok(Self { encoder, decoder, quant_conv, post_quant_conv, config: cfg.clone() })
+    }
+
+    /// The encoding half alone (`encoder.*` and `quant_conv`), e.g. to rebuild it on another
+    /// device (`models::offload`).
+    pub fn load_encoder(vb: VarBuilder, cfg: &VaeConfig) -> Result<(VaeCoder, Option<FrozenConv2d>)> {
+        let ch = &cfg.block_out_channels;
+        let n = ch.len();
+        let (first, last) = (ch[0], ch[n - 1]);
+        let resnet = |i: usize, o: usize| vae_resnet(cfg, i, o);
+        let latent = cfg.latent_channels;
+        let enc = vb.pp("encoder");
+        let mut enc_blocks = Vec::with_capacity(n);
+        for i in 0..n {
+            let name = format!("encoder.down_blocks.{i}");
+            let bvb = enc.pp(format!("down_blocks.{i}"));
+            let input = if i == 0 { first } else { ch[i - 1] };
+            let resnets = VaeBlock::load_resnets(&bvb, &name, cfg.layers_per_block, &resnet(input, ch[i]))?;
+            let downsampler = if i + 1 < n { Some(Downsample2D::load(bvb.pp("downsamplers.0"), ch[i], 0)?) } else { None };
+            enc_blocks.push(VaeBlock { resnets, downsampler, upsampler: None });
+        }
+        let encoder = VaeCoder {
+            conv_in: conv2d_same(enc.pp("conv_in"), cfg.in_channels, first, 3)?,
+            blocks: enc_blocks,
+            mid_block: VaeMidBlock::load(enc.pp("mid_block"), "encoder.mid_block", &resnet(last, last), cfg.mid_block_add_attention)?,
+            conv_norm_out: GroupNorm::load(enc.pp("conv_norm_out"), cfg.norm_num_groups, last, VAE_EPS)?,
+            conv_out: conv2d_same(enc.pp("conv_out"), last, 2 * latent, 3)?,
+            act: cfg.act_fn,
+            mid_first: false,
+        };
+        let quant_conv = if cfg.use_quant_conv { Some(conv2d_same(vb.pp("quant_conv"), 2 * latent, 2 * latent, 1)?) } else { None };
+        Ok((encoder, quant_conv))
     }
 
     pub fn config(&self) -> &VaeConfig {
