@@ -27,6 +27,15 @@ pub struct HubSettings {
 }
 
 impl HubSettings {
+    /// The hub client for these settings (cache, endpoint, token, progress bars).
+    fn api(&self) -> anyhow::Result<hf_hub::api::sync::Api> {
+        let mut builder = ApiBuilder::from_cache(Cache::new(self.cache_dir.clone())).with_endpoint(self.endpoint.clone()).with_progress(self.progress);
+        if self.token.is_some() {
+            builder = builder.with_token(self.token.clone());
+        }
+        builder.build().context("setting up the hub client")
+    }
+
     /// `HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`; `HF_ENDPOINT`;
     /// `HF_HUB_OFFLINE`; `HF_TOKEN`. Progress bars when stderr is a terminal.
     pub fn from_env() -> Self {
@@ -151,13 +160,7 @@ pub fn download_model(
     variant: Option<&str>,
     settings: &HubSettings,
 ) -> anyhow::Result<(PathBuf, ModelFiles)> {
-    let mut builder = ApiBuilder::from_cache(Cache::new(settings.cache_dir.clone()))
-        .with_endpoint(settings.endpoint.clone())
-        .with_progress(settings.progress);
-    if settings.token.is_some() {
-        builder = builder.with_token(settings.token.clone());
-    }
-    let api = builder.build().context("setting up the hub client")?;
+    let api = settings.api()?;
     let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.to_string());
     let api_repo = api.repo(repo.clone());
     let info = api_repo.info().map_err(|e| {
@@ -223,13 +226,7 @@ pub fn fetch_file(repo_id: &str, revision: &str, file: &str, settings: &HubSetti
             settings.cache_dir.display()
         );
     }
-    let mut builder = ApiBuilder::from_cache(Cache::new(settings.cache_dir.clone()))
-        .with_endpoint(settings.endpoint.clone())
-        .with_progress(settings.progress);
-    if settings.token.is_some() {
-        builder = builder.with_token(settings.token.clone());
-    }
-    let api = builder.build().context("setting up the hub client")?;
+    let api = settings.api()?;
     let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.to_string());
     api.repo(repo).get(file).map_err(|e| {
         anyhow::anyhow!(
