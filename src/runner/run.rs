@@ -317,7 +317,9 @@ pub fn bench_pipeline(loaded: &LoadedPipeline, no_cache: bool, on_update: &mut d
     let encodings = trainer.take_encodings();
     drop(trainer);
     if !no_cache {
-        super::stages::park_cached_encoders(sd, !p.adapter.text_encoder, true, &device)?;
+        // The prefill holds every latent the timed steps draw (whatever the crop), so the VAE
+        // encoder always leaves; the text encoder as in `lora run`.
+        super::stages::park_cached_encoders(sd, super::stages::caches_text(&plan), true, &device)?;
     }
     let sd: &StableDiffusion = sd;
     let mut trainer = Trainer::new(sd, params, settings)?;

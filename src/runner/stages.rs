@@ -463,7 +463,7 @@ fn caches_latents(p: &Plan) -> bool {
 }
 
 /// Whether the text-encoder outputs can be cached: the text encoder is not trained.
-fn caches_text(p: &Plan) -> bool {
+pub(crate) fn caches_text(p: &Plan) -> bool {
     !p.pipeline().adapter.text_encoder
 }
 
