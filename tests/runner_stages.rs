@@ -14,11 +14,11 @@ use lora::runner::plan::Plan;
 use lora::runner::run::{run_pipeline, RunOptions, RunReport, Session, DIFFUSERS_FILE, KOHYA_FILE};
 use lora::runner::stages::{describe, matches_output, Status, BOOKKEEPING};
 
-fn root() -> PathBuf {
+pub(crate) fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn load(file: &Path, out: &Path, extra: &[&str]) -> LoadedPipeline {
+pub(crate) fn load(file: &Path, out: &Path, extra: &[&str]) -> LoadedPipeline {
     let mut overrides: Vec<String> = vec![
         "train.max_steps=3".into(),
         "train.batch_size=2".into(),
@@ -30,7 +30,7 @@ fn load(file: &Path, out: &Path, extra: &[&str]) -> LoadedPipeline {
     load_pipeline(file, &overrides).unwrap_or_else(|d| panic!("{}", d.render()))
 }
 
-fn run_with(loaded: &LoadedPipeline, opts: &RunOptions, stop_at_once: bool) -> anyhow::Result<RunReport> {
+pub(crate) fn run_with(loaded: &LoadedPipeline, opts: &RunOptions, stop_at_once: bool) -> anyhow::Result<RunReport> {
     run_pipeline(loaded, &mut Session::default(), opts, Arc::new(AtomicBool::new(stop_at_once)))
 }
 
@@ -52,15 +52,15 @@ pub(crate) fn files_under(dir: &Path) -> Vec<String> {
     out
 }
 
-fn bytes(p: &Path) -> Vec<u8> {
+pub(crate) fn bytes(p: &Path) -> Vec<u8> {
     std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
-fn statuses(report: &RunReport) -> Vec<(&'static str, Status)> {
+pub(crate) fn statuses(report: &RunReport) -> Vec<(&'static str, Status)> {
     report.stages.clone()
 }
 
-fn planned(loaded: &LoadedPipeline) -> Vec<(&'static str, Status)> {
+pub(crate) fn planned(loaded: &LoadedPipeline) -> Vec<(&'static str, Status)> {
     let plan = Plan::resolve(loaded);
     let lock = Lock::read(&plan.out_dir).unwrap();
     describe(&plan, &lock, false).into_iter().map(|s| (s.name, s.status)).collect()
@@ -213,8 +213,14 @@ fn resume_after_a_stop_refuses_a_changed_rank_and_survives_a_damaged_checkpoint(
     assert_eq!(t.global_step, 3);
     assert!(bytes(&out.join(DIFFUSERS_FILE)) == bytes(&straight.join(DIFFUSERS_FILE)), "stop, stop, damaged checkpoint, resume = straight run, bit for bit");
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
-    let steps: Vec<u64> = metrics.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap()).collect();
+    let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let steps: Vec<u64> = lines.iter().filter(|v| v.get("loss").is_some()).map(|v| v["step"].as_u64().unwrap()).collect();
     assert_eq!(steps, [1, 2, 3], "every step once after two resumes");
+    // The fixed-noise evaluation before the first step (logged by the first, stopped, run) and
+    // after the last (by the run that finished).
+    let evals: Vec<u64> = lines.iter().filter(|v| v.get("eval_loss").is_some()).map(|v| v["step"].as_u64().unwrap()).collect();
+    assert_eq!(evals, [0, 3], "evaluation points in metrics.jsonl");
+    assert!(resumed.eval_loss.0.is_some() && resumed.eval_loss.1.is_some(), "the resumed run's summary has both eval losses");
     assert_eq!(metrics, std::fs::read_to_string(straight.join("metrics.jsonl")).unwrap(), "the same metrics as the straight run");
 }
 

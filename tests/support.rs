@@ -31,6 +31,7 @@ pub fn small_run(dir: &Path, max_steps: usize, seed: u64) -> TrainSettings {
         resume_from_checkpoint: None,
         cache_encodings: true,
         pipeline_sha256: None,
+        train_fingerprint: None,
         eval_batches: 0,
         tensorboard_dir: None,
         precision: MixedPrecision::No,

@@ -45,4 +45,6 @@ mod run_single_file;
 mod runner_full_disk;
 mod runner_kill;
 mod runner_stages;
+mod runner_safety;
+mod runner_signals;
 mod inference_validation;

@@ -676,9 +676,16 @@ impl safetensors::View for &OwnedView {
     }
 }
 
-fn f32_view(t: &Tensor) -> Result<OwnedView> {
-    let values: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    Ok(OwnedView { dtype: Dtype::F32, shape: t.dims().to_vec(), data: values.iter().flat_map(|v| v.to_le_bytes()).collect() })
+/// `t` as a safetensors view in `dtype` (F32, F16 or BF16; rounded to nearest).
+fn tensor_view(t: &Tensor, dtype: DType) -> Result<OwnedView> {
+    let flat = t.to_dtype(dtype)?.flatten_all()?;
+    let (st, data): (Dtype, Vec<u8>) = match dtype {
+        DType::F32 => (Dtype::F32, flat.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        DType::F16 => (Dtype::F16, flat.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        DType::BF16 => (Dtype::BF16, flat.to_vec1::<half::bf16>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        other => bail!("LoRA weights are written as f32, f16 or bf16, not {other:?}"),
+    };
+    Ok(OwnedView { dtype: st, shape: t.dims().to_vec(), data })
 }
 
 fn alpha_view(alpha: f64) -> OwnedView {
@@ -758,6 +765,11 @@ fn adapter_metadata(weights: &LoraWeights) -> Option<String> {
 /// - kohya: `lora_unet_<module with _>.lora_down.weight` / `.lora_up.weight` / `.alpha` (I64
 ///   when whole, else F32; alpha = r when the module has none), header = `weights.metadata`.
 pub fn serialize_lora(weights: &LoraWeights, format: LoraFormat) -> Result<Vec<u8>> {
+    serialize_lora_as(weights, format, DType::F32)
+}
+
+/// [`serialize_lora`] with the up/down weights in `dtype` (`output.save_precision`).
+pub fn serialize_lora_as(weights: &LoraWeights, format: LoraFormat, dtype: DType) -> Result<Vec<u8>> {
     if weights.is_empty() {
         bail!("refusing to write a LoRA file with no modules");
     }
@@ -781,7 +793,7 @@ pub fn serialize_lora(weights: &LoraWeights, format: LoraFormat) -> Result<Vec<u
             LoraFormat::AttnProcessor => bail!("the old attention-processor form is read only; write diffusers, peft or kohya"),
         };
         for (key, t) in [(down_key, &m.down), (up_key, &m.up)] {
-            if tensors.insert(key.clone(), f32_view(t)?).is_some() {
+            if tensors.insert(key.clone(), tensor_view(t, dtype)?).is_some() {
                 bail!("two modules map to the same key `{key}`");
             }
         }

@@ -1,7 +1,8 @@
 //! The command line: one file per command; this file only parses and dispatches.
 //!
 //! Exit codes: 0 ok, 1 the run failed, 2 the input is invalid or the run was refused (busy output
-//! folder, resume with changed settings), 130 interrupted.
+//! folder, resume with changed settings), 128 + the signal's number when SIGINT / SIGTERM /
+//! SIGHUP stopped the run at a checkpoint (130 / 143 / 129).
 
 use std::process::ExitCode;
 
@@ -137,7 +138,7 @@ pub fn main() -> ExitCode {
         Err(err) => {
             eprintln!("error: {err:#}");
             // A busy output folder or a refused resume is the user's to resolve, not a failure.
-            let refused = err.chain().any(|e| e.is::<crate::runner::run_dir::FolderBusy>() || e.is::<crate::runner::stages::Refused>());
+            let refused = err.chain().any(|e| e.is::<crate::runner::run_dir::FolderBusy>() || e.is::<crate::runner::stages::Refused>() || e.is::<crate::train::checkpoint::PastTheEnd>());
             ExitCode::from(if refused { EXIT_INVALID } else { EXIT_FAILED })
         }
     }

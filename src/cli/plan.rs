@@ -30,13 +30,16 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     let mut plan = Plan::resolve(&loaded);
     plan.no_cache = args.no_cache;
-    let lock = Lock::read(&plan.out_dir).unwrap_or_default();
+    // As `lora run` reads it: a damaged lock is an error there, and here.
+    let lock = Lock::read(&plan.out_dir)?;
     let stages = describe(&plan, &lock, args.force);
     let out = tidy_path(&plan.out_dir);
+    let busy = crate::runner::run_dir::RunDir::holder(&plan.out_dir);
     if args.json {
         let json = serde_json::json!({
             "pipeline": args.pipeline.file.display().to_string(),
             "output_dir": out.display().to_string(),
+            "busy_pid": busy,
             "bookkeeping": BOOKKEEPING,
             "stages": stages,
         });
@@ -44,6 +47,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!("plan for {} (output folder {})", args.pipeline.file.display(), out.display());
+    if let Some(pid) = &busy {
+        println!("busy: another lora process (PID {pid}) holds {}: `lora run` would exit 2 until it ends", out.display());
+    }
     for (i, s) in stages.iter().enumerate() {
         println!("{}. {:<10} {} [{}]", i + 1, s.name, s.description, s.status.label());
         for r in &s.reads {

@@ -33,25 +33,44 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let stop = crate::util::interrupt::flag();
     let mut session = Session::default();
     let report = run_pipeline(&loaded, &mut session, &RunOptions { force: args.force, no_cache: args.no_cache }, stop)?;
-    print_summary(&report);
-    if report.train.as_ref().is_some_and(|t| t.interrupted) {
-        return Ok(ExitCode::from(130));
+    print_summary(&report, Resumes::Rerun);
+    if report.stopped {
+        return Ok(ExitCode::from(crate::util::interrupt::exit_code()));
     }
     Ok(ExitCode::SUCCESS)
 }
 
+/// How a stopped run continues, for the summary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resumes {
+    /// `lora run` again.
+    Rerun,
+    /// `lora watch` runs the edited pipeline next by itself.
+    Watch,
+}
+
 /// The end-of-run summary on stdout.
-pub fn print_summary(report: &RunReport) {
+pub fn print_summary(report: &RunReport, resumes: Resumes) {
     println!("summary");
     let stages: Vec<String> = report.stages.iter().map(|(name, st)| format!("{name} ({})", st.done_label())).collect();
     println!("  stages     {}", stages.join(", "));
     println!("  examples   {} ({} bad image(s) skipped)", report.examples, report.skipped_images);
+    if let Some(dir) = &report.set_aside {
+        println!("  set aside  {} (the earlier run's results)", shown_path(dir).display());
+    }
     match &report.train {
         Some(t) => {
-            let state = if t.interrupted { " (interrupted: run again to resume)" } else { "" };
+            let state = match (t.interrupted, resumes) {
+                (false, _) => "",
+                (true, Resumes::Rerun) => " (stopped: `lora run` again resumes from the checkpoint)",
+                (true, Resumes::Watch) => " (stopped: the edited pipeline runs next and resumes if it can)",
+            };
             println!("  steps      {}/{}{state}", t.global_step, t.max_train_steps);
             if let Some(dir) = &t.resumed_from {
                 println!("  resumed    {}", shown_path(dir).display());
+            }
+            if let (true, Some(dir)) = (t.interrupted, t.checkpoints.last()) {
+                println!("  checkpoint {}", shown_path(dir).display());
             }
             match (&report.loss_trend, t.first_loss, t.final_loss) {
                 (Some(l), _, _) if l.steps > 1 => println!(
@@ -61,14 +80,16 @@ pub fn print_summary(report: &RunReport) {
                 (_, Some(first), Some(last)) => println!("  loss       {first:.4} (first step) -> {last:.4} (last step)"),
                 _ => {}
             }
-            if let (Some(before), Some(after)) = (t.eval_loss_before, t.eval_loss_after) {
+            if let (Some(before), Some(after)) = report.eval_loss {
                 println!("  eval loss  {before:.4} -> {after:.4} (fixed noise, {:+.2}%)", (after / before - 1.0) * 100.0);
             }
             if let Some(scale) = t.loss_scale {
                 println!("  fp16       {} skipped step(s) (inf/NaN gradients), loss scale {scale}", t.skipped_steps);
             }
+            // The rate counts training alone; validation and plotting between steps are shown apart.
             let rate = report.train_rate.map(|r| format!(" ({})", rate_text(r))).unwrap_or_default();
-            println!("  train time {:.1} s{rate}", t.seconds);
+            let side = if report.side_seconds >= 0.05 { format!(", plus {:.1} s of validation and plots", report.side_seconds) } else { String::new() };
+            println!("  train time {:.1} s{rate}{side}", (t.seconds - report.side_seconds).max(0.0));
         }
         None if report.skipped_train => println!("  train      up to date (nothing to do)"),
         None => {}

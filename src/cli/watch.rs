@@ -1,10 +1,15 @@
 //! `lora watch`: run a pipeline, then rerun it on every edit of the file (or a base it
-//! extends), from the first stage whose inputs changed; the model and dataset stay loaded.
+//! extends), from the first stage whose inputs changed; the model and dataset stay loaded. An
+//! edit during training is validated first: an invalid one is shown (`FILE:LINE:COL`) and
+//! training goes on; one that leaves training's inputs as they are lets it finish.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 
+use crate::runner::plan::Plan;
 use crate::runner::run::{run_pipeline, RunOptions, Session};
+use crate::runner::watch::Verdict;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -13,13 +18,24 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if !args.pipeline.file.is_file() {
+        eprintln!("error: {} is not a file: give the pipeline file to watch", args.pipeline.file.display());
+        return Ok(ExitCode::from(super::EXIT_INVALID));
+    }
     let stop = crate::util::interrupt::flag();
     let mut session = Session::default();
     // Hold the output folder for the whole watch, so a second `lora run` or `lora watch` on it
-    // is refused at once (exit 2) rather than between runs.
-    if let Ok(loaded) = args.pipeline.load(&[]) {
+    // is refused at once (exit 2) rather than between runs. (Quietly: the first run below
+    // prints whatever is wrong with the file.)
+    if let Ok(loaded) = crate::config::load_pipeline(&args.pipeline.file, &args.pipeline.overrides) {
         session.hold(&loaded.pipeline.output.dir)?;
     }
+    // The output folder and train fingerprint of the run in progress, for judging edits.
+    let running: Arc<Mutex<Option<(PathBuf, String)>>> = Arc::new(Mutex::new(None));
+    let check = {
+        let (running, pipeline) = (running.clone(), args.pipeline.clone());
+        Arc::new(move || judge_edit(&pipeline, running.lock().expect("watch state").clone()))
+    };
     let watched_cell = std::cell::RefCell::new(vec![args.pipeline.file.clone()]);
     let mut run_once = || -> anyhow::Result<()> {
         match args.pipeline.load(&[]) {
@@ -31,8 +47,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 if !files.is_empty() {
                     *watched_cell.borrow_mut() = files;
                 }
-                let report = run_pipeline(&loaded, &mut session, &RunOptions::default(), stop.clone())?;
-                super::run::print_summary(&report);
+                let plan = Plan::resolve(&loaded);
+                *running.lock().expect("watch state") = Some((plan.out_dir.clone(), plan.fingerprint("train").to_string()));
+                let report = run_pipeline(&loaded, &mut session, &RunOptions::default(), stop.clone());
+                *running.lock().expect("watch state") = None;
+                super::run::print_summary(&report?, super::run::Resumes::Watch);
             }
         }
         Ok(())
@@ -41,7 +60,32 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         &mut || watched_cell.borrow().clone(),
         crate::util::interrupt::flag(),
         &crate::util::interrupt::requested,
+        check,
         &mut run_once,
     )?;
+    if crate::util::interrupt::requested() {
+        return Ok(ExitCode::from(crate::util::interrupt::exit_code()));
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Whether an edit made while `running` (output folder, train fingerprint) should stop it.
+fn judge_edit(pipeline: &super::PipelineArgs, running: Option<(PathBuf, String)>) -> Verdict {
+    let Some((out, train_fp)) = running else { return Verdict::KeepGoing("no training is running".into()) };
+    match crate::config::load_pipeline(&pipeline.file, &pipeline.overrides) {
+        Err(diags) => {
+            eprint!("{}", diags.render_styled(std::io::IsTerminal::is_terminal(&std::io::stderr())));
+            Verdict::KeepGoing("the edited file is not valid (above): training goes on; fix it and save".into())
+        }
+        Ok(loaded) => {
+            let plan = Plan::resolve(&loaded);
+            if plan.out_dir != out {
+                Verdict::KeepGoing("output.dir changed: this run finishes in the old folder, then the edited pipeline runs in the new one".into())
+            } else if plan.fingerprint("train") != train_fp {
+                Verdict::Stop("what is being trained changed".into())
+            } else {
+                Verdict::KeepGoing("training's inputs are unchanged: it goes on, and the stages after it rerun when it is done".into())
+            }
+        }
+    }
 }

@@ -650,12 +650,41 @@ pub struct OutputConfig {
     /// and the kohya file (what ComfyUI and A1111 load; neither loads the diffusers file's UNet).
     #[schemars(length(min = 1), extend("uniqueItems" = true))]
     pub formats: Vec<OutputFormat>,
+    /// The adapter files' name stem (kohya's `--output_name`): `<name>.safetensors` (diffusers
+    /// form) and `<name>_kohya.safetensors`; unset, the reference's `pytorch_lora_weights`.
+    /// Letters, digits, `.`, `_` and `-`, starting with a letter or digit.
+    #[schemars(regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"), extend("x-reference" = "kohya --output_name"))]
+    pub name: Option<String>,
+    /// The dtype of the exported adapter files (the train stage's own file and checkpoints stay
+    /// f32): `f32` (the reference's), `fp16` or `bf16` (half the size; kohya's `--save_precision`).
+    #[schemars(extend("x-reference" = "kohya --save_precision"))]
+    pub save_precision: SavePrecision,
 }
 
 impl Default for OutputConfig {
     fn default() -> Self {
-        Self { dir: PathBuf::from("sd-model-finetuned-lora"), formats: vec![OutputFormat::Diffusers, OutputFormat::Kohya] }
+        Self {
+            dir: PathBuf::from("sd-model-finetuned-lora"),
+            formats: vec![OutputFormat::Diffusers, OutputFormat::Kohya],
+            name: None,
+            save_precision: SavePrecision::F32,
+        }
     }
+}
+
+/// The dtype the exported adapter is written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+pub enum SavePrecision {
+    /// 32-bit floats, as the reference saves.
+    #[default]
+    #[serde(rename = "f32")]
+    F32,
+    /// 16-bit floats (rounded to nearest).
+    #[serde(rename = "fp16")]
+    Fp16,
+    /// bfloat16 (rounded to nearest).
+    #[serde(rename = "bf16")]
+    Bf16,
 }
 
 /// Where training metrics go.

@@ -20,7 +20,9 @@ pub fn keep_steps_up_to(path: &Path, step: usize) -> Result<()> {
     for line in text.lines() {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
         let Some(s) = v.get("step").and_then(serde_json::Value::as_u64) else { continue };
-        if s as usize <= step && seen.insert(s) {
+        // A step has one update line and at most one evaluation line.
+        let is_eval = v.get("eval_loss").is_some();
+        if s as usize <= step && seen.insert((s, is_eval)) {
             kept.push_str(line);
             kept.push('\n');
         }
@@ -29,6 +31,31 @@ pub fn keep_steps_up_to(path: &Path, step: usize) -> Result<()> {
         crate::util::fs::write_atomic(path, kept.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+/// The fixed-noise evaluation losses of `path` as `(step, eval_loss)` in step order (lines
+/// `{"step": N, "eval_loss": x}`, written before the first and after the last update).
+pub fn read_evals(path: &Path) -> Result<Vec<(u64, f64)>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let mut by_step = std::collections::BTreeMap::new();
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        if let (Some(step), Some(eval)) = (v.get("step").and_then(serde_json::Value::as_u64), v.get("eval_loss").and_then(serde_json::Value::as_f64)) {
+            by_step.insert(step, eval);
+        }
+    }
+    Ok(by_step.into_iter().collect())
+}
+
+/// The evaluation loss before training (step 0) and after it (the last evaluation past step 0).
+pub fn eval_span(evals: &[(u64, f64)]) -> (Option<f64>, Option<f64>) {
+    let before = evals.iter().find(|(s, _)| *s == 0).map(|(_, e)| *e);
+    let after = evals.iter().rfind(|(s, _)| *s > 0).map(|(_, e)| *e);
+    (before, after)
 }
 
 /// One update as `metrics.jsonl` records it.

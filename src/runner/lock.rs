@@ -44,7 +44,10 @@ impl Lock {
         let path = dir.join(LOCK_FILE);
         match std::fs::read_to_string(&path) {
             Ok(text) => serde_json::from_str(&text).with_context(|| {
-                format!("{} is damaged; delete it to rerun every stage", path.display())
+                format!(
+                    "{} is damaged; delete it (or move it aside) to rerun every stage: checkpoints made with this pipeline are resumed without it, and earlier results are set aside, not deleted",
+                    crate::config::tidy_path(&path).display()
+                )
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
             Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),

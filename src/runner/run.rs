@@ -29,6 +29,16 @@ pub const DIFFUSERS_FILE: &str = "pytorch_lora_weights.safetensors";
 /// The kohya-form adapter file (A1111, ComfyUI).
 pub const KOHYA_FILE: &str = "pytorch_lora_weights_kohya.safetensors";
 
+/// The diffusers-form file of `p`: `<output.name>.safetensors`, else [`DIFFUSERS_FILE`].
+pub fn diffusers_file(p: &Pipeline) -> String {
+    p.output.name.as_ref().map_or_else(|| DIFFUSERS_FILE.to_string(), |n| format!("{n}.safetensors"))
+}
+
+/// The kohya-form file of `p`: `<output.name>_kohya.safetensors`, else [`KOHYA_FILE`].
+pub fn kohya_file(p: &Pipeline) -> String {
+    p.output.name.as_ref().map_or_else(|| KOHYA_FILE.to_string(), |n| format!("{n}_kohya.safetensors"))
+}
+
 pub use super::plan::Plan;
 pub use super::stages::{Refused, Session};
 
@@ -55,6 +65,15 @@ pub struct RunReport {
     pub train_rate: Option<f64>,
     /// Mean loss of the first and last tenth of the steps in `metrics.jsonl` (resumes included).
     pub loss_trend: Option<crate::report::metrics::LossTrend>,
+    /// A stop signal ended the run between stages or during training.
+    pub stopped: bool,
+    /// The earlier run's results set aside before training started over (`earlier/...`).
+    pub set_aside: Option<PathBuf>,
+    /// The fixed-noise evaluation loss before and after all the training (resumes included),
+    /// from `metrics.jsonl`.
+    pub eval_loss: (Option<f64>, Option<f64>),
+    /// Seconds of the train stage spent on validation and plots between steps.
+    pub side_seconds: f64,
 }
 
 /// The device a pipeline asks for (logged; see `crate::device`).
@@ -193,6 +212,7 @@ pub fn train_settings(loaded: &LoadedPipeline) -> TrainSettings {
         resume_from_checkpoint: p.checkpoints.resume.clone(),
         cache_encodings: !p.adapter.text_encoder,
         pipeline_sha256: Some(pipeline_sha256(loaded)),
+        train_fingerprint: None,
         eval_batches: 0,
         tensorboard_dir: (p.logging.report_to == cfg::ReportTo::Tensorboard).then(|| p.output.dir.join(&p.logging.dir)),
         precision: mixed_precision(t.precision),

@@ -56,27 +56,51 @@ impl RunDir {
         &self.dir
     }
 
-    /// Remove the temporaries (`.name.PID.tmp` files and `.checkpoint-N.PID.tmp` folders) a
-    /// killed run left in the folder and its direct subfolders: while we hold the lock no other run can be writing them.
+    /// Remove the temporaries a killed run of this tool left: `.NAME.PID.tmp` files and
+    /// `.checkpoint-N.PID.tmp` folders (the only names it writes temporaries under), in the
+    /// folder and the subfolders it writes into, whose PID is no longer running. Anything else
+    /// (another program's `.x.tmp`, a live process's) is never touched.
     fn remove_temporaries(&self) -> Result<()> {
         let mut dirs = vec![self.dir.clone()];
-        if let Ok(entries) = std::fs::read_dir(&self.dir) {
-            dirs.extend(entries.flatten().map(|e| e.path()).filter(|p| p.is_dir() && !p.to_string_lossy().ends_with(".tmp")));
-        }
+        dirs.extend(["train", "validation", "logs"].iter().map(|d| self.dir.join(d)));
         for dir in dirs {
             let Ok(entries) = std::fs::read_dir(&dir) else { continue };
             for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                if !(name.starts_with('.') && name.ends_with(".tmp")) {
+                if !crate::util::fs::is_stale_temporary(&name) {
                     continue;
                 }
                 let path = entry.path();
-                tracing::info!("removing {} (left by an earlier run that did not finish)", path.display());
-                let removed = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+                let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+                // Only checkpoints are built as folders.
+                if is_dir && !name.starts_with(".checkpoint-") {
+                    continue;
+                }
+                tracing::info!("removing {} (left by an earlier run that did not finish)", crate::config::tidy_path(&path).display());
+                let removed = if is_dir { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
                 removed.with_context(|| format!("removing {}", path.display()))?;
             }
         }
         Ok(())
+    }
+
+    /// The PID holding `dir`, when another process holds it (`None`: free, or no folder yet).
+    /// Takes nothing: `lora plan` asks this to say that `lora run` would be refused.
+    pub fn holder(dir: &Path) -> Option<String> {
+        let path = dir.join(RUN_LOCK_FILE);
+        let mut file = std::fs::File::open(&path).ok()?;
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a file descriptor we own; a shared lock conflicts only with a holder's
+        // exclusive one, and is released at once.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
+        if rc == 0 {
+            // SAFETY: as above.
+            unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
+            return None;
+        }
+        let mut pid = String::new();
+        let _ = file.read_to_string(&mut pid);
+        Some(if pid.trim().is_empty() { "unknown".into() } else { pid.trim().to_string() })
     }
 }
 
@@ -114,14 +138,48 @@ mod tests {
     }
 
     #[test]
-    fn temporaries_of_a_dead_run_are_removed() {
+    fn only_this_tools_temporaries_of_dead_runs_are_removed() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join(".checkpoint-3.999.tmp")).unwrap();
-        std::fs::write(dir.path().join(".lora.lock.999.tmp"), b"x").unwrap();
-        std::fs::write(dir.path().join("keep.txt"), b"x").unwrap();
+        // A PID that is not running (above the kernel's pid_max default range is not enough on
+        // every system: find one that kill(pid, 0) says does not exist).
+        let dead = (4_000_000..4_100_000).find(|p| crate::util::fs::pid_is_dead(*p)).unwrap();
+        let live = std::process::id();
+        std::fs::create_dir_all(dir.path().join(format!(".checkpoint-3.{dead}.tmp"))).unwrap();
+        std::fs::write(dir.path().join(format!(".lora.lock.{dead}.tmp")), b"x").unwrap();
+        std::fs::create_dir_all(dir.path().join("train")).unwrap();
+        std::fs::write(dir.path().join(format!("train/.adapter.safetensors.{dead}.tmp")), b"x").unwrap();
+        // Not ours, or not dead: kept.
+        let kept = [
+            format!(".checkpoint-4.{live}.tmp"),
+            ".swap.tmp".to_string(),
+            ".conf.tmp".to_string(),
+            format!(".notes.{dead}.tmp.bak"),
+            "keep.txt".to_string(),
+        ];
+        for k in &kept {
+            std::fs::write(dir.path().join(k), b"x").unwrap();
+        }
+        std::fs::create_dir_all(dir.path().join("other")).unwrap();
+        std::fs::write(dir.path().join(format!("other/.x.{dead}.tmp")), b"x").unwrap();
         let _held = RunDir::acquire(dir.path()).unwrap();
         let mut names: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         names.sort();
-        assert_eq!(names, vec![RUN_LOCK_FILE.to_string(), "keep.txt".to_string()]);
+        let mut expected: Vec<String> = kept.to_vec();
+        expected.extend([RUN_LOCK_FILE.to_string(), "other".to_string(), "train".to_string()]);
+        expected.sort();
+        assert_eq!(names, expected);
+        assert_eq!(std::fs::read_dir(dir.path().join("train")).unwrap().count(), 0);
+        assert!(dir.path().join(format!("other/.x.{dead}.tmp")).exists(), "a folder this tool does not write into is not cleaned");
+    }
+
+    #[test]
+    fn holder_names_the_pid_without_taking_the_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(RunDir::holder(dir.path()), None);
+        let held = RunDir::acquire(dir.path()).unwrap();
+        assert_eq!(RunDir::holder(dir.path()), Some(std::process::id().to_string()));
+        drop(held);
+        assert_eq!(RunDir::holder(dir.path()), None);
+        RunDir::acquire(dir.path()).expect("asking did not take it");
     }
 }

@@ -20,7 +20,7 @@ use super::lock::{Fingerprint, Lock};
 use super::plan::Plan;
 use super::run::{
     loader_options, lora_spec, model_source, named_params, resolved_toml, select_device, source_options, source_spec, train_settings,
-    validation_images, weight_dtype, LoaderSource, RunOptions, RunReport, DIFFUSERS_FILE, KOHYA_FILE,
+    validation_images, weight_dtype, diffusers_file, kohya_file, LoaderSource, RunOptions, RunReport,
 };
 use super::run_dir::RunDir;
 use crate::adapters::format::{read_lora_file, write_lora_file, LoraFormat, TrainingInfo};
@@ -125,6 +125,8 @@ pub struct StageCtx<'a> {
     pub opts: &'a RunOptions,
     pub stop: Arc<AtomicBool>,
     pub report: &'a mut RunReport,
+    /// How the train stage starts, as `plan` printed it (set when train runs).
+    pub start: Option<super::resume::Start>,
     device: Option<Device>,
     loader: Option<DataLoader>,
 }
@@ -141,6 +143,9 @@ pub enum Status {
     /// A loading stage that nothing needs this time.
     NotNeeded,
     Off(String),
+    /// The stage would have to discard or contradict work in the folder: `run` exits 2 with this
+    /// message before loading anything.
+    Refused(String),
 }
 
 impl Status {
@@ -151,6 +156,7 @@ impl Status {
             Status::Load => "loads (needed below)".into(),
             Status::NotNeeded => "not needed".into(),
             Status::Off(why) => format!("off: {why}"),
+            Status::Refused(why) => format!("refused: {why}"),
         }
     }
 
@@ -167,7 +173,14 @@ impl Status {
 /// What each stage of `plan` would do given `lock`: the one decision `plan` prints and `run`
 /// follows.
 pub fn decide(plan: &Plan, lock: &Lock, force: bool) -> Vec<Status> {
+    decide_all(plan, lock, force).0
+}
+
+/// [`decide`], with how the train stage starts when it runs (resume, start over, refuse).
+pub fn decide_all(plan: &Plan, lock: &Lock, force: bool) -> (Vec<Status>, Option<super::resume::Start>) {
+    use super::resume::Start;
     let dir = &plan.out_dir;
+    let mut start = None;
     let mut status: Vec<Status> = Vec::with_capacity(STAGES.len());
     for stage in STAGES {
         if let Some(why) = (stage.off)(plan) {
@@ -188,15 +201,35 @@ pub fn decide(plan: &Plan, lock: &Lock, force: bool) -> Vec<Status> {
             Some(format!("{d} runs"))
         } else {
             match lock.stages.get(stage.name) {
-                None if stage.name == "train" && lock.stages.get(IN_PROGRESS).is_some_and(|r| r.fingerprint == fp) => {
-                    Some("resumes the interrupted run from its newest checkpoint".into())
-                }
                 None => Some("no result yet".into()),
                 Some(r) if r.fingerprint != fp => Some("its settings or inputs changed".into()),
                 Some(r) => r.outputs.iter().find(|o| !dir.join(o).exists()).map(|o| format!("{o} is missing")),
             }
         };
-        status.push(why.map_or(Status::UpToDate, Status::Run));
+        let st = match why {
+            None => Status::UpToDate,
+            Some(why) if stage.name == "train" => {
+                let s = super::resume::decide_start(plan, lock, force, &why);
+                let st = match &s {
+                    Start::Refused(m) => Status::Refused(m.clone()),
+                    Start::Resume { newest, warnings, .. } => {
+                        let name = newest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                        let changed = if warnings.is_empty() { String::new() } else { format!(", with {}", warnings.join(", ")) };
+                        Status::Run(format!("resumes the interrupted run from {name}{changed}"))
+                    }
+                    Start::Fresh { aside: Some(a), why } => {
+                        let changed = if a.changed.is_empty() { String::new() } else { format!(" ({})", a.changed.join(", ")) };
+                        Status::Run(format!("{why}{changed}; {}", a.summary()))
+                    }
+                    Start::Fresh { aside: None, why } => Status::Run(why.clone()),
+                    Start::Explicit(r) => Status::Run(format!("{why}; resumes checkpoints.resume = {r:?}")),
+                };
+                start = Some(s);
+                st
+            }
+            Some(why) => Status::Run(why),
+        };
+        status.push(st);
     }
     // A loading stage loads when a running stage (or a loading stage that loads) needs it.
     let mut needed: Vec<&str> = Vec::new();
@@ -211,7 +244,7 @@ pub fn decide(plan: &Plan, lock: &Lock, force: bool) -> Vec<Status> {
             *st = Status::Load;
         }
     }
-    status
+    (status, start)
 }
 
 /// One stage as `plan` shows it.
@@ -227,10 +260,18 @@ pub struct StageView {
 
 /// The stages of `plan` in order, with what `lora run` would do with each now.
 pub fn describe(plan: &Plan, lock: &Lock, force: bool) -> Vec<StageView> {
+    let (statuses, start) = decide_all(plan, lock, force);
     STAGES
         .iter()
-        .zip(decide(plan, lock, force))
-        .map(|(s, status)| StageView { name: s.name, status, description: (s.describe)(plan), reads: (s.reads)(plan), writes: (s.outputs)(plan) })
+        .zip(statuses)
+        .map(|(s, status)| {
+            // A stage that is off writes nothing.
+            let mut writes = if matches!(status, Status::Off(_)) { Vec::new() } else { (s.outputs)(plan) };
+            if let (true, Some(super::resume::Start::Fresh { aside: Some(a), .. })) = (s.name == "train", &start) {
+                writes.push(out(format!("{}/", a.dir), "the earlier run's results, set aside before training starts over (set-aside.json says why)", false));
+            }
+            StageView { name: s.name, status, description: (s.describe)(plan), reads: (s.reads)(plan), writes }
+        })
         .collect()
 }
 
@@ -244,10 +285,20 @@ pub fn run_plan(plan: &Plan, session: &mut Session, opts: &RunOptions, stop: Arc
     session.hold(&dir)?;
     let mut lock = Lock::read(&dir)?;
     lock.pipeline = plan.loaded.path.display().to_string();
-    let statuses = decide(&plan, &lock, opts.force);
+    let (statuses, start) = decide_all(&plan, &lock, opts.force);
+    // Refused before anything loads or changes (what `plan` says as "refused").
+    if let Some(why) = statuses.iter().find_map(|s| if let Status::Refused(w) = s { Some(w.clone()) } else { None }) {
+        return Err(Refused(why).into());
+    }
     let mut report = RunReport::default();
-    let mut ctx = StageCtx { plan: &plan, session, lock: &mut lock, opts, stop, report: &mut report, device: None, loader: None };
+    let mut ctx = StageCtx { plan: &plan, session, lock: &mut lock, opts, stop, report: &mut report, start, device: None, loader: None };
     for (stage, status) in STAGES.iter().zip(statuses) {
+        if crate::util::interrupt::requested() {
+            // A stop signal between stages: what ran is recorded, the rest waits for the next run.
+            tracing::info!("stopped before the {} stage", stage.name);
+            ctx.report.stopped = true;
+            break;
+        }
         ctx.report.stages.push((stage.name, status.clone()));
         match &status {
             Status::Run(why) => tracing::info!("{}: running ({why})", stage.name),
@@ -256,7 +307,7 @@ pub fn run_plan(plan: &Plan, session: &mut Session, opts: &RunOptions, stop: Arc
                 tracing::info!("{}: up to date", stage.name);
                 continue;
             }
-            Status::NotNeeded | Status::Off(_) => continue,
+            Status::NotNeeded | Status::Off(_) | Status::Refused(_) => continue,
         }
         let ran = (stage.run)(&mut ctx).with_context(|| format!("stage {}", stage.name))?;
         if !ran.complete {
@@ -267,6 +318,10 @@ pub fn run_plan(plan: &Plan, session: &mut Session, opts: &RunOptions, stop: Arc
             ctx.lock.record_with(stage.name, plan.fingerprint(stage.name), outputs, ran.details);
             ctx.lock.write(&dir)?;
         }
+    }
+    // Examples of the training these results come from, when the dataset was not loaded now.
+    if report.examples == 0 && !report.stages.iter().any(|(n, s)| *n == "dataset" && matches!(s, Status::Load)) {
+        report.examples = lock.stages.get("train").and_then(|r| r.details.get("examples")).and_then(serde_json::Value::as_u64).unwrap_or(0) as usize;
     }
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
@@ -284,6 +339,7 @@ pub fn load_for_training(plan: &Plan, session: &mut Session) -> Result<(DataLoad
         opts: &opts,
         stop: Arc::new(AtomicBool::new(false)),
         report: &mut report,
+        start: None,
         device: None,
         loader: None,
     };
@@ -522,11 +578,13 @@ fn run_encode(ctx: &mut StageCtx<'_>) -> Result<Ran> {
     let flips: &[bool] = if opts.preprocess.flip_p > 0.0 { &[false, true] } else { &[false] };
     let bar = indicatif::ProgressBar::new(dataset.len() as u64);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} encode [{bar:30}] {pos}/{len} {per_sec} ETA {eta}")
+        indicatif::ProgressStyle::with_template("{spinner} encode [{bar:30}] {pos}/{len} {rate} ETA {eta}").map(with_rate)
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
     let (mut new_latents, mut new_texts) = (0usize, 0usize);
+    // A caption several examples share is looked up once (not "reused" from the cache).
+    let mut seen_captions: std::collections::HashSet<&str> = std::collections::HashSet::new();
     for example in &dataset.examples {
         if caches_latents(plan) {
             let image = data::decode::decode_example(example, &opts.decode).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -552,6 +610,9 @@ fn run_encode(ctx: &mut StageCtx<'_>) -> Result<Ran> {
                 data::Caption::Choices(list) => list.iter().collect(),
             };
             for c in captions {
+                if !seen_captions.insert(c.as_str()) {
+                    continue;
+                }
                 let key = cache.text_key(c);
                 if cache.get(&key, &device)?.is_none() {
                     let ids = sd.tokenizer.encode_batch(&[c.as_str()], &device)?;
@@ -674,88 +735,6 @@ fn publish_validation(p: &Plan, files: &[std::path::PathBuf], dir: &Path, step: 
 }
 
 
-/// The settings a train run's checkpoints depend on, as dotted keys, to say what changed: the
-/// typed values (defaults included), with the keys the file sets as written (paths as written
-/// do not change with the working directory).
-fn train_settings_snapshot(p: &Plan) -> BTreeMap<String, serde_json::Value> {
-    fn flatten(prefix: &str, v: &serde_json::Value, out: &mut BTreeMap<String, serde_json::Value>) {
-        match v {
-            serde_json::Value::Object(t) => t.iter().for_each(|(k, v)| flatten(&format!("{prefix}.{k}"), v, out)),
-            other => {
-                out.insert(prefix.to_string(), other.clone());
-            }
-        }
-    }
-    let typed = serde_json::to_value(p.pipeline()).unwrap_or_default();
-    let written = serde_json::to_value(&p.loaded.resolved).unwrap_or_default();
-    let mut out = BTreeMap::new();
-    for table in ["model", "dataset", "preprocess", "adapter", "optimizer", "train"] {
-        for source in [&typed, &written] {
-            if let Some(v) = source.get(table) {
-                flatten(table, v, &mut out);
-            }
-        }
-    }
-    // Without a seed in the file every run draws its own: not a change of the run's settings.
-    if written.get("train").and_then(|t| t.get("seed")).is_none() {
-        out.remove("train.seed");
-    }
-    out.insert("model files".into(), p.fingerprint("model").into());
-    out.insert("dataset files".into(), p.fingerprint("dataset").into());
-    out
-}
-
-/// Settings whose change makes an interrupted run's checkpoints unusable (shapes, data stream,
-/// model); every other change (learning rate, step count, schedule) resumes with a warning.
-fn breaks_resume(key: &str) -> bool {
-    ["model", "dataset", "preprocess", "adapter"].iter().any(|t| key.starts_with(&format!("{t}.")) || key.starts_with(&format!("{t} ")))
-        || matches!(key, "train.batch_size" | "train.gradient_accumulation_steps" | "train.seed")
-}
-
-fn changed_keys(old: &BTreeMap<String, serde_json::Value>, new: &BTreeMap<String, serde_json::Value>) -> Vec<(String, String)> {
-    let show = |v: Option<&serde_json::Value>| v.map_or("(unset)".to_string(), |v| v.to_string());
-    let keys: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
-    keys.into_iter()
-        .filter(|k| old.get(*k) != new.get(*k))
-        .map(|k| {
-            let text = if k.ends_with(" files") { format!("{k} changed") } else { format!("{k} {} -> {}", show(old.get(k)), show(new.get(k))) };
-            (k.clone(), text)
-        })
-        .collect()
-}
-
-/// Whether to resume the interrupted run recorded in the lock: `Ok(true)` resume, `Ok(false)`
-/// start over, `Err(Refused)` when its settings differ in a way that breaks the checkpoints.
-fn resume_decision(ctx: &StageCtx<'_>, settings: &BTreeMap<String, serde_json::Value>) -> Result<bool> {
-    let Some(rec) = ctx.lock.stages.get(IN_PROGRESS) else { return Ok(false) };
-    if ctx.opts.force {
-        tracing::info!("train: --force: starting over instead of resuming the interrupted run");
-        return Ok(false);
-    }
-    if rec.fingerprint == ctx.plan.fingerprint("train") {
-        tracing::info!("train: the last run with these settings did not finish; resuming it from its newest checkpoint that loads");
-        return Ok(true);
-    }
-    let changes = changed_keys(&rec.details, settings);
-    let (breaking, other): (Vec<_>, Vec<_>) = changes.into_iter().partition(|(k, _)| breaks_resume(k));
-    if !breaking.is_empty() || rec.details.is_empty() {
-        let list = if rec.details.is_empty() {
-            "(the interrupted run recorded no settings)".to_string()
-        } else {
-            breaking.iter().map(|(_, t)| format!("\n  {t}")).collect::<String>()
-        };
-        return Err(Refused(format!(
-            "{} holds an interrupted training run whose checkpoints do not fit this pipeline; changed:{list}\nrevert the change to resume it, or run with --force to start over (its checkpoints are removed)",
-            ctx.plan.out_dir.display()
-        ))
-        .into());
-    }
-    for (_, t) in &other {
-        tracing::warn!("train: resuming the interrupted run with a changed setting: {t}");
-    }
-    Ok(true)
-}
-
 /// With the encode cache serving the captions (`text`) and the latents (`vae`), move the text
 /// encoder and the VAE's encoder half off a GPU, so that training holds only the UNet and the
 /// VAE decoder there (validation prompts are then encoded on the CPU). Nothing moves on the CPU.
@@ -777,26 +756,40 @@ fn run_train(ctx: &mut StageCtx<'_>) -> Result<Ran> {
     let plan = ctx.plan;
     let p = plan.pipeline();
     let out_dir = plan.out_dir.clone();
-    let snapshot = train_settings_snapshot(plan);
+    let snapshot = super::resume::settings_snapshot(plan);
     let mut settings = train_settings(&plan.loaded);
+    settings.train_fingerprint = Some(plan.fingerprint("train").to_string());
     if plan.no_cache {
         settings.cache_encodings = false;
     }
-    let explicit_resume = settings.resume_from_checkpoint.is_some();
-    if !explicit_resume {
-        if resume_decision(ctx, &snapshot)? {
+    // What `plan` said (the one decision): resume, start over with earlier results set aside,
+    // or the user's own `checkpoints.resume`.
+    match ctx.start.clone() {
+        Some(super::resume::Start::Explicit(_)) => {}
+        Some(super::resume::Start::Resume { newest, warnings, .. }) => {
+            tracing::info!("train: resuming the interrupted run from {} (or the newest checkpoint before it that loads)", tidy_path(&newest).display());
+            for w in &warnings {
+                tracing::warn!("train: resuming with a changed setting: {w}");
+            }
             settings.resume_from_checkpoint = Some("latest".into());
-        } else {
-            // A fresh start: checkpoints of earlier runs in this folder must never be resumed.
-            for (_, dir) in crate::train::checkpoint::list_checkpoints(&out_dir)? {
-                tracing::info!("train: removing {} (from an earlier run; this one starts over)", dir.display());
-                std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+        Some(super::resume::Start::Fresh { why, aside }) => {
+            settings.resume_from_checkpoint = None;
+            if let Some(a) = aside {
+                if !a.changed.is_empty() {
+                    tracing::info!("train: starting over ({why}): {}", a.changed.join(", "));
+                }
+                super::resume::carry_out(&out_dir, &a)?;
+                tracing::info!("train: {}", a.summary());
+                ctx.report.set_aside = Some(out_dir.join(&a.dir));
             }
         }
+        Some(super::resume::Start::Refused(why)) => return Err(Refused(why).into()),
+        None => anyhow::bail!("the train stage runs only as decided by the stage table"),
     }
     // Mark the stage in progress before the first step, so any crash resumes.
     ctx.lock.stages.remove("train");
-    ctx.lock.record_with(IN_PROGRESS, plan.fingerprint("train"), vec![], snapshot);
+    ctx.lock.record_with(IN_PROGRESS, plan.fingerprint("train"), vec![], snapshot.clone());
     ctx.lock.write(&out_dir)?;
 
     let device = ctx.device.clone().context("the model stage runs before train")?;
@@ -869,6 +862,7 @@ fn run_train(ctx: &mut StageCtx<'_>) -> Result<Ran> {
     let checkpoint_due = |step: usize| p.checkpoints.every_steps > 0 && step % p.checkpoints.every_steps as usize == 0;
     let mut last_plot = Instant::now();
     let mut rate = crate::report::metrics::StepRate::new();
+    let mut side = std::time::Duration::ZERO;
     let mut on_update = |step: usize, total: usize, loss: f64, lr: f64| {
         rate.update(step);
         let paused = Instant::now();
@@ -884,6 +878,7 @@ fn run_train(ctx: &mut StageCtx<'_>) -> Result<Ran> {
             last_plot = Instant::now();
         }
         rate.pause(paused.elapsed());
+        side += paused.elapsed();
         let b = bar.get_or_insert_with(|| progress_bar(total, step.saturating_sub(1)));
         b.set_position(step as u64);
         b.set_message(format!("loss {loss:.4} lr {lr:.2e}"));
@@ -892,13 +887,17 @@ fn run_train(ctx: &mut StageCtx<'_>) -> Result<Ran> {
             last_log = Instant::now();
         }
     };
+    let training = crate::util::interrupt::training();
     let outcome = trainer.train(&LoaderSource(loader, p.train.batch_size as usize), Some(&mut on_update))?;
+    drop(training);
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
     drop(trainer);
     crate::report::plot::refresh(&out_dir.join(METRICS_FILE), &out_dir.join(LOSS_PLOT));
     ctx.report.train_rate = rate.per_second();
+    ctx.report.side_seconds = side.as_secs_f64();
+    ctx.report.eval_loss = crate::report::metrics::eval_span(&crate::report::metrics::read_evals(&out_dir.join(METRICS_FILE))?);
     ctx.report.loss_trend = crate::report::metrics::loss_trend(&crate::report::metrics::read_steps(&out_dir.join(METRICS_FILE))?);
     if let Some(cache) = &cache {
         let load = |a: &std::sync::atomic::AtomicUsize| a.load(std::sync::atomic::Ordering::Relaxed);
@@ -910,28 +909,41 @@ fn run_train(ctx: &mut StageCtx<'_>) -> Result<Ran> {
             load(&cache.rebuilt)
         );
     }
+    let interrupted = outcome.interrupted;
+    ctx.report.stopped |= interrupted;
+    ctx.report.train = Some(outcome);
+    if interrupted {
+        // Not complete: the checkpoint just saved is all this run leaves; the in-progress mark
+        // stays so the next run resumes. The train stage's file and the exported adapters of an
+        // earlier finished run stay as they were.
+        return Ok(Ran { complete: false, details: BTreeMap::new() });
+    }
     let weights = trained_weights(&unet_loras, &te_loras)?;
     write_lora_file(&weights, &out_dir.join(TRAINED_FILE), LoraFormat::Peft)?;
     let mut details = BTreeMap::new();
     details.insert("examples".to_string(), serde_json::Value::from(n_examples));
     details.insert("tag_frequency".to_string(), tag_frequency);
-    details.insert("max_train_steps".to_string(), serde_json::Value::from(outcome.max_train_steps));
-    let interrupted = outcome.interrupted;
-    ctx.report.train = Some(outcome);
-    if interrupted {
-        // Not complete: the in-progress mark stays so the next run resumes; the adapter so far
-        // is exported for a look, without recording export as done.
-        export_files(ctx, &details)?;
-        return Ok(Ran { complete: false, details });
-    }
+    details.insert("max_train_steps".to_string(), serde_json::Value::from(ctx.report.train.as_ref().map_or(0, |t| t.max_train_steps)));
+    details.insert("updates_per_epoch".to_string(), serde_json::Value::from(steps.updates_per_epoch));
+    // What the next run compares with to say which keys changed.
+    details.insert("settings".to_string(), serde_json::to_value(&snapshot)?);
     ctx.lock.stages.remove(IN_PROGRESS);
     Ok(Ran { complete: true, details })
+}
+
+/// The `{rate}` key: `13.2 it/s`, or `2.35 s/it` below one a second (indicatif's `{per_sec}`
+/// prints four decimals).
+fn with_rate(style: indicatif::ProgressStyle) -> indicatif::ProgressStyle {
+    style.with_key("rate", |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+        let per_sec = state.per_sec();
+        let _ = if per_sec >= 1.0 { write!(w, "{per_sec:.1} it/s") } else if per_sec > 0.0 { write!(w, "{:.2} s/it", 1.0 / per_sec) } else { Ok(()) };
+    })
 }
 
 fn progress_bar(total: usize, start: usize) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(total as u64);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} train [{bar:30}] {pos}/{len} {msg} {per_sec} ETA {eta}")
+        indicatif::ProgressStyle::with_template("{spinner} train [{bar:30}] {pos}/{len} {msg} {rate} ETA {eta}").map(with_rate)
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
@@ -964,8 +976,8 @@ const EXPORT: Stage = Stage {
             .formats
             .iter()
             .map(|f| match f {
-                cfg::OutputFormat::Diffusers => out(DIFFUSERS_FILE, "diffusers form, as the reference script writes it", true),
-                cfg::OutputFormat::Kohya => out(KOHYA_FILE, "kohya form with training metadata (A1111, ComfyUI)", true),
+                cfg::OutputFormat::Diffusers => out(diffusers_file(p.pipeline()), "diffusers form, as the reference script writes it", true),
+                cfg::OutputFormat::Kohya => out(kohya_file(p.pipeline()), "kohya form with training metadata (A1111, ComfyUI)", true),
             })
             .collect()
     },
@@ -996,12 +1008,18 @@ fn export_files(ctx: &mut StageCtx<'_>, train_details: &BTreeMap<String, serde_j
     let p = ctx.plan.pipeline();
     let dir = &ctx.plan.out_dir;
     let weights = read_lora_file(&dir.join(TRAINED_FILE)).context("the train stage's result")?;
+    let save_dtype = match p.output.save_precision {
+        cfg::SavePrecision::F32 => DType::F32,
+        cfg::SavePrecision::Fp16 => DType::F16,
+        cfg::SavePrecision::Bf16 => DType::BF16,
+    };
     let count = |k: &str| train_details.get(k).and_then(serde_json::Value::as_u64);
     for f in &p.output.formats {
         match f {
             cfg::OutputFormat::Diffusers => {
-                let path = dir.join(DIFFUSERS_FILE);
-                write_lora_file(&weights, &path, LoraFormat::Diffusers)?;
+                let path = dir.join(diffusers_file(p));
+                let bytes = crate::adapters::format::serialize_lora_as(&weights, LoraFormat::Diffusers, save_dtype)?;
+                crate::util::fs::write_atomic(&path, &bytes).with_context(|| format!("cannot write LoRA file {}", path.display()))?;
                 ctx.report.files.push(path);
             }
             cfg::OutputFormat::Kohya => {
@@ -1017,7 +1035,11 @@ fn export_files(ctx: &mut StageCtx<'_>, train_details: &BTreeMap<String, serde_j
                     alpha: p.adapter.default_alpha(),
                     learning_rate: p.train.learning_rate,
                     max_train_steps: count("max_train_steps").or(p.train.max_steps).unwrap_or(0),
-                    epochs: p.train.epochs,
+                    // kohya's: the epochs the steps take, ceil(max_train_steps / updates per epoch).
+                    epochs: match (count("max_train_steps"), count("updates_per_epoch")) {
+                        (Some(steps), Some(per)) if per > 0 => steps.div_ceil(per),
+                        _ => p.train.epochs,
+                    },
                     batch_size: p.train.batch_size as usize,
                     resolution: p.preprocess.resolution as usize,
                     seed: p.train.seed,
@@ -1034,7 +1056,8 @@ fn export_files(ctx: &mut StageCtx<'_>, train_details: &BTreeMap<String, serde_j
                 w.metadata.extend(crate::adapters::kohya_hash::source_file_metadata(p.model.file.as_deref(), p.model.vae.as_deref())?);
                 // ModelSpec, dated when training wrote its weights (so a rerun of export alone
                 // writes the same bytes).
-                let title = tidy_path(dir).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                // kohya's `--output_name` (the folder's name when unset).
+                let title = p.output.name.clone().unwrap_or_else(|| tidy_path(dir).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
                 let trained_at = std::fs::metadata(dir.join(TRAINED_FILE))
                     .and_then(|m| m.modified())
                     .ok()
@@ -1046,8 +1069,8 @@ fn export_files(ctx: &mut StageCtx<'_>, train_details: &BTreeMap<String, serde_j
                 if let Some(tags) = train_details.get("tag_frequency") {
                     w.metadata.insert("ss_tag_frequency".into(), tags.to_string());
                 }
-                let bytes = crate::adapters::kohya_hash::with_sshs_hashes(&crate::adapters::format::serialize_lora(&w, LoraFormat::Kohya)?)?;
-                let path = dir.join(KOHYA_FILE);
+                let bytes = crate::adapters::kohya_hash::with_sshs_hashes(&crate::adapters::format::serialize_lora_as(&w, LoraFormat::Kohya, save_dtype)?)?;
+                let path = dir.join(kohya_file(p));
                 crate::util::fs::write_atomic(&path, &bytes).with_context(|| format!("cannot write LoRA file {}", path.display()))?;
                 ctx.report.files.push(path);
             }
@@ -1105,12 +1128,12 @@ const VALIDATE: Stage = Stage {
     fingerprint: |p| {
         Fingerprint::new("validate")
             .add("train", p.fingerprint("train"))
-            .add("adapter", validation_adapter(p.pipeline()))
+            .add("adapter", &validation_adapter(p.pipeline()))
             .add_toml("validation", p.table("validation"))
             .add("resolution", &p.pipeline().preprocess.resolution.to_string())
             .finish()
     },
-    reads: |p| vec![tidy(p, validation_adapter(p.pipeline()))],
+    reads: |p| vec![tidy(p, &validation_adapter(p.pipeline()))],
     outputs: |p| {
         let mut o: Vec<Output> = validation_files(p.pipeline()).into_iter().map(|f| out(f, "validation image", true)).collect();
         o.push(out(format!("validation/{}", crate::report::grid::GRID_FILE), "all validation images in one grid (rows = prompts)", true));
@@ -1158,13 +1181,13 @@ const VALIDATE: Stage = Stage {
 /// The file the final validation applies, relative to the output folder: the exported diffusers
 /// file when `output.formats` writes one, else the kohya one (the train stage's own file only
 /// when no format is asked for).
-pub fn validation_adapter(p: &cfg::Pipeline) -> &'static str {
+pub fn validation_adapter(p: &cfg::Pipeline) -> String {
     if p.output.formats.contains(&cfg::OutputFormat::Diffusers) {
-        DIFFUSERS_FILE
+        diffusers_file(p)
     } else if p.output.formats.contains(&cfg::OutputFormat::Kohya) {
-        KOHYA_FILE
+        kohya_file(p)
     } else {
-        TRAINED_FILE
+        TRAINED_FILE.to_string()
     }
 }
 
@@ -1230,17 +1253,5 @@ mod tests {
         assert!(matches_output("metrics.jsonl", "metrics.jsonl"));
         assert!(matches_output("cache/encode/", "cache/encode/ab/abc.enc"));
         assert!(!matches_output("metrics.jsonl", "metrics.json"));
-    }
-
-    #[test]
-    fn what_breaks_a_resume() {
-        assert!(breaks_resume("adapter.rank"));
-        assert!(breaks_resume("model files"));
-        assert!(breaks_resume("train.batch_size"));
-        assert!(!breaks_resume("train.learning_rate"));
-        assert!(!breaks_resume("train.max_steps"));
-        let old = BTreeMap::from([("adapter.rank".to_string(), serde_json::json!(4)), ("train.max_steps".to_string(), serde_json::json!(8))]);
-        let new = BTreeMap::from([("adapter.rank".to_string(), serde_json::json!(8)), ("train.max_steps".to_string(), serde_json::json!(8))]);
-        assert_eq!(changed_keys(&old, &new), vec![("adapter.rank".to_string(), "adapter.rank 4 -> 8".to_string())]);
     }
 }

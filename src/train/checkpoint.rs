@@ -19,6 +19,12 @@ pub const LORA_FILE: &str = "pytorch_lora_weights.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const STATE_FILE: &str = "trainer_state.json";
 
+/// A checkpoint to resume is past the end of the training the pipeline now asks for (the CLI
+/// exits 2: the user resolves it).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct PastTheEnd(pub String);
+
 /// What a run needs, besides weights and optimizer moments, to continue exactly.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct TrainerState {
@@ -29,6 +35,11 @@ pub struct TrainerState {
     /// The pipeline fingerprint the checkpoint was made with (informational).
     #[serde(default)]
     pub pipeline_sha256: Option<String>,
+    /// The train stage's fingerprint (`lora.lock`'s) the checkpoint was made with: a checkpoint
+    /// whose fingerprint is the pipeline's is resumed even without a lock (deleted, or the
+    /// checkpoint copied into a fresh folder).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_fingerprint: Option<String>,
     /// Loss of the last update.
     #[serde(default)]
     pub last_loss: Option<f64>,
@@ -107,6 +118,41 @@ pub fn checkpoint_dir(output_dir: &Path, step: usize) -> PathBuf {
     output_dir.join(format!("checkpoint-{step}"))
 }
 
+/// Whether `dir` holds every file of a checkpoint (what [`save_checkpoint`] renames into place).
+pub fn is_complete(dir: &Path) -> bool {
+    [STATE_FILE, LORA_FILE, OPTIMIZER_FILE].iter().all(|f| dir.join(f).is_file())
+}
+
+/// Read a checkpoint's `trainer_state.json`, checked against its folder: the step in the folder
+/// name, and counts that a run can have reached (a damaged or forged state is refused here, so
+/// the checkpoint before it is used).
+pub fn read_state(dir: &Path) -> Result<TrainerState> {
+    let state_path = dir.join(STATE_FILE);
+    let meta = std::fs::metadata(&state_path).with_context(|| format!("reading {}", state_path.display()))?;
+    if meta.len() > 1 << 20 {
+        bail!("{} is {} bytes: not a trainer state", state_path.display(), meta.len());
+    }
+    let state: TrainerState = serde_json::from_str(&std::fs::read_to_string(&state_path).with_context(|| format!("reading {}", state_path.display()))?)
+        .with_context(|| format!("parsing {}", state_path.display()))?;
+    let named = dir.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("checkpoint-")).and_then(|n| n.parse::<usize>().ok());
+    if let Some(n) = named {
+        if n != state.global_step {
+            bail!("{}: global_step is {}, but the folder is checkpoint-{n}", state_path.display(), state.global_step);
+        }
+    }
+    // Every update consumes at least one micro-batch; a skipped update is still an update.
+    if state.global_step > state.micro_steps || state.skipped_steps > state.global_step {
+        bail!(
+            "{}: global_step {}, micro_steps {} and skipped_steps {} cannot come from one run",
+            state_path.display(),
+            state.global_step,
+            state.micro_steps,
+            state.skipped_steps
+        );
+    }
+    Ok(state)
+}
+
 /// The `checkpoint-N` directories in `output_dir`, sorted by N (ascending).
 pub fn list_checkpoints(output_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
     let mut out = Vec::new();
@@ -156,10 +202,19 @@ pub fn save_checkpoint(
         if final_dir.exists() {
             std::fs::remove_dir_all(&final_dir).with_context(|| format!("replacing {}", final_dir.display()))?;
         }
-        std::fs::rename(&tmp_dir, &final_dir).with_context(|| format!("renaming {} to {}", tmp_dir.display(), final_dir.display()))
+        std::fs::rename(&tmp_dir, &final_dir).with_context(|| format!("renaming {} to {}", tmp_dir.display(), final_dir.display()))?;
+        // Something outside this run may have removed files under us (another tool cleaning the
+        // folder): only a checkpoint whose every file is in place counts as saved.
+        if !is_complete(&final_dir) {
+            bail!("{} is incomplete after saving (was the folder changed by another process?)", final_dir.display());
+        }
+        Ok(())
     })();
     if let Err(e) = built {
         let _ = std::fs::remove_dir_all(&tmp_dir);
+        if final_dir.exists() && !is_complete(&final_dir) {
+            let _ = std::fs::remove_dir_all(&final_dir);
+        }
         return Err(e.context(format!("saving checkpoint {} (the earlier checkpoints are unchanged)", final_dir.display())));
     }
     if let Some(limit) = total_limit {
@@ -176,11 +231,7 @@ pub fn save_checkpoint(
 
 /// Load a checkpoint into `params` (by name, shapes checked) and `optimizer`; returns its state.
 pub fn load_checkpoint(dir: &Path, params: &[NamedVar], optimizer: &mut AdamW) -> Result<TrainerState> {
-    let state_path = dir.join(STATE_FILE);
-    let state: TrainerState = serde_json::from_str(
-        &std::fs::read_to_string(&state_path).with_context(|| format!("reading {}", state_path.display()))?,
-    )
-    .with_context(|| format!("parsing {}", state_path.display()))?;
+    let state = read_state(dir)?;
     let lora_path = dir.join(LORA_FILE);
     let tensors = candle_core::safetensors::load(&lora_path, &Device::Cpu)
         .with_context(|| format!("reading {}", lora_path.display()))?;

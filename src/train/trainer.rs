@@ -55,6 +55,9 @@ pub struct TrainSettings {
     pub cache_encodings: bool,
     /// SHA-256 of the resolved pipeline, recorded in checkpoints.
     pub pipeline_sha256: Option<String>,
+    /// The train stage's fingerprint, recorded in checkpoints (which resume without a lock when
+    /// it is the pipeline's).
+    pub train_fingerprint: Option<String>,
     /// Batches of the fixed-noise evaluation loss measured before and after training (0: off).
     pub eval_batches: usize,
     /// Write TensorBoard scalars (train_loss, lr, grad_norm) to an event file in this folder.
@@ -132,6 +135,15 @@ pub struct Trainer<'a> {
     /// With gradient checkpointing: the accumulator of the last micro-step's forward, merged
     /// into its backward's gradients (a fresh one per micro-step).
     checkpoint: Option<CheckpointGrads>,
+}
+
+/// One evaluation point: a `metrics.jsonl` line and the `eval_loss` scalar.
+fn record_eval(metrics: &mut std::fs::File, tensorboard: Option<&mut crate::report::tensorboard::EventWriter>, step: u64, eval_loss: f64) -> Result<()> {
+    writeln!(metrics, "{}", serde_json::json!({"step": step, "eval_loss": eval_loss}))?;
+    if let Some(tb) = tensorboard {
+        tb.scalars(step, &[("eval_loss", eval_loss)])?;
+    }
+    Ok(())
 }
 
 /// The seed of micro-step `k`'s random stream.
@@ -376,34 +388,46 @@ impl<'a> Trainer<'a> {
             global_step: 0,
             micro_steps: 0,
             pipeline_sha256: s.pipeline_sha256.clone(),
+            train_fingerprint: s.train_fingerprint.clone(),
             last_loss: None,
             skipped_steps: 0,
             grad_scaler: None,
         };
         let mut scaler = s.precision.uses_loss_scaling().then(|| GradScaler::new(s.grad_scaler));
         let mut resumed_from = None;
-        if s.resume_from_checkpoint.as_deref() == Some("latest") {
+        let loaded = match s.resume_from_checkpoint.as_deref() {
             // The newest checkpoint that loads (a damaged one is reported and the previous used).
-            match checkpoint::load_newest_loadable(&s.output_dir, &self.params, &mut self.optimizer)? {
-                Some((dir, st)) => {
-                    tracing::info!("resumed from {} at step {}", dir.display(), st.global_step);
-                    state = st;
-                    resumed_from = Some(dir);
+            Some("latest") => {
+                let found = checkpoint::load_newest_loadable(&s.output_dir, &self.params, &mut self.optimizer)?;
+                if found.is_none() {
+                    tracing::info!("no checkpoint in {} loads: training starts from step 0", crate::config::tidy_path(&s.output_dir).display());
                 }
-                None => tracing::info!("resume_from_checkpoint = \"latest\" but no checkpoint in {} loads: starting fresh", s.output_dir.display()),
+                found
             }
-        } else if let Some(resume) = &s.resume_from_checkpoint {
-            match checkpoint::resolve_resume(&s.output_dir, resume)? {
+            Some(resume) => match checkpoint::resolve_resume(&s.output_dir, resume)? {
                 Some(dir) => {
-                    state = checkpoint::load_checkpoint(&dir, &self.params, &mut self.optimizer)?;
-                    if let (Some(scaler), Some(saved)) = (scaler.as_mut(), state.grad_scaler) {
-                        scaler.restore(saved);
-                    }
-                    tracing::info!("resumed from {} at step {}", dir.display(), state.global_step);
-                    resumed_from = Some(dir);
+                    let st = checkpoint::load_checkpoint(&dir, &self.params, &mut self.optimizer)?;
+                    Some((dir, st))
                 }
-                None => tracing::info!("resume_from_checkpoint = \"latest\" but no checkpoint exists in {}: starting fresh", s.output_dir.display()),
+                None => None,
+            },
+            None => None,
+        };
+        if let Some((dir, st)) = loaded {
+            tracing::info!("resumed from {} at step {}", crate::config::tidy_path(&dir).display(), st.global_step);
+            state = st;
+            if let (Some(scaler), Some(saved)) = (scaler.as_mut(), state.grad_scaler) {
+                scaler.restore(saved);
             }
+            resumed_from = Some(dir);
+        }
+        if state.global_step > plan.max_train_steps {
+            let dir = resumed_from.as_deref().map(|d| crate::config::tidy_path(d).display().to_string()).unwrap_or_default();
+            return Err(checkpoint::PastTheEnd(format!(
+                "{dir} is at step {}, past the {} steps this pipeline trains: raise train.max_steps (or train.epochs) to continue it, or run with --force to start over (its checkpoints are set aside, not deleted)",
+                state.global_step, plan.max_train_steps
+            ))
+            .into());
         }
 
         // Logs hold every step once after any number of resumes: drop what a stopped or killed
@@ -445,6 +469,9 @@ impl<'a> Trainer<'a> {
 
         if s.eval_batches > 0 && state.global_step == 0 {
             outcome.eval_loss_before = self.eval_loss(source, s.eval_batches)?;
+            if let Some(e) = outcome.eval_loss_before {
+                record_eval(&mut metrics, tensorboard.as_mut(), 0, e)?;
+            }
         }
         let mut acc: Option<Vec<Tensor>> = None;
         let mut acc_loss = 0f64;
@@ -585,8 +612,12 @@ impl<'a> Trainer<'a> {
             }
         }
         outcome.global_step = state.global_step;
-        if s.eval_batches > 0 && outcome.eval_loss_before.is_some() && !outcome.interrupted {
+        // After the last update (a resumed run too: the run's first evaluation is in the metrics).
+        if s.eval_batches > 0 && !outcome.interrupted && state.global_step > 0 {
             outcome.eval_loss_after = self.eval_loss(source, s.eval_batches)?;
+            if let Some(e) = outcome.eval_loss_after {
+                record_eval(&mut metrics, tensorboard.as_mut(), state.global_step as u64, e)?;
+            }
         }
         outcome.seconds = started.elapsed().as_secs_f64();
         Ok(outcome)

@@ -41,6 +41,27 @@ pub fn temp_sibling(path: &Path) -> PathBuf {
     }
 }
 
+/// Whether `name` is a temporary this tool writes (`.NAME.PID.tmp`, [`temp_sibling`]'s names and
+/// the checkpoint folders' `.checkpoint-N.PID.tmp`) whose process is no longer running.
+pub fn is_stale_temporary(name: &str) -> bool {
+    let Some(inner) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp")) else { return false };
+    let Some((stem, pid)) = inner.rsplit_once('.') else { return false };
+    if stem.is_empty() || pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) {
+        return false;
+    }
+    pid.parse::<i32>().is_ok_and(pid_is_dead)
+}
+
+/// Whether no process with this PID exists (`kill(pid, 0)` fails with ESRCH).
+pub fn pid_is_dead(pid: i32) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: signal 0 only checks for the process's existence.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -54,6 +75,20 @@ mod tests {
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
         let names: Vec<_> = std::fs::read_dir(p.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names.len(), 1, "temp file left behind: {names:?}");
+    }
+
+    #[test]
+    fn stale_temporaries_are_recognised_by_name_and_dead_pid() {
+        let dead = (4_000_000..4_100_000).find(|p| pid_is_dead(*p)).unwrap();
+        let me = std::process::id();
+        assert!(is_stale_temporary(&format!(".pytorch_lora_weights.safetensors.{dead}.tmp")));
+        assert!(is_stale_temporary(&format!(".checkpoint-16.{dead}.tmp")));
+        assert!(!is_stale_temporary(&format!(".checkpoint-16.{me}.tmp")), "a live process's");
+        assert!(!is_stale_temporary(".swap.tmp"));
+        assert!(!is_stale_temporary(".conf.tmp"));
+        assert!(!is_stale_temporary(&format!("x.{dead}.tmp")), "no leading dot");
+        assert!(!is_stale_temporary(&format!(".{dead}.tmp")), "no name");
+        assert!(!is_stale_temporary(".a.12x.tmp"));
     }
 
     #[test]
