@@ -242,3 +242,46 @@ fn plan_and_run_agree_on_every_situation_of_the_folder() {
     assert!(run_with(&p, &RunOptions::default(), false).unwrap_err().chain().any(|e| e.is::<lora::runner::run_dir::FolderBusy>()));
     drop(held);
 }
+
+/// `output.name` names the adapter files (kohya's `--output_name`), `output.save_precision`
+/// writes them in half precision (the train stage's own file stays f32), and the kohya header's
+/// `ss_num_epochs` is the epochs the steps take (kohya's rule), not `train.epochs`.
+#[test]
+fn output_name_and_save_precision_shape_the_exported_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let p = load(&tiny(), &out, &["output.name=\"shapes\"", "output.save_precision=\"fp16\"", "validation.prompts=[\"a red circle\"]", "validation.steps=2"]);
+    let views = describe(&Plan::resolve(&p), &Lock::default(), false);
+    let writes: Vec<String> = views.iter().flat_map(|v| v.writes.iter().map(|w| w.path.clone())).collect();
+    assert!(writes.contains(&"shapes.safetensors".to_string()) && writes.contains(&"shapes_kohya.safetensors".to_string()), "{writes:?}");
+    run_with(&p, &RunOptions::default(), false).unwrap();
+    assert!(!out.join(DIFFUSERS_FILE).exists() && !out.join(KOHYA_FILE).exists());
+    let trained = bytes(&out.join(TRAINED_FILE));
+    let trained = safetensors::SafeTensors::deserialize(&trained).unwrap();
+    for (file, key_of) in [
+        ("shapes.safetensors", Box::new(|k: &str| k.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up.")) as Box<dyn Fn(&str) -> String>),
+        ("shapes_kohya.safetensors", Box::new(|k: &str| {
+            let module = k.trim_start_matches("unet.").replace(".lora_A.weight", "").replace(".lora_B.weight", "");
+            let suffix = if k.contains(".lora_A.") { "lora_down.weight" } else { "lora_up.weight" };
+            format!("lora_unet_{}.{suffix}", module.replace('.', "_"))
+        })),
+    ] {
+        let b = bytes(&out.join(file));
+        let st = safetensors::SafeTensors::deserialize(&b).unwrap();
+        for (name, t) in trained.tensors() {
+            let got = st.tensor(&key_of(&name)).unwrap_or_else(|e| panic!("{file}: {name}: {e}"));
+            assert_eq!(got.dtype(), safetensors::Dtype::F16, "{file}: {name}");
+            let want: Vec<u16> = t.data().chunks(4).map(|c| half::f16::from_f32(f32::from_le_bytes(c.try_into().unwrap())).to_bits()).collect();
+            let have: Vec<u16> = got.data().chunks(2).map(|c| u16::from_le_bytes(c.try_into().unwrap())).collect();
+            assert_eq!(have, want, "{file}: {name} is the f32 weight rounded to nearest f16");
+        }
+        if file.ends_with("_kohya.safetensors") {
+            let (_, meta) = safetensors::SafeTensors::read_metadata(&b).unwrap();
+            let meta = meta.metadata().clone().unwrap();
+            assert_eq!(meta.get("ss_output_name").map(String::as_str), Some("shapes"));
+            // 24 examples, batch 2: 12 updates an epoch, so 3 steps are 1 epoch.
+            assert_eq!(meta.get("ss_num_epochs").map(String::as_str), Some("1"));
+        }
+    }
+    assert!(out.join("validation/prompt0-0.png").is_file(), "validation applied the half-precision file");
+}
