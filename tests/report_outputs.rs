@@ -159,10 +159,12 @@ struct TbImage {
     png: Vec<u8>,
 }
 
-/// The image summaries of every event file in `dir`, by tag; and `(step, value)` of `train_loss`.
-fn tb_images(dir: &Path) -> (BTreeMap<String, Vec<TbImage>>, Vec<(u64, f32)>) {
+/// The image summaries of every event file in `dir`, by tag; and `(step, value)` of `train_loss`
+/// and of `eval_loss`.
+fn tb_images(dir: &Path) -> (BTreeMap<String, Vec<TbImage>>, Vec<(u64, f32)>, Vec<(u64, f32)>) {
     let mut images: BTreeMap<String, Vec<TbImage>> = BTreeMap::new();
     let mut loss_steps = Vec::new();
+    let mut eval_steps = Vec::new();
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
     files.sort();
     for file in files {
@@ -177,9 +179,10 @@ fn tb_images(dir: &Path) -> (BTreeMap<String, Vec<TbImage>>, Vec<(u64, f32)>) {
                 for value in bytes_of(&fields(summary), 1) {
                     let v = fields(value);
                     let tag = String::from_utf8(bytes_of(&v, 1)[0].clone()).unwrap();
-                    if tag == "train_loss" {
+                    if tag == "train_loss" || tag == "eval_loss" {
                         let value = v.iter().find_map(|(k, f)| if let (2, Field::Fixed32(b)) = (k, f) { Some(f32::from_le_bytes(*b)) } else { None });
-                        loss_steps.push((step, value.expect("train_loss has a simple_value")));
+                        let list = if tag == "train_loss" { &mut loss_steps } else { &mut eval_steps };
+                        list.push((step, value.expect("a scalar has a simple_value")));
                     }
                     for img in bytes_of(&v, 4) {
                         // Image { height = 1, width = 2, colorspace = 3, encoded_image_string = 4 }
@@ -196,7 +199,7 @@ fn tb_images(dir: &Path) -> (BTreeMap<String, Vec<TbImage>>, Vec<(u64, f32)>) {
             }
         }
     }
-    (images, loss_steps)
+    (images, loss_steps, eval_steps)
 }
 
 use crate::runner_stages::files_under;
@@ -236,9 +239,15 @@ fn a_run_writes_grids_tensorboard_images_and_a_loss_plot() {
 
     // TensorBoard: one image per prompt (its row of 2 images) at steps 2 and 4, RGB PNGs whose
     // pixels are the validation files'; the scalars are still there, each step once.
-    let (images, loss_steps) = tb_images(&out.join("logs"));
+    let (images, loss_steps, eval_steps) = tb_images(&out.join("logs"));
     assert_eq!(images.keys().collect::<Vec<_>>(), ["validation/prompt0", "validation/prompt1"]);
     assert_eq!(loss_steps.iter().map(|s| s.0).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+    // The fixed-noise evaluation before and after training: in the event file and in
+    // metrics.jsonl with the same values, and in the summary.
+    let evals = lora::report::metrics::read_evals(&out.join("metrics.jsonl")).unwrap();
+    assert_eq!(evals.iter().map(|e| e.0).collect::<Vec<_>>(), vec![0, 4]);
+    assert_eq!(eval_steps, evals.iter().map(|&(s, e)| (s, e as f32)).collect::<Vec<_>>());
+    assert_eq!(report.eval_loss, (Some(evals[0].1), Some(evals[1].1)));
     for (i, (tag, list)) in images.iter().enumerate() {
         assert_eq!(list.iter().map(|e| e.step).collect::<Vec<_>>(), vec![2, 4], "{tag}");
         for e in list {
@@ -263,7 +272,7 @@ fn a_run_writes_grids_tensorboard_images_and_a_loss_plot() {
     let losses: Vec<f64> = std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64())
         .collect();
     // TensorBoard stores the loss as f32: equal to the f64 of metrics.jsonl rounded.
     assert_eq!(loss_steps.iter().map(|s| s.1).collect::<Vec<_>>(), losses.iter().map(|&l| l as f32).collect::<Vec<_>>());

@@ -58,8 +58,12 @@ fn padded_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
     (lo - 0.05 * span, hi + 0.05 * span)
 }
 
-/// Draw `records` (step order) as RGB pixels, `WIDTH` x `HEIGHT`.
-pub(crate) fn render(records: &[StepRecord]) -> Result<Vec<u8>> {
+/// The colour of the evaluation points.
+const EVAL_COLOUR: RGBColor = RGBColor(30, 150, 60);
+
+/// Draw `records` (step order) and the fixed-noise evaluation losses `evals` (`(step, loss)`,
+/// as points) as RGB pixels, `WIDTH` x `HEIGHT`.
+pub(crate) fn render(records: &[StepRecord], evals: &[(u64, f64)]) -> Result<Vec<u8>> {
     register_font()?;
     let err = |e: &dyn std::fmt::Display| anyhow!("drawing {LOSS_PLOT}: {e}");
     let mut buf = vec![255u8; (WIDTH * HEIGHT * 3) as usize];
@@ -74,7 +78,8 @@ pub(crate) fn render(records: &[StepRecord]) -> Result<Vec<u8>> {
         root.fill(&WHITE).map_err(|e| err(&e))?;
         let (top, bottom) = root.split_vertically(HEIGHT * 64 / 100);
 
-        let (lo, hi) = padded_range(points.iter().map(|p| p.1));
+        let evals: Vec<(f64, f64)> = evals.iter().filter(|e| e.1.is_finite()).map(|&(s, e)| (s as f64, e)).collect();
+        let (lo, hi) = padded_range(points.iter().chain(&evals).map(|p| p.1));
         let mut loss = ChartBuilder::on(&top)
             .caption(format!("training loss ({} steps)", records.len()), (FAMILY, 22))
             .margin(12)
@@ -93,6 +98,12 @@ pub(crate) fn render(records: &[StepRecord]) -> Result<Vec<u8>> {
             .map_err(|e| err(&e))?
             .label(format!("mean of the last {window} step(s)"))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], smooth_colour.stroke_width(3)));
+        if !evals.is_empty() {
+            loss.draw_series(evals.iter().map(|&p| Circle::new(p, 5, EVAL_COLOUR.filled())))
+                .map_err(|e| err(&e))?
+                .label("eval loss (fixed noise)")
+                .legend(move |(x, y)| Circle::new((x + 10, y), 5, EVAL_COLOUR.filled()));
+        }
         loss.configure_series_labels()
             .position(SeriesLabelPosition::UpperRight)
             .background_style(WHITE.mix(0.85))
@@ -137,7 +148,7 @@ pub fn write_loss_plot(metrics: &Path, out: &Path) -> Result<bool> {
     if records.is_empty() {
         return Ok(false);
     }
-    let rgb = render(&records)?;
+    let rgb = render(&records, &super::metrics::read_evals(metrics)?)?;
     let img = image::RgbImage::from_raw(WIDTH, HEIGHT, rgb).context("plot buffer size")?;
     let png = super::grid::encode_png(&img)?;
     crate::util::fs::write_atomic(out, &png).with_context(|| format!("writing {}", out.display()))?;
@@ -171,7 +182,7 @@ mod tests {
     fn draws_curves_and_text() {
         let records: Vec<StepRecord> =
             (1..=40).map(|s| StepRecord { step: s, loss: 1.0 / s as f64 + 0.05 * ((s * 7 % 5) as f64), lr: 1e-3 * (1.0 - s as f64 / 40.0) }).collect();
-        let rgb = render(&records).unwrap();
+        let rgb = render(&records, &[]).unwrap();
         let px = |x: u32, y: u32| {
             let i = ((y * WIDTH + x) * 3) as usize;
             [rgb[i], rgb[i + 1], rgb[i + 2]]
@@ -182,6 +193,15 @@ mod tests {
         // The raw-loss colour appears (the curve is drawn).
         let blue = (0..HEIGHT).flat_map(|y| (0..WIDTH).map(move |x| (x, y))).filter(|&(x, y)| px(x, y) == [120, 160, 220]).count();
         assert!(blue > 100, "the raw loss curve: {blue} pixels");
+    }
+
+    /// The evaluation points are drawn in their colour, and only when there are some.
+    #[test]
+    fn draws_the_evaluation_points() {
+        let records: Vec<StepRecord> = (1..=20).map(|s| StepRecord { step: s, loss: 1.0, lr: 1e-3 }).collect();
+        let count = |rgb: &[u8]| rgb.chunks(3).filter(|c| *c == [EVAL_COLOUR.0, EVAL_COLOUR.1, EVAL_COLOUR.2]).count();
+        assert_eq!(count(&render(&records, &[]).unwrap()), 0);
+        assert!(count(&render(&records, &[(0, 1.2), (20, 0.8)]).unwrap()) > 40, "two filled circles (and the legend's)");
     }
 
     #[test]
