@@ -1,5 +1,7 @@
 //! `lora bench` from the command line: its JSON line, `--profile`, and no warnings about the
-//! checkpoint settings it switches off itself.
+//! checkpoint settings it switches off itself; and bench measures what `lora run` does: it walks
+//! the same stage table, so its steps' losses and trained weights are `lora run`'s bit for bit
+//! (text-encoder LoRA and the encode cache included).
 
 use assert_cmd::Command;
 
@@ -34,4 +36,30 @@ fn bench_prints_json_and_a_profile_without_checkpoint_warnings() {
     assert!(fwd_ms + bwd_ms <= ms * 1.05, "forward {fwd_ms} + backward {bwd_ms} ms > step {ms} ms");
     let (_, conv_calls) = row("conv.fwd");
     assert!(conv_calls >= 1.0, "the UNet's convolutions are timed");
+}
+
+#[test]
+fn bench_trains_exactly_what_run_trains() {
+    use lora::runner::run::{bench_pipeline, run_pipeline, RunOptions, Session};
+    use std::sync::{atomic::AtomicBool, Arc};
+    let tiny = crate::runner_stages::root().join("pipelines/tiny.toml");
+    for (extra, no_cache) in [(&["adapter.text_encoder=true"][..], false), (&[][..], false), (&[][..], true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let bench = crate::runner_stages::load(&tiny, &dir.path().join("bench"), extra);
+        let mut losses = Vec::new();
+        let report = bench_pipeline(&bench, no_cache, &mut |_, _, loss, _| losses.push(loss)).unwrap();
+        assert_eq!(losses.len(), 3);
+        let run = crate::runner_stages::load(&tiny, &dir.path().join("run"), extra);
+        run_pipeline(&run, &mut Session::default(), &RunOptions { no_cache, ..Default::default() }, Arc::new(AtomicBool::new(false))).unwrap();
+        let metrics = std::fs::read_to_string(dir.path().join("run/metrics.jsonl")).unwrap();
+        let run_losses: Vec<f64> = metrics.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64()).collect();
+        assert_eq!(losses, run_losses, "{extra:?} no_cache={no_cache}: bench's step losses are run's, bit for bit");
+        let trained = |d: &str| std::fs::read(dir.path().join(d).join("train/adapter.safetensors")).unwrap();
+        assert!(trained("bench") == trained("run"), "{extra:?}: the same weights");
+        if !extra.is_empty() {
+            assert!(String::from_utf8_lossy(&trained("bench")).contains("text_encoder."), "the text encoder's LoRA is trained in bench too");
+        }
+        let ran: Vec<&str> = report.run.stages.iter().filter(|(_, s)| matches!(s, lora::runner::stages::Status::Run(_))).map(|(n, _)| *n).collect();
+        assert_eq!(ran.contains(&"encode"), !no_cache, "{ran:?}");
+    }
 }

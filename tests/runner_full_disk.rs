@@ -1,7 +1,8 @@
-//! A full disk during a run (a real one: a 4 MiB tmpfs, mounted when the test may mount, i.e.
-//! runs as root): the error names the path, the previous checkpoint and adapter stay intact,
-//! no temporary file or folder is left, and once there is room the same pipeline resumes to the
-//! uninterrupted run's weights.
+//! A full disk during a run (a real one: a 4 MiB tmpfs, which only root may mount, so the test
+//! is ignored by a plain `cargo test` and `.ci/run`, which runs as root, runs it with
+//! `--ignored`): the error names the path, the previous checkpoint stays intact, nothing is
+//! exported, no temporary file or folder is left, and once there is room the same pipeline
+//! resumes to the uninterrupted run's weights.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -52,13 +53,11 @@ fn tree(dir: &Path, out: &mut Vec<(String, Vec<u8>)>) {
 }
 
 #[test]
-fn a_full_disk_leaves_the_previous_checkpoint_and_adapter_intact() {
+#[ignore = "mounts a tmpfs, which needs root: `cargo test --test tests runner_full_disk -- --ignored` as root (.ci/run does)"]
+fn a_full_disk_leaves_the_previous_checkpoint_intact_and_exports_nothing() {
     let mnt = tempfile::tempdir().unwrap();
     let ok = Command::new("mount").args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"]).arg(mnt.path()).status().is_ok_and(|s| s.success());
-    if !ok {
-        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root); the full-disk behaviour is untested in this run");
-        return;
-    }
+    assert!(ok, "cannot mount a tmpfs at {} (this test needs root)", mnt.path().display());
     let _mounted = Mounted(mnt.path().to_path_buf());
     let out = mnt.path().join("out");
     let first = run(&out, true).unwrap();
@@ -66,7 +65,7 @@ fn a_full_disk_leaves_the_previous_checkpoint_and_adapter_intact() {
     let ckpt1 = out.join("checkpoint-1");
     let mut before = Vec::new();
     tree(&ckpt1, &mut before);
-    let adapter = std::fs::read(out.join(DIFFUSERS_FILE)).unwrap();
+    assert!(!out.join(DIFFUSERS_FILE).exists(), "a stopped run exports nothing");
 
     // Leave 64 KiB: the next checkpoint (about 460 KiB) cannot be written.
     let filler = mnt.path().join("filler");
@@ -80,7 +79,7 @@ fn a_full_disk_leaves_the_previous_checkpoint_and_adapter_intact() {
     let mut after = Vec::new();
     tree(&ckpt1, &mut after);
     assert!(before == after, "the previous checkpoint is intact");
-    assert_eq!(std::fs::read(out.join(DIFFUSERS_FILE)).unwrap(), adapter, "the adapter is intact");
+    assert!(!out.join(DIFFUSERS_FILE).exists(), "a failed run exports nothing");
     let mut all = Vec::new();
     tree(&out, &mut all);
     let prefix = out.display().to_string();

@@ -145,6 +145,8 @@ fn watch_keeps_training_through_an_invalid_edit_and_a_later_stage_edit() {
     let typo_line = original.lines().position(|l| l == "seed = 0").unwrap() + 1;
     assert!(log.contains(&format!("p.toml:{typo_line}:1")) && log.contains("sed"), "the error names FILE:LINE:COL: {log}");
     assert!(log.contains("training goes on"), "{log}");
+    // The shapes dataset has 24 captions, 23 distinct: the repeat is encoded once, not "reused".
+    assert!(log.contains("23 text embedding(s) encoded, 0 reused"), "{log}");
     assert_eq!(code, 130, "Ctrl-C ends watch with 130: {log}");
     assert!(!out.join(FINISHED[1]).exists(), "nothing exported by the stopped training");
     assert!(std::fs::read_dir(&out).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with("checkpoint-")), "a checkpoint: {log}");

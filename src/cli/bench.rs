@@ -75,10 +75,16 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let warmup = args.warmup;
     crate::util::profile::enable(args.profile && warmup == 0);
+    // The same stage table as `lora run` (model, dataset, preprocess, encode with --cache, train,
+    // export) into the temporary folder, with a timing hook on the train stage.
     let report = crate::runner::run::bench_pipeline(&loaded, !args.cache, &mut |_, _, _, _| {
         stamps.borrow_mut().push(Instant::now());
         if args.profile && stamps.borrow().len() == warmup {
             crate::util::profile::enable(true);
+        }
+        // The evaluation after the last step is not a training step.
+        if stamps.borrow().len() == warmup + args.steps {
+            crate::util::profile::enable(false);
         }
     })?;
     crate::util::profile::enable(false);

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 
 use super::lock::Fingerprint;
-use crate::adapters::lora::{inject, InitRng, LoraInit, LoraSpec, TrainableLora};
+use crate::adapters::lora::{LoraInit, LoraSpec, TrainableLora};
 use crate::config::types::{self as cfg, Pipeline};
 use crate::config::LoadedPipeline;
 use crate::data::{self, DataLoader, LoaderOptions};
@@ -22,7 +22,7 @@ use crate::train::lr::LrSchedule;
 use crate::train::optim::AdamWConfig;
 use crate::train::precision::{GradScalerConfig, MixedPrecision};
 use crate::train::step::LossOptions;
-use crate::train::trainer::{BatchSource, TrainBatch, TrainOutcome, TrainSettings, Trainer};
+use crate::train::trainer::{BatchSource, TrainBatch, TrainOutcome, TrainSettings};
 
 /// The diffusers-form adapter file, as the reference names it.
 pub const DIFFUSERS_FILE: &str = "pytorch_lora_weights.safetensors";
@@ -286,16 +286,17 @@ impl BatchSource for LoaderSource {
 }
 
 /// Run every stage of `loaded` that is not up to date (the stage table in `runner::stages`).
-/// `stop` ends training cleanly (Ctrl-C, or an edit in watch mode).
+/// `stop` ends training cleanly (a stop signal, or an edit in watch mode).
 pub fn run_pipeline(loaded: &LoadedPipeline, session: &mut Session, opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<RunReport> {
-    let mut report = super::stages::run_plan(&Plan::resolve(loaded), session, opts, stop)?;
+    let mut report = super::stages::run_plan(&Plan::resolve(loaded), session, opts, stop, None)?;
     report.skipped_train = report.train.is_none() && report.stages.iter().any(|(n, s)| *n == "train" && *s == super::stages::Status::UpToDate);
     Ok(report)
 }
 
 /// What `lora bench` needs back.
+#[derive(Debug)]
 pub struct BenchReport {
-    /// When the first training step started (after model and data loading).
+    /// When the first training step started (after model and data loading and encoding).
     pub train_started: Instant,
     pub device_is_cpu: bool,
     /// `cpu (2 threads)`, `cuda:0 (NVIDIA H200, 139.8 GiB)`.
@@ -303,56 +304,68 @@ pub struct BenchReport {
     /// Peak device memory in use up to the end of training (GPU only; `device::peak_memory`:
     /// the CUDA context and the model included).
     pub peak_device_bytes: Option<u64>,
-    /// Device memory in use after loading the model, before training (GPU only; context included).
+    /// Device memory in use after the set-up, before training (GPU only; context included).
     pub model_bytes: Option<u64>,
-    /// Peak host memory of the set-up (model load, encoding the timed batches), before the peak
-    /// was reset for the training steps (`None` where it cannot be reset).
+    /// Peak host memory of the set-up (model load, encoding), before the peak was reset for the
+    /// training steps (`None` where it cannot be reset).
     pub setup_peak_rss_bytes: Option<u64>,
+    /// What the walk did (the train outcome, the files written into the bench's folder).
+    pub run: RunReport,
 }
 
-/// Load the model and data of `loaded`, inject the adapter and train for `train.max_steps`
-/// steps, calling `on_update` after each; nothing is exported. With `no_cache` the VAE and
-/// text encoder run every step, as the reference does.
-pub fn bench_pipeline(loaded: &LoadedPipeline, no_cache: bool, on_update: &mut dyn FnMut(usize, usize, f64, f64)) -> Result<BenchReport> {
-    let p = &loaded.pipeline;
-    let plan = Plan::resolve(loaded);
-    let mut session = Session::default();
-    let (loader, device) = super::stages::load_for_training(&plan, &mut session)?;
-    let sd = session.model_mut().context("the model stage loads the model")?;
-    let mut rng = <InitRng as rand::SeedableRng>::seed_from_u64(p.train.seed.unwrap_or(0));
-    let loras = inject(sd.unet.linears_mut(), &lora_spec(&p.adapter, &p.adapter.target_modules), &mut rng)?;
-    let params = named_params("unet", &loras);
-    let mut settings = train_settings(loaded);
-    settings.cache_encodings = !no_cache;
-    settings.resume_from_checkpoint = None;
-    settings.checkpointing_steps = None;
-    settings.tensorboard_dir = None;
-    let source = LoaderSource(loader, p.train.batch_size as usize);
-    let mut trainer = Trainer::new(sd, params.clone(), settings.clone())?;
-    // With the cache, encode what the timed steps will draw first, so that they time the UNet
-    // step alone (the reference's `reference_step.py` starts from random latents); then, as
-    // `lora run` after its encode stage, the encoders leave the GPU.
-    let micro_batches = p.train.max_steps.unwrap_or(0) as usize * p.train.gradient_accumulation_steps.max(1) as usize;
-    trainer.prefill_encodings(&source, micro_batches)?;
-    let encodings = trainer.take_encodings();
-    drop(trainer);
-    if !no_cache {
-        // The prefill holds every latent the timed steps draw (whatever the crop), so the VAE
-        // encoder always leaves; the text encoder as in `lora run`.
-        super::stages::park_cached_encoders(sd, super::stages::caches_text(&plan), true, &device)?;
+/// Times the train stage for [`bench_pipeline`].
+struct BenchObserver<'a> {
+    on_update: &'a mut dyn FnMut(usize, usize, f64, f64),
+    train_started: Option<Instant>,
+    device: Option<(bool, String)>,
+    model_bytes: Option<u64>,
+    setup_peak_rss_bytes: Option<u64>,
+    peak_device_bytes: Option<u64>,
+    sampler: Option<crate::device::Sampler>,
+}
+
+impl super::stages::TrainObserver for BenchObserver<'_> {
+    fn starting(&mut self, device: &Device) {
+        // Device memory: the peak during training includes the model (loaded before this point).
+        self.model_bytes = crate::device::peak_memory(device);
+        // Host memory: the peak of the training steps alone (the model stays resident, so it is
+        // included), not of loading and encoding.
+        self.setup_peak_rss_bytes = crate::util::memory::reset_peak_rss();
+        self.sampler = crate::device::start_sampler(device);
+        self.device = Some((device.is_cpu(), crate::device::describe(device)));
+        self.train_started = Some(Instant::now());
     }
-    let sd: &StableDiffusion = sd;
-    let mut trainer = Trainer::new(sd, params, settings)?;
-    trainer.put_encodings(encodings);
-    // Device memory: the peak during training includes the model (loaded before this point).
-    let model_bytes = crate::device::peak_memory(&device);
-    // Host memory: the peak of the training steps alone (the model stays resident, so it is
-    // included), not of loading and encoding.
-    let setup_peak_rss_bytes = crate::util::memory::reset_peak_rss();
-    let sampler = crate::device::start_sampler(&device);
-    let train_started = Instant::now();
-    trainer.train(&source, Some(on_update))?;
-    drop(sampler);
-    let peak_device_bytes = crate::device::peak_memory(&device);
-    Ok(BenchReport { train_started, device_is_cpu: device.is_cpu(), device: crate::device::describe(&device), peak_device_bytes, model_bytes, setup_peak_rss_bytes })
+
+    fn update(&mut self, step: usize, total: usize, loss: f64, lr: f64) {
+        (self.on_update)(step, total, loss, lr);
+    }
+
+    fn finished(&mut self, device: &Device) {
+        self.sampler = None;
+        self.peak_device_bytes = crate::device::peak_memory(device);
+    }
+}
+
+/// `lora bench`: walk the stage table over `loaded` exactly as `lora run` does (into its
+/// `output.dir`, which the caller makes a fresh folder), timing the train stage: `on_update`
+/// is called after each update. With `no_cache` the VAE and text encoder run every step (no
+/// encode stage), as the reference does; without, the encode stage fills the cache first, as in
+/// `lora run`, and the timed steps read it.
+pub fn bench_pipeline(loaded: &LoadedPipeline, no_cache: bool, on_update: &mut dyn FnMut(usize, usize, f64, f64)) -> Result<BenchReport> {
+    let mut observer =
+        BenchObserver { on_update, train_started: None, device: None, model_bytes: None, setup_peak_rss_bytes: None, peak_device_bytes: None, sampler: None };
+    let opts = RunOptions { force: false, no_cache };
+    let run = super::stages::run_plan(&Plan::resolve(loaded), &mut Session::default(), &opts, Arc::new(AtomicBool::new(false)), Some(&mut observer))?;
+    let (Some(train_started), Some((device_is_cpu, device))) = (observer.train_started, observer.device.take()) else {
+        bail!("the train stage did not run (is {} a fresh folder?)", loaded.pipeline.output.dir.display());
+    };
+    Ok(BenchReport {
+        train_started,
+        device_is_cpu,
+        device,
+        peak_device_bytes: observer.peak_device_bytes,
+        model_bytes: observer.model_bytes,
+        setup_peak_rss_bytes: observer.setup_peak_rss_bytes,
+        run,
+    })
 }

@@ -117,6 +117,14 @@ impl Session {
     }
 }
 
+/// Watches the train stage from outside (`lora bench`): called once the set-up is done (model,
+/// data, encode cache, encoders parked), after every update, and when training ends.
+pub trait TrainObserver {
+    fn starting(&mut self, device: &Device);
+    fn update(&mut self, step: usize, total: usize, loss: f64, lr: f64);
+    fn finished(&mut self, device: &Device);
+}
+
 /// The state a walk hands from stage to stage.
 pub struct StageCtx<'a> {
     pub plan: &'a Plan,
@@ -127,6 +135,8 @@ pub struct StageCtx<'a> {
     pub report: &'a mut RunReport,
     /// How the train stage starts, as `plan` printed it (set when train runs).
     pub start: Option<super::resume::Start>,
+    /// `lora bench`'s timing hook on the train stage.
+    pub observer: Option<&'a mut (dyn TrainObserver + 'a)>,
     device: Option<Device>,
     loader: Option<DataLoader>,
 }
@@ -275,8 +285,9 @@ pub fn describe(plan: &Plan, lock: &Lock, force: bool) -> Vec<StageView> {
         .collect()
 }
 
-/// Run the stages of `plan` that are not up to date, holding its output folder for `session`.
-pub fn run_plan(plan: &Plan, session: &mut Session, opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<RunReport> {
+/// Run the stages of `plan` that are not up to date, holding its output folder for `session`;
+/// `observer` watches the train stage (`lora bench`).
+pub fn run_plan(plan: &Plan, session: &mut Session, opts: &RunOptions, stop: Arc<AtomicBool>, observer: Option<&mut dyn TrainObserver>) -> Result<RunReport> {
     let started = Instant::now();
     let mut plan = plan.clone();
     plan.pick_seed();
@@ -291,7 +302,9 @@ pub fn run_plan(plan: &Plan, session: &mut Session, opts: &RunOptions, stop: Arc
         return Err(Refused(why).into());
     }
     let mut report = RunReport::default();
-    let mut ctx = StageCtx { plan: &plan, session, lock: &mut lock, opts, stop, report: &mut report, start, device: None, loader: None };
+    // (A reborrow for the walk's own lifetime.)
+    let observer = observer.map(|o| o as &mut dyn TrainObserver);
+    let mut ctx = StageCtx { plan: &plan, session, lock: &mut lock, opts, stop, report: &mut report, start, observer, device: None, loader: None };
     for (stage, status) in STAGES.iter().zip(statuses) {
         if crate::util::interrupt::requested() {
             // A stop signal between stages: what ran is recorded, the rest waits for the next run.
@@ -325,30 +338,6 @@ pub fn run_plan(plan: &Plan, session: &mut Session, opts: &RunOptions, stop: Arc
     }
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
-}
-
-/// Run the loading stages (model, dataset, preprocess) for `bench`: the model and a data loader.
-pub fn load_for_training(plan: &Plan, session: &mut Session) -> Result<(DataLoader, Device)> {
-    let mut lock = Lock::default();
-    let mut report = RunReport::default();
-    let opts = RunOptions::default();
-    let mut ctx = StageCtx {
-        plan,
-        session,
-        lock: &mut lock,
-        opts: &opts,
-        stop: Arc::new(AtomicBool::new(false)),
-        report: &mut report,
-        start: None,
-        device: None,
-        loader: None,
-    };
-    for stage in STAGES.iter().filter(|s| !s.tracked) {
-        (stage.run)(&mut ctx).with_context(|| format!("stage {}", stage.name))?;
-    }
-    let loader = ctx.loader.take().context("the preprocess stage builds the loader")?;
-    let device = ctx.device.take().context("the model stage picks the device")?;
-    Ok((loader, device))
 }
 
 fn tidy(p: &Plan, rel: &str) -> String {
@@ -863,7 +852,14 @@ fn run_train(ctx: &mut StageCtx<'_>) -> Result<Ran> {
     let mut last_plot = Instant::now();
     let mut rate = crate::report::metrics::StepRate::new();
     let mut side = std::time::Duration::ZERO;
+    let mut observer = ctx.observer.take();
+    if let Some(o) = observer.as_deref_mut() {
+        o.starting(&device);
+    }
     let mut on_update = |step: usize, total: usize, loss: f64, lr: f64| {
+        if let Some(o) = observer.as_deref_mut() {
+            o.update(step, total, loss, lr);
+        }
         rate.update(step);
         let paused = Instant::now();
         if validate_at(step) {
@@ -890,6 +886,9 @@ fn run_train(ctx: &mut StageCtx<'_>) -> Result<Ran> {
     let training = crate::util::interrupt::training();
     let outcome = trainer.train(&LoaderSource(loader, p.train.batch_size as usize), Some(&mut on_update))?;
     drop(training);
+    if let Some(o) = observer.as_deref_mut() {
+        o.finished(&device);
+    }
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
