@@ -85,13 +85,6 @@ pub trait BatchSource {
     fn batches<'a>(&'a self, epoch: usize, start_batch: usize) -> Box<dyn Iterator<Item = Result<TrainBatch>> + 'a>;
 }
 
-/// In-memory encodings of a trainer (see [`Trainer::take_encodings`]).
-#[derive(Default)]
-pub struct Encodings {
-    text: HashMap<String, Tensor>,
-    latents: HashMap<u64, (Tensor, Tensor)>,
-}
-
 /// What happened, for the summary.
 #[derive(Clone, Debug)]
 pub struct TrainOutcome {
@@ -296,44 +289,6 @@ impl<'a> Trainer<'a> {
         }
         let (means, stds): (Vec<Tensor>, Vec<Tensor>) = rows.into_iter().map(|r| r.expect("every row filled")).unzip();
         Ok((Tensor::stack(&means, 0)?, Tensor::stack(&stds, 0)?))
-    }
-
-    /// The in-memory encodings gathered so far (text embeddings by caption, latent
-    /// distributions by pixel hash), to hand to another trainer with [`Self::put_encodings`].
-    pub fn take_encodings(&mut self) -> Encodings {
-        Encodings { text: std::mem::take(&mut self.text_cache), latents: std::mem::take(&mut self.latent_cache) }
-    }
-
-    pub fn put_encodings(&mut self, e: Encodings) {
-        self.text_cache.extend(e.text);
-        self.latent_cache.extend(e.latents);
-    }
-
-    /// Fill the encode caches with the first `micro_batches` micro-batches the training loop
-    /// will draw (`lora bench --cache`: the timed steps then measure the UNet step alone, as
-    /// `lora run` does after its encode stage). Does nothing when caching is off.
-    pub fn prefill_encodings(&mut self, source: &dyn BatchSource, micro_batches: usize) -> Result<()> {
-        if !self.settings.cache_encodings || micro_batches == 0 {
-            return Ok(());
-        }
-        let mut left = micro_batches;
-        for epoch in 0.. {
-            let mut any = false;
-            for batch in source.batches(epoch, 0) {
-                let batch = batch?;
-                any = true;
-                self.encode_pixels(&batch.pixel_values)?;
-                self.encode_text(&batch.captions)?;
-                left -= 1;
-                if left == 0 {
-                    return Ok(());
-                }
-            }
-            if !any {
-                break;
-            }
-        }
-        Ok(())
     }
 
     /// Loss of one micro-batch (not yet divided by the accumulation steps).
