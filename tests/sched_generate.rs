@@ -192,3 +192,23 @@ fn generate_refuses_nan_latents() {
     let err = format!("{:#}", pipeline::generate(&sd, &opts, 1, Some(&latents), &Device::Cpu).unwrap_err());
     assert!(err.contains("NaN or infinite") && err.contains("no image"), "{err}");
 }
+
+/// The adapter apply path refuses a LoRA file with an infinite weight, naming the tensor, and
+/// attaches nothing.
+#[test]
+fn apply_lora_file_refuses_non_finite_weights() {
+    use lora::adapters::format::{read_lora_file, serialize_lora, LoraFormat};
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = read_lora_file(&fixtures().join("golden/lora-diffusers/pytorch_lora_weights.safetensors")).unwrap();
+    let (module, m) = w.unet.iter_mut().last().unwrap();
+    let mut values: Vec<f32> = m.up.flatten_all().unwrap().to_vec1().unwrap();
+    values[2] = f32::INFINITY;
+    m.up = Tensor::from_vec(values, m.up.dims(), &Device::Cpu).unwrap();
+    let key = format!("unet.{module}.lora.up.weight");
+    let bad = dir.path().join("inf.safetensors");
+    std::fs::write(&bad, serialize_lora(&w, LoraFormat::Diffusers).unwrap()).unwrap();
+    let mut sd = StableDiffusion::load(fixtures().join("tiny-sd").to_str().unwrap(), &LoadOptions::default(), &Device::Cpu, DType::F32).unwrap();
+    let err = format!("{:#}", lora::adapters::lora::apply_lora_file(&mut sd, &bad, 1.0).unwrap_err());
+    assert!(err.contains(&key) && err.contains("1 infinite"), "{err}");
+    assert!(sd.unet.linears_mut().iter().all(|l| l.loras.is_empty()), "nothing attached");
+}

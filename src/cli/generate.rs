@@ -58,8 +58,9 @@ pub struct Args {
     /// Seed of the initial noise (and of the ancestral sampler's noise).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Image height in pixels (default: the UNet's sample size times the VAE factor, or the
-    /// size the `--latents` tensor implies).
+    /// Image height in pixels, a multiple of 8 up to 8192, at most 4096 x 4096 pixels in all
+    /// (default: the UNet's sample size times the VAE factor, or the size the `--latents` tensor
+    /// implies).
     #[arg(long)]
     pub height: Option<usize>,
     /// Image width in pixels (default as for `--height`).
@@ -279,14 +280,21 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             (side, side)
         }
     };
+    let (height, width) = (args.height.unwrap_or(default_h), args.width.unwrap_or(default_w));
+    if height > MAX_SIDE || width > MAX_SIDE || height.saturating_mul(width) > MAX_PIXELS {
+        let from = if init_latents.is_some() { "with the size --latents implies" } else { "with the model's default size" };
+        return invalid(&format!(
+            "image size {height}x{width} ({from}) is too large: sides up to {MAX_SIDE} pixels and {MAX_PIXELS} pixels in all; give --height and --width"
+        ));
+    }
     let gen = GenerateOptions {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),
         sampler: args.scheduler.resolve(&sd)?,
         steps: args.steps,
         guidance_scale: args.guidance,
-        height: args.height.unwrap_or(default_h),
-        width: args.width.unwrap_or(default_w),
+        height,
+        width,
         seed: args.seed,
         progress: !args.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
