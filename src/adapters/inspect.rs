@@ -131,9 +131,11 @@ fn component_name(c: Component) -> &'static str {
 pub fn describe_json(weights: &LoraWeights) -> serde_json::Value {
     use serde_json::json;
     let components = [Component::Unet, Component::TextEncoder, Component::TextEncoder2];
+    /// (layer kind, rank, alpha as text) → (count, alpha, scale)
+    type Groups = BTreeMap<(String, usize, String), (usize, Option<f64>, f64)>;
     let mut targets = Vec::new();
     for c in components {
-        let mut groups: BTreeMap<(String, usize, String), (usize, Option<f64>, f64)> = BTreeMap::new();
+        let mut groups = Groups::new();
         for (name, m) in weights.component(c) {
             let alpha_key = m.alpha.map_or_else(String::new, |a| a.to_string());
             groups.entry((layer_kind(name), m.rank(), alpha_key)).or_insert((0, m.alpha, m.scale())).0 += 1;

@@ -178,7 +178,7 @@ fn decode(bytes: &[u8], key: &str, model: &str, device: &Device) -> Result<Vec<T
     };
     let mut text = || -> Result<String> {
         let n = u32::from_le_bytes(take(4)?.try_into()?) as usize;
-        Ok(String::from_utf8(take(n)?.to_vec()).context("a recorded key is not UTF-8")?)
+        String::from_utf8(take(n)?.to_vec()).context("a recorded key is not UTF-8")
     };
     let (stored_key, stored_model) = (text()?, text()?);
     if stored_model != model {

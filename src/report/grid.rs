@@ -36,7 +36,7 @@ pub(crate) fn grid(images: &[RgbImage], columns: usize) -> Result<RgbImage> {
 }
 
 /// Height of the band above each row that holds its label, in pixels.
-pub(crate) const LABEL_HEIGHT: u32 = 18;
+pub const LABEL_HEIGHT: u32 = 18;
 /// Font size of the labels, in pixels.
 const LABEL_SIZE: f64 = 13.0;
 
