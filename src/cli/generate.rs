@@ -213,7 +213,7 @@ fn apply_loras(sd: &mut StableDiffusion, loras: &[LoraSpec], weights: &[LoraWeig
     for (lora, w) in loras.iter().zip(weights) {
         tracing::info!("applying LoRA {} (scale {})", lora.path.display(), lora.scale);
         crate::adapters::apply_lora_weights(w, sd.unet.linears_mut(), sd.text_encoder.linears_mut(), lora.scale)
-            .map_err(|e| format!("--lora {}: does not fit model: {e:#}", lora.path.display()))?;
+            .map_err(|e| format!("--lora {}: does not fit the model: {e:#}", lora.path.display()))?;
     }
     Ok(())
 }
