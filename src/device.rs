@@ -9,25 +9,33 @@ use crate::config::types::Device as DeviceSpec;
 /// Whether this binary was built with the `cuda` feature.
 pub const CUDA_BUILT: bool = cfg!(feature = "cuda");
 
-/// Open the device `spec` asks for, and log which one was picked and why.
+/// Open the device `spec` (`train.device`) asks for, and log which one was picked and why.
 pub fn select(spec: DeviceSpec) -> Result<Device> {
+    select_as(spec, "train.device")
+}
+
+/// [`select`] for a setting named `setting`: a pipeline key (`train.device`) or a command's flag
+/// (`--device`), which the log and the errors name.
+pub fn select_as(spec: DeviceSpec, setting: &str) -> Result<Device> {
+    let said = if setting.starts_with("--") { format!("{setting} {spec}") } else { format!("{setting} = \"{spec}\"") };
     let device = match spec {
         DeviceSpec::Cpu => Device::Cpu,
         DeviceSpec::Cuda(n) => {
             if !CUDA_BUILT {
+                let cpu = if setting.starts_with("--") { format!("{setting} cpu") } else { format!("{setting} = \"cpu\"") };
                 bail!(
-                    "device = \"{spec}\" but this `lora` was built without CUDA: rebuild with `cargo build --release --features cuda` \
-                     (scripts/cuda-toolkit.sh installs the toolkit), or use device = \"cpu\""
+                    "{said} but this `lora` was built without CUDA: rebuild with `cargo build --release --features cuda` \
+                     (scripts/cuda-toolkit.sh installs the toolkit), or use {cpu}"
                 );
             }
-            Device::new_cuda(n).with_context(|| format!("device = \"{spec}\": CUDA GPU {n} did not answer (is the driver loaded, does GPU {n} exist?)"))?
+            Device::new_cuda(n).with_context(|| format!("{said}: CUDA GPU {n} did not answer (is the driver loaded, does GPU {n} exist?)"))?
         }
         DeviceSpec::Auto => {
             if CUDA_BUILT {
                 match Device::new_cuda(0) {
                     Ok(d) => d,
                     Err(e) => {
-                        tracing::info!("device = \"auto\": no CUDA GPU answered ({e}); using the CPU");
+                        tracing::info!("{said}: no CUDA GPU answered ({e}); using the CPU");
                         Device::Cpu
                     }
                 }
@@ -36,7 +44,7 @@ pub fn select(spec: DeviceSpec) -> Result<Device> {
             }
         }
     };
-    tracing::info!("device: {} (train.device = \"{spec}\")", describe(&device));
+    tracing::info!("device: {} ({said})", describe(&device));
     Ok(device)
 }
 

@@ -237,3 +237,48 @@ fn cli_generate_scheduler_model_is_the_models_own_sampler() {
     assert!(model == generate("ddim"), "--scheduler model on a DDIM config is DDIM");
     assert!(model != generate("pndm"), "--scheduler model is not PNDM");
 }
+
+/// `validation.negative_prompt` is the unconditional side of guidance: the validation image
+/// equals one sampled directly with that negative prompt (bit-equal: same operations), and
+/// differs from the default (the embedding of "").
+#[test]
+fn validation_uses_the_negative_prompt() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = root().join("tests/fixtures/tiny-sd");
+    let sd = load(&model);
+    let mut overrides = vec![
+        format!("model.path={:?}", model.display().to_string()),
+        format!("output.dir={:?}", dir.path().join("out").display().to_string()),
+        "validation.prompts=[\"a red circle\"]".to_string(),
+        "validation.num_images=1".into(),
+        "validation.steps=3".into(),
+        "validation.scheduler=\"ddim\"".into(),
+    ];
+    let plain = load_pipeline(&root().join("pipelines/tiny.toml"), &overrides).unwrap_or_else(|d| panic!("{}", d.render()));
+    overrides.push("validation.negative_prompt=\"a blue square\"".into());
+    let negative = load_pipeline(&root().join("pipelines/tiny.toml"), &overrides).unwrap_or_else(|d| panic!("{}", d.render()));
+    assert_eq!(negative.pipeline.validation.negative_prompt, "a blue square");
+    let with_negative = validation_rgb(&sd, &negative, &dir.path().join("neg"));
+    let without = validation_rgb(&sd, &plain, &dir.path().join("plain"));
+    assert!(with_negative != without, "the negative prompt changes the image");
+
+    let p = &negative.pipeline;
+    let res = p.preprocess.resolution as usize;
+    let opts = GenerateOptions {
+        prompt: "a red circle".into(),
+        negative_prompt: "a blue square".into(),
+        sampler: SamplerKind::Ddim,
+        steps: 3,
+        guidance_scale: p.validation.guidance_scale,
+        height: res,
+        width: res,
+        seed: p.train.seed.unwrap_or(0),
+        progress: false,
+    };
+    let cfg = SchedulerConfig::from_file(&model.join("scheduler/scheduler_config.json")).unwrap();
+    let mut sampler = Ddim::from_config(&cfg).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
+    let latents = random_latents(&latent_shape(res, res, vae_scale_factor(&sd)).unwrap(), &mut rng, &Device::Cpu).unwrap();
+    let direct = to_rgb8(&generate_image(&sd, &opts, &mut sampler, &latents).unwrap()).unwrap().into_raw();
+    assert!(with_negative == direct, "validation = direct sampling with the negative prompt");
+}

@@ -41,18 +41,26 @@ fn rgb(path: &Path) -> image::RgbImage {
 }
 
 /// The tile of `grid` at row `r`, column `c` equals `img` pixel for pixel.
-fn tile_equals(grid: &image::RgbImage, r: u32, c: u32, img: &image::RgbImage) -> bool {
-    (0..RES).all(|y| (0..RES).all(|x| grid.get_pixel(c * (RES + GAP) + x, r * (RES + GAP) + y) == img.get_pixel(x, y)))
+/// Whether the tile at row `r`, column `c` of `grid` is `img`, with a band of `label` pixels
+/// above each row (the prompt's label in `grid.png`; none in the TensorBoard rows).
+fn tile_equals(grid: &image::RgbImage, r: u32, c: u32, img: &image::RgbImage, label: u32) -> bool {
+    let top = r * (RES + GAP + label) + label;
+    (0..RES).all(|y| (0..RES).all(|x| grid.get_pixel(c * (RES + GAP) + x, top + y) == img.get_pixel(x, y)))
 }
 
 fn check_grid(dir: &Path) {
     let grid = rgb(&dir.join("grid.png"));
-    assert_eq!(grid.dimensions(), (2 * RES + GAP, 2 * RES + GAP), "{}: 2 prompts x 2 images", dir.display());
+    let label = lora::report::grid::LABEL_HEIGHT;
+    assert_eq!(grid.dimensions(), (2 * RES + GAP, 2 * RES + GAP + 2 * label), "{}: 2 prompts x 2 images, each row labelled", dir.display());
     for r in 0..2 {
         for c in 0..2 {
             let img = rgb(&dir.join(format!("prompt{r}-{c}.png")));
-            assert!(tile_equals(&grid, r, c, &img), "{}: row {r} column {c} is prompt{r}-{c}.png", dir.display());
+            assert!(tile_equals(&grid, r, c, &img, label), "{}: row {r} column {c} is prompt{r}-{c}.png", dir.display());
         }
+        // The label band holds dark text pixels (the prompt), the gap below the tiles does not.
+        let band_top = r * (RES + GAP + label);
+        let dark = (band_top..band_top + label).flat_map(|y| (0..2 * RES + GAP).map(move |x| (x, y))).filter(|&(x, y)| grid.get_pixel(x, y).0.iter().all(|&v| v < 128)).count();
+        assert!(dark > 10, "{}: row {r}'s label is drawn ({dark} dark pixels)", dir.display());
     }
 }
 
@@ -256,7 +264,7 @@ fn a_run_writes_grids_tensorboard_images_and_a_loss_plot() {
             assert_eq!(png.dimensions(), (2 * RES + GAP, RES), "the PNG has the size the summary states");
             let step_dir = if e.step == 2 { out.join("validation/step-2") } else { out.join("validation") };
             for c in 0..2 {
-                assert!(tile_equals(&png, 0, c, &rgb(&step_dir.join(format!("prompt{i}-{c}.png")))), "{tag} step {} image {c}", e.step);
+                assert!(tile_equals(&png, 0, c, &rgb(&step_dir.join(format!("prompt{i}-{c}.png"))), 0), "{tag} step {} image {c}", e.step);
             }
         }
     }

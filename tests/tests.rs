@@ -6,6 +6,7 @@ mod support;
 
 mod adapters_cli;
 mod bench_cli;
+mod cli_json;
 mod adapters_diffusers_loads;
 mod adapters_format;
 mod adapters_kohya_meta;
@@ -15,6 +16,7 @@ mod adapters_unet_golden;
 mod config_broken;
 mod config_schema;
 mod config_editor_schema;
+mod data_cache;
 mod data_decode;
 mod device_parity;
 mod data_hub;

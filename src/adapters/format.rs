@@ -131,6 +131,28 @@ pub struct LoraWeights {
     pub metadata: BTreeMap<String, String>,
     /// The format the weights were read from (`None` when built in memory).
     pub source_format: Option<LoraFormat>,
+    /// The file's weight tensors that hold NaN or infinite values, in key order (filled when
+    /// read; empty when built in memory). [`LoraWeights::check_finite`] refuses them.
+    pub non_finite: Vec<NonFiniteTensor>,
+}
+
+/// A weight tensor of a LoRA file with NaN or infinite values.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NonFiniteTensor {
+    /// The tensor's key in the file.
+    pub key: String,
+    /// How many of its values are NaN.
+    pub nan: usize,
+    /// How many are +inf or -inf.
+    pub inf: usize,
+    /// How many values it has.
+    pub total: usize,
+}
+
+impl fmt::Display for NonFiniteTensor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "`{}` ({} NaN, {} infinite of {} values)", self.key, self.nan, self.inf, self.total)
+    }
 }
 
 impl LoraWeights {
@@ -160,6 +182,21 @@ impl LoraWeights {
     }
     pub fn is_empty(&self) -> bool {
         self.unet.is_empty() && self.text_encoder.is_empty() && self.text_encoder_2.is_empty()
+    }
+    /// Refuse weights read with NaN or infinite values (see [`Self::non_finite`]), naming each
+    /// such tensor: applied, they turn every image black; converted, they spread the damage.
+    pub fn check_finite(&self) -> Result<()> {
+        if self.non_finite.is_empty() {
+            return Ok(());
+        }
+        let shown: Vec<String> = self.non_finite.iter().take(5).map(|t| t.to_string()).collect();
+        let more = if self.non_finite.len() > shown.len() { format!(" and {} more", self.non_finite.len() - shown.len()) } else { String::new() };
+        bail!(
+            "{} tensor(s) hold NaN or infinite values: {}{more}; the file is damaged or was saved from a diverged training run \
+             (use an earlier checkpoint, or train again with a lower learning rate); `lora inspect` lists them all",
+            self.non_finite.len(),
+            shown.join(", ")
+        )
     }
 }
 
@@ -463,7 +500,16 @@ fn scalar_alpha(key: &str, view: &safetensors::tensor::TensorView<'_>) -> Result
     Ok(value)
 }
 
-/// Read a LoRA file in any supported format.
+/// Read a LoRA file to use it (apply, convert): [`read_lora_file`], refusing NaN or infinite
+/// weights with the tensors named ([`LoraWeights::check_finite`]).
+pub fn read_lora_file_for_use(path: &Path) -> Result<LoraWeights> {
+    let weights = read_lora_file(path)?;
+    weights.check_finite().with_context(|| format!("LoRA file {}", path.display()))?;
+    Ok(weights)
+}
+
+/// Read a LoRA file in any supported format. NaN or infinite weights are read and listed in
+/// [`LoraWeights::non_finite`]; [`read_lora_file_for_use`] refuses them.
 pub fn read_lora_file(path: &Path) -> Result<LoraWeights> {
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     if matches!(ext, "bin" | "pt" | "pth" | "ckpt") {
@@ -557,6 +603,7 @@ pub fn parse_lora_bytes(bytes: &[u8]) -> Result<LoraWeights> {
     }
     let mut pending: BTreeMap<(u8, String), (Component, Pending)> = BTreeMap::new();
     let mut format_counts: BTreeMap<LoraFormat, usize> = BTreeMap::new();
+    let mut non_finite = Vec::new();
     let mut names = st.names();
     names.sort_unstable();
     if names.is_empty() {
@@ -583,6 +630,11 @@ pub fn parse_lora_bytes(bytes: &[u8]) -> Result<LoraWeights> {
                     bail!("tensor `{key}` has dtype {:?}; LoRA weights must be floating point", view.dtype());
                 }
                 let t = t.to_dtype(DType::F32)?;
+                let values = t.flatten_all()?.to_vec1::<f32>()?;
+                let (nan, inf) = values.iter().fold((0, 0), |(n, i), v| (n + v.is_nan() as usize, i + v.is_infinite() as usize));
+                if nan + inf > 0 {
+                    non_finite.push(NonFiniteTensor { key: key.to_string(), nan, inf, total: values.len() });
+                }
                 let place = if parsed.part == Part::Down { &mut slot.down } else { &mut slot.up };
                 if let Some((other, _)) = place {
                     return Err(duplicate(other));
@@ -599,7 +651,7 @@ pub fn parse_lora_bytes(bytes: &[u8]) -> Result<LoraWeights> {
         }
     }
 
-    let mut weights = LoraWeights { metadata, ..Default::default() };
+    let mut weights = LoraWeights { metadata, non_finite, ..Default::default() };
     weights.source_format = format_counts.iter().max_by_key(|(_, n)| **n).map(|(f, _)| *f);
     for ((_, module), (component, p)) in pending {
         let (down_key, down) = p.down.ok_or_else(|| {

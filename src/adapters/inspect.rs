@@ -1,5 +1,6 @@
 //! Describe a LoRA for `lora inspect`: format, base-architecture guess, targets, rank and alpha
-//! per module (grouped), parameter count and header metadata.
+//! per module (grouped), parameter count, header metadata and the tensors holding NaN or infinite
+//! values; as text, or as one JSON object (`--json`).
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -81,6 +82,19 @@ pub fn describe(weights: &LoraWeights) -> String {
             let _ = writeln!(s, "  {kind:<24} {n:>4} x  rank {rank:<4} alpha {alpha}");
         }
     }
+    if weights.non_finite.is_empty() {
+        let _ = writeln!(s, "non-finite:  none (every weight is a finite number)");
+    } else {
+        let values: usize = weights.non_finite.iter().map(|t| t.nan + t.inf).sum();
+        let _ = writeln!(
+            s,
+            "non-finite:  {} tensor(s) hold {values} NaN or infinite value(s); this LoRA cannot be used (lora generate and convert refuse it):",
+            weights.non_finite.len()
+        );
+        for t in &weights.non_finite {
+            let _ = writeln!(s, "  {t}");
+        }
+    }
     if weights.metadata.is_empty() {
         let _ = writeln!(s, "metadata:    (none)");
     } else {
@@ -98,6 +112,60 @@ pub fn describe(weights: &LoraWeights) -> String {
         }
     }
     s
+}
+
+/// The component's name in JSON and in diffusers' key prefixes.
+fn component_name(c: Component) -> &'static str {
+    match c {
+        Component::Unet => "unet",
+        Component::TextEncoder => "text_encoder",
+        Component::TextEncoder2 => "text_encoder_2",
+    }
+}
+
+/// [`describe`] as one JSON object (`lora inspect --json`), with stable keys:
+/// `kind` ("lora"), `format` (or null), `base_model`, `parameters`, `module_counts` (per
+/// component), `targets` (grouped like the text: component, layer, count, rank, alpha, scale),
+/// `modules` (every module: component, name, rank, alpha, scale), `metadata` (the header, whole),
+/// `non_finite` (key, nan, inf, total per tensor) and `usable` (false when `non_finite` is not empty).
+pub fn describe_json(weights: &LoraWeights) -> serde_json::Value {
+    use serde_json::json;
+    let components = [Component::Unet, Component::TextEncoder, Component::TextEncoder2];
+    /// (layer kind, rank, alpha as text) → (count, alpha, scale)
+    type Groups = BTreeMap<(String, usize, String), (usize, Option<f64>, f64)>;
+    let mut targets = Vec::new();
+    for c in components {
+        let mut groups = Groups::new();
+        for (name, m) in weights.component(c) {
+            let alpha_key = m.alpha.map_or_else(String::new, |a| a.to_string());
+            groups.entry((layer_kind(name), m.rank(), alpha_key)).or_insert((0, m.alpha, m.scale())).0 += 1;
+        }
+        for ((layer, rank, _), (count, alpha, scale)) in groups {
+            targets.push(json!({"component": component_name(c), "layer": layer, "count": count, "rank": rank, "alpha": alpha, "scale": scale}));
+        }
+    }
+    let modules: Vec<serde_json::Value> = weights
+        .modules()
+        .map(|(c, name, m)| json!({"component": component_name(c), "name": name, "rank": m.rank(), "alpha": m.alpha, "scale": m.scale()}))
+        .collect();
+    let non_finite: Vec<serde_json::Value> =
+        weights.non_finite.iter().map(|t| json!({"key": t.key, "nan": t.nan, "inf": t.inf, "total": t.total})).collect();
+    json!({
+        "kind": "lora",
+        "format": weights.source_format.map(|f| f.to_string()),
+        "base_model": guess_base(weights),
+        "parameters": weights.param_count(),
+        "module_counts": {
+            "unet": weights.unet.len(),
+            "text_encoder": weights.text_encoder.len(),
+            "text_encoder_2": weights.text_encoder_2.len(),
+        },
+        "targets": targets,
+        "modules": modules,
+        "metadata": weights.metadata,
+        "non_finite": non_finite,
+        "usable": weights.non_finite.is_empty(),
+    })
 }
 
 #[cfg(test)]

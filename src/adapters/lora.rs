@@ -27,7 +27,7 @@ use candle_core::{DType, Tensor, Var};
 use rand::Rng;
 use rand_distr::{Distribution, Normal};
 
-use super::format::{down_key, read_lora_file, Component, LoraFormat, LoraModule, LoraWeights};
+use super::format::{down_key, read_lora_file_for_use, Component, LoraFormat, LoraModule, LoraWeights};
 use crate::nn::{AdaptedLinear, LoraBranch};
 
 /// The RNG we recommend for LoRA initialisation: a named algorithm, stable across versions.
@@ -438,9 +438,10 @@ pub fn apply_lora_weights(
 }
 
 /// Read a LoRA file in any supported format and attach it to the UNet and text encoder of
-/// `sd` with strength `scale`. Several files may be applied one after another.
+/// `sd` with strength `scale`. Several files may be applied one after another. A file with NaN
+/// or infinite weights is refused, naming the tensors.
 pub fn apply_lora_file(sd: &mut crate::models::StableDiffusion, path: &Path, scale: f64) -> Result<()> {
-    let weights = read_lora_file(path)?;
+    let weights = read_lora_file_for_use(path)?;
     apply_lora_weights(&weights, sd.unet.linears_mut(), sd.text_encoder.linears_mut(), scale)
         .with_context(|| format!("cannot apply LoRA file {}", path.display()))
 }

@@ -10,5 +10,5 @@ pub mod kohya_hash;
 pub mod kohya_meta;
 pub mod lora;
 
-pub use format::{read_lora_file, write_lora_file, Component, LoraFormat, LoraModule, LoraWeights, TrainingInfo};
+pub use format::{read_lora_file, read_lora_file_for_use, write_lora_file, Component, LoraFormat, LoraModule, LoraWeights, TrainingInfo};
 pub use lora::{apply_lora_file, apply_lora_weights, inject, trained_weights, InitRng, LoraInit, LoraSpec, TrainableLora};

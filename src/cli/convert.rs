@@ -1,10 +1,12 @@
 //! `lora convert IN OUT --to diffusers|kohya|peft`: rewrite a LoRA file in another key layout.
-//! Tensors, ranks and effective alphas are kept exactly; the output is written atomically.
+//! Tensors, ranks and effective alphas are kept exactly; the output is written atomically, only
+//! as `.safetensors`, never over an existing file without `--force`. NaN or infinite weights are
+//! refused.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::adapters::format::{read_lora_file, write_lora_file, LoraFormat, ADAPTER_METADATA_KEY};
+use crate::adapters::format::{read_lora_file_for_use, write_lora_file, LoraFormat, ADAPTER_METADATA_KEY};
 
 /// Formats `lora convert` writes.
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -26,10 +28,41 @@ pub struct Args {
     /// The form to write.
     #[arg(long, value_enum)]
     pub to: Target,
+    /// Replace OUT if it exists.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Checks on the output path alone (before reading anything): the message says what to do.
+fn check_output(args: &Args) -> Result<(), String> {
+    let out = &args.output;
+    match out.extension().and_then(|e| e.to_str()) {
+        Some(e) if e.eq_ignore_ascii_case("safetensors") => {}
+        other => {
+            let shown = other.map_or_else(|| "no extension".to_string(), |e| format!("`.{e}`"));
+            return Err(format!(
+                "{}: the output must end in `.safetensors` (it has {shown}): convert writes safetensors, and tools take `.ckpt`, `.pt` and `.bin` \
+                 files for Python pickles (lora refuses to read them); name it {}",
+                out.display(),
+                out.with_extension("safetensors").display()
+            ));
+        }
+    }
+    if out.is_dir() {
+        return Err(format!("{} is a folder; give the output file's path", out.display()));
+    }
+    if std::fs::symlink_metadata(out).is_ok() && !args.force {
+        return Err(format!("{} exists; pass --force to replace it", out.display()));
+    }
+    Ok(())
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let mut weights = match read_lora_file(&args.input) {
+    if let Err(message) = check_output(&args) {
+        eprintln!("error: {message}");
+        return Ok(ExitCode::from(super::EXIT_INVALID));
+    }
+    let mut weights = match read_lora_file_for_use(&args.input) {
         Ok(w) => w,
         Err(err) => {
             eprintln!("error: {err:#}");
@@ -51,6 +84,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             weights.metadata.entry("ss_network_dim".into()).or_insert_with(|| rank.to_string());
             weights.metadata.entry("ss_network_alpha".into()).or_insert_with(|| alpha.to_string());
         }
+    }
+    for stale in crate::util::fs::remove_dead_temporaries(&args.output) {
+        tracing::info!("removed {}, left by a convert that was killed", stale.display());
     }
     write_lora_file(&weights, &args.output, format)?;
     let source = weights.source_format.map_or("unknown".to_string(), |f| f.to_string());

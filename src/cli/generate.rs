@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use candle_core::DType;
 
+use crate::adapters::{read_lora_file_for_use, LoraWeights};
 use crate::models::{LoadOptions, StableDiffusion};
 use crate::inference::{self as pipeline, GenerateOptions, SamplerChoice};
 use crate::schedulers::SamplerKind;
@@ -57,8 +58,9 @@ pub struct Args {
     /// Seed of the initial noise (and of the ancestral sampler's noise).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Image height in pixels (default: the UNet's sample size times the VAE factor, or the
-    /// size the `--latents` tensor implies).
+    /// Image height in pixels, a multiple of 8 up to 8192, at most 4096 x 4096 pixels in all
+    /// (default: the UNet's sample size times the VAE factor, or the size the `--latents` tensor
+    /// implies).
     #[arg(long)]
     pub height: Option<usize>,
     /// Image width in pixels (default as for `--height`).
@@ -107,25 +109,39 @@ pub struct LoraSpec {
     pub scale: f64,
 }
 
-/// Parse `FILE` or `FILE:SCALE` (the part after the last `:` is a scale only if it is a number,
-/// so paths with colons still work).
+/// Parse `FILE` or `FILE:SCALE`. The part after the last `:` is the scale when it is a number;
+/// otherwise the whole value is a path when it names an existing file or the part after the `:`
+/// holds a path separator (`C:/x/a.safetensors`), and a bad scale (`a.safetensors:abc`) is refused
+/// as such.
 pub fn parse_lora(s: &str) -> Result<LoraSpec, String> {
     if s.is_empty() {
         return Err("empty --lora value".into());
     }
     if let Some((path, scale)) = s.rsplit_once(':') {
-        if let Ok(scale) = scale.parse::<f64>() {
-            if !scale.is_finite() {
-                return Err(format!("--lora {s}: scale {scale} is not a finite number"));
+        if let Ok(value) = scale.parse::<f64>() {
+            if !value.is_finite() {
+                return Err(format!("--lora {s}: scale {value} is not a finite number"));
             }
             if path.is_empty() {
                 return Err(format!("--lora {s}: missing file before the scale"));
             }
-            return Ok(LoraSpec { path: PathBuf::from(path), scale });
+            return Ok(LoraSpec { path: PathBuf::from(path), scale: value });
+        }
+        let whole_is_file = Path::new(s).is_file();
+        if !whole_is_file && !scale.contains(['/', '\\']) {
+            return Err(format!("bad scale `{scale}`: give FILE or FILE:SCALE with a number, e.g. {path}:0.8"));
         }
     }
     Ok(LoraSpec { path: PathBuf::from(s), scale: 1.0 })
 }
+
+/// The largest image side `--height` / `--width` take, in pixels.
+pub const MAX_SIDE: usize = 8192;
+/// The most pixels an image may have (`--height` x `--width`): 4096 x 4096.
+pub const MAX_PIXELS: usize = 4096 * 4096;
+/// The image sides must be multiples of this (the VAE factor of every Stable Diffusion model;
+/// the loaded model's own factor is checked again after loading).
+const SIDE_MULTIPLE: usize = 8;
 
 /// The path of image `index` of `count`.
 pub fn output_path(out: &Path, index: usize, count: usize) -> PathBuf {
@@ -153,8 +169,20 @@ fn check_args(args: &Args) -> Result<(), String> {
         _ => return Err(format!("--out {}: the output must be a .png file", args.out.display())),
     }
     for (flag, v) in [("--height", args.height), ("--width", args.width)] {
-        if v == Some(0) {
-            return Err(format!("{flag} must be positive"));
+        match v {
+            Some(0) => return Err(format!("{flag} must be positive")),
+            Some(v) if v > MAX_SIDE => return Err(format!("{flag} {v}: at most {MAX_SIDE} pixels")),
+            Some(v) if v % SIDE_MULTIPLE != 0 => {
+                let (lo, hi) = (v / SIDE_MULTIPLE * SIDE_MULTIPLE, v.div_ceil(SIDE_MULTIPLE) * SIDE_MULTIPLE);
+                let near = if lo == 0 { hi.to_string() } else { format!("{lo} or {hi}") };
+                return Err(format!("{flag} {v}: must be a multiple of {SIDE_MULTIPLE} (the VAE's factor), e.g. {near}"));
+            }
+            _ => {}
+        }
+    }
+    if let (Some(h), Some(w)) = (args.height, args.width) {
+        if h * w > MAX_PIXELS {
+            return Err(format!("--height {h} --width {w}: {} pixels, at most {MAX_PIXELS} (e.g. 4096 x 4096)", h * w));
         }
     }
     for lora in &args.loras {
@@ -170,22 +198,46 @@ fn check_args(args: &Args) -> Result<(), String> {
     Ok(())
 }
 
-/// Apply each `--lora` to the loaded model (UNet and text encoder keys alike).
-fn apply_loras(sd: &mut StableDiffusion, loras: &[LoraSpec]) -> anyhow::Result<()> {
-    for lora in loras {
+/// Read every `--lora` file before the model loads, refusing a damaged one or one with NaN or
+/// infinite weights (the message names the file and the tensors).
+fn read_loras(loras: &[LoraSpec]) -> Result<Vec<LoraWeights>, String> {
+    loras
+        .iter()
+        .map(|l| read_lora_file_for_use(&l.path).map_err(|e| format!("--lora {}: {e:#}", l.path.display())))
+        .collect()
+}
+
+/// Apply each `--lora` to the loaded model (UNet and text encoder keys alike); a LoRA that does
+/// not fit the model is refused naming the modules.
+fn apply_loras(sd: &mut StableDiffusion, loras: &[LoraSpec], weights: &[LoraWeights]) -> Result<(), String> {
+    for (lora, w) in loras.iter().zip(weights) {
         tracing::info!("applying LoRA {} (scale {})", lora.path.display(), lora.scale);
-        crate::adapters::lora::apply_lora_file(sd, &lora.path, lora.scale)
-            .with_context(|| format!("applying LoRA {}", lora.path.display()))?;
+        crate::adapters::apply_lora_weights(w, sd.unet.linears_mut(), sd.text_encoder.linears_mut(), lora.scale)
+            .map_err(|e| format!("--lora {}: does not fit the model: {e:#}", lora.path.display()))?;
     }
     Ok(())
 }
 
+/// Print `message` as the error and return the exit code of invalid input.
+fn invalid(message: &str) -> anyhow::Result<ExitCode> {
+    eprintln!("error: {message}");
+    Ok(ExitCode::from(super::EXIT_INVALID))
+}
+
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if let Err(message) = check_args(&args) {
-        eprintln!("error: {message}");
-        return Ok(ExitCode::from(super::EXIT_INVALID));
+        return invalid(&message);
     }
-    let device = crate::device::select(args.device)?;
+    let lora_weights = match read_loras(&args.loras) {
+        Ok(w) => w,
+        Err(message) => return invalid(&message),
+    };
+    let device = match crate::device::select_as(args.device, "--device") {
+        Ok(d) => d,
+        // Only `cuda` on a build without CUDA fails here: the user's to change.
+        Err(e) if !crate::device::CUDA_BUILT => return invalid(&format!("{e:#}")),
+        Err(e) => return Err(e),
+    };
     let opts = LoadOptions {
         revision: args.revision.clone(),
         variant: args.variant.clone(),
@@ -197,16 +249,26 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     let mut sd = StableDiffusion::load(&args.model, &opts, &device, DType::F32)
         .with_context(|| format!("loading model {}", args.model))?;
-    apply_loras(&mut sd, &args.loras)?;
+    if let Err(message) = apply_loras(&mut sd, &args.loras, &lora_weights) {
+        return invalid(&message);
+    }
 
     let factor = pipeline::vae_scale_factor(&sd);
+    for (flag, v) in [("--height", args.height), ("--width", args.width)] {
+        if let Some(v) = v.filter(|v| v % factor != 0) {
+            return invalid(&format!("{flag} {v}: must be a multiple of {factor}, this model's VAE factor"));
+        }
+    }
     let init_latents = match &args.latents {
         Some(path) => {
             let expected = match (args.height, args.width) {
                 (Some(h), Some(w)) => Some(pipeline::latent_shape(h, w, factor)?),
                 _ => None,
             };
-            Some(pipeline::load_latents(path, expected, &device)?)
+            match pipeline::load_latents(path, expected, &device) {
+                Ok(l) => Some(l),
+                Err(e) => return invalid(&format!("--latents {}: {e:#}", path.display())),
+            }
         }
         None => None,
     };
@@ -218,14 +280,21 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             (side, side)
         }
     };
+    let (height, width) = (args.height.unwrap_or(default_h), args.width.unwrap_or(default_w));
+    if height > MAX_SIDE || width > MAX_SIDE || height.saturating_mul(width) > MAX_PIXELS {
+        let from = if init_latents.is_some() { "with the size --latents implies" } else { "with the model's default size" };
+        return invalid(&format!(
+            "image size {height}x{width} ({from}) is too large: sides up to {MAX_SIDE} pixels and {MAX_PIXELS} pixels in all; give --height and --width"
+        ));
+    }
     let gen = GenerateOptions {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),
         sampler: args.scheduler.resolve(&sd)?,
         steps: args.steps,
         guidance_scale: args.guidance,
-        height: args.height.unwrap_or(default_h),
-        width: args.width.unwrap_or(default_w),
+        height,
+        width,
         seed: args.seed,
         progress: !args.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };

@@ -25,8 +25,12 @@ pub struct Args {
     /// a string may be given unquoted).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
-    /// Output format of the diagnostics.
-    #[arg(long, value_enum, default_value_t = Format::Human)]
+    /// Print the diagnostics as a JSON list (file, line, column, key_path, severity, message,
+    /// help) on stdout, as `plan --json` and `inspect --json` print JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Output format of the diagnostics (`--format json` is the older spelling of `--json`).
+    #[arg(long, value_enum, default_value_t = Format::Human, hide = true)]
     pub format: Format,
 }
 
@@ -42,7 +46,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             Err(diags) => all.extend(diags),
         }
     }
-    match args.format {
+    let format = if args.json { Format::Json } else { args.format };
+    match format {
         Format::Json => println!("{}", all.to_json()),
         Format::Human => {
             eprint!("{}", all.render_styled(std::io::IsTerminal::is_terminal(&std::io::stderr())));

@@ -613,6 +613,10 @@ pub struct ValidationConfig {
     /// Classifier-free guidance scale; 1 or less turns guidance off.
     #[schemars(range(min = 0))]
     pub guidance_scale: f64,
+    /// Negative prompt: the unconditional side of guidance for every validation image (diffusers'
+    /// `negative_prompt`); empty is the embedding of "", as the reference.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub negative_prompt: String,
 }
 
 impl Default for ValidationConfig {
@@ -625,6 +629,7 @@ impl Default for ValidationConfig {
             scheduler: ValidationScheduler::Model,
             steps: 30,
             guidance_scale: 7.5,
+            negative_prompt: String::new(),
         }
     }
 }

@@ -2,8 +2,15 @@
 //! (mean and std; each step still draws its own sample) of each preprocessed image variant, and
 //! the text encoder's hidden states of each caption — one checksummed file per entry, keyed by
 //! the model's fingerprint and the exact input (the preprocessed pixels, or the caption), so an
-//! entry can only ever serve the input it was computed from. Files are written atomically; a
-//! damaged or truncated one is detected, reported and rebuilt, never trusted.
+//! entry can only ever serve the input it was computed from. Each file also records the key and
+//! the model fingerprint it was written for, checked on read, so a file moved or copied to
+//! another entry's name is not served. Files are written atomically; a damaged, truncated,
+//! misplaced or older-format one is detected, reported and rebuilt, never trusted.
+//!
+//! File format 2 (`LORAENC2`): magic, then the key and the model fingerprint (each a u32 length
+//! and UTF-8 bytes), the tensor count (u32), each tensor's rank (u32), dims (u64 each) and f32
+//! values, all little-endian, then the sha256 of everything before it. Format 1 (`LORAENC1`, no
+//! key or fingerprint) is rebuilt, never read.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,7 +19,9 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use sha2::{Digest, Sha256};
 
-const MAGIC: &[u8; 8] = b"LORAENC1";
+const MAGIC: &[u8; 8] = b"LORAENC2";
+/// The magic of files written before entries recorded their key (rebuilt when met).
+const MAGIC_V1: &[u8; 8] = b"LORAENC1";
 
 /// An encode cache in `dir` for the model with fingerprint `model`.
 pub struct EncodeCache {
@@ -82,7 +91,7 @@ impl EncodeCache {
             }
             Err(e) => return Err(e).with_context(|| format!("reading cache entry {}", path.display())),
         };
-        match decode(&bytes, device) {
+        match decode(&bytes, key, &self.model, device) {
             Ok(t) => {
                 self.hits.fetch_add(1, Ordering::Relaxed);
                 Ok(Some(t))
@@ -99,7 +108,7 @@ impl EncodeCache {
     /// Store `tensors` under `key` (atomically).
     pub fn put(&self, key: &str, tensors: &[&Tensor]) -> Result<()> {
         let path = self.path(key);
-        let bytes = encode(tensors)?;
+        let bytes = encode(key, &self.model, tensors)?;
         crate::util::fs::write_atomic(&path, &bytes).with_context(|| format!("writing cache entry {}", path.display()))
     }
 
@@ -123,9 +132,13 @@ impl EncodeCache {
     }
 }
 
-fn encode(tensors: &[&Tensor]) -> Result<Vec<u8>> {
+fn encode(key: &str, model: &str, tensors: &[&Tensor]) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     out.extend_from_slice(MAGIC);
+    for text in [key, model] {
+        out.extend_from_slice(&(text.len() as u32).to_le_bytes());
+        out.extend_from_slice(text.as_bytes());
+    }
     out.extend_from_slice(&(tensors.len() as u32).to_le_bytes());
     for t in tensors {
         let dims = t.dims();
@@ -141,7 +154,12 @@ fn encode(tensors: &[&Tensor]) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-fn decode(bytes: &[u8], device: &Device) -> Result<Vec<Tensor>> {
+/// The tensors of an entry file, checked: whole (checksum), this format, and written for `key`
+/// of the cache of model `model`.
+fn decode(bytes: &[u8], key: &str, model: &str, device: &Device) -> Result<Vec<Tensor>> {
+    if bytes.get(..8) == Some(MAGIC_V1.as_slice()) {
+        bail!("written by an older lora (format 1, which does not record its key)");
+    }
     if bytes.len() < MAGIC.len() + 4 + 32 {
         bail!("{} bytes is too short", bytes.len());
     }
@@ -152,19 +170,30 @@ fn decode(bytes: &[u8], device: &Device) -> Result<Vec<Tensor>> {
     if &body[..8] != MAGIC {
         bail!("not an encode cache file");
     }
-    let mut pos = 8;
+    let mut pos: usize = 8;
     let mut take = |n: usize| -> Result<&[u8]> {
-        let s = body.get(pos..pos + n).context("truncated")?;
+        let s = body.get(pos..pos.checked_add(n).context("truncated")?).context("truncated")?;
         pos += n;
         Ok(s)
     };
+    let mut text = || -> Result<String> {
+        let n = u32::from_le_bytes(take(4)?.try_into()?) as usize;
+        String::from_utf8(take(n)?.to_vec()).context("a recorded key is not UTF-8")
+    };
+    let (stored_key, stored_model) = (text()?, text()?);
+    if stored_model != model {
+        bail!("it was written for model fingerprint {stored_model}, this cache is for {model} (a file copied from another cache)");
+    }
+    if stored_key != key {
+        bail!("it holds the entry of key {stored_key}, not {key} (a file moved or copied to another entry's name)");
+    }
     let n = u32::from_le_bytes(take(4)?.try_into()?) as usize;
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
         let nd = u32::from_le_bytes(take(4)?.try_into()?) as usize;
         let dims = (0..nd).map(|_| Ok(u64::from_le_bytes(take(8)?.try_into()?) as usize)).collect::<Result<Vec<_>>>()?;
-        let count: usize = dims.iter().product();
-        let data: Vec<f32> = take(count * 4)?.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let bytes = dims.iter().try_fold(4usize, |acc, d| acc.checked_mul(*d)).context("truncated")?;
+        let data: Vec<f32> = take(bytes)?.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
         out.push(Tensor::from_vec(data, dims, device)?);
     }
     Ok(out)
@@ -201,5 +230,71 @@ mod tests {
         assert!(cache.get(&key, &Device::Cpu).unwrap().is_none());
         assert_eq!(cache.rebuilt.load(Ordering::Relaxed), 2);
         assert_eq!(EncodeCache::stats(dir.path()), CacheStats::default());
+    }
+
+    /// Two entries of the same size swapped on disk (both whole, checksums fine): neither is
+    /// served for the other's key; both count as rebuilt, and what the caller stores again is
+    /// served afterwards, equal to a fresh encode.
+    #[test]
+    fn swapped_entries_are_rebuilt_not_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = EncodeCache::new(dir.path(), "model-a");
+        let a = Tensor::new(&[1.0f32, 2.0, 3.0], &Device::Cpu).unwrap();
+        let b = Tensor::new(&[-4.0f32, 5.0, -6.0], &Device::Cpu).unwrap();
+        let (ka, kb) = (cache.text_key("a cat"), cache.text_key("a dog"));
+        cache.put(&ka, &[&a]).unwrap();
+        cache.put(&kb, &[&b]).unwrap();
+        let (pa, pb) = (cache.path(&ka), cache.path(&kb));
+        let (bytes_a, bytes_b) = (std::fs::read(&pa).unwrap(), std::fs::read(&pb).unwrap());
+        assert_eq!(bytes_a.len(), bytes_b.len(), "same-size entries");
+        std::fs::write(&pa, &bytes_b).unwrap();
+        std::fs::write(&pb, &bytes_a).unwrap();
+        // What a caller does: serve from the cache, else encode and store.
+        let serve = |key: &str, fresh: &Tensor| -> Vec<f32> {
+            match cache.get(key, &Device::Cpu).unwrap() {
+                Some(t) => t[0].to_vec1().unwrap(),
+                None => {
+                    cache.put(key, &[fresh]).unwrap();
+                    fresh.to_vec1().unwrap()
+                }
+            }
+        };
+        assert_eq!(serve(&ka, &a), vec![1.0, 2.0, 3.0]);
+        assert_eq!(serve(&kb, &b), vec![-4.0, 5.0, -6.0]);
+        assert_eq!(cache.rebuilt.load(Ordering::Relaxed), 2, "both swapped entries rebuilt");
+        assert_eq!(cache.hits.load(Ordering::Relaxed), 0, "nothing served from a swapped file");
+        // Rebuilt entries are served (hits) with the right values.
+        assert_eq!(cache.get(&ka, &Device::Cpu).unwrap().unwrap()[0].to_vec1::<f32>().unwrap(), vec![1.0, 2.0, 3.0]);
+        assert_eq!(cache.get(&kb, &Device::Cpu).unwrap().unwrap()[0].to_vec1::<f32>().unwrap(), vec![-4.0, 5.0, -6.0]);
+        assert_eq!(cache.hits.load(Ordering::Relaxed), 2);
+    }
+
+    /// An entry copied in from another model's cache under the same name, and an entry in the
+    /// old format (no key recorded), are rebuilt.
+    #[test]
+    fn foreign_and_old_format_entries_are_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = tempfile::tempdir().unwrap();
+        let cache = EncodeCache::new(dir.path(), "model-a");
+        let foreign = EncodeCache::new(other.path(), "model-b");
+        let t = Tensor::new(&[0.5f32, 0.25], &Device::Cpu).unwrap();
+        let key = cache.text_key("caption");
+        foreign.put(&key, &[&t]).unwrap();
+        std::fs::create_dir_all(cache.path(&key).parent().unwrap()).unwrap();
+        std::fs::copy(foreign.path(&key), cache.path(&key)).unwrap();
+        assert!(cache.get(&key, &Device::Cpu).unwrap().is_none());
+        assert!(!cache.path(&key).exists(), "removed, to be rebuilt");
+        // Format 1: magic, tensors, checksum, no key.
+        let mut v1 = MAGIC_V1.to_vec();
+        v1.extend_from_slice(&1u32.to_le_bytes());
+        v1.extend_from_slice(&1u32.to_le_bytes());
+        v1.extend_from_slice(&2u64.to_le_bytes());
+        v1.extend(t.to_vec1::<f32>().unwrap().iter().flat_map(|x| x.to_le_bytes()));
+        let sum = Sha256::digest(&v1);
+        v1.extend_from_slice(&sum);
+        std::fs::write(cache.path(&key), &v1).unwrap();
+        assert!(cache.get(&key, &Device::Cpu).unwrap().is_none());
+        assert_eq!(cache.rebuilt.load(Ordering::Relaxed), 2);
+        assert_eq!(cache.hits.load(Ordering::Relaxed), 0);
     }
 }

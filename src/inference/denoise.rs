@@ -47,5 +47,21 @@ pub fn generate_image(sd: &StableDiffusion, opts: &GenerateOptions, sampler: &mu
         bar.inc(1);
     }
     bar.finish_and_clear();
+    let bad = non_finite_count(&latents)?;
+    if bad > 0 {
+        anyhow::bail!(
+            "the sampled latents hold {bad} NaN or infinite value(s) of {}: the UNet's output overflowed (a LoRA with huge weights or \
+             scale, an extreme guidance scale, or half precision), so no image was written; check the LoRA files with `lora inspect`, \
+             and lower the LoRA scale or the guidance scale (now {})",
+            latents.elem_count(),
+            opts.guidance_scale
+        );
+    }
     decode_latents(sd, &latents)
+}
+
+/// How many values of `t` are NaN or infinite.
+pub(crate) fn non_finite_count(t: &Tensor) -> candle_core::Result<usize> {
+    let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(values.iter().filter(|v| !v.is_finite()).count())
 }

@@ -1,5 +1,6 @@
 //! A pipeline's validation images: every `[validation]` prompt, `num_images` each, at the
-//! training resolution with the training seed, written as `prompt<i>-<j>.png`.
+//! training resolution with the training seed and `validation.negative_prompt` as the
+//! unconditional side of guidance, written as `prompt<i>-<j>.png`.
 
 use std::path::{Path, PathBuf};
 
@@ -34,7 +35,7 @@ pub fn validation_images(sd: &StableDiffusion, p: &Pipeline, dir: &Path, device:
     for (i, prompt) in p.validation.prompts.iter().enumerate() {
         let opts = GenerateOptions {
             prompt: prompt.clone(),
-            negative_prompt: String::new(),
+            negative_prompt: p.validation.negative_prompt.clone(),
             sampler,
             steps: p.validation.steps as usize,
             guidance_scale: p.validation.guidance_scale,

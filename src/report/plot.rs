@@ -17,9 +17,9 @@ pub const HEIGHT: u32 = 600;
 
 /// The font every text of the plot uses (see `assets/fonts/LICENSE`).
 static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans-ascii.ttf");
-const FAMILY: &str = "sans-serif";
+pub(crate) const FAMILY: &str = "sans-serif";
 
-fn register_font() -> Result<()> {
+pub(crate) fn register_font() -> Result<()> {
     static DONE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let ok = *DONE.get_or_init(|| plotters::style::register_font(FAMILY, FontStyle::Normal, FONT).is_ok());
     if ok {

@@ -23,7 +23,7 @@ use super::run::{
     validation_images, weight_dtype, diffusers_file, kohya_file, LoaderSource, RunOptions, RunReport,
 };
 use super::run_dir::RunDir;
-use crate::adapters::format::{read_lora_file, write_lora_file, LoraFormat, TrainingInfo};
+use crate::adapters::format::{write_lora_file, LoraFormat, TrainingInfo};
 use crate::adapters::lora::{inject, trained_weights, InitRng, TrainableLora};
 use crate::config::types as cfg;
 use crate::config::{choice_name, tidy_path};
@@ -720,7 +720,8 @@ fn events_dir(p: &Plan) -> Option<std::path::PathBuf> {
 /// images in the event file at `step`.
 fn publish_validation(p: &Plan, files: &[std::path::PathBuf], dir: &Path, step: u64) -> Result<std::path::PathBuf> {
     let events = events_dir(p);
-    crate::report::grid::publish_validation(files, p.pipeline().validation.num_images as usize, dir, events.as_deref().map(|d| (d, step)))
+    let v = &p.pipeline().validation;
+    crate::report::grid::publish_validation_with_prompts(files, &v.prompts, v.num_images as usize, dir, events.as_deref().map(|d| (d, step)))
 }
 
 
@@ -1006,7 +1007,8 @@ const EXPORT: Stage = Stage {
 fn export_files(ctx: &mut StageCtx<'_>, train_details: &BTreeMap<String, serde_json::Value>) -> Result<()> {
     let p = ctx.plan.pipeline();
     let dir = &ctx.plan.out_dir;
-    let weights = read_lora_file(&dir.join(TRAINED_FILE)).context("the train stage's result")?;
+    // Never export weights that went NaN/inf (a diverged run): refused with the tensors named.
+    let weights = crate::adapters::format::read_lora_file_for_use(&dir.join(TRAINED_FILE)).context("the train stage's result")?;
     let save_dtype = match p.output.save_precision {
         cfg::SavePrecision::F32 => DType::F32,
         cfg::SavePrecision::Fp16 => DType::F16,

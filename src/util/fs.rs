@@ -1,4 +1,5 @@
-//! Writes that never leave a half-written file: write to a temporary sibling, fsync, rename.
+//! Writes that never leave a half-written file: write to a temporary sibling, fsync, rename;
+//! and the removal of the temporaries a killed writer left beside a target.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -52,7 +53,8 @@ pub fn is_stale_temporary(name: &str) -> bool {
     pid.parse::<i32>().is_ok_and(pid_is_dead)
 }
 
-/// Whether no process with this PID exists (`kill(pid, 0)` fails with ESRCH).
+/// Whether no process with this PID exists (`kill(pid, 0)` fails with ESRCH). Any other answer
+/// (alive, not ours to signal) counts as alive.
 pub fn pid_is_dead(pid: i32) -> bool {
     if pid <= 0 {
         return false;
@@ -62,9 +64,81 @@ pub fn pid_is_dead(pid: i32) -> bool {
     rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
 }
 
+/// Remove the temporaries that killed writers of `path` left beside it: plain files named
+/// `.NAME.PID.tmp` (the [`temp_sibling`] pattern for this exact `NAME`) whose process is gone
+/// ([`is_stale_temporary`]). Nothing else is touched: other names, other targets, live writers,
+/// links and folders stay. Returns what was removed.
+pub(crate) fn remove_dead_temporaries(path: &Path) -> Vec<PathBuf> {
+    let Some(name) = path.file_name().map(|n| n.to_string_lossy().into_owned()) else { return Vec::new() };
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let Ok(entries) = std::fs::read_dir(&dir) else { return Vec::new() };
+    let prefix = format!(".{name}.");
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(file_name) = file_name.to_str() else { continue };
+        // Exactly `.NAME.<digits>.tmp` for this NAME, and its writer dead.
+        let Some(pid) = file_name.strip_prefix(&prefix).and_then(|rest| rest.strip_suffix(".tmp")) else { continue };
+        if pid.contains('.') || !is_stale_temporary(file_name) {
+            continue;
+        }
+        let candidate = dir.join(file_name);
+        if !std::fs::symlink_metadata(&candidate).is_ok_and(|m| m.file_type().is_file()) {
+            continue;
+        }
+        if std::fs::remove_file(&candidate).is_ok() {
+            removed.push(candidate);
+        }
+    }
+    removed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A PID no process has: a child that has exited and been reaped.
+    fn dead_pid() -> u32 {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        pid
+    }
+
+    #[test]
+    fn only_dead_writers_temporaries_of_the_same_target_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("out.safetensors");
+        let dead = dead_pid();
+        let live = std::process::id();
+        let touch = |name: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, b"x").unwrap();
+            p
+        };
+        let stale = touch(&format!(".out.safetensors.{dead}.tmp"));
+        let kept = [
+            touch(&format!(".out.safetensors.{live}.tmp")),      // a live writer
+            touch(&format!(".other.safetensors.{dead}.tmp")),    // another target
+            touch(&format!(".out.safetensors.{dead}.tmp.keep")), // not the pattern
+            touch(&format!("out.safetensors.{dead}.tmp")),       // no leading dot
+            touch(".out.safetensors.12ab.tmp"),                  // not a PID
+            touch(".out.safetensors..tmp"),                      // no PID
+            touch(".swap.tmp"),                                  // someone else's
+            touch("out.safetensors"),                            // the target itself
+        ];
+        let folder = dir.path().join(format!(".out.safetensors.{}.tmp", dead_pid()));
+        std::fs::create_dir(&folder).unwrap();
+        assert_eq!(remove_dead_temporaries(&target), vec![stale.clone()]);
+        assert!(!stale.exists());
+        for p in kept.iter().chain([&folder]) {
+            assert!(p.exists(), "{} was removed", p.display());
+        }
+        assert!(remove_dead_temporaries(&target).is_empty(), "nothing left to remove");
+    }
 
     #[test]
     fn atomic_write_replaces_content_and_leaves_no_temp() {
