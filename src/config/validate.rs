@@ -1166,14 +1166,13 @@ fn run_folder_below(dir: &Path, depth: usize) -> Option<PathBuf> {
     let mut subdirs = Vec::new();
     for entry in entries.flatten().take(10_000) {
         if entry.file_type().is_ok_and(|t| t.is_dir()) {
-            let sub = entry.path();
-            if sub.join(crate::runner::lock::LOCK_FILE).is_file() {
-                return Some(sub);
-            }
-            subdirs.push(sub);
+            subdirs.push(entry.path());
         }
     }
     subdirs.sort();
+    if let Some(run) = subdirs.iter().find(|sub| sub.join(crate::runner::lock::LOCK_FILE).is_file()) {
+        return Some(run.clone());
+    }
     subdirs.iter().find_map(|d| run_folder_below(d, depth - 1))
 }
 
