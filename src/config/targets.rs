@@ -40,6 +40,27 @@ pub fn unet_layers(model_dir: &Path, variant: Option<&str>) -> Result<BTreeMap<S
     Ok(out)
 }
 
+/// Every module of the text encoder of `model_dir` that has a `weight`, named as the model
+/// names them (`text_model.encoder.layers.0.self_attn.q_proj`, whether or not the file stores
+/// the `text_model.` prefix). Only the encoder layers' projections are linear layers LoRA wraps;
+/// the token and position embeddings are not.
+pub fn text_encoder_layers(model_dir: &Path, variant: Option<&str>) -> Result<BTreeMap<String, Layer>> {
+    let files = crate::models::loading::locate_model_files(model_dir, variant)?;
+    let mut out = BTreeMap::new();
+    for path in &files.text_encoder.weights {
+        for (name, shape) in tensor_shapes(path)? {
+            let Some(module) = name.strip_suffix(".weight") else { continue };
+            let module = format!("text_model.{}", module.strip_prefix("text_model.").unwrap_or(module));
+            let layer = match shape.as_slice() {
+                [out, inp] if module.starts_with("text_model.encoder.layers.") => Layer::Linear { out_features: *out, in_features: *inp },
+                _ => Layer::Other,
+            };
+            out.insert(module, layer);
+        }
+    }
+    Ok(out)
+}
+
 fn classify(module: &str, shape: &[usize]) -> Layer {
     let last = module.rsplit('.').next().unwrap_or(module);
     match shape {
@@ -75,8 +96,9 @@ pub fn tensor_shapes(path: &Path) -> Result<Vec<(String, Vec<usize>)>> {
     Ok(out)
 }
 
-/// What is wrong with one target pattern, or `None` when it matches a linear layer.
-pub fn target_problem(pattern: &str, layers: &BTreeMap<String, Layer>) -> Option<(String, Option<String>)> {
+/// What is wrong with one target pattern, or `None` when it matches a linear layer of
+/// `component` ("the UNet", "the text encoder").
+pub fn target_problem(pattern: &str, layers: &BTreeMap<String, Layer>, component: &str) -> Option<(String, Option<String>)> {
     let parsed = match ModulePattern::parse(pattern) {
         Ok(p) => p,
         Err(e) => return Some((format!("{e:#}"), None)),
@@ -97,7 +119,7 @@ pub fn target_problem(pattern: &str, layers: &BTreeMap<String, Layer>) -> Option
         let count = matched.len();
         return Some((
             format!(
-                "target `{pattern}` matches {count} module(s) of the UNet, but they are convolutions (e.g. `{name}`, a {kh}x{kw} Conv2d): only Linear layers are adapted"
+                "target `{pattern}` matches {count} module(s) of {component}, but they are convolutions (e.g. `{name}`, a {kh}x{kw} Conv2d): only Linear layers are adapted"
             ),
             near_help,
         ));
@@ -105,7 +127,7 @@ pub fn target_problem(pattern: &str, layers: &BTreeMap<String, Layer>) -> Option
     if let Some((name, _)) = matched.first() {
         return Some((format!("target `{pattern}` matches `{name}`, which is not a Linear layer: only Linear layers are adapted"), near_help));
     }
-    Some((format!("target `{pattern}` matches no module of the UNet"), near_help))
+    Some((format!("target `{pattern}` matches no module of {component}"), near_help))
 }
 
 /// The distinct short names of `modules` (`to_q`, `to_out.0`, `proj`, `net.2`): the last part

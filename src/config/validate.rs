@@ -937,26 +937,40 @@ impl Checks<'_> {
         }
     }
 
-    /// With a local diffusers model, each UNet target pattern must match a linear layer (read
-    /// from the weight files' headers only), and a rank wider than a targeted layer is a warning.
-    /// A model that cannot be read is left to the model stage to report.
+    /// With a local diffusers model, each UNet (and, when trained, text-encoder) target pattern
+    /// must match a linear layer (read from the weight files' headers only), and a rank wider
+    /// than a targeted layer is a warning. A model that cannot be read is left to the model stage
+    /// to report.
     fn targets_in_model(&mut self, p: &Pipeline) {
         let (Some(dir), None) = (&p.model.path, &p.model.file) else { return };
         if !dir.is_dir() {
             return;
         }
-        let Ok(layers) = super::targets::unet_layers(dir, p.model.variant.as_deref()) else { return };
         let a = &p.adapter;
-        for (i, pattern) in a.target_modules.iter().enumerate() {
-            if pattern.trim().is_empty() {
-                continue;
-            }
-            if let Some((message, help)) = super::targets::target_problem(pattern, &layers) {
-                self.error(&[&format!("adapter.target_modules[{i}]"), "adapter.target_modules"], message, help);
-            }
-        }
+        let variant = p.model.variant.as_deref();
         let rank_pattern: Vec<(String, u32)> = a.rank_pattern.iter().map(|(k, r)| (k.clone(), r.0)).collect();
-        let narrow = super::targets::narrow_layers(&a.target_modules, a.rank, &rank_pattern, &layers);
+        let mut narrow = Vec::new();
+        let components = [
+            ("adapter.target_modules", &a.target_modules, "the UNet", super::targets::unet_layers(dir, variant).ok()),
+            (
+                "adapter.text_encoder_target_modules",
+                &a.text_encoder_target_modules,
+                "the text encoder",
+                if a.text_encoder { super::targets::text_encoder_layers(dir, variant).ok() } else { None },
+            ),
+        ];
+        for (key, patterns, component, layers) in components {
+            let Some(layers) = layers else { continue };
+            for (i, pattern) in patterns.iter().enumerate() {
+                if pattern.trim().is_empty() {
+                    continue;
+                }
+                if let Some((message, help)) = super::targets::target_problem(pattern, &layers, component) {
+                    self.error(&[&format!("{key}[{i}]"), key], message, help);
+                }
+            }
+            narrow.extend(super::targets::narrow_layers(patterns, a.rank, &rank_pattern, &layers));
+        }
         if let Some((module, rank, out, inp)) = narrow.first() {
             let key = if a.rank_pattern.is_empty() || *rank == a.rank { "adapter.rank" } else { "adapter.rank_pattern" };
             self.warning(
