@@ -361,3 +361,11 @@ fn a_rank_wider_than_a_targeted_layer_is_a_warning() {
     assert_eq!(code, Some(0));
     assert!(!stderr.contains("warning: rank"), "{stderr}");
 }
+
+#[test]
+fn two_numbers_for_one_key_are_called_that_in_a_set_override_too() {
+    let out = lora().current_dir(root()).args(["validate", "pipelines/tiny.toml", "--set", "train.learning_rate=1e-3 1e-4"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.ends_with("  = help: one value per key: `1e-3 1e-4` is 2 values\n\n"), "{stderr}");
+}

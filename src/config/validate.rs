@@ -319,6 +319,11 @@ fn walk(root: &Value, schema: &Value, value: &toml::Value, path: &mut Vec<Seg>, 
                 ("number" | "integer", toml::Value::String(s)) if s.trim().parse::<f64>().is_ok() => {
                     Some(format!("remove the quotes: {}", s.trim()))
                 }
+                ("number" | "integer", toml::Value::String(s))
+                    if s.split_whitespace().count() > 1 && s.split_whitespace().all(|t| t.parse::<f64>().is_ok()) =>
+                {
+                    Some(format!("one value per key: `{}` is {} values", s.trim(), s.split_whitespace().count()))
+                }
                 ("boolean", toml::Value::String(s)) if matches!(s.as_str(), "true" | "false") => {
                     Some(format!("remove the quotes: {s}"))
                 }
