@@ -761,9 +761,11 @@ impl Checks<'_> {
             self.warning(&["model.revision"], "`model.revision` is ignored for a local model folder".into(), None);
         }
         if let Some(dir) = &m.cache_dir {
-            if dir.exists() && !dir.is_dir() {
+            let found = what_is(dir);
+            if !matches!(found, Found::Missing | Found::Dir) {
                 let shown = self.shown("model.cache_dir", dir);
-                self.error(&["model.cache_dir"], format!("cache folder `{shown}` is a file"), None);
+                let what = if matches!(found, Found::File) { "is a file".to_string() } else { found.not_a("folder") };
+                self.error(&["model.cache_dir"], format!("cache folder `{shown}` {what}"), None);
             }
         }
     }
