@@ -189,3 +189,17 @@ fn elongated_images_are_refused_from_the_header_before_anything_is_allocated() {
     let err = format!("{:#}", screen_dataset(ds, &DecodeOptions::default(), OnBadImage::Error).unwrap_err());
     assert!(err.contains(&format!("{}: too elongated: 1 x 2000000", strip.display())), "{err}");
 }
+
+#[cfg(unix)]
+#[test]
+fn a_named_pipe_among_the_images_is_a_bad_image_not_a_hang() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("pipe.png");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    let ex = Example { origin: fifo.display().to_string(), image: ImageData::File(fifo.clone()), caption: Caption::One("x".into()) };
+    // Nobody writes to the pipe: reading it would block for ever.
+    let err = decode_example(&ex, &DecodeOptions::default()).unwrap_err();
+    assert_eq!(err.reason, "not a regular file: it is a named pipe (FIFO)");
+}

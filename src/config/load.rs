@@ -370,7 +370,7 @@ fn read_pipeline_text(path: &Path, display: &str) -> Result<String, ReadError> {
     }
     if !meta.is_file() {
         // A FIFO or a device has no size to check and may never end (`/dev/zero`).
-        let what = super::validate::special_file_kind(&meta.file_type());
+        let what = crate::util::file_kind::special_file_kind(&meta.file_type());
         return Err(ReadError::Io(format!("it is {what}, not a pipeline file (lora reads pipelines from regular files only)")));
     }
     if meta.len() > MAX_FILE_BYTES {

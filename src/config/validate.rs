@@ -1212,7 +1212,7 @@ fn what_is(path: &Path) -> Found {
     match std::fs::metadata(path) {
         Ok(m) if m.is_dir() => Found::Dir,
         Ok(m) if m.is_file() => Found::File,
-        Ok(m) => Found::Other(special_file_kind(&m.file_type())),
+        Ok(m) => Found::Other(crate::util::file_kind::special_file_kind(&m.file_type())),
         // ENOTDIR: a file stands where a folder of the path should be; nothing is there.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENOTDIR) => {
             if std::fs::symlink_metadata(path).is_ok() {
@@ -1237,28 +1237,6 @@ impl Found {
             Found::Unreadable(why) => why.clone(),
         }
     }
-}
-
-/// What a file that is neither a regular file nor a folder is, for messages.
-#[cfg(unix)]
-pub(crate) fn special_file_kind(t: &std::fs::FileType) -> &'static str {
-    use std::os::unix::fs::FileTypeExt;
-    if t.is_fifo() {
-        "a named pipe (FIFO)"
-    } else if t.is_char_device() {
-        "a character device"
-    } else if t.is_block_device() {
-        "a block device"
-    } else if t.is_socket() {
-        "a socket"
-    } else {
-        "not a regular file"
-    }
-}
-
-#[cfg(not(unix))]
-pub(crate) fn special_file_kind(_: &std::fs::FileType) -> &'static str {
-    "not a regular file"
 }
 
 fn reason(e: &std::io::Error) -> String {

@@ -117,6 +117,13 @@ pub fn decode_example(example: &Example, opts: &DecodeOptions) -> Result<RgbImag
     match &example.image {
         ImageData::Bytes(bytes) => decode_rgb8(bytes, &example.origin, opts),
         ImageData::File(path) => {
+            // A named pipe or a device would block or never end.
+            if let Ok(meta) = std::fs::metadata(path) {
+                if !meta.is_file() && !meta.is_dir() {
+                    let what = crate::util::file_kind::special_file_kind(&meta.file_type());
+                    return Err(BadImage { origin: example.origin.clone(), reason: format!("not a regular file: it is {what}") });
+                }
+            }
             let bytes = std::fs::read(path)
                 .map_err(|e| BadImage { origin: example.origin.clone(), reason: format!("cannot read the file: {e}") })?;
             decode_rgb8(&bytes, &example.origin, opts)
