@@ -97,12 +97,10 @@ pub fn tensor_shapes(path: &Path) -> Result<Vec<(String, Vec<usize>)>> {
 }
 
 /// What is wrong with one target pattern, or `None` when it matches a linear layer of
-/// `component` ("the UNet", "the text encoder").
+/// `component` ("the UNet", "the text encoder") or does not parse.
 pub fn target_problem(pattern: &str, layers: &BTreeMap<String, Layer>, component: &str) -> Option<(String, Option<String>)> {
-    let parsed = match ModulePattern::parse(pattern) {
-        Ok(p) => p,
-        Err(e) => return Some((format!("{e:#}"), None)),
-    };
+    // A pattern that does not parse is reported by the check of every pattern.
+    let parsed = ModulePattern::parse(pattern).ok()?;
     let matched: Vec<(&String, &Layer)> = layers.iter().filter(|(name, _)| parsed.matches(name)).collect();
     if matched.iter().any(|(_, l)| matches!(l, Layer::Linear { .. })) {
         return None;

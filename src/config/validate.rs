@@ -911,6 +911,22 @@ impl Checks<'_> {
                 self.error(&[&format!("adapter.target_modules[{i}]"), "adapter.target_modules"], "empty module pattern in `adapter.target_modules`".into(), None);
             }
         }
+        // Every pattern must be one injection can parse (a name, or `re:` and a valid regex).
+        let lists = [("adapter.target_modules", &a.target_modules), ("adapter.text_encoder_target_modules", &a.text_encoder_target_modules)];
+        let mut patterns: Vec<(String, &str)> = Vec::new();
+        for (key, list) in lists {
+            patterns.extend(list.iter().enumerate().filter(|(_, t)| !t.trim().is_empty()).map(|(i, t)| (format!("{key}[{i}]"), t.as_str())));
+        }
+        patterns.extend(a.rank_pattern.keys().map(|k| (format!("adapter.rank_pattern.{}", quote_key(k)), k.as_str())));
+        patterns.extend(a.alpha_pattern.keys().map(|k| (format!("adapter.alpha_pattern.{}", quote_key(k)), k.as_str())));
+        for (key, pattern) in patterns {
+            if let Err(e) = crate::adapters::lora::ModulePattern::parse(pattern) {
+                let parent = key.split('[').next().unwrap_or(&key).to_string();
+                // The regex crate's explanation ends with a line `error: ...`.
+                let why = e.chain().nth(1).and_then(|c| c.to_string().lines().last().map(|l| l.trim().trim_start_matches("error: ").to_string()));
+                self.error(&[key.as_str(), parent.as_str()], format!("{e}"), why);
+            }
+        }
         // The update is scaled by alpha / rank: below MIN_LORA_SCALE the adapter's output is
         // lost under f32 rounding of the layer it is added to, so training would change nothing.
         let max_rank = a.rank_pattern.values().map(|r| r.0).chain([a.rank]).max().unwrap_or(a.rank) as f64;
