@@ -105,7 +105,7 @@ pub fn target_problem(pattern: &str, layers: &BTreeMap<String, Layer>, component
     if matched.iter().any(|(_, l)| matches!(l, Layer::Linear { .. })) {
         return None;
     }
-    let linear_names: Vec<&str> = layers.iter().filter(|(_, l)| matches!(l, Layer::Linear { .. })).map(|(n, _)| n.as_str()).collect();
+    let linear_names = linear_names(layers);
     let near = near_names(pattern, linear_names.iter().copied());
     let kinds = short_names(&linear_names).join(", ");
     let near_help = Some(match super::validate::did_you_mean(pattern.strip_prefix("re:").unwrap_or(pattern), near.iter().map(String::as_str)) {
@@ -126,6 +126,40 @@ pub fn target_problem(pattern: &str, layers: &BTreeMap<String, Layer>, component
         return Some((format!("target `{pattern}` matches `{name}`, which is not a Linear layer: only Linear layers are adapted"), near_help));
     }
     Some((format!("target `{pattern}` matches no module of {component}"), near_help))
+}
+
+/// The names of the linear layers of `layers`.
+pub fn linear_names(layers: &BTreeMap<String, Layer>) -> Vec<&str> {
+    layers.iter().filter(|(_, l)| matches!(l, Layer::Linear { .. })).map(|(n, _)| n.as_str()).collect()
+}
+
+/// The linear layers of `layers` that one of `targets` matches.
+pub fn targeted<'a>(targets: &[String], layers: &'a BTreeMap<String, Layer>) -> Vec<&'a str> {
+    let targets: Vec<ModulePattern> = targets.iter().filter_map(|t| ModulePattern::parse(t).ok()).collect();
+    layers
+        .iter()
+        .filter(|(name, layer)| matches!(layer, Layer::Linear { .. }) && targets.iter().any(|t| t.matches(name)))
+        .map(|(name, _)| name.as_str())
+        .collect()
+}
+
+/// What is wrong with a `rank_pattern` / `alpha_pattern` key that matches none of the targeted
+/// modules (`None` when it matches one, or does not parse); `linear` are all linear layers.
+pub fn pattern_key_problem(kind: &str, key: &str, targeted: &[&str], linear: &[&str]) -> Option<(String, Option<String>)> {
+    let parsed = ModulePattern::parse(key).ok()?;
+    if targeted.iter().any(|n| parsed.matches(n)) {
+        return None;
+    }
+    let untargeted = linear.iter().filter(|n| parsed.matches(n)).count();
+    if untargeted > 0 {
+        return Some((
+            format!("{kind} key `{key}` matches {untargeted} linear layer(s), none of them targeted"),
+            Some(format!("add \"{key}\" to the target modules, or remove the key")),
+        ));
+    }
+    let near = near_names(key, targeted.iter().copied());
+    let help = super::validate::did_you_mean(key, near.iter().map(String::as_str)).map(|m| format!("did you mean `{m}`?"));
+    Some((format!("{kind} key `{key}` matches none of the targeted modules"), help.or_else(|| (!near.is_empty()).then(|| format!("targeted modules end with: {}", near.join(", "))))))
 }
 
 /// The distinct short names of `modules` (`to_q`, `to_out.0`, `proj`, `net.2`): the last part

@@ -973,6 +973,9 @@ impl Checks<'_> {
         let variant = p.model.variant.as_deref();
         let rank_pattern: Vec<(String, u32)> = a.rank_pattern.iter().map(|(k, r)| (k.clone(), r.0)).collect();
         let mut narrow = Vec::new();
+        let mut targeted: Vec<String> = Vec::new();
+        let mut linear: Vec<String> = Vec::new();
+        let mut read = 0;
         let components = [
             ("adapter.target_modules", &a.target_modules, "the UNet", super::targets::unet_layers(dir, variant).ok()),
             (
@@ -993,6 +996,20 @@ impl Checks<'_> {
                 }
             }
             narrow.extend(super::targets::narrow_layers(patterns, a.rank, &rank_pattern, &layers));
+            targeted.extend(super::targets::targeted(patterns, &layers).into_iter().map(str::to_string));
+            linear.extend(super::targets::linear_names(&layers).into_iter().map(str::to_string));
+            read += 1;
+        }
+        // Pattern keys need a targeted module to apply to (checked once both components are read).
+        if read == 1 + usize::from(a.text_encoder) {
+            let targeted: Vec<&str> = targeted.iter().map(String::as_str).collect();
+            let linear: Vec<&str> = linear.iter().map(String::as_str).collect();
+            let keys = a.rank_pattern.keys().map(|k| ("rank_pattern", k)).chain(a.alpha_pattern.keys().map(|k| ("alpha_pattern", k)));
+            for (kind, key) in keys {
+                if let Some((message, help)) = super::targets::pattern_key_problem(kind, key, &targeted, &linear) {
+                    self.error(&[&format!("adapter.{kind}.{}", quote_key(key))], message, help);
+                }
+            }
         }
         if let Some((module, rank, out, inp)) = narrow.first() {
             let key = if a.rank_pattern.is_empty() || *rank == a.rank { "adapter.rank" } else { "adapter.rank_pattern" };
