@@ -345,6 +345,11 @@ fn output_dir_may_not_be_home_or_hold_another_run() {
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("holds another run's folder `home/runs/a`"), "{stderr}");
     assert_eq!(run(&home.join("runs/a")).0, Some(0));
+    // A run's own `earlier/` (earlier results set aside, each with a copy of its lock) is not
+    // another run.
+    std::fs::create_dir_all(home.join("runs/a/earlier/20261204-101010-step30")).unwrap();
+    std::fs::write(home.join("runs/a/earlier/20261204-101010-step30/lora.lock"), "{}").unwrap();
+    assert_eq!(run(&home.join("runs/a")).0, Some(0));
     assert_eq!(run(&home.join("runs/b")).0, Some(0));
 }
 

@@ -1183,7 +1183,7 @@ impl Checks<'_> {
                 return refuse(self, format!("output folder `{shown}` {place}: {why}"), own_folder);
             }
         }
-        if let Some(other) = run_folder_below(&out, 3) {
+        if let Some(other) = run_folder_below(&out, 3, true) {
             let rel = other.strip_prefix(&out).unwrap_or(&other).display().to_string();
             return refuse(
                 self,
@@ -1210,16 +1210,21 @@ fn canonical_or_absolute(path: &Path) -> Option<PathBuf> {
     }
 }
 
+/// Where a run sets an earlier run's results aside inside its own output folder (with a copy of
+/// that run's lock): not another run's folder. The runner's `resume::EARLIER_DIR`.
+const SET_ASIDE_DIR: &str = "earlier";
+
 /// A folder below `dir` (at most `depth` levels, symbolic links not followed) that holds a run's
-/// lock file: the folder of another run.
-fn run_folder_below(dir: &Path, depth: usize) -> Option<PathBuf> {
+/// lock file: the folder of another run. `top`: `dir` is the output folder itself, whose
+/// set-aside folder is skipped.
+fn run_folder_below(dir: &Path, depth: usize, top: bool) -> Option<PathBuf> {
     if depth == 0 {
         return None;
     }
     let entries = std::fs::read_dir(dir).ok()?;
     let mut subdirs = Vec::new();
     for entry in entries.flatten().take(10_000) {
-        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) && !(top && entry.file_name() == SET_ASIDE_DIR) {
             subdirs.push(entry.path());
         }
     }
@@ -1227,7 +1232,7 @@ fn run_folder_below(dir: &Path, depth: usize) -> Option<PathBuf> {
     if let Some(run) = subdirs.iter().find(|sub| sub.join(crate::runner::lock::LOCK_FILE).is_file()) {
         return Some(run.clone());
     }
-    subdirs.iter().find_map(|d| run_folder_below(d, depth - 1))
+    subdirs.iter().find_map(|d| run_folder_below(d, depth - 1, false))
 }
 
 /// What is at a path, so messages say what it is instead of "does not exist".
