@@ -215,3 +215,162 @@ fn mutated_pipelines_never_panic() {
         assert!(!stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"), "case {case}:\n{stderr}");
     }
 }
+
+/// A copy of `pipelines/tiny.toml` in `dir` with its paths made absolute, so it validates from
+/// anywhere; `extra` is appended (TOML tables).
+fn tiny_pipeline_in(dir: &std::path::Path, extra: &str) -> PathBuf {
+    let text = std::fs::read_to_string(root().join("pipelines/tiny.toml")).unwrap();
+    let abs = root().join("tests").display().to_string();
+    let text = text.replace("\"../tests", &format!("\"{abs}")).replace("dir = \"../runs/tiny\"", &format!("dir = {:?}", dir.join("out").display().to_string()));
+    let path = dir.join("p.toml");
+    std::fs::write(&path, text + extra).unwrap();
+    path
+}
+
+fn validate_in(dir: &std::path::Path, args: &[&str]) -> (Option<i32>, String) {
+    let out = lora().current_dir(dir).arg("validate").args(args).output().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[cfg(unix)]
+fn mkfifo(path: &std::path::Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0, "mkfifo {}", path.display());
+}
+
+#[cfg(unix)]
+#[test]
+fn special_files_are_named_for_what_they_are_and_never_read() {
+    let dir = tempfile::tempdir().unwrap();
+    mkfifo(&dir.path().join("fifo.toml"));
+    std::os::unix::fs::symlink("loop-b.toml", dir.path().join("loop-a.toml")).unwrap();
+    std::os::unix::fs::symlink("loop-a.toml", dir.path().join("loop-b.toml")).unwrap();
+    std::os::unix::fs::symlink("gone.toml", dir.path().join("dangling.toml")).unwrap();
+    let cases = [
+        ("fifo.toml", "fifo.toml:1:1: error: cannot read `fifo.toml`: it is a named pipe (FIFO), not a pipeline file"),
+        ("/dev/zero", "/dev/zero:1:1: error: cannot read `/dev/zero`: it is a character device, not a pipeline file"),
+        ("loop-a.toml", "loop-a.toml:1:1: error: cannot read `loop-a.toml`: it is a symbolic link loop"),
+        ("dangling.toml", "dangling.toml:1:1: error: cannot read `dangling.toml`: it is a symbolic link to something that does not exist"),
+    ];
+    for (name, expected) in cases {
+        // A FIFO nobody writes to, or /dev/zero, would block or read forever: a timeout guards
+        // the test itself.
+        let mut child = lora().current_dir(dir.path()).args(["validate", name]).stderr(std::process::Stdio::piped()).spawn().unwrap();
+        let start = std::time::Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if start.elapsed().as_secs() > 20 {
+                child.kill().unwrap();
+                panic!("`lora validate {name}` did not finish");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {stderr}");
+        assert!(stderr.starts_with(expected), "{name}: expected `{expected}`, got:\n{stderr}");
+    }
+
+    // The same kinds given as a dataset or model path.
+    mkfifo(&dir.path().join("data-fifo"));
+    std::os::unix::fs::symlink("model-loop", dir.path().join("model-loop")).unwrap();
+    let pipeline = tiny_pipeline_in(dir.path(), "");
+    let data = dir.path().join("data-fifo").display().to_string();
+    let model = dir.path().join("model-loop").display().to_string();
+    let (code, stderr) = validate_in(dir.path(), &["p.toml", "--set", &format!("dataset.path={data:?}"), "--set", &format!("model.path={model:?}")]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains(&format!("error: model folder `{model}` is a symbolic link loop")), "{stderr}");
+    assert!(stderr.contains(&format!("error: dataset path `{data}` is a named pipe (FIFO), not a file or folder")), "{stderr}");
+    assert!(!stderr.contains("does not exist"), "{stderr}");
+    drop(pipeline);
+}
+
+#[cfg(unix)]
+#[test]
+fn a_folder_name_that_is_not_utf8_is_refused_at_validate() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let odd = dir.path().join(std::ffi::OsStr::from_bytes(b"caf\xe9"));
+    std::fs::create_dir(&odd).unwrap();
+    tiny_pipeline_in(&odd, "");
+    // Relative paths resolve against the pipeline's folder, whose name is not UTF-8.
+    let text = std::fs::read_to_string(odd.join("p.toml")).unwrap();
+    let out_line = text.lines().find(|l| l.starts_with("dir = ")).unwrap().to_string();
+    std::fs::write(odd.join("p.toml"), text.replace(&out_line, "dir = \"out\"")).unwrap();
+    let out = lora().current_dir(dir.path()).arg("validate").arg(odd.join("p.toml")).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("error: `output.dir` resolves to `") && stderr.contains("whose name is not UTF-8 text"), "{stderr}");
+}
+
+#[test]
+fn cuda_device_on_a_build_without_cuda_is_refused_at_validate() {
+    if lora::device::CUDA_BUILT {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    tiny_pipeline_in(dir.path(), "");
+    for device in ["cuda", "cuda:1"] {
+        let (code, stderr) = validate_in(dir.path(), &["p.toml", "--set", &format!("train.device=\"{device}\"")]);
+        assert_eq!(code, Some(2), "{stderr}");
+        let expected = format!(
+            "--set:1:14: error: train.device = \"{device}\" but this `lora` was built without CUDA\n  |\n1 | train.device=\"{device}\"\n  |              {}\n  = help: build with `cargo build --release --features cuda`",
+            "^".repeat(device.len() + 2)
+        );
+        assert!(stderr.starts_with(&expected), "expected:\n{expected}\ngot:\n{stderr}");
+    }
+    assert_eq!(validate_in(dir.path(), &["p.toml", "--set", "train.device=\"auto\""]).0, Some(0));
+}
+
+#[test]
+fn output_dir_may_not_be_home_or_hold_another_run() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_pipeline_in(dir.path(), "");
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(home.join("runs/a")).unwrap();
+    std::fs::write(home.join("runs/a/lora.lock"), "{}").unwrap();
+    let set = |p: &std::path::Path| format!("output.dir={:?}", p.display().to_string());
+    let run = |out: &std::path::Path| {
+        let o = lora().current_dir(dir.path()).env("HOME", &home).args(["validate", "p.toml", "--set", &set(out)]).output().unwrap();
+        (o.status.code(), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    let (code, stderr) = run(&home);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains(&format!("error: output folder `{}` is your home folder", home.display())), "{stderr}");
+    let (code, stderr) = run(&home.join("runs"));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains(&format!("error: output folder `{}` holds another run's folder `a` (it has lora.lock)", home.join("runs").display())), "{stderr}");
+    // Further up, too; the run's own folder and a sibling are fine.
+    let (code, stderr) = run(dir.path());
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("holds another run's folder `home/runs/a`"), "{stderr}");
+    assert_eq!(run(&home.join("runs/a")).0, Some(0));
+    // A run's own `earlier/` (earlier results set aside, each with a copy of its lock) is not
+    // another run.
+    std::fs::create_dir_all(home.join("runs/a/earlier/20261204-101010-step30")).unwrap();
+    std::fs::write(home.join("runs/a/earlier/20261204-101010-step30/lora.lock"), "{}").unwrap();
+    assert_eq!(run(&home.join("runs/a")).0, Some(0));
+    assert_eq!(run(&home.join("runs/b")).0, Some(0));
+}
+
+#[test]
+fn a_rank_wider_than_a_targeted_layer_is_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_pipeline_in(dir.path(), "\n[adapter]\nrank = 48\n");
+    let (code, stderr) = validate_in(dir.path(), &["p.toml"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    // The tiny UNet's attention in the first block is 32 wide (its weights' headers say so).
+    assert!(stderr.contains("warning: rank 48 is above the width of"), "{stderr}");
+    assert!(stderr.contains("(e.g. `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k`, 32 x 32)"), "{stderr}");
+    let (code, stderr) = validate_in(dir.path(), &["p.toml", "--set", "adapter.rank=32"]);
+    assert_eq!(code, Some(0));
+    assert!(!stderr.contains("warning: rank"), "{stderr}");
+}
+
+#[test]
+fn two_numbers_for_one_key_are_called_that_in_a_set_override_too() {
+    let out = lora().current_dir(root()).args(["validate", "pipelines/tiny.toml", "--set", "train.learning_rate=1e-3 1e-4"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.ends_with("  = help: one value per key: `1e-3 1e-4` is 2 values\n\n"), "{stderr}");
+}

@@ -141,3 +141,65 @@ fn check_all_finds_every_bad_file_and_skip_mode_drops_them() {
     let err = screen_dataset(only_bad, &DecodeOptions::default(), OnBadImage::Skip).unwrap_err().to_string();
     assert!(err.contains("every image"), "{err}");
 }
+
+/// A PNG that is only a signature and an `IHDR` chunk declaring `width` x `height` (the CRC is not
+/// checked before decoding).
+fn png_header_only(width: u32, height: u32) -> Vec<u8> {
+    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+    out.extend_from_slice(&13u32.to_be_bytes());
+    out.extend_from_slice(b"IHDR");
+    out.extend_from_slice(&width.to_be_bytes());
+    out.extend_from_slice(&height.to_be_bytes());
+    out.extend_from_slice(&[8, 0, 0, 0, 0, 0, 0, 0, 0]);
+    out
+}
+
+#[test]
+fn elongated_images_are_refused_from_the_header_before_anything_is_allocated() {
+    // 1 x 100,000,000 is under the pixel limit (178,956,970) but resizing its shorter side to
+    // 512 would ask for 512 x 51,200,000,000 pixels.
+    let err = decode_rgb8(&png_header_only(1, 100_000_000), "strip.png", &DecodeOptions::default()).unwrap_err();
+    assert!(err.reason.starts_with("too elongated: 1 x 100000000"), "{err}");
+    assert!(err.to_string().starts_with("strip.png: "), "{err}");
+    let err = decode_rgb8(&png_header_only(0, 10), "empty-dims.png", &DecodeOptions::default()).unwrap_err();
+    assert!(err.reason.contains("no pixels"), "{err}");
+
+    // The bound is 16:1 either way round: 16 x 1 decodes, 17 x 1 and 1 x 17 do not.
+    let ok = encode(DynamicImage::ImageLuma8(ImageBuffer::from_pixel(16, 1, Luma([9u8]))), ImageFormat::Png);
+    assert_eq!(decode(&ok).dimensions(), (16, 1));
+    for (w, h) in [(17, 1), (1, 17), (34, 2)] {
+        let bytes = encode(DynamicImage::ImageLuma8(ImageBuffer::from_pixel(w, h, Luma([9u8]))), ImageFormat::Png);
+        let err = decode_rgb8(&bytes, "x.png", &DecodeOptions::default()).unwrap_err();
+        assert!(err.reason.contains("too elongated") && err.reason.contains("at most 16"), "{w}x{h}: {err}");
+    }
+
+    // A real 1 x 2,000,000 PNG (a few KB) among good images: `skip` leaves it out at once, and
+    // `error` names it.
+    let dir = tempfile::tempdir().unwrap();
+    let strip = dir.path().join("strip.png");
+    ImageBuffer::from_pixel(1, 2_000_000, Luma([128u8])).save(&strip).unwrap();
+    let mut ds = bad_dataset();
+    ds.examples.drain(..4);
+    ds.examples.push(Example { origin: strip.display().to_string(), image: ImageData::File(strip.clone()), caption: Caption::One("x".into()) });
+    let start = Instant::now();
+    let (kept, skipped) = screen_dataset(ds.clone(), &DecodeOptions::default(), OnBadImage::Skip).unwrap();
+    assert!(start.elapsed().as_secs_f64() < 2.0, "screening took {:?}", start.elapsed());
+    assert_eq!((kept.len(), skipped.len()), (2, 1));
+    assert_eq!(skipped[0].origin, strip.display().to_string());
+    let err = format!("{:#}", screen_dataset(ds, &DecodeOptions::default(), OnBadImage::Error).unwrap_err());
+    assert!(err.contains(&format!("{}: too elongated: 1 x 2000000", strip.display())), "{err}");
+}
+
+#[cfg(unix)]
+#[test]
+fn a_named_pipe_among_the_images_is_a_bad_image_not_a_hang() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("pipe.png");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    let ex = Example { origin: fifo.display().to_string(), image: ImageData::File(fifo.clone()), caption: Caption::One("x".into()) };
+    // Nobody writes to the pipe: reading it would block for ever.
+    let err = decode_example(&ex, &DecodeOptions::default()).unwrap_err();
+    assert_eq!(err.reason, "not a regular file: it is a named pipe (FIFO)");
+}

@@ -147,3 +147,73 @@ fn hub_dataset_id_resolves_through_the_cache_offline() {
     let err = format!("{:#}", load_source(&spec, &SourceOptions::default()).unwrap_err());
     assert!(err.contains("someone/other") && err.contains("offline"), "{err}");
 }
+
+/// The shapes image folder copied to `to`, with its metadata rewritten as `metadata.csv` (quoted
+/// where a caption needs it) instead of `metadata.jsonl`.
+fn shapes_folder_as_csv(to: &Path) {
+    let from = fixture("shapes-folder/train");
+    std::fs::create_dir_all(to).unwrap();
+    let mut csv = String::from("file_name,text\r\n");
+    for line in std::fs::read_to_string(from.join("metadata.jsonl")).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let name = v["file_name"].as_str().unwrap();
+        copy(&from.join(name), &to.join(name));
+        csv += &format!("{name},\"{}\"\r\n", v["text"].as_str().unwrap().replace('"', "\"\""));
+    }
+    std::fs::write(to.join("metadata.csv"), csv).unwrap();
+}
+
+#[test]
+fn image_folder_reads_metadata_csv_as_the_datasets_imagefolder_does() {
+    let dir = tempfile::tempdir().unwrap();
+    shapes_folder_as_csv(dir.path());
+    let opts = SourceOptions::default();
+    let jsonl = load_source(&SourceSpec::ImageFolder { dir: fixture("shapes-folder") }, &opts).unwrap();
+    let csv = load_source(&SourceSpec::ImageFolder { dir: dir.path().to_path_buf() }, &opts).unwrap();
+    assert_eq!(csv.len(), 24);
+    assert_eq!(captions(&csv), captions(&jsonl));
+    let names = |ds: &Dataset| ds.examples.iter().map(|e| Path::new(&e.origin).file_name().unwrap().to_owned()).collect::<Vec<_>>();
+    assert_eq!(names(&csv), names(&jsonl));
+
+    // Commas and quotes inside a quoted caption, another column, a missing caption column.
+    std::fs::write(dir.path().join("metadata.csv"), "id,file_name,text\n7,0001.png,\"a \"\"blue\"\", pointy triangle\"\n").unwrap();
+    let one = load_source(&SourceSpec::ImageFolder { dir: dir.path().to_path_buf() }, &opts).unwrap();
+    assert_eq!(captions(&one), ["a \"blue\", pointy triangle"]);
+    let other = SourceOptions { caption_column: "caption".into(), ..Default::default() };
+    let err = format!("{:#}", load_source(&SourceSpec::ImageFolder { dir: dir.path().to_path_buf() }, &other).unwrap_err());
+    assert!(err.ends_with("metadata.csv line 2: no caption column `caption`; the keys are: file_name, id, text"), "{err}");
+    std::fs::write(dir.path().join("metadata.csv"), "file_name,text\n0001.png,a,b\n").unwrap();
+    let err = format!("{:#}", load_source(&SourceSpec::ImageFolder { dir: dir.path().to_path_buf() }, &opts).unwrap_err());
+    assert!(err.ends_with("metadata.csv line 2: 3 field(s), but the header has 2 columns (file_name, text)"), "{err}");
+
+    // Both kinds in one folder: which holds the captions would be a guess.
+    std::fs::write(dir.path().join("metadata.jsonl"), "{\"file_name\": \"0001.png\", \"text\": \"x\"}\n").unwrap();
+    let err = format!("{:#}", load_source(&SourceSpec::ImageFolder { dir: dir.path().to_path_buf() }, &opts).unwrap_err());
+    assert!(err.contains("both metadata.jsonl and metadata.csv"), "{err}");
+}
+
+#[test]
+fn metadata_file_names_may_not_leave_the_dataset_folder() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    copy(&fixture("shapes-folder/train/0001.png"), &data.join("0001.png"));
+    // A real image outside the folder, so the only reason to refuse is where it is.
+    copy(&fixture("shapes-folder/train/0001.png"), &root.path().join("outside.png"));
+    let outside_abs = root.path().join("outside.png").display().to_string();
+    // The line of the outside name: the second object, or the second row below the header.
+    for (name, line, meta) in [
+        ("jsonl", 2, "{\"file_name\": \"0001.png\", \"text\": \"in\"}\n{\"file_name\": \"../outside.png\", \"text\": \"out\"}\n".to_string()),
+        ("jsonl", 2, format!("{{\"file_name\": \"0001.png\", \"text\": \"in\"}}\n{{\"file_name\": {:?}, \"text\": \"out\"}}\n", outside_abs)),
+        ("csv", 3, "file_name,text\n0001.png,in\n../outside.png,out\n".to_string()),
+    ] {
+        for f in ["metadata.jsonl", "metadata.csv"] {
+            let _ = std::fs::remove_file(data.join(f));
+        }
+        std::fs::write(data.join(format!("metadata.{name}")), &meta).unwrap();
+        let err = format!("{:#}", load_source(&SourceSpec::ImageFolder { dir: data.clone() }, &SourceOptions::default()).unwrap_err());
+        let file = data.join(format!("metadata.{name}")).display().to_string();
+        assert!(err.starts_with(&format!("{file} line {line}: `file_name` \"")), "{err}");
+        assert!(err.contains("points outside the dataset folder"), "{err}");
+    }
+}

@@ -160,10 +160,23 @@ impl Loader {
         let src = self.add_source(Source::new(display.clone(), text.clone()), Some(dir.clone()));
         let (table, errors) = DeTable::parse_recoverable(&text);
         if !errors.is_empty() {
+            let json = looks_like_json(&display, &text);
             for e in errors {
                 let span = e.span().unwrap_or(0..0);
-                let msg = format!("invalid TOML: {}", one_line(e.message()));
-                self.diags.push(Diagnostic::error(&self.prov.sources[src], span, msg));
+                let d = match several_values(&text, &span) {
+                    Some((values, at, count)) => {
+                        Diagnostic::error(&self.prov.sources[src], at, format!("one value per key: `{values}` is {count} values"))
+                            .with_help("keep one of them (a key that takes several values takes a list: [a, b])")
+                    }
+                    None => Diagnostic::error(&self.prov.sources[src], span, format!("invalid TOML: {}", one_line(e.message()))),
+                };
+                if json {
+                    // The rest would be the same mistake again.
+                    let help = "this looks like JSON; pipeline files are TOML: `[model]` table headers and `key = value` lines (see pipelines/tiny.toml)";
+                    self.diags.push(d.with_help(help));
+                    break;
+                }
+                self.diags.push(d);
             }
             return;
         }
@@ -348,9 +361,17 @@ enum ReadError {
 
 /// Read a pipeline file, refusing a folder, an absurdly large file, or one that is not UTF-8.
 fn read_pipeline_text(path: &Path, display: &str) -> Result<String, ReadError> {
-    let meta = std::fs::metadata(path).map_err(|e| ReadError::Io(io_reason(&e)))?;
+    let meta = std::fs::metadata(path).map_err(|e| {
+        let dangling = e.kind() == std::io::ErrorKind::NotFound && std::fs::symlink_metadata(path).is_ok();
+        ReadError::Io(if dangling { "it is a symbolic link to something that does not exist".into() } else { io_reason(&e) })
+    })?;
     if meta.is_dir() {
         return Err(ReadError::Io("it is a folder, not a pipeline file".into()));
+    }
+    if !meta.is_file() {
+        // A FIFO or a device has no size to check and may never end (`/dev/zero`).
+        let what = crate::util::file_kind::special_file_kind(&meta.file_type());
+        return Err(ReadError::Io(format!("it is {what}, not a pipeline file (lora reads pipelines from regular files only)")));
     }
     if meta.len() > MAX_FILE_BYTES {
         let d = Diagnostic::file_error(
@@ -360,7 +381,15 @@ fn read_pipeline_text(path: &Path, display: &str) -> Result<String, ReadError> {
         .with_help("pipeline files are small TOML files: is this the right file?");
         return Err(ReadError::Diagnostic(Box::new(d)));
     }
-    let bytes = std::fs::read(path).map_err(|e| ReadError::Io(io_reason(&e)))?;
+    // Read at most one byte past the limit, in case the file grew since it was measured.
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| std::io::Read::read_to_end(&mut std::io::Read::take(f, MAX_FILE_BYTES + 1), &mut bytes))
+        .map_err(|e| ReadError::Io(io_reason(&e)))?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        let d = Diagnostic::file_error(display, format!("the file is over {MAX_FILE_BYTES} bytes, the most a pipeline file may be"));
+        return Err(ReadError::Diagnostic(Box::new(d)));
+    }
     if bytes.iter().all(|b| b.is_ascii_whitespace()) {
         let d = Diagnostic::file_error(display, "the file is empty")
             .with_help("a pipeline needs at least [model] and [dataset]; see pipelines/tiny.toml");
@@ -385,8 +414,40 @@ fn io_reason(e: &std::io::Error) -> String {
     match e.kind() {
         std::io::ErrorKind::NotFound => "no such file".into(),
         std::io::ErrorKind::PermissionDenied => "permission denied".into(),
+        _ if e.raw_os_error() == Some(libc::ELOOP) => "it is a symbolic link loop (too many levels of symbolic links)".into(),
         _ => e.to_string(),
     }
+}
+
+/// A file named `.json`, or whose text starts as a JSON object does.
+fn looks_like_json(display: &str, text: &str) -> bool {
+    display.to_ascii_lowercase().ends_with(".json") || text.trim_start().starts_with('{')
+}
+
+/// `key = a b` (two or more values where TOML takes one), when a parse error falls on such a
+/// line: the values as written, their span, and how many there are.
+fn several_values(text: &str, error: &Range<usize>) -> Option<(String, Range<usize>, usize)> {
+    let mut at = error.start.min(text.len());
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let line_end = text[line_start..].find('\n').map_or(text.len(), |i| line_start + i);
+    let line = &text[line_start..line_end];
+    let eq = line.find('=')?;
+    let key = line[..eq].trim();
+    if key.is_empty() || key.starts_with('[') || key.starts_with('#') {
+        return None;
+    }
+    // The value part, without a trailing comment.
+    let value = line[eq + 1..].split(" #").next()?.trim_end();
+    let tokens: Vec<&str> = value.split_whitespace().collect();
+    let each_is_a_value = tokens.iter().all(|t| DeTable::parse(&format!("x = {t}")).is_ok());
+    if tokens.len() < 2 || !each_is_a_value {
+        return None;
+    }
+    let offset = line_start + eq + 1 + (line[eq + 1..].len() - line[eq + 1..].trim_start().len());
+    Some((value.trim().to_string(), offset..offset + value.trim().len(), tokens.len()))
 }
 
 fn only_comments(text: &str) -> bool {

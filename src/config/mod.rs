@@ -1,10 +1,12 @@
 //! Pipeline files: the typed TOML tables (`types`), loading with `extends` and `--set`
 //! (`load`), checks against the generated JSON Schema and across fields (`validate`), and
-//! `FILE:LINE:COL` diagnostics (`diagnostic`); `schema` generates the schema and the docs tables.
+//! `FILE:LINE:COL` diagnostics (`diagnostic`); `schema` generates the schema and the docs tables;
+//! `targets` checks LoRA targets against a local model's weight headers.
 
 pub mod diagnostic;
 pub mod load;
 pub mod schema;
+pub mod targets;
 pub mod types;
 pub mod validate;
 

@@ -117,7 +117,8 @@ pub enum DatasetKind {
     Hub,
     /// A parquet file or a folder of parquet shards in the Hugging Face datasets layout (`path`).
     Parquet,
-    /// An image folder with `metadata.jsonl` (`file_name` + caption column), as `--train_data_dir`.
+    /// An image folder with `metadata.jsonl` or `metadata.csv` (`file_name` + caption column), as
+    /// `--train_data_dir`.
     Imagefolder,
     /// An image folder with a `.txt` or `.caption` file next to each image (kohya's layout).
     Sidecar,
@@ -212,8 +213,9 @@ pub enum Crop {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct PreprocessConfig {
-    /// Size the shorter side is resized to and the square crop size, in pixels.
-    #[schemars(range(min = 8), extend("multipleOf" = 8, "x-reference" = "--resolution"))]
+    /// Size the shorter side is resized to and the square crop size, in pixels (at most 8192:
+    /// SD is trained at 512 to 1024, and larger sizes would not fit in memory).
+    #[schemars(range(min = 8, max = 8192), extend("multipleOf" = 8, "x-reference" = "--resolution"))]
     pub resolution: u32,
     /// Crop the middle square.
     #[schemars(extend("x-reference" = "--center_crop"))]

@@ -319,6 +319,11 @@ fn walk(root: &Value, schema: &Value, value: &toml::Value, path: &mut Vec<Seg>, 
                 ("number" | "integer", toml::Value::String(s)) if s.trim().parse::<f64>().is_ok() => {
                     Some(format!("remove the quotes: {}", s.trim()))
                 }
+                ("number" | "integer", toml::Value::String(s))
+                    if s.split_whitespace().count() > 1 && s.split_whitespace().all(|t| t.parse::<f64>().is_ok()) =>
+                {
+                    Some(format!("one value per key: `{}` is {} values", s.trim(), s.split_whitespace().count()))
+                }
                 ("boolean", toml::Value::String(s)) if matches!(s.as_str(), "true" | "false") => {
                     Some(format!("remove the quotes: {s}"))
                 }
@@ -335,6 +340,12 @@ fn walk(root: &Value, schema: &Value, value: &toml::Value, path: &mut Vec<Seg>, 
     match value {
         toml::Value::Integer(_) | toml::Value::Float(_) => {
             let x = as_f64(value).unwrap_or(f64::NAN);
+            // Every number of a pipeline is a finite quantity: `inf` and `nan` pass a bound such
+            // as "> 0" (or fail it with a message about the bound) and end in NaN losses later.
+            if !x.is_finite() {
+                issues.push(issue(format!("`{here}` must be a finite number; found {}", fmt_value(value)), None));
+                return;
+            }
             let num = |k: &str| keyword(root, schema, k).and_then(Value::as_f64);
             let mut bound = |ok: bool, what: String| {
                 if !ok {
@@ -554,6 +565,10 @@ fn unknown_key(root: &Value, parent: &[Seg], key: &str, known: &[&str], is_table
     (message, help)
 }
 
+/// Smallest LoRA scale (alpha / rank) accepted: a smaller one leaves the adapter's update far
+/// below the f32 rounding of the layer it is added to.
+pub const MIN_LORA_SCALE: f64 = 1e-6;
+
 /// Checks that need more than one key, or the file system.
 struct Checks<'a> {
     prov: &'a Provenance,
@@ -615,6 +630,7 @@ impl Checks<'_> {
     }
 
     fn run(&mut self, p: &Pipeline) {
+        self.utf8_paths(p);
         self.model(p);
         self.dataset(p);
         self.preprocess(p);
@@ -622,6 +638,31 @@ impl Checks<'_> {
         self.train(p);
         self.validation(p);
         self.output(p);
+    }
+
+    /// Every path key must resolve to UTF-8 text: the run records paths as text (the lock, the
+    /// kohya metadata, the model source), so a non-UTF-8 folder name would validate and then not
+    /// be found.
+    fn utf8_paths(&mut self, p: &Pipeline) {
+        let m = &p.model;
+        let keys: [(&str, Option<&PathBuf>); 7] = [
+            ("model.path", m.path.as_ref()),
+            ("model.file", m.file.as_ref()),
+            ("model.vae", m.vae.as_ref()),
+            ("model.config", m.config.as_ref()),
+            ("model.cache_dir", m.cache_dir.as_ref()),
+            ("dataset.path", p.dataset.path.as_ref()),
+            ("output.dir", Some(&p.output.dir)),
+        ];
+        for (key, path) in keys {
+            if let Some(path) = path.filter(|p| p.to_str().is_none()) {
+                self.error(
+                    &[key],
+                    format!("`{key}` resolves to `{}`, whose name is not UTF-8 text", path.display()),
+                    Some("lora records paths as UTF-8 text (lora.lock, the adapter's metadata); rename the folder (the pipeline file's folder, for a relative path)".into()),
+                );
+            }
+        }
     }
 
     fn model(&mut self, p: &Pipeline) {
@@ -642,7 +683,8 @@ impl Checks<'_> {
             } else if file.is_dir() {
                 self.error(&["model.file"], format!("`{shown}` is a folder; a diffusers folder goes in `path`"), None);
             } else if !file.is_file() && !crate::models::loading::is_hub_file(&file.to_string_lossy()) {
-                self.error(&["model.file"], format!("model file `{shown}` does not exist"), Some("a hub file is written org/repo/file.safetensors".into()));
+                let help = matches!(what_is(file), Found::Missing).then(|| "a hub file is written org/repo/file.safetensors".to_string());
+                self.error(&["model.file"], format!("model file `{shown}` {}", what_is(file).not_a("file")), help);
             } else if let Some(Err(e)) = crate::models::single_file::recognise_config(m) {
                 self.error(&["model.file"], format!("model file `{shown}` is not a usable single-file checkpoint: {e:#}"), None);
             }
@@ -664,7 +706,7 @@ impl Checks<'_> {
                 .filter(|f| !dir.join(f).exists())
                 .collect();
             if !dir.is_dir() {
-                self.error(&["model.config"], format!("config folder `{shown}` does not exist"), None);
+                self.error(&["model.config"], format!("config folder `{shown}` {}", what_is(dir).not_a("folder")), None);
             } else if !missing.is_empty() {
                 self.error(&["model.config"], format!("config folder `{shown}` lacks {}", missing.join(", ")), Some("it should be laid out as a diffusers model folder (weights are not needed)".into()));
             }
@@ -674,7 +716,7 @@ impl Checks<'_> {
             if !vae.to_string_lossy().to_ascii_lowercase().ends_with(".safetensors") {
                 self.error(&["model.vae"], format!("VAE file `{shown}` is not a .safetensors file"), Some("lora reads safetensors only, because loading a pickle can run arbitrary code".into()));
             } else if !vae.is_file() {
-                self.error(&["model.vae"], format!("VAE file `{shown}` does not exist"), None);
+                self.error(&["model.vae"], format!("VAE file `{shown}` {}", what_is(vae).not_a("file")), None);
             }
         }
         if m.file.is_some() {
@@ -701,8 +743,9 @@ impl Checks<'_> {
             }
             (None, Some(path)) => {
                 let shown = self.shown("model.path", path);
-                if !path.exists() {
-                    self.error(&["model.path"], format!("model folder `{shown}` does not exist"), None);
+                let found = what_is(path);
+                if !matches!(found, Found::Dir | Found::File) {
+                    self.error(&["model.path"], format!("model folder `{shown}` {}", found.not_a("folder")), None);
                 } else if !path.is_dir() {
                     self.error(&["model.path"], format!("model path `{shown}` is a file; expected a diffusers model folder"), None);
                 } else if !path.join("model_index.json").is_file() && !path.join("unet").is_dir() {
@@ -718,9 +761,11 @@ impl Checks<'_> {
             self.warning(&["model.revision"], "`model.revision` is ignored for a local model folder".into(), None);
         }
         if let Some(dir) = &m.cache_dir {
-            if dir.exists() && !dir.is_dir() {
+            let found = what_is(dir);
+            if !matches!(found, Found::Missing | Found::Dir) {
                 let shown = self.shown("model.cache_dir", dir);
-                self.error(&["model.cache_dir"], format!("cache folder `{shown}` is a file"), None);
+                let what = if matches!(found, Found::File) { "is a file".to_string() } else { found.not_a("folder") };
+                self.error(&["model.cache_dir"], format!("cache folder `{shown}` {what}"), None);
             }
         }
     }
@@ -761,7 +806,7 @@ impl Checks<'_> {
                 }
                 match &d.path {
                     None => self.error(&["dataset.kind"], format!("dataset kind \"{}\" needs `dataset.path`", kind_name(kind)), None),
-                    Some(path) => self.dataset_path(kind, path),
+                    Some(path) => self.dataset_path(kind, path, &d.caption_column),
                 }
             }
         }
@@ -776,10 +821,11 @@ impl Checks<'_> {
         }
     }
 
-    fn dataset_path(&mut self, kind: DatasetKind, path: &Path) {
+    fn dataset_path(&mut self, kind: DatasetKind, path: &Path, caption_column: &str) {
         let shown = self.shown("dataset.path", path);
-        if !path.exists() {
-            return self.error(&["dataset.path"], format!("dataset path `{shown}` does not exist"), None);
+        let found = what_is(path);
+        if !matches!(found, Found::Dir | Found::File) {
+            return self.error(&["dataset.path"], format!("dataset path `{shown}` {}", found.not_a("file or folder")), None);
         }
         match kind {
             DatasetKind::Parquet => {
@@ -791,20 +837,53 @@ impl Checks<'_> {
             DatasetKind::Imagefolder => {
                 if !path.is_dir() {
                     self.error(&["dataset.path"], format!("`{shown}` is a file; kind \"imagefolder\" needs a folder"), None);
-                } else if !find_file(path, 3, &|n| n == "metadata.jsonl") {
+                } else if !find_file(path, 3, &|n| crate::data::source::image_folder::METADATA_NAMES.contains(&n)) {
                     self.error(
                         &["dataset.path"],
-                        format!("no metadata.jsonl in `{shown}`"),
-                        Some("an image folder needs metadata.jsonl lines {\"file_name\": ..., \"text\": ...}; for .txt captions next to the images use kind = \"sidecar\"".into()),
+                        format!("no metadata.jsonl or metadata.csv in `{shown}`"),
+                        Some("an image folder needs metadata.jsonl lines {\"file_name\": ..., \"text\": ...} (or a metadata.csv with those columns); for .txt captions next to the images use kind = \"sidecar\"".into()),
                     );
+                } else {
+                    self.dataset_listing(kind, path, &shown, caption_column);
                 }
             }
             DatasetKind::Sidecar => {
                 if !path.is_dir() {
                     self.error(&["dataset.path"], format!("`{shown}` is a file; kind \"sidecar\" needs a folder"), None);
+                } else {
+                    self.dataset_listing(kind, path, &shown, caption_column);
                 }
             }
             DatasetKind::Hub => {}
+        }
+    }
+
+    /// List a local folder dataset as the dataset stage will (metadata lines, caption files; no
+    /// image is decoded), so that an empty folder, a missing image or caption file, or a
+    /// `file_name` outside the folder is reported now rather than after the model loaded.
+    fn dataset_listing(&mut self, kind: DatasetKind, path: &Path, shown: &str, caption_column: &str) {
+        use crate::data::source::{image_folder, sidecar, SourceOptions};
+        let listed = match kind {
+            DatasetKind::Imagefolder => {
+                let opts = SourceOptions { caption_column: caption_column.to_string(), ..SourceOptions::default() };
+                image_folder::load(path, &opts)
+            }
+            DatasetKind::Sidecar => sidecar::load(path, &[]),
+            _ => return,
+        };
+        match listed {
+            Err(e) => self.error(&["dataset.path"], format!("bad dataset `{shown}`: {e:#}"), None),
+            Ok(d) if d.is_empty() => {
+                let (what, help) = match kind {
+                    DatasetKind::Sidecar => (
+                        format!("no images ({}) in `{shown}`", crate::data::source::IMAGE_EXTENSIONS.iter().map(|e| format!(".{e}")).collect::<Vec<_>>().join(", ")),
+                        "kind \"sidecar\" reads each image with the .txt or .caption file of the same name beside it",
+                    ),
+                    _ => (format!("the metadata in `{shown}` lists no images"), "each line of metadata.jsonl (each row of metadata.csv) names one image in `file_name`"),
+                };
+                self.error(&["dataset.path"], format!("dataset has no examples: {what}"), Some(help.into()));
+            }
+            Ok(_) => {}
         }
     }
 
@@ -832,11 +911,115 @@ impl Checks<'_> {
                 self.error(&[&format!("adapter.target_modules[{i}]"), "adapter.target_modules"], "empty module pattern in `adapter.target_modules`".into(), None);
             }
         }
+        // Every pattern must be one injection can parse (a name, or `re:` and a valid regex).
+        let lists = [("adapter.target_modules", &a.target_modules), ("adapter.text_encoder_target_modules", &a.text_encoder_target_modules)];
+        let mut patterns: Vec<(String, &str)> = Vec::new();
+        for (key, list) in lists {
+            patterns.extend(list.iter().enumerate().filter(|(_, t)| !t.trim().is_empty()).map(|(i, t)| (format!("{key}[{i}]"), t.as_str())));
+        }
+        patterns.extend(a.rank_pattern.keys().map(|k| (format!("adapter.rank_pattern.{}", quote_key(k)), k.as_str())));
+        patterns.extend(a.alpha_pattern.keys().map(|k| (format!("adapter.alpha_pattern.{}", quote_key(k)), k.as_str())));
+        for (key, pattern) in patterns {
+            if let Err(e) = crate::adapters::lora::ModulePattern::parse(pattern) {
+                let parent = key.split('[').next().unwrap_or(&key).to_string();
+                // The regex crate's explanation ends with a line `error: ...`.
+                let why = e.chain().nth(1).and_then(|c| c.to_string().lines().last().map(|l| l.trim().trim_start_matches("error: ").to_string()));
+                self.error(&[key.as_str(), parent.as_str()], format!("{e}"), why);
+            }
+        }
+        // The update is scaled by alpha / rank: below MIN_LORA_SCALE the adapter's output is
+        // lost under f32 rounding of the layer it is added to, so training would change nothing.
+        let max_rank = a.rank_pattern.values().map(|r| r.0).chain([a.rank]).max().unwrap_or(a.rank) as f64;
+        let mut alphas: Vec<(String, f64)> = Vec::new();
+        if let Some(alpha) = a.alpha {
+            alphas.push(("adapter.alpha".into(), alpha));
+        }
+        for (pattern, alpha) in &a.alpha_pattern {
+            alphas.push((format!("adapter.alpha_pattern.{}", quote_key(pattern)), alpha.0));
+        }
+        for (key, alpha) in alphas {
+            let scale = alpha / max_rank;
+            if alpha.is_finite() && scale < MIN_LORA_SCALE {
+                self.error(
+                    &[key.as_str()],
+                    format!(
+                        "`{key}` = {alpha:e} with rank {} scales the update by {scale:e}: the adapter would do nothing (alpha / rank must be at least {MIN_LORA_SCALE:e})",
+                        fmt_num(max_rank)
+                    ),
+                    Some("alpha is usually the rank (scale 1, the default when alpha is unset) or half of it".into()),
+                );
+            }
+        }
+        self.targets_in_model(p);
         if !a.text_encoder && self.is_set("adapter.text_encoder_target_modules") {
             self.warning(
                 &["adapter.text_encoder_target_modules"],
                 "`adapter.text_encoder_target_modules` is set but `adapter.text_encoder` is false".into(),
                 Some("set text_encoder = true to train text-encoder LoRA layers".into()),
+            );
+        }
+    }
+
+    /// With a local diffusers model, each UNet (and, when trained, text-encoder) target pattern
+    /// must match a linear layer (read from the weight files' headers only), and a rank wider
+    /// than a targeted layer is a warning. A model that cannot be read is left to the model stage
+    /// to report.
+    fn targets_in_model(&mut self, p: &Pipeline) {
+        let (Some(dir), None) = (&p.model.path, &p.model.file) else { return };
+        if !dir.is_dir() {
+            return;
+        }
+        let a = &p.adapter;
+        let variant = p.model.variant.as_deref();
+        let rank_pattern: Vec<(String, u32)> = a.rank_pattern.iter().map(|(k, r)| (k.clone(), r.0)).collect();
+        let mut narrow = Vec::new();
+        let mut targeted: Vec<String> = Vec::new();
+        let mut linear: Vec<String> = Vec::new();
+        let mut read = 0;
+        let components = [
+            ("adapter.target_modules", &a.target_modules, "the UNet", super::targets::unet_layers(dir, variant).ok()),
+            (
+                "adapter.text_encoder_target_modules",
+                &a.text_encoder_target_modules,
+                "the text encoder",
+                if a.text_encoder { super::targets::text_encoder_layers(dir, variant).ok() } else { None },
+            ),
+        ];
+        for (key, patterns, component, layers) in components {
+            let Some(layers) = layers else { continue };
+            for (i, pattern) in patterns.iter().enumerate() {
+                if pattern.trim().is_empty() {
+                    continue;
+                }
+                if let Some((message, help)) = super::targets::target_problem(pattern, &layers, component) {
+                    self.error(&[&format!("{key}[{i}]"), key], message, help);
+                }
+            }
+            narrow.extend(super::targets::narrow_layers(patterns, a.rank, &rank_pattern, &layers));
+            targeted.extend(super::targets::targeted(patterns, &layers).into_iter().map(str::to_string));
+            linear.extend(super::targets::linear_names(&layers).into_iter().map(str::to_string));
+            read += 1;
+        }
+        // Pattern keys need a targeted module to apply to (checked once both components are read).
+        if read == 1 + usize::from(a.text_encoder) {
+            let targeted: Vec<&str> = targeted.iter().map(String::as_str).collect();
+            let linear: Vec<&str> = linear.iter().map(String::as_str).collect();
+            let keys = a.rank_pattern.keys().map(|k| ("rank_pattern", k)).chain(a.alpha_pattern.keys().map(|k| ("alpha_pattern", k)));
+            for (kind, key) in keys {
+                if let Some((message, help)) = super::targets::pattern_key_problem(kind, key, &targeted, &linear) {
+                    self.error(&[&format!("adapter.{kind}.{}", quote_key(key))], message, help);
+                }
+            }
+        }
+        if let Some((module, rank, out, inp)) = narrow.first() {
+            let key = if a.rank_pattern.is_empty() || *rank == a.rank { "adapter.rank" } else { "adapter.rank_pattern" };
+            self.warning(
+                &[key],
+                format!(
+                    "rank {rank} is above the width of {} targeted layer(s) (e.g. `{module}`, {out} x {inp}): a rank above min(in, out) adds parameters, not capacity",
+                    narrow.len()
+                ),
+                Some(format!("a rank of at most {} fits every targeted layer", narrow.iter().map(|(_, _, o, i)| *o.min(i)).min().unwrap_or(1))),
             );
         }
     }
@@ -867,6 +1050,15 @@ impl Checks<'_> {
                 format!("precision \"{name}\" on the CPU is slower than \"no\": the CPU has no half-precision kernels, so convolutions compute in f32 and round"),
                 Some("use precision = \"no\" on the CPU unless you are testing mixed precision".into()),
             );
+        }
+        if let Device::Cuda(_) = t.device {
+            if !crate::device::CUDA_BUILT {
+                self.error(
+                    &["train.device"],
+                    format!("train.device = \"{}\" but this `lora` was built without CUDA", t.device),
+                    Some("build with `cargo build --release --features cuda` (README: On an NVIDIA GPU), or use device = \"auto\" (the GPU when there is one, else the CPU) or \"cpu\"".into()),
+                );
+            }
         }
         if self.is_set("train.dataloader_workers") {
             // Accepted keys must work: images are decoded and preprocessed on the process-wide
@@ -916,10 +1108,15 @@ impl Checks<'_> {
         if dir.as_os_str().is_empty() {
             return self.error(&["output.dir"], "`output.dir` is empty".into(), None);
         }
+        if self.output_place(p, dir, &shown) {
+            return;
+        }
+        let found = what_is(dir);
+        if !matches!(found, Found::Missing | Found::Dir) {
+            let what = if matches!(found, Found::File) { "is a file".to_string() } else { found.not_a("folder") };
+            return self.error(&["output.dir"], format!("output folder `{shown}` {what}"), None);
+        }
         if dir.exists() {
-            if !dir.is_dir() {
-                return self.error(&["output.dir"], format!("output folder `{shown}` is a file"), None);
-            }
             if let Err(e) = tempfile::Builder::new().prefix(".lora-write-test").tempfile_in(dir) {
                 return self.error(&["output.dir"], format!("output folder `{shown}` is not writable: {}", reason(&e)), None);
             }
@@ -949,6 +1146,133 @@ impl Checks<'_> {
         if let Err(e) = tempfile::Builder::new().prefix(".lora-write-test").tempfile_in(ancestor) {
             let a = ancestor.display().to_string();
             self.error(&["output.dir"], format!("output folder `{shown}` cannot be created in `{a}`: {}", reason(&e)), None);
+        }
+    }
+}
+
+impl Checks<'_> {
+    /// Where an output folder may not be: a run writes its files there and removes its
+    /// temporaries, and the next run reads its dataset folder. Pushes the error and returns true
+    /// when `dir` is `/`, the home folder, the dataset's or the model's folder (or inside them),
+    /// or a folder holding another run's folder.
+    fn output_place(&mut self, p: &Pipeline, dir: &Path, shown: &str) -> bool {
+        let Some(out) = canonical_or_absolute(dir) else { return false };
+        let refuse = |me: &mut Self, message: String, help: &str| {
+            me.error(&["output.dir"], message, Some(help.to_string()));
+            true
+        };
+        let own_folder = "give the run a folder of its own, e.g. output.dir = \"runs/<name>\"";
+        if out.parent().is_none() {
+            return refuse(self, format!("output folder `{shown}` is the root folder"), own_folder);
+        }
+        let home = std::env::var_os("HOME").filter(|h| !h.is_empty()).and_then(|h| canonical_or_absolute(Path::new(&h)));
+        if home.as_deref() == Some(out.as_path()) {
+            return refuse(self, format!("output folder `{shown}` is your home folder"), own_folder);
+        }
+        let local_dataset = p.dataset.path.as_ref().filter(|_| p.dataset.kind != DatasetKind::Hub);
+        for (key, folder, what) in [("dataset.path", local_dataset, "the dataset"), ("model.path", p.model.path.as_ref(), "the model")] {
+            let Some(folder) = folder.and_then(|f| canonical_or_absolute(f)) else { continue };
+            if out.starts_with(&folder) {
+                let written = self.shown(key, &folder);
+                let place = if out == folder { format!("is {what} folder ({key})") } else { format!("is inside {what} folder `{written}` ({key})") };
+                let why = if key == "dataset.path" {
+                    "the next run would read the outputs (loss.png, validation images) as training images"
+                } else {
+                    "the outputs would mix with the model's files"
+                };
+                return refuse(self, format!("output folder `{shown}` {place}: {why}"), own_folder);
+            }
+        }
+        if let Some(other) = run_folder_below(&out, 3, true) {
+            let rel = other.strip_prefix(&out).unwrap_or(&other).display().to_string();
+            return refuse(
+                self,
+                format!("output folder `{shown}` holds another run's folder `{rel}` (it has {}): a run cleans up inside its own folder", crate::runner::lock::LOCK_FILE),
+                own_folder,
+            );
+        }
+        false
+    }
+}
+
+/// `path` made absolute, with its longest existing ancestor's symbolic links resolved (`None`
+/// when the current directory is unknown).
+fn canonical_or_absolute(path: &Path) -> Option<PathBuf> {
+    let absolute = tidy_path(&std::path::absolute(path).ok()?);
+    let mut existing = absolute.as_path();
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(c) = existing.canonicalize() {
+            return Some(rest.iter().rev().fold(c, |acc: PathBuf, part| acc.join(part)));
+        }
+        rest.push(existing.file_name()?.to_owned());
+        existing = existing.parent()?;
+    }
+}
+
+/// Where a run sets an earlier run's results aside inside its own output folder (with a copy of
+/// that run's lock): not another run's folder. The runner's `resume::EARLIER_DIR`.
+const SET_ASIDE_DIR: &str = "earlier";
+
+/// A folder below `dir` (at most `depth` levels, symbolic links not followed) that holds a run's
+/// lock file: the folder of another run. `top`: `dir` is the output folder itself, whose
+/// set-aside folder is skipped.
+fn run_folder_below(dir: &Path, depth: usize, top: bool) -> Option<PathBuf> {
+    if depth == 0 {
+        return None;
+    }
+    let entries = std::fs::read_dir(dir).ok()?;
+    let mut subdirs = Vec::new();
+    for entry in entries.flatten().take(10_000) {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) && !(top && entry.file_name() == SET_ASIDE_DIR) {
+            subdirs.push(entry.path());
+        }
+    }
+    subdirs.sort();
+    if let Some(run) = subdirs.iter().find(|sub| sub.join(crate::runner::lock::LOCK_FILE).is_file()) {
+        return Some(run.clone());
+    }
+    subdirs.iter().find_map(|d| run_folder_below(d, depth - 1, false))
+}
+
+/// What is at a path, so messages say what it is instead of "does not exist".
+enum Found {
+    Missing,
+    Dir,
+    File,
+    /// A FIFO, device or socket: "a named pipe (FIFO)".
+    Other(&'static str),
+    /// It cannot be looked at: a symlink loop, a dangling link, permission denied.
+    Unreadable(String),
+}
+
+fn what_is(path: &Path) -> Found {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => Found::Dir,
+        Ok(m) if m.is_file() => Found::File,
+        Ok(m) => Found::Other(crate::util::file_kind::special_file_kind(&m.file_type())),
+        // ENOTDIR: a file stands where a folder of the path should be; nothing is there.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENOTDIR) => {
+            if std::fs::symlink_metadata(path).is_ok() {
+                Found::Unreadable("is a symbolic link to something that does not exist".into())
+            } else {
+                Found::Missing
+            }
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => Found::Unreadable("is a symbolic link loop (too many levels of symbolic links)".into()),
+        Err(e) => Found::Unreadable(format!("cannot be read: {}", reason(&e))),
+    }
+}
+
+impl Found {
+    /// The end of a sentence "`<path>` ...", for a path that should be `wanted` ("a file").
+    fn not_a(&self, wanted: &str) -> String {
+        match self {
+            Found::Missing => "does not exist".into(),
+            Found::Dir => format!("is a folder, not a {wanted}"),
+            Found::File => format!("is a file, not a {wanted}"),
+            Found::Other(what) => format!("is {what}, not a {wanted}"),
+            Found::Unreadable(why) => why.clone(),
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Decoding images to RGB8 as PIL's `Image.open(...).convert("RGB")` does: PNG, JPEG, WebP; every
-//! mode (L, LA, P, RGBA, CMYK JPEG, 16-bit); a pixel limit checked on the header before decoding;
-//! and the pass that finds every bad image before training.
+//! mode (L, LA, P, RGBA, CMYK JPEG, 16-bit); a pixel limit and an aspect-ratio limit checked on
+//! the header before decoding; and the pass that finds every bad image before training.
 
 use std::io::Cursor;
 
@@ -11,6 +11,11 @@ use super::source::{Dataset, Example, ImageData};
 
 /// PIL's `Image.MAX_IMAGE_PIXELS` (`1024 * 1024 * 1024 // 4 // 3`).
 pub const DEFAULT_MAX_IMAGE_PIXELS: u64 = 89_478_485;
+
+/// Longest side accepted, as a multiple of the shortest. Preprocessing resizes the shorter side
+/// to the resolution, so a 1 x 2,000,000 image would become 512 x 1,024,000,000 pixels: such an
+/// image is refused from its header, before anything is decoded or allocated.
+pub const MAX_ASPECT_RATIO: u64 = 16;
 
 /// How images are decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +77,17 @@ pub fn decode_rgb8(bytes: &[u8], origin: &str, opts: &DecodeOptions) -> Result<R
         None => reader().into_dimensions().map_err(|e| bad(format!("unreadable image header: {e}")))?,
     };
     let pixels = width as u64 * height as u64;
+    if pixels == 0 {
+        return Err(bad(format!("no pixels: the header says {width} x {height}")));
+    }
+    let (short, long) = (width.min(height) as u64, width.max(height) as u64);
+    if long > MAX_ASPECT_RATIO * short {
+        return Err(bad(format!(
+            "too elongated: {width} x {height}; resizing its shorter side to the training resolution would make the longer side \
+             {} times the resolution (at most {MAX_ASPECT_RATIO} is accepted)",
+            long / short
+        )));
+    }
     if let Some(limit) = opts.max_image_pixels {
         if pixels > limit {
             return Err(bad(format!(
@@ -101,6 +117,13 @@ pub fn decode_example(example: &Example, opts: &DecodeOptions) -> Result<RgbImag
     match &example.image {
         ImageData::Bytes(bytes) => decode_rgb8(bytes, &example.origin, opts),
         ImageData::File(path) => {
+            // A named pipe or a device would block or never end.
+            if let Ok(meta) = std::fs::metadata(path) {
+                if !meta.is_file() && !meta.is_dir() {
+                    let what = crate::util::file_kind::special_file_kind(&meta.file_type());
+                    return Err(BadImage { origin: example.origin.clone(), reason: format!("not a regular file: it is {what}") });
+                }
+            }
             let bytes = std::fs::read(path)
                 .map_err(|e| BadImage { origin: example.origin.clone(), reason: format!("cannot read the file: {e}") })?;
             decode_rgb8(&bytes, &example.origin, opts)

@@ -1,6 +1,8 @@
 //! Small shared helpers: atomic file writes (`fs`), Ctrl-C handling (`interrupt`), this
-//! process's host memory (`memory`) and the opt-in step profiler (`profile`).
+//! process's host memory (`memory`) and the opt-in step profiler (`profile`); `file_kind` names
+//! special files (FIFOs, devices) for messages.
 
+pub mod file_kind;
 pub mod fs;
 pub mod interrupt;
 pub mod memory;

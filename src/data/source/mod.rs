@@ -1,5 +1,5 @@
 //! Dataset sources: what a dataset is (examples = image + caption) and how each layout on disk is
-//! listed: Hugging Face parquet, an image folder with `metadata.jsonl`, or sidecar caption files.
+//! listed: Hugging Face parquet, an image folder with `metadata.jsonl` or `metadata.csv`, or sidecar caption files.
 
 pub mod hub;
 pub mod image_folder;
@@ -71,7 +71,7 @@ pub enum SourceSpec {
     /// Hugging Face datasets parquet: one `.parquet` file, a folder of shards, or a dataset folder
     /// with the shards under `data/` (only the `train` split's files when splits are named).
     Parquet { path: PathBuf },
-    /// An image folder with `metadata.jsonl` lines `{"file_name": ..., "<caption column>": ...}`
+    /// An image folder with `metadata.jsonl` (or `metadata.csv`) lines `{"file_name": ..., "<caption column>": ...}`
     /// (diffusers' `--train_data_dir`); the folder itself or its `train/` subfolder.
     ImageFolder { dir: PathBuf },
     /// Images with a caption file of the same stem beside each (kohya): the first of
@@ -87,7 +87,7 @@ pub enum SourceSpec {
 pub struct SourceOptions {
     /// Image column (parquet) — default `image`.
     pub image_column: String,
-    /// Caption column (parquet, metadata.jsonl) — default `text`.
+    /// Caption column (parquet, metadata.jsonl / .csv) — default `text`.
     pub caption_column: String,
     /// Keep a seeded random subset of this many examples (in the shuffled order, as the
     /// reference's `shuffle(seed).select(range(n))`).
