@@ -165,13 +165,17 @@ fn plan_and_run_agree_on_every_situation_of_the_folder() {
     let Status::Run(why) = train_status(&plan) else { panic!("{plan:?}") };
     assert!(why.starts_with("resumes the interrupted run from checkpoint-1, with train.learning_rate 0.001 -> 0.002"), "{why}");
 
-    // A failure before the first checkpoint does not block its own fix.
-    let out = case("typo");
-    let typo = load(&tiny(), &out, &["adapter.target_modules=[\"to_kk\"]"]);
-    assert!(run_with(&typo, &RunOptions::default(), false).is_err(), "to_kk matches no module");
-    let fixed = load(&tiny(), &out, &["adapter.target_modules=[\"to_k\"]"]);
+    // A run that ended before its first checkpoint (killed, or failed at its set-up) has
+    // nothing to protect: a changed rank does not block the next run. (The in-progress mark of
+    // a stopped run, with its checkpoint taken away.)
+    let out = case("no-checkpoint");
+    let p = load(&tiny(), &out, &[]);
+    run_with(&p, &RunOptions::default(), true).unwrap();
+    std::fs::remove_dir_all(out.join("checkpoint-1")).unwrap();
+    assert!(Lock::read(&out).unwrap().stages.contains_key("train.in_progress"));
+    let fixed = load(&tiny(), &out, &["adapter.rank=8"]);
     let plan = planned(&fixed);
-    assert_eq!(train_status(&plan), Status::Run("the interrupted run left no checkpoint that loads".into()));
+    assert!(matches!(train_status(&plan), Status::Run(w) if w.starts_with("the interrupted run left no checkpoint that loads")), "{plan:?}");
     let r = run_with(&fixed, &RunOptions::default(), false).unwrap();
     assert_eq!(statuses(&r), plan);
     assert_eq!(r.train.as_ref().unwrap().global_step, 3);
@@ -284,4 +288,20 @@ fn output_name_and_save_precision_shape_the_exported_files() {
         }
     }
     assert!(out.join("validation/prompt0-0.png").is_file(), "validation applied the half-precision file");
+}
+
+/// `rank_pattern` is one table for the UNet and the text encoder: a key that matches only UNet
+/// modules does not fail the text encoder's injection (it did), and each part gets its ranks.
+#[test]
+fn a_rank_pattern_for_the_unet_leaves_the_text_encoder_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let p = load(&tiny(), &out, &["adapter.text_encoder=true", "adapter.rank_pattern={ to_k = 8 }", "train.max_steps=1"]);
+    run_with(&p, &RunOptions::default(), false).unwrap();
+    let w = lora::adapters::format::read_lora_file(&out.join(TRAINED_FILE)).unwrap();
+    assert!(!w.text_encoder.is_empty());
+    for (name, m) in &w.unet {
+        assert_eq!(m.rank(), if name.ends_with("to_k") { 8 } else { 4 }, "{name}");
+    }
+    assert!(w.text_encoder.values().all(|m| m.rank() == 4));
 }

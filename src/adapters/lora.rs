@@ -187,6 +187,36 @@ fn pattern_value<T: Copy>(patterns: &[(ModulePattern, T)], name: &str) -> Option
         .map(|(_, v)| *v)
 }
 
+/// Keep in `spec`'s `rank_pattern` and `alpha_pattern` only the keys that match a module of
+/// `names` that `spec.targets` selects (for one part of a model, when the patterns are shared
+/// with another part). Returns the keys kept.
+pub fn keep_patterns_for<'a>(spec: &mut LoraSpec, names: impl IntoIterator<Item = &'a str>) -> Result<std::collections::BTreeSet<String>> {
+    let targets = spec.targets.iter().map(|t| ModulePattern::parse(t)).collect::<Result<Vec<_>>>()?;
+    let targeted: Vec<&str> = names.into_iter().filter(|n| targets.iter().any(|t| t.matches(n))).collect();
+    let hits = |k: &str| -> Result<bool> {
+        let p = ModulePattern::parse(k)?;
+        Ok(targeted.iter().any(|n| p.matches(n)))
+    };
+    let mut kept = std::collections::BTreeSet::new();
+    let mut rank = BTreeMap::new();
+    for (k, v) in std::mem::take(&mut spec.rank_pattern) {
+        if hits(&k)? {
+            kept.insert(k.clone());
+            rank.insert(k, v);
+        }
+    }
+    let mut alpha = BTreeMap::new();
+    for (k, v) in std::mem::take(&mut spec.alpha_pattern) {
+        if hits(&k)? {
+            kept.insert(k.clone());
+            alpha.insert(k, v);
+        }
+    }
+    spec.rank_pattern = rank;
+    spec.alpha_pattern = alpha;
+    Ok(kept)
+}
+
 /// Resolved settings for one matched module.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModulePlan {

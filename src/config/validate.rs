@@ -1077,7 +1077,7 @@ impl Checks<'_> {
     fn validation(&mut self, p: &Pipeline) {
         let v = &p.validation;
         if v.prompts.is_empty() {
-            let set: Vec<String> = ["num_images", "every_epochs", "every_steps", "scheduler", "steps", "guidance_scale"]
+            let set: Vec<String> = ["num_images", "every_epochs", "every_steps", "scheduler", "steps", "guidance_scale", "negative_prompt"]
                 .iter()
                 .map(|k| format!("validation.{k}"))
                 .filter(|k| self.is_set(k))

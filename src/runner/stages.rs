@@ -797,13 +797,24 @@ fn run_train(ctx: &mut StageCtx<'_>) -> Result<Ran> {
     // Encoders parked by an earlier run of this session come back before anything trains.
     sd.unpark_encoders(&device)?;
     let mut rng = <InitRng as rand::SeedableRng>::seed_from_u64(p.train.seed.unwrap_or(0));
-    let unet_loras = inject(sd.unet.linears_mut(), &lora_spec(&p.adapter, &p.adapter.target_modules), &mut rng).context("[adapter] target_modules")?;
+    // `rank_pattern` / `alpha_pattern` are one table for both parts (as PEFT's per-model
+    // configs would be two): each part gets the keys that match one of its targeted modules, and
+    // a key that matches in neither is an error.
+    let mut unet_spec = lora_spec(&p.adapter, &p.adapter.target_modules);
+    let unet_names: Vec<String> = sd.unet.linears_mut().iter().map(|l| l.name.clone()).collect();
+    let mut used = crate::adapters::lora::keep_patterns_for(&mut unet_spec, unet_names.iter().map(String::as_str))?;
+    let unet_loras = inject(sd.unet.linears_mut(), &unet_spec, &mut rng).context("[adapter] target_modules")?;
     let te_loras: Vec<TrainableLora> = if p.adapter.text_encoder {
-        inject(sd.text_encoder.linears_mut(), &lora_spec(&p.adapter, &p.adapter.text_encoder_target_modules), &mut rng)
-            .context("[adapter] text_encoder_target_modules")?
+        let mut te_spec = lora_spec(&p.adapter, &p.adapter.text_encoder_target_modules);
+        let te_names: Vec<String> = sd.text_encoder.linears_mut().iter().map(|l| l.name.clone()).collect();
+        used.extend(crate::adapters::lora::keep_patterns_for(&mut te_spec, te_names.iter().map(String::as_str))?);
+        inject(sd.text_encoder.linears_mut(), &te_spec, &mut rng).context("[adapter] text_encoder_target_modules")?
     } else {
         Vec::new()
     };
+    if let Some(unused) = p.adapter.rank_pattern.keys().chain(p.adapter.alpha_pattern.keys()).find(|k| !used.contains(*k)) {
+        anyhow::bail!("[adapter] pattern key `{unused}` matches no targeted module of the UNet{}", if p.adapter.text_encoder { " or the text encoder" } else { "" });
+    }
     let mut params = named_params("unet", &unet_loras);
     params.extend(named_params("text_encoder", &te_loras));
     if p.train.precision == cfg::Precision::Fp16 {
