@@ -192,7 +192,7 @@ fn mutated_pipelines_never_panic() {
         let mutated = mutate(text, &mut rng);
         let path = dir.path().join(format!("case{case}.toml"));
         std::fs::write(&path, &mutated).unwrap();
-        let result = std::panic::catch_unwind(|| lora::config::load_pipeline(&path, &[]));
+        let result = std::panic::catch_unwind(|| lora::preflight::load_pipeline(&path, &[]));
         match result {
             Ok(Ok(_)) => outcomes[0] += 1,
             Ok(Err(diags)) => {

@@ -9,6 +9,7 @@ use std::process::Command;
 
 use assert_cmd::cargo::CommandCargoExt;
 use lora::config::*;
+use lora::util::path::tidy_path;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

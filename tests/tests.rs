@@ -49,4 +49,5 @@ mod runner_kill;
 mod runner_stages;
 mod runner_safety;
 mod runner_signals;
+mod house_imports;
 mod inference_validation;

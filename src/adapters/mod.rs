@@ -9,6 +9,7 @@ pub mod inspect;
 pub mod kohya_hash;
 pub mod kohya_meta;
 pub mod lora;
+pub mod pattern;
 
 pub use format::{read_lora_file, read_lora_file_for_use, write_lora_file, Component, LoraFormat, LoraModule, LoraWeights, TrainingInfo};
 pub use lora::{apply_lora_file, apply_lora_weights, inject, trained_weights, InitRng, LoraInit, LoraSpec, TrainableLora};

@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use crate::config::tidy_path;
+use crate::util::path::tidy_path;
 use crate::data::cache::EncodeCache;
 use crate::runner::stages::CACHE_DIR;
 

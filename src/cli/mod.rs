@@ -95,7 +95,7 @@ impl PipelineArgs {
         let mut overrides = self.overrides.clone();
         overrides.extend_from_slice(extra);
         let styled = std::io::IsTerminal::is_terminal(&std::io::stderr());
-        match crate::config::load_pipeline(&self.file, &overrides) {
+        match crate::preflight::load_pipeline(&self.file, &overrides) {
             Ok(loaded) => {
                 let mut shown = loaded.warnings.clone();
                 shown.0.retain(|d| !d.key_path.as_deref().is_some_and(|k| quiet.iter().any(|q| k == *q || k.starts_with(&format!("{q}.")))));

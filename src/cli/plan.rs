@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use crate::config::tidy_path;
+use crate::util::path::tidy_path;
 use crate::runner::lock::Lock;
 use crate::runner::plan::Plan;
 use crate::runner::stages::{describe, BOOKKEEPING};

@@ -112,9 +112,9 @@ pub(crate) fn rate_text(per_second: f64) -> String {
 /// `path` as a user reads it: relative to the current folder when under it, with `.` and `..`
 /// folded (`runs/tiny/x`, not `pipelines/../runs/tiny/x` or `/home/me/proj/runs/tiny/x`).
 pub(crate) fn shown_path(path: &std::path::Path) -> std::path::PathBuf {
-    let tidy = crate::config::tidy_path(path);
+    let tidy = crate::util::path::tidy_path(path);
     if tidy.is_absolute() {
-        if let Some(rel) = std::env::current_dir().ok().and_then(|cwd| tidy.strip_prefix(crate::config::tidy_path(&cwd)).ok().map(|r| r.to_path_buf())) {
+        if let Some(rel) = std::env::current_dir().ok().and_then(|cwd| tidy.strip_prefix(crate::util::path::tidy_path(&cwd)).ok().map(|r| r.to_path_buf())) {
             return if rel.as_os_str().is_empty() { ".".into() } else { rel };
         }
     }

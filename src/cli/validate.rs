@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::config::{choice_name, load_pipeline, tidy_path, Diagnostics, LoadedPipeline};
+use crate::config::{choice_name, Diagnostics, LoadedPipeline};
+use crate::util::path::tidy_path;
 
 /// How diagnostics are printed.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -38,7 +39,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut all = Diagnostics::new();
     let mut summaries = Vec::new();
     for file in &args.files {
-        match load_pipeline(file, &args.overrides) {
+        match crate::preflight::load_pipeline(file, &args.overrides) {
             Ok(loaded) => {
                 summaries.push(summary(&loaded));
                 all.extend(loaded.warnings);

@@ -27,7 +27,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     // Hold the output folder for the whole watch, so a second `lora run` or `lora watch` on it
     // is refused at once (exit 2) rather than between runs. (Quietly: the first run below
     // prints whatever is wrong with the file.)
-    if let Ok(loaded) = crate::config::load_pipeline(&args.pipeline.file, &args.pipeline.overrides) {
+    if let Ok(loaded) = crate::preflight::load_pipeline(&args.pipeline.file, &args.pipeline.overrides) {
         session.hold(&loaded.pipeline.output.dir)?;
     }
     // The output folder and train fingerprint of the run in progress, for judging edits.
@@ -72,7 +72,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 /// Whether an edit made while `running` (output folder, train fingerprint) should stop it.
 fn judge_edit(pipeline: &super::PipelineArgs, running: Option<(PathBuf, String)>) -> Verdict {
     let Some((out, train_fp)) = running else { return Verdict::KeepGoing("no training is running".into()) };
-    match crate::config::load_pipeline(&pipeline.file, &pipeline.overrides) {
+    match crate::preflight::load_pipeline(&pipeline.file, &pipeline.overrides) {
         Err(diags) => {
             eprint!("{}", diags.render_styled(std::io::IsTerminal::is_terminal(&std::io::stderr())));
             Verdict::KeepGoing("the edited file is not valid (above): training goes on; fix it and save".into())

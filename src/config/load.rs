@@ -92,18 +92,6 @@ pub struct LoadedPipeline {
     pub warnings: Diagnostics,
 }
 
-/// Load, layer, override and validate the pipeline at `path`; `overrides` are `KEY=VALUE`
-/// strings as given to `--set`. Any error returns every diagnostic found.
-pub fn load_pipeline(path: &Path, overrides: &[String]) -> Result<LoadedPipeline, Diagnostics> {
-    let (resolved, provenance, diags) = load_document(path, overrides);
-    // A file that cannot be read or parsed stops here; a broken `--set` is skipped, and the
-    // rest is still checked.
-    if diags.iter().any(|d| d.is_error() && d.file != "--set") {
-        return Err(diags);
-    }
-    super::validate::validate_document(path, resolved, provenance, diags)
-}
-
 /// Read, parse and merge the file, its bases and the overrides, without schema checks.
 /// Returns the merged table, where its keys came from, and the diagnostics so far.
 pub fn load_document(path: &Path, overrides: &[String]) -> (toml::Table, Provenance, Diagnostics) {
@@ -474,26 +462,6 @@ fn de_type_name(v: &DeValue<'_>) -> &'static str {
     }
 }
 
-/// `a/b/../c` as `a/c`: drop `.` and fold `..` into the folder before it, for display.
-pub fn tidy_path(path: &Path) -> PathBuf {
-    use std::path::Component;
-    let mut out: Vec<Component> = Vec::new();
-    for c in path.components() {
-        match c {
-            Component::CurDir => {}
-            Component::ParentDir if matches!(out.last(), Some(Component::Normal(_))) => {
-                out.pop();
-            }
-            other => out.push(other),
-        }
-    }
-    if out.is_empty() {
-        PathBuf::from(".")
-    } else {
-        out.iter().collect()
-    }
-}
-
 /// `a.b."c.d"`: a key path, quoting keys that are not bare TOML keys.
 pub fn key_path(keys: &[String]) -> String {
     keys.iter().map(|k| quote_key(k)).collect::<Vec<_>>().join(".")
@@ -534,14 +502,6 @@ fn forget(origins: &mut BTreeMap<String, Origin>, path: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tidy_path_folds_parent_components() {
-        assert_eq!(tidy_path(Path::new("pipelines/../tests/x")), Path::new("tests/x"));
-        assert_eq!(tidy_path(Path::new("bases/../../x")), Path::new("../x"));
-        assert_eq!(tidy_path(Path::new("./a/./b")), Path::new("a/b"));
-        assert_eq!(tidy_path(Path::new("a/..")), Path::new("."));
-    }
 
     #[test]
     fn key_paths_quote_keys_that_are_not_bare() {

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use super::diagnostic::{Diagnostic, Diagnostics};
-use super::load::{quote_key, tidy_path, LoadedPipeline, Provenance};
+use super::load::{quote_key, LoadedPipeline, Provenance};
+use crate::util::path::tidy_path;
 use super::schema::{choices, deref, keyword, pipeline_schema, properties, toml_literal};
 use super::types::*;
 
@@ -61,6 +62,7 @@ pub fn validate_document(
     doc: toml::Table,
     prov: Provenance,
     mut diags: Diagnostics,
+    world: &[super::world::WorldCheck],
 ) -> Result<LoadedPipeline, Diagnostics> {
     let root = pipeline_schema();
     let mut issues = Vec::new();
@@ -96,6 +98,17 @@ pub fn validate_document(
     let rejected: Vec<String> = issues.iter().map(|i| path_string(&i.path)).collect();
     let mut checks = Checks { prov: &prov, doc: &doc, diags: &mut diags, rejected };
     checks.run(&pipeline);
+    // Checks against the model files and dataset folders, supplied from above (`preflight`),
+    // on a file without errors of its own (a wrong path is reported once, by the file's check).
+    let clean = !checks.diags.has_errors();
+    for check in world.iter().filter(|_| clean) {
+        let mut found = Vec::new();
+        check(&pipeline, &checks, &mut found);
+        for f in found {
+            let keys: Vec<&str> = f.keys.iter().map(String::as_str).collect();
+            checks.push(&keys, f.message, f.help, f.warning);
+        }
+    }
 
     if diags.has_errors() {
         return Err(diags);
@@ -124,7 +137,7 @@ fn resolve_paths(p: &mut Pipeline, prov: &Provenance) {
     if let Some(v) = p.model.file.as_mut() {
         // A hub file `org/repo/file.safetensors` stays as written unless such a local file exists.
         let local = prov.resolve_path("model.file", v);
-        if local.exists() || !crate::models::loading::is_hub_file(&v.to_string_lossy()) {
+        if local.exists() || !crate::hub_id::is_hub_file(&v.to_string_lossy()) {
             *v = local;
         }
     }
@@ -578,6 +591,16 @@ struct Checks<'a> {
     rejected: Vec<String>,
 }
 
+impl super::world::Written for Checks<'_> {
+    fn is_set(&self, key: &str) -> bool {
+        Checks::is_set(self, key)
+    }
+
+    fn shown(&self, key: &str, fallback: &Path) -> String {
+        Checks::shown(self, key, fallback)
+    }
+}
+
 impl Checks<'_> {
     fn error(&mut self, keys: &[&str], message: String, help: Option<String>) {
         self.push(keys, message, help, false);
@@ -682,11 +705,9 @@ impl Checks<'_> {
                 );
             } else if file.is_dir() {
                 self.error(&["model.file"], format!("`{shown}` is a folder; a diffusers folder goes in `path`"), None);
-            } else if !file.is_file() && !crate::models::loading::is_hub_file(&file.to_string_lossy()) {
+            } else if !file.is_file() && !crate::hub_id::is_hub_file(&file.to_string_lossy()) {
                 let help = matches!(what_is(file), Found::Missing).then(|| "a hub file is written org/repo/file.safetensors".to_string());
                 self.error(&["model.file"], format!("model file `{shown}` {}", what_is(file).not_a("file")), help);
-            } else if let Some(Err(e)) = crate::models::single_file::recognise_config(m) {
-                self.error(&["model.file"], format!("model file `{shown}` is not a usable single-file checkpoint: {e:#}"), None);
             }
         } else {
             for (key, set) in [("model.config", m.config.is_some()), ("model.prediction_type", m.prediction_type.is_some()), ("model.ema", m.ema)] {
@@ -806,7 +827,7 @@ impl Checks<'_> {
                 }
                 match &d.path {
                     None => self.error(&["dataset.kind"], format!("dataset kind \"{}\" needs `dataset.path`", kind_name(kind)), None),
-                    Some(path) => self.dataset_path(kind, path, &d.caption_column),
+                    Some(path) => self.dataset_path(kind, path),
                 }
             }
         }
@@ -821,7 +842,7 @@ impl Checks<'_> {
         }
     }
 
-    fn dataset_path(&mut self, kind: DatasetKind, path: &Path, caption_column: &str) {
+    fn dataset_path(&mut self, kind: DatasetKind, path: &Path) {
         let shown = self.shown("dataset.path", path);
         let found = what_is(path);
         if !matches!(found, Found::Dir | Found::File) {
@@ -837,53 +858,20 @@ impl Checks<'_> {
             DatasetKind::Imagefolder => {
                 if !path.is_dir() {
                     self.error(&["dataset.path"], format!("`{shown}` is a file; kind \"imagefolder\" needs a folder"), None);
-                } else if !find_file(path, 3, &|n| crate::data::source::image_folder::METADATA_NAMES.contains(&n)) {
+                } else if !find_file(path, 3, &|n| crate::layout::METADATA_NAMES.contains(&n)) {
                     self.error(
                         &["dataset.path"],
                         format!("no metadata.jsonl or metadata.csv in `{shown}`"),
                         Some("an image folder needs metadata.jsonl lines {\"file_name\": ..., \"text\": ...} (or a metadata.csv with those columns); for .txt captions next to the images use kind = \"sidecar\"".into()),
                     );
-                } else {
-                    self.dataset_listing(kind, path, &shown, caption_column);
                 }
             }
             DatasetKind::Sidecar => {
                 if !path.is_dir() {
                     self.error(&["dataset.path"], format!("`{shown}` is a file; kind \"sidecar\" needs a folder"), None);
-                } else {
-                    self.dataset_listing(kind, path, &shown, caption_column);
                 }
             }
             DatasetKind::Hub => {}
-        }
-    }
-
-    /// List a local folder dataset as the dataset stage will (metadata lines, caption files; no
-    /// image is decoded), so that an empty folder, a missing image or caption file, or a
-    /// `file_name` outside the folder is reported now rather than after the model loaded.
-    fn dataset_listing(&mut self, kind: DatasetKind, path: &Path, shown: &str, caption_column: &str) {
-        use crate::data::source::{image_folder, sidecar, SourceOptions};
-        let listed = match kind {
-            DatasetKind::Imagefolder => {
-                let opts = SourceOptions { caption_column: caption_column.to_string(), ..SourceOptions::default() };
-                image_folder::load(path, &opts)
-            }
-            DatasetKind::Sidecar => sidecar::load(path, &[]),
-            _ => return,
-        };
-        match listed {
-            Err(e) => self.error(&["dataset.path"], format!("bad dataset `{shown}`: {e:#}"), None),
-            Ok(d) if d.is_empty() => {
-                let (what, help) = match kind {
-                    DatasetKind::Sidecar => (
-                        format!("no images ({}) in `{shown}`", crate::data::source::IMAGE_EXTENSIONS.iter().map(|e| format!(".{e}")).collect::<Vec<_>>().join(", ")),
-                        "kind \"sidecar\" reads each image with the .txt or .caption file of the same name beside it",
-                    ),
-                    _ => (format!("the metadata in `{shown}` lists no images"), "each line of metadata.jsonl (each row of metadata.csv) names one image in `file_name`"),
-                };
-                self.error(&["dataset.path"], format!("dataset has no examples: {what}"), Some(help.into()));
-            }
-            Ok(_) => {}
         }
     }
 
@@ -920,7 +908,7 @@ impl Checks<'_> {
         patterns.extend(a.rank_pattern.keys().map(|k| (format!("adapter.rank_pattern.{}", quote_key(k)), k.as_str())));
         patterns.extend(a.alpha_pattern.keys().map(|k| (format!("adapter.alpha_pattern.{}", quote_key(k)), k.as_str())));
         for (key, pattern) in patterns {
-            if let Err(e) = crate::adapters::lora::ModulePattern::parse(pattern) {
+            if let Err(e) = crate::adapters::pattern::ModulePattern::parse(pattern) {
                 let parent = key.split('[').next().unwrap_or(&key).to_string();
                 // The regex crate's explanation ends with a line `error: ...`.
                 let why = e.chain().nth(1).and_then(|c| c.to_string().lines().last().map(|l| l.trim().trim_start_matches("error: ").to_string()));
@@ -950,76 +938,11 @@ impl Checks<'_> {
                 );
             }
         }
-        self.targets_in_model(p);
         if !a.text_encoder && self.is_set("adapter.text_encoder_target_modules") {
             self.warning(
                 &["adapter.text_encoder_target_modules"],
                 "`adapter.text_encoder_target_modules` is set but `adapter.text_encoder` is false".into(),
                 Some("set text_encoder = true to train text-encoder LoRA layers".into()),
-            );
-        }
-    }
-
-    /// With a local diffusers model, each UNet (and, when trained, text-encoder) target pattern
-    /// must match a linear layer (read from the weight files' headers only), and a rank wider
-    /// than a targeted layer is a warning. A model that cannot be read is left to the model stage
-    /// to report.
-    fn targets_in_model(&mut self, p: &Pipeline) {
-        let (Some(dir), None) = (&p.model.path, &p.model.file) else { return };
-        if !dir.is_dir() {
-            return;
-        }
-        let a = &p.adapter;
-        let variant = p.model.variant.as_deref();
-        let rank_pattern: Vec<(String, u32)> = a.rank_pattern.iter().map(|(k, r)| (k.clone(), r.0)).collect();
-        let mut narrow = Vec::new();
-        let mut targeted: Vec<String> = Vec::new();
-        let mut linear: Vec<String> = Vec::new();
-        let mut read = 0;
-        let components = [
-            ("adapter.target_modules", &a.target_modules, "the UNet", super::targets::unet_layers(dir, variant).ok()),
-            (
-                "adapter.text_encoder_target_modules",
-                &a.text_encoder_target_modules,
-                "the text encoder",
-                if a.text_encoder { super::targets::text_encoder_layers(dir, variant).ok() } else { None },
-            ),
-        ];
-        for (key, patterns, component, layers) in components {
-            let Some(layers) = layers else { continue };
-            for (i, pattern) in patterns.iter().enumerate() {
-                if pattern.trim().is_empty() {
-                    continue;
-                }
-                if let Some((message, help)) = super::targets::target_problem(pattern, &layers, component) {
-                    self.error(&[&format!("{key}[{i}]"), key], message, help);
-                }
-            }
-            narrow.extend(super::targets::narrow_layers(patterns, a.rank, &rank_pattern, &layers));
-            targeted.extend(super::targets::targeted(patterns, &layers).into_iter().map(str::to_string));
-            linear.extend(super::targets::linear_names(&layers).into_iter().map(str::to_string));
-            read += 1;
-        }
-        // Pattern keys need a targeted module to apply to (checked once both components are read).
-        if read == 1 + usize::from(a.text_encoder) {
-            let targeted: Vec<&str> = targeted.iter().map(String::as_str).collect();
-            let linear: Vec<&str> = linear.iter().map(String::as_str).collect();
-            let keys = a.rank_pattern.keys().map(|k| ("rank_pattern", k)).chain(a.alpha_pattern.keys().map(|k| ("alpha_pattern", k)));
-            for (kind, key) in keys {
-                if let Some((message, help)) = super::targets::pattern_key_problem(kind, key, &targeted, &linear) {
-                    self.error(&[&format!("adapter.{kind}.{}", quote_key(key))], message, help);
-                }
-            }
-        }
-        if let Some((module, rank, out, inp)) = narrow.first() {
-            let key = if a.rank_pattern.is_empty() || *rank == a.rank { "adapter.rank" } else { "adapter.rank_pattern" };
-            self.warning(
-                &[key],
-                format!(
-                    "rank {rank} is above the width of {} targeted layer(s) (e.g. `{module}`, {out} x {inp}): a rank above min(in, out) adds parameters, not capacity",
-                    narrow.len()
-                ),
-                Some(format!("a rank of at most {} fits every targeted layer", narrow.iter().map(|(_, _, o, i)| *o.min(i)).min().unwrap_or(1))),
             );
         }
     }
@@ -1052,7 +975,7 @@ impl Checks<'_> {
             );
         }
         if let Device::Cuda(_) = t.device {
-            if !crate::device::CUDA_BUILT {
+            if !cfg!(feature = "cuda") {
                 self.error(
                     &["train.device"],
                     format!("train.device = \"{}\" but this `lora` was built without CUDA", t.device),
@@ -1187,7 +1110,7 @@ impl Checks<'_> {
             let rel = other.strip_prefix(&out).unwrap_or(&other).display().to_string();
             return refuse(
                 self,
-                format!("output folder `{shown}` holds another run's folder `{rel}` (it has {}): a run cleans up inside its own folder", crate::runner::lock::LOCK_FILE),
+                format!("output folder `{shown}` holds another run's folder `{rel}` (it has {}): a run cleans up inside its own folder", crate::layout::LOCK_FILE),
                 own_folder,
             );
         }
@@ -1212,7 +1135,7 @@ fn canonical_or_absolute(path: &Path) -> Option<PathBuf> {
 
 /// Where a run sets an earlier run's results aside inside its own output folder (with a copy of
 /// that run's lock): not another run's folder. The runner's `resume::EARLIER_DIR`.
-const SET_ASIDE_DIR: &str = "earlier";
+const SET_ASIDE_DIR: &str = crate::layout::EARLIER_DIR;
 
 /// A folder below `dir` (at most `depth` levels, symbolic links not followed) that holds a run's
 /// lock file: the folder of another run. `top`: `dir` is the output folder itself, whose
@@ -1229,7 +1152,7 @@ fn run_folder_below(dir: &Path, depth: usize, top: bool) -> Option<PathBuf> {
         }
     }
     subdirs.sort();
-    if let Some(run) = subdirs.iter().find(|sub| sub.join(crate::runner::lock::LOCK_FILE).is_file()) {
+    if let Some(run) = subdirs.iter().find(|sub| sub.join(crate::layout::LOCK_FILE).is_file()) {
         return Some(run.clone());
     }
     subdirs.iter().find_map(|d| run_folder_below(d, depth - 1, false))
@@ -1297,9 +1220,9 @@ fn kind_name(kind: DatasetKind) -> &'static str {
 const HUB_ID_RULE: &str = "`name` or `owner/name`, at most 96 characters of letters, digits, `-`, `_` and `.`, no `--` or `..`, parts not starting or ending with `-` or `.`";
 
 /// `name` or `owner/name` as the hub allows them: the same rule model loading applies
-/// (`models::loading::is_hub_id`), so that what validates also loads.
+/// (`hub_id::is_hub_id`), so that what validates also loads.
 fn valid_hub_id(id: &str) -> bool {
-    crate::models::loading::is_hub_id(id)
+    crate::hub_id::is_hub_id(id)
 }
 
 /// Whether a file whose name passes `want` is in `dir`, at most `depth` folders down.

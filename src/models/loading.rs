@@ -11,6 +11,7 @@
 pub mod hub;
 pub mod weights;
 
+use crate::hub_id::{is_hub_file, is_hub_id};
 use crate::models::offload;
 use super::single_file;
 
@@ -272,16 +273,6 @@ fn load_vae_file(path: &Path, scaling_factor: f64, dtype: DType, device: &Device
     weights.build_recorded(record, dtype, device, |vb| AutoencoderKL::load(vb, &config))
 }
 
-/// True for `org/repo/path/file.safetensors`: a file of a hub repository.
-pub fn is_hub_file(source: &str) -> bool {
-    let parts: Vec<&str> = source.split('/').collect();
-    source.to_ascii_lowercase().ends_with(".safetensors")
-        && parts.len() >= 3
-        && !source.starts_with(['.', '/', '~'])
-        && is_hub_id(&parts[..2].join("/"))
-        && parts[2..].iter().all(|p| !p.is_empty() && *p != "..")
-}
-
 /// True for a source naming a checkpoint file rather than a folder or a hub repository.
 pub fn is_file_source(source: &str) -> bool {
     let lower = source.trim().to_ascii_lowercase();
@@ -368,19 +359,6 @@ impl ModelSource {
     }
 }
 
-/// `org/name` or `name`: letters, digits, `-`, `_`, `.`; no `--` or `..`; at most one `/`.
-pub fn is_hub_id(id: &str) -> bool {
-    let parts: Vec<&str> = id.split('/').collect();
-    if parts.len() > 2 || id.contains("--") || id.contains("..") || id.len() > 96 {
-        return false;
-    }
-    parts.iter().all(|part| {
-        !part.is_empty()
-            && part.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-            && !part.starts_with(['-', '.'])
-            && !part.ends_with(['-', '.'])
-    })
-}
 
 /// Resolve a model source (local folder or hub id) to a local diffusers folder.
 pub fn resolve_model_dir(source: &str, opts: &LoadOptions) -> anyhow::Result<PathBuf> {

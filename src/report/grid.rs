@@ -56,12 +56,12 @@ pub(crate) fn labelled_grid(images: &[RgbImage], columns: usize, labels: &[Strin
         let row = image::imageops::crop_imm(&tiles, 0, r * (h + GAP), width, h).to_image();
         image::imageops::replace(&mut out, &row, 0, (r * (h + GAP + LABEL_HEIGHT) + LABEL_HEIGHT) as i64);
     }
-    super::plot::register_font()?;
+    super::pixels::register_font()?;
     {
         use plotters::prelude::*;
         let err = |e: &dyn std::fmt::Display| anyhow::anyhow!("drawing the grid's labels: {e}");
         let area = BitMapBackend::with_buffer(&mut out, (width, height)).into_drawing_area();
-        let style = TextStyle::from((super::plot::FAMILY, LABEL_SIZE).into_font()).color(&BLACK);
+        let style = TextStyle::from((super::pixels::FAMILY, LABEL_SIZE).into_font()).color(&BLACK);
         for (r, label) in labels.iter().enumerate() {
             let text = fit_label(label, |t| area.estimate_text_size(t, &style).map_or(u32::MAX, |(tw, _)| tw) + 4 <= width);
             let y = r as u32 * (h + GAP + LABEL_HEIGHT) + 2;
@@ -89,12 +89,6 @@ fn fit_label(label: &str, fits: impl Fn(&str) -> bool) -> String {
     String::new()
 }
 
-/// PNG bytes of `img`.
-pub(crate) fn encode_png(img: &RgbImage) -> Result<Vec<u8>> {
-    let mut bytes = Vec::new();
-    img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png).context("encoding PNG")?;
-    Ok(bytes)
-}
 
 /// Write the grid of `images` (`columns` per row) to `path` atomically, each row under its
 /// label when `labels` are given.
@@ -103,7 +97,7 @@ pub(crate) fn write_grid(images: &[RgbImage], columns: usize, labels: Option<&[S
         Some(labels) => labelled_grid(images, columns, labels)?,
         None => grid(images, columns)?,
     };
-    let bytes = encode_png(&img)?;
+    let bytes = super::pixels::encode_png(&img)?;
     crate::util::fs::write_atomic(path, &bytes).with_context(|| format!("writing {}", path.display()))
 }
 
@@ -141,7 +135,7 @@ fn publish(files: &[PathBuf], prompts: Option<&[String]>, per_prompt: usize, dir
         let mut rows = Vec::new();
         for (i, row) in images.chunks(per_prompt).enumerate() {
             let img = grid(row, per_prompt)?;
-            rows.push((format!("validation/prompt{i}"), img.height(), img.width(), encode_png(&img)?));
+            rows.push((format!("validation/prompt{i}"), img.height(), img.width(), super::pixels::encode_png(&img)?));
         }
         let values: Vec<super::tensorboard::ImageValue<'_>> = rows
             .iter()

@@ -15,20 +15,6 @@ pub const LOSS_PLOT: &str = "loss.png";
 pub const WIDTH: u32 = 900;
 pub const HEIGHT: u32 = 600;
 
-/// The font every text of the plot uses (see `assets/fonts/LICENSE`).
-static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans-ascii.ttf");
-pub(crate) const FAMILY: &str = "sans-serif";
-
-pub(crate) fn register_font() -> Result<()> {
-    static DONE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let ok = *DONE.get_or_init(|| plotters::style::register_font(FAMILY, FontStyle::Normal, FONT).is_ok());
-    if ok {
-        Ok(())
-    } else {
-        Err(anyhow!("the embedded plot font (assets/fonts/DejaVuSans-ascii.ttf) does not parse"))
-    }
-}
-
 /// The moving-mean window for `n` steps: a tenth of them, from 1 to 50.
 pub(crate) fn smoothing_window(n: usize) -> usize {
     n.div_ceil(10).clamp(1, 50)
@@ -64,7 +50,7 @@ const EVAL_COLOUR: RGBColor = RGBColor(30, 150, 60);
 /// Draw `records` (step order) and the fixed-noise evaluation losses `evals` (`(step, loss)`,
 /// as points) as RGB pixels, `WIDTH` x `HEIGHT`.
 pub(crate) fn render(records: &[StepRecord], evals: &[(u64, f64)]) -> Result<Vec<u8>> {
-    register_font()?;
+    super::pixels::register_font()?;
     let err = |e: &dyn std::fmt::Display| anyhow!("drawing {LOSS_PLOT}: {e}");
     let mut buf = vec![255u8; (WIDTH * HEIGHT * 3) as usize];
     let points: Vec<(f64, f64)> = records.iter().filter(|r| r.loss.is_finite()).map(|r| (r.step as f64, r.loss)).collect();
@@ -81,13 +67,13 @@ pub(crate) fn render(records: &[StepRecord], evals: &[(u64, f64)]) -> Result<Vec
         let evals: Vec<(f64, f64)> = evals.iter().filter(|e| e.1.is_finite()).map(|&(s, e)| (s as f64, e)).collect();
         let (lo, hi) = padded_range(points.iter().chain(&evals).map(|p| p.1));
         let mut loss = ChartBuilder::on(&top)
-            .caption(format!("training loss ({} steps)", records.len()), (FAMILY, 22))
+            .caption(format!("training loss ({} steps)", records.len()), (super::pixels::FAMILY, 22))
             .margin(12)
             .x_label_area_size(28)
             .y_label_area_size(70)
             .build_cartesian_2d(x_range.clone(), lo..hi)
             .map_err(|e| err(&e))?;
-        loss.configure_mesh().light_line_style(RGBColor(238, 238, 238)).y_desc("loss").x_label_formatter(&|x| format!("{x:.0}")).y_label_formatter(&|y| format!("{y:.4}")).label_style((FAMILY, 14)).draw().map_err(|e| err(&e))?;
+        loss.configure_mesh().light_line_style(RGBColor(238, 238, 238)).y_desc("loss").x_label_formatter(&|x| format!("{x:.0}")).y_label_formatter(&|y| format!("{y:.4}")).label_style((super::pixels::FAMILY, 14)).draw().map_err(|e| err(&e))?;
         let raw_colour = RGBColor(120, 160, 220);
         loss.draw_series(LineSeries::new(points.iter().copied(), raw_colour.stroke_width(1)))
             .map_err(|e| err(&e))?
@@ -108,7 +94,7 @@ pub(crate) fn render(records: &[StepRecord], evals: &[(u64, f64)]) -> Result<Vec
             .position(SeriesLabelPosition::UpperRight)
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
-            .label_font((FAMILY, 14))
+            .label_font((super::pixels::FAMILY, 14))
             .draw()
             .map_err(|e| err(&e))?;
 
@@ -132,7 +118,7 @@ pub(crate) fn render(records: &[StepRecord], evals: &[(u64, f64)]) -> Result<Vec
             .y_desc("learning rate")
             .x_label_formatter(&|x| format!("{x:.0}"))
             .y_label_formatter(&|y| format!("{y:.1e}"))
-            .label_style((FAMILY, 14))
+            .label_style((super::pixels::FAMILY, 14))
             .draw()
             .map_err(|e| err(&e))?;
         lr.draw_series(LineSeries::new(lrs, RGBColor(200, 90, 20).stroke_width(2))).map_err(|e| err(&e))?;
@@ -150,7 +136,7 @@ pub fn write_loss_plot(metrics: &Path, out: &Path) -> Result<bool> {
     }
     let rgb = render(&records, &super::metrics::read_evals(metrics)?)?;
     let img = image::RgbImage::from_raw(WIDTH, HEIGHT, rgb).context("plot buffer size")?;
-    let png = super::grid::encode_png(&img)?;
+    let png = super::pixels::encode_png(&img)?;
     crate::util::fs::write_atomic(out, &png).with_context(|| format!("writing {}", out.display()))?;
     Ok(true)
 }

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-pub const LOCK_FILE: &str = "lora.lock";
+pub use crate::layout::LOCK_FILE;
 
 /// Bumped whenever a change to `lora` alters what a stage produces (numerics, file layout), so a
 /// fixed binary never calls a result of an older one up to date. Part of every fingerprint.
@@ -46,7 +46,7 @@ impl Lock {
             Ok(text) => serde_json::from_str(&text).with_context(|| {
                 format!(
                     "{} is damaged; delete it (or move it aside) to rerun every stage: checkpoints made with this pipeline are resumed without it, and earlier results are set aside, not deleted",
-                    crate::config::tidy_path(&path).display()
+                    crate::util::path::tidy_path(&path).display()
                 )
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),

@@ -19,7 +19,7 @@ use super::stages::{IN_PROGRESS, METRICS_FILE, TRAINED_FILE};
 use crate::train::checkpoint::{self, TrainerState};
 
 /// Where earlier runs' results are set aside, relative to the output folder.
-pub const EARLIER_DIR: &str = "earlier";
+pub use crate::layout::EARLIER_DIR;
 /// The note in each set-aside folder.
 pub const SET_ASIDE_NOTE: &str = "set-aside.json";
 
@@ -135,7 +135,7 @@ pub fn decide_start(plan: &Plan, lock: &Lock, force: bool, why: &str) -> Start {
             };
             return Start::Refused(format!(
                 "{} holds an interrupted training run (up to step {}) whose checkpoints do not fit this pipeline; changed:{list}\nrevert the change to resume it, or run with --force to start over (its checkpoints are set aside in {EARLIER_DIR}/, not deleted)",
-                crate::config::tidy_path(out).display(),
+                crate::util::path::tidy_path(out).display(),
                 newest.step
             ));
         }
@@ -164,7 +164,7 @@ fn past_the_end(plan: &Plan, newest: &Found) -> Option<Start> {
     (newest.step > max).then(|| {
         Start::Refused(format!(
             "{} is at step {}, past the {max} steps this pipeline trains: raise train.max_steps to continue it, or run with --force to start over (its checkpoints are set aside in {EARLIER_DIR}/, not deleted)",
-            crate::config::tidy_path(&newest.dir).display(),
+            crate::util::path::tidy_path(&newest.dir).display(),
             newest.step
         ))
     })

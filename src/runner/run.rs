@@ -234,7 +234,7 @@ pub(crate) fn resolved_toml(loaded: &LoadedPipeline) -> String {
 pub(crate) fn load_model(p: &Pipeline, device: &Device, dtype: DType) -> Result<StableDiffusion> {
     let source = model_source(p)?;
     // A hub id is shown as written; a local path with `..` folded.
-    let shown = if std::path::Path::new(&source).exists() { crate::config::tidy_path(std::path::Path::new(&source)).display().to_string() } else { source.clone() };
+    let shown = if std::path::Path::new(&source).exists() { crate::util::path::tidy_path(std::path::Path::new(&source)).display().to_string() } else { source.clone() };
     tracing::info!("model: loading {shown}");
     // On a GPU the frozen encoders may be parked in host memory once the encode cache serves.
     let load_opts = LoadOptions { movable_encoders: !device.is_cpu(), ..LoadOptions::from_config(&p.model) };

@@ -76,7 +76,7 @@ impl RunDir {
                 if is_dir && !name.starts_with(".checkpoint-") {
                     continue;
                 }
-                tracing::info!("removing {} (left by an earlier run that did not finish)", crate::config::tidy_path(&path).display());
+                tracing::info!("removing {} (left by an earlier run that did not finish)", crate::util::path::tidy_path(&path).display());
                 let removed = if is_dir { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
                 removed.with_context(|| format!("removing {}", path.display()))?;
             }

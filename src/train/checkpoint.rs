@@ -221,7 +221,7 @@ pub fn save_checkpoint(
         let all = list_checkpoints(output_dir)?;
         if all.len() > limit {
             for (_, dir) in &all[..all.len() - limit] {
-                tracing::info!("removing old checkpoint {}", crate::config::tidy_path(&dir).display());
+                tracing::info!("removing old checkpoint {}", crate::util::path::tidy_path(&dir).display());
                 std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
             }
         }

@@ -355,7 +355,7 @@ impl<'a> Trainer<'a> {
             Some("latest") => {
                 let found = checkpoint::load_newest_loadable(&s.output_dir, &self.params, &mut self.optimizer)?;
                 if found.is_none() {
-                    tracing::info!("no checkpoint in {} loads: training starts from step 0", crate::config::tidy_path(&s.output_dir).display());
+                    tracing::info!("no checkpoint in {} loads: training starts from step 0", crate::util::path::tidy_path(&s.output_dir).display());
                 }
                 found
             }
@@ -369,7 +369,7 @@ impl<'a> Trainer<'a> {
             None => None,
         };
         if let Some((dir, st)) = loaded {
-            tracing::info!("resumed from {} at step {}", crate::config::tidy_path(&dir).display(), st.global_step);
+            tracing::info!("resumed from {} at step {}", crate::util::path::tidy_path(&dir).display(), st.global_step);
             state = st;
             if let (Some(scaler), Some(saved)) = (scaler.as_mut(), state.grad_scaler) {
                 scaler.restore(saved);
@@ -377,7 +377,7 @@ impl<'a> Trainer<'a> {
             resumed_from = Some(dir);
         }
         if state.global_step > plan.max_train_steps {
-            let dir = resumed_from.as_deref().map(|d| crate::config::tidy_path(d).display().to_string()).unwrap_or_default();
+            let dir = resumed_from.as_deref().map(|d| crate::util::path::tidy_path(d).display().to_string()).unwrap_or_default();
             return Err(checkpoint::PastTheEnd(format!(
                 "{dir} is at step {}, past the {} steps this pipeline trains: raise train.max_steps (or train.epochs) to continue it, or run with --force to start over (its checkpoints are set aside, not deleted)",
                 state.global_step, plan.max_train_steps
@@ -554,7 +554,7 @@ impl<'a> Trainer<'a> {
                 let due = s.checkpointing_steps.is_some_and(|n| n > 0 && state.global_step % n == 0);
                 if due || (interrupted && !done) {
                     let dir = checkpoint::save_checkpoint(&s.output_dir, &self.params, &self.optimizer, &state, s.checkpoints_total_limit)?;
-                    tracing::info!("saved {}", crate::config::tidy_path(&dir).display());
+                    tracing::info!("saved {}", crate::util::path::tidy_path(&dir).display());
                     outcome.checkpoints.push(dir);
                 }
                 if done {

@@ -5,5 +5,6 @@
 pub mod file_kind;
 pub mod fs;
 pub mod interrupt;
+pub mod path;
 pub mod memory;
 pub mod profile;

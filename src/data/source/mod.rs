@@ -135,7 +135,7 @@ pub fn take_subset(dataset: &mut Dataset, n: usize, seed: u64) {
 }
 
 /// File extensions (lowercase, no dot) read as images by the folder sources.
-pub const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "webp"];
+pub use crate::layout::IMAGE_EXTENSIONS;
 
 /// Whether `path` has one of [`IMAGE_EXTENSIONS`].
 pub fn is_image_path(path: &std::path::Path) -> bool {

@@ -1,6 +1,6 @@
-//! LoRA target patterns checked against a local model's UNet at validate time: the module names
-//! and weight shapes come from the safetensors headers alone (no weight is read), and patterns
-//! match as injection matches them (`adapters::lora::ModulePattern`).
+//! The layers of a local model's UNet and text encoder as LoRA sees them, for checking targets
+//! before loading: module names and weight shapes come from the safetensors headers alone (no
+//! weight is read), and patterns match as injection matches them (`adapters::pattern`).
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -8,7 +8,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
-use crate::adapters::lora::{near_names, ModulePattern};
+use crate::adapters::pattern::{near_names, ModulePattern};
 
 /// Largest safetensors header read (the UNet of SD 1.5 has a header of about 100 KB).
 const MAX_HEADER_BYTES: u64 = 64 << 20;
@@ -108,7 +108,7 @@ pub fn target_problem(pattern: &str, layers: &BTreeMap<String, Layer>, component
     let linear_names = linear_names(layers);
     let near = near_names(pattern, linear_names.iter().copied());
     let kinds = short_names(&linear_names).join(", ");
-    let near_help = Some(match super::validate::did_you_mean(pattern.strip_prefix("re:").unwrap_or(pattern), near.iter().map(String::as_str)) {
+    let near_help = Some(match crate::config::validate::did_you_mean(pattern.strip_prefix("re:").unwrap_or(pattern), near.iter().map(String::as_str)) {
         Some(m) => format!("did you mean `{m}`? the linear layers are: {kinds}"),
         None => format!("the linear layers are: {kinds}"),
     });
@@ -158,7 +158,7 @@ pub fn pattern_key_problem(kind: &str, key: &str, targeted: &[&str], linear: &[&
         ));
     }
     let near = near_names(key, targeted.iter().copied());
-    let help = super::validate::did_you_mean(key, near.iter().map(String::as_str)).map(|m| format!("did you mean `{m}`?"));
+    let help = crate::config::validate::did_you_mean(key, near.iter().map(String::as_str)).map(|m| format!("did you mean `{m}`?"));
     Some((format!("{kind} key `{key}` matches none of the targeted modules"), help.or_else(|| (!near.is_empty()).then(|| format!("targeted modules end with: {}", near.join(", "))))))
 }
 
