@@ -1,6 +1,7 @@
 //! Names lora reads and writes on disk, shared by the layers that check a pipeline (`config`) and
-//! the ones that run it: an output folder's lock and set-aside folder, a folder dataset's
-//! metadata files and image extensions. A leaf: it imports nothing of the crate.
+//! the ones that run it: an output folder's files (lock, adapters, metrics, cache, set-aside
+//! folder), a folder dataset's metadata files and image extensions. A leaf: it imports nothing
+//! of the crate.
 
 /// Per-stage fingerprints of an output folder (`runner::lock`); a folder holding one is a run's.
 pub const LOCK_FILE: &str = "lora.lock";
@@ -10,3 +11,16 @@ pub const EARLIER_DIR: &str = "earlier";
 pub const METADATA_NAMES: &[&str] = &["metadata.jsonl", "metadata.csv"];
 /// The image files a folder dataset reads.
 pub const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "webp"];
+
+/// The diffusers-form adapter file, as the reference names it (`output.name` renames it).
+pub const DIFFUSERS_FILE: &str = "pytorch_lora_weights.safetensors";
+/// The kohya-form adapter file (A1111, ComfyUI).
+pub const KOHYA_FILE: &str = "pytorch_lora_weights_kohya.safetensors";
+/// The train stage's result, the trained weights in PEFT names, which export reads.
+pub const TRAINED_FILE: &str = "train/adapter.safetensors";
+/// The lock entry of a training run in progress or interrupted (its checkpoints are resumed).
+pub const IN_PROGRESS: &str = "train.in_progress";
+/// One metrics line per optimizer update (and per evaluation).
+pub const METRICS_FILE: &str = "metrics.jsonl";
+/// The encode cache folder, relative to the output folder.
+pub const CACHE_DIR: &str = "cache/encode";

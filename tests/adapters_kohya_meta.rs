@@ -11,7 +11,9 @@ use std::sync::Arc;
 use lora::adapters::format::read_lora_file;
 use lora::config::load_pipeline;
 use lora::data::source::{load_source, SourceOptions, SourceSpec};
-use lora::runner::run::{run_pipeline, RunOptions, Session, DIFFUSERS_FILE, KOHYA_FILE};
+use lora::runner::run::run_pipeline;
+use lora::runner::stages::{RunOptions, Session};
+use lora::layout::{DIFFUSERS_FILE, KOHYA_FILE};
 use sha2::Digest;
 
 fn root() -> PathBuf {

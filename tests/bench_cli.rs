@@ -40,7 +40,8 @@ fn bench_prints_json_and_a_profile_without_checkpoint_warnings() {
 
 #[test]
 fn bench_trains_exactly_what_run_trains() {
-    use lora::runner::run::{bench_pipeline, run_pipeline, RunOptions, Session};
+    use lora::runner::run::{bench_pipeline, run_pipeline};
+use lora::runner::stages::{RunOptions, Session};
     use std::sync::{atomic::AtomicBool, Arc};
     let tiny = crate::runner_stages::root().join("pipelines/tiny.toml");
     for (extra, no_cache) in [(&["adapter.text_encoder=true"][..], false), (&[][..], false), (&[][..], true)] {

@@ -7,7 +7,9 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use lora::config::{load_pipeline, LoadedPipeline};
-use lora::runner::run::{run_pipeline, RunOptions, RunReport, Session, DIFFUSERS_FILE};
+use lora::runner::run::run_pipeline;
+use lora::runner::stages::{RunOptions, RunReport, Session};
+use lora::layout::DIFFUSERS_FILE;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

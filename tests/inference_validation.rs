@@ -12,7 +12,9 @@ use lora::config::{load_pipeline, LoadedPipeline};
 use lora::inference::validation::validation_images;
 use lora::inference::{generate_image, latent_shape, random_latents, to_rgb8, vae_scale_factor, GenerateOptions};
 use lora::models::{LoadOptions, StableDiffusion};
-use lora::runner::run::{run_pipeline, RunOptions, Session, DIFFUSERS_FILE, KOHYA_FILE};
+use lora::runner::run::run_pipeline;
+use lora::runner::stages::{RunOptions, Session};
+use lora::layout::{DIFFUSERS_FILE, KOHYA_FILE};
 use lora::runner::stages::{Status, TRAINED_FILE};
 use lora::schedulers::{Ddim, EulerDiscrete, Sampler, SamplerKind, SchedulerConfig};
 use rand::SeedableRng;
@@ -150,7 +152,7 @@ fn a_scheduler_field_lora_cannot_honour_is_refused_by_name() {
     validation_images(&sd, &pipeline(&model, &dir.path().join("d/out"), "model").pipeline, &dir.path().join("d/v"), &Device::Cpu).unwrap();
 }
 
-fn run(loaded: &LoadedPipeline) -> lora::runner::run::RunReport {
+fn run(loaded: &LoadedPipeline) -> lora::runner::stages::RunReport {
     run_pipeline(loaded, &mut Session::default(), &RunOptions::default(), Arc::new(AtomicBool::new(false))).unwrap()
 }
 

@@ -11,7 +11,8 @@ use std::sync::Arc;
 use lora::config::load_pipeline;
 use lora::runner::lock::Lock;
 use lora::runner::plan::Plan;
-use lora::runner::run::{run_pipeline, RunOptions, Session};
+use lora::runner::run::run_pipeline;
+use lora::runner::stages::{RunOptions, Session};
 use lora::runner::stages::{describe, matches_output, BOOKKEEPING};
 
 fn root() -> PathBuf {

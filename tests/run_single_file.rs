@@ -12,7 +12,9 @@ use std::sync::Arc;
 use assert_cmd::Command;
 use lora::adapters::format::read_lora_file;
 use lora::config::load_pipeline;
-use lora::runner::run::{run_pipeline, RunOptions, Session, DIFFUSERS_FILE, KOHYA_FILE};
+use lora::runner::run::run_pipeline;
+use lora::runner::stages::{RunOptions, Session};
+use lora::layout::{DIFFUSERS_FILE, KOHYA_FILE};
 use predicates::prelude::*;
 use sha2::{Digest, Sha256};
 

@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use lora::adapters::format::read_lora_file;
 use lora::config::load_pipeline;
-use lora::runner::run::{run_pipeline, RunOptions, RunReport, Session, DIFFUSERS_FILE, KOHYA_FILE};
+use lora::runner::run::run_pipeline;
+use lora::runner::stages::{RunOptions, RunReport, Session};
+use lora::layout::{DIFFUSERS_FILE, KOHYA_FILE};
 
 fn pipeline() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("pipelines/tiny.toml")

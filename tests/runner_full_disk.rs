@@ -10,7 +10,9 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use lora::config::load_pipeline;
-use lora::runner::run::{run_pipeline, RunOptions, RunReport, Session, DIFFUSERS_FILE};
+use lora::runner::run::run_pipeline;
+use lora::runner::stages::{RunOptions, RunReport, Session};
+use lora::layout::DIFFUSERS_FILE;
 
 struct Mounted(PathBuf);
 

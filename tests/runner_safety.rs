@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 
 use lora::runner::lock::Lock;
 use lora::runner::plan::Plan;
-use lora::runner::run::{Refused, RunOptions, DIFFUSERS_FILE, KOHYA_FILE};
+use lora::runner::stages::{Refused, RunOptions};
+use lora::layout::{DIFFUSERS_FILE, KOHYA_FILE};
 use lora::runner::stages::{describe, Status, TRAINED_FILE};
 
 use super::runner_stages::{bytes, files_under, load, planned, root, run_with, statuses};

@@ -11,7 +11,9 @@ use std::sync::Arc;
 use lora::config::{load_pipeline, LoadedPipeline};
 use lora::runner::lock::Lock;
 use lora::runner::plan::Plan;
-use lora::runner::run::{run_pipeline, RunOptions, RunReport, Session, DIFFUSERS_FILE, KOHYA_FILE};
+use lora::runner::run::run_pipeline;
+use lora::runner::stages::{RunOptions, RunReport, Session};
+use lora::layout::{DIFFUSERS_FILE, KOHYA_FILE};
 use lora::runner::stages::{describe, matches_output, Status, BOOKKEEPING};
 
 pub(crate) fn root() -> PathBuf {
@@ -199,7 +201,7 @@ fn resume_after_a_stop_refuses_a_changed_rank_and_survives_a_damaged_checkpoint(
     // A changed rank is refused, naming the change; nothing is touched.
     let rank8 = load(&file, &out, &["adapter.rank=8"]);
     let err = run_with(&rank8, &RunOptions::default(), false).unwrap_err();
-    assert!(err.chain().any(|e| e.is::<lora::runner::run::Refused>()), "{err:#}");
+    assert!(err.chain().any(|e| e.is::<lora::runner::stages::Refused>()), "{err:#}");
     assert!(format!("{err:#}").contains("adapter.rank 4 -> 8"), "{err:#}");
     assert!(out.join("checkpoint-2").is_dir());
 

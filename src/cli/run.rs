@@ -3,7 +3,8 @@
 
 use std::process::ExitCode;
 
-use crate::runner::run::{run_pipeline, RunOptions, RunReport, Session};
+use crate::runner::run::run_pipeline;
+use crate::runner::stages::{RunOptions, RunReport, Session};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {

@@ -8,7 +8,8 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
 use crate::runner::plan::Plan;
-use crate::runner::run::{run_pipeline, RunOptions, Session};
+use crate::runner::run::run_pipeline;
+use crate::runner::stages::{RunOptions, Session};
 use crate::runner::watch::Verdict;
 
 #[derive(clap::Args, Debug)]

@@ -3,6 +3,7 @@
 
 pub mod lock;
 pub mod plan;
+pub mod resolve;
 pub mod resume;
 pub mod run;
 pub mod run_dir;

@@ -1,6 +1,7 @@
 //! The resolved plan: a validated pipeline turned once into what every stage reads (the pipeline,
-//! its output folder, the fingerprint of every stage from the stage table), so `plan`,
-//! `run --dry-run`, `run`, `watch` and `bench` all see the same values.
+//! its output folder, the fingerprint of every stage), so `plan`, `run --dry-run`, `run`, `watch`
+//! and `bench` all see the same values. `Plan::resolve`, which asks the stage table for the
+//! fingerprints, is defined beside the table (`stages`).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -8,7 +9,6 @@ use std::path::PathBuf;
 use crate::config::types::Pipeline;
 use crate::config::LoadedPipeline;
 
-use super::stages::STAGES;
 
 #[derive(Clone)]
 pub struct Plan {
@@ -21,16 +21,6 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// Resolve `loaded` once: fingerprints in table order, each seeing the upstream ones.
-    pub fn resolve(loaded: &LoadedPipeline) -> Self {
-        let mut plan = Self { loaded: loaded.clone(), out_dir: loaded.pipeline.output.dir.clone(), fingerprints: BTreeMap::new(), no_cache: false };
-        for stage in STAGES {
-            let fp = (stage.fingerprint)(&plan);
-            plan.fingerprints.insert(stage.name, fp);
-        }
-        plan
-    }
-
     pub fn pipeline(&self) -> &Pipeline {
         &self.loaded.pipeline
     }

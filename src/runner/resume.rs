@@ -14,8 +14,8 @@ use anyhow::{Context, Result};
 
 use super::lock::Lock;
 use super::plan::Plan;
-use super::run::{diffusers_file, kohya_file};
-use super::stages::{IN_PROGRESS, METRICS_FILE, TRAINED_FILE};
+use super::resolve::{diffusers_file, kohya_file};
+use crate::layout::{IN_PROGRESS, METRICS_FILE, TRAINED_FILE};
 use crate::train::checkpoint::{self, TrainerState};
 
 /// Where earlier runs' results are set aside, relative to the output folder.

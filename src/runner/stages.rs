@@ -18,10 +18,14 @@ use candle_core::{DType, Device};
 
 use super::lock::{Fingerprint, Lock};
 use super::plan::Plan;
-use super::run::{
-    loader_options, lora_spec, model_source, named_params, resolved_toml, select_device, source_options, source_spec, train_settings,
-    validation_images, weight_dtype, diffusers_file, kohya_file, LoaderSource, RunOptions, RunReport,
+use super::resolve::{
+    diffusers_file, kohya_file, load_model, loader_options, lora_spec, model_source, named_params, resolved_toml, select_device, source_options,
+    source_spec, train_settings, weight_dtype, LoaderSource,
 };
+use crate::inference::validation::{validation_file_name, validation_images};
+pub use crate::layout::{CACHE_DIR, IN_PROGRESS, METRICS_FILE, TRAINED_FILE};
+use crate::train::trainer::TrainOutcome;
+use std::path::PathBuf;
 use super::run_dir::RunDir;
 use crate::adapters::format::{write_lora_file, LoraFormat, TrainingInfo};
 use crate::adapters::lora::{inject, trained_weights, InitRng, TrainableLora};
@@ -33,12 +37,6 @@ use crate::data::{self, DataLoader, Dataset};
 use crate::models::StableDiffusion;
 use crate::train::trainer::Trainer;
 
-/// The trained weights (PEFT names), the train stage's result and what export reads.
-pub const TRAINED_FILE: &str = "train/adapter.safetensors";
-/// Lock entry of a training run in progress or interrupted (its checkpoints are resumed).
-pub const IN_PROGRESS: &str = "train.in_progress";
-/// One metrics line per optimizer update.
-pub const METRICS_FILE: &str = "metrics.jsonl";
 pub use crate::report::plot::LOSS_PLOT;
 
 /// A file or folder a stage writes, relative to the output folder; `<step>` and `<...>` stand
@@ -88,6 +86,18 @@ pub struct Stage {
 
 pub const STAGES: &[Stage] = &[MODEL, DATASET, PREPROCESS, ENCODE, TRAIN, EXPORT, VALIDATE];
 
+impl Plan {
+    /// Resolve `loaded` once: fingerprints in table order, each seeing the upstream ones.
+    pub fn resolve(loaded: &crate::config::LoadedPipeline) -> Self {
+        let mut plan = Self { loaded: loaded.clone(), out_dir: loaded.pipeline.output.dir.clone(), fingerprints: BTreeMap::new(), no_cache: false };
+        for stage in STAGES {
+            let fp = (stage.fingerprint)(&plan);
+            plan.fingerprints.insert(stage.name, fp);
+        }
+        plan
+    }
+}
+
 /// A refusal the user can resolve (exit code 2): e.g. resuming with changed settings.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -124,6 +134,40 @@ pub trait TrainObserver {
     fn starting(&mut self, device: &Device);
     fn update(&mut self, step: usize, total: usize, loss: f64, lr: f64);
     fn finished(&mut self, device: &Device);
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Rerun every stage even when its fingerprint is unchanged; start training over.
+    pub force: bool,
+    /// Encode every step, as the reference does: no encode stage, no encode cache.
+    pub no_cache: bool,
+}
+
+/// What a run did, for the summary.
+#[derive(Debug, Default)]
+pub struct RunReport {
+    pub train: Option<TrainOutcome>,
+    pub skipped_train: bool,
+    pub files: Vec<PathBuf>,
+    pub skipped_images: usize,
+    pub examples: usize,
+    pub seconds: f64,
+    /// Every stage of the table in order, with what this run did with it.
+    pub stages: Vec<(&'static str, Status)>,
+    /// Updates per second of this run's training (validation and plotting left out).
+    pub train_rate: Option<f64>,
+    /// Mean loss of the first and last tenth of the steps in `metrics.jsonl` (resumes included).
+    pub loss_trend: Option<crate::report::metrics::LossTrend>,
+    /// A stop signal ended the run between stages or during training.
+    pub stopped: bool,
+    /// The earlier run's results set aside before training started over (`earlier/...`).
+    pub set_aside: Option<PathBuf>,
+    /// The fixed-noise evaluation loss before and after all the training (resumes included),
+    /// from `metrics.jsonl`.
+    pub eval_loss: (Option<f64>, Option<f64>),
+    /// Seconds of the train stage spent on validation and plots between steps.
+    pub side_seconds: f64,
 }
 
 /// The state a walk hands from stage to stage.
@@ -400,7 +444,7 @@ fn run_model(ctx: &mut StageCtx<'_>) -> Result<Ran> {
     if !ctx.opts.force && ctx.session.model.as_ref().is_some_and(|(f, _)| f == fp) {
         tracing::info!("model: kept in memory");
     } else {
-        ctx.session.model = Some((fp.to_string(), super::run::load_model(p, &device, dtype)?));
+        ctx.session.model = Some((fp.to_string(), load_model(p, &device, dtype)?));
     }
     // Remove adapters a previous run of this session attached.
     let (_, sd) = ctx.session.model.as_mut().expect("just loaded");
@@ -499,8 +543,6 @@ const PREPROCESS: Stage = Stage {
 // ---------------------------------------------------------------------------------------------
 // encode
 
-/// The encode cache folder, relative to the output folder.
-pub const CACHE_DIR: &str = "cache/encode";
 
 /// Whether the VAE latents can be cached: every preprocessing variant of an image is one exact
 /// input (center crop; with random flip, both flips). A random crop is encoded every step.
@@ -1207,7 +1249,7 @@ pub fn validation_adapter(p: &cfg::Pipeline) -> String {
 /// The final validation images, relative to the output folder (what `validation_images` writes).
 pub fn validation_files(p: &cfg::Pipeline) -> Vec<String> {
     (0..p.validation.prompts.len())
-        .flat_map(|i| (0..p.validation.num_images).map(move |j| format!("validation/{}", super::run::validation_file_name(i, j as usize))))
+        .flat_map(|i| (0..p.validation.num_images).map(move |j| format!("validation/{}", validation_file_name(i, j as usize))))
         .collect()
 }
 

@@ -1,0 +1,240 @@
+//! The conversion layer: a typed pipeline turned into what the stages call — the device and
+//! dtypes, the model source, the data spec and loader options, the LoRA spec, the trainer's
+//! settings, the adapter files' names. Made from the `Pipeline` alone: nothing here runs a stage.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+
+use super::lock::Fingerprint;
+use crate::adapters::lora::{LoraInit, LoraSpec, TrainableLora};
+use crate::config::types::{self as cfg, Pipeline};
+use crate::config::LoadedPipeline;
+use crate::data::{self, DataLoader, LoaderOptions};
+use crate::layout::{DIFFUSERS_FILE, KOHYA_FILE};
+use crate::models::{LoadOptions, StableDiffusion};
+use crate::train::checkpoint::NamedVar;
+use crate::train::lr::LrSchedule;
+use crate::train::optim::AdamWConfig;
+use crate::train::precision::{GradScalerConfig, MixedPrecision};
+use crate::train::step::LossOptions;
+use crate::train::trainer::{BatchSource, TrainBatch, TrainSettings};
+
+/// The diffusers-form file of `p`: `<output.name>.safetensors`, else [`DIFFUSERS_FILE`].
+pub fn diffusers_file(p: &Pipeline) -> String {
+    p.output.name.as_ref().map_or_else(|| DIFFUSERS_FILE.to_string(), |n| format!("{n}.safetensors"))
+}
+
+/// The kohya-form file of `p`: `<output.name>_kohya.safetensors`, else [`KOHYA_FILE`].
+pub fn kohya_file(p: &Pipeline) -> String {
+    p.output.name.as_ref().map_or_else(|| KOHYA_FILE.to_string(), |n| format!("{n}_kohya.safetensors"))
+}
+
+/// The device a pipeline asks for (logged; see `crate::device`).
+pub fn select_device(device: cfg::Device) -> Result<Device> {
+    crate::device::select(device)
+}
+
+/// The trainer's view of `train.precision`.
+pub fn mixed_precision(precision: cfg::Precision) -> MixedPrecision {
+    match precision {
+        cfg::Precision::No => MixedPrecision::No,
+        cfg::Precision::Fp16 => MixedPrecision::Fp16,
+        cfg::Precision::Bf16 => MixedPrecision::Bf16,
+    }
+}
+
+/// The dtype of the frozen weights for `precision` (LoRA parameters stay f32). Half precision
+/// runs on the CPU too (slowly: convolutions compute in f32 and round).
+pub fn weight_dtype(precision: cfg::Precision, device: &Device) -> Result<DType> {
+    let dtype = mixed_precision(precision).weight_dtype();
+    if dtype != DType::F32 && device.is_cpu() {
+        tracing::info!("precision {precision:?} on the CPU: half-precision training is much slower there than f32");
+    }
+    Ok(dtype)
+}
+
+pub(crate) fn model_source(p: &Pipeline) -> Result<String> {
+    match (&p.model.id, &p.model.path) {
+        _ if p.model.file.is_some() => Ok(p.model.file.as_ref().map(|f| f.display().to_string()).unwrap_or_default()),
+        (_, Some(path)) => Ok(path.display().to_string()),
+        (Some(id), None) => Ok(id.clone()),
+        (None, None) => bail!("[model] needs `id` or `path`"),
+    }
+}
+
+pub(crate) fn source_spec(p: &Pipeline) -> Result<data::SourceSpec> {
+    let path = || p.dataset.path.clone().context("[dataset] needs `path` for this kind");
+    Ok(match p.dataset.kind {
+        cfg::DatasetKind::Parquet => data::SourceSpec::Parquet { path: path()? },
+        cfg::DatasetKind::Imagefolder => data::SourceSpec::ImageFolder { dir: path()? },
+        cfg::DatasetKind::Sidecar => data::SourceSpec::Sidecar { dir: path()?, caption_extensions: vec!["txt".into(), "caption".into()] },
+        cfg::DatasetKind::Hub => data::SourceSpec::Hub {
+            repo_id: p.dataset.name.clone().context("[dataset] kind = \"hub\" needs `name`")?,
+            hub: data::source::hub::HubOptions {
+                revision: None,
+                cache_dir: p.model.cache_dir.clone(),
+                offline: std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true")),
+                endpoint: std::env::var("HF_ENDPOINT").ok(),
+            },
+        },
+    })
+}
+
+fn interpolation(i: cfg::Interpolation) -> data::Interpolation {
+    let name = serde_json::to_value(i).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+    data::Interpolation::from_name(&name).unwrap_or(data::Interpolation::Lanczos)
+}
+
+pub(crate) fn loader_options(p: &Pipeline) -> LoaderOptions {
+    let pre = &p.preprocess;
+    LoaderOptions {
+        batch_size: p.train.batch_size as usize,
+        seed: p.train.seed.unwrap_or(0),
+        shuffle: true,
+        prefetch_batches: 2,
+        preprocess: data::PreprocessOptions {
+            resolution: pre.resolution,
+            crop: match pre.crop() {
+                cfg::Crop::Center => data::CropMode::Center,
+                cfg::Crop::Random => data::CropMode::Random,
+            },
+            flip_p: if pre.random_flip { 0.5 } else { 0.0 },
+            interpolation: interpolation(pre.interpolation),
+        },
+        decode: data::DecodeOptions { max_image_pixels: Some(p.dataset.max_image_pixels) },
+    }
+}
+
+pub(crate) fn lora_spec(a: &cfg::AdapterConfig, targets: &[String]) -> LoraSpec {
+    LoraSpec {
+        targets: targets.to_vec(),
+        rank: a.rank as usize,
+        alpha: a.default_alpha(),
+        rank_pattern: a.rank_pattern.iter().map(|(k, v)| (k.clone(), v.0 as usize)).collect(),
+        alpha_pattern: a.alpha_pattern.iter().map(|(k, v)| (k.clone(), v.0)).collect(),
+        init: match a.init {
+            cfg::LoraInit::Gaussian => LoraInit::Gaussian,
+            cfg::LoraInit::Kaiming => LoraInit::Kaiming,
+        },
+    }
+}
+
+fn lr_schedule(s: cfg::LrScheduler) -> LrSchedule {
+    match s {
+        cfg::LrScheduler::Constant => LrSchedule::Constant,
+        cfg::LrScheduler::ConstantWithWarmup => LrSchedule::ConstantWithWarmup,
+        cfg::LrScheduler::Linear => LrSchedule::Linear,
+        cfg::LrScheduler::Cosine => LrSchedule::Cosine,
+        cfg::LrScheduler::CosineWithRestarts => LrSchedule::CosineWithRestarts { num_cycles: 1 },
+        cfg::LrScheduler::Polynomial => LrSchedule::Polynomial { power: 1.0, lr_end: 1e-7 },
+    }
+}
+
+/// The trainer's settings from a pipeline.
+pub fn train_settings(loaded: &LoadedPipeline) -> TrainSettings {
+    let p = &loaded.pipeline;
+    let t = &p.train;
+    TrainSettings {
+        batch_size: t.batch_size as usize,
+        gradient_accumulation_steps: t.gradient_accumulation_steps as usize,
+        num_epochs: t.epochs as usize,
+        max_train_steps: t.max_steps.map(|n| n as usize),
+        learning_rate: t.learning_rate,
+        scale_lr: t.scale_lr,
+        lr_schedule: lr_schedule(t.lr_scheduler),
+        lr_warmup_steps: t.lr_warmup_steps as usize,
+        adamw: AdamWConfig {
+            beta1: p.optimizer.beta1,
+            beta2: p.optimizer.beta2,
+            eps: p.optimizer.epsilon,
+            weight_decay: p.optimizer.weight_decay,
+        },
+        max_grad_norm: (p.optimizer.max_grad_norm > 0.0).then_some(p.optimizer.max_grad_norm),
+        loss: LossOptions {
+            snr_gamma: t.snr_gamma,
+            prediction_type: t.prediction_type.map(|pt| match pt {
+                cfg::PredictionType::Epsilon => crate::schedulers::ddpm::PredictionType::Epsilon,
+                cfg::PredictionType::VPrediction => crate::schedulers::ddpm::PredictionType::VPrediction,
+            }),
+            noise_offset: t.noise_offset,
+        },
+        seed: t.seed.unwrap_or(0),
+        checkpointing_steps: (p.checkpoints.every_steps > 0).then_some(p.checkpoints.every_steps as usize),
+        checkpoints_total_limit: p.checkpoints.total_limit.map(|n| n as usize),
+        output_dir: p.output.dir.clone(),
+        resume_from_checkpoint: p.checkpoints.resume.clone(),
+        cache_encodings: !p.adapter.text_encoder,
+        pipeline_sha256: Some(pipeline_sha256(loaded)),
+        train_fingerprint: None,
+        eval_batches: 0,
+        tensorboard_dir: (p.logging.report_to == cfg::ReportTo::Tensorboard).then(|| p.output.dir.join(&p.logging.dir)),
+        precision: mixed_precision(t.precision),
+        grad_scaler: GradScalerConfig::default(),
+        gradient_checkpointing: t.gradient_checkpointing,
+    }
+}
+
+/// SHA-256 of the resolved pipeline TOML.
+pub fn pipeline_sha256(loaded: &LoadedPipeline) -> String {
+    Fingerprint::new("pipeline").add("toml", &resolved_toml(loaded)).finish()
+}
+
+pub(crate) fn resolved_toml(loaded: &LoadedPipeline) -> String {
+    toml::to_string(&loaded.resolved).unwrap_or_default()
+}
+
+/// Load the pipeline's model on `device` in `dtype`.
+pub(crate) fn load_model(p: &Pipeline, device: &Device, dtype: DType) -> Result<StableDiffusion> {
+    let source = model_source(p)?;
+    // A hub id is shown as written; a local path with `..` folded.
+    let shown = if std::path::Path::new(&source).exists() { crate::util::path::tidy_path(std::path::Path::new(&source)).display().to_string() } else { source.clone() };
+    tracing::info!("model: loading {shown}");
+    // On a GPU the frozen encoders may be parked in host memory once the encode cache serves.
+    let load_opts = LoadOptions { movable_encoders: !device.is_cpu(), ..LoadOptions::from_config(&p.model) };
+    StableDiffusion::load(&source, &load_opts, device, dtype).with_context(|| format!("loading model {source}"))
+}
+
+/// Column names, subset size and seed of the dataset stage.
+pub(crate) fn source_options(p: &Pipeline) -> data::SourceOptions {
+    data::SourceOptions {
+        image_column: p.dataset.image_column.clone(),
+        caption_column: p.dataset.caption_column.clone(),
+        max_samples: p.dataset.max_samples.map(|n| n as usize),
+        seed: p.train.seed.unwrap_or(0),
+    }
+}
+
+/// The trainable tensors of injected branches under their checkpoint names
+/// (`<prefix>.<module>.lora_A.weight` / `lora_B`, PEFT's names as the reference saves them).
+pub(crate) fn named_params(prefix: &str, loras: &[TrainableLora]) -> Vec<NamedVar> {
+    loras
+        .iter()
+        .flat_map(|l| {
+            [
+                NamedVar { name: format!("{prefix}.{}.lora_A.weight", l.module), var: l.down.clone() },
+                NamedVar { name: format!("{prefix}.{}.lora_B.weight", l.module), var: l.up.clone() },
+            ]
+        })
+        .collect()
+}
+
+/// Adapts the data loader to the trainer's [`BatchSource`] (with its batch size).
+pub(crate) struct LoaderSource(pub(crate) DataLoader, pub(crate) usize);
+
+impl BatchSource for LoaderSource {
+    fn num_examples(&self) -> usize {
+        self.0.dataset().len()
+    }
+
+    fn batches<'a>(&'a self, epoch: usize, start_batch: usize) -> Box<dyn Iterator<Item = Result<TrainBatch>> + 'a> {
+        let to_train = |b: data::Batch| TrainBatch { pixel_values: b.pixel_values, captions: b.captions };
+        if start_batch == 0 {
+            return Box::new(self.0.epoch(epoch).map(move |b| b.map(to_train)));
+        }
+        // Resuming mid-epoch: the same seeded order, from the first batch not yet consumed.
+        let order = self.0.epoch_order(epoch);
+        let chunks: Vec<Vec<usize>> = order.chunks(self.1.max(1)).skip(start_batch).map(<[usize]>::to_vec).collect();
+        Box::new(chunks.into_iter().map(move |c| self.0.load_batch(epoch, &c).map(to_train)))
+    }
+}
+
