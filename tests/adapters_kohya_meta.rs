@@ -120,7 +120,7 @@ fn export_fingerprint_follows_the_resolved_formats() {
     let fp = |extra: &[&str]| {
         let overrides: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let loaded = load_pipeline(&root().join("pipelines/tiny.toml"), &overrides).unwrap_or_else(|d| panic!("{}", d.render()));
-        lora::runner::plan::Plan::resolve(&loaded).fingerprint("export").to_string()
+        lora::runner::plan::Plan::resolve(&loaded).fingerprint(lora::runner::plan::StageId::Export).to_string()
     };
     let default = fp(&[]);
     assert_eq!(default, fp(&["output.formats=[\"diffusers\", \"kohya\"]"]));

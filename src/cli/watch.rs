@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
-use crate::runner::plan::Plan;
+use crate::runner::plan::{Plan, StageId};
 use crate::runner::run::run_pipeline;
 use crate::runner::stages::{RunOptions, Session};
 use crate::runner::watch::Verdict;
@@ -32,7 +32,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         session.hold(&loaded.pipeline.output.dir)?;
     }
     // The output folder and train fingerprint of the run in progress, for judging edits.
-    let running: Arc<Mutex<Option<(PathBuf, String)>>> = Arc::new(Mutex::new(None));
+    let running: Arc<Mutex<Option<Running>>> = Arc::new(Mutex::new(None));
     let check = {
         let (running, pipeline) = (running.clone(), args.pipeline.clone());
         Arc::new(move || judge_edit(&pipeline, running.lock().expect("watch state").clone()))
@@ -49,7 +49,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                     *watched_cell.borrow_mut() = files;
                 }
                 let plan = Plan::resolve(&loaded);
-                *running.lock().expect("watch state") = Some((plan.out_dir.clone(), plan.fingerprint("train").to_string()));
+                *running.lock().expect("watch state") = Some(Running {
+                    out: plan.out_dir.clone(),
+                    train: plan.fingerprint(StageId::Train).to_string(),
+                    tables: loaded.resolved.clone(),
+                });
                 let report = run_pipeline(&loaded, &mut session, &RunOptions::default(), stop.clone());
                 *running.lock().expect("watch state") = None;
                 super::run::print_summary(&report?, super::run::Resumes::Watch);
@@ -70,9 +74,18 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Whether an edit made while `running` (output folder, train fingerprint) should stop it.
-fn judge_edit(pipeline: &super::PipelineArgs, running: Option<(PathBuf, String)>) -> Verdict {
-    let Some((out, train_fp)) = running else { return Verdict::KeepGoing("no training is running".into()) };
+/// What an edit during a run is judged against: the run's output folder, train fingerprint and
+/// pipeline tables as resolved.
+#[derive(Clone)]
+struct Running {
+    out: PathBuf,
+    train: String,
+    tables: toml::Table,
+}
+
+/// Whether an edit made while `running` should stop it.
+fn judge_edit(pipeline: &super::PipelineArgs, running: Option<Running>) -> Verdict {
+    let Some(running) = running else { return Verdict::KeepGoing("no training is running".into()) };
     match crate::preflight::load_pipeline(&pipeline.file, &pipeline.overrides) {
         Err(diags) => {
             eprint!("{}", diags.render_styled(std::io::IsTerminal::is_terminal(&std::io::stderr())));
@@ -80,12 +93,23 @@ fn judge_edit(pipeline: &super::PipelineArgs, running: Option<(PathBuf, String)>
         }
         Ok(loaded) => {
             let plan = Plan::resolve(&loaded);
-            if plan.out_dir != out {
-                Verdict::KeepGoing("output.dir changed: this run finishes in the old folder, then the edited pipeline runs in the new one".into())
-            } else if plan.fingerprint("train") != train_fp {
-                Verdict::Stop("what is being trained changed".into())
+            // Which tables changed, and which stage owns each (the stage table's declarations).
+            let names: std::collections::BTreeSet<&String> = running.tables.keys().chain(loaded.resolved.keys()).collect();
+            let changed: Vec<String> = names
+                .into_iter()
+                .filter(|k| running.tables.get(*k) != loaded.resolved.get(*k))
+                .map(|k| match StageId::owner_of(k) {
+                    Some(stage) => format!("[{k}] ({} stage)", stage.name()),
+                    None => format!("[{k}]"),
+                })
+                .collect();
+            let what = if changed.is_empty() { "the edit".to_string() } else { format!("the edit changes {}", changed.join(", ")) };
+            if plan.out_dir != running.out {
+                Verdict::KeepGoing(format!("{what}: this run finishes in the old folder, then the edited pipeline runs in the new one"))
+            } else if plan.fingerprint(StageId::Train) != running.train {
+                Verdict::Stop(format!("{what}, which changes what is being trained"))
             } else {
-                Verdict::KeepGoing("training's inputs are unchanged: it goes on, and the stages after it rerun when it is done".into())
+                Verdict::KeepGoing(format!("{what}; training's inputs are unchanged: it goes on, and the stages after it rerun when it is done"))
             }
         }
     }

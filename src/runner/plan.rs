@@ -10,12 +10,64 @@ use crate::config::types::Pipeline;
 use crate::config::LoadedPipeline;
 
 
+/// A stage of the table, by name (`lora.lock`'s keys and `lora plan`'s are [`StageId::name`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StageId {
+    Model,
+    Dataset,
+    Preprocess,
+    Encode,
+    Train,
+    Export,
+    Validate,
+}
+
+impl StageId {
+    /// Every stage, in the table's order.
+    pub const ALL: [StageId; 7] = [Self::Model, Self::Dataset, Self::Preprocess, Self::Encode, Self::Train, Self::Export, Self::Validate];
+
+    /// The pipeline tables the stage owns (reads). Their keys are what the stage's fingerprint
+    /// is made of, except train's `[checkpoints]` and `[logging]`: how it saves and logs, not what
+    /// it trains (a changed `every_steps` does not retrain a finished run).
+    pub const fn tables(self) -> &'static [&'static str] {
+        match self {
+            Self::Model => &["model"],
+            Self::Dataset => &["dataset"],
+            Self::Preprocess => &["preprocess"],
+            Self::Encode => &[],
+            Self::Train => &["adapter", "optimizer", "train", "checkpoints", "logging"],
+            Self::Export => &["output"],
+            Self::Validate => &["validation"],
+        }
+    }
+
+    /// The stage that owns the pipeline table of `key` (`train.learning_rate` -> train; a
+    /// settings snapshot's `model files` / `dataset files` -> model / dataset).
+    pub fn owner_of(key: &str) -> Option<StageId> {
+        let table = key.split(['.', ' ']).next().unwrap_or(key);
+        Self::ALL.into_iter().find(|s| s.tables().contains(&table))
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Model => "model",
+            Self::Dataset => "dataset",
+            Self::Preprocess => "preprocess",
+            Self::Encode => "encode",
+            Self::Train => "train",
+            Self::Export => "export",
+            Self::Validate => "validate",
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Plan {
     pub loaded: LoadedPipeline,
     pub out_dir: PathBuf,
     /// Every stage's fingerprint, by stage name (each folds in its upstream stages' ones).
-    pub fingerprints: BTreeMap<&'static str, String>,
+    pub fingerprints: BTreeMap<StageId, String>,
     /// `--no-cache`: the encoders run every step, as the reference does (no encode stage).
     pub no_cache: bool,
 }
@@ -25,9 +77,9 @@ impl Plan {
         &self.loaded.pipeline
     }
 
-    /// The fingerprint of `stage` (computed by [`Plan::resolve`] for every stage of the table).
-    pub fn fingerprint(&self, stage: &str) -> &str {
-        self.fingerprints.get(stage).map(String::as_str).unwrap_or_else(|| panic!("stage `{stage}` is not in the stage table"))
+    /// The fingerprint of `stage` (computed by `Plan::resolve` for every stage of the table).
+    pub fn fingerprint(&self, stage: StageId) -> &str {
+        self.fingerprints.get(&stage).map_or("", String::as_str)
     }
 
     /// The resolved pipeline table `name` (as written, after `extends` and `--set`).

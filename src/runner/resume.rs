@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 
 use super::lock::Lock;
-use super::plan::Plan;
+use super::plan::{Plan, StageId};
 use super::resolve::{diffusers_file, kohya_file};
 use crate::layout::{IN_PROGRESS, METRICS_FILE, TRAINED_FILE};
 use crate::train::checkpoint::{self, TrainerState};
@@ -105,7 +105,7 @@ pub fn decide_start(plan: &Plan, lock: &Lock, force: bool, why: &str) -> Start {
             return Start::Explicit(r.clone());
         }
     }
-    let fp = plan.fingerprint("train");
+    let fp = plan.fingerprint(StageId::Train);
     let found = survey(out);
     let settings = settings_snapshot(plan);
     let in_progress = lock.stages.get(IN_PROGRESS);
@@ -149,7 +149,7 @@ pub fn decide_start(plan: &Plan, lock: &Lock, force: bool, why: &str) -> Start {
     }
     let changed: Vec<String> = lock
         .stages
-        .get("train")
+        .get(StageId::Train.name())
         .and_then(|r| r.details.get("settings"))
         .and_then(|v| serde_json::from_value::<BTreeMap<String, serde_json::Value>>(v.clone()).ok())
         .map(|old| changed_keys(&old, &settings).into_iter().map(|(_, t)| t).collect())
@@ -213,10 +213,10 @@ fn set_aside(plan: &Plan, lock: &Lock, why: String, changed: Vec<String>) -> Opt
         moved.extend(steps);
     }
     let mut finished: Vec<String> = vec![TRAINED_FILE.into(), diffusers_file(p), kohya_file(p)];
-    if let Some(export) = lock.stages.get("export") {
+    if let Some(export) = lock.stages.get(StageId::Export.name()) {
         finished.extend(export.outputs.iter().cloned());
     }
-    if let Some(validate) = lock.stages.get("validate") {
+    if let Some(validate) = lock.stages.get(StageId::Validate.name()) {
         finished.extend(validate.outputs.iter().cloned());
     }
     for f in finished {
@@ -331,16 +331,18 @@ pub fn settings_snapshot(p: &Plan) -> BTreeMap<String, serde_json::Value> {
     if written.get("train").and_then(|t| t.get("seed")).is_none() {
         out.remove("train.seed");
     }
-    out.insert("model files".into(), p.fingerprint("model").into());
-    out.insert("dataset files".into(), p.fingerprint("dataset").into());
+    out.insert("model files".into(), p.fingerprint(StageId::Model).into());
+    out.insert("dataset files".into(), p.fingerprint(StageId::Dataset).into());
     out
 }
 
 /// Settings whose change makes an interrupted run's checkpoints unusable (shapes, data stream,
 /// model); every other change (learning rate, step count, schedule) resumes with a warning.
 pub fn breaks_resume(key: &str) -> bool {
-    ["model", "dataset", "preprocess", "adapter"].iter().any(|t| key.starts_with(&format!("{t}.")) || key.starts_with(&format!("{t} ")))
-        || matches!(key, "train.batch_size" | "train.gradient_accumulation_steps" | "train.seed")
+    // The keys of the stages training reads from (the model, the data and its preprocessing),
+    // the adapter's shape, and the train keys that shape the data stream.
+    let upstream = StageId::owner_of(key).is_some_and(|s| matches!(s, StageId::Model | StageId::Dataset | StageId::Preprocess));
+    upstream || key.starts_with("adapter.") || matches!(key, "train.batch_size" | "train.gradient_accumulation_steps" | "train.seed")
 }
 
 /// The keys that differ, each as `(key, "key old -> new")`.

@@ -17,7 +17,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 
 use super::lock::{Fingerprint, Lock};
-use super::plan::Plan;
+use super::plan::{Plan, StageId};
 use super::resolve::{
     diffusers_file, kohya_file, load_model, loader_options, lora_spec, model_source, named_params, resolved_toml, select_device, source_options,
     source_spec, train_settings, weight_dtype, LoaderSource,
@@ -68,11 +68,11 @@ impl Ran {
 }
 
 pub struct Stage {
-    pub name: &'static str,
+    pub id: StageId,
     /// Upstream stages whose fingerprints this one folds in; when one of them runs, so does this.
-    pub depends_on: &'static [&'static str],
+    pub depends_on: &'static [StageId],
     /// Loading stages whose in-memory result this one needs to run.
-    pub needs: &'static [&'static str],
+    pub needs: &'static [StageId],
     /// Whether the result is on disk with a lock entry (false: loaded into memory when needed).
     pub tracked: bool,
     /// `Some(reason)` when the pipeline turns the stage off.
@@ -92,7 +92,7 @@ impl Plan {
         let mut plan = Self { loaded: loaded.clone(), out_dir: loaded.pipeline.output.dir.clone(), fingerprints: BTreeMap::new(), no_cache: false };
         for stage in STAGES {
             let fp = (stage.fingerprint)(&plan);
-            plan.fingerprints.insert(stage.name, fp);
+            plan.fingerprints.insert(stage.id, fp);
         }
         plan
     }
@@ -246,16 +246,16 @@ pub fn decide_all(plan: &Plan, lock: &Lock, force: bool) -> (Vec<Status>, Option
             status.push(Status::NotNeeded); // decided below, once the tracked stages are known
             continue;
         }
-        let fp = plan.fingerprint(stage.name);
+        let fp = plan.fingerprint(stage.id);
         let upstream_runs = stage.depends_on.iter().find(|d| {
-            STAGES.iter().position(|s| s.name == **d).is_some_and(|i| matches!(status.get(i), Some(Status::Run(_))))
+            STAGES.iter().position(|s| s.id == **d).is_some_and(|i| matches!(status.get(i), Some(Status::Run(_))))
         });
         let why = if force {
             Some("--force".to_string())
         } else if let Some(d) = upstream_runs {
-            Some(format!("{d} runs"))
+            Some(format!("{} runs", d.name()))
         } else {
-            match lock.stages.get(stage.name) {
+            match lock.stages.get(stage.id.name()) {
                 None => Some("no result yet".into()),
                 Some(r) if r.fingerprint != fp => Some("its settings or inputs changed".into()),
                 Some(r) => r.outputs.iter().find(|o| !dir.join(o).exists()).map(|o| format!("{o} is missing")),
@@ -263,7 +263,7 @@ pub fn decide_all(plan: &Plan, lock: &Lock, force: bool) -> (Vec<Status>, Option
         };
         let st = match why {
             None => Status::UpToDate,
-            Some(why) if stage.name == "train" => {
+            Some(why) if stage.id == StageId::Train => {
                 let s = super::resume::decide_start(plan, lock, force, &why);
                 let st = match &s {
                     Start::Refused(m) => Status::Refused(m.clone()),
@@ -287,15 +287,15 @@ pub fn decide_all(plan: &Plan, lock: &Lock, force: bool) -> (Vec<Status>, Option
         status.push(st);
     }
     // A loading stage loads when a running stage (or a loading stage that loads) needs it.
-    let mut needed: Vec<&str> = Vec::new();
+    let mut needed: Vec<StageId> = Vec::new();
     for (stage, st) in STAGES.iter().zip(&status).rev() {
-        let loads = matches!(st, Status::Run(_)) || (!stage.tracked && needed.contains(&stage.name) && !matches!(st, Status::Off(_)));
+        let loads = matches!(st, Status::Run(_)) || (!stage.tracked && needed.contains(&stage.id) && !matches!(st, Status::Off(_)));
         if loads {
             needed.extend(stage.needs.iter().copied());
         }
     }
     for (stage, st) in STAGES.iter().zip(status.iter_mut()) {
-        if !stage.tracked && matches!(st, Status::NotNeeded) && needed.contains(&stage.name) {
+        if !stage.tracked && matches!(st, Status::NotNeeded) && needed.contains(&stage.id) {
             *st = Status::Load;
         }
     }
@@ -306,6 +306,8 @@ pub fn decide_all(plan: &Plan, lock: &Lock, force: bool) -> (Vec<Status>, Option
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct StageView {
     pub name: &'static str,
+    /// The pipeline tables the stage owns.
+    pub tables: &'static [&'static str],
     #[serde(flatten)]
     pub status: Status,
     pub description: String,
@@ -322,10 +324,10 @@ pub fn describe(plan: &Plan, lock: &Lock, force: bool) -> Vec<StageView> {
         .map(|(s, status)| {
             // A stage that is off writes nothing.
             let mut writes = if matches!(status, Status::Off(_)) { Vec::new() } else { (s.outputs)(plan) };
-            if let (true, Some(super::resume::Start::Fresh { aside: Some(a), .. })) = (s.name == "train", &start) {
+            if let (true, Some(super::resume::Start::Fresh { aside: Some(a), .. })) = (s.id == StageId::Train, &start) {
                 writes.push(out(format!("{}/", a.dir), "the earlier run's results, set aside before training starts over (set-aside.json says why)", false));
             }
-            StageView { name: s.name, status, description: (s.describe)(plan), reads: (s.reads)(plan), writes }
+            StageView { name: s.id.name(), tables: s.id.tables(), status, description: (s.describe)(plan), reads: (s.reads)(plan), writes }
         })
         .collect()
 }
@@ -353,33 +355,33 @@ pub fn run_plan(plan: &Plan, session: &mut Session, opts: &RunOptions, stop: Arc
     for (stage, status) in STAGES.iter().zip(statuses) {
         if crate::util::interrupt::requested() {
             // A stop signal between stages: what ran is recorded, the rest waits for the next run.
-            tracing::info!("stopped before the {} stage", stage.name);
+            tracing::info!("stopped before the {} stage", stage.id.name());
             ctx.report.stopped = true;
             break;
         }
-        ctx.report.stages.push((stage.name, status.clone()));
+        ctx.report.stages.push((stage.id.name(), status.clone()));
         match &status {
-            Status::Run(why) => tracing::info!("{}: running ({why})", stage.name),
+            Status::Run(why) => tracing::info!("{}: running ({why})", stage.id.name()),
             Status::Load => {}
             Status::UpToDate => {
-                tracing::info!("{}: up to date", stage.name);
+                tracing::info!("{}: up to date", stage.id.name());
                 continue;
             }
             Status::NotNeeded | Status::Off(_) | Status::Refused(_) => continue,
         }
-        let ran = (stage.run)(&mut ctx).with_context(|| format!("stage {}", stage.name))?;
+        let ran = (stage.run)(&mut ctx).with_context(|| format!("stage {}", stage.id.name()))?;
         if !ran.complete {
             break;
         }
         if stage.tracked {
             let outputs = (stage.outputs)(&plan).into_iter().filter(|o| o.required).map(|o| o.path).collect();
-            ctx.lock.record_with(stage.name, plan.fingerprint(stage.name), outputs, ran.details);
+            ctx.lock.record_with(stage.id.name(), plan.fingerprint(stage.id), outputs, ran.details);
             ctx.lock.write(&dir)?;
         }
     }
     // Examples of the training these results come from, when the dataset was not loaded now.
     if report.examples == 0 && !report.stages.iter().any(|(n, s)| *n == "dataset" && matches!(s, Status::Load)) {
-        report.examples = lock.stages.get("train").and_then(|r| r.details.get("examples")).and_then(serde_json::Value::as_u64).unwrap_or(0) as usize;
+        report.examples = lock.stages.get(StageId::Train.name()).and_then(|r| r.details.get("examples")).and_then(serde_json::Value::as_u64).unwrap_or(0) as usize;
     }
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
@@ -405,7 +407,7 @@ fn no_outputs(_: &Plan) -> Vec<Output> {
 // model
 
 const MODEL: Stage = Stage {
-    name: "model",
+    id: StageId::Model,
     depends_on: &[],
     needs: &[],
     tracked: false,
@@ -440,7 +442,7 @@ fn run_model(ctx: &mut StageCtx<'_>) -> Result<Ran> {
     let device = select_device(p.train.device)?;
     crate::device::allow_tf32(&device, p.train.allow_tf32);
     let dtype = weight_dtype(p.train.precision, &device)?;
-    let fp = ctx.plan.fingerprint("model");
+    let fp = ctx.plan.fingerprint(StageId::Model);
     if !ctx.opts.force && ctx.session.model.as_ref().is_some_and(|(f, _)| f == fp) {
         tracing::info!("model: kept in memory");
     } else {
@@ -458,7 +460,7 @@ fn run_model(ctx: &mut StageCtx<'_>) -> Result<Ran> {
 // dataset
 
 const DATASET: Stage = Stage {
-    name: "dataset",
+    id: StageId::Dataset,
     depends_on: &[],
     needs: &[],
     tracked: false,
@@ -493,7 +495,7 @@ const DATASET: Stage = Stage {
 
 fn run_dataset(ctx: &mut StageCtx<'_>) -> Result<Ran> {
     let p = ctx.plan.pipeline();
-    let fp = ctx.plan.fingerprint("dataset");
+    let fp = ctx.plan.fingerprint(StageId::Dataset);
     if !ctx.opts.force && ctx.session.dataset.as_ref().is_some_and(|(f, _, _)| f == fp) {
         tracing::info!("dataset: kept in memory");
     } else {
@@ -516,12 +518,12 @@ fn run_dataset(ctx: &mut StageCtx<'_>) -> Result<Ran> {
 // preprocess
 
 const PREPROCESS: Stage = Stage {
-    name: "preprocess",
-    depends_on: &["dataset"],
-    needs: &["dataset"],
+    id: StageId::Preprocess,
+    depends_on: &[StageId::Dataset],
+    needs: &[StageId::Dataset],
     tracked: false,
     off: not_off,
-    fingerprint: |p| Fingerprint::new("preprocess").add("dataset", p.fingerprint("dataset")).add_toml("preprocess", p.table("preprocess")).finish(),
+    fingerprint: |p| Fingerprint::new("preprocess").add("dataset", p.fingerprint(StageId::Dataset)).add_toml("preprocess", p.table("preprocess")).finish(),
     reads: nothing,
     outputs: no_outputs,
     describe: |p| {
@@ -556,9 +558,9 @@ pub(crate) fn caches_text(p: &Plan) -> bool {
 }
 
 const ENCODE: Stage = Stage {
-    name: "encode",
-    depends_on: &["model", "preprocess"],
-    needs: &["model", "preprocess"],
+    id: StageId::Encode,
+    depends_on: &[StageId::Model, StageId::Preprocess],
+    needs: &[StageId::Model, StageId::Preprocess],
     tracked: true,
     off: |p| {
         if p.no_cache {
@@ -571,8 +573,8 @@ const ENCODE: Stage = Stage {
     },
     fingerprint: |p| {
         Fingerprint::new("encode")
-            .add("model", p.fingerprint("model"))
-            .add("preprocess", p.fingerprint("preprocess"))
+            .add("model", p.fingerprint(StageId::Model))
+            .add("preprocess", p.fingerprint(StageId::Preprocess))
             .add("latents", &caches_latents(p).to_string())
             .add("text", &caches_text(p).to_string())
             .finish()
@@ -592,7 +594,7 @@ const ENCODE: Stage = Stage {
 };
 
 fn encode_cache(p: &Plan) -> Arc<EncodeCache> {
-    Arc::new(EncodeCache::new(&p.out_dir.join(CACHE_DIR), p.fingerprint("model")))
+    Arc::new(EncodeCache::new(&p.out_dir.join(CACHE_DIR), p.fingerprint(StageId::Model)))
 }
 
 fn run_encode(ctx: &mut StageCtx<'_>) -> Result<Ran> {
@@ -669,15 +671,15 @@ fn run_encode(ctx: &mut StageCtx<'_>) -> Result<Ran> {
 // train
 
 const TRAIN: Stage = Stage {
-    name: "train",
-    depends_on: &["model", "preprocess"],
-    needs: &["model", "preprocess"],
+    id: StageId::Train,
+    depends_on: &[StageId::Model, StageId::Preprocess],
+    needs: &[StageId::Model, StageId::Preprocess],
     tracked: true,
     off: not_off,
     fingerprint: |p| {
         Fingerprint::new("train")
-            .add("model", p.fingerprint("model"))
-            .add("preprocess", p.fingerprint("preprocess"))
+            .add("model", p.fingerprint(StageId::Model))
+            .add("preprocess", p.fingerprint(StageId::Preprocess))
             .add_toml("adapter", p.table("adapter"))
             .add_toml("optimizer", p.table("optimizer"))
             .add_toml("train", p.table("train"))
@@ -791,7 +793,7 @@ fn run_train(ctx: &mut StageCtx<'_>) -> Result<Ran> {
     let out_dir = plan.out_dir.clone();
     let snapshot = super::resume::settings_snapshot(plan);
     let mut settings = train_settings(&plan.loaded);
-    settings.train_fingerprint = Some(plan.fingerprint("train").to_string());
+    settings.train_fingerprint = Some(plan.fingerprint(StageId::Train).to_string());
     if plan.no_cache {
         settings.cache_encodings = false;
     }
@@ -821,8 +823,8 @@ fn run_train(ctx: &mut StageCtx<'_>) -> Result<Ran> {
         None => anyhow::bail!("the train stage runs only as decided by the stage table"),
     }
     // Mark the stage in progress before the first step, so any crash resumes.
-    ctx.lock.stages.remove("train");
-    ctx.lock.record_with(IN_PROGRESS, plan.fingerprint("train"), vec![], snapshot.clone());
+    ctx.lock.stages.remove(StageId::Train.name());
+    ctx.lock.record_with(IN_PROGRESS, plan.fingerprint(StageId::Train), vec![], snapshot.clone());
     ctx.lock.write(&out_dir)?;
 
     let device = ctx.device.clone().context("the model stage runs before train")?;
@@ -1012,8 +1014,8 @@ fn progress_bar(total: usize, start: usize) -> indicatif::ProgressBar {
 const KOHYA_HEADER_VERSION: &str = "2";
 
 const EXPORT: Stage = Stage {
-    name: "export",
-    depends_on: &["train"],
+    id: StageId::Export,
+    depends_on: &[StageId::Train],
     needs: &[],
     tracked: true,
     off: not_off,
@@ -1021,7 +1023,17 @@ const EXPORT: Stage = Stage {
         // The resolved formats (a changed default reruns export) and the kohya header's version
         // (bumped when what the header says changes; export is cheap to rerun).
         let formats: Vec<String> = p.pipeline().output.formats.iter().map(choice_name).collect();
-        Fingerprint::new("export").add("train", p.fingerprint("train")).add("formats", &formats.join(",")).add("kohya_header", KOHYA_HEADER_VERSION).finish()
+        let mut f = Fingerprint::new("export");
+        f.add("train", p.fingerprint(StageId::Train)).add("formats", &formats.join(",")).add("kohya_header", KOHYA_HEADER_VERSION);
+        // The files' names and dtype (added only when set, so earlier locks stay valid).
+        let out = &p.pipeline().output;
+        if let Some(name) = &out.name {
+            f.add("name", name);
+        }
+        if out.save_precision != cfg::SavePrecision::F32 {
+            f.add("save_precision", &choice_name(&out.save_precision));
+        }
+        f.finish()
     },
     reads: |p| vec![tidy(p, TRAINED_FILE)],
     outputs: |p| {
@@ -1040,11 +1052,11 @@ const EXPORT: Stage = Stage {
         format!("write the adapter ({})", names.join(", "))
     },
     run: |ctx| {
-        let details = ctx.lock.stages.get("train").map(|r| r.details.clone()).unwrap_or_default();
+        let details = ctx.lock.stages.get(StageId::Train.name()).map(|r| r.details.clone()).unwrap_or_default();
         export_files(ctx, &details)?;
         // Files an earlier export wrote that are no longer asked for.
         let wanted: Vec<String> = (EXPORT.outputs)(ctx.plan).into_iter().map(|o| o.path).collect();
-        if let Some(old) = ctx.lock.stages.get("export") {
+        if let Some(old) = ctx.lock.stages.get(StageId::Export.name()) {
             for f in old.outputs.iter().filter(|f| !wanted.contains(f)) {
                 let path = ctx.plan.out_dir.join(f);
                 if path.is_file() {
@@ -1172,17 +1184,17 @@ fn dataset_folder_name(p: &cfg::Pipeline) -> String {
 // validate
 
 const VALIDATE: Stage = Stage {
-    name: "validate",
+    id: StageId::Validate,
     // Validate reads export's file (`validation_adapter`), so it comes after export in the table;
     // its fingerprint names that file, so a format change that leaves it the same (another format
     // added) reruns only export, one that changes it (diffusers dropped) reruns validate too.
-    depends_on: &["train"],
-    needs: &["model"],
+    depends_on: &[StageId::Train],
+    needs: &[StageId::Model],
     tracked: true,
     off: |p| p.pipeline().validation.prompts.is_empty().then_some("no validation prompts"),
     fingerprint: |p| {
         Fingerprint::new("validate")
-            .add("train", p.fingerprint("train"))
+            .add("train", p.fingerprint(StageId::Train))
             .add("adapter", &validation_adapter(p.pipeline()))
             .add_toml("validation", p.table("validation"))
             .add("resolution", &p.pipeline().preprocess.resolution.to_string())
@@ -1224,7 +1236,7 @@ const VALIDATE: Stage = Stage {
         let files = validation_images(sd, ctx.plan.pipeline(), &dir.join("validation"), &device)?;
         // TensorBoard shows the final images at the last training step.
         let step = ctx.report.train.as_ref().map(|t| t.global_step as u64).or_else(|| {
-            ctx.lock.stages.get("train").and_then(|r| r.details.get("max_train_steps")).and_then(serde_json::Value::as_u64)
+            ctx.lock.stages.get(StageId::Train.name()).and_then(|r| r.details.get("max_train_steps")).and_then(serde_json::Value::as_u64)
         });
         let grid = publish_validation(ctx.plan, &files, &dir.join("validation"), step.unwrap_or(0))?;
         ctx.report.files.extend(files);
@@ -1298,6 +1310,18 @@ pub const BOOKKEEPING: &[&str] = &[super::lock::LOCK_FILE, super::run_dir::RUN_L
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_table_follows_the_stage_ids_and_every_table_has_one_owner() {
+        assert_eq!(STAGES.iter().map(|s| s.id).collect::<Vec<_>>(), StageId::ALL.to_vec());
+        for table in ["model", "dataset", "preprocess", "adapter", "optimizer", "train", "checkpoints", "logging", "validation", "output"] {
+            assert_eq!(StageId::ALL.iter().filter(|s| s.tables().contains(&table)).count(), 1, "[{table}]");
+        }
+        assert_eq!(StageId::owner_of("train.learning_rate"), Some(StageId::Train));
+        assert_eq!(StageId::owner_of("validation.prompts"), Some(StageId::Validate));
+        assert_eq!(StageId::owner_of("model files"), Some(StageId::Model));
+        assert_eq!(StageId::owner_of("extends"), None);
+    }
 
     #[test]
     fn output_patterns() {
