@@ -19,3 +19,4 @@ pub mod runner;
 pub mod schedulers;
 pub mod train;
 pub mod util;
+pub mod vocab;

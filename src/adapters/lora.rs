@@ -27,7 +27,9 @@ use candle_core::{DType, Tensor, Var};
 use rand::Rng;
 use rand_distr::{Distribution, Normal};
 
-use super::format::{down_key, read_lora_file_for_use, Component, LoraFormat, LoraModule, LoraWeights};
+use super::keys::{down_key, LoraFormat};
+use super::read::read_lora_file_for_use;
+use super::weights::{Component, LoraModule, LoraWeights};
 use crate::nn::{AdaptedLinear, LoraBranch};
 
 /// The RNG we recommend for LoRA initialisation: a named algorithm, stable across versions.

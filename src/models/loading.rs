@@ -23,6 +23,8 @@ use candle_core::{DType, Device};
 use super::config::{ClipTextConfig, UNetConfig, VaeConfig};
 use super::{AutoencoderKL, ClipTextModel, ClipTokenizer, UNet2DConditionModel};
 use crate::schedulers::SchedulerConfig;
+use crate::util::fs::read_text;
+use crate::vocab;
 pub use hub::HubSettings;
 pub use weights::{ComponentWeights, VariantPolicy, WeightChoice, WeightOptions};
 
@@ -37,8 +39,8 @@ pub struct LoadOptions {
     /// Single files: a diffusers folder whose configs, tokenizer and scheduler are used instead
     /// of the recognised and bundled ones.
     pub config: Option<PathBuf>,
-    /// Single files: `epsilon` or `v_prediction`, overriding what the file says or implies.
-    pub prediction_type: Option<String>,
+    /// Single files: overrides what the file says or implies.
+    pub prediction_type: Option<crate::vocab::PredictionType>,
     /// Single files: read the UNet's EMA copy (`model_ema.*`).
     pub ema: bool,
     /// Keep a record of the text encoder's and the VAE's tensors so that they can be parked in
@@ -55,10 +57,7 @@ impl LoadOptions {
             variant: m.variant.clone(),
             vae: m.vae.clone(),
             config: m.config.clone(),
-            prediction_type: m.prediction_type.map(|p| match p {
-                crate::config::ModelPrediction::Epsilon => "epsilon".to_string(),
-                crate::config::ModelPrediction::VPrediction => "v_prediction".to_string(),
-            }),
+            prediction_type: m.prediction_type,
             ema: m.ema,
             movable_encoders: false,
         }
@@ -234,7 +233,7 @@ impl StableDiffusion {
         let header = single_file::Header::read(path)?;
         let sf_opts = single_file::SingleFileOptions {
             config_dir: opts.config.clone(),
-            prediction_type: opts.prediction_type.clone(),
+            prediction_type: opts.prediction_type,
             ema: opts.ema,
         };
         let mut rec = single_file::recognise(path, &header, &sf_opts)?;
@@ -285,10 +284,8 @@ pub fn is_hub_file(source: &str) -> bool {
 /// True for a source naming a checkpoint file rather than a folder or a hub repository.
 pub fn is_file_source(source: &str) -> bool {
     let lower = source.trim().to_ascii_lowercase();
-    lower.ends_with(".safetensors") || PICKLE_FILE_EXTENSIONS.iter().any(|e| lower.ends_with(&format!(".{e}")))
+    lower.ends_with(".safetensors") || weights::PICKLE_EXTENSIONS.iter().any(|e| lower.ends_with(&format!(".{e}")))
 }
-
-const PICKLE_FILE_EXTENSIONS: [&str; 4] = ["ckpt", "pt", "pth", "bin"];
 
 /// The local single-file checkpoint a source names: a local `.safetensors` file, or a hub file
 /// `org/repo/file.safetensors` fetched into the HF cache. `None` for folders and hub ids;
@@ -333,9 +330,6 @@ pub fn vae_dtype(dtype: DType, config: &VaeConfig) -> DType {
     }
 }
 
-fn read_text(path: &Path) -> anyhow::Result<String> {
-    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
-}
 
 /// Where a model comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -521,11 +515,11 @@ pub fn list_folder(dir: &Path) -> anyhow::Result<BTreeSet<String>> {
     Ok(out)
 }
 
-/// The network components, their weight base name and how they treat a variant.
-const COMPONENTS: [(&str, &str, VariantPolicy); 3] = [
-    ("text_encoder", "model", VariantPolicy::PlainFirst),
-    ("unet", "diffusion_pytorch_model", VariantPolicy::Required),
-    ("vae", "diffusion_pytorch_model", VariantPolicy::Required),
+/// The network components: folder, config, weight base name and how they treat a variant.
+const COMPONENTS: [(&str, &str, &str, VariantPolicy); 3] = [
+    ("text_encoder", vocab::TEXT_ENCODER_CONFIG, "model", VariantPolicy::PlainFirst),
+    ("unet", vocab::UNET_CONFIG, "diffusion_pytorch_model", VariantPolicy::Required),
+    ("vae", vocab::VAE_CONFIG, "diffusion_pytorch_model", VariantPolicy::Required),
 ];
 
 /// Choose the files of a diffusers repository from its file list (`listing`, relative paths
@@ -550,7 +544,7 @@ pub fn plan_model_files(
     } else {
         None
     };
-    let scheduler_config = require("scheduler/scheduler_config.json", &mut missing);
+    let scheduler_config = require(vocab::SCHEDULER_CONFIG, &mut missing);
 
     let mut tokenizer_files = Vec::new();
     if listing.contains("tokenizer/tokenizer.json") {
@@ -567,8 +561,8 @@ pub fn plan_model_files(
     }
 
     let mut components = Vec::new();
-    for (dir, base, policy) in COMPONENTS {
-        let config = require(&format!("{dir}/config.json"), &mut missing);
+    for (dir, config, base, policy) in COMPONENTS {
+        let config = require(config, &mut missing);
         let prefix = format!("{dir}/");
         let in_dir: BTreeSet<String> =
             listing.iter().filter_map(|p| p.strip_prefix(&prefix)).filter(|p| !p.contains('/')).map(str::to_string).collect();
@@ -608,7 +602,7 @@ pub fn plan_model_files(
         root: PathBuf::new(),
         model_index,
         scheduler_config,
-        tokenizer_dir: PathBuf::from("tokenizer"),
+        tokenizer_dir: PathBuf::from(vocab::TOKENIZER_DIR),
         tokenizer_files,
         text_encoder,
         unet,

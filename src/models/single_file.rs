@@ -19,6 +19,8 @@ use super::config::{ClipTextConfig, UNetConfig, VaeConfig};
 use super::loading::weights::{ComponentWeights, MappedTensor, MissingHint, WeightOptions};
 use super::tokenizer::{ClipTokenizer, ClipTokenizerSettings};
 use crate::schedulers::SchedulerConfig;
+use crate::util::fs::read_text;
+use crate::vocab::{self, PredictionType};
 
 const UNET_PREFIX: &str = "model.diffusion_model.";
 const VAE_PREFIX: &str = "first_stage_model.";
@@ -325,8 +327,8 @@ fn vae_map(blocks: usize, layers: usize) -> PrefixMap {
 /// Where the prediction type came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Prediction {
-    /// `epsilon` or `v_prediction`.
-    pub kind: String,
+    /// `epsilon` or `v_prediction` (a `[model] config` scheduler may say `sample`).
+    pub kind: PredictionType,
     /// Why, for the log and `lora inspect`.
     pub reason: String,
 }
@@ -417,8 +419,8 @@ pub struct SingleFileOptions {
     /// A diffusers folder whose `unet/`, `vae/`, `text_encoder/` configs, `tokenizer/` and
     /// `scheduler/` are used instead of the recognised/bundled ones (its weights are not read).
     pub config_dir: Option<PathBuf>,
-    /// `epsilon` or `v_prediction`, overriding the file and the family default.
-    pub prediction_type: Option<String>,
+    /// Overrides the file and the family default.
+    pub prediction_type: Option<PredictionType>,
     /// Read the UNet from the EMA copy (`model_ema.*`) when the file has both.
     pub ema: bool,
 }
@@ -429,10 +431,7 @@ pub fn recognise_config(m: &crate::config::ModelConfig) -> Option<anyhow::Result
     let file = m.file.as_ref().filter(|f| f.is_file())?;
     let opts = SingleFileOptions {
         config_dir: m.config.clone(),
-        prediction_type: m.prediction_type.map(|p| match p {
-            crate::config::ModelPrediction::Epsilon => "epsilon".to_string(),
-            crate::config::ModelPrediction::VPrediction => "v_prediction".to_string(),
-        }),
+        prediction_type: m.prediction_type,
         ema: m.ema,
     };
     Some((|| {
@@ -441,10 +440,6 @@ pub fn recognise_config(m: &crate::config::ModelConfig) -> Option<anyhow::Result
         open_weights(&mut rec, &header, m.vae.is_none())?;
         Ok(rec)
     })())
-}
-
-fn read_json(path: &Path) -> anyhow::Result<String> {
-    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
 }
 
 /// Recognise the model in a single-file checkpoint from its header.
@@ -489,9 +484,9 @@ pub fn recognise(path: &Path, header: &Header, opts: &SingleFileOptions) -> anyh
     let prediction = prediction_type(header, family, opts)?;
     let (unet, vae, text_encoder, configs_from) = match &opts.config_dir {
         Some(dir) => {
-            let unet = UNetConfig::from_json_file(dir.join("unet").join("config.json"))?;
-            let vae = VaeConfig::from_json_file(dir.join("vae").join("config.json"))?;
-            let text = ClipTextConfig::from_json_file(dir.join("text_encoder").join("config.json"))?;
+            let unet = UNetConfig::from_json_file(dir.join(vocab::UNET_CONFIG))?;
+            let vae = VaeConfig::from_json_file(dir.join(vocab::VAE_CONFIG))?;
+            let text = ClipTextConfig::from_json_file(dir.join(vocab::TEXT_ENCODER_CONFIG))?;
             (unet, vae, text, Some(dir.clone()))
         }
         None => {
@@ -513,7 +508,7 @@ pub fn recognise(path: &Path, header: &Header, opts: &SingleFileOptions) -> anyh
             };
             let down: Vec<&str> = layout.down_attention.iter().map(|&a| if a { "CrossAttnDownBlock2D" } else { "DownBlock2D" }).collect();
             let up: Vec<&str> = layout.up_attention.iter().map(|&a| if a { "CrossAttnUpBlock2D" } else { "UpBlock2D" }).collect();
-            let v = prediction.kind == "v_prediction";
+            let v = prediction.kind == PredictionType::VPrediction;
             let unet_json = json!({
                 "in_channels": conv_in[1],
                 "out_channels": conv_out[0],
@@ -558,36 +553,46 @@ pub fn recognise(path: &Path, header: &Header, opts: &SingleFileOptions) -> anyh
     })
 }
 
-fn prediction_type(header: &Header, family: Family, opts: &SingleFileOptions) -> anyhow::Result<Prediction> {
-    let normalise = |v: &str| match v.trim().to_ascii_lowercase().as_str() {
-        "epsilon" | "eps" => Some("epsilon".to_string()),
-        "v" | "v_prediction" | "v-prediction" | "vpred" | "v_pred" => Some("v_prediction".to_string()),
+/// A prediction type as people write it (`epsilon`, `eps`, `v`, `v_prediction`, `v-prediction`,
+/// `vpred`, `v_pred`; any case): a single file's metadata, `--prediction-type`.
+pub fn prediction_word(word: &str) -> Option<PredictionType> {
+    match word.trim().to_ascii_lowercase().as_str() {
+        "epsilon" | "eps" => Some(PredictionType::Epsilon),
+        "v" | "v_prediction" | "v-prediction" | "vpred" | "v_pred" => Some(PredictionType::VPrediction),
         _ => None,
-    };
-    if let Some(kind) = &opts.prediction_type {
-        let k = normalise(kind).with_context(|| format!("`prediction_type` = \"{kind}\" must be \"epsilon\" or \"v_prediction\""))?;
-        return Ok(Prediction { kind: k, reason: "set by [model] prediction_type".into() });
+    }
+}
+
+/// [`prediction_word`] for a command-line flag, refusing anything else.
+pub fn prediction_flag(word: &str) -> anyhow::Result<PredictionType> {
+    prediction_word(word).with_context(|| format!("`prediction_type` = \"{word}\" must be \"epsilon\" or \"v_prediction\""))
+}
+
+fn prediction_type(header: &Header, family: Family, opts: &SingleFileOptions) -> anyhow::Result<Prediction> {
+    if let Some(kind) = opts.prediction_type {
+        return Ok(Prediction { kind, reason: "set by [model] prediction_type".into() });
     }
     for key in ["modelspec.prediction_type", "prediction_type"] {
         if let Some(v) = header.metadata.get(key) {
-            let k = normalise(v).with_context(|| format!("the file's metadata `{key}` = \"{v}\" is neither epsilon nor v"))?;
+            let k = prediction_word(v).with_context(|| format!("the file's metadata `{key}` = \"{v}\" is neither epsilon nor v"))?;
             return Ok(Prediction { kind: k, reason: format!("the file's metadata `{key}`") });
         }
     }
     if header.has("v_pred") {
-        return Ok(Prediction { kind: "v_prediction".into(), reason: "the file's `v_pred` key".into() });
+        return Ok(Prediction { kind: PredictionType::VPrediction, reason: "the file's `v_pred` key".into() });
     }
     if let Some(dir) = &opts.config_dir {
-        let path = dir.join("scheduler").join("scheduler_config.json");
+        let path = dir.join(vocab::SCHEDULER_CONFIG);
         if path.is_file() {
-            let s: SchedulerConfig = serde_json::from_str(&read_json(&path)?).with_context(|| format!("{} is not a scheduler config", path.display()))?;
-            return Ok(Prediction { kind: s.prediction_type, reason: format!("the scheduler config of [model] config, {}", path.display()) });
+            let s: SchedulerConfig = serde_json::from_str(&read_text(&path)?).with_context(|| format!("{} is not a scheduler config", path.display()))?;
+            let kind = PredictionType::parse(&s.prediction_type)?;
+            return Ok(Prediction { kind, reason: format!("the scheduler config of [model] config, {}", path.display()) });
         }
     }
     Ok(match family {
-        Family::Sd1 => Prediction { kind: "epsilon".into(), reason: "SD 1.x models predict noise".into() },
+        Family::Sd1 => Prediction { kind: PredictionType::Epsilon, reason: "SD 1.x models predict noise".into() },
         Family::Sd2 => Prediction {
-            kind: "v_prediction".into(),
+            kind: PredictionType::VPrediction,
             reason: "the SD 2.x 768 default, as diffusers guesses; SD 2.x base (512) models are epsilon: set [model] prediction_type".into(),
         },
     })
@@ -722,13 +727,13 @@ pub fn bundled_tokenizer(family: Family) -> anyhow::Result<ClipTokenizer> {
 }
 
 /// The bundled scheduler config of a family, with the recognised prediction type.
-pub fn bundled_scheduler(family: Family, prediction: &str) -> anyhow::Result<SchedulerConfig> {
+pub fn bundled_scheduler(family: Family, prediction: PredictionType) -> anyhow::Result<SchedulerConfig> {
     let text = match family {
         Family::Sd1 => SD1_SCHEDULER,
         Family::Sd2 => SD2_SCHEDULER,
     };
     let mut s: SchedulerConfig = serde_json::from_str(text).context("the bundled scheduler config")?;
-    s.prediction_type = prediction.to_string();
+    s.prediction_type = prediction.as_str().to_string();
     Ok(s)
 }
 
@@ -1006,14 +1011,14 @@ pub fn open_vae_file(path: &Path, scaling_factor: f64) -> anyhow::Result<(Compon
 pub fn tokenizer_and_scheduler(rec: &Recognition) -> anyhow::Result<(ClipTokenizer, SchedulerConfig)> {
     match &rec.configs_from {
         Some(dir) => {
-            let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer")).with_context(|| format!("the tokenizer of {}", dir.display()))?;
-            let path = dir.join("scheduler").join("scheduler_config.json");
+            let tokenizer = ClipTokenizer::from_dir(&dir.join(vocab::TOKENIZER_DIR)).with_context(|| format!("the tokenizer of {}", dir.display()))?;
+            let path = dir.join(vocab::SCHEDULER_CONFIG);
             let mut scheduler: SchedulerConfig =
-                serde_json::from_str(&read_json(&path)?).with_context(|| format!("{} is not a valid scheduler config", path.display()))?;
-            scheduler.prediction_type = rec.prediction.kind.clone();
+                serde_json::from_str(&read_text(&path)?).with_context(|| format!("{} is not a valid scheduler config", path.display()))?;
+            scheduler.prediction_type = rec.prediction.kind.as_str().to_string();
             Ok((tokenizer, scheduler))
         }
-        None => Ok((bundled_tokenizer(rec.family)?, bundled_scheduler(rec.family, &rec.prediction.kind)?)),
+        None => Ok((bundled_tokenizer(rec.family)?, bundled_scheduler(rec.family, rec.prediction.kind)?)),
     }
 }
 
@@ -1090,23 +1095,23 @@ mod tests {
         assert_eq!(rec.vae.latent_channels, 4);
         assert_eq!((rec.text_encoder.hidden_size, rec.text_encoder.num_hidden_layers, rec.text_encoder.num_attention_heads), (768, 12, 12));
         assert_eq!(rec.text_encoder.intermediate_size, 3072);
-        assert_eq!(rec.prediction.kind, "epsilon");
+        assert_eq!(rec.prediction.kind, PredictionType::Epsilon);
     }
 
     #[test]
     fn prediction_type_comes_from_override_then_file_then_family() {
         let mut h = sd15_like_header();
-        let opts = SingleFileOptions { prediction_type: Some("v".into()), ..Default::default() };
-        assert_eq!(prediction_type(&h, Family::Sd1, &opts).unwrap().kind, "v_prediction");
+        let opts = SingleFileOptions { prediction_type: Some(prediction_flag("v").unwrap()), ..Default::default() };
+        assert_eq!(prediction_type(&h, Family::Sd1, &opts).unwrap().kind, PredictionType::VPrediction);
         h.tensors.insert("v_pred".into(), (vec![], "F32".into()));
         let p = prediction_type(&h, Family::Sd1, &SingleFileOptions::default()).unwrap();
         assert_eq!((p.kind.as_str(), p.reason.as_str()), ("v_prediction", "the file's `v_pred` key"));
         h.tensors.remove("v_pred");
         h.metadata.insert("modelspec.prediction_type".into(), "epsilon".into());
-        assert_eq!(prediction_type(&h, Family::Sd2, &SingleFileOptions::default()).unwrap().kind, "epsilon");
+        assert_eq!(prediction_type(&h, Family::Sd2, &SingleFileOptions::default()).unwrap().kind, PredictionType::Epsilon);
         h.metadata.clear();
-        assert_eq!(prediction_type(&h, Family::Sd2, &SingleFileOptions::default()).unwrap().kind, "v_prediction");
-        assert!(prediction_type(&h, Family::Sd1, &SingleFileOptions { prediction_type: Some("x0".into()), ..Default::default() }).is_err());
+        assert_eq!(prediction_type(&h, Family::Sd2, &SingleFileOptions::default()).unwrap().kind, PredictionType::VPrediction);
+        assert!(prediction_flag("x0").is_err());
     }
 
     #[test]
