@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use lora::models::loading::{HubSettings, LoadOptions, StableDiffusion};
-use lora::models::single_file::Family;
+use lora::models::single_file::recognition::Family;
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")

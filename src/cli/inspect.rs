@@ -35,7 +35,9 @@ struct Checkpoint {
 
 /// Describe a single-file checkpoint, or `None` when the file is not one.
 fn inspect_checkpoint(args: &Args) -> Option<anyhow::Result<Checkpoint>> {
-    use crate::models::single_file::{is_single_file_checkpoint, open_weights, prediction_flag, recognise, Header, SingleFileOptions};
+    use crate::models::single_file::header::Header;
+    use crate::models::single_file::recognition::{is_single_file_checkpoint, prediction_flag, recognise, SingleFileOptions};
+    use crate::models::single_file::weights::open_weights;
     let header = Header::read(&args.file).ok()?;
     if !is_single_file_checkpoint(&header) {
         return None;

@@ -12,7 +12,10 @@ pub mod hub;
 pub mod weights;
 
 use crate::models::offload;
-use super::single_file;
+use super::single_file::bundled::tokenizer_and_scheduler;
+use super::single_file::header::Header;
+use super::single_file::recognition::{recognise, Recognition, SingleFileOptions};
+use super::single_file::weights::{open_vae_file, open_weights, SingleFileWeights};
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -74,7 +77,7 @@ pub struct StableDiffusion {
     pub vae: AutoencoderKL,
     pub scheduler: SchedulerConfig,
     /// What a single-file checkpoint was recognised as; `None` for a diffusers folder.
-    pub single_file: Option<single_file::Recognition>,
+    pub single_file: Option<Recognition>,
     /// The frozen encoders' tensors by name, to move them off the training device and back.
     parking: Parking,
 }
@@ -227,21 +230,21 @@ impl StableDiffusion {
     }
 
     /// Load a single-file checkpoint (LDM layout `.safetensors`), recognising the model from
-    /// its tensors (see [`single_file`]). Each tensor is read from the memory map and converted
+    /// its tensors (see [`crate::models::single_file`]). Each tensor is read from the memory map and converted
     /// to `dtype` when the network asks for it; nothing else is kept.
     pub fn load_single_file(path: &Path, opts: &LoadOptions, device: &Device, dtype: DType) -> anyhow::Result<Self> {
-        let header = single_file::Header::read(path)?;
-        let sf_opts = single_file::SingleFileOptions {
+        let header = Header::read(path)?;
+        let sf_opts = SingleFileOptions {
             config_dir: opts.config.clone(),
             prediction_type: opts.prediction_type,
             ema: opts.ema,
         };
-        let mut rec = single_file::recognise(path, &header, &sf_opts)?;
-        let weights = single_file::open_weights(&mut rec, &header, opts.vae.is_none())?;
+        let mut rec = recognise(path, &header, &sf_opts)?;
+        let weights = open_weights(&mut rec, &header, opts.vae.is_none())?;
         tracing::info!("model: {} recognised as {}", path.display(), rec.summary());
-        let (tokenizer, scheduler) = single_file::tokenizer_and_scheduler(&rec)?;
+        let (tokenizer, scheduler) = tokenizer_and_scheduler(&rec)?;
         // Each component's mapping is dropped as soon as its network is built.
-        let single_file::SingleFileWeights { unet: unet_weights, vae: vae_weights, text_encoder: text_weights } = weights;
+        let SingleFileWeights { unet: unet_weights, vae: vae_weights, text_encoder: text_weights } = weights;
         let (text_encoder, text_tensors) = text_weights.build_recorded(opts.movable_encoders, dtype, device, |vb| ClipTextModel::load(vb, &rec.text_encoder))?;
         drop(text_weights);
         let unet = unet_weights.build(dtype, device, |vb| UNet2DConditionModel::load(vb, &rec.unet))?;
@@ -266,7 +269,7 @@ impl StableDiffusion {
 
 /// Build the VAE of a separate VAE file (`[model] vae`), keeping the model's scaling factor.
 fn load_vae_file(path: &Path, scaling_factor: f64, dtype: DType, device: &Device, record: bool) -> anyhow::Result<(AutoencoderKL, offload::Tensors)> {
-    let (weights, config) = single_file::open_vae_file(path, scaling_factor)?;
+    let (weights, config) = open_vae_file(path, scaling_factor)?;
     tracing::info!("model: VAE from {}", path.display());
     weights.build_recorded(record, dtype, device, |vb| AutoencoderKL::load(vb, &config))
 }

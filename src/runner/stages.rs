@@ -1088,7 +1088,7 @@ fn model_facts(p: &cfg::Pipeline) -> Result<crate::adapters::kohya_meta::ModelFa
         Some(r) => {
             let r = r?;
             crate::adapters::kohya_meta::ModelFacts {
-                v2: r.family == crate::models::single_file::Family::Sd2,
+                v2: r.family == crate::models::single_file::recognition::Family::Sd2,
                 prediction: r.prediction.kind,
             }
         }
