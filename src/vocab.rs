@@ -1,4 +1,6 @@
-//! Words every layer shares (what a UNet predicts, where a diffusers folder keeps its configs): a leaf that imports nothing of the crate, so `config` can name them without reaching up into `models` or `schedulers`.
+//! Words every layer shares (what a UNet predicts, where a diffusers folder keeps its configs):
+//! a leaf that imports nothing of the crate, so `config` (the lowest floor) can name them
+//! without reaching up into `models` or `schedulers`, and those name the same ones.
 
 use serde::{Deserialize, Serialize};
 

@@ -31,14 +31,6 @@ impl Family {
             Family::Sd2 => "SD 2.x",
         }
     }
-
-    /// kohya's `ss_base_model_version`.
-    pub fn base_model_version(self) -> &'static str {
-        match self {
-            Family::Sd1 => "sd_v1",
-            Family::Sd2 => "sd_v2",
-        }
-    }
 }
 
 /// True when a `.safetensors` file holds an LDM single-file checkpoint (a UNet under
