@@ -135,7 +135,7 @@ impl Default for SchedulerConfig {
 impl SchedulerConfig {
     /// Read a diffusers `scheduler_config.json`.
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text = crate::util::fs::read_text(path)?;
         serde_json::from_str(&text).with_context(|| format!("parsing scheduler config {}", path.display()))
     }
 
