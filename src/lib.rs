@@ -22,3 +22,4 @@ pub mod runner;
 pub mod schedulers;
 pub mod train;
 pub mod util;
+pub mod vocab;

@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 
 use assert_cmd::Command;
-use lora::adapters::format::{read_lora_file, LoraFormat};
+use lora::adapters::weights::LoraFormat;
+use lora::adapters::read::read_lora_file;
 use predicates::prelude::*;
 
 fn golden(name: &str) -> PathBuf {
@@ -92,7 +93,7 @@ fn convert_rejects_an_unknown_target_format() {
 /// The diffusers golden with two NaN and one infinite value in its first UNet module's up
 /// weight, written to `dir/name`; returns the path, that tensor's key and its value count.
 fn poisoned_golden(dir: &std::path::Path, name: &str) -> (PathBuf, String, usize) {
-    use lora::adapters::format::serialize_lora;
+    use lora::adapters::write::serialize_lora;
     let mut w = read_lora_file(&golden("lora-diffusers/pytorch_lora_weights.safetensors")).unwrap();
     let (module, m) = w.unet.iter_mut().next().unwrap();
     let mut values: Vec<f32> = m.up.flatten_all().unwrap().to_vec1().unwrap();

@@ -7,10 +7,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Module, Tensor};
-use lora::adapters::format::{
-    kohya_to_module, parse_lora_bytes, read_lora_file, serialize_lora, training_metadata, write_lora_file, Component,
-    LoraFormat, LoraModule, LoraWeights, TrainingInfo, PIPELINE_SHA256_KEY, PIPELINE_TOML_KEY,
-};
+use lora::adapters::keys::kohya_to_module;
+use lora::adapters::weights::LoraFormat;
+use lora::adapters::kohya_meta::{training_metadata, TrainingInfo, PIPELINE_SHA256_KEY, PIPELINE_TOML_KEY};
+use lora::adapters::read::{parse_lora_bytes, read_lora_file};
+use lora::adapters::weights::{Component, LoraModule, LoraWeights};
+use lora::adapters::write::{serialize_lora, write_lora_file};
 use lora::adapters::lora::apply_lora_weights;
 use lora::nn::AdaptedLinear;
 use safetensors::{Dtype, SafeTensors};
@@ -247,7 +249,7 @@ fn kohya_names_map_back_to_module_names() {
         ("text_model_encoder_layers_0_mlp_fc2", "text_model.encoder.layers.0.mlp.fc2"),
     ];
     for (kohya, module) in cases {
-        assert_eq!(kohya_to_module(Component::Unet, kohya), module);
+        assert_eq!(kohya_to_module(kohya), module);
     }
 }
 

@@ -238,7 +238,9 @@ fn bad_specs_are_errors() {
 
 #[test]
 fn trained_weights_export_in_the_reference_form_and_load_back() {
-    use lora::adapters::format::{parse_lora_bytes, serialize_lora, LoraFormat};
+    use lora::adapters::weights::LoraFormat;
+    use lora::adapters::read::parse_lora_bytes;
+    use lora::adapters::write::serialize_lora;
     use lora::adapters::lora::{load_lora_modules, load_peft_tensors, trained_weights};
     let names = unet_names();
     let mut layers = make_linears(&names);

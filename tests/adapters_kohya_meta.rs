@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use lora::adapters::format::read_lora_file;
+use lora::adapters::read::read_lora_file;
 use lora::config::load_pipeline;
 use lora::data::source::{load_source, SourceOptions, SourceSpec};
 use lora::runner::run::run_pipeline;

@@ -8,7 +8,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use lora::adapters::format::{module_to_kohya, read_lora_file, serialize_lora};
+use lora::adapters::keys::module_to_kohya;
+use lora::adapters::read::read_lora_file;
+use lora::adapters::write::serialize_lora;
 use lora::adapters::{Component, LoraFormat, LoraModule, LoraWeights};
 use lora::models::loading::{LoadOptions, StableDiffusion};
 use serde_json::Value;

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use lora::adapters::format::read_lora_file;
+use lora::adapters::read::read_lora_file;
 use lora::adapters::lora::apply_lora_weights;
 use lora::models::config::UNetConfig;
 use lora::models::UNet2DConditionModel;

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use lora::models::loading::{HubSettings, LoadOptions, StableDiffusion};
-use lora::models::single_file::Family;
+use lora::models::single_file::recognition::Family;
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -86,7 +86,7 @@ fn sd1_single_file_gives_the_folders_networks_bit_for_bit() {
     let file = load(&single("tiny-sd.safetensors"), &with_config("tiny-sd")).unwrap();
     let rec = file.single_file.as_ref().expect("recognised as a single file");
     assert_eq!(rec.family, Family::Sd1);
-    assert_eq!(rec.prediction.kind, "epsilon");
+    assert_eq!(rec.prediction.kind.as_str(), "epsilon");
     // The file's DDPM buffers are left out knowingly, not silently.
     assert!(rec.ignored.iter().any(|(n, _)| n == "alphas_cumprod"), "{:?}", rec.ignored);
     assert_eq!(file.scheduler.class_name.as_deref(), Some("PNDMScheduler"));
@@ -99,7 +99,7 @@ fn sd2_single_file_splits_open_clip_qkv_and_matches_the_folder() {
     let file = load(&single("sd2-tiny.safetensors"), &with_config("sd2-tiny")).unwrap();
     let rec = file.single_file.as_ref().unwrap();
     assert_eq!(rec.family, Family::Sd2);
-    assert_eq!(rec.prediction.kind, "v_prediction");
+    assert_eq!(rec.prediction.kind.as_str(), "v_prediction");
     assert_eq!(file.scheduler.prediction_type, "v_prediction");
     assert!(rec.ignored.iter().any(|(n, _)| n == "cond_stage_model.model.text_projection"), "{:?}", rec.ignored);
     assert_same("SD 2.x single file vs folder", &folder, &file);
@@ -114,7 +114,7 @@ fn recognition_without_a_config_reads_the_shapes() {
     let err = format!("{:#}", load(&single("tiny-sd.safetensors"), &LoadOptions::default()).err().expect("must fail"));
     assert!(err.contains("32 wide") && err.contains("[model] config"), "{err}");
     // The prediction type can be overridden, and the override is reported.
-    let opts = LoadOptions { prediction_type: Some("v_prediction".into()), ..with_config("tiny-sd") };
+    let opts = LoadOptions { prediction_type: Some(lora::vocab::PredictionType::VPrediction), ..with_config("tiny-sd") };
     let sd = load(&single("tiny-sd.safetensors"), &opts).unwrap();
     let rec = sd.single_file.as_ref().unwrap();
     assert_eq!((rec.prediction.kind.as_str(), rec.prediction.reason.as_str()), ("v_prediction", "set by [model] prediction_type"));

@@ -10,7 +10,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use assert_cmd::Command;
-use lora::adapters::format::read_lora_file;
+use lora::adapters::read::read_lora_file;
 use lora::config::load_pipeline;
 use lora::runner::run::run_pipeline;
 use lora::runner::stages::{RunOptions, Session};

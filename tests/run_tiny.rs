@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use lora::adapters::format::read_lora_file;
+use lora::adapters::read::read_lora_file;
 use lora::config::load_pipeline;
 use lora::runner::run::run_pipeline;
 use lora::runner::stages::{RunOptions, RunReport, Session};

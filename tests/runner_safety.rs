@@ -299,7 +299,7 @@ fn a_rank_pattern_for_the_unet_leaves_the_text_encoder_alone() {
     let out = dir.path().join("out");
     let p = load(&tiny(), &out, &["adapter.text_encoder=true", "adapter.rank_pattern={ to_k = 8 }", "train.max_steps=1"]);
     run_with(&p, &RunOptions::default(), false).unwrap();
-    let w = lora::adapters::format::read_lora_file(&out.join(TRAINED_FILE)).unwrap();
+    let w = lora::adapters::read_lora_file(&out.join(TRAINED_FILE)).unwrap();
     assert!(!w.text_encoder.is_empty());
     for (name, m) in &w.unet {
         assert_eq!(m.rank(), if name.ends_with("to_k") { 8 } else { 4 }, "{name}");

@@ -134,7 +134,9 @@ fn cli_generate_says_bad_scale_for_a_lora_scale_that_is_no_number() {
 /// no image is written.
 #[test]
 fn cli_generate_refuses_a_lora_with_nan_weights() {
-    use lora::adapters::format::{read_lora_file, serialize_lora, LoraFormat};
+    use lora::adapters::weights::LoraFormat;
+    use lora::adapters::read::read_lora_file;
+    use lora::adapters::write::serialize_lora;
     let dir = tempfile::tempdir().unwrap();
     let mut w = read_lora_file(&fixtures().join("golden/lora-kohya.safetensors")).unwrap();
     let (module, m) = w.unet.iter_mut().next().unwrap();
@@ -197,7 +199,9 @@ fn generate_refuses_nan_latents() {
 /// attaches nothing.
 #[test]
 fn apply_lora_file_refuses_non_finite_weights() {
-    use lora::adapters::format::{read_lora_file, serialize_lora, LoraFormat};
+    use lora::adapters::weights::LoraFormat;
+    use lora::adapters::read::read_lora_file;
+    use lora::adapters::write::serialize_lora;
     let dir = tempfile::tempdir().unwrap();
     let mut w = read_lora_file(&fixtures().join("golden/lora-diffusers/pytorch_lora_weights.safetensors")).unwrap();
     let (module, m) = w.unet.iter_mut().last().unwrap();

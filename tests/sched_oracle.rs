@@ -3,7 +3,8 @@
 //! must land on the analytic end point. Covers epsilon and v-prediction.
 
 use candle_core::{Device, Tensor};
-use lora::schedulers::{build_sampler, Ddpm, PredictionType, SamplerKind, SchedulerConfig};
+use lora::schedulers::{build_sampler, Ddpm, SamplerKind, SchedulerConfig};
+use lora::vocab::PredictionType;
 
 fn config(prediction: &str, spacing: Option<&str>) -> SchedulerConfig {
     SchedulerConfig {

@@ -14,7 +14,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use lora::adapters::lora::{apply_lora_file, inject, load_peft_tensors, InitRng, LoraSpec, TrainableLora};
 use lora::models::{LoadOptions, StableDiffusion};
 use lora::inference::{self as pipeline, GenerateOptions};
-use lora::schedulers::{build_sampler, Ddpm, PredictionType, SamplerKind};
+use lora::schedulers::{build_sampler, Ddpm, SamplerKind};
+use lora::vocab::PredictionType;
 use lora::train::optim::{clip_grad_norm, global_grad_norm, AdamW, AdamWConfig};
 use lora::train::step::{denoising_loss, LossOptions};
 use rand::SeedableRng;
@@ -165,7 +166,7 @@ fn sd2_ddpm_matches_diffusers() {
     assert!(e1 <= 1e-6, "add_noise error {e1:e} > 1e-6");
     assert!(e2 <= 1e-6, "get_velocity error {e2:e} > 1e-6");
     // The training target is the velocity for this config.
-    let target = ddpm.training_target(&g["sample"], &g["noise"], &ts).unwrap();
+    let target = lora::train::step::training_target(&ddpm, ddpm.prediction_type, &g["sample"], &g["noise"], &ts).unwrap();
     let e3 = elem_err(&target, &g["velocity"]);
     assert!(e3 <= 1e-6, "training_target is not the velocity: error {e3:e}");
 }

@@ -5,7 +5,8 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use super::format::{Component, LoraWeights, PIPELINE_TOML_KEY};
+use super::kohya_meta::PIPELINE_TOML_KEY;
+use super::weights::{Component, LoraWeights};
 
 /// The part of a module name that says what kind of layer it is: everything after the last
 /// block index, e.g. `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0` →

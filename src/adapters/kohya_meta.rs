@@ -1,5 +1,6 @@
-//! What a kohya file's header says about its base model and its data, as kohya's sd-scripts
-//! writes it: the model generation and prediction type read from the model's own configs
+//! What a kohya file's header says about its training, its base model and its data, as kohya's
+//! sd-scripts writes it: the training settings (`ss_*`, [`TrainingInfo`]) with our resolved
+//! pipeline TOML, the model generation and prediction type read from the model's own configs
 //! (`ss_v2`, `ss_v_parameterization`, `ss_base_model_version`), the SAI ModelSpec keys
 //! (`modelspec.*`) and the tag counts per dataset folder (`ss_tag_frequency`).
 //!
@@ -15,19 +16,96 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde_json::Value;
 
+use crate::vocab::PredictionType;
+
+/// Our header key holding the resolved pipeline TOML a LoRA was trained with.
+pub const PIPELINE_TOML_KEY: &str = "lora_pipeline_toml";
+/// Our header key holding the sha256 (hex) of [`PIPELINE_TOML_KEY`]'s value.
+pub const PIPELINE_SHA256_KEY: &str = "lora_pipeline_sha256";
+
+/// What a training run knows about itself, for the kohya header (`ss_*` keys A1111 shows) and
+/// our own keys.
+#[derive(Clone, Debug, Default)]
+pub struct TrainingInfo {
+    /// e.g. `sd_v1`, `sd_v2`, `sdxl_base_v1-0`.
+    pub base_model_version: String,
+    /// The model source (`ss_sd_model_name`).
+    pub model_name: String,
+    pub rank: usize,
+    pub alpha: f64,
+    pub learning_rate: f64,
+    pub max_train_steps: u64,
+    pub epochs: u64,
+    pub batch_size: usize,
+    pub resolution: usize,
+    pub seed: Option<u64>,
+    pub num_train_images: usize,
+    /// What the trained UNet predicts (`ss_v_parameterization`).
+    pub prediction: PredictionType,
+    pub train_text_encoder: bool,
+    /// The resolved pipeline as TOML; stored with its sha256.
+    pub pipeline_toml: String,
+}
+
+/// Header metadata for a kohya file written after training: the `ss_*` keys A1111 reads, and
+/// the resolved pipeline TOML and its sha256 under [`PIPELINE_TOML_KEY`] / [`PIPELINE_SHA256_KEY`].
+pub fn training_metadata(info: &TrainingInfo) -> BTreeMap<String, String> {
+    use sha2::Digest;
+    let mut m = BTreeMap::new();
+    let mut put = |k: &str, v: String| {
+        m.insert(k.to_string(), v);
+    };
+    put("ss_network_module", "networks.lora".into());
+    put("ss_network_dim", info.rank.to_string());
+    put("ss_network_alpha", fmt_number(info.alpha));
+    put("ss_base_model_version", info.base_model_version.clone());
+    put("ss_sd_model_name", info.model_name.clone());
+    put("ss_learning_rate", info.learning_rate.to_string());
+    put("ss_unet_lr", info.learning_rate.to_string());
+    put("ss_max_train_steps", info.max_train_steps.to_string());
+    put("ss_num_epochs", info.epochs.to_string());
+    put("ss_batch_size_per_device", info.batch_size.to_string());
+    put("ss_resolution", format!("({}, {})", info.resolution, info.resolution));
+    put("ss_num_train_images", info.num_train_images.to_string());
+    put("ss_v2", (info.base_model_version.starts_with("sd_v2")).to_string());
+    put("ss_v_parameterization", (info.prediction == PredictionType::VPrediction).to_string());
+    put("ss_network_train_unet_only", (!info.train_text_encoder).to_string());
+    if let Some(seed) = info.seed {
+        put("ss_seed", seed.to_string());
+    }
+    put("ss_training_comment", format!("trained with lora {}", env!("CARGO_PKG_VERSION")));
+    let digest = sha2::Sha256::digest(info.pipeline_toml.as_bytes());
+    put(PIPELINE_SHA256_KEY, digest.iter().map(|b| format!("{b:02x}")).collect());
+    put(PIPELINE_TOML_KEY, info.pipeline_toml.clone());
+    m
+}
+
+fn fmt_number(x: f64) -> String {
+    if x.fract() == 0.0 && x.abs() < 1e15 {
+        format!("{}", x as i64)
+    } else {
+        x.to_string()
+    }
+}
+
 /// The base model as the kohya header describes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ModelFacts {
     /// SD 2.x (OpenCLIP text encoder) rather than SD 1.x.
     pub v2: bool,
-    /// Trained to predict the velocity (`v_prediction`) rather than the noise.
-    pub v_prediction: bool,
+    /// What the UNet predicts (kohya knows the noise and the velocity).
+    pub prediction: PredictionType,
 }
 
 impl ModelFacts {
+    /// Trained to predict the velocity rather than the noise.
+    pub fn v_prediction(self) -> bool {
+        self.prediction == PredictionType::VPrediction
+    }
+
     /// kohya's `ss_base_model_version`.
     pub fn base_model_version(self) -> &'static str {
-        match (self.v2, self.v_prediction) {
+        match (self.v2, self.v_prediction()) {
             (false, false) => "sd_v1",
             (false, true) => "sd_v1_v",
             (true, false) => "sd_v2",
@@ -37,7 +115,7 @@ impl ModelFacts {
 
     /// `modelspec.architecture` of a LoRA for this model.
     pub fn architecture(self) -> &'static str {
-        match (self.v2, self.v_prediction) {
+        match (self.v2, self.v_prediction()) {
             (false, _) => "stable-diffusion-v1/lora",
             (true, false) => "stable-diffusion-v2-512/lora",
             (true, true) => "stable-diffusion-v2-768-v/lora",
@@ -46,8 +124,7 @@ impl ModelFacts {
 }
 
 fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
+    serde_json::from_str(&crate::util::fs::read_text(path)?).with_context(|| format!("{} is not valid JSON", path.display()))
 }
 
 /// The facts of a diffusers folder, from `unet/config.json`, `text_encoder/config.json` and
@@ -55,16 +132,18 @@ fn read_json(path: &Path) -> Result<Value> {
 /// where SD 1.x's CLIP ViT-L has `quick_gelu`), or 1024 wide (`hidden_size`, or the UNet's
 /// `cross_attention_dim`). `v_prediction` is the scheduler's `prediction_type`.
 pub fn facts_from_folder(dir: &Path) -> Result<ModelFacts> {
-    let unet = read_json(&dir.join("unet/config.json"))?;
-    let text = read_json(&dir.join("text_encoder/config.json"))?;
-    let scheduler_path = dir.join("scheduler/scheduler_config.json");
+    let unet = read_json(&dir.join(crate::vocab::UNET_CONFIG))?;
+    let text = read_json(&dir.join(crate::vocab::TEXT_ENCODER_CONFIG))?;
+    let scheduler_path = dir.join(crate::vocab::SCHEDULER_CONFIG);
     let scheduler = if scheduler_path.is_file() { read_json(&scheduler_path)? } else { Value::Null };
     let num = |v: &Value, k: &str| v.get(k).and_then(Value::as_u64);
     let v2 = text.get("hidden_act").and_then(Value::as_str) == Some("gelu")
         || num(&text, "hidden_size") == Some(1024)
         || num(&unet, "cross_attention_dim") == Some(1024);
-    let v_prediction = scheduler.get("prediction_type").and_then(Value::as_str) == Some("v_prediction");
-    Ok(ModelFacts { v2, v_prediction })
+    // Anything but `v_prediction` (absent, `sample`, unknown) counts as noise, as kohya reads it.
+    let v_prediction = scheduler.get("prediction_type").and_then(Value::as_str).and_then(|s| s.parse().ok()) == Some(PredictionType::VPrediction);
+    let prediction = if v_prediction { PredictionType::VPrediction } else { PredictionType::Epsilon };
+    Ok(ModelFacts { v2, prediction })
 }
 
 /// What the ModelSpec keys say beyond the model facts.
@@ -90,7 +169,7 @@ pub fn modelspec_metadata(facts: ModelFacts, info: &SpecInfo) -> BTreeMap<String
     put("implementation_version", format!("lora/{}", env!("CARGO_PKG_VERSION")));
     put("title", info.title.clone());
     put("resolution", format!("{0}x{0}", info.resolution));
-    put("prediction_type", if facts.v_prediction { "v" } else { "epsilon" }.into());
+    put("prediction_type", if facts.v_prediction() { "v" } else { "epsilon" }.into());
     put("date", iso8601_utc(info.timestamp));
     m
 }
@@ -136,7 +215,7 @@ mod tests {
     fn kohya_names() {
         // The four strings of sd-scripts' get_model_version_str_for_sd1_sd2 and
         // sai_model_spec.determine_architecture.
-        let f = |v2, v_prediction| ModelFacts { v2, v_prediction };
+        let f = |v2, v: bool| ModelFacts { v2, prediction: if v { PredictionType::VPrediction } else { PredictionType::Epsilon } };
         assert_eq!([f(false, false), f(false, true), f(true, false), f(true, true)].map(ModelFacts::base_model_version), ["sd_v1", "sd_v1_v", "sd_v2", "sd_v2_v"]);
         assert_eq!(f(true, true).architecture(), "stable-diffusion-v2-768-v/lora");
         assert_eq!(f(true, false).architecture(), "stable-diffusion-v2-512/lora");

@@ -28,7 +28,10 @@ use rand::Rng;
 use rand_distr::{Distribution, Normal};
 
 pub use super::pattern::{near_names, ModulePattern};
-use super::format::{down_key, read_lora_file_for_use, Component, LoraFormat, LoraModule, LoraWeights};
+use super::keys::{down_key};
+use super::weights::LoraFormat;
+use super::read::read_lora_file_for_use;
+use super::weights::{Component, LoraModule, LoraWeights};
 use crate::nn::{AdaptedLinear, LoraBranch};
 
 /// The RNG we recommend for LoRA initialisation: a named algorithm, stable across versions.

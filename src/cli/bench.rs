@@ -99,7 +99,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let peak_process = report.setup_peak_rss_bytes.max(peak);
     let device = if report.device_is_cpu { "cpu" } else { "cuda" };
     let p = &loaded.pipeline;
-    let precision = serde_json::to_value(p.train.precision).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+    let precision = crate::config::choice_name(&p.train.precision);
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     if args.json {
         println!(

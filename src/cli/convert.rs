@@ -6,7 +6,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::adapters::format::{read_lora_file_for_use, write_lora_file, LoraFormat, ADAPTER_METADATA_KEY};
+use crate::adapters::keys::ADAPTER_METADATA_KEY;
+use crate::adapters::weights::LoraFormat;
+use crate::adapters::read::read_lora_file_for_use;
+use crate::adapters::write::write_lora_file;
 
 /// Formats `lora convert` writes.
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]

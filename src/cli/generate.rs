@@ -243,7 +243,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         variant: args.variant.clone(),
         vae: args.vae.clone(),
         config: args.model_config.clone(),
-        prediction_type: args.prediction_type.clone(),
+        prediction_type: args.prediction_type.as_deref().map(crate::models::single_file::recognition::prediction_flag).transpose().with_context(|| format!("loading model {}", args.model))?,
         ema: false,
         movable_encoders: false,
     };

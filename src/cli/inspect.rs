@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use crate::adapters::{
-    format::read_lora_file,
+    read::read_lora_file,
     inspect::{describe, describe_json},
 };
 
@@ -35,13 +35,16 @@ struct Checkpoint {
 
 /// Describe a single-file checkpoint, or `None` when the file is not one.
 fn inspect_checkpoint(args: &Args) -> Option<anyhow::Result<Checkpoint>> {
-    use crate::models::single_file::{is_single_file_checkpoint, open_weights, recognise, Header, SingleFileOptions};
+    use crate::models::single_file::header::Header;
+    use crate::models::single_file::recognition::{is_single_file_checkpoint, prediction_flag, recognise, SingleFileOptions};
+    use crate::models::single_file::weights::open_weights;
     let header = Header::read(&args.file).ok()?;
     if !is_single_file_checkpoint(&header) {
         return None;
     }
-    let opts = SingleFileOptions { config_dir: args.model_config.clone(), prediction_type: args.prediction_type.clone(), ema: false };
     Some((|| {
+        let prediction_type = args.prediction_type.as_deref().map(prediction_flag).transpose()?;
+        let opts = SingleFileOptions { config_dir: args.model_config.clone(), prediction_type, ema: false };
         let mut rec = recognise(&args.file, &header, &opts)?;
         // Checks that every tensor is accounted for (and fills the left-out list).
         open_weights(&mut rec, &header, true)?;

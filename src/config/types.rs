@@ -10,6 +10,8 @@ use std::path::PathBuf;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::vocab::PredictionType;
+
 /// A whole pipeline file: one table per stage, in the order the stages run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -93,16 +95,22 @@ pub struct ModelConfig {
     /// With `file`: the model's prediction type, overriding the file's `prediction_type`
     /// metadata or `v_pred` key and the SD 1.x (epsilon) / SD 2.x (v_prediction) default.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub prediction_type: Option<ModelPrediction>,
+    #[schemars(with = "Option<ModelPrediction>")]
+    pub prediction_type: Option<PredictionType>,
     /// With `file`: train on the UNet's EMA copy (`model_ema.*`) instead of the plain weights.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub ema: bool,
 }
 
+// The two prediction-type keys take one type, `vocab::PredictionType`; these enums only write
+// the values each key accepts (not `sample`) and what they mean there into the schema, which
+// rejects any other value before the types are built.
+
 /// What a model's UNet predicts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum ModelPrediction {
+#[derive(JsonSchema)]
+#[schemars(rename_all = "snake_case")]
+#[allow(dead_code)]
+enum ModelPrediction {
     /// The added noise (SD 1.x, SD 2.x base).
     Epsilon,
     /// The velocity (SD 2.x 768-v).
@@ -459,9 +467,10 @@ impl JsonSchema for Device {
 }
 
 /// What the UNet predicts, and so the training target.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum PredictionType {
+#[derive(JsonSchema)]
+#[schemars(rename = "PredictionType", rename_all = "snake_case")]
+#[allow(dead_code)]
+enum TrainPrediction {
     /// The added noise.
     Epsilon,
     /// The velocity sqrt(a)·noise − sqrt(1−a)·x0.
@@ -524,7 +533,7 @@ pub struct TrainConfig {
     pub noise_offset: f64,
     /// Training target; unset uses the model's scheduler config.
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("x-reference" = "--prediction_type"))]
+    #[schemars(with = "Option<TrainPrediction>", extend("x-reference" = "--prediction_type"))]
     pub prediction_type: Option<PredictionType>,
 }
 

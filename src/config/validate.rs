@@ -722,7 +722,7 @@ impl Checks<'_> {
         }
         if let Some(dir) = &m.config {
             let shown = self.shown("model.config", dir);
-            let missing: Vec<&str> = ["unet/config.json", "vae/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json", "tokenizer"]
+            let missing: Vec<&str> = crate::vocab::DIFFUSERS_CONFIGS
                 .into_iter()
                 .filter(|f| !dir.join(f).exists())
                 .collect();

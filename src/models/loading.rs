@@ -13,7 +13,10 @@ pub mod weights;
 
 use crate::hub_id::{is_hub_file, is_hub_id};
 use crate::models::offload;
-use super::single_file;
+use super::single_file::bundled::tokenizer_and_scheduler;
+use super::single_file::header::Header;
+use super::single_file::recognition::{recognise, Recognition, SingleFileOptions};
+use super::single_file::weights::{open_vae_file, open_weights, SingleFileWeights};
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -24,6 +27,8 @@ use candle_core::{DType, Device};
 use super::config::{ClipTextConfig, UNetConfig, VaeConfig};
 use super::{AutoencoderKL, ClipTextModel, ClipTokenizer, UNet2DConditionModel};
 use crate::schedulers::SchedulerConfig;
+use crate::util::fs::read_text;
+use crate::vocab;
 pub use hub::HubSettings;
 pub use weights::{ComponentWeights, VariantPolicy, WeightChoice, WeightOptions};
 
@@ -38,8 +43,8 @@ pub struct LoadOptions {
     /// Single files: a diffusers folder whose configs, tokenizer and scheduler are used instead
     /// of the recognised and bundled ones.
     pub config: Option<PathBuf>,
-    /// Single files: `epsilon` or `v_prediction`, overriding what the file says or implies.
-    pub prediction_type: Option<String>,
+    /// Single files: overrides what the file says or implies.
+    pub prediction_type: Option<crate::vocab::PredictionType>,
     /// Single files: read the UNet's EMA copy (`model_ema.*`).
     pub ema: bool,
     /// Keep a record of the text encoder's and the VAE's tensors so that they can be parked in
@@ -56,10 +61,7 @@ impl LoadOptions {
             variant: m.variant.clone(),
             vae: m.vae.clone(),
             config: m.config.clone(),
-            prediction_type: m.prediction_type.map(|p| match p {
-                crate::config::ModelPrediction::Epsilon => "epsilon".to_string(),
-                crate::config::ModelPrediction::VPrediction => "v_prediction".to_string(),
-            }),
+            prediction_type: m.prediction_type,
             ema: m.ema,
             movable_encoders: false,
         }
@@ -76,7 +78,7 @@ pub struct StableDiffusion {
     pub vae: AutoencoderKL,
     pub scheduler: SchedulerConfig,
     /// What a single-file checkpoint was recognised as; `None` for a diffusers folder.
-    pub single_file: Option<single_file::Recognition>,
+    pub single_file: Option<Recognition>,
     /// The frozen encoders' tensors by name, to move them off the training device and back.
     parking: Parking,
 }
@@ -229,21 +231,21 @@ impl StableDiffusion {
     }
 
     /// Load a single-file checkpoint (LDM layout `.safetensors`), recognising the model from
-    /// its tensors (see [`single_file`]). Each tensor is read from the memory map and converted
+    /// its tensors (see [`crate::models::single_file`]). Each tensor is read from the memory map and converted
     /// to `dtype` when the network asks for it; nothing else is kept.
     pub fn load_single_file(path: &Path, opts: &LoadOptions, device: &Device, dtype: DType) -> anyhow::Result<Self> {
-        let header = single_file::Header::read(path)?;
-        let sf_opts = single_file::SingleFileOptions {
+        let header = Header::read(path)?;
+        let sf_opts = SingleFileOptions {
             config_dir: opts.config.clone(),
-            prediction_type: opts.prediction_type.clone(),
+            prediction_type: opts.prediction_type,
             ema: opts.ema,
         };
-        let mut rec = single_file::recognise(path, &header, &sf_opts)?;
-        let weights = single_file::open_weights(&mut rec, &header, opts.vae.is_none())?;
+        let mut rec = recognise(path, &header, &sf_opts)?;
+        let weights = open_weights(&mut rec, &header, opts.vae.is_none())?;
         tracing::info!("model: {} recognised as {}", path.display(), rec.summary());
-        let (tokenizer, scheduler) = single_file::tokenizer_and_scheduler(&rec)?;
+        let (tokenizer, scheduler) = tokenizer_and_scheduler(&rec)?;
         // Each component's mapping is dropped as soon as its network is built.
-        let single_file::SingleFileWeights { unet: unet_weights, vae: vae_weights, text_encoder: text_weights } = weights;
+        let SingleFileWeights { unet: unet_weights, vae: vae_weights, text_encoder: text_weights } = weights;
         let (text_encoder, text_tensors) = text_weights.build_recorded(opts.movable_encoders, dtype, device, |vb| ClipTextModel::load(vb, &rec.text_encoder))?;
         drop(text_weights);
         let unet = unet_weights.build(dtype, device, |vb| UNet2DConditionModel::load(vb, &rec.unet))?;
@@ -268,7 +270,7 @@ impl StableDiffusion {
 
 /// Build the VAE of a separate VAE file (`[model] vae`), keeping the model's scaling factor.
 fn load_vae_file(path: &Path, scaling_factor: f64, dtype: DType, device: &Device, record: bool) -> anyhow::Result<(AutoencoderKL, offload::Tensors)> {
-    let (weights, config) = single_file::open_vae_file(path, scaling_factor)?;
+    let (weights, config) = open_vae_file(path, scaling_factor)?;
     tracing::info!("model: VAE from {}", path.display());
     weights.build_recorded(record, dtype, device, |vb| AutoencoderKL::load(vb, &config))
 }
@@ -276,10 +278,8 @@ fn load_vae_file(path: &Path, scaling_factor: f64, dtype: DType, device: &Device
 /// True for a source naming a checkpoint file rather than a folder or a hub repository.
 pub fn is_file_source(source: &str) -> bool {
     let lower = source.trim().to_ascii_lowercase();
-    lower.ends_with(".safetensors") || PICKLE_FILE_EXTENSIONS.iter().any(|e| lower.ends_with(&format!(".{e}")))
+    lower.ends_with(".safetensors") || weights::PICKLE_EXTENSIONS.iter().any(|e| lower.ends_with(&format!(".{e}")))
 }
-
-const PICKLE_FILE_EXTENSIONS: [&str; 4] = ["ckpt", "pt", "pth", "bin"];
 
 /// The local single-file checkpoint a source names: a local `.safetensors` file, or a hub file
 /// `org/repo/file.safetensors` fetched into the HF cache. `None` for folders and hub ids;
@@ -324,9 +324,6 @@ pub fn vae_dtype(dtype: DType, config: &VaeConfig) -> DType {
     }
 }
 
-fn read_text(path: &Path) -> anyhow::Result<String> {
-    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
-}
 
 /// Where a model comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -499,11 +496,11 @@ pub fn list_folder(dir: &Path) -> anyhow::Result<BTreeSet<String>> {
     Ok(out)
 }
 
-/// The network components, their weight base name and how they treat a variant.
-const COMPONENTS: [(&str, &str, VariantPolicy); 3] = [
-    ("text_encoder", "model", VariantPolicy::PlainFirst),
-    ("unet", "diffusion_pytorch_model", VariantPolicy::Required),
-    ("vae", "diffusion_pytorch_model", VariantPolicy::Required),
+/// The network components: folder, config, weight base name and how they treat a variant.
+const COMPONENTS: [(&str, &str, &str, VariantPolicy); 3] = [
+    ("text_encoder", vocab::TEXT_ENCODER_CONFIG, "model", VariantPolicy::PlainFirst),
+    ("unet", vocab::UNET_CONFIG, "diffusion_pytorch_model", VariantPolicy::Required),
+    ("vae", vocab::VAE_CONFIG, "diffusion_pytorch_model", VariantPolicy::Required),
 ];
 
 /// Choose the files of a diffusers repository from its file list (`listing`, relative paths
@@ -528,7 +525,7 @@ pub fn plan_model_files(
     } else {
         None
     };
-    let scheduler_config = require("scheduler/scheduler_config.json", &mut missing);
+    let scheduler_config = require(vocab::SCHEDULER_CONFIG, &mut missing);
 
     let mut tokenizer_files = Vec::new();
     if listing.contains("tokenizer/tokenizer.json") {
@@ -545,8 +542,8 @@ pub fn plan_model_files(
     }
 
     let mut components = Vec::new();
-    for (dir, base, policy) in COMPONENTS {
-        let config = require(&format!("{dir}/config.json"), &mut missing);
+    for (dir, config, base, policy) in COMPONENTS {
+        let config = require(config, &mut missing);
         let prefix = format!("{dir}/");
         let in_dir: BTreeSet<String> =
             listing.iter().filter_map(|p| p.strip_prefix(&prefix)).filter(|p| !p.contains('/')).map(str::to_string).collect();
@@ -586,7 +583,7 @@ pub fn plan_model_files(
         root: PathBuf::new(),
         model_index,
         scheduler_config,
-        tokenizer_dir: PathBuf::from("tokenizer"),
+        tokenizer_dir: PathBuf::from(vocab::TOKENIZER_DIR),
         tokenizer_files,
         text_encoder,
         unet,

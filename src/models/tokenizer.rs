@@ -67,7 +67,7 @@ impl ClipTokenizerSettings {
             if !path.is_file() {
                 continue;
             }
-            let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+            let text = crate::util::fs::read_text(&path)?;
             let json: Value =
                 serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
             settings.apply_json(&json, &path)?;
@@ -176,9 +176,9 @@ impl ClipTokenizer {
     /// Build the CLIP pipeline from `vocab.json` and `merges.txt`.
     pub fn from_vocab_merges(vocab_path: &Path, merges_path: &Path, settings: ClipTokenizerSettings) -> anyhow::Result<Self> {
         let vocab_text =
-            std::fs::read_to_string(vocab_path).with_context(|| format!("reading {}", vocab_path.display()))?;
+            crate::util::fs::read_text(vocab_path)?;
         let merges_text =
-            std::fs::read_to_string(merges_path).with_context(|| format!("reading {}", merges_path.display()))?;
+            crate::util::fs::read_text(merges_path)?;
         Self::from_vocab_merges_text(&vocab_text, &merges_text, settings, vocab_path, merges_path)
     }
 

@@ -30,11 +30,6 @@ impl DiagonalGaussian {
     pub fn std(&self) -> Result<Tensor> {
         (&self.logvar * 0.5)?.exp()
     }
-
-    /// `mean + std * noise` (noise ~ N(0, 1), same shape as the mean).
-    pub fn sample_with(&self, noise: &Tensor) -> Result<Tensor> {
-        self.mean.add(&self.std()?.mul(noise)?)
-    }
 }
 
 /// The VAE mid block's single-head spatial self-attention (GroupNorm, biased `to_q/to_k/to_v`,

@@ -81,8 +81,7 @@ pub(crate) fn source_spec(p: &Pipeline) -> Result<data::SourceSpec> {
 }
 
 fn interpolation(i: cfg::Interpolation) -> data::Interpolation {
-    let name = serde_json::to_value(i).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
-    data::Interpolation::from_name(&name).unwrap_or(data::Interpolation::Lanczos)
+    data::Interpolation::from_name(&crate::config::choice_name(&i)).unwrap_or(data::Interpolation::Lanczos)
 }
 
 pub(crate) fn loader_options(p: &Pipeline) -> LoaderOptions {
@@ -152,10 +151,7 @@ pub fn train_settings(loaded: &LoadedPipeline) -> TrainSettings {
         max_grad_norm: (p.optimizer.max_grad_norm > 0.0).then_some(p.optimizer.max_grad_norm),
         loss: LossOptions {
             snr_gamma: t.snr_gamma,
-            prediction_type: t.prediction_type.map(|pt| match pt {
-                cfg::PredictionType::Epsilon => crate::schedulers::ddpm::PredictionType::Epsilon,
-                cfg::PredictionType::VPrediction => crate::schedulers::ddpm::PredictionType::VPrediction,
-            }),
+            prediction_type: t.prediction_type,
             noise_offset: t.noise_offset,
         },
         seed: t.seed.unwrap_or(0),

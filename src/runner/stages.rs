@@ -27,7 +27,9 @@ pub use crate::layout::{CACHE_DIR, IN_PROGRESS, METRICS_FILE, TRAINED_FILE};
 use crate::train::trainer::TrainOutcome;
 use std::path::PathBuf;
 use super::run_dir::RunDir;
-use crate::adapters::format::{write_lora_file, LoraFormat, TrainingInfo};
+use crate::adapters::weights::LoraFormat;
+use crate::adapters::kohya_meta::TrainingInfo;
+use crate::adapters::write::write_lora_file;
 use crate::adapters::lora::{inject, trained_weights, InitRng, TrainableLora};
 use crate::config::types as cfg;
 use crate::config::choice_name;
@@ -1074,7 +1076,7 @@ fn export_files(ctx: &mut StageCtx<'_>, train_details: &BTreeMap<String, serde_j
     let p = ctx.plan.pipeline();
     let dir = &ctx.plan.out_dir;
     // Never export weights that went NaN/inf (a diverged run): refused with the tensors named.
-    let weights = crate::adapters::format::read_lora_file_for_use(&dir.join(TRAINED_FILE)).context("the train stage's result")?;
+    let weights = crate::adapters::read::read_lora_file_for_use(&dir.join(TRAINED_FILE)).context("the train stage's result")?;
     let save_dtype = match p.output.save_precision {
         cfg::SavePrecision::F32 => DType::F32,
         cfg::SavePrecision::Fp16 => DType::F16,
@@ -1085,7 +1087,7 @@ fn export_files(ctx: &mut StageCtx<'_>, train_details: &BTreeMap<String, serde_j
         match f {
             cfg::OutputFormat::Diffusers => {
                 let path = dir.join(diffusers_file(p));
-                let bytes = crate::adapters::format::serialize_lora_as(&weights, LoraFormat::Diffusers, save_dtype)?;
+                let bytes = crate::adapters::write::serialize_lora_as(&weights, LoraFormat::Diffusers, save_dtype)?;
                 crate::util::fs::write_atomic(&path, &bytes).with_context(|| format!("cannot write LoRA file {}", path.display()))?;
                 ctx.report.files.push(path);
             }
@@ -1111,14 +1113,12 @@ fn export_files(ctx: &mut StageCtx<'_>, train_details: &BTreeMap<String, serde_j
                     resolution: p.preprocess.resolution as usize,
                     seed: p.train.seed,
                     num_train_images: count("examples").unwrap_or(0) as usize,
-                    v_prediction: facts.v_prediction,
+                    prediction: facts.prediction,
                     train_text_encoder: p.adapter.text_encoder,
                     pipeline_toml: resolved_toml(&ctx.plan.loaded),
-                    training_started_at: None,
-                    training_finished_at: None,
                 };
                 let mut w = weights.clone();
-                w.metadata = crate::adapters::format::training_metadata(&info);
+                w.metadata = crate::adapters::kohya_meta::training_metadata(&info);
                 // A single-file model (and a separate VAE) are named and hashed as kohya does.
                 w.metadata.extend(crate::adapters::kohya_hash::source_file_metadata(p.model.file.as_deref(), p.model.vae.as_deref())?);
                 // ModelSpec, dated when training wrote its weights (so a rerun of export alone
@@ -1136,7 +1136,7 @@ fn export_files(ctx: &mut StageCtx<'_>, train_details: &BTreeMap<String, serde_j
                 if let Some(tags) = train_details.get("tag_frequency") {
                     w.metadata.insert("ss_tag_frequency".into(), tags.to_string());
                 }
-                let bytes = crate::adapters::kohya_hash::with_sshs_hashes(&crate::adapters::format::serialize_lora_as(&w, LoraFormat::Kohya, save_dtype)?)?;
+                let bytes = crate::adapters::kohya_hash::with_sshs_hashes(&crate::adapters::write::serialize_lora_as(&w, LoraFormat::Kohya, save_dtype)?)?;
                 let path = dir.join(kohya_file(p));
                 crate::util::fs::write_atomic(&path, &bytes).with_context(|| format!("cannot write LoRA file {}", path.display()))?;
                 ctx.report.files.push(path);
@@ -1154,8 +1154,8 @@ fn model_facts(p: &cfg::Pipeline) -> Result<crate::adapters::kohya_meta::ModelFa
         Some(r) => {
             let r = r?;
             crate::adapters::kohya_meta::ModelFacts {
-                v2: r.family == crate::models::single_file::Family::Sd2,
-                v_prediction: r.prediction.kind == "v_prediction",
+                v2: r.family == crate::models::single_file::recognition::Family::Sd2,
+                prediction: r.prediction.kind,
             }
         }
         None => {
@@ -1166,7 +1166,7 @@ fn model_facts(p: &cfg::Pipeline) -> Result<crate::adapters::kohya_meta::ModelFa
         }
     };
     if let Some(t) = p.train.prediction_type {
-        facts.v_prediction = t == cfg::PredictionType::VPrediction;
+        facts.prediction = t;
     }
     Ok(facts)
 }

@@ -3,8 +3,8 @@
 
 use candle_core::Tensor;
 
-use super::pndm::TimestepSpacing;
-use super::{check_steps, PredictionType, Sampler, SchedulerConfig};
+use super::{check_steps, Sampler, SchedulerConfig, TimestepSpacing};
+use crate::vocab::PredictionType;
 
 /// DDIM (eta 0).
 pub struct Ddim {

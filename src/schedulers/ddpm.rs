@@ -5,47 +5,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::SchedulerConfig;
-
-/// What the UNet predicts (`prediction_type` in the scheduler config).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PredictionType {
-    /// The added noise ε (`"epsilon"`).
-    Epsilon,
-    /// The velocity `√ᾱ·ε − √(1−ᾱ)·x0` (`"v_prediction"`).
-    VPrediction,
-    /// The clean sample x0 (`"sample"`).
-    Sample,
-}
-
-impl PredictionType {
-    /// Parse the config string (`epsilon`, `v_prediction`, `sample`).
-    pub fn parse(s: &str) -> anyhow::Result<Self> {
-        match s {
-            "epsilon" => Ok(PredictionType::Epsilon),
-            "v_prediction" => Ok(PredictionType::VPrediction),
-            "sample" => Ok(PredictionType::Sample),
-            other => anyhow::bail!(
-                "scheduler config: `prediction_type` \"{other}\" is not one of epsilon, v_prediction, sample"
-            ),
-        }
-    }
-
-    /// The config string.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PredictionType::Epsilon => "epsilon",
-            PredictionType::VPrediction => "v_prediction",
-            PredictionType::Sample => "sample",
-        }
-    }
-}
-
-impl std::str::FromStr for PredictionType {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> anyhow::Result<Self> {
-        Self::parse(s)
-    }
-}
+use crate::vocab::PredictionType;
 
 /// The DDPM noise schedule used to noise latents in training.
 #[derive(Clone, Debug)]
@@ -92,15 +52,6 @@ impl Ddpm {
             .collect()
     }
 
-    /// The loss target for this prediction type: ε, the velocity, or x0.
-    pub fn training_target(&self, x0: &Tensor, noise: &Tensor, timesteps: &[u32]) -> candle_core::Result<Tensor> {
-        match self.prediction_type {
-            PredictionType::Epsilon => Ok(noise.clone()),
-            PredictionType::VPrediction => self.get_velocity(x0, noise, timesteps),
-            PredictionType::Sample => Ok(x0.clone()),
-        }
-    }
-
     /// `[B, 1, …, 1]` tensors of sqrt(ᾱ_t) and sqrt(1−ᾱ_t) in the dtype of `x0` (diffusers casts
     /// ᾱ to the sample dtype, then takes the square roots), after checking shapes and timesteps.
     fn coefficients(&self, x0: &Tensor, noise: &Tensor, timesteps: &[u32], op: &str) -> candle_core::Result<(Tensor, Tensor)> {
@@ -140,13 +91,6 @@ impl Ddpm {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn prediction_type_parses_and_names_bad_values() {
-        assert_eq!(PredictionType::parse("v_prediction").unwrap(), PredictionType::VPrediction);
-        let err = PredictionType::parse("flow").unwrap_err().to_string();
-        assert!(err.contains("prediction_type") && err.contains("flow"), "{err}");
-    }
 
     #[test]
     fn add_noise_checks_batch_and_range() {

@@ -4,8 +4,8 @@
 
 use candle_core::Tensor;
 
-use super::pndm::TimestepSpacing;
-use super::{check_steps, PredictionType, Sampler, SchedulerConfig};
+use super::{check_steps, Sampler, SchedulerConfig, TimestepSpacing};
+use crate::vocab::PredictionType;
 
 /// The timesteps and sigmas shared by the Euler samplers.
 #[derive(Clone, Debug)]

@@ -5,7 +5,8 @@ use candle_core::Tensor;
 use rand::{RngExt, SeedableRng};
 
 use super::euler::{predict_x0, scale_by_sigma, SigmaSchedule};
-use super::{PredictionType, Sampler, SchedulerConfig};
+use super::{Sampler, SchedulerConfig};
+use crate::vocab::PredictionType;
 
 /// Euler ancestral (stochastic; the noise comes from `seed`).
 pub struct EulerAncestral {

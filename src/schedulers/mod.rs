@@ -2,7 +2,8 @@
 //! `dpm_solver` (DPM-Solver++ 2M) sample at inference through the [`Sampler`] trait
 //! (text-to-image sampling with them is `crate::inference`).
 //! All are built from a diffusers `scheduler_config.json` (`SchedulerConfig`); `betas` computes
-//! the shared noise schedule bit for bit as torch does.
+//! the shared noise schedule bit for bit as torch does; [`TimestepSpacing`] is the samplers'
+//! shared rule for spacing the inference timesteps.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -20,7 +21,7 @@ pub mod euler_ancestral;
 pub mod pndm;
 
 pub use ddim::Ddim;
-pub use ddpm::{Ddpm, PredictionType};
+pub use ddpm::Ddpm;
 pub use dpm_solver::DpmSolverPP2M;
 pub use euler::EulerDiscrete;
 pub use euler_ancestral::EulerAncestral;
@@ -134,7 +135,7 @@ impl Default for SchedulerConfig {
 impl SchedulerConfig {
     /// Read a diffusers `scheduler_config.json`.
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text = crate::util::fs::read_text(path)?;
         serde_json::from_str(&text).with_context(|| format!("parsing scheduler config {}", path.display()))
     }
 
@@ -234,6 +235,56 @@ pub fn build_sampler(kind: SamplerKind, cfg: &SchedulerConfig, seed: u64) -> any
         SamplerKind::EulerAncestral => Box::new(EulerAncestral::from_config(cfg, seed)?),
         SamplerKind::DpmPP2M => Box::new(DpmSolverPP2M::from_config(cfg)?),
     })
+}
+
+/// Which rule spaces the inference timesteps over the training range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimestepSpacing {
+    /// `round(linspace(0, T-1, n))` (no offset).
+    Linspace,
+    /// `arange(n) * (T // n) + steps_offset` (the SD 1.5 default).
+    Leading,
+    /// `round(arange(T, 0, -T/n)) - 1`.
+    Trailing,
+}
+
+impl TimestepSpacing {
+    /// Parse the config's `timestep_spacing`, with the class default when it is absent.
+    pub fn parse(value: Option<&str>, class_default: TimestepSpacing) -> anyhow::Result<Self> {
+        match value {
+            None => Ok(class_default),
+            Some("linspace") => Ok(TimestepSpacing::Linspace),
+            Some("leading") => Ok(TimestepSpacing::Leading),
+            Some("trailing") => Ok(TimestepSpacing::Trailing),
+            Some(other) => anyhow::bail!(
+                "scheduler config: `timestep_spacing` \"{other}\" is not one of linspace, leading, trailing"
+            ),
+        }
+    }
+
+    /// The `n` integer inference timesteps in ascending order (numpy's arithmetic, f64 rounding
+    /// half to even like `np.round`).
+    pub fn ascending(self, n: usize, train_steps: usize, steps_offset: usize) -> Vec<i64> {
+        match self {
+            TimestepSpacing::Linspace => {
+                let last = (train_steps - 1) as f64;
+                (0..n)
+                    .map(|i| if n == 1 { 0.0 } else if i == n - 1 { last } else { i as f64 * (last / (n - 1) as f64) })
+                    .map(|v| v.round_ties_even() as i64)
+                    .collect()
+            }
+            TimestepSpacing::Leading => {
+                let ratio = (train_steps / n) as i64;
+                (0..n as i64).map(|i| i * ratio + steps_offset as i64).collect()
+            }
+            TimestepSpacing::Trailing => {
+                let ratio = train_steps as f64 / n as f64;
+                let mut ts: Vec<i64> = (0..n).map(|i| (train_steps as f64 - i as f64 * ratio).round_ties_even() as i64 - 1).collect();
+                ts.reverse();
+                ts
+            }
+        }
+    }
 }
 
 /// Number of inference steps check shared by all samplers.

@@ -4,57 +4,8 @@
 
 use candle_core::Tensor;
 
-use super::{check_steps, PredictionType, Sampler, SchedulerConfig};
-
-/// Which rule spaces the inference timesteps over the training range.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TimestepSpacing {
-    /// `round(linspace(0, T-1, n))` (no offset).
-    Linspace,
-    /// `arange(n) * (T // n) + steps_offset` (the SD 1.5 default).
-    Leading,
-    /// `round(arange(T, 0, -T/n)) - 1`.
-    Trailing,
-}
-
-impl TimestepSpacing {
-    /// Parse the config's `timestep_spacing`, with the class default when it is absent.
-    pub fn parse(value: Option<&str>, class_default: TimestepSpacing) -> anyhow::Result<Self> {
-        match value {
-            None => Ok(class_default),
-            Some("linspace") => Ok(TimestepSpacing::Linspace),
-            Some("leading") => Ok(TimestepSpacing::Leading),
-            Some("trailing") => Ok(TimestepSpacing::Trailing),
-            Some(other) => anyhow::bail!(
-                "scheduler config: `timestep_spacing` \"{other}\" is not one of linspace, leading, trailing"
-            ),
-        }
-    }
-
-    /// The `n` integer inference timesteps in ascending order (numpy's arithmetic, f64 rounding
-    /// half to even like `np.round`).
-    pub fn ascending(self, n: usize, train_steps: usize, steps_offset: usize) -> Vec<i64> {
-        match self {
-            TimestepSpacing::Linspace => {
-                let last = (train_steps - 1) as f64;
-                (0..n)
-                    .map(|i| if n == 1 { 0.0 } else if i == n - 1 { last } else { i as f64 * (last / (n - 1) as f64) })
-                    .map(|v| v.round_ties_even() as i64)
-                    .collect()
-            }
-            TimestepSpacing::Leading => {
-                let ratio = (train_steps / n) as i64;
-                (0..n as i64).map(|i| i * ratio + steps_offset as i64).collect()
-            }
-            TimestepSpacing::Trailing => {
-                let ratio = train_steps as f64 / n as f64;
-                let mut ts: Vec<i64> = (0..n).map(|i| (train_steps as f64 - i as f64 * ratio).round_ties_even() as i64 - 1).collect();
-                ts.reverse();
-                ts
-            }
-        }
-    }
-}
+use super::{check_steps, Sampler, SchedulerConfig, TimestepSpacing};
+use crate::vocab::PredictionType;
 
 /// PNDM: PLMS, with or without the Runge-Kutta warm-up.
 pub struct Pndm {

@@ -132,7 +132,7 @@ pub fn read_state(dir: &Path) -> Result<TrainerState> {
     if meta.len() > 1 << 20 {
         bail!("{} is {} bytes: not a trainer state", state_path.display(), meta.len());
     }
-    let state: TrainerState = serde_json::from_str(&std::fs::read_to_string(&state_path).with_context(|| format!("reading {}", state_path.display()))?)
+    let state: TrainerState = serde_json::from_str(&crate::util::fs::read_text(&state_path)?)
         .with_context(|| format!("parsing {}", state_path.display()))?;
     let named = dir.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("checkpoint-")).and_then(|n| n.parse::<usize>().ok());
     if let Some(n) = named {

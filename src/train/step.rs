@@ -11,7 +11,8 @@ use rand_distr::{Distribution, StandardNormal};
 
 use crate::models::UNet2DConditionModel;
 use crate::nn::CheckpointGrads;
-use crate::schedulers::ddpm::{Ddpm, PredictionType};
+use crate::schedulers::ddpm::Ddpm;
+use crate::vocab::PredictionType;
 
 /// Loss options of the `[train]` table that change the math.
 #[derive(Clone, Debug, Default)]
@@ -78,6 +79,18 @@ pub fn denoising_loss(
     denoising_loss_checkpointed(unet, ddpm, x0, noise, timesteps, encoder_hidden_states, opts, None)
 }
 
+/// The loss target for `prediction_type`: the noise ε or the velocity (`Ddpm::get_velocity`);
+/// `sample` is refused, as the reference accepts only epsilon and v_prediction.
+pub fn training_target(ddpm: &Ddpm, prediction_type: PredictionType, x0: &Tensor, noise: &Tensor, timesteps: &[u32]) -> Result<Tensor> {
+    match prediction_type {
+        PredictionType::Epsilon => Ok(noise.clone()),
+        PredictionType::VPrediction => ddpm.get_velocity(x0, noise, timesteps),
+        PredictionType::Sample => Err(candle_core::Error::Msg(
+            "prediction_type \"sample\" is not supported for training (the reference accepts only epsilon and v_prediction)".into(),
+        )),
+    }
+}
+
 /// [`denoising_loss`] with the UNet run under gradient checkpointing when `ckpt` is given (see
 /// [`UNet2DConditionModel::forward_checkpointed`]; merge `ckpt` after the backward).
 #[allow(clippy::too_many_arguments)]
@@ -93,15 +106,7 @@ pub fn denoising_loss_checkpointed(
 ) -> Result<Tensor> {
     let noisy = ddpm.add_noise(x0, noise, timesteps)?;
     let prediction_type = opts.prediction_type.unwrap_or(ddpm.prediction_type);
-    let target = match prediction_type {
-        PredictionType::Epsilon => noise.clone(),
-        PredictionType::VPrediction => ddpm.get_velocity(x0, noise, timesteps)?,
-        PredictionType::Sample => {
-            return Err(candle_core::Error::Msg(
-                "prediction_type \"sample\" is not supported for training (the reference accepts only epsilon and v_prediction)".into(),
-            ))
-        }
-    };
+    let target = training_target(ddpm, prediction_type, x0, noise, timesteps)?;
     let t = Tensor::from_vec(timesteps.to_vec(), timesteps.len(), x0.device())?;
     // The UNet runs in its weight dtype (autocast); its prediction and the loss are f32.
     let wd = unet.dtype();

@@ -1,8 +1,15 @@
 //! Writes that never leave a half-written file: write to a temporary sibling, fsync, rename;
-//! and the removal of the temporaries a killed writer left beside a target.
+//! the removal of the temporaries a killed writer left beside a target; and reading a text file
+//! (a config) with its path in the error.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+
+/// The text of the file at `path`; the error names it (`reading PATH`).
+pub fn read_text(path: &Path) -> anyhow::Result<String> {
+    use anyhow::Context;
+    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
 
 /// Write `bytes` to `path` atomically: the file either keeps its old content or has the new one.
 /// Parent directories are created.

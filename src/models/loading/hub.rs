@@ -146,7 +146,7 @@ pub fn resolve_from_cache(
     };
     let listing = super::list_folder(&snapshot)?;
     let files = plan_model_files(&listing, variant, &mut |rel| {
-        std::fs::read_to_string(snapshot.join(rel)).with_context(|| format!("reading {}", snapshot.join(rel).display()))
+        crate::util::fs::read_text(&snapshot.join(rel))
     })
     .with_context(|| format!("the cached snapshot {} of `{repo_id}` is incomplete", snapshot.display()))?;
     Ok((snapshot.clone(), files.rebased(&snapshot)))
@@ -195,8 +195,7 @@ pub fn download_model(
         Ok(path)
     };
     let files = plan_model_files(&listing, variant, &mut |rel| {
-        let path = fetch(rel)?;
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+        crate::util::fs::read_text(&fetch(rel)?)
     })
     .with_context(|| format!("model `{repo_id}` (revision {revision}) on {}", settings.endpoint))?;
     for rel in files.relative_paths() {

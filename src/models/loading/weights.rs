@@ -12,8 +12,8 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
-/// File extensions of pickle-based checkpoints, which are refused.
-const PICKLE_EXTENSIONS: [&str; 5] = ["bin", "ckpt", "pt", "pth", "pkl"];
+/// File extensions of pickle-based checkpoints (models and LoRA files), which are refused.
+pub const PICKLE_EXTENSIONS: [&str; 5] = ["bin", "ckpt", "pt", "pth", "pkl"];
 
 /// Stored tensors a model may legitimately leave unread (buffers, not parameters), matched by
 /// the last name component. transformers' CLIP ignores `position_ids` the same way.
