@@ -13,7 +13,8 @@ use lora::runner::lock::Lock;
 use lora::runner::plan::Plan;
 use lora::runner::run::run_pipeline;
 use lora::runner::stages::{RunOptions, Session};
-use lora::runner::stages::{describe, matches_output, BOOKKEEPING};
+use lora::runner::stages::{describe, BOOKKEEPING};
+use crate::support::matches_output;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -14,7 +14,8 @@ use lora::runner::plan::Plan;
 use lora::runner::run::run_pipeline;
 use lora::runner::stages::{RunOptions, RunReport, Session};
 use lora::layout::{DIFFUSERS_FILE, KOHYA_FILE};
-use lora::runner::stages::{describe, matches_output, Status, BOOKKEEPING};
+use lora::runner::stages::{describe, Status, BOOKKEEPING};
+use crate::support::matches_output;
 
 pub(crate) fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

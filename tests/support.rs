@@ -1,5 +1,6 @@
 //! Helpers shared by the test modules: the training settings of a small run that the
-//! trainer-level tests start from (each changes what it tests).
+//! trainer-level tests start from (each changes what it tests), and the pattern rule by which a
+//! file on disk is one that `lora plan` announced (`checkpoint-<step>`, `logs/<...>`).
 
 use std::path::Path;
 
@@ -38,4 +39,54 @@ pub fn small_run(dir: &Path, max_steps: usize, seed: u64) -> TrainSettings {
         grad_scaler: Default::default(),
         gradient_checkpointing: false,
     }
+}
+
+/// `true` when `path` (relative, `/`-separated) is what `pattern` announces (`<...>` matches any
+/// run of characters within one path segment).
+pub fn matches_output(pattern: &str, path: &str) -> bool {
+    let p_segs: Vec<&str> = pattern.trim_end_matches('/').split('/').collect();
+    let segs: Vec<&str> = path.split('/').collect();
+    if p_segs.len() > segs.len() {
+        return false;
+    }
+    // A pattern naming a folder covers everything under it.
+    p_segs.iter().zip(&segs).all(|(p, s)| segment_matches(p, s))
+}
+
+fn segment_matches(pattern: &str, seg: &str) -> bool {
+    let mut parts: Vec<&str> = Vec::new();
+    let mut rest = pattern;
+    while let Some(start) = rest.find('<') {
+        let Some(end) = rest[start..].find('>') else { break };
+        parts.push(&rest[..start]);
+        rest = &rest[start + end + 1..];
+    }
+    parts.push(rest);
+    if parts.len() == 1 {
+        return pattern == seg;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !seg.starts_with(first) || !seg[first.len()..].ends_with(last) || seg.len() < first.len() + last.len() {
+        return false;
+    }
+    let mut pos = first.len();
+    let end = seg.len() - last.len();
+    for mid in &parts[1..parts.len() - 1] {
+        match seg[pos..end].find(mid) {
+            Some(i) => pos += i + mid.len(),
+            None => return false,
+        }
+    }
+    true
+}
+
+#[test]
+fn output_patterns() {
+    assert!(matches_output("checkpoint-<step>", "checkpoint-10/optimizer.safetensors"));
+    assert!(matches_output("logs/events.out.tfevents.<...>", "logs/events.out.tfevents.17.lora.3"));
+    assert!(matches_output("validation/step-<step>/<...>.png", "validation/step-3/prompt0-1.png"));
+    assert!(!matches_output("validation/step-<step>/<...>.png", "validation/prompt0-1.png"));
+    assert!(matches_output("metrics.jsonl", "metrics.jsonl"));
+    assert!(matches_output("cache/encode/", "cache/encode/ab/abc.enc"));
+    assert!(!matches_output("metrics.jsonl", "metrics.json"));
 }

@@ -1,0 +1,151 @@
+//! The loading stages: model (the diffusion stack on the chosen device and dtype, kept in the
+//! session between runs), dataset (read and screened) and preprocess (the seeded loader).
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+
+use crate::runner::lock::Fingerprint;
+use crate::runner::plan::StageId;
+use crate::runner::resolve::{load_model, loader_options, select_device, source_options, source_spec, weight_dtype,};
+use super::{no_outputs, not_off, nothing, Ran, Stage, StageCtx};
+use crate::config::choice_name;
+use crate::config::types as cfg;
+use crate::data::{self, DataLoader};
+use crate::util::path::tidy_path;
+
+pub(super) const MODEL: Stage = Stage {
+    id: StageId::Model,
+    depends_on: &[],
+    needs: &[],
+    tracked: false,
+    off: not_off,
+    fingerprint: |p| {
+        let mut f = Fingerprint::new("model");
+        f.add_toml("model", p.table("model"));
+        let m = &p.pipeline().model;
+        for path in [&m.path, &m.file, &m.vae, &m.config].into_iter().flatten() {
+            f.add_files("files", path);
+        }
+        f.finish()
+    },
+    reads: |p| {
+        let m = &p.pipeline().model;
+        vec![match (&m.id, &m.path) {
+            (Some(id), _) => format!("hub model {id}{}", m.revision.as_ref().map(|r| format!(" @ {r}")).unwrap_or_default()),
+            (None, Some(path)) => format!("{} (diffusers folder)", tidy_path(path).display()),
+            _ => String::new(),
+        }]
+    },
+    outputs: no_outputs,
+    describe: |p| {
+        let variant = p.pipeline().model.variant.as_ref().map(|v| format!(", variant {v}")).unwrap_or_default();
+        format!("load tokenizer, text encoder, UNet, VAE and noise scheduler{variant}")
+    },
+    run: run_model,
+};
+
+fn run_model(ctx: &mut StageCtx<'_>) -> Result<Ran> {
+    let p = ctx.plan.pipeline();
+    let device = select_device(p.train.device)?;
+    crate::device::allow_tf32(&device, p.train.allow_tf32);
+    let dtype = weight_dtype(p.train.precision, &device)?;
+    let fp = ctx.plan.fingerprint(StageId::Model);
+    if !ctx.opts.force && ctx.session.model.as_ref().is_some_and(|(f, _)| f == fp) {
+        tracing::info!("model: kept in memory");
+    } else {
+        ctx.session.model = Some((fp.to_string(), load_model(p, &device, dtype)?));
+    }
+    // Remove adapters a previous run of this session attached.
+    let (_, sd) = ctx.session.model.as_mut().expect("just loaded");
+    sd.unet.linears_mut().into_iter().for_each(|l| l.loras.clear());
+    sd.text_encoder.linears_mut().into_iter().for_each(|l| l.loras.clear());
+    ctx.device = Some(device);
+    Ok(Ran::done())
+}
+
+// ---------------------------------------------------------------------------------------------
+// dataset
+
+pub(super) const DATASET: Stage = Stage {
+    id: StageId::Dataset,
+    depends_on: &[],
+    needs: &[],
+    tracked: false,
+    off: not_off,
+    fingerprint: |p| {
+        let mut f = Fingerprint::new("dataset");
+        f.add_toml("dataset", p.table("dataset"));
+        if let Some(path) = &p.pipeline().dataset.path {
+            f.add_files("files", path);
+        }
+        // The subset drawn with max_samples depends on the seed.
+        if p.pipeline().dataset.max_samples.is_some() {
+            f.add("seed", &format!("{:?}", p.pipeline().train.seed));
+        }
+        f.finish()
+    },
+    reads: |p| {
+        let d = &p.pipeline().dataset;
+        vec![match (&d.name, &d.path) {
+            (Some(name), _) => format!("hub dataset {name}"),
+            (None, Some(path)) => tidy_path(path).display().to_string(),
+            _ => String::new(),
+        }]
+    },
+    outputs: no_outputs,
+    describe: |p| {
+        let d = &p.pipeline().dataset;
+        format!("read images ({}) and captions ({}), screen out bad images ({})", d.image_column, d.caption_column, choice_name(&d.on_bad_image))
+    },
+    run: run_dataset,
+};
+
+fn run_dataset(ctx: &mut StageCtx<'_>) -> Result<Ran> {
+    let p = ctx.plan.pipeline();
+    let fp = ctx.plan.fingerprint(StageId::Dataset);
+    if !ctx.opts.force && ctx.session.dataset.as_ref().is_some_and(|(f, _, _)| f == fp) {
+        tracing::info!("dataset: kept in memory");
+    } else {
+        let dataset = data::source::load_source(&source_spec(p)?, &source_options(p))?;
+        let policy = match p.dataset.on_bad_image {
+            cfg::OnBadImage::Error => data::OnBadImage::Error,
+            cfg::OnBadImage::Skip => data::OnBadImage::Skip,
+        };
+        let (dataset, skipped) = data::decode::screen_dataset(dataset, &loader_options(p).decode, policy)?;
+        tracing::info!("dataset: {} examples ({} skipped)", dataset.len(), skipped.len());
+        ctx.session.dataset = Some((fp.to_string(), Arc::new(dataset), skipped.len()));
+    }
+    let (_, dataset, skipped) = ctx.session.dataset.as_ref().expect("just loaded");
+    ctx.report.examples = dataset.len();
+    ctx.report.skipped_images = *skipped;
+    Ok(Ran::done())
+}
+
+// ---------------------------------------------------------------------------------------------
+// preprocess
+
+pub(super) const PREPROCESS: Stage = Stage {
+    id: StageId::Preprocess,
+    depends_on: &[StageId::Dataset],
+    needs: &[StageId::Dataset],
+    tracked: false,
+    off: not_off,
+    fingerprint: |p| Fingerprint::new("preprocess").add("dataset", p.fingerprint(StageId::Dataset)).add_toml("preprocess", p.table("preprocess")).finish(),
+    reads: nothing,
+    outputs: no_outputs,
+    describe: |p| {
+        let pre = &p.pipeline().preprocess;
+        let crop = match pre.crop() {
+            cfg::Crop::Center => "center crop",
+            cfg::Crop::Random => "random crop",
+        };
+        let flip = if pre.random_flip { ", random flip" } else { "" };
+        format!("resize to {} ({}), {crop}{flip}, normalise to [-1, 1] (per batch, as training reads it)", pre.resolution, choice_name(&pre.interpolation))
+    },
+    run: |ctx| {
+        let (_, dataset, _) = ctx.session.dataset.as_ref().context("the dataset stage runs before preprocess")?;
+        ctx.loader = Some(DataLoader::new(dataset.clone(), loader_options(ctx.plan.pipeline()))?);
+        Ok(Ran::done())
+    },
+};

@@ -1,0 +1,446 @@
+//! The stage table: every stage of a pipeline — model, dataset, preprocess, train, export,
+//! validate — with its dependencies, fingerprint, outputs, description and run function, and
+//! the one walk over it that `plan`, `run --dry-run`, `run`, `watch` and `bench` share.
+//!
+//! One file per stage (or pair of small ones) beside this table: `load` (model, dataset,
+//! preprocess), `encode`, `train`, `export`, `validate`.
+//!
+//! Stages with results on disk (train, export, validate) have a lock entry each, checked on its
+//! own: a new output format reruns only export, a new validation prompt only validate. The
+//! loading stages (model, dataset, preprocess) keep their results in memory (a [`Session`]) and
+//! run only when a stage that needs them runs.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+
+use super::lock::Lock;
+use super::plan::{Plan, StageId};
+pub use crate::layout::{CACHE_DIR, IN_PROGRESS, METRICS_FILE, TRAINED_FILE};
+use crate::train::trainer::TrainOutcome;
+use std::path::PathBuf;
+use super::run_dir::RunDir;
+use crate::util::path::tidy_path;
+use crate::data::{DataLoader, Dataset};
+use crate::models::StableDiffusion;
+
+pub use crate::report::plot::LOSS_PLOT;
+
+
+mod encode;
+mod export;
+mod load;
+mod train;
+mod validate;
+
+pub use validate::{validation_adapter, validation_files};
+
+/// A file or folder a stage writes, relative to the output folder; `<step>` and `<...>` stand
+/// for parts known only while running.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Output {
+    pub path: String,
+    pub what: String,
+    /// Whether the stage's result is stale without it (recorded in the lock).
+    pub required: bool,
+}
+
+fn out(path: impl Into<String>, what: impl Into<String>, required: bool) -> Output {
+    Output { path: path.into(), what: what.into(), required }
+}
+
+/// What a stage's run function reports back to the walk.
+#[derive(Default)]
+pub struct Ran {
+    /// False when the stage stopped early (Ctrl-C): nothing is recorded and the walk ends.
+    pub complete: bool,
+    pub details: BTreeMap<String, serde_json::Value>,
+}
+
+impl Ran {
+    fn done() -> Self {
+        Self { complete: true, details: BTreeMap::new() }
+    }
+}
+
+pub struct Stage {
+    pub id: StageId,
+    /// Upstream stages whose fingerprints this one folds in; when one of them runs, so does this.
+    pub depends_on: &'static [StageId],
+    /// Loading stages whose in-memory result this one needs to run.
+    pub needs: &'static [StageId],
+    /// Whether the result is on disk with a lock entry (false: loaded into memory when needed).
+    pub tracked: bool,
+    /// `Some(reason)` when the pipeline turns the stage off.
+    pub off: fn(&Plan) -> Option<&'static str>,
+    pub fingerprint: fn(&Plan) -> String,
+    pub reads: fn(&Plan) -> Vec<String>,
+    pub outputs: fn(&Plan) -> Vec<Output>,
+    pub describe: fn(&Plan) -> String,
+    pub run: fn(&mut StageCtx<'_>) -> Result<Ran>,
+}
+
+pub const STAGES: &[Stage] = &[load::MODEL, load::DATASET, load::PREPROCESS, encode::ENCODE, train::TRAIN, export::EXPORT, validate::VALIDATE];
+
+impl Plan {
+    /// Resolve `loaded` once: fingerprints in table order, each seeing the upstream ones.
+    pub fn resolve(loaded: &crate::config::LoadedPipeline) -> Self {
+        let mut plan = Self { loaded: loaded.clone(), out_dir: loaded.pipeline.output.dir.clone(), fingerprints: BTreeMap::new(), no_cache: false };
+        for stage in STAGES {
+            let fp = (stage.fingerprint)(&plan);
+            plan.fingerprints.insert(stage.id, fp);
+        }
+        plan
+    }
+}
+
+/// A refusal the user can resolve (exit code 2): e.g. resuming with changed settings.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
+
+/// What stays loaded between runs of watch mode, and the output folder held exclusively.
+#[derive(Default)]
+pub struct Session {
+    model: Option<(String, StableDiffusion)>,
+    dataset: Option<(String, Arc<Dataset>, usize)>,
+    run_dir: Option<RunDir>,
+}
+
+impl Session {
+    /// The model the model stage loaded, if any.
+    pub fn model_mut(&mut self) -> Option<&mut StableDiffusion> {
+        self.model.as_mut().map(|(_, sd)| sd)
+    }
+
+    /// Hold `dir` for this session (released when the session ends or moves to another folder).
+    pub fn hold(&mut self, dir: &Path) -> Result<()> {
+        if self.run_dir.as_ref().is_some_and(|r| r.path() == dir) {
+            return Ok(());
+        }
+        self.run_dir = None;
+        self.run_dir = Some(RunDir::acquire(dir)?);
+        Ok(())
+    }
+}
+
+/// Watches the train stage from outside (`lora bench`): called once the set-up is done (model,
+/// data, encode cache, encoders parked), after every update, and when training ends.
+pub trait TrainObserver {
+    fn starting(&mut self, device: &Device);
+    fn update(&mut self, step: usize, total: usize, loss: f64, lr: f64);
+    fn finished(&mut self, device: &Device);
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Rerun every stage even when its fingerprint is unchanged; start training over.
+    pub force: bool,
+    /// Encode every step, as the reference does: no encode stage, no encode cache.
+    pub no_cache: bool,
+}
+
+/// What a run did, for the summary.
+#[derive(Debug, Default)]
+pub struct RunReport {
+    pub train: Option<TrainOutcome>,
+    pub skipped_train: bool,
+    pub files: Vec<PathBuf>,
+    pub skipped_images: usize,
+    pub examples: usize,
+    pub seconds: f64,
+    /// Every stage of the table in order, with what this run did with it.
+    pub stages: Vec<(&'static str, Status)>,
+    /// Updates per second of this run's training (validation and plotting left out).
+    pub train_rate: Option<f64>,
+    /// Mean loss of the first and last tenth of the steps in `metrics.jsonl` (resumes included).
+    pub loss_trend: Option<crate::report::metrics::LossTrend>,
+    /// A stop signal ended the run between stages or during training.
+    pub stopped: bool,
+    /// The earlier run's results set aside before training started over (`earlier/...`).
+    pub set_aside: Option<PathBuf>,
+    /// The fixed-noise evaluation loss before and after all the training (resumes included),
+    /// from `metrics.jsonl`.
+    pub eval_loss: (Option<f64>, Option<f64>),
+    /// Seconds of the train stage spent on validation and plots between steps.
+    pub side_seconds: f64,
+}
+
+/// The state a walk hands from stage to stage.
+pub struct StageCtx<'a> {
+    pub plan: &'a Plan,
+    pub session: &'a mut Session,
+    pub lock: &'a mut Lock,
+    pub opts: &'a RunOptions,
+    pub stop: Arc<AtomicBool>,
+    pub report: &'a mut RunReport,
+    /// How the train stage starts, as `plan` printed it (set when train runs).
+    pub start: Option<super::resume::Start>,
+    /// `lora bench`'s timing hook on the train stage.
+    pub observer: Option<&'a mut (dyn TrainObserver + 'a)>,
+    device: Option<Device>,
+    loader: Option<DataLoader>,
+}
+
+/// Why a stage runs or not, for `plan` and the run log alike.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "status", content = "reason", rename_all = "snake_case")]
+pub enum Status {
+    /// A tracked stage runs, with why.
+    Run(String),
+    UpToDate,
+    /// A loading stage runs because a later stage needs it.
+    Load,
+    /// A loading stage that nothing needs this time.
+    NotNeeded,
+    Off(String),
+    /// The stage would have to discard or contradict work in the folder: `run` exits 2 with this
+    /// message before loading anything.
+    Refused(String),
+}
+
+impl Status {
+    pub fn label(&self) -> String {
+        match self {
+            Status::Run(why) => format!("will run: {why}"),
+            Status::UpToDate => "up to date".into(),
+            Status::Load => "loads (needed below)".into(),
+            Status::NotNeeded => "not needed".into(),
+            Status::Off(why) => format!("off: {why}"),
+            Status::Refused(why) => format!("refused: {why}"),
+        }
+    }
+
+    /// The label after a run: what was done.
+    pub fn done_label(&self) -> String {
+        match self {
+            Status::Run(why) => format!("ran: {why}"),
+            Status::Load => "loaded".into(),
+            other => other.label(),
+        }
+    }
+}
+
+/// What each stage of `plan` would do given `lock`: the one decision `plan` prints and `run`
+/// follows.
+pub fn decide(plan: &Plan, lock: &Lock, force: bool) -> Vec<Status> {
+    decide_all(plan, lock, force).0
+}
+
+/// [`decide`], with how the train stage starts when it runs (resume, start over, refuse).
+pub fn decide_all(plan: &Plan, lock: &Lock, force: bool) -> (Vec<Status>, Option<super::resume::Start>) {
+    use super::resume::Start;
+    let dir = &plan.out_dir;
+    let mut start = None;
+    let mut status: Vec<Status> = Vec::with_capacity(STAGES.len());
+    for stage in STAGES {
+        if let Some(why) = (stage.off)(plan) {
+            status.push(Status::Off(why.into()));
+            continue;
+        }
+        if !stage.tracked {
+            status.push(Status::NotNeeded); // decided below, once the tracked stages are known
+            continue;
+        }
+        let fp = plan.fingerprint(stage.id);
+        let upstream_runs = stage.depends_on.iter().find(|d| {
+            STAGES.iter().position(|s| s.id == **d).is_some_and(|i| matches!(status.get(i), Some(Status::Run(_))))
+        });
+        let why = if force {
+            Some("--force".to_string())
+        } else if let Some(d) = upstream_runs {
+            Some(format!("{} runs", d.name()))
+        } else {
+            match lock.stages.get(stage.id.name()) {
+                None => Some("no result yet".into()),
+                Some(r) if r.fingerprint != fp => Some("its settings or inputs changed".into()),
+                Some(r) => r.outputs.iter().find(|o| !dir.join(o).exists()).map(|o| format!("{o} is missing")),
+            }
+        };
+        let st = match why {
+            None => Status::UpToDate,
+            Some(why) if stage.id == StageId::Train => {
+                let s = super::resume::decide_start(plan, lock, force, &why);
+                let st = match &s {
+                    Start::Refused(m) => Status::Refused(m.clone()),
+                    Start::Resume { newest, warnings, .. } => {
+                        let name = newest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                        let changed = if warnings.is_empty() { String::new() } else { format!(", with {}", warnings.join(", ")) };
+                        Status::Run(format!("resumes the interrupted run from {name}{changed}"))
+                    }
+                    Start::Fresh { aside: Some(a), why } => {
+                        let changed = if a.changed.is_empty() { String::new() } else { format!(" ({})", a.changed.join(", ")) };
+                        Status::Run(format!("{why}{changed}; {}", a.summary()))
+                    }
+                    Start::Fresh { aside: None, why } => Status::Run(why.clone()),
+                    Start::Explicit(r) => Status::Run(format!("{why}; resumes checkpoints.resume = {r:?}")),
+                };
+                start = Some(s);
+                st
+            }
+            Some(why) => Status::Run(why),
+        };
+        status.push(st);
+    }
+    // A loading stage loads when a running stage (or a loading stage that loads) needs it.
+    let mut needed: Vec<StageId> = Vec::new();
+    for (stage, st) in STAGES.iter().zip(&status).rev() {
+        let loads = matches!(st, Status::Run(_)) || (!stage.tracked && needed.contains(&stage.id) && !matches!(st, Status::Off(_)));
+        if loads {
+            needed.extend(stage.needs.iter().copied());
+        }
+    }
+    for (stage, st) in STAGES.iter().zip(status.iter_mut()) {
+        if !stage.tracked && matches!(st, Status::NotNeeded) && needed.contains(&stage.id) {
+            *st = Status::Load;
+        }
+    }
+    (status, start)
+}
+
+/// One stage as `plan` shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct StageView {
+    pub name: &'static str,
+    /// The pipeline tables the stage owns.
+    pub tables: &'static [&'static str],
+    #[serde(flatten)]
+    pub status: Status,
+    pub description: String,
+    pub reads: Vec<String>,
+    pub writes: Vec<Output>,
+}
+
+/// The stages of `plan` in order, with what `lora run` would do with each now.
+pub fn describe(plan: &Plan, lock: &Lock, force: bool) -> Vec<StageView> {
+    let (statuses, start) = decide_all(plan, lock, force);
+    STAGES
+        .iter()
+        .zip(statuses)
+        .map(|(s, status)| {
+            // A stage that is off writes nothing.
+            let mut writes = if matches!(status, Status::Off(_)) { Vec::new() } else { (s.outputs)(plan) };
+            if let (true, Some(super::resume::Start::Fresh { aside: Some(a), .. })) = (s.id == StageId::Train, &start) {
+                writes.push(out(format!("{}/", a.dir), "the earlier run's results, set aside before training starts over (set-aside.json says why)", false));
+            }
+            StageView { name: s.id.name(), tables: s.id.tables(), status, description: (s.describe)(plan), reads: (s.reads)(plan), writes }
+        })
+        .collect()
+}
+
+/// Run the stages of `plan` that are not up to date, holding its output folder for `session`;
+/// `observer` watches the train stage (`lora bench`).
+pub fn run_plan(plan: &Plan, session: &mut Session, opts: &RunOptions, stop: Arc<AtomicBool>, observer: Option<&mut dyn TrainObserver>) -> Result<RunReport> {
+    let started = Instant::now();
+    let mut plan = plan.clone();
+    plan.pick_seed();
+    plan.no_cache = opts.no_cache;
+    let dir = plan.out_dir.clone();
+    session.hold(&dir)?;
+    let mut lock = Lock::read(&dir)?;
+    lock.pipeline = plan.loaded.path.display().to_string();
+    let (statuses, start) = decide_all(&plan, &lock, opts.force);
+    // Refused before anything loads or changes (what `plan` says as "refused").
+    if let Some(why) = statuses.iter().find_map(|s| if let Status::Refused(w) = s { Some(w.clone()) } else { None }) {
+        return Err(Refused(why).into());
+    }
+    let mut report = RunReport::default();
+    // (A reborrow for the walk's own lifetime.)
+    let observer = observer.map(|o| o as &mut dyn TrainObserver);
+    let mut ctx = StageCtx { plan: &plan, session, lock: &mut lock, opts, stop, report: &mut report, start, observer, device: None, loader: None };
+    for (stage, status) in STAGES.iter().zip(statuses) {
+        if crate::util::interrupt::requested() {
+            // A stop signal between stages: what ran is recorded, the rest waits for the next run.
+            tracing::info!("stopped before the {} stage", stage.id.name());
+            ctx.report.stopped = true;
+            break;
+        }
+        ctx.report.stages.push((stage.id.name(), status.clone()));
+        match &status {
+            Status::Run(why) => tracing::info!("{}: running ({why})", stage.id.name()),
+            Status::Load => {}
+            Status::UpToDate => {
+                tracing::info!("{}: up to date", stage.id.name());
+                continue;
+            }
+            Status::NotNeeded | Status::Off(_) | Status::Refused(_) => continue,
+        }
+        let ran = (stage.run)(&mut ctx).with_context(|| format!("stage {}", stage.id.name()))?;
+        if !ran.complete {
+            break;
+        }
+        if stage.tracked {
+            let outputs = (stage.outputs)(&plan).into_iter().filter(|o| o.required).map(|o| o.path).collect();
+            ctx.lock.record_with(stage.id.name(), plan.fingerprint(stage.id), outputs, ran.details);
+            ctx.lock.write(&dir)?;
+        }
+    }
+    // Examples of the training these results come from, when the dataset was not loaded now.
+    if report.examples == 0 && !report.stages.iter().any(|(n, s)| *n == "dataset" && matches!(s, Status::Load)) {
+        report.examples = lock.stages.get(StageId::Train.name()).and_then(|r| r.details.get("examples")).and_then(serde_json::Value::as_u64).unwrap_or(0) as usize;
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+fn tidy(p: &Plan, rel: &str) -> String {
+    tidy_path(&p.out_dir.join(rel)).display().to_string()
+}
+
+fn not_off(_: &Plan) -> Option<&'static str> {
+    None
+}
+
+fn nothing(_: &Plan) -> Vec<String> {
+    Vec::new()
+}
+
+fn no_outputs(_: &Plan) -> Vec<Output> {
+    Vec::new()
+}
+
+/// The `{rate}` key: `13.2 it/s`, or `2.35 s/it` below one a second (indicatif's `{per_sec}`
+/// prints four decimals).
+pub(super) fn with_rate(style: indicatif::ProgressStyle) -> indicatif::ProgressStyle {
+    style.with_key("rate", |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+        let per_sec = state.per_sec();
+        let _ = if per_sec >= 1.0 { write!(w, "{per_sec:.1} it/s") } else if per_sec > 0.0 { write!(w, "{:.2} s/it", 1.0 / per_sec) } else { Ok(()) };
+    })
+}
+
+pub(super) fn progress_bar(total: usize, start: usize) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(total as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} train [{bar:30}] {pos}/{len} {msg} {rate} ETA {eta}").map(with_rate)
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_position(start as u64);
+    bar
+}
+
+/// The output folder's own files, written by the runner rather than a stage.
+pub const BOOKKEEPING: &[&str] = &[super::lock::LOCK_FILE, super::run_dir::RUN_LOCK_FILE];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_follows_the_stage_ids_and_every_table_has_one_owner() {
+        assert_eq!(STAGES.iter().map(|s| s.id).collect::<Vec<_>>(), StageId::ALL.to_vec());
+        for table in ["model", "dataset", "preprocess", "adapter", "optimizer", "train", "checkpoints", "logging", "validation", "output"] {
+            assert_eq!(StageId::ALL.iter().filter(|s| s.tables().contains(&table)).count(), 1, "[{table}]");
+        }
+        assert_eq!(StageId::owner_of("train.learning_rate"), Some(StageId::Train));
+        assert_eq!(StageId::owner_of("validation.prompts"), Some(StageId::Validate));
+        assert_eq!(StageId::owner_of("model files"), Some(StageId::Model));
+        assert_eq!(StageId::owner_of("extends"), None);
+    }
+
+}

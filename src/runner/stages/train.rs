@@ -1,0 +1,340 @@
+//! The train stage: resume, start over (setting earlier results aside) or refuse, as `resume`
+//! decided; inject LoRA, train with checkpoints, validation and plots while it goes, and write the
+//! trained weights only when training finished.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device};
+
+use crate::runner::lock::Fingerprint;
+use crate::runner::plan::{Plan, StageId};
+use crate::runner::resolve::{lora_spec, named_params, train_settings, LoaderSource,};
+use super::encode::{caches_latents, caches_text, encode_cache};
+use super::validate::publish_validation;
+use super::{not_off, out, progress_bar, tidy, Output, Ran, Refused, Stage, StageCtx};
+use crate::adapters::lora::{inject, trained_weights, InitRng, TrainableLora};
+use crate::adapters::weights::LoraFormat;
+use crate::adapters::write::write_lora_file;
+use crate::config::choice_name;
+use crate::config::types as cfg;
+use crate::data;
+use crate::inference::validation::validation_images;
+use crate::layout::{IN_PROGRESS, METRICS_FILE, TRAINED_FILE};
+use crate::models::StableDiffusion;
+use crate::report::plot::LOSS_PLOT;
+use crate::train::trainer::Trainer;
+use crate::util::path::tidy_path;
+
+pub(super) const TRAIN: Stage = Stage {
+    id: StageId::Train,
+    depends_on: &[StageId::Model, StageId::Preprocess],
+    needs: &[StageId::Model, StageId::Preprocess],
+    tracked: true,
+    off: not_off,
+    fingerprint: |p| {
+        Fingerprint::new("train")
+            .add("model", p.fingerprint(StageId::Model))
+            .add("preprocess", p.fingerprint(StageId::Preprocess))
+            .add_toml("adapter", p.table("adapter"))
+            .add_toml("optimizer", p.table("optimizer"))
+            .add_toml("train", p.table("train"))
+            .finish()
+    },
+    reads: |p| {
+        let mut r = vec![format!("{} (resumes an interrupted run from its newest checkpoint that loads)", tidy(p, "checkpoint-<step>"))];
+        if let Some(resume) = &p.pipeline().checkpoints.resume {
+            r.push(format!("{} (checkpoints.resume = {resume:?})", tidy_path(&p.out_dir).display()));
+        }
+        r
+    },
+    outputs: train_outputs,
+    describe: |p| {
+        let pl = p.pipeline();
+        let steps = match pl.train.max_steps {
+            Some(n) => format!("{n} steps"),
+            None => format!("{} epochs", pl.train.epochs),
+        };
+        format!(
+            "LoRA rank {} on {}{}; {steps}, batch {} x {}, lr {} ({})",
+            pl.adapter.rank,
+            pl.adapter.target_modules.join(", "),
+            if pl.adapter.text_encoder { " and the text encoder" } else { "" },
+            pl.train.batch_size,
+            pl.train.gradient_accumulation_steps,
+            pl.train.learning_rate,
+            choice_name(&pl.train.lr_scheduler)
+        )
+    },
+    run: run_train,
+};
+
+/// The steps at which checkpoints remain after pruning, when the step count is known.
+fn kept_checkpoints(p: &Plan) -> Option<Vec<usize>> {
+    let every = p.pipeline().checkpoints.every_steps as usize;
+    let max = p.known_max_steps()?;
+    if every == 0 {
+        return Some(Vec::new());
+    }
+    let all: Vec<usize> = (1..=max / every).map(|k| k * every).collect();
+    let keep = p.pipeline().checkpoints.total_limit.map_or(all.len(), |n| n as usize);
+    Some(all[all.len().saturating_sub(keep)..].to_vec())
+}
+
+fn train_outputs(p: &Plan) -> Vec<Output> {
+    let pl = p.pipeline();
+    let mut o = vec![
+        out(TRAINED_FILE, "the trained weights (PEFT names), read by export", true),
+        out(METRICS_FILE, "loss, lr and grad norm per step", true),
+    ];
+    match kept_checkpoints(p) {
+        Some(steps) => o.extend(steps.into_iter().map(|s| out(format!("checkpoint-{s}"), "checkpoint (weights, optimizer, state)", false))),
+        None if pl.checkpoints.every_steps > 0 => o.push(out(
+            "checkpoint-<step>",
+            format!(
+                "checkpoint every {} steps{}",
+                pl.checkpoints.every_steps,
+                pl.checkpoints.total_limit.map(|l| format!(", keeping {l}")).unwrap_or_default()
+            ),
+            false,
+        )),
+        None => {}
+    }
+    if pl.logging.report_to == cfg::ReportTo::Tensorboard {
+        let dir = pl.logging.dir.display().to_string();
+        o.push(out(format!("{dir}/events.out.tfevents.<...>"), "TensorBoard events (train_loss, lr, grad_norm)", false));
+    }
+    if !pl.validation.prompts.is_empty() {
+        o.push(out("validation/step-<step>/<...>.png", "validation images while training, and their grid (grid.png)", false));
+    }
+    o.push(out(LOSS_PLOT, "loss (raw and smoothed) and learning rate per step, redrawn as training goes", false));
+    o
+}
+
+/// With the encode cache serving the captions (`text`) and the latents (`vae`), move the text
+/// encoder and the VAE's encoder half off a GPU, so that training holds only the UNet and the
+/// VAE decoder there (validation prompts are then encoded on the CPU). Nothing moves on the CPU.
+pub(crate) fn park_cached_encoders(sd: &mut StableDiffusion, text: bool, vae: bool, device: &Device) -> Result<()> {
+    if device.is_cpu() || !(text || vae) {
+        return Ok(());
+    }
+    let bytes = sd.park_encoders(text, vae)?;
+    let what = match (text, vae) {
+        (true, true) => "the text encoder and the VAE encoder",
+        (true, false) => "the text encoder",
+        _ => "the VAE encoder",
+    };
+    tracing::info!("train: {what} moved to host memory ({:.0} MiB; the encode cache serves them)", bytes as f64 / (1 << 20) as f64);
+    Ok(())
+}
+
+fn run_train(ctx: &mut StageCtx<'_>) -> Result<Ran> {
+    let plan = ctx.plan;
+    let p = plan.pipeline();
+    let out_dir = plan.out_dir.clone();
+    let snapshot = crate::runner::resume::settings_snapshot(plan);
+    let mut settings = train_settings(&plan.loaded);
+    settings.train_fingerprint = Some(plan.fingerprint(StageId::Train).to_string());
+    if plan.no_cache {
+        settings.cache_encodings = false;
+    }
+    // What `plan` said (the one decision): resume, start over with earlier results set aside,
+    // or the user's own `checkpoints.resume`.
+    match ctx.start.clone() {
+        Some(crate::runner::resume::Start::Explicit(_)) => {}
+        Some(crate::runner::resume::Start::Resume { newest, warnings, .. }) => {
+            tracing::info!("train: resuming the interrupted run from {} (or the newest checkpoint before it that loads)", tidy_path(&newest).display());
+            for w in &warnings {
+                tracing::warn!("train: resuming with a changed setting: {w}");
+            }
+            settings.resume_from_checkpoint = Some("latest".into());
+        }
+        Some(crate::runner::resume::Start::Fresh { why, aside }) => {
+            settings.resume_from_checkpoint = None;
+            if let Some(a) = aside {
+                if !a.changed.is_empty() {
+                    tracing::info!("train: starting over ({why}): {}", a.changed.join(", "));
+                }
+                crate::runner::resume::carry_out(&out_dir, &a)?;
+                tracing::info!("train: {}", a.summary());
+                ctx.report.set_aside = Some(out_dir.join(&a.dir));
+            }
+        }
+        Some(crate::runner::resume::Start::Refused(why)) => return Err(Refused(why).into()),
+        None => anyhow::bail!("the train stage runs only as decided by the stage table"),
+    }
+    // Mark the stage in progress before the first step, so any crash resumes.
+    ctx.lock.stages.remove(StageId::Train.name());
+    ctx.lock.record_with(IN_PROGRESS, plan.fingerprint(StageId::Train), vec![], snapshot.clone());
+    ctx.lock.write(&out_dir)?;
+
+    let device = ctx.device.clone().context("the model stage runs before train")?;
+    let loader = ctx.loader.take().context("the preprocess stage runs before train")?;
+    let n_examples = loader.dataset().len();
+    // For the kohya header (`ss_tag_frequency`), kept in the lock so export can rerun alone.
+    let tag_frequency = crate::adapters::kohya_meta::tag_frequency(
+        &dataset_folder_name(p),
+        loader.dataset().examples.iter().flat_map(|e| match &e.caption {
+            data::Caption::One(c) => vec![c.as_str()],
+            data::Caption::Choices(list) => list.iter().map(String::as_str).collect(),
+        }),
+    );
+    let (_, sd) = ctx.session.model.as_mut().context("the model stage runs before train")?;
+    // Encoders parked by an earlier run of this session come back before anything trains.
+    sd.unpark_encoders(&device)?;
+    let mut rng = <InitRng as rand::SeedableRng>::seed_from_u64(p.train.seed.unwrap_or(0));
+    // `rank_pattern` / `alpha_pattern` are one table for both parts (as PEFT's per-model
+    // configs would be two): each part gets the keys that match one of its targeted modules, and
+    // a key that matches in neither is an error.
+    let mut unet_spec = lora_spec(&p.adapter, &p.adapter.target_modules);
+    let unet_names: Vec<String> = sd.unet.linears_mut().iter().map(|l| l.name.clone()).collect();
+    let mut used = crate::adapters::lora::keep_patterns_for(&mut unet_spec, unet_names.iter().map(String::as_str))?;
+    let unet_loras = inject(sd.unet.linears_mut(), &unet_spec, &mut rng).context("[adapter] target_modules")?;
+    let te_loras: Vec<TrainableLora> = if p.adapter.text_encoder {
+        let mut te_spec = lora_spec(&p.adapter, &p.adapter.text_encoder_target_modules);
+        let te_names: Vec<String> = sd.text_encoder.linears_mut().iter().map(|l| l.name.clone()).collect();
+        used.extend(crate::adapters::lora::keep_patterns_for(&mut te_spec, te_names.iter().map(String::as_str))?);
+        inject(sd.text_encoder.linears_mut(), &te_spec, &mut rng).context("[adapter] text_encoder_target_modules")?
+    } else {
+        Vec::new()
+    };
+    if let Some(unused) = p.adapter.rank_pattern.keys().chain(p.adapter.alpha_pattern.keys()).find(|k| !used.contains(*k)) {
+        anyhow::bail!("[adapter] pattern key `{unused}` matches no targeted module of the UNet{}", if p.adapter.text_encoder { " or the text encoder" } else { "" });
+    }
+    let mut params = named_params("unet", &unet_loras);
+    params.extend(named_params("text_encoder", &te_loras));
+    if p.train.precision == cfg::Precision::Fp16 {
+        // The reference creates the LoRA weights in the base layer's dtype and only then upcasts
+        // them (`cast_training_params`): the init is rounded to f16.
+        for nv in &params {
+            nv.var.set(&crate::train::precision::round_through(nv.var.as_tensor(), DType::F16)?)?;
+        }
+    }
+    let n_params: usize = params.iter().map(|p| p.var.elem_count()).sum();
+    tracing::info!("adapter: {} modules, {n_params} trainable parameters", unet_loras.len() + te_loras.len());
+    // Measure progress on up to 32 examples with fixed noise, before and after training.
+    settings.eval_batches = 32usize.div_ceil(settings.batch_size).min(loader.batches_per_epoch());
+    if !plan.no_cache {
+        park_cached_encoders(sd, caches_text(plan), caches_latents(plan), &device)?;
+    }
+    let sd_ref: &StableDiffusion = sd;
+    let mut trainer = Trainer::new(sd_ref, params, settings)?;
+    trainer.stop = ctx.stop.clone();
+    let cache = (!plan.no_cache).then(|| encode_cache(plan));
+    if let Some(cache) = &cache {
+        trainer.latent_cache_disk = caches_latents(plan).then(|| cache.clone());
+        trainer.text_cache_disk = caches_text(plan).then(|| cache.clone());
+    }
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    let mut last_log = Instant::now();
+    // Validation while training, as the reference: at the end of every `every_epochs`-th epoch
+    // (epoch 0 included), and every `every_steps` updates when set.
+    let steps = crate::train::lr::StepPlan::new(
+        n_examples,
+        p.train.batch_size as usize,
+        p.train.gradient_accumulation_steps as usize,
+        p.train.epochs as usize,
+        p.train.max_steps.map(|n| n as usize),
+    )?;
+    let validate_at = |step: usize| -> bool {
+        if p.validation.prompts.is_empty() {
+            return false;
+        }
+        let by_steps = p.validation.every_steps.is_some_and(|n| n > 0 && step % n as usize == 0);
+        let epoch_end = step % steps.updates_per_epoch == 0;
+        let epoch = (step / steps.updates_per_epoch).saturating_sub(1);
+        let by_epochs = epoch_end && p.validation.every_epochs > 0 && epoch % p.validation.every_epochs as usize == 0;
+        (by_steps || by_epochs) && step < steps.max_train_steps
+    };
+    let checkpoint_due = |step: usize| p.checkpoints.every_steps > 0 && step % p.checkpoints.every_steps as usize == 0;
+    let mut last_plot = Instant::now();
+    let mut rate = crate::report::metrics::StepRate::new();
+    let mut side = std::time::Duration::ZERO;
+    let mut observer = ctx.observer.take();
+    if let Some(o) = observer.as_deref_mut() {
+        o.starting(&device);
+    }
+    let mut on_update = |step: usize, total: usize, loss: f64, lr: f64| {
+        if let Some(o) = observer.as_deref_mut() {
+            o.update(step, total, loss, lr);
+        }
+        rate.update(step);
+        let paused = Instant::now();
+        if validate_at(step) {
+            let dir = out_dir.join("validation").join(format!("step-{step}"));
+            match validation_images(sd_ref, p, &dir, &device).and_then(|files| publish_validation(plan, &files, &dir, step as u64).map(|_| files)) {
+                Ok(files) => tracing::info!("validation: {} image(s) and their grid in {}", files.len(), dir.display()),
+                Err(e) => tracing::warn!("validation at step {step} failed: {e:#}"),
+            }
+        }
+        if validate_at(step) || checkpoint_due(step) || last_plot.elapsed().as_secs() >= 30 {
+            crate::report::plot::refresh(&out_dir.join(METRICS_FILE), &out_dir.join(LOSS_PLOT));
+            last_plot = Instant::now();
+        }
+        rate.pause(paused.elapsed());
+        side += paused.elapsed();
+        let b = bar.get_or_insert_with(|| progress_bar(total, step.saturating_sub(1)));
+        b.set_position(step as u64);
+        b.set_message(format!("loss {loss:.4} lr {lr:.2e}"));
+        if b.is_hidden() && (last_log.elapsed().as_secs_f64() > 10.0 || step == total || step == 1) {
+            tracing::info!("step {step}/{total} loss {loss:.4} lr {lr:.2e}");
+            last_log = Instant::now();
+        }
+    };
+    let training = crate::util::interrupt::training();
+    let outcome = trainer.train(&LoaderSource(loader, p.train.batch_size as usize), Some(&mut on_update))?;
+    drop(training);
+    if let Some(o) = observer.as_deref_mut() {
+        o.finished(&device);
+    }
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    drop(trainer);
+    crate::report::plot::refresh(&out_dir.join(METRICS_FILE), &out_dir.join(LOSS_PLOT));
+    ctx.report.train_rate = rate.per_second();
+    ctx.report.side_seconds = side.as_secs_f64();
+    ctx.report.eval_loss = crate::report::metrics::eval_span(&crate::report::metrics::read_evals(&out_dir.join(METRICS_FILE))?);
+    ctx.report.loss_trend = crate::report::metrics::loss_trend(&crate::report::metrics::read_steps(&out_dir.join(METRICS_FILE))?);
+    if let Some(cache) = &cache {
+        let load = |a: &std::sync::atomic::AtomicUsize| a.load(std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(
+            "train: encode cache {}: {} served, {} encoded and stored, {} damaged entries rebuilt",
+            tidy_path(cache.dir()).display(),
+            load(&cache.hits),
+            load(&cache.misses),
+            load(&cache.rebuilt)
+        );
+    }
+    let interrupted = outcome.interrupted;
+    ctx.report.stopped |= interrupted;
+    ctx.report.train = Some(outcome);
+    if interrupted {
+        // Not complete: the checkpoint just saved is all this run leaves; the in-progress mark
+        // stays so the next run resumes. The train stage's file and the exported adapters of an
+        // earlier finished run stay as they were.
+        return Ok(Ran { complete: false, details: BTreeMap::new() });
+    }
+    let weights = trained_weights(&unet_loras, &te_loras)?;
+    write_lora_file(&weights, &out_dir.join(TRAINED_FILE), LoraFormat::Peft)?;
+    let mut details = BTreeMap::new();
+    details.insert("examples".to_string(), serde_json::Value::from(n_examples));
+    details.insert("tag_frequency".to_string(), tag_frequency);
+    details.insert("max_train_steps".to_string(), serde_json::Value::from(ctx.report.train.as_ref().map_or(0, |t| t.max_train_steps)));
+    details.insert("updates_per_epoch".to_string(), serde_json::Value::from(steps.updates_per_epoch));
+    // What the next run compares with to say which keys changed.
+    details.insert("settings".to_string(), serde_json::to_value(&snapshot)?);
+    ctx.lock.stages.remove(IN_PROGRESS);
+    Ok(Ran { complete: true, details })
+}
+
+
+/// The dataset's folder name as kohya keys `ss_tag_frequency` (the hub name for a hub dataset).
+fn dataset_folder_name(p: &cfg::Pipeline) -> String {
+    match (&p.dataset.name, &p.dataset.path) {
+        (Some(name), _) => name.clone(),
+        (None, Some(path)) => tidy_path(path).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        (None, None) => String::new(),
+    }
+}
