@@ -7,9 +7,10 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use lora::models::loading::{
-    locate_model_files, plan_model_files, resolve_model_dir, weights, ComponentWeights, LoadOptions, ModelSource,
+    locate_model_files, plan_model_files, resolve_model_dir, ComponentWeights, LoadOptions, ModelSource,
     VariantPolicy, WeightChoice, WeightOptions,
 };
+use lora::models::weights;
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 

@@ -13,7 +13,7 @@ use safetensors::{Dtype, SafeTensors};
 use super::keys::{canonical_module_name, parse_key, Part, ADAPTER_METADATA_KEY};
 use super::weights::LoraFormat;
 use super::weights::{Component, LoraModule, LoraWeights, NonFiniteTensor};
-use crate::models::loading::weights::PICKLE_EXTENSIONS;
+use crate::models::weights::PICKLE_EXTENSIONS;
 
 /// A tensor of any float dtype as f32 on CPU; any numeric scalar as f64 for alphas.
 fn view_to_tensor(key: &str, view: &safetensors::tensor::TensorView<'_>) -> Result<Tensor> {

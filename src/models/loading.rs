@@ -5,11 +5,10 @@
 //!   needed, see [`hub`]).
 //! - [`locate_model_files`] finds every file the pipeline reads in that folder
 //!   ([`ModelFiles`]): configs, tokenizer files, and the chosen weight files per component.
-//! - [`weights::ComponentWeights`] is the checking `VarBuilder` backend the networks load from.
+//! - [`super::weights::ComponentWeights`] is the checking `VarBuilder` backend the networks load from.
 //! - [`StableDiffusion::load`] does all of it and builds the networks.
 
 pub mod hub;
-pub mod weights;
 
 use crate::hub_id::{is_hub_file, is_hub_id};
 use crate::models::offload;
@@ -30,7 +29,7 @@ use crate::schedulers::SchedulerConfig;
 use crate::util::fs::read_text;
 use crate::vocab;
 pub use hub::HubSettings;
-pub use weights::{ComponentWeights, VariantPolicy, WeightChoice, WeightOptions};
+pub use super::weights::{ComponentWeights, VariantPolicy, WeightChoice, WeightOptions};
 
 #[derive(Clone, Debug, Default)]
 pub struct LoadOptions {
@@ -278,7 +277,7 @@ fn load_vae_file(path: &Path, scaling_factor: f64, dtype: DType, device: &Device
 /// True for a source naming a checkpoint file rather than a folder or a hub repository.
 pub fn is_file_source(source: &str) -> bool {
     let lower = source.trim().to_ascii_lowercase();
-    lower.ends_with(".safetensors") || weights::PICKLE_EXTENSIONS.iter().any(|e| lower.ends_with(&format!(".{e}")))
+    lower.ends_with(".safetensors") || super::weights::PICKLE_EXTENSIONS.iter().any(|e| lower.ends_with(&format!(".{e}")))
 }
 
 /// The local single-file checkpoint a source names: a local `.safetensors` file, or a hub file
@@ -552,7 +551,7 @@ pub fn plan_model_files(
             components.push(ComponentFiles { config, weights: vec![], weight_index: None });
             continue;
         }
-        if !weights::has_weight_files(&in_dir) {
+        if !super::weights::has_weight_files(&in_dir) {
             let wanted = match (variant, policy) {
                 (Some(v), VariantPolicy::Required) => format!("{prefix}{base}.{v}.safetensors"),
                 _ => format!("{prefix}{base}.safetensors"),
@@ -561,11 +560,11 @@ pub fn plan_model_files(
             components.push(ComponentFiles { config, weights: vec![], weight_index: None });
             continue;
         }
-        let (weights, weight_index) = match weights::choose_weights(dir, &in_dir, base, variant, policy)? {
+        let (weights, weight_index) = match super::weights::choose_weights(dir, &in_dir, base, variant, policy)? {
             WeightChoice::Single(name) => (vec![PathBuf::from(format!("{prefix}{name}"))], None),
             WeightChoice::Sharded { index } => {
                 let index_rel = format!("{prefix}{index}");
-                let shards = weights::shards_from_index(&read(&index_rel)?, &index_rel)?;
+                let shards = super::weights::shards_from_index(&read(&index_rel)?, &index_rel)?;
                 let shards: Vec<PathBuf> = shards.iter().map(|s| require(&format!("{prefix}{s}"), &mut missing)).collect();
                 (shards, Some(PathBuf::from(index_rel)))
             }

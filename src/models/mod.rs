@@ -2,7 +2,9 @@
 //! CLIP tokenizer and text encoder, UNet2DConditionModel, AutoencoderKL.
 //!
 //! Layout: `loading` (model sources, variants, shards, HF cache/hub), `config` (the
-//! `config.json` structs), `tokenizer`, `clip`, `unet/`, `vae`, `single_file` (LDM-layout checkpoints).
+//! `config.json` structs), `tokenizer`, `clip`, `unet/`, `vae`, `single_file` (LDM-layout checkpoints),
+//! `weights` (the checking `VarBuilder` backend both loaders build networks from: missing, extra
+//! and misshaped tensors by name; variants and shards).
 
 pub mod clip;
 pub mod config;
@@ -12,6 +14,7 @@ pub mod single_file;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
+pub mod weights;
 
 pub use clip::ClipTextModel;
 pub use loading::{LoadOptions, StableDiffusion};

@@ -16,7 +16,7 @@ use super::names::{
 };
 use super::recognition::{recognise_diffusers_vae, recognise_ldm_vae, Family, Recognition};
 use crate::models::config::VaeConfig;
-use crate::models::loading::weights::{modern_attention_name, ComponentWeights, MappedTensor, MissingHint, WeightOptions};
+use crate::models::weights::{modern_attention_name, ComponentWeights, MappedTensor, MissingHint, WeightOptions};
 
 /// The three components' weights of a single file, renamed to diffusers names.
 pub struct SingleFileWeights {
