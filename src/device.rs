@@ -10,13 +10,13 @@ use crate::config::types::Device as DeviceSpec;
 pub const CUDA_BUILT: bool = cfg!(feature = "cuda");
 
 /// Open the device `spec` (`train.device`) asks for, and log which one was picked and why.
-pub fn select(spec: DeviceSpec) -> Result<Device> {
+pub(crate) fn select(spec: DeviceSpec) -> Result<Device> {
     select_as(spec, "train.device")
 }
 
 /// [`select`] for a setting named `setting`: a pipeline key (`train.device`) or a command's flag
 /// (`--device`), which the log and the errors name.
-pub fn select_as(spec: DeviceSpec, setting: &str) -> Result<Device> {
+pub(crate) fn select_as(spec: DeviceSpec, setting: &str) -> Result<Device> {
     let said = if setting.starts_with("--") { format!("{setting} {spec}") } else { format!("{setting} = \"{spec}\"") };
     let device = match spec {
         DeviceSpec::Cpu => Device::Cpu,
@@ -69,7 +69,7 @@ pub fn describe(device: &Device) -> String {
 /// The most device memory seen in use (bytes: cuMemGetInfo's total − free, so the CUDA context
 /// and any other process on the GPU count too), for GPUs; `None` on the CPU (use the process's
 /// peak RSS there).
-pub fn peak_memory(device: &Device) -> Option<u64> {
+pub(crate) fn peak_memory(device: &Device) -> Option<u64> {
     match device {
         Device::Cuda(_) => cuda::peak_memory(device),
         _ => None,
@@ -78,7 +78,7 @@ pub fn peak_memory(device: &Device) -> Option<u64> {
 
 /// Record the current device memory in the high-water mark (call between steps; the
 /// sampler thread started by [`start_sampler`] calls it every few milliseconds).
-pub fn sample_memory(device: &Device) {
+pub(crate) fn sample_memory(device: &Device) {
     if let Device::Cuda(_) = device {
         cuda::sample(device)
     }
@@ -86,7 +86,7 @@ pub fn sample_memory(device: &Device) {
 
 /// Sample device memory every 2 ms on a background thread until the returned guard drops, so
 /// that peaks inside a step are seen (cuMemGetInfo has no high-water mark of its own).
-pub fn start_sampler(device: &Device) -> Option<Sampler> {
+pub(crate) fn start_sampler(device: &Device) -> Option<Sampler> {
     let Device::Cuda(_) = device else { return None };
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (dev, flag) = (device.clone(), stop.clone());
@@ -137,7 +137,7 @@ mod cuda {
         format!("cuda:{} ({name}{total})", ctx.ordinal())
     }
 
-    pub fn set_tf32(allow: bool) {
+    pub(crate) fn set_tf32(allow: bool) {
         candle_core::cuda::set_gemm_reduced_precision_f32(allow);
     }
 
@@ -147,7 +147,7 @@ mod cuda {
         }
     }
 
-    pub fn peak_memory(device: &Device) -> Option<u64> {
+    pub(crate) fn peak_memory(device: &Device) -> Option<u64> {
         sample(device);
         Some(PEAK.load(Ordering::Relaxed))
     }
@@ -160,9 +160,9 @@ mod cuda {
     pub fn describe(device: &Device) -> String {
         format!("{device:?}")
     }
-    pub fn set_tf32(_: bool) {}
+    pub(crate) fn set_tf32(_: bool) {}
     pub fn sample(_: &Device) {}
-    pub fn peak_memory(_: &Device) -> Option<u64> {
+    pub(crate) fn peak_memory(_: &Device) -> Option<u64> {
         None
     }
 }

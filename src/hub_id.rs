@@ -3,7 +3,7 @@
 //! the crate.
 
 /// `org/name` or `name`: letters, digits, `-`, `_`, `.`; no `--` or `..`; at most one `/`.
-pub fn is_hub_id(id: &str) -> bool {
+pub(crate) fn is_hub_id(id: &str) -> bool {
     let parts: Vec<&str> = id.split('/').collect();
     if parts.len() > 2 || id.contains("--") || id.contains("..") || id.len() > 96 {
         return false;
@@ -17,7 +17,7 @@ pub fn is_hub_id(id: &str) -> bool {
 }
 
 /// True for `org/repo/path/file.safetensors`: a file of a hub repository.
-pub fn is_hub_file(source: &str) -> bool {
+pub(crate) fn is_hub_file(source: &str) -> bool {
     let parts: Vec<&str> = source.split('/').collect();
     source.to_ascii_lowercase().ends_with(".safetensors")
         && parts.len() >= 3

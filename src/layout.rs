@@ -4,13 +4,13 @@
 //! of the crate.
 
 /// Per-stage fingerprints of an output folder (`runner::lock`); a folder holding one is a run's.
-pub const LOCK_FILE: &str = "lora.lock";
+pub(crate) const LOCK_FILE: &str = "lora.lock";
 /// Where a run sets an earlier run's results aside (`runner::resume`).
-pub const EARLIER_DIR: &str = "earlier";
+pub(crate) const EARLIER_DIR: &str = "earlier";
 /// The metadata files of an image-folder dataset, as Hugging Face's imagefolder reads them.
-pub const METADATA_NAMES: &[&str] = &["metadata.jsonl", "metadata.csv"];
+pub(crate) const METADATA_NAMES: &[&str] = &["metadata.jsonl", "metadata.csv"];
 /// The image files a folder dataset reads.
-pub const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "webp"];
+pub(crate) const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "webp"];
 
 /// The diffusers-form adapter file, as the reference names it (`output.name` renames it).
 pub const DIFFUSERS_FILE: &str = "pytorch_lora_weights.safetensors";

@@ -56,17 +56,17 @@ impl std::fmt::Display for PredictionType {
 }
 
 /// A diffusers Stable Diffusion folder: each network's config.
-pub const UNET_CONFIG: &str = "unet/config.json";
-pub const VAE_CONFIG: &str = "vae/config.json";
-pub const TEXT_ENCODER_CONFIG: &str = "text_encoder/config.json";
+pub(crate) const UNET_CONFIG: &str = "unet/config.json";
+pub(crate) const VAE_CONFIG: &str = "vae/config.json";
+pub(crate) const TEXT_ENCODER_CONFIG: &str = "text_encoder/config.json";
 /// The scheduler's config.
-pub const SCHEDULER_CONFIG: &str = "scheduler/scheduler_config.json";
+pub(crate) const SCHEDULER_CONFIG: &str = "scheduler/scheduler_config.json";
 /// The tokenizer's folder (`tokenizer.json`, or `vocab.json` + `merges.txt`).
-pub const TOKENIZER_DIR: &str = "tokenizer";
+pub(crate) const TOKENIZER_DIR: &str = "tokenizer";
 
 /// Everything of a diffusers folder but the weights, in the order messages list it: what a
 /// model folder must hold besides its weight files, and all that `[model] config` needs.
-pub const DIFFUSERS_CONFIGS: [&str; 5] = [UNET_CONFIG, VAE_CONFIG, TEXT_ENCODER_CONFIG, SCHEDULER_CONFIG, TOKENIZER_DIR];
+pub(crate) const DIFFUSERS_CONFIGS: [&str; 5] = [UNET_CONFIG, VAE_CONFIG, TEXT_ENCODER_CONFIG, SCHEDULER_CONFIG, TOKENIZER_DIR];
 
 #[cfg(test)]
 mod tests {

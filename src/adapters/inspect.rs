@@ -11,7 +11,7 @@ use super::weights::{Component, LoraWeights};
 /// The part of a module name that says what kind of layer it is: everything after the last
 /// block index, e.g. `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0` →
 /// `attn1.to_out.0`, `text_model.encoder.layers.3.self_attn.q_proj` → `self_attn.q_proj`.
-pub fn layer_kind(module: &str) -> String {
+pub(crate) fn layer_kind(module: &str) -> String {
     let parts: Vec<&str> = module.split('.').collect();
     let is_index = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     let last_index = (0..parts.len().saturating_sub(1)).rev().find(|&i| is_index(parts[i]) && !is_index(parts[i + 1]));
@@ -22,7 +22,7 @@ pub fn layer_kind(module: &str) -> String {
 }
 
 /// Guess the base model a LoRA was trained on from its module names and widths.
-pub fn guess_base(weights: &LoraWeights) -> String {
+pub(crate) fn guess_base(weights: &LoraWeights) -> String {
     if !weights.text_encoder_2.is_empty() {
         return "SDXL (has a second text encoder)".into();
     }
@@ -129,7 +129,7 @@ fn component_name(c: Component) -> &'static str {
 /// component), `targets` (grouped like the text: component, layer, count, rank, alpha, scale),
 /// `modules` (every module: component, name, rank, alpha, scale), `metadata` (the header, whole),
 /// `non_finite` (key, nan, inf, total per tensor) and `usable` (false when `non_finite` is not empty).
-pub fn describe_json(weights: &LoraWeights) -> serde_json::Value {
+pub(crate) fn describe_json(weights: &LoraWeights) -> serde_json::Value {
     use serde_json::json;
     let components = [Component::Unet, Component::TextEncoder, Component::TextEncoder2];
     /// (layer kind, rank, alpha as text) → (count, alpha, scale)

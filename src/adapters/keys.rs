@@ -17,7 +17,7 @@ use anyhow::{anyhow, bail, Result};
 use super::weights::{Component, LoraFormat};
 
 /// The header key under which diffusers stores the LoraConfig of each component.
-pub const ADAPTER_METADATA_KEY: &str = "lora_adapter_metadata";
+pub(crate) const ADAPTER_METADATA_KEY: &str = "lora_adapter_metadata";
 
 impl Component {
     pub(crate) fn diffusers_prefix(self) -> &'static str {
@@ -207,7 +207,7 @@ pub(crate) fn canonical_module_name(component: Component, module: &str) -> Strin
 }
 
 /// The key a module's down weight has in `format` (for messages and tools).
-pub fn down_key(format: LoraFormat, component: Component, module: &str) -> String {
+pub(crate) fn down_key(format: LoraFormat, component: Component, module: &str) -> String {
     let p = component.diffusers_prefix();
     match format {
         LoraFormat::Diffusers if component == Component::Unet => format!("{p}.{module}.lora.down.weight"),

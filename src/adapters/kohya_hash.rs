@@ -21,7 +21,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// The old A1111 hash of bytes: SHA-256 of `[1 MiB, 1 MiB + 64 KiB)`, first 8 hex digits.
-pub fn legacy_hash_of(bytes: &[u8]) -> String {
+pub(crate) fn legacy_hash_of(bytes: &[u8]) -> String {
     let start = bytes.len().min(0x100000);
     let end = bytes.len().min(0x110000);
     hex(&Sha256::digest(&bytes[start..end]))[..8].to_string()
@@ -38,7 +38,7 @@ pub fn model_hash(path: &Path) -> Result<String> {
 }
 
 /// kohya's `calculate_sha256(filename)`: the SHA-256 of the whole file, read in 1 MiB blocks.
-pub fn sha256_file(path: &Path) -> Result<String> {
+pub(crate) fn sha256_file(path: &Path) -> Result<String> {
     let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -54,7 +54,7 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 
 /// The `ss_*` keys naming the base model file and a separate VAE file, as kohya writes them for
 /// a local `--pretrained_model_name_or_path` / `--vae`: the base name and both hashes.
-pub fn source_file_metadata(model_file: Option<&Path>, vae_file: Option<&Path>) -> Result<BTreeMap<String, String>> {
+pub(crate) fn source_file_metadata(model_file: Option<&Path>, vae_file: Option<&Path>) -> Result<BTreeMap<String, String>> {
     let mut m = BTreeMap::new();
     for (file, name, old, new) in [
         (model_file, "ss_sd_model_name", "ss_sd_model_hash", "ss_new_sd_model_hash"),
@@ -70,7 +70,7 @@ pub fn source_file_metadata(model_file: Option<&Path>, vae_file: Option<&Path>) 
 
 /// Add `sshs_model_hash` and `sshs_legacy_hash` to serialised safetensors bytes (the tensor
 /// data does not change, so the data hash stays valid after the keys are added).
-pub fn with_sshs_hashes(bytes: &[u8]) -> Result<Vec<u8>> {
+pub(crate) fn with_sshs_hashes(bytes: &[u8]) -> Result<Vec<u8>> {
     let (header_len, meta) = safetensors::SafeTensors::read_metadata(bytes).context("reading the LoRA's safetensors header")?;
     let model_hash = hex(&Sha256::digest(&bytes[8 + header_len..]));
     let st = safetensors::SafeTensors::deserialize(bytes).context("reading the LoRA's tensors")?;

@@ -90,7 +90,7 @@ fn fmt_number(x: f64) -> String {
 
 /// The base model as the kohya header describes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct ModelFacts {
+pub(crate) struct ModelFacts {
     /// SD 2.x (OpenCLIP text encoder) rather than SD 1.x.
     pub v2: bool,
     /// What the UNet predicts (kohya knows the noise and the velocity).
@@ -131,7 +131,7 @@ fn read_json(path: &Path) -> Result<Value> {
 /// `scheduler/scheduler_config.json`. SD 2.x: the text encoder is OpenCLIP (`hidden_act` `gelu`,
 /// where SD 1.x's CLIP ViT-L has `quick_gelu`), or 1024 wide (`hidden_size`, or the UNet's
 /// `cross_attention_dim`). `v_prediction` is the scheduler's `prediction_type`.
-pub fn facts_from_folder(dir: &Path) -> Result<ModelFacts> {
+pub(crate) fn facts_from_folder(dir: &Path) -> Result<ModelFacts> {
     let unet = read_json(&dir.join(crate::vocab::UNET_CONFIG))?;
     let text = read_json(&dir.join(crate::vocab::TEXT_ENCODER_CONFIG))?;
     let scheduler_path = dir.join(crate::vocab::SCHEDULER_CONFIG);
@@ -148,17 +148,17 @@ pub fn facts_from_folder(dir: &Path) -> Result<ModelFacts> {
 
 /// What the ModelSpec keys say beyond the model facts.
 #[derive(Clone, Debug, Default)]
-pub struct SpecInfo {
+pub(crate) struct SpecInfo {
     /// `modelspec.title` (kohya: the output name).
     pub title: String,
     /// Training resolution (square).
     pub resolution: usize,
     /// Seconds since the Unix epoch the adapter was made (`modelspec.date`).
-    pub timestamp: u64,
+    pub(crate) timestamp: u64,
 }
 
 /// The `modelspec.*` keys kohya's `sai_model_spec.build_metadata` writes for an SD 1.x/2.x LoRA.
-pub fn modelspec_metadata(facts: ModelFacts, info: &SpecInfo) -> BTreeMap<String, String> {
+pub(crate) fn modelspec_metadata(facts: ModelFacts, info: &SpecInfo) -> BTreeMap<String, String> {
     let mut m = BTreeMap::new();
     let mut put = |k: &str, v: String| {
         m.insert(format!("modelspec.{k}"), v);
@@ -176,25 +176,14 @@ pub fn modelspec_metadata(facts: ModelFacts, info: &SpecInfo) -> BTreeMap<String
 
 /// `YYYY-MM-DDTHH:MM:SS` (UTC) of a Unix time, as Python's `datetime.isoformat()` writes a
 /// naive time (kohya writes local time; a run's output should not depend on the time zone).
-pub fn iso8601_utc(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+pub(crate) fn iso8601_utc(secs: u64) -> String {
+    let (y, m, d, hh, mm, ss) = crate::util::time::utc_civil(secs);
+    format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}")
 }
 
 /// kohya's `ss_tag_frequency`: `{folder: {tag: count}}`, where the tags of a caption are its
 /// comma-separated parts, trimmed and lower-cased, empty parts skipped.
-pub fn tag_frequency<'a>(folder: &str, captions: impl IntoIterator<Item = &'a str>) -> Value {
+pub(crate) fn tag_frequency<'a>(folder: &str, captions: impl IntoIterator<Item = &'a str>) -> Value {
     let mut counts: BTreeMap<String, u64> = BTreeMap::new();
     for caption in captions {
         for tag in caption.split(',') {

@@ -137,7 +137,7 @@ fn pattern_value<T: Copy>(patterns: &[(ModulePattern, T)], name: &str) -> Option
 /// Keep in `spec`'s `rank_pattern` and `alpha_pattern` only the keys that match a module of
 /// `names` that `spec.targets` selects (for one part of a model, when the patterns are shared
 /// with another part). Returns the keys kept.
-pub fn keep_patterns_for<'a>(spec: &mut LoraSpec, names: impl IntoIterator<Item = &'a str>) -> Result<std::collections::BTreeSet<String>> {
+pub(crate) fn keep_patterns_for<'a>(spec: &mut LoraSpec, names: impl IntoIterator<Item = &'a str>) -> Result<std::collections::BTreeSet<String>> {
     let targets = spec.targets.iter().map(|t| ModulePattern::parse(t)).collect::<Result<Vec<_>>>()?;
     let targeted: Vec<&str> = names.into_iter().filter(|n| targets.iter().any(|t| t.matches(n))).collect();
     let hits = |k: &str| -> Result<bool> {

@@ -7,7 +7,7 @@
 
 pub mod inspect;
 pub mod keys;
-pub mod kohya_hash;
+pub(crate) mod kohya_hash;
 pub mod kohya_meta;
 pub mod lora;
 pub mod pattern;

@@ -72,10 +72,10 @@ impl LoraModule {
         self.alpha.map_or(1.0, |a| a / self.rank() as f64)
     }
     /// The alpha that gives [`Self::scale`]: the stored one, or r.
-    pub fn effective_alpha(&self) -> f64 {
+    pub(crate) fn effective_alpha(&self) -> f64 {
         self.alpha.unwrap_or(self.rank() as f64)
     }
-    pub fn param_count(&self) -> usize {
+    pub(crate) fn param_count(&self) -> usize {
         self.down.elem_count() + self.up.elem_count()
     }
 }
@@ -139,7 +139,7 @@ impl LoraWeights {
             .flat_map(move |c| self.component(c).iter().map(move |(n, m)| (c, n, m)))
     }
     /// Number of LoRA parameters (A and B of every module).
-    pub fn param_count(&self) -> usize {
+    pub(crate) fn param_count(&self) -> usize {
         self.modules().map(|(_, _, m)| m.param_count()).sum()
     }
     pub fn is_empty(&self) -> bool {
@@ -147,7 +147,7 @@ impl LoraWeights {
     }
     /// Refuse weights read with NaN or infinite values (see [`Self::non_finite`]), naming each
     /// such tensor: applied, they turn every image black; converted, they spread the damage.
-    pub fn check_finite(&self) -> Result<()> {
+    pub(crate) fn check_finite(&self) -> Result<()> {
         if self.non_finite.is_empty() {
             return Ok(());
         }

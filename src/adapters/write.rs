@@ -128,7 +128,7 @@ pub fn serialize_lora(weights: &LoraWeights, format: LoraFormat) -> Result<Vec<u
 }
 
 /// [`serialize_lora`] with the up/down weights in `dtype` (`output.save_precision`).
-pub fn serialize_lora_as(weights: &LoraWeights, format: LoraFormat, dtype: DType) -> Result<Vec<u8>> {
+pub(crate) fn serialize_lora_as(weights: &LoraWeights, format: LoraFormat, dtype: DType) -> Result<Vec<u8>> {
     if weights.is_empty() {
         bail!("refusing to write a LoRA file with no modules");
     }

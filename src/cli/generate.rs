@@ -24,7 +24,7 @@ pub struct Args {
     /// Single files: a diffusers folder whose configs, tokenizer and scheduler replace the
     /// recognised and bundled ones.
     #[arg(long)]
-    pub model_config: Option<PathBuf>,
+    pub(crate) model_config: Option<PathBuf>,
     /// Single files: the prediction type (`epsilon` or `v_prediction`), overriding what the file
     /// says or implies.
     #[arg(long)]
@@ -78,7 +78,7 @@ pub struct Args {
     pub out: PathBuf,
     /// Hide the progress bar.
     #[arg(long)]
-    pub no_progress: bool,
+    pub(crate) no_progress: bool,
     /// Where to run: `auto` (a CUDA GPU when this build has CUDA and one answers, else the CPU),
     /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "auto", value_parser = parse_device)]
@@ -136,15 +136,15 @@ pub fn parse_lora(s: &str) -> Result<LoraSpec, String> {
 }
 
 /// The largest image side `--height` / `--width` take, in pixels.
-pub const MAX_SIDE: usize = 8192;
+pub(crate) const MAX_SIDE: usize = 8192;
 /// The most pixels an image may have (`--height` x `--width`): 4096 x 4096.
-pub const MAX_PIXELS: usize = 4096 * 4096;
+pub(crate) const MAX_PIXELS: usize = 4096 * 4096;
 /// The image sides must be multiples of this (the VAE factor of every Stable Diffusion model;
 /// the loaded model's own factor is checked again after loading).
 const SIDE_MULTIPLE: usize = 8;
 
 /// The path of image `index` of `count`.
-pub fn output_path(out: &Path, index: usize, count: usize) -> PathBuf {
+pub(crate) fn output_path(out: &Path, index: usize, count: usize) -> PathBuf {
     if count <= 1 {
         return out.to_path_buf();
     }

@@ -18,7 +18,7 @@ pub struct Args {
     pub file: PathBuf,
     /// Single-file checkpoints: a diffusers folder whose configs replace the recognised ones.
     #[arg(long)]
-    pub model_config: Option<PathBuf>,
+    pub(crate) model_config: Option<PathBuf>,
     /// Single-file checkpoints: the prediction type (`epsilon` or `v_prediction`) to assume.
     #[arg(long)]
     pub prediction_type: Option<String>,

@@ -22,16 +22,16 @@ pub mod watch;
 /// Train LoRA adapters for Stable Diffusion from declarative TOML pipeline files.
 #[derive(Parser, Debug)]
 #[command(name = "lora", version, about, long_about = None)]
-pub struct Cli {
+pub(crate) struct Cli {
     /// More log output (-v debug, -vv trace). `RUST_LOG` overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
-    pub verbose: u8,
+    pub(crate) verbose: u8,
     /// Only warnings and errors.
     #[arg(short, long, global = true)]
-    pub quiet: bool,
+    pub(crate) quiet: bool,
     /// Log line format on stderr: text (coloured on a terminal) or json (one object per line).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
+    pub(crate) log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -62,7 +62,7 @@ pub enum Command {
 
 /// How log lines are written.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     /// Human-readable lines, coloured only when stderr is a terminal.
     #[default]
     Text,
@@ -91,7 +91,7 @@ impl PipelineArgs {
 
     /// [`Self::load`] without printing the warnings about keys under `quiet` (a command that
     /// overrides those settings itself, as `lora bench` does with checkpoints).
-    pub fn load_except(&self, extra: &[String], quiet: &[&str]) -> Result<crate::config::LoadedPipeline, ExitCode> {
+    pub(crate) fn load_except(&self, extra: &[String], quiet: &[&str]) -> Result<crate::config::LoadedPipeline, ExitCode> {
         let mut overrides = self.overrides.clone();
         overrides.extend_from_slice(extra);
         let styled = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -111,9 +111,9 @@ impl PipelineArgs {
 }
 
 /// Exit code for a run that failed.
-pub const EXIT_FAILED: u8 = 1;
+pub(crate) const EXIT_FAILED: u8 = 1;
 /// Exit code for invalid input.
-pub const EXIT_INVALID: u8 = 2;
+pub(crate) const EXIT_INVALID: u8 = 2;
 
 pub fn main() -> ExitCode {
     restore_sigpipe();

@@ -16,7 +16,7 @@ pub struct Args {
     /// Validate and print the plan (stages, what each reads and writes, what is up to date),
     /// then stop: no model is loaded, nothing is written.
     #[arg(long)]
-    pub dry_run: bool,
+    pub(crate) dry_run: bool,
     /// Run the VAE and text encoder every step, as the reference does (no encode stage, no
     /// encode cache).
     #[arg(long)]
@@ -43,7 +43,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 
 /// How a stopped run continues, for the summary.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Resumes {
+pub(crate) enum Resumes {
     /// `lora run` again.
     Rerun,
     /// `lora watch` runs the edited pipeline next by itself.
@@ -51,7 +51,7 @@ pub enum Resumes {
 }
 
 /// The end-of-run summary on stdout.
-pub fn print_summary(report: &RunReport, resumes: Resumes) {
+pub(crate) fn print_summary(report: &RunReport, resumes: Resumes) {
     println!("summary");
     let stages: Vec<String> = report.stages.iter().map(|(name, st)| format!("{name} ({})", st.done_label())).collect();
     println!("  stages     {}", stages.join(", "));

@@ -25,7 +25,7 @@ impl Severity {
 
 /// The source line a diagnostic points into, with the columns to underline.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Snippet {
+pub(crate) struct Snippet {
     /// The whole line, without its newline.
     pub text: String,
     /// First underlined column, 1-based, in characters.
@@ -51,7 +51,7 @@ pub struct Diagnostic {
     /// A hint on how to fix it.
     pub help: Option<String>,
     #[serde(skip)]
-    pub snippet: Option<Snippet>,
+    pub(crate) snippet: Option<Snippet>,
 }
 
 impl Diagnostic {
@@ -81,7 +81,7 @@ impl Diagnostic {
     }
 
     /// An error about a whole file, shown at its first line with no snippet.
-    pub fn file_error(file: &str, message: impl Into<String>) -> Self {
+    pub(crate) fn file_error(file: &str, message: impl Into<String>) -> Self {
         Diagnostic {
             file: file.to_string(),
             line: 1,
@@ -94,17 +94,17 @@ impl Diagnostic {
         }
     }
 
-    pub fn with_help(mut self, help: impl Into<String>) -> Self {
+    pub(crate) fn with_help(mut self, help: impl Into<String>) -> Self {
         self.help = Some(help.into());
         self
     }
 
-    pub fn with_key(mut self, key_path: impl Into<String>) -> Self {
+    pub(crate) fn with_key(mut self, key_path: impl Into<String>) -> Self {
         self.key_path = Some(key_path.into());
         self
     }
 
-    pub fn is_error(&self) -> bool {
+    pub(crate) fn is_error(&self) -> bool {
         self.severity == Severity::Error
     }
 
@@ -115,7 +115,7 @@ impl Diagnostic {
 
     /// [`Diagnostic::render`], with the severity and caret in colour when `colour` is true (for
     /// a terminal).
-    pub fn render_styled(&self, colour: bool) -> String {
+    pub(crate) fn render_styled(&self, colour: bool) -> String {
         let (on, off) = match (colour, self.severity) {
             (false, _) => ("", ""),
             (true, Severity::Error) => ("\x1b[1;31m", "\x1b[0m"),
@@ -174,11 +174,11 @@ impl Diagnostics {
         self.render_styled(false)
     }
     /// [`Diagnostics::render`], in colour when `colour` is true.
-    pub fn render_styled(&self, colour: bool) -> String {
+    pub(crate) fn render_styled(&self, colour: bool) -> String {
         self.0.iter().map(|d| d.render_styled(colour) + "\n").collect()
     }
     /// A JSON list of `{file, line, column, key_path, severity, message, help}`.
-    pub fn to_json(&self) -> String {
+    pub(crate) fn to_json(&self) -> String {
         serde_json::to_string_pretty(&self.0).unwrap_or_else(|_| "[]".into())
     }
 }
@@ -198,7 +198,7 @@ pub struct Source {
     pub name: String,
     pub text: String,
     /// Added to line numbers: a `--set` override is shown as line N of `--set`.
-    pub line_offset: usize,
+    pub(crate) line_offset: usize,
 }
 
 impl Source {
@@ -207,7 +207,7 @@ impl Source {
     }
 
     /// 1-based line and column of the span's start, and the snippet underlining it.
-    pub fn locate(&self, span: Range<usize>) -> (usize, usize, Option<Snippet>) {
+    pub(crate) fn locate(&self, span: Range<usize>) -> (usize, usize, Option<Snippet>) {
         let text = &self.text;
         let mut start = span.start.min(text.len());
         while !text.is_char_boundary(start) {

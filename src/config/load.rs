@@ -13,9 +13,9 @@ use super::diagnostic::{Diagnostic, Diagnostics, Source};
 use super::types::Pipeline;
 
 /// Pipeline files larger than this are refused (they are a few KiB in practice).
-pub const MAX_FILE_BYTES: u64 = 1 << 20;
+pub(crate) const MAX_FILE_BYTES: u64 = 1 << 20;
 /// Deepest `extends` chain accepted.
-pub const MAX_EXTENDS_DEPTH: usize = 16;
+pub(crate) const MAX_EXTENDS_DEPTH: usize = 16;
 
 /// Where one key of the resolved document was written.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,9 +35,9 @@ pub struct Provenance {
     pub sources: Vec<Source>,
     /// Folder that relative paths in each source are resolved against (`None`: the current
     /// directory, for `--set`).
-    pub base_dirs: Vec<Option<PathBuf>>,
+    pub(crate) base_dirs: Vec<Option<PathBuf>>,
     /// Key path (`train.learning_rate`, `validation.prompts[0]`) to where it was set last.
-    pub origins: BTreeMap<String, Origin>,
+    pub(crate) origins: BTreeMap<String, Origin>,
 }
 
 impl Provenance {
@@ -48,7 +48,7 @@ impl Provenance {
 
     /// The source and value span of the first of `key_paths` that was set; else the start of the
     /// top file.
-    pub fn locate(&self, key_paths: &[&str]) -> (&Source, Range<usize>) {
+    pub(crate) fn locate(&self, key_paths: &[&str]) -> (&Source, Range<usize>) {
         for path in key_paths {
             if let Some(o) = self.origins.get(*path) {
                 return (&self.sources[o.source], o.value.clone());
@@ -58,7 +58,7 @@ impl Provenance {
     }
 
     /// Like [`Provenance::locate`], pointing at the key rather than its value.
-    pub fn locate_key(&self, key_paths: &[&str]) -> (&Source, Range<usize>) {
+    pub(crate) fn locate_key(&self, key_paths: &[&str]) -> (&Source, Range<usize>) {
         for path in key_paths {
             if let Some(o) = self.origins.get(*path) {
                 return (&self.sources[o.source], o.key.clone());
@@ -68,7 +68,7 @@ impl Provenance {
     }
 
     /// A path value written at `key_path`, resolved against the folder of the file that wrote it.
-    pub fn resolve_path(&self, key_path: &str, value: &Path) -> PathBuf {
+    pub(crate) fn resolve_path(&self, key_path: &str, value: &Path) -> PathBuf {
         match self.origins.get(key_path).and_then(|o| self.base_dirs[o.source].as_ref()) {
             Some(dir) if value.is_relative() => dir.join(value),
             _ => value.to_path_buf(),
@@ -94,7 +94,7 @@ pub struct LoadedPipeline {
 
 /// Read, parse and merge the file, its bases and the overrides, without schema checks.
 /// Returns the merged table, where its keys came from, and the diagnostics so far.
-pub fn load_document(path: &Path, overrides: &[String]) -> (toml::Table, Provenance, Diagnostics) {
+pub(crate) fn load_document(path: &Path, overrides: &[String]) -> (toml::Table, Provenance, Diagnostics) {
     let mut loader = Loader::default();
     let display = path.display().to_string();
     let mut chain = Vec::new();
@@ -468,7 +468,7 @@ pub fn key_path(keys: &[String]) -> String {
 }
 
 /// A key as TOML would write it: bare when possible, quoted otherwise.
-pub fn quote_key(k: &str) -> String {
+pub(crate) fn quote_key(k: &str) -> String {
     if !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
         k.to_string()
     } else {

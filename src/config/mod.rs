@@ -4,7 +4,7 @@
 //! `world` is the hook through which `preflight` adds checks against model files and dataset
 //! folders. Config imports only leaves (`util`, `layout`, `hub_id`, `adapters::pattern`).
 
-pub mod diagnostic;
+pub(crate) mod diagnostic;
 pub mod load;
 pub mod schema;
 pub mod types;
@@ -26,7 +26,7 @@ pub fn load_pipeline(path: &Path, overrides: &[String]) -> Result<LoadedPipeline
 
 /// [`load_pipeline`], then the checks against the world `world` (`preflight::CHECKS`: the model's
 /// weight files, the dataset's folder), reported like the file's own.
-pub fn load_pipeline_with(path: &Path, overrides: &[String], world: &[world::WorldCheck]) -> Result<LoadedPipeline, Diagnostics> {
+pub(crate) fn load_pipeline_with(path: &Path, overrides: &[String], world: &[world::WorldCheck]) -> Result<LoadedPipeline, Diagnostics> {
     let (resolved, provenance, diags) = load::load_document(path, overrides);
     // A file that cannot be read or parsed stops here; a broken `--set` is skipped, and the
     // rest is still checked.

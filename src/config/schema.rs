@@ -122,7 +122,7 @@ fn strip_null(v: &mut Value) {
 
 /// Follow a `$ref` to `#/definitions/...` (or `#/$defs/...`) in `root`, or the single schema
 /// of an `allOf` wrapper; other schemas are returned as they are.
-pub fn deref<'a>(root: &'a Value, schema: &'a Value) -> &'a Value {
+pub(crate) fn deref<'a>(root: &'a Value, schema: &'a Value) -> &'a Value {
     let mut s = schema;
     for _ in 0..16 {
         if let Some(r) = s.get("$ref").and_then(Value::as_str) {
@@ -152,7 +152,7 @@ pub fn keyword<'a>(root: &'a Value, schema: &'a Value, key: &str) -> Option<&'a 
 }
 
 /// The allowed values of an enum-like schema (`enum`, or `oneOf`/`anyOf` of `const`s).
-pub fn choices(root: &Value, schema: &Value) -> Option<Vec<Value>> {
+pub(crate) fn choices(root: &Value, schema: &Value) -> Option<Vec<Value>> {
     let s = deref(root, schema);
     if let Some(Value::Array(values)) = s.get("enum") {
         return Some(values.clone());
@@ -177,7 +177,7 @@ pub fn choices(root: &Value, schema: &Value) -> Option<Vec<Value>> {
 }
 
 /// A short type for the docs: `integer >= 1`, `"a" | "b"`, `list of string`, `table`.
-pub fn type_summary(root: &Value, schema: &Value) -> String {
+pub(crate) fn type_summary(root: &Value, schema: &Value) -> String {
     if let Some(values) = choices(root, schema) {
         return values.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(" \\| ");
     }
@@ -287,7 +287,7 @@ fn row(root: &Value, key: &str, prop: &Value, required: bool) -> String {
 }
 
 /// A JSON value written as TOML would write it (for defaults in the docs).
-pub fn toml_literal(v: &Value) -> String {
+pub(crate) fn toml_literal(v: &Value) -> String {
     match v {
         Value::String(s) => toml::Value::String(s.clone()).to_string(),
         Value::Array(items) => format!("[{}]", items.iter().map(toml_literal).collect::<Vec<_>>().join(", ")),

@@ -156,7 +156,7 @@ pub struct DatasetConfig {
     /// Hub dataset configuration name. Not supported yet (validation refuses it): the hub source reads the default configuration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("x-reference" = "--dataset_config_name"))]
-    pub config_name: Option<String>,
+    pub(crate) config_name: Option<String>,
     /// Local dataset file or folder, relative to the pipeline file (kind = "parquet",
     /// "imagefolder" or "sidecar").
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -176,7 +176,7 @@ pub struct DatasetConfig {
     pub max_samples: Option<u64>,
     /// What to do with an image that cannot be decoded or is larger than `max_image_pixels`.
     #[serde(default)]
-    pub on_bad_image: OnBadImage,
+    pub(crate) on_bad_image: OnBadImage,
     /// Largest image accepted, in pixels (width x height); PIL's decompression-bomb limit.
     #[serde(default = "default_max_image_pixels")]
     #[schemars(range(min = 1))]
@@ -231,7 +231,7 @@ pub struct PreprocessConfig {
     /// Crop a random square (the reference's behaviour when `center_crop` is false). Defaults to
     /// the opposite of `center_crop`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub random_crop: Option<bool>,
+    pub(crate) random_crop: Option<bool>,
     /// Flip images horizontally with probability 0.5.
     #[schemars(extend("x-reference" = "--random_flip"))]
     pub random_flip: bool,
@@ -302,7 +302,7 @@ pub struct AdapterConfig {
     pub text_encoder: bool,
     /// Text-encoder modules to wrap when `text_encoder` is true.
     #[schemars(length(min = 1))]
-    pub text_encoder_target_modules: Vec<String>,
+    pub(crate) text_encoder_target_modules: Vec<String>,
 }
 
 /// A LoRA rank (at least 1).
@@ -414,7 +414,7 @@ pub enum Device {
 
 impl Device {
     /// The pattern every accepted spelling matches (the schema's `pattern`).
-    pub const PATTERN: &'static str = "^(auto|cpu|cuda(:[0-9]+)?)$";
+    pub(crate) const PATTERN: &'static str = "^(auto|cpu|cuda(:[0-9]+)?)$";
 
     pub fn parse(s: &str) -> Option<Self> {
         match s {

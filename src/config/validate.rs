@@ -57,7 +57,7 @@ struct Issue {
 }
 
 /// Check `doc` against the schema, then the types, then across fields and on disk.
-pub fn validate_document(
+pub(crate) fn validate_document(
     path: &Path,
     doc: toml::Table,
     prov: Provenance,
@@ -288,7 +288,7 @@ fn fmt_num(x: f64) -> String {
 }
 
 /// The closest candidate to `word`, if it is close enough to be a likely typo.
-pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+pub(crate) fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
     let word_l = word.to_lowercase();
     let mut best: Option<(f64, &str)> = None;
     for c in candidates {
@@ -580,7 +580,7 @@ fn unknown_key(root: &Value, parent: &[Seg], key: &str, known: &[&str], is_table
 
 /// Smallest LoRA scale (alpha / rank) accepted: a smaller one leaves the adapter's update far
 /// below the f32 rounding of the layer it is added to.
-pub const MIN_LORA_SCALE: f64 = 1e-6;
+pub(crate) const MIN_LORA_SCALE: f64 = 1e-6;
 
 /// Checks that need more than one key, or the file system.
 struct Checks<'a> {
@@ -592,10 +592,6 @@ struct Checks<'a> {
 }
 
 impl super::world::Written for Checks<'_> {
-    fn is_set(&self, key: &str) -> bool {
-        Checks::is_set(self, key)
-    }
-
     fn shown(&self, key: &str, fallback: &Path) -> String {
         Checks::shown(self, key, fallback)
     }

@@ -10,7 +10,7 @@ use super::types::Pipeline;
 /// What a check found: the keys it is about (the first that the file writes gets the span), the
 /// message and help, and whether it is only a warning.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Finding {
+pub(crate) struct Finding {
     pub keys: Vec<String>,
     pub message: String,
     pub help: Option<String>,
@@ -28,12 +28,10 @@ impl Finding {
 }
 
 /// What a check may ask of the file as written.
-pub trait Written {
-    /// Whether the file (or a base, or `--set`) writes `key`.
-    fn is_set(&self, key: &str) -> bool;
+pub(crate) trait Written {
     /// A path key as the user wrote it (relative to the current folder), else `fallback`.
     fn shown(&self, key: &str, fallback: &Path) -> String;
 }
 
 /// A check against the world, run on a pipeline that passed the file's own checks.
-pub type WorldCheck = fn(&Pipeline, &dyn Written, &mut Vec<Finding>);
+pub(crate) type WorldCheck = fn(&Pipeline, &dyn Written, &mut Vec<Finding>);

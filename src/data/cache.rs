@@ -64,14 +64,14 @@ impl EncodeCache {
     }
 
     /// The key of a preprocessed image (CHW f32, exactly what the VAE encodes).
-    pub fn latent_key(&self, pixels: &Tensor) -> Result<String> {
+    pub(crate) fn latent_key(&self, pixels: &Tensor) -> Result<String> {
         let v = pixels.flatten_all()?.to_vec1::<f32>()?;
         let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
         Ok(self.key("latent", &bytes))
     }
 
     /// The key of a caption's text-encoder output.
-    pub fn text_key(&self, caption: &str) -> String {
+    pub(crate) fn text_key(&self, caption: &str) -> String {
         self.key("text", caption.as_bytes())
     }
 
@@ -106,7 +106,7 @@ impl EncodeCache {
     }
 
     /// Store `tensors` under `key` (atomically).
-    pub fn put(&self, key: &str, tensors: &[&Tensor]) -> Result<()> {
+    pub(crate) fn put(&self, key: &str, tensors: &[&Tensor]) -> Result<()> {
         let path = self.path(key);
         let bytes = encode(key, &self.model, tensors)?;
         crate::util::fs::write_atomic(&path, &bytes).with_context(|| format!("writing cache entry {}", path.display()))

@@ -10,12 +10,12 @@ use rayon::prelude::*;
 use super::source::{Dataset, Example, ImageData};
 
 /// PIL's `Image.MAX_IMAGE_PIXELS` (`1024 * 1024 * 1024 // 4 // 3`).
-pub const DEFAULT_MAX_IMAGE_PIXELS: u64 = 89_478_485;
+pub(crate) const DEFAULT_MAX_IMAGE_PIXELS: u64 = 89_478_485;
 
 /// Longest side accepted, as a multiple of the shortest. Preprocessing resizes the shorter side
 /// to the resolution, so a 1 x 2,000,000 image would become 512 x 1,024,000,000 pixels: such an
 /// image is refused from its header, before anything is decoded or allocated.
-pub const MAX_ASPECT_RATIO: u64 = 16;
+pub(crate) const MAX_ASPECT_RATIO: u64 = 16;
 
 /// How images are decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,17 +38,6 @@ pub enum OnBadImage {
     Error,
     /// Drop the bad examples, log them and report them.
     Skip,
-}
-
-impl OnBadImage {
-    /// `"error"` or `"skip"`.
-    pub fn from_name(name: &str) -> Option<Self> {
-        match name {
-            "error" => Some(Self::Error),
-            "skip" => Some(Self::Skip),
-            _ => None,
-        }
-    }
 }
 
 /// Why an image could not be used.
@@ -135,7 +124,7 @@ pub fn decode_example(example: &Example, opts: &DecodeOptions) -> Result<RgbImag
 /// keeps the high byte (PIL reads 16-bit RGB/RGBA/LA PNGs as 8-bit that way), and 16-bit
 /// greyscale (`I;16`) is clipped to 255 as PIL's `I16_RGB` does. CMYK JPEGs arrive as RGB from
 /// the decoder.
-pub fn to_rgb8_like_pil(image: DynamicImage) -> RgbImage {
+pub(crate) fn to_rgb8_like_pil(image: DynamicImage) -> RgbImage {
     let high_byte = |v: u16| (v >> 8) as u8;
     match image {
         DynamicImage::ImageRgb8(img) => img,

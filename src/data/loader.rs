@@ -86,7 +86,7 @@ impl DataLoader {
     }
 
     /// The dataset indices in the order epoch `epoch` visits them.
-    pub fn epoch_order(&self, epoch: usize) -> Vec<usize> {
+    pub(crate) fn epoch_order(&self, epoch: usize) -> Vec<usize> {
         let mut order: Vec<usize> = (0..self.inner.dataset.len()).collect();
         if self.inner.opts.shuffle {
             order.shuffle(&mut rng_for(self.inner.opts.seed, Stream::Order, epoch as u64, 0));
@@ -100,7 +100,7 @@ impl DataLoader {
     }
 
     /// Make the batch of these dataset indices for epoch `epoch` (examples in parallel).
-    pub fn load_batch(&self, epoch: usize, indices: &[usize]) -> anyhow::Result<Batch> {
+    pub(crate) fn load_batch(&self, epoch: usize, indices: &[usize]) -> anyhow::Result<Batch> {
         self.inner.load_batch(epoch, indices)
     }
 
@@ -171,13 +171,6 @@ pub struct EpochBatches {
     rx: Option<Receiver<anyhow::Result<Batch>>>,
     handle: Option<JoinHandle<()>>,
     remaining: usize,
-}
-
-impl EpochBatches {
-    /// Batches not yet returned.
-    pub fn remaining(&self) -> usize {
-        self.remaining
-    }
 }
 
 impl Iterator for EpochBatches {

@@ -6,7 +6,7 @@ use rand::rngs::Xoshiro256PlusPlus;
 use rand::SeedableRng;
 
 /// The generator every data-stage draw uses: Xoshiro256++ (a named, stable algorithm).
-pub type DataRng = Xoshiro256PlusPlus;
+pub(crate) type DataRng = Xoshiro256PlusPlus;
 
 /// What a generator is for, so that streams with the same numbers never coincide.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

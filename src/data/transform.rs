@@ -21,7 +21,7 @@ pub enum Interpolation {
 impl Interpolation {
     /// torchvision's lowercase name (`nearest`, `bilinear`, ...). `nearest_exact` maps to
     /// `Nearest`, as torchvision does for PIL images.
-    pub fn from_name(name: &str) -> Option<Self> {
+    pub(crate) fn from_name(name: &str) -> Option<Self> {
         Some(match name {
             "nearest" | "nearest_exact" => Self::Nearest,
             "box" => Self::Box,
@@ -53,17 +53,6 @@ pub enum CropMode {
     /// The reference's default (`--center_crop` off).
     #[default]
     Random,
-}
-
-impl CropMode {
-    /// `"center"` or `"random"`.
-    pub fn from_name(name: &str) -> Option<Self> {
-        match name {
-            "center" => Some(Self::Center),
-            "random" => Some(Self::Random),
-            _ => None,
-        }
-    }
 }
 
 /// The preprocessing of one image.
@@ -273,7 +262,7 @@ pub fn pil_resize(image: &RgbImage, width: u32, height: u32, interpolation: Inte
 
 /// A rectangle of a resized image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Window {
+pub(crate) struct Window {
     pub left: u32,
     pub top: u32,
     pub width: u32,
@@ -283,7 +272,7 @@ pub struct Window {
 /// The `window` of `pil_resize(image, width, height, interpolation)`, computing only the output
 /// pixels inside it (each output pixel depends only on its own taps, so the values are the
 /// same as resizing everything and cropping).
-pub fn pil_resize_window(image: &RgbImage, width: u32, height: u32, interpolation: Interpolation, window: Window) -> RgbImage {
+pub(crate) fn pil_resize_window(image: &RgbImage, width: u32, height: u32, interpolation: Interpolation, window: Window) -> RgbImage {
     let (in_w, in_h) = (image.width() as usize, image.height() as usize);
     let (out_w, out_h) = (width as usize, height as usize);
     let (x0, y0, win_w, win_h) = (window.left as usize, window.top as usize, window.width as usize, window.height as usize);

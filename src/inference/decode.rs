@@ -8,7 +8,7 @@ use crate::models::StableDiffusion;
 /// `vae.decode(latents / scaling_factor)`, then `(x / 2 + 0.5).clamp(0, 1)`: `[3, H, W]` f32.
 /// The latents are cast to the VAE's own dtype (f32 for an upcast VAE under fp16). A decoded image
 /// with NaN or infinite values (which would turn black) is an error.
-pub fn decode_latents(sd: &StableDiffusion, latents: &Tensor) -> anyhow::Result<Tensor> {
+pub(crate) fn decode_latents(sd: &StableDiffusion, latents: &Tensor) -> anyhow::Result<Tensor> {
     let z = latents.affine(1.0 / sd.vae.scaling_factor(), 0.0)?.to_dtype(sd.vae.dtype())?;
     let image = sd.vae.decode(&z).context("decoding latents with the VAE")?.to_dtype(DType::F32)?;
     let bad = super::denoise::non_finite_count(&image)?;

@@ -16,19 +16,19 @@ use crate::models::StableDiffusion;
 use crate::schedulers::{build_sampler, SamplerKind};
 
 pub mod decode;
-pub mod denoise;
+pub(crate) mod denoise;
 pub mod image;
 pub mod latents;
 pub mod prompt;
 pub mod sampler;
 pub mod validation;
 
-pub use decode::decode_latents;
+pub(crate) use decode::decode_latents;
 pub use denoise::generate_image;
 pub use image::{save_png, to_rgb8};
 pub use latents::{default_image_side, latent_shape, load_latents, random_latents, vae_scale_factor};
-pub use prompt::encode_prompts;
-pub use sampler::{model_sampler_kind, SamplerChoice};
+pub(crate) use prompt::encode_prompts;
+pub(crate) use sampler::SamplerChoice;
 
 /// What to generate and how.
 #[derive(Clone, Debug)]

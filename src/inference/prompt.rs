@@ -9,7 +9,7 @@ use crate::models::StableDiffusion;
 
 /// Text embeddings for guidance: `[uncond, cond]` (`[2, 77, D]`) when `guidance` is on, else
 /// `[cond]`.
-pub fn encode_prompts(sd: &StableDiffusion, prompt: &str, negative_prompt: &str, guidance: bool, device: &Device) -> anyhow::Result<Tensor> {
+pub(crate) fn encode_prompts(sd: &StableDiffusion, prompt: &str, negative_prompt: &str, guidance: bool, device: &Device) -> anyhow::Result<Tensor> {
     let texts: Vec<&str> = if guidance { vec![negative_prompt, prompt] } else { vec![prompt] };
     sd.text_embeddings(&texts, device).context("running the text encoder")
 }

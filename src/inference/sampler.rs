@@ -27,7 +27,7 @@ impl SamplerChoice {
 
 /// The sampler of a scheduler config's `_class_name` (`validation.scheduler = "model"`,
 /// `lora generate --scheduler model`).
-pub fn model_sampler_kind(cfg: &SchedulerConfig) -> Result<SamplerKind> {
+pub(crate) fn model_sampler_kind(cfg: &SchedulerConfig) -> Result<SamplerKind> {
     Ok(match cfg.class_name.as_deref() {
         Some("PNDMScheduler") => SamplerKind::Pndm,
         Some("DDIMScheduler") => SamplerKind::Ddim,

@@ -18,7 +18,7 @@ pub(crate) fn validation_file_name(prompt: usize, image: usize) -> String {
 }
 
 /// `validation.scheduler` as a sampler choice.
-pub fn validation_sampler(s: ValidationScheduler) -> SamplerChoice {
+pub(crate) fn validation_sampler(s: ValidationScheduler) -> SamplerChoice {
     match s {
         ValidationScheduler::Model => SamplerChoice::Model,
         ValidationScheduler::Pndm => SamplerChoice::Named(SamplerKind::Pndm),

@@ -11,8 +11,8 @@ use crate::nn::{scaled_dot_product_attention, Activation, AdaptedLinear, LayerNo
 #[derive(Clone, Debug)]
 pub struct ClipAttention {
     pub q_proj: AdaptedLinear,
-    pub k_proj: AdaptedLinear,
-    pub v_proj: AdaptedLinear,
+    pub(crate) k_proj: AdaptedLinear,
+    pub(crate) v_proj: AdaptedLinear,
     pub out_proj: AdaptedLinear,
     heads: usize,
 }
@@ -43,9 +43,9 @@ pub struct ClipMlp {
 /// One encoder layer: `x + attn(ln1 x)`, then `x + mlp(ln2 x)`.
 #[derive(Clone, Debug)]
 pub struct ClipEncoderLayer {
-    pub layer_norm1: LayerNorm,
+    pub(crate) layer_norm1: LayerNorm,
     pub self_attn: ClipAttention,
-    pub layer_norm2: LayerNorm,
+    pub(crate) layer_norm2: LayerNorm,
     pub mlp: ClipMlp,
 }
 
@@ -73,8 +73,8 @@ impl ClipEncoderLayer {
 }
 
 pub struct ClipTextModel {
-    pub token_embedding: Tensor,
-    pub position_embedding: Tensor,
+    pub(crate) token_embedding: Tensor,
+    pub(crate) position_embedding: Tensor,
     pub layers: Vec<ClipEncoderLayer>,
     pub final_layer_norm: LayerNorm,
     config: ClipTextConfig,

@@ -56,10 +56,10 @@ pub enum MidBlockType {
 #[derive(Clone, Debug)]
 pub struct UNetConfig {
     pub in_channels: usize,
-    pub out_channels: usize,
+    pub(crate) out_channels: usize,
     pub center_input_sample: bool,
-    pub flip_sin_to_cos: bool,
-    pub freq_shift: f64,
+    pub(crate) flip_sin_to_cos: bool,
+    pub(crate) freq_shift: f64,
     pub down_block_types: Vec<DownBlockType>,
     /// `None` when the config says `"mid_block_type": null` (no mid block).
     pub mid_block_type: Option<MidBlockType>,
@@ -67,11 +67,11 @@ pub struct UNetConfig {
     pub block_out_channels: Vec<usize>,
     /// Resnets per down block (up blocks have one more).
     pub layers_per_block: Vec<usize>,
-    pub downsample_padding: usize,
-    pub mid_block_scale_factor: f64,
+    pub(crate) downsample_padding: usize,
+    pub(crate) mid_block_scale_factor: f64,
     pub act_fn: Activation,
-    pub norm_num_groups: usize,
-    pub norm_eps: f64,
+    pub(crate) norm_num_groups: usize,
+    pub(crate) norm_eps: f64,
     /// Cross-attention (text embedding) width per down block.
     pub cross_attention_dim: Vec<usize>,
     /// Transformer layers inside each attention of each down block.
@@ -83,9 +83,9 @@ pub struct UNetConfig {
     pub use_linear_projection: bool,
     pub upcast_attention: bool,
     pub resnet_skip_time_act: bool,
-    pub resnet_out_scale_factor: f64,
+    pub(crate) resnet_out_scale_factor: f64,
     pub conv_in_kernel: usize,
-    pub conv_out_kernel: usize,
+    pub(crate) conv_out_kernel: usize,
     /// Width of the time embedding MLP (`time_embedding_dim`, default 4 × first block width).
     pub time_embed_dim: usize,
     /// Activation applied to the time embedding after the MLP (`time_embedding_act_fn`).
@@ -356,18 +356,18 @@ impl UNetConfig {
 #[derive(Clone, Debug)]
 pub struct VaeConfig {
     pub in_channels: usize,
-    pub out_channels: usize,
+    pub(crate) out_channels: usize,
     pub block_out_channels: Vec<usize>,
     pub layers_per_block: usize,
     pub act_fn: Activation,
     pub latent_channels: usize,
-    pub norm_num_groups: usize,
+    pub(crate) norm_num_groups: usize,
     pub scaling_factor: f64,
     /// Used by some pipelines (SD3/Flux) around the VAE, never inside it.
     pub shift_factor: Option<f64>,
-    pub use_quant_conv: bool,
-    pub use_post_quant_conv: bool,
-    pub mid_block_add_attention: bool,
+    pub(crate) use_quant_conv: bool,
+    pub(crate) use_post_quant_conv: bool,
+    pub(crate) mid_block_add_attention: bool,
     pub sample_size: Option<usize>,
     /// The VAE overflows in f16 (SDXL's): under fp16 it runs in f32. diffusers' default is
     /// `true` when the key is missing.
@@ -474,14 +474,14 @@ impl VaeConfig {
 /// transformers `CLIPTextConfig`.
 #[derive(Clone, Debug)]
 pub struct ClipTextConfig {
-    pub vocab_size: usize,
+    pub(crate) vocab_size: usize,
     pub hidden_size: usize,
-    pub intermediate_size: usize,
+    pub(crate) intermediate_size: usize,
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
-    pub max_position_embeddings: usize,
+    pub(crate) max_position_embeddings: usize,
     pub hidden_act: Activation,
-    pub layer_norm_eps: f64,
+    pub(crate) layer_norm_eps: f64,
     pub eos_token_id: Option<u32>,
     pub pad_token_id: Option<u32>,
 }

@@ -105,7 +105,7 @@ impl StableDiffusion {
     /// validation images) on the GPU. The text encoder then encodes validation prompts on the
     /// CPU. Nothing happens for components that are on the CPU already; a text encoder with
     /// LoRA branches must not be parked (it trains). Returns the bytes moved.
-    pub fn park_encoders(&mut self, text: bool, vae_encoder: bool) -> anyhow::Result<usize> {
+    pub(crate) fn park_encoders(&mut self, text: bool, vae_encoder: bool) -> anyhow::Result<usize> {
         let text = text && !self.text_encoder_device().is_cpu();
         let vae_encoder = vae_encoder && !self.vae_encoder_device().is_cpu();
         self.move_encoders(text, vae_encoder, &Device::Cpu, true)
@@ -113,30 +113,31 @@ impl StableDiffusion {
 
     /// Bring parked encoders back to `device` (before an encode stage, or a run without the
     /// cache). Returns the bytes moved.
-    pub fn unpark_encoders(&mut self, device: &Device) -> anyhow::Result<usize> {
+    pub(crate) fn unpark_encoders(&mut self, device: &Device) -> anyhow::Result<usize> {
         let (text, vae) = (self.parking.text_parked, self.parking.vae_encoder_parked);
         self.move_encoders(text, vae, device, false)
     }
 
     /// The text encoder's output `[N, 77, D]` for `texts`, on `device`, wherever the text
     /// encoder is (parked on the CPU or on the training device).
-    pub fn text_embeddings(&self, texts: &[&str], device: &Device) -> anyhow::Result<candle_core::Tensor> {
+    pub(crate) fn text_embeddings(&self, texts: &[&str], device: &Device) -> anyhow::Result<candle_core::Tensor> {
         let ids = self.tokenizer.encode_batch(texts, &self.text_encoder_device())?;
         Ok(self.text_encoder.forward(&ids)?.to_device(device)?)
     }
 
     /// Where the text encoder is (the CPU while parked).
-    pub fn text_encoder_device(&self) -> Device {
+    pub(crate) fn text_encoder_device(&self) -> Device {
         self.text_encoder.token_embedding.device().clone()
     }
 
     /// Where the VAE's encoder half is (the CPU while parked).
-    pub fn vae_encoder_device(&self) -> Device {
+    pub(crate) fn vae_encoder_device(&self) -> Device {
         self.vae.encoder.conv_in.weight.device().clone()
     }
 
+    #[cfg(test)]
     /// Whether the text encoder / the VAE encoder are parked on the CPU.
-    pub fn parked(&self) -> (bool, bool) {
+    pub(crate) fn parked(&self) -> (bool, bool) {
         (self.parking.text_parked, self.parking.vae_encoder_parked)
     }
 
@@ -232,7 +233,7 @@ impl StableDiffusion {
     /// Load a single-file checkpoint (LDM layout `.safetensors`), recognising the model from
     /// its tensors (see [`crate::models::single_file`]). Each tensor is read from the memory map and converted
     /// to `dtype` when the network asks for it; nothing else is kept.
-    pub fn load_single_file(path: &Path, opts: &LoadOptions, device: &Device, dtype: DType) -> anyhow::Result<Self> {
+    pub(crate) fn load_single_file(path: &Path, opts: &LoadOptions, device: &Device, dtype: DType) -> anyhow::Result<Self> {
         let header = Header::read(path)?;
         let sf_opts = SingleFileOptions {
             config_dir: opts.config.clone(),
@@ -275,7 +276,7 @@ fn load_vae_file(path: &Path, scaling_factor: f64, dtype: DType, device: &Device
 }
 
 /// True for a source naming a checkpoint file rather than a folder or a hub repository.
-pub fn is_file_source(source: &str) -> bool {
+pub(crate) fn is_file_source(source: &str) -> bool {
     let lower = source.trim().to_ascii_lowercase();
     lower.ends_with(".safetensors") || super::weights::PICKLE_EXTENSIONS.iter().any(|e| lower.ends_with(&format!(".{e}")))
 }
@@ -283,7 +284,7 @@ pub fn is_file_source(source: &str) -> bool {
 /// The local single-file checkpoint a source names: a local `.safetensors` file, or a hub file
 /// `org/repo/file.safetensors` fetched into the HF cache. `None` for folders and hub ids;
 /// pickles are refused.
-pub fn single_file_source(source: &str, opts: &LoadOptions, hub: &HubSettings) -> anyhow::Result<Option<PathBuf>> {
+pub(crate) fn single_file_source(source: &str, opts: &LoadOptions, hub: &HubSettings) -> anyhow::Result<Option<PathBuf>> {
     let trimmed = source.trim();
     if !is_file_source(trimmed) {
         return Ok(None);
@@ -439,7 +440,7 @@ impl ModelFiles {
     }
 
     /// The same files under `root` (the plan is made with an empty root).
-    pub fn rebased(&self, root: &Path) -> Self {
+    pub(crate) fn rebased(&self, root: &Path) -> Self {
         let re = |p: &PathBuf| root.join(p.strip_prefix(&self.root).unwrap_or(p));
         let component = |c: &ComponentFiles| ComponentFiles {
             config: re(&c.config),

@@ -12,7 +12,7 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
 /// The tensors of one built component, by the names the network requested.
-pub type Tensors = HashMap<String, Tensor>;
+pub(crate) type Tensors = HashMap<String, Tensor>;
 
 /// Wraps a backend and keeps every tensor it hands out (the same storage: no copy).
 struct Recorder {

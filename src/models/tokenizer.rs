@@ -167,14 +167,14 @@ impl ClipTokenizer {
     }
 
     /// Load a `tokenizers` JSON file with explicit special tokens and length.
-    pub fn from_tokenizer_json_with(path: &Path, settings: ClipTokenizerSettings) -> anyhow::Result<Self> {
+    pub(crate) fn from_tokenizer_json_with(path: &Path, settings: ClipTokenizerSettings) -> anyhow::Result<Self> {
         let tokenizer = Tokenizer::from_file(path)
             .map_err(|e| anyhow::anyhow!("{} is not a valid tokenizers JSON file: {e}", path.display()))?;
         Self::finish(tokenizer, settings, path)
     }
 
     /// Build the CLIP pipeline from `vocab.json` and `merges.txt`.
-    pub fn from_vocab_merges(vocab_path: &Path, merges_path: &Path, settings: ClipTokenizerSettings) -> anyhow::Result<Self> {
+    pub(crate) fn from_vocab_merges(vocab_path: &Path, merges_path: &Path, settings: ClipTokenizerSettings) -> anyhow::Result<Self> {
         let vocab_text =
             crate::util::fs::read_text(vocab_path)?;
         let merges_text =
@@ -184,7 +184,7 @@ impl ClipTokenizer {
 
     /// [`Self::from_vocab_merges`] from the files' text (e.g. a bundled copy); the paths only
     /// label error messages.
-    pub fn from_vocab_merges_text(
+    pub(crate) fn from_vocab_merges_text(
         vocab_text: &str,
         merges_text: &str,
         settings: ClipTokenizerSettings,

@@ -15,12 +15,12 @@ const VAE_EPS: f64 = 1e-6;
 pub struct DiagonalGaussian {
     pub mean: Tensor,
     /// Clamped to [-30, 20] as diffusers does.
-    pub logvar: Tensor,
+    pub(crate) logvar: Tensor,
 }
 
 impl DiagonalGaussian {
     /// Split `moments` `[B, 2C, h, w]` into mean and log-variance along the channels.
-    pub fn from_moments(moments: &Tensor) -> Result<Self> {
+    pub(crate) fn from_moments(moments: &Tensor) -> Result<Self> {
         let channels = moments.dim(1)? / 2;
         let mean = moments.narrow(1, 0, channels)?;
         let logvar = moments.narrow(1, channels, channels)?.clamp(-30f32, 20f32)?;
@@ -99,8 +99,8 @@ impl VaeMidBlock {
 #[derive(Clone, Debug)]
 pub struct VaeBlock {
     pub resnets: Vec<ResnetBlock2D>,
-    pub downsampler: Option<Downsample2D>,
-    pub upsampler: Option<Upsample2D>,
+    pub(crate) downsampler: Option<Downsample2D>,
+    pub(crate) upsampler: Option<Upsample2D>,
 }
 
 impl VaeBlock {
@@ -135,8 +135,8 @@ pub struct VaeCoder {
     pub conv_in: FrozenConv2d,
     pub blocks: Vec<VaeBlock>,
     pub mid_block: VaeMidBlock,
-    pub conv_norm_out: GroupNorm,
-    pub conv_out: FrozenConv2d,
+    pub(crate) conv_norm_out: GroupNorm,
+    pub(crate) conv_out: FrozenConv2d,
     act: Activation,
     mid_first: bool,
 }
@@ -160,8 +160,8 @@ impl VaeCoder {
 pub struct AutoencoderKL {
     pub encoder: VaeCoder,
     pub decoder: VaeCoder,
-    pub quant_conv: Option<FrozenConv2d>,
-    pub post_quant_conv: Option<FrozenConv2d>,
+    pub(crate) quant_conv: Option<FrozenConv2d>,
+    pub(crate) post_quant_conv: Option<FrozenConv2d>,
     config: VaeConfig,
 }
 
@@ -215,7 +215,7 @@ impl AutoencoderKL {
 
     /// The encoding half alone (`encoder.*` and `quant_conv`), e.g. to rebuild it on another
     /// device (`models::offload`).
-    pub fn load_encoder(vb: VarBuilder, cfg: &VaeConfig) -> Result<(VaeCoder, Option<FrozenConv2d>)> {
+    pub(crate) fn load_encoder(vb: VarBuilder, cfg: &VaeConfig) -> Result<(VaeCoder, Option<FrozenConv2d>)> {
         let ch = &cfg.block_out_channels;
         let n = ch.len();
         let (first, last) = (ch[0], ch[n - 1]);

@@ -13,7 +13,7 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
 /// File extensions of pickle-based checkpoints (models and LoRA files), which are refused.
-pub const PICKLE_EXTENSIONS: [&str; 5] = ["bin", "ckpt", "pt", "pth", "pkl"];
+pub(crate) const PICKLE_EXTENSIONS: [&str; 5] = ["bin", "ckpt", "pt", "pth", "pkl"];
 
 /// Stored tensors a model may legitimately leave unread (buffers, not parameters), matched by
 /// the last name component. transformers' CLIP ignores `position_ids` the same way.
@@ -122,7 +122,7 @@ pub fn choose_weights(
 
 /// True when a component folder's file names include any weights (safetensors, a shard index,
 /// or a pickle), so that "no weights at all" can be reported as a missing file.
-pub fn has_weight_files(files: &BTreeSet<String>) -> bool {
+pub(crate) fn has_weight_files(files: &BTreeSet<String>) -> bool {
     files.iter().any(|f| {
         f.ends_with(".safetensors")
             || (f.contains(".safetensors.index") && f.ends_with(".json"))
@@ -131,7 +131,7 @@ pub fn has_weight_files(files: &BTreeSet<String>) -> bool {
 }
 
 /// The shard file names listed by a `*.safetensors.index.json`, in first-use order.
-pub fn shards_from_index(index_json: &str, index_name: &str) -> anyhow::Result<Vec<String>> {
+pub(crate) fn shards_from_index(index_json: &str, index_name: &str) -> anyhow::Result<Vec<String>> {
     #[derive(serde::Deserialize)]
     struct Index {
         weight_map: BTreeMap<String, String>,
@@ -183,14 +183,14 @@ struct StoredTensor {
 /// One tensor of a renamed layout (see [`ComponentWeights::open_mapped`]): the name the model
 /// asks for, the name stored in the file and optionally a row range of it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MappedTensor {
+pub(crate) struct MappedTensor {
     pub name: String,
-    pub stored_name: String,
+    pub(crate) stored_name: String,
     pub rows: Option<(usize, usize)>,
 }
 
 /// Names the stored tensor a missing model weight was expected as (for error messages).
-pub type MissingHint = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+pub(crate) type MissingHint = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
 struct Inner {
     /// What the weights are, for error messages (e.g. `unet (…/diffusion_pytorch_model.safetensors)`).
@@ -287,7 +287,7 @@ impl ComponentWeights {
     /// Open one safetensors file whose tensors are stored under other names (a single-file
     /// checkpoint): `tensors` says which stored tensor (or rows of it) each model weight is.
     /// Every stored name must exist; `hint` names what a missing model weight was expected as.
-    pub fn open_mapped(
+    pub(crate) fn open_mapped(
         component: &str,
         path: &Path,
         tensors: &[MappedTensor],
@@ -341,11 +341,6 @@ impl ComponentWeights {
         })
     }
 
-    /// The stored name (in the file) of a model weight, when it differs from the weight's name.
-    pub fn stored_name(&self, name: &str) -> Option<&str> {
-        self.inner.key(name).map(|(_, t)| t.stored_name.as_str())
-    }
-
     /// A `VarBuilder` reading from these weights, converting to `dtype` on `device`.
     pub fn var_builder(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
         VarBuilder::from_backend(Box::new(CheckingBackend { inner: self.inner.clone() }), dtype, device.clone())
@@ -368,7 +363,7 @@ impl ComponentWeights {
     /// for (the same storage, no copy), so that it can be rebuilt on another device
     /// (`models::offload`).
     /// With `record` false it is [`Self::build`] and the record is empty.
-    pub fn build_recorded<M>(
+    pub(crate) fn build_recorded<M>(
         &self,
         record: bool,
         dtype: DType,
@@ -419,7 +414,7 @@ impl ComponentWeights {
 
     /// An error naming the stored tensors the model did not read (weights that do not belong to
     /// the network the config describes).
-    pub fn ensure_all_read(&self) -> anyhow::Result<()> {
+    pub(crate) fn ensure_all_read(&self) -> anyhow::Result<()> {
         let unread = self.unread();
         if unread.is_empty() {
             return Ok(());

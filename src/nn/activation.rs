@@ -18,7 +18,7 @@ pub enum Activation {
 
 impl Activation {
     /// Parse a config value; `None` for names we do not implement.
-    pub fn from_name(name: &str) -> Option<Self> {
+    pub(crate) fn from_name(name: &str) -> Option<Self> {
         match name {
             "silu" | "swish" => Some(Self::Silu),
             "gelu" => Some(Self::Gelu),
@@ -39,6 +39,6 @@ impl Activation {
 }
 
 /// `1 / (1 + exp(-x))`, composed so it has a backward.
-pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
+pub(crate) fn sigmoid(x: &Tensor) -> Result<Tensor> {
     (x.neg()?.exp()? + 1.0)?.recip()
 }

@@ -61,7 +61,7 @@ impl std::str::FromStr for AttentionBackend {
 static BACKEND: AtomicU8 = AtomicU8::new(0);
 
 /// Selects the attention implementation for the whole process (overrides `LORA_ATTENTION`).
-pub fn set_backend(backend: AttentionBackend) {
+pub(crate) fn set_backend(backend: AttentionBackend) {
     let index = AttentionBackend::ALL.iter().position(|b| *b == backend).expect("every backend is in ALL");
     BACKEND.store(index as u8 + 1, Ordering::Relaxed);
 }
@@ -167,14 +167,14 @@ impl CustomOp1 for FusedSoftmax {
 }
 
 /// `[B, L, H·d]` → `[B·H, L, d]`.
-pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+pub(crate) fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, l, inner) = x.dims3()?;
     let d = inner / heads;
     x.reshape((b, l, heads, d))?.transpose(1, 2)?.contiguous()?.reshape((b * heads, l, d))
 }
 
 /// `[B·H, L, d]` → `[B, L, H·d]`.
-pub fn merge_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+pub(crate) fn merge_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     let (bh, l, d) = x.dims3()?;
     let b = bh / heads;
     x.reshape((b, heads, l, d))?.transpose(1, 2)?.contiguous()?.reshape((b, l, heads * d))
@@ -225,7 +225,7 @@ fn attention_with(kernel: Kernel, q: &Tensor, k: &Tensor, v: &Tensor, heads: usi
 
 /// The composed reference: `[B·H, Lq, Lk]` scores from a batched matmul, the softmax above,
 /// a matmul with v, all through candle's autograd (the graph keeps the scores).
-pub fn composed_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>, upcast: bool) -> Result<Tensor> {
+pub(crate) fn composed_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>, upcast: bool) -> Result<Tensor> {
     let (_, _, inner) = q.dims3()?;
     let scale = 1.0 / ((inner / heads) as f64).sqrt();
     let dtype = q.dtype();
@@ -254,7 +254,7 @@ const MAX_SCORES_ELEMENTS: usize = 1 << 26;
 
 /// `softmax(q kᵀ + mask) v` on `[B·H, L, d]` tensors, `chunk` rows of the first dimension at a
 /// time (a rank-3 mask with that first dimension is sliced alongside).
-pub fn attend_in_chunks(qh: &Tensor, kh: &Tensor, vh: &Tensor, mask: Option<&Tensor>, chunk: usize) -> Result<Tensor> {
+pub(crate) fn attend_in_chunks(qh: &Tensor, kh: &Tensor, vh: &Tensor, mask: Option<&Tensor>, chunk: usize) -> Result<Tensor> {
     let bh = qh.dim(0)?;
     let attend = |start: usize, len: usize| -> Result<Tensor> {
         let (q, k, v) = if len == bh { (qh.clone(), kh.clone(), vh.clone()) } else { (qh.narrow(0, start, len)?, kh.narrow(0, start, len)?, vh.narrow(0, start, len)?) };

@@ -33,7 +33,7 @@ use super::precomputed::Precomputed;
 /// A checkpointed piece: `(x, aux) -> out` (e.g. a resnet over hidden states and the time
 /// embedding, or a transformer over hidden states and the text embeddings). It must compute the
 /// same values every time it is called with the same inputs (no dropout, no random draws).
-pub type Piece = dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync;
+pub(crate) type Piece = dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync;
 
 #[derive(Default)]
 struct Inner {
@@ -135,8 +135,9 @@ impl CheckpointGrads {
     }
 }
 
+#[cfg(test)]
 /// `piece(x, aux)`, checkpointed through `ckpt` when given, else run directly.
-pub fn maybe_checkpoint<F>(ckpt: Option<&CheckpointGrads>, x: &Tensor, aux: &Tensor, piece: F) -> Result<Tensor>
+pub(crate) fn maybe_checkpoint<F>(ckpt: Option<&CheckpointGrads>, x: &Tensor, aux: &Tensor, piece: F) -> Result<Tensor>
 where
     F: Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
 {

@@ -21,11 +21,11 @@ use rayon::prelude::*;
 
 /// Geometry of a 2-D convolution (square kernel stride/padding as diffusers uses them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ConvGeometry {
+pub(crate) struct ConvGeometry {
     pub c_in: usize,
     pub c_out: usize,
-    pub kh: usize,
-    pub kw: usize,
+    pub(crate) kh: usize,
+    pub(crate) kw: usize,
     pub stride: usize,
     pub padding: usize,
 }
@@ -245,7 +245,7 @@ impl CustomOp2 for AttachConvGrad {
 pub struct FrozenConv2d {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
-    pub geometry: ConvGeometry,
+    pub(crate) geometry: ConvGeometry,
     /// The CPU op (im2col); `None` off the CPU.
     cpu_op: Option<Arc<Box<dyn CustomOp1 + Send + Sync>>>,
     /// Use the device path (candle conv + attached backward) even on the CPU (tests).
@@ -275,9 +275,10 @@ impl FrozenConv2d {
         Ok(Self { weight, bias, geometry, cpu_op, force_attach: false })
     }
 
+    #[cfg(test)]
     /// Run the device path (candle's conv2d + attached input-gradient backward) on the CPU too,
     /// so that tests exercise the code the GPU runs.
-    pub fn with_device_path(mut self) -> Self {
+    pub(crate) fn with_device_path(mut self) -> Self {
         self.force_attach = true;
         self
     }

@@ -25,7 +25,7 @@ impl LoraBranch {
     }
 
     /// `scale · up @ down`, the weight delta `[out, in]` this branch adds.
-    pub fn delta_weight(&self) -> Result<Tensor> {
+    pub(crate) fn delta_weight(&self) -> Result<Tensor> {
         self.up.to_dtype(DType::F32)?.matmul(&self.down.to_dtype(DType::F32)?)? * self.scale
     }
 }

@@ -14,17 +14,16 @@
 pub mod activation;
 pub mod attention;
 pub mod checkpoint;
-pub mod flash_attention;
+pub(crate) mod flash_attention;
 pub mod frozen;
-pub mod fused_norm;
+pub(crate) mod fused_norm;
 pub mod linear;
 pub mod norm;
 pub(crate) mod precomputed;
 pub mod resnet;
 
-pub use activation::Activation;
+pub(crate) use activation::Activation;
 pub use attention::scaled_dot_product_attention;
 pub use checkpoint::CheckpointGrads;
 pub use linear::{AdaptedLinear, LoraBranch};
 pub use norm::{GroupNorm, LayerNorm};
-pub use resnet::{ResnetBlock2D, ResnetConfig};

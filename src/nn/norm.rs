@@ -34,7 +34,7 @@ impl LayerNorm {
 /// `GroupNorm` over `[B, C, ...]` with per-channel affine weight and bias (torch `nn.GroupNorm`).
 #[derive(Clone, Debug)]
 pub struct GroupNorm {
-    pub num_groups: usize,
+    pub(crate) num_groups: usize,
     pub weight: Tensor,
     pub bias: Tensor,
     pub eps: f64,
@@ -66,7 +66,7 @@ impl GroupNorm {
     }
 
     /// `act(self.forward(x))`, one fused kernel for SiLU on the CPU in f32.
-    pub fn forward_act(&self, x: &Tensor, act: super::Activation) -> Result<Tensor> {
+    pub(crate) fn forward_act(&self, x: &Tensor, act: super::Activation) -> Result<Tensor> {
         if act == super::Activation::Silu {
             if let Some(y) = super::fused_norm::group_norm_cpu(x, &self.weight, &self.bias, self.num_groups, self.eps, true) {
                 return y;
@@ -76,7 +76,7 @@ impl GroupNorm {
     }
 
     /// The norm from candle ops, each with its own backward (any device and dtype).
-    pub fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         if dims.len() < 3 || dims[1] != self.channels() {
             candle_core::bail!(

@@ -12,25 +12,25 @@ use super::{Activation, AdaptedLinear, GroupNorm};
 #[derive(Clone, Debug)]
 pub struct ResnetConfig {
     pub in_channels: usize,
-    pub out_channels: usize,
+    pub(crate) out_channels: usize,
     /// Width of the time embedding; `None` for the VAE (no `time_emb_proj`).
-    pub temb_channels: Option<usize>,
+    pub(crate) temb_channels: Option<usize>,
     pub groups: usize,
     pub eps: f64,
     pub act: Activation,
     /// The output is divided by this (`output_scale_factor`).
-    pub output_scale_factor: f64,
+    pub(crate) output_scale_factor: f64,
     /// `skip_time_act`: project the time embedding without applying the activation first.
-    pub skip_time_act: bool,
+    pub(crate) skip_time_act: bool,
 }
 
 #[derive(Clone, Debug)]
 pub struct ResnetBlock2D {
-    pub norm1: GroupNorm,
+    pub(crate) norm1: GroupNorm,
     pub conv1: FrozenConv2d,
     pub time_emb_proj: Option<AdaptedLinear>,
     pub norm2: GroupNorm,
-    pub conv2: FrozenConv2d,
+    pub(crate) conv2: FrozenConv2d,
     pub conv_shortcut: Option<FrozenConv2d>,
     act: Activation,
     output_scale_factor: f64,
@@ -38,7 +38,7 @@ pub struct ResnetBlock2D {
 }
 
 /// A `k`x`k` conv with bias, stride 1 and "same" padding, loaded from `vb`.
-pub fn conv2d_same(vb: VarBuilder, in_c: usize, out_c: usize, k: usize) -> Result<FrozenConv2d> {
+pub(crate) fn conv2d_same(vb: VarBuilder, in_c: usize, out_c: usize, k: usize) -> Result<FrozenConv2d> {
     let cfg = Conv2dConfig { padding: (k - 1) / 2, ..Default::default() };
     crate::nn::frozen::conv2d(in_c, out_c, k, cfg, vb)
 }

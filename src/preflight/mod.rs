@@ -8,7 +8,7 @@
 mod dataset;
 mod model;
 mod targets;
-pub mod targets_layers;
+pub(crate) mod targets_layers;
 
 use std::path::Path;
 
@@ -16,7 +16,7 @@ use crate::config::world::WorldCheck;
 use crate::config::{Diagnostics, LoadedPipeline};
 
 /// Every check against the world, in the order their findings are reported.
-pub const CHECKS: &[WorldCheck] = &[model::single_file, dataset::listing, targets::in_model];
+pub(crate) const CHECKS: &[WorldCheck] = &[model::single_file, dataset::listing, targets::in_model];
 
 /// Load and validate the pipeline at `path` (with `--set` `overrides`), the file's own checks
 /// and [`CHECKS`]: what `lora validate`, `plan`, `run` and `watch` read a pipeline with.

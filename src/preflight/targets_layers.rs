@@ -15,7 +15,7 @@ const MAX_HEADER_BYTES: u64 = 64 << 20;
 
 /// What a UNet module with a `weight` is, as LoRA sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Layer {
+pub(crate) enum Layer {
     /// A linear layer (LoRA can wrap it): `[out, in]`, or a transformer's 1x1-conv
     /// `proj_in` / `proj_out`, which the model holds as a linear.
     Linear { out_features: usize, in_features: usize },
@@ -28,7 +28,7 @@ pub enum Layer {
 /// Every module of the UNet of the diffusers folder `model_dir` that has a `weight`, by name
 /// (`down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`), from the headers of its
 /// weight files (the files loading would read, shards included).
-pub fn unet_layers(model_dir: &Path, variant: Option<&str>) -> Result<BTreeMap<String, Layer>> {
+pub(crate) fn unet_layers(model_dir: &Path, variant: Option<&str>) -> Result<BTreeMap<String, Layer>> {
     let files = crate::models::loading::locate_model_files(model_dir, variant)?;
     let mut out = BTreeMap::new();
     for path in &files.unet.weights {
@@ -44,7 +44,7 @@ pub fn unet_layers(model_dir: &Path, variant: Option<&str>) -> Result<BTreeMap<S
 /// names them (`text_model.encoder.layers.0.self_attn.q_proj`, whether or not the file stores
 /// the `text_model.` prefix). Only the encoder layers' projections are linear layers LoRA wraps;
 /// the token and position embeddings are not.
-pub fn text_encoder_layers(model_dir: &Path, variant: Option<&str>) -> Result<BTreeMap<String, Layer>> {
+pub(crate) fn text_encoder_layers(model_dir: &Path, variant: Option<&str>) -> Result<BTreeMap<String, Layer>> {
     let files = crate::models::loading::locate_model_files(model_dir, variant)?;
     let mut out = BTreeMap::new();
     for path in &files.text_encoder.weights {
@@ -72,7 +72,7 @@ fn classify(module: &str, shape: &[usize]) -> Layer {
 }
 
 /// The tensor names and shapes of a safetensors file, from its header.
-pub fn tensor_shapes(path: &Path) -> Result<Vec<(String, Vec<usize>)>> {
+pub(crate) fn tensor_shapes(path: &Path) -> Result<Vec<(String, Vec<usize>)>> {
     let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut len = [0u8; 8];
     file.read_exact(&mut len).with_context(|| format!("{}: not a safetensors file", path.display()))?;
@@ -98,7 +98,7 @@ pub fn tensor_shapes(path: &Path) -> Result<Vec<(String, Vec<usize>)>> {
 
 /// What is wrong with one target pattern, or `None` when it matches a linear layer of
 /// `component` ("the UNet", "the text encoder") or does not parse.
-pub fn target_problem(pattern: &str, layers: &BTreeMap<String, Layer>, component: &str) -> Option<(String, Option<String>)> {
+pub(crate) fn target_problem(pattern: &str, layers: &BTreeMap<String, Layer>, component: &str) -> Option<(String, Option<String>)> {
     // A pattern that does not parse is reported by the check of every pattern.
     let parsed = ModulePattern::parse(pattern).ok()?;
     let matched: Vec<(&String, &Layer)> = layers.iter().filter(|(name, _)| parsed.matches(name)).collect();
@@ -129,7 +129,7 @@ pub fn target_problem(pattern: &str, layers: &BTreeMap<String, Layer>, component
 }
 
 /// The names of the linear layers of `layers`.
-pub fn linear_names(layers: &BTreeMap<String, Layer>) -> Vec<&str> {
+pub(crate) fn linear_names(layers: &BTreeMap<String, Layer>) -> Vec<&str> {
     layers.iter().filter(|(_, l)| matches!(l, Layer::Linear { .. })).map(|(n, _)| n.as_str()).collect()
 }
 
@@ -145,7 +145,7 @@ pub fn targeted<'a>(targets: &[String], layers: &'a BTreeMap<String, Layer>) -> 
 
 /// What is wrong with a `rank_pattern` / `alpha_pattern` key that matches none of the targeted
 /// modules (`None` when it matches one, or does not parse); `linear` are all linear layers.
-pub fn pattern_key_problem(kind: &str, key: &str, targeted: &[&str], linear: &[&str]) -> Option<(String, Option<String>)> {
+pub(crate) fn pattern_key_problem(kind: &str, key: &str, targeted: &[&str], linear: &[&str]) -> Option<(String, Option<String>)> {
     let parsed = ModulePattern::parse(key).ok()?;
     if targeted.iter().any(|n| parsed.matches(n)) {
         return None;
@@ -179,7 +179,7 @@ fn short_names(modules: &[&str]) -> Vec<String> {
 }
 
 /// The targeted linear layers narrower than their rank: (module, rank, out, in).
-pub fn narrow_layers(
+pub(crate) fn narrow_layers(
     targets: &[String],
     rank: u32,
     rank_pattern: &[(String, u32)],

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use image::RgbImage;
 
 /// The file name of a validation point's grid, beside its images.
-pub const GRID_FILE: &str = "grid.png";
+pub(crate) const GRID_FILE: &str = "grid.png";
 
 /// Gap between tiles, in pixels (white, so dark images stay apart).
 const GAP: u32 = 2;
@@ -114,7 +114,7 @@ fn read_images(files: &[PathBuf]) -> Result<Vec<RgbImage>> {
 /// grid as `dir/grid.png`, each row labelled with its prompt (`prompts`, one per row, in the order
 /// the images were written), and, when `events` is given, each prompt's row of images as an image
 /// summary `validation/prompt<i>` at `step`. Returns the grid's path.
-pub fn publish_validation_with_prompts(
+pub(crate) fn publish_validation_with_prompts(
     files: &[PathBuf],
     prompts: &[String],
     per_prompt: usize,

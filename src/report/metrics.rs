@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 
 /// Keep the lines of `path` whose `step` is at most `step` (and that parse: a line a killed run
 /// half wrote is dropped). A missing file stays missing; the file is rewritten atomically.
-pub fn keep_steps_up_to(path: &Path, step: usize) -> Result<()> {
+pub(crate) fn keep_steps_up_to(path: &Path, step: usize) -> Result<()> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -33,17 +33,22 @@ pub fn keep_steps_up_to(path: &Path, step: usize) -> Result<()> {
     Ok(())
 }
 
-/// The fixed-noise evaluation losses of `path` as `(step, eval_loss)` in step order (lines
-/// `{"step": N, "eval_loss": x}`, written before the first and after the last update).
-pub fn read_evals(path: &Path) -> Result<Vec<(u64, f64)>> {
+/// The lines of `path` that parse as JSON (a line a killed run half wrote does not); a missing
+/// file has none.
+fn json_lines(path: &Path) -> Result<Vec<serde_json::Value>> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
+    Ok(text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
+}
+
+/// The fixed-noise evaluation losses of `path` as `(step, eval_loss)` in step order (lines
+/// `{"step": N, "eval_loss": x}`, written before the first and after the last update).
+pub fn read_evals(path: &Path) -> Result<Vec<(u64, f64)>> {
     let mut by_step = std::collections::BTreeMap::new();
-    for line in text.lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+    for v in json_lines(path)? {
         if let (Some(step), Some(eval)) = (v.get("step").and_then(serde_json::Value::as_u64), v.get("eval_loss").and_then(serde_json::Value::as_f64)) {
             by_step.insert(step, eval);
         }
@@ -52,7 +57,7 @@ pub fn read_evals(path: &Path) -> Result<Vec<(u64, f64)>> {
 }
 
 /// The evaluation loss before training (step 0) and after it (the last evaluation past step 0).
-pub fn eval_span(evals: &[(u64, f64)]) -> (Option<f64>, Option<f64>) {
+pub(crate) fn eval_span(evals: &[(u64, f64)]) -> (Option<f64>, Option<f64>) {
     let before = evals.iter().find(|(s, _)| *s == 0).map(|(_, e)| *e);
     let after = evals.iter().rfind(|(s, _)| *s > 0).map(|(_, e)| *e);
     (before, after)
@@ -69,15 +74,9 @@ pub struct StepRecord {
 /// The updates of `path` in step order, each step once (the last line of a step wins); lines
 /// that do not parse or lack `step`/`loss`/`lr` (a line a killed run half wrote) are skipped. A
 /// missing file has no steps.
-pub fn read_steps(path: &Path) -> Result<Vec<StepRecord>> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    };
+pub(crate) fn read_steps(path: &Path) -> Result<Vec<StepRecord>> {
     let mut by_step = std::collections::BTreeMap::new();
-    for line in text.lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+    for v in json_lines(path)? {
         let num = |k: &str| v.get(k).and_then(serde_json::Value::as_f64);
         let (Some(step), Some(loss), Some(lr)) = (v.get("step").and_then(serde_json::Value::as_u64), num("loss"), num("lr")) else { continue };
         by_step.insert(step, StepRecord { step, loss, lr });
@@ -111,7 +110,7 @@ pub fn loss_trend(records: &[StepRecord]) -> Option<LossTrend> {
 /// Training speed from the times between updates, less the time spent on other work between
 /// them (validation, plotting). The first update, which includes the evaluation before training,
 /// is left out when there are others.
-pub struct StepRate {
+pub(crate) struct StepRate {
     started: Instant,
     first: Option<(usize, Instant)>,
     last: Option<(usize, Instant)>,
@@ -142,12 +141,12 @@ impl StepRate {
     }
 
     /// `d` was spent on other work since the latest update.
-    pub fn pause(&mut self, d: Duration) {
+    pub(crate) fn pause(&mut self, d: Duration) {
         self.pending += d;
     }
 
     /// Updates per second.
-    pub fn per_second(&self) -> Option<f64> {
+    pub(crate) fn per_second(&self) -> Option<f64> {
         let ((s0, t0), (s1, t1)) = (self.first?, self.last?);
         if s1 > s0 {
             let secs = (t1 - t0).saturating_sub(self.paused).as_secs_f64();

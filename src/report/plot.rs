@@ -10,10 +10,10 @@ use plotters::prelude::*;
 use super::metrics::StepRecord;
 
 /// The plot's file name in the output folder.
-pub const LOSS_PLOT: &str = "loss.png";
+pub(crate) const LOSS_PLOT: &str = "loss.png";
 /// Its size in pixels.
-pub const WIDTH: u32 = 900;
-pub const HEIGHT: u32 = 600;
+pub(crate) const WIDTH: u32 = 900;
+pub(crate) const HEIGHT: u32 = 600;
 
 /// The moving-mean window for `n` steps: a tenth of them, from 1 to 50.
 pub(crate) fn smoothing_window(n: usize) -> usize {
@@ -129,7 +129,7 @@ pub(crate) fn render(records: &[StepRecord], evals: &[(u64, f64)]) -> Result<Vec
 
 /// Redraw `out` from the steps of `metrics` (`metrics.jsonl`). Returns false, writing nothing,
 /// when there is no step yet.
-pub fn write_loss_plot(metrics: &Path, out: &Path) -> Result<bool> {
+pub(crate) fn write_loss_plot(metrics: &Path, out: &Path) -> Result<bool> {
     let records = super::metrics::read_steps(metrics)?;
     if records.is_empty() {
         return Ok(false);
@@ -142,7 +142,7 @@ pub fn write_loss_plot(metrics: &Path, out: &Path) -> Result<bool> {
 }
 
 /// [`write_loss_plot`] while training: a failure is reported, never fatal to the run.
-pub fn refresh(metrics: &Path, out: &Path) {
+pub(crate) fn refresh(metrics: &Path, out: &Path) {
     if let Err(e) = write_loss_plot(metrics, out) {
         tracing::warn!("{}: {e:#}", out.display());
     }

@@ -106,7 +106,7 @@ enum EventBody<'a> {
 }
 
 /// One image summary: an encoded PNG of `height` x `width` RGB pixels under `tag`.
-pub struct ImageValue<'a> {
+pub(crate) struct ImageValue<'a> {
     pub tag: &'a str,
     pub height: u32,
     pub width: u32,
@@ -116,7 +116,7 @@ pub struct ImageValue<'a> {
 /// Appends summaries to one event file; every record is flushed as written. Clones share the
 /// file (see [`EventWriter::for_dir`]).
 #[derive(Clone)]
-pub struct EventWriter {
+pub(crate) struct EventWriter {
     file: Arc<Mutex<std::fs::File>>,
     pub path: PathBuf,
 }
@@ -160,7 +160,7 @@ impl EventWriter {
 
     /// The writer open on `dir` in this process (the trainer's, while it trains), else a new
     /// file in `dir`.
-    pub fn for_dir(dir: &Path) -> Result<Self> {
+    pub(crate) fn for_dir(dir: &Path) -> Result<Self> {
         let key = dir_key(dir);
         let live = {
             let open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
@@ -258,7 +258,7 @@ fn event_step(data: &[u8]) -> Option<(u64, bool)> {
 
 /// Drop from every event file in `dir` the summaries past `step` (and damaged trailing
 /// records), so a resumed run logs every step once; files left with no summary are removed.
-pub fn keep_steps_up_to(dir: &Path, step: u64) -> Result<()> {
+pub(crate) fn keep_steps_up_to(dir: &Path, step: u64) -> Result<()> {
     let Ok(entries) = std::fs::read_dir(dir) else { return Ok(()) };
     for entry in entries.flatten() {
         let path = entry.path();

@@ -9,11 +9,11 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-pub use crate::layout::LOCK_FILE;
+pub(crate) use crate::layout::LOCK_FILE;
 
 /// Bumped whenever a change to `lora` alters what a stage produces (numerics, file layout), so a
 /// fixed binary never calls a result of an older one up to date. Part of every fingerprint.
-pub const RESULT_VERSION: u32 = 2;
+pub(crate) const RESULT_VERSION: u32 = 2;
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct StageRecord {
@@ -25,7 +25,7 @@ pub struct StageRecord {
     /// settings it runs with (dotted keys), to say what changed before resuming; for a finished
     /// train stage, the example count and step count the export metadata states.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub details: BTreeMap<String, serde_json::Value>,
+    pub(crate) details: BTreeMap<String, serde_json::Value>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -63,7 +63,7 @@ impl Lock {
     /// Whether `stage` ran with `fingerprint` and all its outputs are still in `dir` (what
     /// `stages::decide` asks, stage by stage; kept for the lock's own test).
     #[cfg(test)]
-    pub fn is_fresh(&self, dir: &Path, stage: &str, fingerprint: &str) -> bool {
+    pub(crate) fn is_fresh(&self, dir: &Path, stage: &str, fingerprint: &str) -> bool {
         self.stages.get(stage).is_some_and(|r| {
             r.fingerprint == fingerprint && r.outputs.iter().all(|o| dir.join(o).exists())
         })
@@ -73,14 +73,14 @@ impl Lock {
         self.record_with(stage, fingerprint, outputs, BTreeMap::new());
     }
 
-    pub fn record_with(&mut self, stage: &str, fingerprint: &str, outputs: Vec<String>, details: BTreeMap<String, serde_json::Value>) {
+    pub(crate) fn record_with(&mut self, stage: &str, fingerprint: &str, outputs: Vec<String>, details: BTreeMap<String, serde_json::Value>) {
         self.stages.insert(stage.to_string(), StageRecord { fingerprint: fingerprint.to_string(), outputs, details });
     }
 }
 
 /// Builds a stage fingerprint from labelled parts.
 #[derive(Default)]
-pub struct Fingerprint(Sha256);
+pub(crate) struct Fingerprint(Sha256);
 
 impl Fingerprint {
     pub fn new(stage: &str) -> Self {
@@ -98,14 +98,14 @@ impl Fingerprint {
     }
 
     /// A TOML value in canonical form (tables are sorted maps, so key order does not matter).
-    pub fn add_toml(&mut self, label: &str, value: Option<&toml::Value>) -> &mut Self {
+    pub(crate) fn add_toml(&mut self, label: &str, value: Option<&toml::Value>) -> &mut Self {
         let json = value.map(|v| serde_json::to_string(v).unwrap_or_default()).unwrap_or_default();
         self.add(label, &json)
     }
 
     /// Size and modification time of every file under `path` (a file or a directory), so an
     /// edited dataset or weight file makes the stage stale without hashing gigabytes.
-    pub fn add_files(&mut self, label: &str, path: &Path) -> &mut Self {
+    pub(crate) fn add_files(&mut self, label: &str, path: &Path) -> &mut Self {
         let mut entries = Vec::new();
         collect_files(path, &mut entries);
         entries.sort();

@@ -25,7 +25,7 @@ pub enum StageId {
 
 impl StageId {
     /// Every stage, in the table's order.
-    pub const ALL: [StageId; 7] = [Self::Model, Self::Dataset, Self::Preprocess, Self::Encode, Self::Train, Self::Export, Self::Validate];
+    pub(crate) const ALL: [StageId; 7] = [Self::Model, Self::Dataset, Self::Preprocess, Self::Encode, Self::Train, Self::Export, Self::Validate];
 
     /// The pipeline tables the stage owns (reads). Their keys are what the stage's fingerprint
     /// is made of, except train's `[checkpoints]` and `[logging]`: how it saves and logs, not what
@@ -44,7 +44,7 @@ impl StageId {
 
     /// The stage that owns the pipeline table of `key` (`train.learning_rate` -> train; a
     /// settings snapshot's `model files` / `dataset files` -> model / dataset).
-    pub fn owner_of(key: &str) -> Option<StageId> {
+    pub(crate) fn owner_of(key: &str) -> Option<StageId> {
         let table = key.split(['.', ' ']).next().unwrap_or(key);
         Self::ALL.into_iter().find(|s| s.tables().contains(&table))
     }
@@ -67,7 +67,7 @@ pub struct Plan {
     pub loaded: LoadedPipeline,
     pub out_dir: PathBuf,
     /// Every stage's fingerprint, by stage name (each folds in its upstream stages' ones).
-    pub fingerprints: BTreeMap<StageId, String>,
+    pub(crate) fingerprints: BTreeMap<StageId, String>,
     /// `--no-cache`: the encoders run every step, as the reference does (no encode stage).
     pub no_cache: bool,
 }
@@ -89,7 +89,7 @@ impl Plan {
 
     /// As the reference without `--seed`: when `train.seed` is not set, draw one for this run
     /// and log it so the run can be repeated. Fingerprints are unaffected (they read the file).
-    pub fn pick_seed(&mut self) {
+    pub(crate) fn pick_seed(&mut self) {
         if self.loaded.pipeline.train.seed.is_none() {
             let seed: u64 = rand::random::<u32>() as u64;
             tracing::info!("train.seed is not set: using seed {seed} (add `seed = {seed}` to [train] to repeat this run)");
@@ -98,7 +98,7 @@ impl Plan {
     }
 
     /// The number of optimizer updates, when it is known without reading the dataset.
-    pub fn known_max_steps(&self) -> Option<usize> {
+    pub(crate) fn known_max_steps(&self) -> Option<usize> {
         self.pipeline().train.max_steps.map(|n| n as usize)
     }
 }

@@ -25,12 +25,12 @@ pub fn diffusers_file(p: &Pipeline) -> String {
 }
 
 /// The kohya-form file of `p`: `<output.name>_kohya.safetensors`, else [`KOHYA_FILE`].
-pub fn kohya_file(p: &Pipeline) -> String {
+pub(crate) fn kohya_file(p: &Pipeline) -> String {
     p.output.name.as_ref().map_or_else(|| KOHYA_FILE.to_string(), |n| format!("{n}_kohya.safetensors"))
 }
 
 /// The device a pipeline asks for (logged; see `crate::device`).
-pub fn select_device(device: cfg::Device) -> Result<Device> {
+pub(crate) fn select_device(device: cfg::Device) -> Result<Device> {
     crate::device::select(device)
 }
 
@@ -45,7 +45,7 @@ pub fn mixed_precision(precision: cfg::Precision) -> MixedPrecision {
 
 /// The dtype of the frozen weights for `precision` (LoRA parameters stay f32). Half precision
 /// runs on the CPU too (slowly: convolutions compute in f32 and round).
-pub fn weight_dtype(precision: cfg::Precision, device: &Device) -> Result<DType> {
+pub(crate) fn weight_dtype(precision: cfg::Precision, device: &Device) -> Result<DType> {
     let dtype = mixed_precision(precision).weight_dtype();
     if dtype != DType::F32 && device.is_cpu() {
         tracing::info!("precision {precision:?} on the CPU: half-precision training is much slower there than f32");
@@ -130,7 +130,7 @@ fn lr_schedule(s: cfg::LrScheduler) -> LrSchedule {
 }
 
 /// The trainer's settings from a pipeline.
-pub fn train_settings(loaded: &LoadedPipeline) -> TrainSettings {
+pub(crate) fn train_settings(loaded: &LoadedPipeline) -> TrainSettings {
     let p = &loaded.pipeline;
     let t = &p.train;
     TrainSettings {

@@ -19,13 +19,13 @@ use crate::layout::{IN_PROGRESS, METRICS_FILE, TRAINED_FILE};
 use crate::train::checkpoint::{self, TrainerState};
 
 /// Where earlier runs' results are set aside, relative to the output folder.
-pub use crate::layout::EARLIER_DIR;
+pub(crate) use crate::layout::EARLIER_DIR;
 /// The note in each set-aside folder.
-pub const SET_ASIDE_NOTE: &str = "set-aside.json";
+pub(crate) const SET_ASIDE_NOTE: &str = "set-aside.json";
 
 /// What the train stage does with what it finds in the output folder.
 #[derive(Clone, Debug, PartialEq)]
-pub enum Start {
+pub(crate) enum Start {
     /// Continue from the newest checkpoint that loads (`newest` is the one tried first).
     Resume { newest: PathBuf, step: usize, warnings: Vec<String> },
     /// From step 0 (`why`); `aside` is what of earlier runs is moved out of the way first.
@@ -38,7 +38,7 @@ pub enum Start {
 
 /// Earlier results to set aside before training starts over.
 #[derive(Clone, Debug, PartialEq)]
-pub struct SetAside {
+pub(crate) struct SetAside {
     /// `earlier/<when>-step<N>`, relative to the output folder.
     pub dir: String,
     /// Moved there (checkpoints, metrics, plots, event files, validation while training).
@@ -97,7 +97,7 @@ fn survey(out: &Path) -> Vec<Found> {
 /// The train stage's start, given the lock and the folder's contents. Called only when the
 /// stage runs, for the reason `why`; `--force` starts over (setting earlier results aside,
 /// never deleting them).
-pub fn decide_start(plan: &Plan, lock: &Lock, force: bool, why: &str) -> Start {
+pub(crate) fn decide_start(plan: &Plan, lock: &Lock, force: bool, why: &str) -> Start {
     let p = plan.pipeline();
     let out = &plan.out_dir;
     if let Some(r) = &p.checkpoints.resume {
@@ -256,26 +256,16 @@ fn aside_name(out: &Path, moved: &[String]) -> String {
     name
 }
 
-/// `20261204-193700` for a Unix time (UTC; the civil-from-days algorithm).
+/// `20261204-193700` for a Unix time (UTC).
 fn utc_stamp(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}", rem / 3600, rem / 60 % 60, rem % 60)
+    let (y, m, d, hh, mm, ss) = crate::util::time::utc_civil(secs);
+    format!("{y:04}{m:02}{d:02}-{hh:02}{mm:02}{ss:02}")
 }
 
 /// Carry out `aside`: move and hard-link (copy where links are not possible) into its folder,
 /// then write its note. Each item is moved by one rename, so an interruption leaves every file
 /// either in its old place or in the new one.
-pub fn carry_out(out: &Path, aside: &SetAside) -> Result<()> {
+pub(crate) fn carry_out(out: &Path, aside: &SetAside) -> Result<()> {
     let dest = out.join(&aside.dir);
     std::fs::create_dir_all(&dest).with_context(|| format!("creating {}", dest.display()))?;
     for rel in &aside.linked {
@@ -308,7 +298,7 @@ pub fn carry_out(out: &Path, aside: &SetAside) -> Result<()> {
 /// The settings a train run's checkpoints depend on, as dotted keys, to say what changed: the
 /// typed values (defaults included), with the keys the file sets as written (paths as written
 /// do not change with the working directory).
-pub fn settings_snapshot(p: &Plan) -> BTreeMap<String, serde_json::Value> {
+pub(crate) fn settings_snapshot(p: &Plan) -> BTreeMap<String, serde_json::Value> {
     fn flatten(prefix: &str, v: &serde_json::Value, out: &mut BTreeMap<String, serde_json::Value>) {
         match v {
             serde_json::Value::Object(t) => t.iter().for_each(|(k, v)| flatten(&format!("{prefix}.{k}"), v, out)),
@@ -338,7 +328,7 @@ pub fn settings_snapshot(p: &Plan) -> BTreeMap<String, serde_json::Value> {
 
 /// Settings whose change makes an interrupted run's checkpoints unusable (shapes, data stream,
 /// model); every other change (learning rate, step count, schedule) resumes with a warning.
-pub fn breaks_resume(key: &str) -> bool {
+pub(crate) fn breaks_resume(key: &str) -> bool {
     // The keys of the stages training reads from (the model, the data and its preprocessing),
     // the adapter's shape, and the train keys that shape the data stream.
     let upstream = StageId::owner_of(key).is_some_and(|s| matches!(s, StageId::Model | StageId::Dataset | StageId::Preprocess));
@@ -346,7 +336,7 @@ pub fn breaks_resume(key: &str) -> bool {
 }
 
 /// The keys that differ, each as `(key, "key old -> new")`.
-pub fn changed_keys(old: &BTreeMap<String, serde_json::Value>, new: &BTreeMap<String, serde_json::Value>) -> Vec<(String, String)> {
+pub(crate) fn changed_keys(old: &BTreeMap<String, serde_json::Value>, new: &BTreeMap<String, serde_json::Value>) -> Vec<(String, String)> {
     let show = |v: Option<&serde_json::Value>| v.map_or("(unset)".to_string(), |v| v.to_string());
     let keys: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
     keys.into_iter()

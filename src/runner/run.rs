@@ -24,18 +24,18 @@ pub fn run_pipeline(loaded: &LoadedPipeline, session: &mut Session, opts: &RunOp
 #[derive(Debug)]
 pub struct BenchReport {
     /// When the first training step started (after model and data loading and encoding).
-    pub train_started: Instant,
-    pub device_is_cpu: bool,
+    pub(crate) train_started: Instant,
+    pub(crate) device_is_cpu: bool,
     /// `cpu (2 threads)`, `cuda:0 (NVIDIA H200, 139.8 GiB)`.
     pub device: String,
     /// Peak device memory in use up to the end of training (GPU only; `device::peak_memory`:
     /// the CUDA context and the model included).
-    pub peak_device_bytes: Option<u64>,
+    pub(crate) peak_device_bytes: Option<u64>,
     /// Device memory in use after the set-up, before training (GPU only; context included).
-    pub model_bytes: Option<u64>,
+    pub(crate) model_bytes: Option<u64>,
     /// Peak host memory of the set-up (model load, encoding), before the peak was reset for the
     /// training steps (`None` where it cannot be reset).
-    pub setup_peak_rss_bytes: Option<u64>,
+    pub(crate) setup_peak_rss_bytes: Option<u64>,
     /// What the walk did (the train outcome, the files written into the bench's folder).
     pub run: RunReport,
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 
 /// The file that is locked and holds the PID of the process holding it.
-pub const RUN_LOCK_FILE: &str = ".lora-run.pid";
+pub(crate) const RUN_LOCK_FILE: &str = ".lora-run.pid";
 
 /// Another process holds the output folder: the CLI exits 2 on this.
 #[derive(Debug, thiserror::Error)]

@@ -23,7 +23,7 @@ fn canonical(p: &Path) -> PathBuf {
 
 /// What an edit made during a run means for it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// Stop the run at the next step (the train stage's own inputs changed).
     Stop(String),
     /// Let the run go on, saying why; the edited pipeline runs after it.
@@ -33,7 +33,7 @@ pub enum Verdict {
 /// Run `run_once` now and after every change to any file `watched_files()` returns (asked again
 /// after each run, since `extends` may change). An edit during a run is judged by `check`, which
 /// may set `stop`; `quit` ends the loop (a stop signal).
-pub fn watch_loop(
+pub(crate) fn watch_loop(
     watched_files: &mut dyn FnMut() -> Vec<PathBuf>,
     stop: Arc<AtomicBool>,
     quit: &dyn Fn() -> bool,

@@ -8,7 +8,7 @@ use super::SchedulerConfig;
 /// `torch.linspace(start, end, n, dtype=float32)` on CPU, bit for bit: the step is computed in
 /// f32, the first half counts up from `start` and the second half down from `end`, each element
 /// a single fused multiply-add (how torch's kernel compiles on x86-64 with FMA).
-pub fn torch_linspace_f32(start: f64, end: f64, n: usize) -> Vec<f32> {
+pub(crate) fn torch_linspace_f32(start: f64, end: f64, n: usize) -> Vec<f32> {
     let (start, end) = (start as f32, end as f32);
     if n == 1 {
         return vec![start];
@@ -28,7 +28,7 @@ pub fn torch_linspace_f32(start: f64, end: f64, n: usize) -> Vec<f32> {
 
 /// `torch.cumprod` of an f32 vector on CPU: the running product is kept in f64 and each output
 /// rounded to f32.
-pub fn torch_cumprod_f32(values: &[f32]) -> Vec<f32> {
+pub(crate) fn torch_cumprod_f32(values: &[f32]) -> Vec<f32> {
     let mut acc = 1.0f64;
     values
         .iter()
@@ -74,7 +74,7 @@ fn rescale_zero_terminal_snr(betas: &[f32]) -> Vec<f32> {
 }
 
 /// The betas of a scheduler config (`trained_betas`, else `beta_schedule`), f32 like diffusers.
-pub fn betas(cfg: &SchedulerConfig) -> anyhow::Result<Vec<f32>> {
+pub(crate) fn betas(cfg: &SchedulerConfig) -> anyhow::Result<Vec<f32>> {
     let n = cfg.num_train_timesteps;
     if n == 0 {
         anyhow::bail!("scheduler config: `num_train_timesteps` must be at least 1");

@@ -8,7 +8,7 @@ use super::{check_steps, Sampler, SchedulerConfig, TimestepSpacing};
 use crate::vocab::PredictionType;
 
 /// DPM-Solver++ 2M (deterministic).
-pub struct DpmSolverPP2M {
+pub(crate) struct DpmSolverPP2M {
     train_sigmas: Vec<f32>,
     train_steps: usize,
     steps_offset: usize,

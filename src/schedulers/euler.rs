@@ -114,7 +114,7 @@ impl SigmaSchedule {
 
     /// The index of `t` in the schedule (the first match, as diffusers' `index_for_timestep`
     /// for a fresh run; the Euler samplers visit each timestep once).
-    pub fn index_of(&self, t: f64, fallback: usize) -> usize {
+    pub(crate) fn index_of(&self, t: f64, fallback: usize) -> usize {
         self.timesteps.iter().position(|&x| x == t).unwrap_or(fallback)
     }
 }

@@ -9,7 +9,7 @@ use super::{Sampler, SchedulerConfig};
 use crate::vocab::PredictionType;
 
 /// Euler ancestral (stochastic; the noise comes from `seed`).
-pub struct EulerAncestral {
+pub(crate) struct EulerAncestral {
     schedule: SigmaSchedule,
     prediction_type: PredictionType,
     step_index: usize,

@@ -12,19 +12,19 @@ use anyhow::Context;
 use candle_core::Tensor;
 use serde::Deserialize;
 
-pub mod betas;
+pub(crate) mod betas;
 pub mod ddim;
 pub mod ddpm;
-pub mod dpm_solver;
+pub(crate) mod dpm_solver;
 pub mod euler;
-pub mod euler_ancestral;
+pub(crate) mod euler_ancestral;
 pub mod pndm;
 
 pub use ddim::Ddim;
 pub use ddpm::Ddpm;
-pub use dpm_solver::DpmSolverPP2M;
+pub(crate) use dpm_solver::DpmSolverPP2M;
 pub use euler::EulerDiscrete;
-pub use euler_ancestral::EulerAncestral;
+pub(crate) use euler_ancestral::EulerAncestral;
 pub use pndm::Pndm;
 
 /// A diffusers `scheduler_config.json` (any scheduler class; keys a class does not use are kept
@@ -239,7 +239,7 @@ pub fn build_sampler(kind: SamplerKind, cfg: &SchedulerConfig, seed: u64) -> any
 
 /// Which rule spaces the inference timesteps over the training range.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TimestepSpacing {
+pub(crate) enum TimestepSpacing {
     /// `round(linspace(0, T-1, n))` (no offset).
     Linspace,
     /// `arange(n) * (T // n) + steps_offset` (the SD 1.5 default).
@@ -264,7 +264,7 @@ impl TimestepSpacing {
 
     /// The `n` integer inference timesteps in ascending order (numpy's arithmetic, f64 rounding
     /// half to even like `np.round`).
-    pub fn ascending(self, n: usize, train_steps: usize, steps_offset: usize) -> Vec<i64> {
+    pub(crate) fn ascending(self, n: usize, train_steps: usize, steps_offset: usize) -> Vec<i64> {
         match self {
             TimestepSpacing::Linspace => {
                 let last = (train_steps - 1) as f64;

@@ -15,23 +15,23 @@ use serde::{Deserialize, Serialize};
 
 use super::optim::AdamW;
 
-pub const LORA_FILE: &str = "pytorch_lora_weights.safetensors";
-pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
-pub const STATE_FILE: &str = "trainer_state.json";
+pub(crate) const LORA_FILE: &str = "pytorch_lora_weights.safetensors";
+pub(crate) const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub(crate) const STATE_FILE: &str = "trainer_state.json";
 
 /// A checkpoint to resume is past the end of the training the pipeline now asks for (the CLI
 /// exits 2: the user resolves it).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct PastTheEnd(pub String);
+pub(crate) struct PastTheEnd(pub String);
 
 /// What a run needs, besides weights and optimizer moments, to continue exactly.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct TrainerState {
+pub(crate) struct TrainerState {
     /// Optimizer updates done.
     pub global_step: usize,
     /// Micro-batches consumed in total (the position in the seeded data stream).
-    pub micro_steps: usize,
+    pub(crate) micro_steps: usize,
     /// The pipeline fingerprint the checkpoint was made with (informational).
     #[serde(default)]
     pub pipeline_sha256: Option<String>,
@@ -42,7 +42,7 @@ pub struct TrainerState {
     pub train_fingerprint: Option<String>,
     /// Loss of the last update.
     #[serde(default)]
-    pub last_loss: Option<f64>,
+    pub(crate) last_loss: Option<f64>,
     /// Updates whose optimizer step was skipped for inf/NaN fp16 gradients (the lr schedule
     /// did not advance on them).
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -64,7 +64,7 @@ pub struct NamedVar {
 }
 
 /// Write named tensors as safetensors with `metadata`, atomically.
-pub fn save_safetensors_atomic(
+pub(crate) fn save_safetensors_atomic(
     tensors: &[(String, Tensor)],
     metadata: Option<HashMap<String, String>>,
     path: &Path,
@@ -114,19 +114,19 @@ fn to_st_dtype(dt: candle_core::DType) -> Result<safetensors::Dtype> {
 }
 
 /// `<output>/checkpoint-<step>`.
-pub fn checkpoint_dir(output_dir: &Path, step: usize) -> PathBuf {
+pub(crate) fn checkpoint_dir(output_dir: &Path, step: usize) -> PathBuf {
     output_dir.join(format!("checkpoint-{step}"))
 }
 
 /// Whether `dir` holds every file of a checkpoint (what [`save_checkpoint`] renames into place).
-pub fn is_complete(dir: &Path) -> bool {
+pub(crate) fn is_complete(dir: &Path) -> bool {
     [STATE_FILE, LORA_FILE, OPTIMIZER_FILE].iter().all(|f| dir.join(f).is_file())
 }
 
 /// Read a checkpoint's `trainer_state.json`, checked against its folder: the step in the folder
 /// name, and counts that a run can have reached (a damaged or forged state is refused here, so
 /// the checkpoint before it is used).
-pub fn read_state(dir: &Path) -> Result<TrainerState> {
+pub(crate) fn read_state(dir: &Path) -> Result<TrainerState> {
     let state_path = dir.join(STATE_FILE);
     let meta = std::fs::metadata(&state_path).with_context(|| format!("reading {}", state_path.display()))?;
     if meta.len() > 1 << 20 {
@@ -154,7 +154,7 @@ pub fn read_state(dir: &Path) -> Result<TrainerState> {
 }
 
 /// The `checkpoint-N` directories in `output_dir`, sorted by N (ascending).
-pub fn list_checkpoints(output_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
+pub(crate) fn list_checkpoints(output_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
     let mut out = Vec::new();
     let entries = match std::fs::read_dir(output_dir) {
         Ok(e) => e,
@@ -177,7 +177,7 @@ pub fn list_checkpoints(output_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
 /// Save a complete checkpoint, then prune the oldest so at most `total_limit` remain
 /// (the reference prunes *before* saving to keep `limit` including the new one; the outcome is
 /// the same set of folders, and pruning after means a crash never leaves fewer checkpoints).
-pub fn save_checkpoint(
+pub(crate) fn save_checkpoint(
     output_dir: &Path,
     params: &[NamedVar],
     optimizer: &AdamW,
@@ -230,7 +230,7 @@ pub fn save_checkpoint(
 }
 
 /// Load a checkpoint into `params` (by name, shapes checked) and `optimizer`; returns its state.
-pub fn load_checkpoint(dir: &Path, params: &[NamedVar], optimizer: &mut AdamW) -> Result<TrainerState> {
+pub(crate) fn load_checkpoint(dir: &Path, params: &[NamedVar], optimizer: &mut AdamW) -> Result<TrainerState> {
     let state = read_state(dir)?;
     let lora_path = dir.join(LORA_FILE);
     let tensors = candle_core::safetensors::load(&lora_path, &Device::Cpu)
@@ -267,7 +267,7 @@ pub fn load_checkpoint(dir: &Path, params: &[NamedVar], optimizer: &mut AdamW) -
 
 /// Load the newest checkpoint in `output_dir` that loads; one that fails (damaged, truncated,
 /// from other settings) is reported and the previous one tried. `None` when none loads.
-pub fn load_newest_loadable(output_dir: &Path, params: &[NamedVar], optimizer: &mut AdamW) -> Result<Option<(PathBuf, TrainerState)>> {
+pub(crate) fn load_newest_loadable(output_dir: &Path, params: &[NamedVar], optimizer: &mut AdamW) -> Result<Option<(PathBuf, TrainerState)>> {
     for (_, dir) in list_checkpoints(output_dir)?.into_iter().rev() {
         match load_checkpoint(&dir, params, optimizer) {
             Ok(state) => return Ok(Some((dir, state))),
@@ -280,7 +280,7 @@ pub fn load_newest_loadable(output_dir: &Path, params: &[NamedVar], optimizer: &
 /// Resolve `resume` (`"latest"` or a path) as the reference: `latest` is the highest-numbered
 /// checkpoint in `output_dir` (none → a fresh start); a path's base name is joined with
 /// `output_dir` unless the path itself is an existing checkpoint directory.
-pub fn resolve_resume(output_dir: &Path, resume: &str) -> Result<Option<PathBuf>> {
+pub(crate) fn resolve_resume(output_dir: &Path, resume: &str) -> Result<Option<PathBuf>> {
     if resume == "latest" {
         return Ok(list_checkpoints(output_dir)?.pop().map(|(_, p)| p));
     }

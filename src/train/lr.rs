@@ -21,9 +21,10 @@ pub enum LrSchedule {
 }
 
 impl LrSchedule {
+    #[cfg(test)]
     /// The schedule for a diffusers name, with the script's defaults (`num_cycles` 1, `power`
     /// 1.0, `lr_end` 1e-7). `None` for unknown names.
-    pub fn from_name(name: &str) -> Option<Self> {
+    pub(crate) fn from_name(name: &str) -> Option<Self> {
         Some(match name {
             "constant" => Self::Constant,
             "constant_with_warmup" => Self::ConstantWithWarmup,
@@ -58,7 +59,7 @@ pub fn lr_at(schedule: &LrSchedule, base_lr: f64, step: usize, warmup_steps: usi
 }
 
 /// diffusers' `lr_lambda(step)`: the factor applied to `base_lr` (polynomial needs `base_lr`).
-pub fn lr_multiplier(schedule: &LrSchedule, base_lr: f64, step: usize, warmup_steps: usize, total_steps: usize) -> f64 {
+pub(crate) fn lr_multiplier(schedule: &LrSchedule, base_lr: f64, step: usize, warmup_steps: usize, total_steps: usize) -> f64 {
     let s = step as f64;
     let w = warmup_steps as f64;
     let n = total_steps as f64;

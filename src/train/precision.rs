@@ -26,7 +26,7 @@ pub enum MixedPrecision {
 
 impl MixedPrecision {
     /// The dtype of the frozen weights (the reference's `weight_dtype`).
-    pub fn weight_dtype(self) -> DType {
+    pub(crate) fn weight_dtype(self) -> DType {
         match self {
             Self::No => DType::F32,
             Self::Fp16 => DType::F16,
@@ -35,7 +35,7 @@ impl MixedPrecision {
     }
 
     /// Whether this precision trains with a [`GradScaler`].
-    pub fn uses_loss_scaling(self) -> bool {
+    pub(crate) fn uses_loss_scaling(self) -> bool {
         self == Self::Fp16
     }
 }
@@ -89,7 +89,7 @@ impl GradScaler {
     }
 
     /// Continue from a checkpointed state.
-    pub fn restore(&mut self, state: GradScalerState) {
+    pub(crate) fn restore(&mut self, state: GradScalerState) {
         self.state = state;
     }
 
@@ -130,7 +130,7 @@ impl GradScaler {
 
 /// Whether any element of any tensor is inf or NaN (summed in f64, where a sum of finite f32
 /// values cannot overflow, so the sum is finite exactly when every element is).
-pub fn any_non_finite(tensors: &[Tensor]) -> Result<bool> {
+pub(crate) fn any_non_finite(tensors: &[Tensor]) -> Result<bool> {
     for t in tensors {
         let s = t.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
         if !s.is_finite() {

@@ -26,7 +26,7 @@ pub struct LossOptions {
 }
 
 /// The random numbers one micro-step uses, drawn up front.
-pub struct NoiseDraw {
+pub(crate) struct NoiseDraw {
     /// N(0,1) for sampling the VAE posterior, shaped like the latents.
     pub posterior: Tensor,
     /// The diffusion noise ε (offset noise already added), shaped like the latents.

@@ -90,8 +90,8 @@ pub trait BatchSource {
 pub struct TrainOutcome {
     pub global_step: usize,
     pub max_train_steps: usize,
-    pub final_loss: Option<f64>,
-    pub first_loss: Option<f64>,
+    pub(crate) final_loss: Option<f64>,
+    pub(crate) first_loss: Option<f64>,
     /// Mean loss over the evaluation batches with fixed noise, before and after training
     /// (a noise-free measure of progress; single-step losses vary with the drawn timesteps).
     pub eval_loss_before: Option<f64>,
@@ -107,7 +107,7 @@ pub struct TrainOutcome {
 }
 
 /// Callback per update: `(global_step, max_steps, loss, lr)`.
-pub type ProgressFn<'a> = dyn FnMut(usize, usize, f64, f64) + 'a;
+pub(crate) type ProgressFn<'a> = dyn FnMut(usize, usize, f64, f64) + 'a;
 
 pub struct Trainer<'a> {
     pub sd: &'a StableDiffusion,
@@ -120,8 +120,8 @@ pub struct Trainer<'a> {
     /// image is one exact input: no random crop) and, separately, text-encoder outputs (only when
     /// the text encoder is frozen). When every row is served, the VAE / text encoder are not
     /// called at all: the hook for keeping them off the device during training.
-    pub latent_cache_disk: Option<Arc<crate::data::cache::EncodeCache>>,
-    pub text_cache_disk: Option<Arc<crate::data::cache::EncodeCache>>,
+    pub(crate) latent_cache_disk: Option<Arc<crate::data::cache::EncodeCache>>,
+    pub(crate) text_cache_disk: Option<Arc<crate::data::cache::EncodeCache>>,
     device: Device,
     text_cache: HashMap<String, Tensor>,
     latent_cache: HashMap<u64, (Tensor, Tensor)>,
@@ -249,7 +249,7 @@ impl<'a> Trainer<'a> {
     /// Mean and std of the VAE posterior, one image at a time: the VAE's convolutions are not
     /// batch-invariant (about 1e-6 apart on the CPU), and a latent must not depend on which
     /// images share its batch, so cached (encoded alone) and uncached runs agree bit for bit.
-    pub fn vae_encode_rows(&self, px: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub(crate) fn vae_encode_rows(&self, px: &Tensor) -> Result<(Tensor, Tensor)> {
         let mut means = Vec::with_capacity(px.dim(0)?);
         let mut stds = Vec::with_capacity(px.dim(0)?);
         // The VAE encoder may be parked on the CPU (the encode cache serves the run).
@@ -292,7 +292,7 @@ impl<'a> Trainer<'a> {
     }
 
     /// Loss of one micro-batch (not yet divided by the accumulation steps).
-    pub fn micro_step_loss(&mut self, batch: &TrainBatch, micro_index: usize) -> Result<Tensor> {
+    pub(crate) fn micro_step_loss(&mut self, batch: &TrainBatch, micro_index: usize) -> Result<Tensor> {
         let (mean, std) = self.encode_pixels(&batch.pixel_values)?;
         let text = self.encode_text(&batch.captions)?;
         let mut rng = micro_step_rng(self.settings.seed, micro_index);

@@ -3,7 +3,7 @@
 
 /// What a file that is neither a regular file nor a folder is, for messages.
 #[cfg(unix)]
-pub fn special_file_kind(t: &std::fs::FileType) -> &'static str {
+pub(crate) fn special_file_kind(t: &std::fs::FileType) -> &'static str {
     use std::os::unix::fs::FileTypeExt;
     if t.is_fifo() {
         "a named pipe (FIFO)"
@@ -19,6 +19,6 @@ pub fn special_file_kind(t: &std::fs::FileType) -> &'static str {
 }
 
 #[cfg(not(unix))]
-pub fn special_file_kind(_: &std::fs::FileType) -> &'static str {
+pub(crate) fn special_file_kind(_: &std::fs::FileType) -> &'static str {
     "not a regular file"
 }

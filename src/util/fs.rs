@@ -6,19 +6,19 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// The text of the file at `path`; the error names it (`reading PATH`).
-pub fn read_text(path: &Path) -> anyhow::Result<String> {
+pub(crate) fn read_text(path: &Path) -> anyhow::Result<String> {
     use anyhow::Context;
     std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
 }
 
 /// Write `bytes` to `path` atomically: the file either keeps its old content or has the new one.
 /// Parent directories are created.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     write_atomic_with(path, |f| f.write_all(bytes))
 }
 
 /// Like [`write_atomic`], with a closure that writes the content to the temporary file.
-pub fn write_atomic_with(
+pub(crate) fn write_atomic_with(
     path: &Path,
     write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
@@ -40,7 +40,7 @@ pub fn write_atomic_with(
 }
 
 /// `dir/.name.<pid>.tmp` next to `path`.
-pub fn temp_sibling(path: &Path) -> PathBuf {
+pub(crate) fn temp_sibling(path: &Path) -> PathBuf {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp_name = format!(".{name}.{}.tmp", std::process::id());
     match path.parent() {
@@ -51,7 +51,7 @@ pub fn temp_sibling(path: &Path) -> PathBuf {
 
 /// Whether `name` is a temporary this tool writes (`.NAME.PID.tmp`, [`temp_sibling`]'s names and
 /// the checkpoint folders' `.checkpoint-N.PID.tmp`) whose process is no longer running.
-pub fn is_stale_temporary(name: &str) -> bool {
+pub(crate) fn is_stale_temporary(name: &str) -> bool {
     let Some(inner) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp")) else { return false };
     let Some((stem, pid)) = inner.rsplit_once('.') else { return false };
     if stem.is_empty() || pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) {
@@ -62,7 +62,7 @@ pub fn is_stale_temporary(name: &str) -> bool {
 
 /// Whether no process with this PID exists (`kill(pid, 0)` fails with ESRCH). Any other answer
 /// (alive, not ours to signal) counts as alive.
-pub fn pid_is_dead(pid: i32) -> bool {
+pub(crate) fn pid_is_dead(pid: i32) -> bool {
     if pid <= 0 {
         return false;
     }

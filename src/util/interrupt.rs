@@ -64,7 +64,7 @@ pub fn requested() -> bool {
 
 /// The exit code for a run a signal stopped: 128 + its number (130 for Ctrl-C, 143 for SIGTERM).
 /// 130 when the stop came from elsewhere (a test's flag).
-pub fn exit_code() -> u8 {
+pub(crate) fn exit_code() -> u8 {
     match SIGNAL.load(Ordering::SeqCst) {
         0 => 130,
         sig => (128 + sig).clamp(0, 255) as u8,
@@ -72,7 +72,7 @@ pub fn exit_code() -> u8 {
 }
 
 /// Marks training as running while the guard lives (the signal message says what stopping does).
-pub struct TrainingGuard(());
+pub(crate) struct TrainingGuard(());
 
 pub fn training() -> TrainingGuard {
     TRAINING.store(true, Ordering::SeqCst);

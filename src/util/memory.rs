@@ -3,7 +3,7 @@
 
 /// Peak resident memory of this process in bytes (`VmHWM`) since start or the last
 /// [`reset_peak_rss`].
-pub fn peak_rss_bytes() -> Option<u64> {
+pub(crate) fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -13,7 +13,7 @@ pub fn peak_rss_bytes() -> Option<u64> {
 /// Reset the peak to the current resident size (`echo 5 > /proc/self/clear_refs`); returns the
 /// peak before the reset. `None` where the kernel does not allow it (the peak then keeps
 /// counting from the start).
-pub fn reset_peak_rss() -> Option<u64> {
+pub(crate) fn reset_peak_rss() -> Option<u64> {
     let before = peak_rss_bytes()?;
     std::fs::write("/proc/self/clear_refs", "5").ok()?;
     Some(before)

@@ -2,9 +2,10 @@
 //! process's host memory (`memory`) and the opt-in step profiler (`profile`); `file_kind` names
 //! special files (FIFOs, devices) for messages.
 
-pub mod file_kind;
+pub(crate) mod file_kind;
 pub mod fs;
-pub mod interrupt;
+pub(crate) mod interrupt;
 pub mod path;
 pub mod memory;
 pub mod profile;
+pub mod time;

@@ -11,25 +11,20 @@ static ON: AtomicBool = AtomicBool::new(false);
 static TABLE: Mutex<BTreeMap<&'static str, (Duration, u64)>> = Mutex::new(BTreeMap::new());
 
 /// Start (or stop) recording; starting clears what was recorded.
-pub fn enable(on: bool) {
+pub(crate) fn enable(on: bool) {
     if on {
         TABLE.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
     ON.store(on, Ordering::Relaxed);
 }
 
-/// Clear the totals (e.g. after warm-up steps) without changing whether recording is on.
-pub fn reset() {
-    TABLE.lock().unwrap_or_else(|e| e.into_inner()).clear();
-}
-
 /// Times its own lifetime under `name` when recording is on.
-pub struct Scope(Option<(&'static str, Instant)>);
+pub(crate) struct Scope(Option<(&'static str, Instant)>);
 
 /// Start timing `name` until the returned guard drops (free when recording is off). Scopes may
 /// nest; each is counted in full under its own name.
 #[inline]
-pub fn scope(name: &'static str) -> Scope {
+pub(crate) fn scope(name: &'static str) -> Scope {
     Scope(ON.load(Ordering::Relaxed).then(|| (name, Instant::now())))
 }
 
@@ -45,7 +40,7 @@ impl Drop for Scope {
 }
 
 /// What was recorded: (name, total time, calls), longest first.
-pub fn totals() -> Vec<(&'static str, Duration, u64)> {
+pub(crate) fn totals() -> Vec<(&'static str, Duration, u64)> {
     let t = TABLE.lock().unwrap_or_else(|e| e.into_inner());
     let mut v: Vec<_> = t.iter().map(|(n, (d, c))| (*n, *d, *c)).collect();
     v.sort_by(|a, b| b.1.cmp(&a.1));

@@ -10,7 +10,7 @@ use anyhow::{bail, Context};
 use super::{Caption, Dataset, Example, ImageData, SourceOptions};
 
 /// The metadata file names read, as the datasets `imagefolder` builder reads them.
-pub use crate::layout::METADATA_NAMES;
+pub(crate) use crate::layout::METADATA_NAMES;
 
 /// The metadata file of `dir` itself, if any; both kinds in one folder is an error (as in the
 /// datasets library: which one holds the captions would be a guess).
@@ -108,7 +108,7 @@ pub fn load(dir: &Path, opts: &SourceOptions) -> anyhow::Result<Dataset> {
 
 /// Whether a `file_name` names a file below the metadata file's folder: relative, no `..`, no
 /// root or drive (the datasets library only finds files inside the folder).
-pub fn stays_inside(file_name: &str) -> bool {
+pub(crate) fn stays_inside(file_name: &str) -> bool {
     // Windows separators and drives too: a metadata file written there means the same.
     let name = file_name.replace('\\', "/");
     let bytes = name.as_bytes();

@@ -2,7 +2,7 @@
 //! listed: Hugging Face parquet, an image folder with `metadata.jsonl` or `metadata.csv`, or sidecar caption files.
 
 pub mod hub;
-pub mod image_folder;
+pub(crate) mod image_folder;
 pub mod parquet;
 pub mod sidecar;
 
@@ -126,7 +126,7 @@ pub fn load_source(spec: &SourceSpec, opts: &SourceOptions) -> anyhow::Result<Da
 }
 
 /// Keep `n` examples chosen by a seeded shuffle (all of them, shuffled, if `n >= len`).
-pub fn take_subset(dataset: &mut Dataset, n: usize, seed: u64) {
+pub(crate) fn take_subset(dataset: &mut Dataset, n: usize, seed: u64) {
     let mut order: Vec<usize> = (0..dataset.len()).collect();
     order.shuffle(&mut rng_for(seed, Stream::Subset, 0, 0));
     order.truncate(n);
@@ -135,10 +135,10 @@ pub fn take_subset(dataset: &mut Dataset, n: usize, seed: u64) {
 }
 
 /// File extensions (lowercase, no dot) read as images by the folder sources.
-pub use crate::layout::IMAGE_EXTENSIONS;
+pub(crate) use crate::layout::IMAGE_EXTENSIONS;
 
 /// Whether `path` has one of [`IMAGE_EXTENSIONS`].
-pub fn is_image_path(path: &std::path::Path) -> bool {
+pub(crate) fn is_image_path(path: &std::path::Path) -> bool {
     path.extension()
         .and_then(|e| e.to_str())
         .map(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))

@@ -17,7 +17,7 @@ use super::{Caption, Dataset, Example, ImageData, SourceOptions};
 /// The parquet files a path stands for: the file itself, or the `.parquet` files of the folder
 /// (of its `data/` subfolder when there is one), recursively and sorted; when some file names
 /// start with `train`, only those (the `train` split).
-pub fn shard_files(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
+pub(crate) fn shard_files(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
     if path.is_file() {
         return Ok(vec![path.to_path_buf()]);
     }

@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use super::{Caption, Dataset, Example, ImageData};
 
 /// The default caption extensions, in order of preference.
-pub const DEFAULT_CAPTION_EXTENSIONS: &[&str] = &["txt", "caption"];
+pub(crate) const DEFAULT_CAPTION_EXTENSIONS: &[&str] = &["txt", "caption"];
 
 /// Every image under `dir` with its caption (trimmed). An image without a caption file is an error
 /// naming it and the files looked for.

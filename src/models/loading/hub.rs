@@ -38,7 +38,7 @@ impl HubSettings {
 
     /// `HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`; `HF_ENDPOINT`;
     /// `HF_HUB_OFFLINE`; `HF_TOKEN`. Progress bars when stderr is a terminal.
-    pub fn from_env() -> Self {
+    pub(crate) fn from_env() -> Self {
         let mut settings = Self::from_vars(|name| std::env::var(name).ok());
         settings.progress = std::io::stderr().is_terminal();
         settings
@@ -76,7 +76,7 @@ fn is_commit_hash(revision: &str) -> bool {
 }
 
 /// `cache_dir/models--org--name`.
-pub fn repo_cache_dir(cache_dir: &Path, repo_id: &str) -> PathBuf {
+pub(crate) fn repo_cache_dir(cache_dir: &Path, repo_id: &str) -> PathBuf {
     cache_dir.join(Repo::new(repo_id.to_string(), RepoType::Model).folder_name())
 }
 
@@ -98,7 +98,7 @@ pub fn cached_snapshot(cache_dir: &Path, repo_id: &str, revision: &str) -> Optio
 
 /// Resolve a hub id to a complete local snapshot: from the cache when offline (or when the hub
 /// cannot be reached and the cache is complete), else downloading what is missing.
-pub fn resolve_hub_model(
+pub(crate) fn resolve_hub_model(
     repo_id: &str,
     revision: &str,
     variant: Option<&str>,
@@ -122,7 +122,7 @@ pub fn resolve_hub_model(
 }
 
 /// A complete cached snapshot, or an error listing what is missing.
-pub fn resolve_from_cache(
+pub(crate) fn resolve_from_cache(
     repo_id: &str,
     revision: &str,
     variant: Option<&str>,
@@ -154,7 +154,7 @@ pub fn resolve_from_cache(
 
 /// Ask the hub for the revision's file list, choose the files the pipeline needs and download
 /// those not yet in `snapshots/<commit>/`; `refs/<revision>` then points at the commit.
-pub fn download_model(
+pub(crate) fn download_model(
     repo_id: &str,
     revision: &str,
     variant: Option<&str>,
@@ -212,7 +212,7 @@ pub fn download_model(
 
 /// One file of a hub repository (a single-file checkpoint `org/repo/file.safetensors`): from
 /// the cache when offline or already there, else downloaded into the HF cache.
-pub fn fetch_file(repo_id: &str, revision: &str, file: &str, settings: &HubSettings) -> anyhow::Result<PathBuf> {
+pub(crate) fn fetch_file(repo_id: &str, revision: &str, file: &str, settings: &HubSettings) -> anyhow::Result<PathBuf> {
     if let Some(snapshot) = cached_snapshot(&settings.cache_dir, repo_id, revision) {
         let local = snapshot.join(file);
         if local.is_file() {

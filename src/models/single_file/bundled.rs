@@ -22,7 +22,7 @@ const SD2_SCHEDULER: &str = include_str!("../../../assets/sd/sd2-scheduler_confi
 
 /// The tokenizer for a family: the bundled CLIP BPE files with SD 1.x's or SD 2.x's special
 /// tokens (SD 2.x pads with `!`, as its published tokenizer config says).
-pub fn bundled_tokenizer(family: Family) -> anyhow::Result<ClipTokenizer> {
+pub(crate) fn bundled_tokenizer(family: Family) -> anyhow::Result<ClipTokenizer> {
     let mut settings = ClipTokenizerSettings::default();
     if family == Family::Sd2 {
         settings.pad_token = "!".into();
@@ -37,7 +37,7 @@ pub fn bundled_tokenizer(family: Family) -> anyhow::Result<ClipTokenizer> {
 }
 
 /// The bundled scheduler config of a family, with the recognised prediction type.
-pub fn bundled_scheduler(family: Family, prediction: PredictionType) -> anyhow::Result<SchedulerConfig> {
+pub(crate) fn bundled_scheduler(family: Family, prediction: PredictionType) -> anyhow::Result<SchedulerConfig> {
     let text = match family {
         Family::Sd1 => SD1_SCHEDULER,
         Family::Sd2 => SD2_SCHEDULER,
@@ -48,7 +48,7 @@ pub fn bundled_scheduler(family: Family, prediction: PredictionType) -> anyhow::
 }
 
 /// Tokenizer and scheduler for a recognised file: from `[model] config` when given, else bundled.
-pub fn tokenizer_and_scheduler(rec: &Recognition) -> anyhow::Result<(ClipTokenizer, SchedulerConfig)> {
+pub(crate) fn tokenizer_and_scheduler(rec: &Recognition) -> anyhow::Result<(ClipTokenizer, SchedulerConfig)> {
     match &rec.configs_from {
         Some(dir) => {
             let tokenizer = ClipTokenizer::from_dir(&dir.join(vocab::TOKENIZER_DIR)).with_context(|| format!("the tokenizer of {}", dir.display()))?;

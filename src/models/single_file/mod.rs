@@ -4,7 +4,7 @@
 //! type from them, `bundled` supplies the tokenizer and scheduler configs, `weights` opens the
 //! renamed weights. Here: a `[model]` table's single file recognised and checked in one call.
 
-pub mod bundled;
+pub(crate) mod bundled;
 pub mod header;
 pub mod names;
 pub mod recognition;
@@ -16,7 +16,7 @@ use weights::open_weights;
 
 /// Recognise the local single file of a `[model]` table (`None` when there is none, or it is a
 /// hub file not yet downloaded); every tensor must be accounted for.
-pub fn recognise_config(m: &crate::config::ModelConfig) -> Option<anyhow::Result<Recognition>> {
+pub(crate) fn recognise_config(m: &crate::config::ModelConfig) -> Option<anyhow::Result<Recognition>> {
     let file = m.file.as_ref().filter(|f| f.is_file())?;
     let opts = SingleFileOptions {
         config_dir: m.config.clone(),

@@ -35,7 +35,7 @@ impl Family {
 
 /// True when a `.safetensors` file holds an LDM single-file checkpoint (a UNet under
 /// `model.diffusion_model.`).
-pub fn is_single_file_checkpoint(header: &Header) -> bool {
+pub(crate) fn is_single_file_checkpoint(header: &Header) -> bool {
     header.tensors.keys().any(|k| k.starts_with(UNET_PREFIX))
 }
 
@@ -58,7 +58,7 @@ pub struct Recognition {
     pub text_encoder: ClipTextConfig,
     pub prediction: Prediction,
     /// The diffusers folder whose configs were used (`[model] config`), if any.
-    pub configs_from: Option<PathBuf>,
+    pub(crate) configs_from: Option<PathBuf>,
     /// Tensors of the file that are knowingly left out (EMA copies, the OpenCLIP layer SD 2.x
     /// does not use, schedule buffers), with why.
     pub ignored: Vec<(String, String)>,
@@ -130,10 +130,10 @@ impl Recognition {
 
 /// Options that steer recognition (from `[model]`).
 #[derive(Clone, Debug, Default)]
-pub struct SingleFileOptions {
+pub(crate) struct SingleFileOptions {
     /// A diffusers folder whose `unet/`, `vae/`, `text_encoder/` configs, `tokenizer/` and
     /// `scheduler/` are used instead of the recognised/bundled ones (its weights are not read).
-    pub config_dir: Option<PathBuf>,
+    pub(crate) config_dir: Option<PathBuf>,
     /// Overrides the file and the family default.
     pub prediction_type: Option<PredictionType>,
     /// Read the UNet from the EMA copy (`model_ema.*`) when the file has both.
@@ -141,7 +141,7 @@ pub struct SingleFileOptions {
 }
 
 /// Recognise the model in a single-file checkpoint from its header.
-pub fn recognise(path: &Path, header: &Header, opts: &SingleFileOptions) -> anyhow::Result<Recognition> {
+pub(crate) fn recognise(path: &Path, header: &Header, opts: &SingleFileOptions) -> anyhow::Result<Recognition> {
     if !is_single_file_checkpoint(header) {
         bail!(
             "{} is not a single-file Stable Diffusion checkpoint: it has no `{UNET_PREFIX}*` tensors{}",
@@ -253,7 +253,7 @@ pub fn recognise(path: &Path, header: &Header, opts: &SingleFileOptions) -> anyh
 
 /// A prediction type as people write it (`epsilon`, `eps`, `v`, `v_prediction`, `v-prediction`,
 /// `vpred`, `v_pred`; any case): a single file's metadata, `--prediction-type`.
-pub fn prediction_word(word: &str) -> Option<PredictionType> {
+pub(crate) fn prediction_word(word: &str) -> Option<PredictionType> {
     match word.trim().to_ascii_lowercase().as_str() {
         "epsilon" | "eps" => Some(PredictionType::Epsilon),
         "v" | "v_prediction" | "v-prediction" | "vpred" | "v_pred" => Some(PredictionType::VPrediction),
@@ -262,7 +262,7 @@ pub fn prediction_word(word: &str) -> Option<PredictionType> {
 }
 
 /// [`prediction_word`] for a command-line flag, refusing anything else.
-pub fn prediction_flag(word: &str) -> anyhow::Result<PredictionType> {
+pub(crate) fn prediction_flag(word: &str) -> anyhow::Result<PredictionType> {
     prediction_word(word).with_context(|| format!("`prediction_type` = \"{word}\" must be \"epsilon\" or \"v_prediction\""))
 }
 

@@ -173,7 +173,7 @@ pub fn open_weights(rec: &mut Recognition, header: &Header, with_vae: bool) -> a
 
 /// A separate VAE file: a diffusers-layout `AutoencoderKL` file, an LDM VAE (`encoder.down.*`),
 /// or one with the `first_stage_model.` prefix. Returns its weights and config.
-pub fn open_vae_file(path: &Path, scaling_factor: f64) -> anyhow::Result<(ComponentWeights, VaeConfig)> {
+pub(crate) fn open_vae_file(path: &Path, scaling_factor: f64) -> anyhow::Result<(ComponentWeights, VaeConfig)> {
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or_default();
     if ext != "safetensors" {
         bail!(

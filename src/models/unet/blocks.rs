@@ -49,7 +49,7 @@ fn load_attentions(vb: &VarBuilder, name: &str, count: usize, cfg: Option<&Trans
 pub struct DownBlock {
     pub resnets: Vec<ResnetBlock2D>,
     pub attentions: Vec<Transformer2DModel>,
-    pub downsampler: Option<Downsample2D>,
+    pub(crate) downsampler: Option<Downsample2D>,
 }
 
 impl DownBlock {
@@ -137,7 +137,7 @@ impl MidBlock {
 pub struct UpBlock {
     pub resnets: Vec<ResnetBlock2D>,
     pub attentions: Vec<Transformer2DModel>,
-    pub upsampler: Option<Upsample2D>,
+    pub(crate) upsampler: Option<Upsample2D>,
 }
 
 /// Channel widths around an up block (diffusers' `in_channels`, `prev_output_channel`,
@@ -147,8 +147,8 @@ pub struct UpBlockChannels {
     /// Width of the skip that feeds the last resnet (the previous down block's output width).
     pub in_channels: usize,
     /// Width of the features entering the block.
-    pub prev_output_channels: usize,
-    pub out_channels: usize,
+    pub(crate) prev_output_channels: usize,
+    pub(crate) out_channels: usize,
 }
 
 impl UpBlock {

@@ -10,7 +10,7 @@ use crate::nn::{Activation, AdaptedLinear};
 ///
 /// Frequencies are `exp(-ln(10000) · i / (dim/2 - freq_shift))`; the halves are `[sin, cos]`,
 /// or `[cos, sin]` with `flip_sin_to_cos`; an odd `dim` gets a zero column.
-pub fn timestep_embedding(timesteps: &Tensor, dim: usize, flip_sin_to_cos: bool, freq_shift: f64) -> Result<Tensor> {
+pub(crate) fn timestep_embedding(timesteps: &Tensor, dim: usize, flip_sin_to_cos: bool, freq_shift: f64) -> Result<Tensor> {
     let half = dim / 2;
     let device: &Device = timesteps.device();
     let exponent = (Tensor::arange(0u32, half as u32, device)?.to_dtype(DType::F32)? * (-(10000f64.ln()) / (half as f64 - freq_shift)))?;

@@ -27,8 +27,8 @@ pub struct UNet2DConditionModel {
     pub down_blocks: Vec<DownBlock>,
     pub mid_block: Option<MidBlock>,
     pub up_blocks: Vec<UpBlock>,
-    pub conv_norm_out: GroupNorm,
-    pub conv_out: FrozenConv2d,
+    pub(crate) conv_norm_out: GroupNorm,
+    pub(crate) conv_out: FrozenConv2d,
     config: UNetConfig,
 }
 
@@ -141,7 +141,7 @@ impl UNet2DConditionModel {
     /// of keeping its activations, and the gradients of the LoRA parameters inside them land in
     /// `ckpt` (merge them into the `GradStore` of the backward with
     /// [`CheckpointGrads::merge_into`]). Same value and gradients as without.
-    pub fn forward_checkpointed(
+    pub(crate) fn forward_checkpointed(
         &self,
         sample: &Tensor,
         timesteps: &Tensor,

@@ -5,12 +5,12 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use crate::nn::frozen::FrozenConv2d;
 
-pub use crate::nn::resnet::{conv2d_same, ResnetBlock2D, ResnetConfig};
+pub(crate) use crate::nn::resnet::{conv2d_same, ResnetBlock2D, ResnetConfig};
 
 /// diffusers' `Downsample2D` with `use_conv`: a 3x3 stride-2 conv (`downsamplers.0.conv`).
 /// With `padding == 0` (the VAE) the input is first padded by one on the right and bottom.
 #[derive(Clone, Debug)]
-pub struct Downsample2D {
+pub(crate) struct Downsample2D {
     pub conv: FrozenConv2d,
     padding: usize,
 }
@@ -34,7 +34,7 @@ impl Downsample2D {
 /// diffusers' `Upsample2D` with `use_conv`: nearest-neighbour upsampling, then a 3x3 conv
 /// (`upsamplers.0.conv`).
 #[derive(Clone, Debug)]
-pub struct Upsample2D {
+pub(crate) struct Upsample2D {
     pub conv: FrozenConv2d,
 }
 

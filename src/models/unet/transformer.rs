@@ -91,11 +91,11 @@ impl FeedForward {
 /// added to the residual stream.
 #[derive(Clone, Debug)]
 pub struct BasicTransformerBlock {
-    pub norm1: LayerNorm,
+    pub(crate) norm1: LayerNorm,
     pub attn1: Attention,
     pub norm2: LayerNorm,
     pub attn2: Attention,
-    pub norm3: LayerNorm,
+    pub(crate) norm3: LayerNorm,
     pub ff: FeedForward,
     only_cross_attention: bool,
 }
@@ -105,9 +105,9 @@ pub struct BasicTransformerBlock {
 pub struct TransformerConfig {
     pub channels: usize,
     pub heads: usize,
-    pub num_layers: usize,
+    pub(crate) num_layers: usize,
     pub cross_attention_dim: usize,
-    pub norm_num_groups: usize,
+    pub(crate) norm_num_groups: usize,
     pub use_linear_projection: bool,
     pub only_cross_attention: bool,
     pub upcast_attention: bool,

@@ -37,9 +37,9 @@ use candle_core::Result;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Tiling {
     /// Query rows per tile (the unit of parallel work in the forward).
-    pub q_tile: usize,
+    pub(crate) q_tile: usize,
     /// Key/value rows per tile (the width of one tile of scores).
-    pub k_tile: usize,
+    pub(crate) k_tile: usize,
 }
 
 /// The CPU kernel's tiles: a tile of scores is `64 × 256` f32 (64 KiB), which with one tile of
@@ -53,11 +53,11 @@ pub(crate) const CHUNK_SCORE_ELEMENTS: usize = 1 << 24;
 /// Sizes of one attention call, shared by both implementations.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Geometry {
-    pub bh: usize,
-    pub lq: usize,
-    pub lk: usize,
+    pub(crate) bh: usize,
+    pub(crate) lq: usize,
+    pub(crate) lk: usize,
     pub d: usize,
-    pub dv: usize,
+    pub(crate) dv: usize,
 }
 
 impl Geometry {

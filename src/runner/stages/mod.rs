@@ -29,7 +29,6 @@ use crate::util::path::tidy_path;
 use crate::data::{DataLoader, Dataset};
 use crate::models::StableDiffusion;
 
-pub use crate::report::plot::LOSS_PLOT;
 
 
 mod encode;
@@ -38,7 +37,6 @@ mod load;
 mod train;
 mod validate;
 
-pub use validate::{validation_adapter, validation_files};
 
 /// A file or folder a stage writes, relative to the output folder; `<step>` and `<...>` stand
 /// for parts known only while running.
@@ -56,10 +54,10 @@ fn out(path: impl Into<String>, what: impl Into<String>, required: bool) -> Outp
 
 /// What a stage's run function reports back to the walk.
 #[derive(Default)]
-pub struct Ran {
+pub(crate) struct Ran {
     /// False when the stage stopped early (Ctrl-C): nothing is recorded and the walk ends.
-    pub complete: bool,
-    pub details: BTreeMap<String, serde_json::Value>,
+    pub(crate) complete: bool,
+    pub(crate) details: BTreeMap<String, serde_json::Value>,
 }
 
 impl Ran {
@@ -68,14 +66,14 @@ impl Ran {
     }
 }
 
-pub struct Stage {
+pub(crate) struct Stage {
     pub id: StageId,
     /// Upstream stages whose fingerprints this one folds in; when one of them runs, so does this.
-    pub depends_on: &'static [StageId],
+    pub(crate) depends_on: &'static [StageId],
     /// Loading stages whose in-memory result this one needs to run.
     pub needs: &'static [StageId],
     /// Whether the result is on disk with a lock entry (false: loaded into memory when needed).
-    pub tracked: bool,
+    pub(crate) tracked: bool,
     /// `Some(reason)` when the pipeline turns the stage off.
     pub off: fn(&Plan) -> Option<&'static str>,
     pub fingerprint: fn(&Plan) -> String,
@@ -85,7 +83,7 @@ pub struct Stage {
     pub run: fn(&mut StageCtx<'_>) -> Result<Ran>,
 }
 
-pub const STAGES: &[Stage] = &[load::MODEL, load::DATASET, load::PREPROCESS, encode::ENCODE, train::TRAIN, export::EXPORT, validate::VALIDATE];
+pub(crate) const STAGES: &[Stage] = &[load::MODEL, load::DATASET, load::PREPROCESS, encode::ENCODE, train::TRAIN, export::EXPORT, validate::VALIDATE];
 
 impl Plan {
     /// Resolve `loaded` once: fingerprints in table order, each seeing the upstream ones.
@@ -113,10 +111,6 @@ pub struct Session {
 }
 
 impl Session {
-    /// The model the model stage loaded, if any.
-    pub fn model_mut(&mut self) -> Option<&mut StableDiffusion> {
-        self.model.as_mut().map(|(_, sd)| sd)
-    }
 
     /// Hold `dir` for this session (released when the session ends or moves to another folder).
     pub fn hold(&mut self, dir: &Path) -> Result<()> {
@@ -131,7 +125,7 @@ impl Session {
 
 /// Watches the train stage from outside (`lora bench`): called once the set-up is done (model,
 /// data, encode cache, encoders parked), after every update, and when training ends.
-pub trait TrainObserver {
+pub(crate) trait TrainObserver {
     fn starting(&mut self, device: &Device);
     fn update(&mut self, step: usize, total: usize, loss: f64, lr: f64);
     fn finished(&mut self, device: &Device);
@@ -151,7 +145,7 @@ pub struct RunReport {
     pub train: Option<TrainOutcome>,
     pub skipped_train: bool,
     pub files: Vec<PathBuf>,
-    pub skipped_images: usize,
+    pub(crate) skipped_images: usize,
     pub examples: usize,
     pub seconds: f64,
     /// Every stage of the table in order, with what this run did with it.
@@ -168,13 +162,13 @@ pub struct RunReport {
     /// from `metrics.jsonl`.
     pub eval_loss: (Option<f64>, Option<f64>),
     /// Seconds of the train stage spent on validation and plots between steps.
-    pub side_seconds: f64,
+    pub(crate) side_seconds: f64,
 }
 
 /// The state a walk hands from stage to stage.
-pub struct StageCtx<'a> {
+pub(crate) struct StageCtx<'a> {
     pub plan: &'a Plan,
-    pub session: &'a mut Session,
+    pub(crate) session: &'a mut Session,
     pub lock: &'a mut Lock,
     pub opts: &'a RunOptions,
     pub stop: Arc<AtomicBool>,
@@ -182,7 +176,7 @@ pub struct StageCtx<'a> {
     /// How the train stage starts, as `plan` printed it (set when train runs).
     pub start: Option<super::resume::Start>,
     /// `lora bench`'s timing hook on the train stage.
-    pub observer: Option<&'a mut (dyn TrainObserver + 'a)>,
+    pub(crate) observer: Option<&'a mut (dyn TrainObserver + 'a)>,
     device: Option<Device>,
     loader: Option<DataLoader>,
 }
@@ -217,7 +211,7 @@ impl Status {
     }
 
     /// The label after a run: what was done.
-    pub fn done_label(&self) -> String {
+    pub(crate) fn done_label(&self) -> String {
         match self {
             Status::Run(why) => format!("ran: {why}"),
             Status::Load => "loaded".into(),
@@ -233,7 +227,7 @@ pub fn decide(plan: &Plan, lock: &Lock, force: bool) -> Vec<Status> {
 }
 
 /// [`decide`], with how the train stage starts when it runs (resume, start over, refuse).
-pub fn decide_all(plan: &Plan, lock: &Lock, force: bool) -> (Vec<Status>, Option<super::resume::Start>) {
+pub(crate) fn decide_all(plan: &Plan, lock: &Lock, force: bool) -> (Vec<Status>, Option<super::resume::Start>) {
     use super::resume::Start;
     let dir = &plan.out_dir;
     let mut start = None;
@@ -335,7 +329,7 @@ pub fn describe(plan: &Plan, lock: &Lock, force: bool) -> Vec<StageView> {
 
 /// Run the stages of `plan` that are not up to date, holding its output folder for `session`;
 /// `observer` watches the train stage (`lora bench`).
-pub fn run_plan(plan: &Plan, session: &mut Session, opts: &RunOptions, stop: Arc<AtomicBool>, observer: Option<&mut dyn TrainObserver>) -> Result<RunReport> {
+pub(crate) fn run_plan(plan: &Plan, session: &mut Session, opts: &RunOptions, stop: Arc<AtomicBool>, observer: Option<&mut dyn TrainObserver>) -> Result<RunReport> {
     let started = Instant::now();
     let mut plan = plan.clone();
     plan.pick_seed();

@@ -80,7 +80,7 @@ pub(super) const VALIDATE: Stage = Stage {
 /// The file the final validation applies, relative to the output folder: the exported diffusers
 /// file when `output.formats` writes one, else the kohya one (the train stage's own file only
 /// when no format is asked for).
-pub fn validation_adapter(p: &cfg::Pipeline) -> String {
+pub(crate) fn validation_adapter(p: &cfg::Pipeline) -> String {
     if p.output.formats.contains(&cfg::OutputFormat::Diffusers) {
         diffusers_file(p)
     } else if p.output.formats.contains(&cfg::OutputFormat::Kohya) {
@@ -91,7 +91,7 @@ pub fn validation_adapter(p: &cfg::Pipeline) -> String {
 }
 
 /// The final validation images, relative to the output folder (what `validation_images` writes).
-pub fn validation_files(p: &cfg::Pipeline) -> Vec<String> {
+pub(crate) fn validation_files(p: &cfg::Pipeline) -> Vec<String> {
     (0..p.validation.prompts.len())
         .flat_map(|i| (0..p.validation.num_images).map(move |j| format!("validation/{}", validation_file_name(i, j as usize))))
         .collect()
