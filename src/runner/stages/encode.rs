@@ -9,9 +9,10 @@ use candle_core::Device;
 use crate::runner::lock::Fingerprint;
 use crate::runner::plan::{Plan, StageId};
 use crate::runner::resolve::loader_options;
-use super::{nothing, out, with_rate, Ran, Stage, StageCtx};
+use super::{LoadedModel, Run, nothing, out, with_rate, Ran, Stage, StageCtx};
 use crate::adapters::lora::InitRng;
 use crate::config::types as cfg;
+use crate::data::DataLoader;
 use crate::data::cache::EncodeCache;
 use crate::data;
 use crate::layout::CACHE_DIR;
@@ -32,7 +33,6 @@ pub(super) fn caches_text(p: &Plan) -> bool {
 pub(super) const ENCODE: Stage = Stage {
     id: StageId::Encode,
     depends_on: &[StageId::Model, StageId::Preprocess],
-    needs: &[StageId::Model, StageId::Preprocess],
     tracked: true,
     off: |p| {
         if p.no_cache {
@@ -62,20 +62,18 @@ pub(super) const ENCODE: Stage = Stage {
         let text = if caches_text(p) { "text-encoder output of every caption" } else { "no text (the text encoder trains)" };
         format!("cache on disk: {latents}; {text}")
     },
-    run: run_encode,
+    run: Run::ModelAndData(run_encode),
 };
 
 pub(super) fn encode_cache(p: &Plan) -> Arc<EncodeCache> {
     Arc::new(EncodeCache::new(&p.out_dir.join(CACHE_DIR), p.fingerprint(StageId::Model)))
 }
 
-fn run_encode(ctx: &mut StageCtx<'_>) -> Result<Ran> {
+fn run_encode(ctx: &mut StageCtx<'_>, model: &mut LoadedModel, loader: &DataLoader) -> Result<Ran> {
     let plan = ctx.plan;
     let cache = encode_cache(plan);
     std::fs::create_dir_all(cache.dir()).with_context(|| format!("creating {}", cache.dir().display()))?;
-    let device = ctx.device.clone().context("the model stage runs before encode")?;
-    let loader = ctx.loader.as_ref().context("the preprocess stage runs before encode")?;
-    let (_, sd) = ctx.session.model.as_mut().context("the model stage runs before encode")?;
+    let (device, sd) = (model.device.clone(), &mut model.sd);
     // Encoders parked by an earlier run of this session (watch mode) come back to encode.
     sd.unpark_encoders(&device)?;
     let sd: &StableDiffusion = sd;

@@ -9,7 +9,7 @@ use candle_core::DType;
 use crate::runner::lock::Fingerprint;
 use crate::runner::plan::StageId;
 use crate::runner::resolve::{diffusers_file, kohya_file, model_source, resolved_toml,};
-use super::{not_off, out, tidy, Ran, Stage, StageCtx};
+use super::{Run, not_off, out, tidy, Ran, Stage, StageCtx};
 use crate::adapters::kohya_meta::TrainingInfo;
 use crate::adapters::weights::LoraFormat;
 use crate::config::choice_name;
@@ -23,7 +23,6 @@ pub(super) const KOHYA_HEADER_VERSION: &str = "2";
 pub(super) const EXPORT: Stage = Stage {
     id: StageId::Export,
     depends_on: &[StageId::Train],
-    needs: &[],
     tracked: true,
     off: not_off,
     fingerprint: |p| {
@@ -58,7 +57,7 @@ pub(super) const EXPORT: Stage = Stage {
         let names: Vec<String> = p.pipeline().output.formats.iter().map(choice_name).collect();
         format!("write the adapter ({})", names.join(", "))
     },
-    run: |ctx| {
+    run: Run::Plain(|ctx| {
         let details = ctx.lock.stages.get(StageId::Train.name()).map(|r| r.details.clone()).unwrap_or_default();
         export_files(ctx, &details)?;
         // Files an earlier export wrote that are no longer asked for.
@@ -73,7 +72,7 @@ pub(super) const EXPORT: Stage = Stage {
             }
         }
         Ok(Ran::done())
-    },
+    }),
 };
 
 /// Write every format of `output.formats` from the train stage's file.

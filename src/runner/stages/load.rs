@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use crate::runner::lock::Fingerprint;
 use crate::runner::plan::StageId;
 use crate::runner::resolve::{load_model, loader_options, select_device, source_options, source_spec, weight_dtype,};
-use super::{no_outputs, not_off, nothing, Ran, Stage, StageCtx};
+use super::{LoadedModel, Run, no_outputs, not_off, nothing, Ran, Stage, StageCtx};
 use crate::config::choice_name;
 use crate::config::types as cfg;
 use crate::data::{self, DataLoader};
@@ -17,7 +17,6 @@ use crate::util::path::tidy_path;
 pub(super) const MODEL: Stage = Stage {
     id: StageId::Model,
     depends_on: &[],
-    needs: &[],
     tracked: false,
     off: not_off,
     fingerprint: |p| {
@@ -42,7 +41,7 @@ pub(super) const MODEL: Stage = Stage {
         let variant = p.pipeline().model.variant.as_ref().map(|v| format!(", variant {v}")).unwrap_or_default();
         format!("load tokenizer, text encoder, UNet, VAE and noise scheduler{variant}")
     },
-    run: run_model,
+    run: Run::Plain(run_model),
 };
 
 fn run_model(ctx: &mut StageCtx<'_>) -> Result<Ran> {
@@ -51,16 +50,20 @@ fn run_model(ctx: &mut StageCtx<'_>) -> Result<Ran> {
     crate::device::allow_tf32(&device, p.train.allow_tf32);
     let dtype = weight_dtype(p.train.precision, &device)?;
     let fp = ctx.plan.fingerprint(StageId::Model);
-    if !ctx.opts.force && ctx.session.model.as_ref().is_some_and(|(f, _)| f == fp) {
-        tracing::info!("model: kept in memory");
-    } else {
-        ctx.session.model = Some((fp.to_string(), load_model(p, &device, dtype)?));
-    }
+    let kept = ctx.session.model.take().filter(|m| !ctx.opts.force && m.fingerprint == fp);
+    let mut model = match kept {
+        Some(m) => {
+            tracing::info!("model: kept in memory");
+            m
+        }
+        // (An earlier model of the session is dropped before this one loads.)
+        None => LoadedModel { fingerprint: fp.to_string(), sd: load_model(p, &device, dtype)?, device: device.clone() },
+    };
     // Remove adapters a previous run of this session attached.
-    let (_, sd) = ctx.session.model.as_mut().expect("just loaded");
-    sd.unet.linears_mut().into_iter().for_each(|l| l.loras.clear());
-    sd.text_encoder.linears_mut().into_iter().for_each(|l| l.loras.clear());
-    ctx.device = Some(device);
+    model.sd.unet.linears_mut().into_iter().for_each(|l| l.loras.clear());
+    model.sd.text_encoder.linears_mut().into_iter().for_each(|l| l.loras.clear());
+    model.device = device;
+    ctx.session.model = Some(model);
     Ok(Ran::done())
 }
 
@@ -70,7 +73,6 @@ fn run_model(ctx: &mut StageCtx<'_>) -> Result<Ran> {
 pub(super) const DATASET: Stage = Stage {
     id: StageId::Dataset,
     depends_on: &[],
-    needs: &[],
     tracked: false,
     off: not_off,
     fingerprint: |p| {
@@ -98,7 +100,7 @@ pub(super) const DATASET: Stage = Stage {
         let d = &p.pipeline().dataset;
         format!("read images ({}) and captions ({}), screen out bad images ({})", d.image_column, d.caption_column, choice_name(&d.on_bad_image))
     },
-    run: run_dataset,
+    run: Run::Plain(run_dataset),
 };
 
 fn run_dataset(ctx: &mut StageCtx<'_>) -> Result<Ran> {
@@ -128,7 +130,6 @@ fn run_dataset(ctx: &mut StageCtx<'_>) -> Result<Ran> {
 pub(super) const PREPROCESS: Stage = Stage {
     id: StageId::Preprocess,
     depends_on: &[StageId::Dataset],
-    needs: &[StageId::Dataset],
     tracked: false,
     off: not_off,
     fingerprint: |p| Fingerprint::new("preprocess").add("dataset", p.fingerprint(StageId::Dataset)).add_toml("preprocess", p.table("preprocess")).finish(),
@@ -143,9 +144,9 @@ pub(super) const PREPROCESS: Stage = Stage {
         let flip = if pre.random_flip { ", random flip" } else { "" };
         format!("resize to {} ({}), {crop}{flip}, normalise to [-1, 1] (per batch, as training reads it)", pre.resolution, choice_name(&pre.interpolation))
     },
-    run: |ctx| {
+    run: Run::Plain(|ctx| {
         let (_, dataset, _) = ctx.session.dataset.as_ref().context("the dataset stage runs before preprocess")?;
         ctx.loader = Some(DataLoader::new(dataset.clone(), loader_options(ctx.plan.pipeline()))?);
         Ok(Ran::done())
-    },
+    }),
 };

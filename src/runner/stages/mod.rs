@@ -70,8 +70,6 @@ pub(crate) struct Stage {
     pub id: StageId,
     /// Upstream stages whose fingerprints this one folds in; when one of them runs, so does this.
     pub(crate) depends_on: &'static [StageId],
-    /// Loading stages whose in-memory result this one needs to run.
-    pub needs: &'static [StageId],
     /// Whether the result is on disk with a lock entry (false: loaded into memory when needed).
     pub(crate) tracked: bool,
     /// `Some(reason)` when the pipeline turns the stage off.
@@ -80,7 +78,9 @@ pub(crate) struct Stage {
     pub reads: fn(&Plan) -> Vec<String>,
     pub outputs: fn(&Plan) -> Vec<Output>,
     pub describe: fn(&Plan) -> String,
-    pub run: fn(&mut StageCtx<'_>) -> Result<Ran>,
+    /// What it runs, typed by what the loading stages hand it (which also says which loading
+    /// stages it needs).
+    pub(crate) run: Run,
 }
 
 pub(crate) const STAGES: &[Stage] = &[load::MODEL, load::DATASET, load::PREPROCESS, encode::ENCODE, train::TRAIN, export::EXPORT, validate::VALIDATE];
@@ -97,6 +97,38 @@ impl Plan {
     }
 }
 
+/// A stage's run function, by what it is handed. The walk hands over what the loading stages
+/// made (the table runs them first when a stage needs them), so no stage unwraps an `Option`.
+#[derive(Clone, Copy)]
+pub(crate) enum Run {
+    /// A loading stage, or one that needs nothing loaded (export).
+    Plain(fn(&mut StageCtx<'_>) -> Result<Ran>),
+    /// Needs the model (validate).
+    Model(fn(&mut StageCtx<'_>, &mut LoadedModel) -> Result<Ran>),
+    /// Needs the model and the data loader (encode, train).
+    ModelAndData(fn(&mut StageCtx<'_>, &mut LoadedModel, &DataLoader) -> Result<Ran>),
+}
+
+impl Stage {
+    /// The loading stages whose result this stage is handed (from its [`Run`] kind).
+    pub(crate) fn needs(&self) -> &'static [StageId] {
+        match (self.id, self.run) {
+            (StageId::Preprocess, _) => &[StageId::Dataset],
+            (_, Run::Plain(_)) => &[],
+            (_, Run::Model(_)) => &[StageId::Model],
+            (_, Run::ModelAndData(_)) => &[StageId::Model, StageId::Preprocess],
+        }
+    }
+}
+
+/// The model stage's result: the diffusion stack on its device, kept in the [`Session`] between
+/// runs of watch mode (by the model stage's fingerprint).
+pub(crate) struct LoadedModel {
+    pub(crate) fingerprint: String,
+    pub device: Device,
+    pub sd: StableDiffusion,
+}
+
 /// A refusal the user can resolve (exit code 2): e.g. resuming with changed settings.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -105,7 +137,7 @@ pub struct Refused(pub String);
 /// What stays loaded between runs of watch mode, and the output folder held exclusively.
 #[derive(Default)]
 pub struct Session {
-    model: Option<(String, StableDiffusion)>,
+    model: Option<LoadedModel>,
     dataset: Option<(String, Arc<Dataset>, usize)>,
     run_dir: Option<RunDir>,
 }
@@ -177,7 +209,6 @@ pub(crate) struct StageCtx<'a> {
     pub start: Option<super::resume::Start>,
     /// `lora bench`'s timing hook on the train stage.
     pub(crate) observer: Option<&'a mut (dyn TrainObserver + 'a)>,
-    device: Option<Device>,
     loader: Option<DataLoader>,
 }
 
@@ -286,7 +317,7 @@ pub(crate) fn decide_all(plan: &Plan, lock: &Lock, force: bool) -> (Vec<Status>,
     for (stage, st) in STAGES.iter().zip(&status).rev() {
         let loads = matches!(st, Status::Run(_)) || (!stage.tracked && needed.contains(&stage.id) && !matches!(st, Status::Off(_)));
         if loads {
-            needed.extend(stage.needs.iter().copied());
+            needed.extend(stage.needs().iter().copied());
         }
     }
     for (stage, st) in STAGES.iter().zip(status.iter_mut()) {
@@ -327,6 +358,28 @@ pub fn describe(plan: &Plan, lock: &Lock, force: bool) -> Vec<StageView> {
         .collect()
 }
 
+/// Run `stage`, handing it what its [`Run`] kind takes: the model and the loader the loading
+/// stages made (`decide` loads them for every stage that needs them, in table order).
+fn run_stage(stage: &Stage, ctx: &mut StageCtx<'_>) -> Result<Ran> {
+    let missing = |what: StageId| anyhow::anyhow!("the {} stage needs the {} stage's result, which the stage table runs before it", stage.id.name(), what.name());
+    match stage.run {
+        Run::Plain(f) => f(ctx),
+        Run::Model(f) => {
+            let mut model = ctx.session.model.take().ok_or_else(|| missing(StageId::Model))?;
+            let ran = f(ctx, &mut model);
+            ctx.session.model = Some(model);
+            ran
+        }
+        Run::ModelAndData(f) => {
+            let loader = ctx.loader.clone().ok_or_else(|| missing(StageId::Preprocess))?;
+            let mut model = ctx.session.model.take().ok_or_else(|| missing(StageId::Model))?;
+            let ran = f(ctx, &mut model, &loader);
+            ctx.session.model = Some(model);
+            ran
+        }
+    }
+}
+
 /// Run the stages of `plan` that are not up to date, holding its output folder for `session`;
 /// `observer` watches the train stage (`lora bench`).
 pub(crate) fn run_plan(plan: &Plan, session: &mut Session, opts: &RunOptions, stop: Arc<AtomicBool>, observer: Option<&mut dyn TrainObserver>) -> Result<RunReport> {
@@ -346,7 +399,7 @@ pub(crate) fn run_plan(plan: &Plan, session: &mut Session, opts: &RunOptions, st
     let mut report = RunReport::default();
     // (A reborrow for the walk's own lifetime.)
     let observer = observer.map(|o| o as &mut dyn TrainObserver);
-    let mut ctx = StageCtx { plan: &plan, session, lock: &mut lock, opts, stop, report: &mut report, start, observer, device: None, loader: None };
+    let mut ctx = StageCtx { plan: &plan, session, lock: &mut lock, opts, stop, report: &mut report, start, observer, loader: None };
     for (stage, status) in STAGES.iter().zip(statuses) {
         if crate::util::interrupt::requested() {
             // A stop signal between stages: what ran is recorded, the rest waits for the next run.
@@ -364,7 +417,7 @@ pub(crate) fn run_plan(plan: &Plan, session: &mut Session, opts: &RunOptions, st
             }
             Status::NotNeeded | Status::Off(_) | Status::Refused(_) => continue,
         }
-        let ran = (stage.run)(&mut ctx).with_context(|| format!("stage {}", stage.id.name()))?;
+        let ran = run_stage(stage, &mut ctx).with_context(|| format!("stage {}", stage.id.name()))?;
         if !ran.complete {
             break;
         }
@@ -435,6 +488,20 @@ mod tests {
         assert_eq!(StageId::owner_of("validation.prompts"), Some(StageId::Validate));
         assert_eq!(StageId::owner_of("model files"), Some(StageId::Model));
         assert_eq!(StageId::owner_of("extends"), None);
+        // What each stage is handed, by its run kind.
+        let needs: Vec<(StageId, &[StageId])> = STAGES.iter().map(|s| (s.id, s.needs())).collect();
+        assert_eq!(
+            needs,
+            vec![
+                (StageId::Model, &[][..]),
+                (StageId::Dataset, &[][..]),
+                (StageId::Preprocess, &[StageId::Dataset][..]),
+                (StageId::Encode, &[StageId::Model, StageId::Preprocess][..]),
+                (StageId::Train, &[StageId::Model, StageId::Preprocess][..]),
+                (StageId::Export, &[][..]),
+                (StageId::Validate, &[StageId::Model][..]),
+            ]
+        );
     }
 
 }

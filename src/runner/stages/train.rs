@@ -13,12 +13,13 @@ use crate::runner::plan::{Plan, StageId};
 use crate::runner::resolve::{lora_spec, named_params, train_settings, LoaderSource,};
 use super::encode::{caches_latents, caches_text, encode_cache};
 use super::validate::publish_validation;
-use super::{not_off, out, progress_bar, tidy, Output, Ran, Refused, Stage, StageCtx};
+use super::{LoadedModel, Run, not_off, out, progress_bar, tidy, Output, Ran, Refused, Stage, StageCtx};
 use crate::adapters::lora::{inject, trained_weights, InitRng, TrainableLora};
 use crate::adapters::weights::LoraFormat;
 use crate::adapters::write::write_lora_file;
 use crate::config::choice_name;
 use crate::config::types as cfg;
+use crate::data::DataLoader;
 use crate::data;
 use crate::inference::validation::validation_images;
 use crate::layout::{IN_PROGRESS, METRICS_FILE, TRAINED_FILE};
@@ -30,7 +31,6 @@ use crate::util::path::tidy_path;
 pub(super) const TRAIN: Stage = Stage {
     id: StageId::Train,
     depends_on: &[StageId::Model, StageId::Preprocess],
-    needs: &[StageId::Model, StageId::Preprocess],
     tracked: true,
     off: not_off,
     fingerprint: |p| {
@@ -67,7 +67,7 @@ pub(super) const TRAIN: Stage = Stage {
             choice_name(&pl.train.lr_scheduler)
         )
     },
-    run: run_train,
+    run: Run::ModelAndData(run_train),
 };
 
 /// The steps at which checkpoints remain after pruning, when the step count is known.
@@ -129,7 +129,7 @@ pub(crate) fn park_cached_encoders(sd: &mut StableDiffusion, text: bool, vae: bo
     Ok(())
 }
 
-fn run_train(ctx: &mut StageCtx<'_>) -> Result<Ran> {
+fn run_train(ctx: &mut StageCtx<'_>, model: &mut LoadedModel, loader: &DataLoader) -> Result<Ran> {
     let plan = ctx.plan;
     let p = plan.pipeline();
     let out_dir = plan.out_dir.clone();
@@ -169,8 +169,8 @@ fn run_train(ctx: &mut StageCtx<'_>) -> Result<Ran> {
     ctx.lock.record_with(IN_PROGRESS, plan.fingerprint(StageId::Train), vec![], snapshot.clone());
     ctx.lock.write(&out_dir)?;
 
-    let device = ctx.device.clone().context("the model stage runs before train")?;
-    let loader = ctx.loader.take().context("the preprocess stage runs before train")?;
+    let device = model.device.clone();
+    let loader = loader.clone();
     let n_examples = loader.dataset().len();
     // For the kohya header (`ss_tag_frequency`), kept in the lock so export can rerun alone.
     let tag_frequency = crate::adapters::kohya_meta::tag_frequency(
@@ -180,7 +180,7 @@ fn run_train(ctx: &mut StageCtx<'_>) -> Result<Ran> {
             data::Caption::Choices(list) => list.iter().map(String::as_str).collect(),
         }),
     );
-    let (_, sd) = ctx.session.model.as_mut().context("the model stage runs before train")?;
+    let sd = &mut model.sd;
     // Encoders parked by an earlier run of this session come back before anything trains.
     sd.unpark_encoders(&device)?;
     let mut rng = <InitRng as rand::SeedableRng>::seed_from_u64(p.train.seed.unwrap_or(0));

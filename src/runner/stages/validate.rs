@@ -3,12 +3,12 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use crate::runner::lock::Fingerprint;
 use crate::runner::plan::{Plan, StageId};
 use crate::runner::resolve::{diffusers_file, kohya_file,};
-use super::{out, tidy, Output, Ran, Stage};
+use super::{Run, out, tidy, Output, Ran, Stage};
 use crate::config::choice_name;
 use crate::config::types as cfg;
 use crate::inference::validation::{validation_file_name, validation_images};
@@ -21,7 +21,6 @@ pub(super) const VALIDATE: Stage = Stage {
     // its fingerprint names that file, so a format change that leaves it the same (another format
     // added) reruns only export, one that changes it (diffusers dropped) reruns validate too.
     depends_on: &[StageId::Train],
-    needs: &[StageId::Model],
     tracked: true,
     off: |p| p.pipeline().validation.prompts.is_empty().then_some("no validation prompts"),
     fingerprint: |p| {
@@ -54,10 +53,9 @@ pub(super) const VALIDATE: Stage = Stage {
             validation_adapter(p.pipeline())
         )
     },
-    run: |ctx| {
+    run: Run::Model(|ctx, model| {
         let dir = ctx.plan.out_dir.clone();
-        let device = ctx.device.clone().context("the model stage runs before validate")?;
-        let (_, sd) = ctx.session.model.as_mut().context("the model stage runs before validate")?;
+        let (device, sd) = (model.device.clone(), &mut model.sd);
         // As the reference, the final images come from the saved file loaded into a fresh
         // pipeline: the training branches are taken off and the exported file applied.
         sd.unet.linears_mut().into_iter().for_each(|l| l.loras.clear());
@@ -74,7 +72,7 @@ pub(super) const VALIDATE: Stage = Stage {
         ctx.report.files.extend(files);
         ctx.report.files.push(grid);
         Ok(Ran::done())
-    },
+    }),
 };
 
 /// The file the final validation applies, relative to the output folder: the exported diffusers
