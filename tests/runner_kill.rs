@@ -72,7 +72,7 @@ fn all_files(dir: &Path, out: &mut Vec<String>) {
 }
 
 /// Wait until `cond` holds (or `limit` passes); whether it held.
-fn wait_for(limit: Duration, cond: impl Fn() -> bool) -> bool {
+pub(crate) fn wait_for(limit: Duration, cond: impl Fn() -> bool) -> bool {
     let t = Instant::now();
     while t.elapsed() < limit {
         if cond() {

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::runner_kill::wait_for;
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -38,16 +40,6 @@ fn updates_logged(out: &Path) -> usize {
     std::fs::read_to_string(out.join("metrics.jsonl")).unwrap_or_default().lines().filter(|l| l.contains("\"loss\"")).count()
 }
 
-fn wait_for(limit: Duration, cond: impl Fn() -> bool) -> bool {
-    let t = Instant::now();
-    while t.elapsed() < limit {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
-}
 
 fn signal(child: &Child, sig: i32) {
     // SAFETY: sending a signal to our own child process.
