@@ -79,11 +79,44 @@ struct Found {
     state: Option<TrainerState>,
 }
 
+/// Whether the safetensors file `path` is whole, from its header alone (`plan` asks this of every
+/// checkpoint, so the tensors are not read): the header parses and the file is exactly as long
+/// as the header says (a truncated or padded file is not).
+fn safetensors_is_whole(path: &Path) -> bool {
+    use std::io::Read;
+    let Ok(mut f) = std::fs::File::open(path) else { return false };
+    let Ok(len) = f.metadata().map(|m| m.len()) else { return false };
+    let mut n = [0u8; 8];
+    if f.read_exact(&mut n).is_err() {
+        return false;
+    }
+    let n = u64::from_le_bytes(n);
+    if n > 100 << 20 || 8 + n > len {
+        return false;
+    }
+    let mut header = vec![0u8; n as usize];
+    if f.read_exact(&mut header).is_err() {
+        return false;
+    }
+    let Ok(serde_json::Value::Object(entries)) = serde_json::from_slice::<serde_json::Value>(&header) else { return false };
+    let mut end = 0u64;
+    for (name, v) in &entries {
+        if name == "__metadata__" {
+            continue;
+        }
+        match v.get("data_offsets").and_then(|o| o.as_array()).map(|o| o.iter().filter_map(serde_json::Value::as_u64).collect::<Vec<_>>()) {
+            Some(o) if o.len() == 2 && o[0] <= o[1] => end = end.max(o[1]),
+            _ => return false,
+        }
+    }
+    len == 8 + n + end
+}
+
 /// The complete checkpoints of `out`; `state` is `None` for one that would not load (its state
 /// inconsistent, or a weights or optimizer file that does not parse whole).
 fn survey(out: &Path) -> Vec<Found> {
     let Ok(list) = checkpoint::list_checkpoints(out) else { return Vec::new() };
-    let parses = |f: &Path| std::fs::read(f).is_ok_and(|b| safetensors::SafeTensors::deserialize(&b).is_ok());
+    let parses = |f: &Path| safetensors_is_whole(f);
     list.into_iter()
         .filter(|(_, d)| checkpoint::is_complete(d))
         .map(|(step, dir)| {
@@ -362,6 +395,22 @@ mod tests {
         let old = BTreeMap::from([("adapter.rank".to_string(), serde_json::json!(4)), ("train.max_steps".to_string(), serde_json::json!(8))]);
         let new = BTreeMap::from([("adapter.rank".to_string(), serde_json::json!(8)), ("train.max_steps".to_string(), serde_json::json!(8))]);
         assert_eq!(changed_keys(&old, &new), vec![("adapter.rank".to_string(), "adapter.rank 4 -> 8".to_string())]);
+    }
+
+    #[test]
+    fn a_safetensors_file_is_whole_by_its_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = candle_core::Tensor::arange(0f32, 6., &candle_core::Device::Cpu).unwrap().reshape((2, 3)).unwrap();
+        let path = dir.path().join("a.safetensors");
+        candle_core::safetensors::save(&std::collections::HashMap::from([("w".to_string(), t)]), &path).unwrap();
+        assert!(safetensors_is_whole(&path));
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
+        assert!(!safetensors_is_whole(&path), "truncated");
+        std::fs::write(&path, [&bytes[..], &[0u8]].concat()).unwrap();
+        assert!(!safetensors_is_whole(&path), "padded");
+        std::fs::write(&path, b"not a safetensors file").unwrap();
+        assert!(!safetensors_is_whole(&path));
     }
 
     #[test]
