@@ -147,10 +147,9 @@ pub(crate) fn decide_start(plan: &Plan, lock: &Lock, force: bool, why: &str) -> 
         return fresh("--force".into(), Vec::new());
     }
     if let Some(rec) = in_progress {
-        // The interrupted run's checkpoints: those it made (by fingerprint, or all of them for
-        // checkpoints of a version that did not record one).
-        let usable: Vec<&Found> =
-            found.iter().filter(|f| f.state.as_ref().is_some_and(|s| s.train_fingerprint.as_deref().is_none_or(|c| c == rec.fingerprint || c == fp))).collect();
+        // The interrupted run's checkpoints: every one that loads (a start from step 0 sets the
+        // folder's earlier checkpoints aside, so those left are this run's, resumes included).
+        let usable: Vec<&Found> = found.iter().filter(|f| f.state.is_some()).collect();
         let Some(newest) = usable.last() else {
             // Nothing to protect: a run that failed or was stopped before its first checkpoint.
             return fresh("the interrupted run left no checkpoint that loads".into(), changed_keys(&rec.details, &settings).into_iter().map(|(_, t)| t).collect());
