@@ -1129,10 +1129,6 @@ fn canonical_or_absolute(path: &Path) -> Option<PathBuf> {
     }
 }
 
-/// Where a run sets an earlier run's results aside inside its own output folder (with a copy of
-/// that run's lock): not another run's folder. The runner's `resume::EARLIER_DIR`.
-const SET_ASIDE_DIR: &str = crate::layout::EARLIER_DIR;
-
 /// A folder below `dir` (at most `depth` levels, symbolic links not followed) that holds a run's
 /// lock file: the folder of another run. `top`: `dir` is the output folder itself, whose
 /// set-aside folder is skipped.
@@ -1143,7 +1139,7 @@ fn run_folder_below(dir: &Path, depth: usize, top: bool) -> Option<PathBuf> {
     let entries = std::fs::read_dir(dir).ok()?;
     let mut subdirs = Vec::new();
     for entry in entries.flatten().take(10_000) {
-        if entry.file_type().is_ok_and(|t| t.is_dir()) && !(top && entry.file_name() == SET_ASIDE_DIR) {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) && !(top && entry.file_name() == crate::layout::EARLIER_DIR) {
             subdirs.push(entry.path());
         }
     }

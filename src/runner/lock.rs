@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-pub(crate) use crate::layout::LOCK_FILE;
+use crate::layout::LOCK_FILE;
 
 /// Bumped whenever a change to `lora` alters what a stage produces (numerics, file layout), so a
 /// fixed binary never calls a result of an older one up to date. Part of every fingerprint.

@@ -19,7 +19,7 @@ use crate::layout::{IN_PROGRESS, METRICS_FILE, TRAINED_FILE};
 use crate::train::checkpoint::{self, TrainerState};
 
 /// Where earlier runs' results are set aside, relative to the output folder.
-pub(crate) use crate::layout::EARLIER_DIR;
+use crate::layout::EARLIER_DIR;
 /// The note in each set-aside folder.
 pub(crate) const SET_ASIDE_NOTE: &str = "set-aside.json";
 
@@ -155,7 +155,7 @@ pub(crate) fn decide_start(plan: &Plan, lock: &Lock, force: bool, why: &str) -> 
             return fresh("the interrupted run left no checkpoint that loads".into(), changed_keys(&rec.details, &settings).into_iter().map(|(_, t)| t).collect());
         };
         if rec.fingerprint == fp {
-            return past_the_end(plan, newest).unwrap_or(Start::Resume { newest: newest.dir.clone(), step: newest.step, warnings: Vec::new() });
+            return resume_from(plan, newest, Vec::new());
         }
         let changes = changed_keys(&rec.details, &settings);
         let (breaking, other): (Vec<_>, Vec<_>) = changes.into_iter().partition(|(k, _)| breaks_resume(k));
@@ -172,12 +172,12 @@ pub(crate) fn decide_start(plan: &Plan, lock: &Lock, force: bool, why: &str) -> 
             ));
         }
         let warnings = other.into_iter().map(|(_, t)| t).collect();
-        return past_the_end(plan, newest).unwrap_or(Start::Resume { newest: newest.dir.clone(), step: newest.step, warnings });
+        return resume_from(plan, newest, warnings);
     }
     // No run in progress: checkpoints made with exactly this training (the lock was deleted or
     // damaged, or they were copied here) are resumed.
     if let Some(newest) = found.iter().rfind(|f| f.state.as_ref().is_some_and(|s| s.train_fingerprint.as_deref() == Some(fp))) {
-        return past_the_end(plan, newest).unwrap_or(Start::Resume { newest: newest.dir.clone(), step: newest.step, warnings: Vec::new() });
+        return resume_from(plan, newest, Vec::new());
     }
     let changed: Vec<String> = lock
         .stages
@@ -189,17 +189,18 @@ pub(crate) fn decide_start(plan: &Plan, lock: &Lock, force: bool, why: &str) -> 
     fresh(why.into(), changed)
 }
 
-/// Refuse to resume a checkpoint past the steps the pipeline trains now (known without the
-/// dataset only when `train.max_steps` is set; the trainer checks again once it knows).
-fn past_the_end(plan: &Plan, newest: &Found) -> Option<Start> {
-    let max = plan.known_max_steps()?;
-    (newest.step > max).then(|| {
-        Start::Refused(format!(
+/// Resume from `newest` (with `warnings` about changed settings), unless it is past the steps the
+/// pipeline trains now (known without the dataset only when `train.max_steps` is set; the
+/// trainer checks again once it knows): then refuse.
+fn resume_from(plan: &Plan, newest: &Found, warnings: Vec<String>) -> Start {
+    match plan.known_max_steps() {
+        Some(max) if newest.step > max => Start::Refused(format!(
             "{} is at step {}, past the {max} steps this pipeline trains: raise train.max_steps to continue it, or run with --force to start over (its checkpoints are set aside in {EARLIER_DIR}/, not deleted)",
             crate::util::path::tidy_path(&newest.dir).display(),
             newest.step
-        ))
-    })
+        )),
+        _ => Start::Resume { newest: newest.dir.clone(), step: newest.step, warnings },
+    }
 }
 
 /// What of earlier runs is in the folder, to set aside before starting over; `None` when there
@@ -259,8 +260,8 @@ fn set_aside(plan: &Plan, lock: &Lock, why: String, changed: Vec<String>) -> Opt
     if moved.is_empty() && linked.is_empty() {
         return None;
     }
-    if exists(super::lock::LOCK_FILE) {
-        linked.push(super::lock::LOCK_FILE.into());
+    if exists(crate::layout::LOCK_FILE) {
+        linked.push(crate::layout::LOCK_FILE.into());
     }
     Some(SetAside { dir: aside_name(out, &moved), moved, linked, changed, why })
 }

@@ -10,7 +10,7 @@ use anyhow::{bail, Context};
 use super::{Caption, Dataset, Example, ImageData, SourceOptions};
 
 /// The metadata file names read, as the datasets `imagefolder` builder reads them.
-pub(crate) use crate::layout::METADATA_NAMES;
+use crate::layout::METADATA_NAMES;
 
 /// The metadata file of `dir` itself, if any; both kinds in one folder is an error (as in the
 /// datasets library: which one holds the captions would be a guess).

@@ -135,7 +135,7 @@ pub(crate) fn take_subset(dataset: &mut Dataset, n: usize, seed: u64) {
 }
 
 /// File extensions (lowercase, no dot) read as images by the folder sources.
-pub(crate) use crate::layout::IMAGE_EXTENSIONS;
+use crate::layout::IMAGE_EXTENSIONS;
 
 /// Whether `path` has one of [`IMAGE_EXTENSIONS`].
 pub(crate) fn is_image_path(path: &std::path::Path) -> bool {

@@ -472,7 +472,7 @@ pub(super) fn progress_bar(total: usize, start: usize) -> indicatif::ProgressBar
 }
 
 /// The output folder's own files, written by the runner rather than a stage.
-pub const BOOKKEEPING: &[&str] = &[super::lock::LOCK_FILE, super::run_dir::RUN_LOCK_FILE];
+pub const BOOKKEEPING: &[&str] = &[crate::layout::LOCK_FILE, super::run_dir::RUN_LOCK_FILE];
 
 #[cfg(test)]
 mod tests {

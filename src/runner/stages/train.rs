@@ -272,8 +272,9 @@ fn run_train(ctx: &mut StageCtx<'_>, model: &mut LoadedModel, loader: &DataLoade
             crate::report::plot::refresh(&out_dir.join(METRICS_FILE), &out_dir.join(LOSS_PLOT));
             last_plot = Instant::now();
         }
-        rate.pause(paused.elapsed());
-        side += paused.elapsed();
+        let spent = paused.elapsed();
+        rate.pause(spent);
+        side += spent;
         let b = bar.get_or_insert_with(|| progress_bar(total, step.saturating_sub(1)));
         b.set_position(step as u64);
         b.set_message(format!("loss {loss:.4} lr {lr:.2e}"));
