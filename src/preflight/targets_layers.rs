@@ -30,14 +30,7 @@ pub(crate) enum Layer {
 /// weight files (the files loading would read, shards included).
 pub(crate) fn unet_layers(model_dir: &Path, variant: Option<&str>) -> Result<BTreeMap<String, Layer>> {
     let files = crate::models::loading::locate_model_files(model_dir, variant)?;
-    let mut out = BTreeMap::new();
-    for path in &files.unet.weights {
-        for (name, shape) in tensor_shapes(path)? {
-            let Some(module) = name.strip_suffix(".weight") else { continue };
-            out.insert(module.to_string(), classify(module, &shape));
-        }
-    }
-    Ok(out)
+    weighted_modules(&files.unet.weights, |module, shape| (module.to_string(), classify(module, shape)))
 }
 
 /// Every module of the text encoder of `model_dir` that has a `weight`, named as the model
@@ -46,16 +39,25 @@ pub(crate) fn unet_layers(model_dir: &Path, variant: Option<&str>) -> Result<BTr
 /// the token and position embeddings are not.
 pub(crate) fn text_encoder_layers(model_dir: &Path, variant: Option<&str>) -> Result<BTreeMap<String, Layer>> {
     let files = crate::models::loading::locate_model_files(model_dir, variant)?;
+    weighted_modules(&files.text_encoder.weights, |module, shape| {
+        let module = format!("text_model.{}", module.strip_prefix("text_model.").unwrap_or(module));
+        let layer = match shape {
+            [out, inp] if module.starts_with("text_model.encoder.layers.") => Layer::Linear { out_features: *out, in_features: *inp },
+            _ => Layer::Other,
+        };
+        (module, layer)
+    })
+}
+
+/// Every module with a `weight` in the headers of `files`, named and classified by `layer`
+/// (given the module name without `.weight` and the weight's shape).
+fn weighted_modules(files: &[std::path::PathBuf], layer: impl Fn(&str, &[usize]) -> (String, Layer)) -> Result<BTreeMap<String, Layer>> {
     let mut out = BTreeMap::new();
-    for path in &files.text_encoder.weights {
+    for path in files {
         for (name, shape) in tensor_shapes(path)? {
             let Some(module) = name.strip_suffix(".weight") else { continue };
-            let module = format!("text_model.{}", module.strip_prefix("text_model.").unwrap_or(module));
-            let layer = match shape.as_slice() {
-                [out, inp] if module.starts_with("text_model.encoder.layers.") => Layer::Linear { out_features: *out, in_features: *inp },
-                _ => Layer::Other,
-            };
-            out.insert(module, layer);
+            let (module, kind) = layer(module, &shape);
+            out.insert(module, kind);
         }
     }
     Ok(out)
