@@ -86,7 +86,7 @@ fn kohya_files_of_the_tiny_models_load_in_comfyui_for_any_target() {
     for model in ["tiny-sd", "sd2-tiny"] {
         let mut sd = load(model);
         let unet: Vec<String> = sd.unet.linears_mut().into_iter().map(|l| l.name.clone()).collect();
-        let text: Vec<String> = sd.text_encoder.linears_mut().into_iter().map(|l| l.name.clone()).collect();
+        let text: Vec<String> = sd.text.all_linears_mut().into_iter().map(|l| l.name.clone()).collect();
         assert!(unet.len() > 50 && text.len() >= 6, "{model}: {} UNet and {} text-encoder linears", unet.len(), text.len());
         let accepted = stems(&fixture["layouts"][model]["comfyui"]);
         assert_loads(&weights_on(&unet, &[]), &accepted, &format!("{model} UNet only, ComfyUI"));

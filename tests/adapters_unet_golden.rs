@@ -24,7 +24,7 @@ fn unet_output_with(lora_file: &str) -> (Tensor, Tensor) {
     let weights = read_lora_file(&fixtures().join("golden").join(lora_file)).unwrap();
     apply_lora_weights(&weights, unet.linears_mut(), vec![], 1.0).unwrap();
     let inputs = candle_core::safetensors::load(fixtures().join("golden/unet.safetensors"), &dev).unwrap();
-    let out = unet.forward(&inputs["sample"], &inputs["timesteps"], &inputs["encoder_hidden_states"]).unwrap();
+    let out = unet.forward(&inputs["sample"], &inputs["timesteps"], &lora::models::Conditioning::context((inputs["encoder_hidden_states"]).clone())).unwrap();
     let golden = candle_core::safetensors::load(fixtures().join("golden/unet_lora.safetensors"), &dev).unwrap();
     (out, golden["out_with_lora"].clone())
 }

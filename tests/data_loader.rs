@@ -19,7 +19,7 @@ fn options(seed: u64, batch_size: usize) -> LoaderOptions {
         seed,
         shuffle: true,
         prefetch_batches: 2,
-        preprocess: PreprocessOptions { resolution: 32, crop: CropMode::Random, flip_p: 0.5, interpolation: Interpolation::Lanczos },
+        preprocess: PreprocessOptions { resolution: 32, crop: CropMode::Random, flip_p: 0.5, interpolation: Interpolation::Lanczos, flip_before_crop: false },
         ..Default::default()
     }
 }

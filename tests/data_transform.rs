@@ -141,7 +141,7 @@ fn windowed_resize_equals_full_resize_then_crop() {
     let img = RgbImage::from_fn(90, 57, |x, y| image::Rgb([((x * 13 + y * 5) % 256) as u8, ((x * y) % 256) as u8, ((x + 3 * y) % 256) as u8]));
     for interpolation in [Interpolation::Nearest, Interpolation::Bilinear, Interpolation::Bicubic, Interpolation::Lanczos, Interpolation::Box, Interpolation::Hamming] {
         for (resolution, crop, seed) in [(32, CropMode::Random, 1), (32, CropMode::Random, 2), (40, CropMode::Center, 0), (57, CropMode::Random, 3), (64, CropMode::Random, 4)] {
-            let opts = PreprocessOptions { resolution, crop, flip_p: 0.5, interpolation };
+            let opts = PreprocessOptions { resolution, crop, flip_p: 0.5, interpolation, flip_before_crop: false };
             let ours = preprocess(&img, &opts, &mut rng_for(seed, Stream::Augment, 0, 0)).unwrap();
             let (rw, rh) = resized_size(90, 57, resolution);
             let aug = draw_augmentation(rw, rh, &opts, &mut rng_for(seed, Stream::Augment, 0, 0));

@@ -47,7 +47,7 @@ fn device_unet_forward_matches_diffusers() {
     let vb = unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&[fixture("tiny-sd/unet/diffusion_pytorch_model.safetensors")], DType::F32, &dev) }.unwrap();
     let unet = UNet2DConditionModel::load(vb, &cfg).unwrap();
     let g = golden_on("golden/unet.safetensors", &dev);
-    let out = unet.forward(&g["sample"], &g["timesteps"], &g["encoder_hidden_states"]).unwrap();
+    let out = unet.forward(&g["sample"], &g["timesteps"], &lora::models::Conditioning::context((g["encoder_hidden_states"]).clone())).unwrap();
     let rel = max_rel(&out, &g["out"]);
     eprintln!("device {dev:?}: unet forward relative diff {rel:e}");
     assert!(rel <= 1e-4, "UNet forward on {dev:?} differs by {rel:e} relative (tolerance 1e-4)");

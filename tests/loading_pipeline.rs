@@ -52,7 +52,7 @@ fn fixture_pipeline_loads_with_every_weight_read() {
         .unwrap();
     assert_eq!(sd.root, root);
     assert_eq!(sd.scheduler.class_name.as_deref(), Some("PNDMScheduler"));
-    assert_eq!(sd.tokenizer.encode("a red circle").unwrap().len(), 77);
+    assert_eq!(sd.text.pairs[0].tokenizer.encode("a red circle").unwrap().len(), 77);
 }
 
 #[test]
@@ -90,7 +90,7 @@ fn old_vae_attention_names_give_the_same_decoder_output() {
 fn unet_out(sd: &StableDiffusion) -> Tensor {
     let g = candle_core::safetensors::load(fixtures().join("golden/unet.safetensors"), &Device::Cpu).unwrap();
     let timesteps = g["timesteps"].to_dtype(DType::F32).unwrap();
-    sd.unet.forward(&g["sample"], &timesteps, &g["encoder_hidden_states"]).unwrap()
+    sd.unet.forward(&g["sample"], &timesteps, &lora::models::Conditioning::context((g["encoder_hidden_states"]).clone())).unwrap()
 }
 
 fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {

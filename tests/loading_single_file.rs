@@ -44,11 +44,11 @@ fn wave(shape: &[usize], phase: f32) -> Tensor {
 /// The same inputs for every network; outputs as flat vectors (text, unet, vae mean, vae decode).
 fn outputs(sd: &StableDiffusion) -> [Vec<f32>; 4] {
     let dev = Device::Cpu;
-    let ids = sd.tokenizer.encode_batch(&["a red circle on a white background", ""], &dev).unwrap();
-    let text = sd.text_encoder.forward(&ids).unwrap();
+    let ids = sd.text.pairs[0].tokenizer.encode_batch(&["a red circle on a white background", ""], &dev).unwrap();
+    let text = sd.text.pairs[0].encoder.forward(&ids).unwrap();
     let sample = wave(&[2, sd.unet.config().in_channels, 8, 8], 0.1);
     let timesteps = Tensor::new(&[10f32, 731.0], &dev).unwrap();
-    let unet = sd.unet.forward(&sample, &timesteps, &text).unwrap();
+    let unet = sd.unet.forward(&sample, &timesteps, &lora::models::Conditioning::context(text.clone())).unwrap();
     let image = wave(&[1, 3, 64, 64], 0.7);
     let latent = sd.vae.encode(&image).unwrap();
     let decoded = sd.vae.decode(&latent.mean).unwrap();

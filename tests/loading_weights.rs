@@ -265,17 +265,22 @@ fn incomplete_folders_list_everything_missing() {
 }
 
 #[test]
-fn sdxl_pipelines_are_refused() {
+fn sdxl_pipelines_need_both_second_parts() {
     let dir = tempfile::tempdir().unwrap();
     fake_model(dir.path(), &["unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"]);
-    assert!(locate_model_files(dir.path(), None).is_ok());
+    assert!(locate_model_files(dir.path(), None).unwrap().text_encoder_2.is_none());
+    // An SDXL index whose second encoder and tokenizer are not there: both are named as missing.
     std::fs::write(
         dir.path().join("model_index.json"),
-        r#"{"_class_name": "StableDiffusionXLPipeline", "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}"#,
+        r#"{"_class_name": "StableDiffusionXLPipeline", "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "tokenizer_2": ["transformers", "CLIPTokenizer"]}"#,
     )
     .unwrap();
     let err = format!("{:#}", locate_model_files(dir.path(), None).unwrap_err());
-    assert!(err.contains("StableDiffusionXLPipeline") && err.contains("second text encoder"), "{err}");
+    assert!(err.contains("text_encoder_2/config.json") && err.contains("tokenizer_2/vocab.json"), "{err}");
+    // One without the other is refused by name.
+    std::fs::write(dir.path().join("model_index.json"), r#"{"_class_name": "StableDiffusionXLPipeline", "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}"#).unwrap();
+    let err = format!("{:#}", locate_model_files(dir.path(), None).unwrap_err());
+    assert!(err.contains("StableDiffusionXLPipeline") && err.contains("text_encoder_2") && err.contains("tokenizer_2"), "{err}");
 }
 
 #[test]

@@ -35,12 +35,12 @@ fn bench_tiny_unet_forward_and_backward() {
         let runs = 5;
         let start = Instant::now();
         for _ in 0..runs {
-            unet.forward(&sample, &t, &ctx).unwrap();
+            unet.forward(&sample, &t, &lora::models::Conditioning::context((ctx).clone())).unwrap();
         }
         let fwd = start.elapsed().as_secs_f64() / runs as f64;
         let start = Instant::now();
         for _ in 0..runs {
-            let loss = unet.forward(&sample, &t, &ctx).unwrap().sqr().unwrap().mean_all().unwrap();
+            let loss = unet.forward(&sample, &t, &lora::models::Conditioning::context((ctx).clone())).unwrap().sqr().unwrap().mean_all().unwrap();
             loss.backward().unwrap();
         }
         let both = start.elapsed().as_secs_f64() / runs as f64;

@@ -64,10 +64,10 @@ fn sd2_shaped_unet_builds_and_runs() {
     for (h, w) in [(16, 16), (12, 20)] {
         let sample = Tensor::randn(0f32, 1.0, (2, 4, h, w), &dev).unwrap();
         let context = Tensor::randn(0f32, 1.0, (2, 77, 48), &dev).unwrap();
-        let out = unet.forward(&sample, &Tensor::new(&[999i64, 1], &dev).unwrap(), &context).unwrap();
+        let out = unet.forward(&sample, &Tensor::new(&[999i64, 1], &dev).unwrap(), &lora::models::Conditioning::context((context).clone())).unwrap();
         assert_eq!(out.dims(), &[2, 4, h, w]);
         let wrong = Tensor::zeros((2, 77, 32), DType::F32, &dev).unwrap();
-        let err = unet.forward(&sample, &Tensor::new(&[999i64, 1], &dev).unwrap(), &wrong).unwrap_err().to_string();
+        let err = unet.forward(&sample, &Tensor::new(&[999i64, 1], &dev).unwrap(), &lora::models::Conditioning::context((wrong).clone())).unwrap_err().to_string();
         assert!(err.contains("encoder_hidden_states") && err.contains("48") && err.contains("32"), "{err}");
         let max = out.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(max.is_finite() && max > 0.0, "output max |x| = {max}");
@@ -94,7 +94,7 @@ fn linear_projection_path_equals_conv_projection() {
     .unwrap();
     let unet = UNet2DConditionModel::load(VarBuilder::from_tensors(tensors, DType::F32, &dev), &cfg).unwrap();
     let g = candle_core::safetensors::load(fixture("golden/unet.safetensors"), &dev).unwrap();
-    let out = unet.forward(&g["sample"], &g["timesteps"], &g["encoder_hidden_states"]).unwrap();
+    let out = unet.forward(&g["sample"], &g["timesteps"], &lora::models::Conditioning::context((g["encoder_hidden_states"]).clone())).unwrap();
     let rel = rel_diff(&out, &g["out"]);
     assert!(rel <= REL_TOL, "linear-projection UNet vs golden: relative diff {rel:e} exceeds {REL_TOL:e}");
 }
@@ -110,7 +110,7 @@ fn head_count_changes_the_network() {
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[fixture("tiny-sd/unet/diffusion_pytorch_model.safetensors")], DType::F32, &dev) }.unwrap();
     let unet = UNet2DConditionModel::load(vb, &cfg).unwrap();
     let g = candle_core::safetensors::load(fixture("golden/unet.safetensors"), &dev).unwrap();
-    let out = unet.forward(&g["sample"], &g["timesteps"], &g["encoder_hidden_states"]).unwrap();
+    let out = unet.forward(&g["sample"], &g["timesteps"], &lora::models::Conditioning::context((g["encoder_hidden_states"]).clone())).unwrap();
     assert!(rel_diff(&out, &g["out"]) > 1e-3, "4 heads should not reproduce the 8-head output");
 }
 
@@ -223,7 +223,7 @@ fn optional_unet_features_build_and_run() {
     assert_eq!(unet.up_blocks[0].resnets.len(), 3);
     let sample = Tensor::randn(0f32, 1.0, (1, 4, 16, 16), &dev).unwrap();
     let context = Tensor::randn(0f32, 1.0, (1, 77, 32), &dev).unwrap();
-    let out = unet.forward(&sample, &Tensor::new(500f32, &dev).unwrap(), &context).unwrap();
+    let out = unet.forward(&sample, &Tensor::new(500f32, &dev).unwrap(), &lora::models::Conditioning::context((context).clone())).unwrap();
     assert_eq!(out.dims(), &[1, 4, 16, 16]);
     let max = out.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert!(max.is_finite() && max > 0.0, "output max |x| = {max}");

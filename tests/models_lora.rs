@@ -63,7 +63,7 @@ fn unet_with_reference_lora_matches_diffusers() {
     }
     assert_eq!(attached * 2, file.len(), "every LoRA pair in the file has a matching UNet linear");
     let g = golden("golden/unet.safetensors");
-    let out = unet.forward(&g["sample"], &g["timesteps"], &g["encoder_hidden_states"]).unwrap();
+    let out = unet.forward(&g["sample"], &g["timesteps"], &lora::models::Conditioning::context((g["encoder_hidden_states"]).clone())).unwrap();
     let reference = &golden("golden/unet_lora.safetensors")["out_with_lora"];
     let rel = rel_diff(&out, reference);
     assert!(rel <= FORWARD_REL_TOL, "out_with_lora: relative diff {rel:e} exceeds {FORWARD_REL_TOL:e}");
@@ -86,7 +86,7 @@ fn lora_gradients_reach_every_branch_and_equal_torch() {
 
     let g = golden("golden/unet.safetensors");
     let ddpm = golden("golden/ddpm.safetensors");
-    let pred = unet.forward(&ddpm["noisy"], &g["timesteps"], &g["encoder_hidden_states"]).unwrap();
+    let pred = unet.forward(&ddpm["noisy"], &g["timesteps"], &lora::models::Conditioning::context((g["encoder_hidden_states"]).clone())).unwrap();
     let loss = (pred - &ddpm["noise"]).unwrap().sqr().unwrap().mean_all().unwrap();
     let loss_ref = step["loss"].flatten_all().unwrap().get(0).unwrap();
     let loss_rel = rel_diff(&loss, &loss_ref);
@@ -132,7 +132,7 @@ fn random_lora_branches_all_get_finite_nonzero_gradients() {
     let timesteps = Tensor::new(&[3u32, 500], &dev).unwrap();
     let context = Tensor::randn(0f32, 1.0, (2, 77, 32), &dev).unwrap();
     let target = Tensor::randn(0f32, 1.0, (2, 4, 16, 16), &dev).unwrap();
-    let pred = unet.forward(&sample, &timesteps, &context).unwrap();
+    let pred = unet.forward(&sample, &timesteps, &lora::models::Conditioning::context((context).clone())).unwrap();
     let loss = (pred - target).unwrap().sqr().unwrap().mean_all().unwrap();
     let grads = loss.backward().unwrap();
     for (name, down, up) in &vars {

@@ -45,7 +45,7 @@ fn unet_matches_diffusers() {
     let cfg = UNetConfig::from_json_str(&config("tiny-sd/unet/config.json")).unwrap();
     let unet = UNet2DConditionModel::load(weights("tiny-sd/unet/diffusion_pytorch_model.safetensors"), &cfg).unwrap();
     let g = golden("golden/unet.safetensors");
-    let out = unet.forward(&g["sample"], &g["timesteps"], &g["encoder_hidden_states"]).unwrap();
+    let out = unet.forward(&g["sample"], &g["timesteps"], &lora::models::Conditioning::context((g["encoder_hidden_states"]).clone())).unwrap();
     assert_close("unet out", &out, &g["out"]);
 }
 

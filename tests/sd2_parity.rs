@@ -96,7 +96,7 @@ fn sd2_tokenizer_ids_match_transformers() {
     let sd = sd2();
     let prompts = prompts();
     let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
-    let ours: Vec<Vec<u32>> = sd.tokenizer.encode_batch(&refs, &Device::Cpu).unwrap().to_vec2().unwrap();
+    let ours: Vec<Vec<u32>> = sd.text.pairs[0].tokenizer.encode_batch(&refs, &Device::Cpu).unwrap().to_vec2().unwrap();
     let want: Vec<Vec<u32>> = golden("text_encoder.safetensors")["input_ids"]
         .to_dtype(DType::I64)
         .unwrap()
@@ -113,7 +113,7 @@ fn sd2_text_encoder_matches_transformers() {
     // 1e-4 relative (f32 CPU); the text encoder uses exact GELU from its config.
     let sd = sd2();
     let g = golden("text_encoder.safetensors");
-    let out = sd.text_encoder.forward(&g["input_ids"]).unwrap();
+    let out = sd.text.pairs[0].encoder.forward(&g["input_ids"]).unwrap();
     assert_close("sd2 text encoder last_hidden_state", &out, &g["last_hidden_state"]);
 }
 
@@ -135,7 +135,7 @@ fn sd2_unet_matches_diffusers() {
     // 1e-4 relative (f32 CPU). Linear proj_in/out, 2 or 4 heads of size 16 per block.
     let sd = sd2();
     let g = golden("unet.safetensors");
-    let out = sd.unet.forward(&g["sample"], &g["timesteps"], &g["encoder_hidden_states"]).unwrap();
+    let out = sd.unet.forward(&g["sample"], &g["timesteps"], &lora::models::Conditioning::context((g["encoder_hidden_states"]).clone())).unwrap();
     assert_close("sd2 unet out (v-prediction)", &out, &g["out"]);
 }
 
@@ -175,7 +175,7 @@ fn unet_with_lora_file(path: PathBuf) -> Tensor {
     let mut sd = sd2();
     apply_lora_file(&mut sd, &path, 1.0).unwrap();
     let g = golden("unet.safetensors");
-    sd.unet.forward(&g["sample"], &g["timesteps"], &g["encoder_hidden_states"]).unwrap()
+    sd.unet.forward(&g["sample"], &g["timesteps"], &lora::models::Conditioning::context((g["encoder_hidden_states"]).clone())).unwrap()
 }
 
 #[test]
@@ -219,7 +219,7 @@ fn run_train_step(step: &HashMap<String, Tensor>) -> StepResult {
     let u = golden("unet.safetensors");
     let d = golden("ddpm.safetensors");
     let ts = timesteps_u32(&u["timesteps"]);
-    let loss = denoising_loss(&sd.unet, &ddpm, &u["sample"], &d["noise"], &ts, &u["encoder_hidden_states"], &LossOptions::default()).unwrap();
+    let loss = denoising_loss(&sd.unet, &ddpm, &u["sample"], &d["noise"], &ts, &lora::models::Conditioning::context((u["encoder_hidden_states"]).clone()), &LossOptions::default()).unwrap();
     // Loss: 1e-4 relative.
     let (ours, want) = (scalar(&loss), scalar(&step["loss"]));
     let rel = (ours - want).abs() / want.abs();
@@ -253,7 +253,7 @@ fn sd2_train_step_loss_and_every_lora_gradient_match_torch() {
         let d = golden("ddpm.safetensors");
         let ts = timesteps_u32(&u["timesteps"]);
         let opts = LossOptions { snr_gamma: Some(5.0), ..Default::default() };
-        let loss = denoising_loss(&sd.unet, &ddpm, &u["sample"], &d["noise"], &ts, &u["encoder_hidden_states"], &opts).unwrap();
+        let loss = denoising_loss(&sd.unet, &ddpm, &u["sample"], &d["noise"], &ts, &lora::models::Conditioning::context((u["encoder_hidden_states"]).clone()), &opts).unwrap();
         let (ours, want) = (scalar(&loss), scalar(&step["snr_gamma5_loss"]));
         let rel = (ours - want).abs() / want.abs();
         eprintln!("sd2 snr_gamma5 loss: relative {rel:e} (tolerance 1e-4)");
@@ -442,7 +442,7 @@ fn sd2_train_step_in_f64_matches_torch() {
     assert_eq!(vars.len(), 80);
     let u = golden("unet.safetensors");
     let d = golden("ddpm.safetensors");
-    let pred = sd.unet.forward(&f(&d["noisy"]), &u["timesteps"], &f(&u["encoder_hidden_states"])).unwrap();
+    let pred = sd.unet.forward(&f(&d["noisy"]), &u["timesteps"], &lora::models::Conditioning::context((f(&u["encoder_hidden_states"])).clone())).unwrap();
     let loss = (pred - f(&d["velocity"])).unwrap().sqr().unwrap().mean_all().unwrap();
     let (ours, want) = (loss.to_scalar::<f64>().unwrap(), scalar(&step["loss"]) as f64);
     let loss_rel = ((ours - want) / want).abs();

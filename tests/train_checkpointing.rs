@@ -78,7 +78,7 @@ fn step(sd: &StableDiffusion, inputs: &Inputs, checkpointing: bool) -> Step {
         &inputs.x0,
         &inputs.noise,
         &inputs.timesteps,
-        &inputs.ehs,
+        &lora::models::Conditioning::context(inputs.ehs.clone()),
         &LossOptions::default(),
         ckpt.as_ref(),
     )
@@ -270,7 +270,7 @@ mod trainer_loop {
             self.0.len()
         }
         fn batches<'a>(&'a self, _epoch: usize, start: usize) -> Box<dyn Iterator<Item = anyhow::Result<TrainBatch>> + 'a> {
-            Box::new(self.0.iter().skip(start).map(|(px, c)| Ok(TrainBatch { pixel_values: px.unsqueeze(0)?, captions: vec![c.clone()] })))
+            Box::new(self.0.iter().skip(start).map(|(px, c)| Ok(TrainBatch { pixel_values: px.unsqueeze(0)?, captions: vec![c.clone()], geometry: vec![] })))
         }
     }
 

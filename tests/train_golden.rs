@@ -59,11 +59,11 @@ pub(crate) fn check_training_step(dev: &Device) {
     let ddpm = Ddpm::from_config(&sd.scheduler).unwrap();
 
     // Loss: f32 CPU, 1e-5 relative.
-    let loss = denoising_loss(&sd.unet, &ddpm, x0, noise, &timesteps, ehs, &LossOptions::default()).unwrap();
+    let loss = denoising_loss(&sd.unet, &ddpm, x0, noise, &timesteps, &lora::models::Conditioning::context((*ehs).clone()), &LossOptions::default()).unwrap();
     let (ours, reference) = (scalar(&loss), scalar(&step["loss"]));
     assert!((ours - reference).abs() <= 1e-5 * reference.abs(), "loss {ours} vs reference {reference} (tolerance 1e-5 relative)");
     let snr_opts = LossOptions { snr_gamma: Some(5.0), ..Default::default() };
-    let snr_loss = denoising_loss(&sd.unet, &ddpm, x0, noise, &timesteps, ehs, &snr_opts).unwrap();
+    let snr_loss = denoising_loss(&sd.unet, &ddpm, x0, noise, &timesteps, &lora::models::Conditioning::context((*ehs).clone()), &snr_opts).unwrap();
     let (ours_snr, reference_snr) = (scalar(&snr_loss), scalar(&step["snr_gamma5_loss"]));
     assert!(
         (ours_snr - reference_snr).abs() <= 1e-5 * reference_snr.abs(),

@@ -83,7 +83,7 @@ fn half_step(dtype: DType, scaler: Option<&GradScaler>) -> StepErrors {
     let ehs = unet_in["encoder_hidden_states"].to_dtype(dtype).unwrap();
     let ddpm = Ddpm::from_config(&sd.scheduler).unwrap();
 
-    let loss = denoising_loss(&sd.unet, &ddpm, &x0, &noise, &timesteps, &ehs, &LossOptions::default()).unwrap();
+    let loss = denoising_loss(&sd.unet, &ddpm, &x0, &noise, &timesteps, &lora::models::Conditioning::context((ehs).clone()), &LossOptions::default()).unwrap();
     assert_eq!(loss.dtype(), DType::F32, "the loss is f32");
     let (ours, reference) = (scalar(&loss), scalar(&step["loss"]));
     let loss_rel = (ours - reference).abs() / reference.abs();
@@ -274,7 +274,7 @@ impl BatchSource for Images {
 
     fn batches<'a>(&'a self, _epoch: usize, start_batch: usize) -> Box<dyn Iterator<Item = anyhow::Result<TrainBatch>> + 'a> {
         Box::new((start_batch..self.num_examples()).map(move |i| {
-            Ok(TrainBatch { pixel_values: self.0.narrow(0, i, 1)?, captions: vec![format!("a shape number {i}")] })
+            Ok(TrainBatch { pixel_values: self.0.narrow(0, i, 1)?, captions: vec![format!("a shape number {i}")], geometry: vec![] })
         }))
     }
 }

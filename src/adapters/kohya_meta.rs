@@ -16,7 +16,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde_json::Value;
 
-use crate::vocab::PredictionType;
+use crate::vocab::{Family, PredictionType};
 
 /// Our header key holding the resolved pipeline TOML a LoRA was trained with.
 pub const PIPELINE_TOML_KEY: &str = "lora_pipeline_toml";
@@ -89,10 +89,10 @@ fn fmt_number(x: f64) -> String {
 }
 
 /// The base model as the kohya header describes it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct ModelFacts {
-    /// SD 2.x (OpenCLIP text encoder) rather than SD 1.x.
-    pub v2: bool,
+    /// SD 1.x, 2.x or XL.
+    pub family: Family,
     /// What the UNet predicts (kohya knows the noise and the velocity).
     pub prediction: PredictionType,
 }
@@ -105,20 +105,23 @@ impl ModelFacts {
 
     /// kohya's `ss_base_model_version`.
     pub fn base_model_version(self) -> &'static str {
-        match (self.v2, self.v_prediction()) {
-            (false, false) => "sd_v1",
-            (false, true) => "sd_v1_v",
-            (true, false) => "sd_v2",
-            (true, true) => "sd_v2_v",
+        match (self.family, self.v_prediction()) {
+            (Family::Sd1, false) => "sd_v1",
+            (Family::Sd1, true) => "sd_v1_v",
+            (Family::Sd2, false) => "sd_v2",
+            (Family::Sd2, true) => "sd_v2_v",
+            (Family::Sdxl, _) => "sdxl_base_v1-0",
         }
     }
 
+
     /// `modelspec.architecture` of a LoRA for this model.
     pub fn architecture(self) -> &'static str {
-        match (self.v2, self.v_prediction()) {
-            (false, _) => "stable-diffusion-v1/lora",
-            (true, false) => "stable-diffusion-v2-512/lora",
-            (true, true) => "stable-diffusion-v2-768-v/lora",
+        match (self.family, self.v_prediction()) {
+            (Family::Sd1, _) => "stable-diffusion-v1/lora",
+            (Family::Sd2, false) => "stable-diffusion-v2-512/lora",
+            (Family::Sd2, true) => "stable-diffusion-v2-768-v/lora",
+            (Family::Sdxl, _) => "stable-diffusion-xl-v1-base/lora",
         }
     }
 }
@@ -127,23 +130,16 @@ fn read_json(path: &Path) -> Result<Value> {
     serde_json::from_str(&crate::util::fs::read_text(path)?).with_context(|| format!("{} is not valid JSON", path.display()))
 }
 
-/// The facts of a diffusers folder, from `unet/config.json`, `text_encoder/config.json` and
-/// `scheduler/scheduler_config.json`. SD 2.x: the text encoder is OpenCLIP (`hidden_act` `gelu`,
-/// where SD 1.x's CLIP ViT-L has `quick_gelu`), or 1024 wide (`hidden_size`, or the UNet's
-/// `cross_attention_dim`). `v_prediction` is the scheduler's `prediction_type`.
+/// The facts of a diffusers folder: the family by the one rule (`models::family`), and
+/// `v_prediction` from the scheduler's `prediction_type`.
 pub(crate) fn facts_from_folder(dir: &Path) -> Result<ModelFacts> {
-    let unet = read_json(&dir.join(crate::vocab::UNET_CONFIG))?;
-    let text = read_json(&dir.join(crate::vocab::TEXT_ENCODER_CONFIG))?;
+    let family = crate::models::family::family_of_folder(dir)?;
     let scheduler_path = dir.join(crate::vocab::SCHEDULER_CONFIG);
     let scheduler = if scheduler_path.is_file() { read_json(&scheduler_path)? } else { Value::Null };
-    let num = |v: &Value, k: &str| v.get(k).and_then(Value::as_u64);
-    let v2 = text.get("hidden_act").and_then(Value::as_str) == Some("gelu")
-        || num(&text, "hidden_size") == Some(1024)
-        || num(&unet, "cross_attention_dim") == Some(1024);
     // Anything but `v_prediction` (absent, `sample`, unknown) counts as noise, as kohya reads it.
     let v_prediction = scheduler.get("prediction_type").and_then(Value::as_str).and_then(|s| s.parse().ok()) == Some(PredictionType::VPrediction);
     let prediction = if v_prediction { PredictionType::VPrediction } else { PredictionType::Epsilon };
-    Ok(ModelFacts { v2, prediction })
+    Ok(ModelFacts { family, prediction })
 }
 
 /// What the ModelSpec keys say beyond the model facts.
@@ -204,11 +200,13 @@ mod tests {
     fn kohya_names() {
         // The four strings of sd-scripts' get_model_version_str_for_sd1_sd2 and
         // sai_model_spec.determine_architecture.
-        let f = |v2, v: bool| ModelFacts { v2, prediction: if v { PredictionType::VPrediction } else { PredictionType::Epsilon } };
+        let f = |v2, v: bool| ModelFacts { family: if v2 { Family::Sd2 } else { Family::Sd1 }, prediction: if v { PredictionType::VPrediction } else { PredictionType::Epsilon } };
         assert_eq!([f(false, false), f(false, true), f(true, false), f(true, true)].map(ModelFacts::base_model_version), ["sd_v1", "sd_v1_v", "sd_v2", "sd_v2_v"]);
         assert_eq!(f(true, true).architecture(), "stable-diffusion-v2-768-v/lora");
         assert_eq!(f(true, false).architecture(), "stable-diffusion-v2-512/lora");
         assert_eq!(f(false, true).architecture(), "stable-diffusion-v1/lora");
+        let xl = ModelFacts { family: Family::Sdxl, prediction: PredictionType::Epsilon };
+        assert_eq!((xl.base_model_version(), xl.architecture()), ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora"));
     }
 
     #[test]

@@ -304,7 +304,8 @@ pub fn inject<R: Rng + ?Sized>(linears: Vec<&mut AdaptedLinear>, spec: &LoraSpec
 
 /// Snapshot trained branches as a [`LoraWeights`] for writing (tensors are copied, so later
 /// training steps do not change it). `alpha` is kept per module.
-pub fn trained_weights(unet: &[TrainableLora], text_encoder: &[TrainableLora]) -> Result<LoraWeights> {
+/// `text_encoders`: the first and (SDXL) second text encoder's branches, in order.
+pub fn trained_weights(unet: &[TrainableLora], text_encoders: &[&[TrainableLora]]) -> Result<LoraWeights> {
     let snapshot = |loras: &[TrainableLora]| -> Result<BTreeMap<String, LoraModule>> {
         loras
             .iter()
@@ -320,7 +321,9 @@ pub fn trained_weights(unet: &[TrainableLora], text_encoder: &[TrainableLora]) -
             })
             .collect()
     };
-    Ok(LoraWeights { unet: snapshot(unet)?, text_encoder: snapshot(text_encoder)?, ..LoraWeights::default() })
+    anyhow::ensure!(text_encoders.len() <= 2, "{} text encoders: a LoRA file holds at most two", text_encoders.len());
+    let te = |i: usize| text_encoders.get(i).map_or(Ok(BTreeMap::new()), |l| snapshot(l));
+    Ok(LoraWeights { unet: snapshot(unet)?, text_encoder: te(0)?, text_encoder_2: te(1)?, ..LoraWeights::default() })
 }
 
 /// Match the modules of one component of a LoRA file to `linears` and check shapes. Returns
@@ -375,24 +378,34 @@ fn match_component<'w>(
     out
 }
 
-/// Attach the branches of `weights` to the given layers, each scaled by its alpha / r times
-/// `scale`. Nothing is attached unless every module matches a layer with fitting shapes.
+/// Attach the branches of `weights` to the given layers (the UNet's, then each text encoder's
+/// in order), each scaled by its alpha / r times `scale`. Nothing is attached unless every
+/// module matches a layer with fitting shapes.
 pub fn apply_lora_weights(
     weights: &LoraWeights,
     mut unet: Vec<&mut AdaptedLinear>,
-    mut text_encoder: Vec<&mut AdaptedLinear>,
+    mut text_encoders: Vec<Vec<&mut AdaptedLinear>>,
     scale: f64,
 ) -> Result<()> {
     let mut problems = Vec::new();
-    if !weights.text_encoder_2.is_empty() {
-        problems.push(format!(
-            "the LoRA has {} modules for a second text encoder (SDXL); this model has one text encoder",
-            weights.text_encoder_2.len()
-        ));
-    }
     let f = weights.source_format;
     let unet_plan = match_component(Component::Unet, f, &weights.unet, &unet, &mut problems);
-    let te_plan = match_component(Component::TextEncoder, f, &weights.text_encoder, &text_encoder, &mut problems);
+    let mut te_plans = Vec::new();
+    for (i, component) in [Component::TextEncoder, Component::TextEncoder2].into_iter().enumerate() {
+        let modules = weights.component(component);
+        match text_encoders.get(i) {
+            Some(linears) => te_plans.push(match_component(component, f, modules, linears, &mut problems)),
+            None if modules.is_empty() => te_plans.push(Vec::new()),
+            None => problems.push(format!(
+                "the LoRA has {} modules for a {} text encoder{}; this model has {} text encoder{}",
+                modules.len(),
+                if i == 0 { "first" } else { "second" },
+                if i == 1 { " (SDXL)" } else { "" },
+                text_encoders.len(),
+                if text_encoders.len() == 1 { "" } else { "s" }
+            )),
+        }
+    }
     if !problems.is_empty() {
         bail!("{}", problems.join("\n"));
     }
@@ -408,8 +421,10 @@ pub fn apply_lora_weights(
     for (i, m) in unet_plan {
         attach(&mut *unet[i], m)?;
     }
-    for (i, m) in te_plan {
-        attach(&mut *text_encoder[i], m)?;
+    for (linears, plan) in text_encoders.iter_mut().zip(te_plans) {
+        for (i, m) in plan {
+            attach(&mut *linears[i], m)?;
+        }
     }
     Ok(())
 }
@@ -419,7 +434,7 @@ pub fn apply_lora_weights(
 /// or infinite weights is refused, naming the tensors.
 pub fn apply_lora_file(sd: &mut crate::models::StableDiffusion, path: &Path, scale: f64) -> Result<()> {
     let weights = read_lora_file_for_use(path)?;
-    apply_lora_weights(&weights, sd.unet.linears_mut(), sd.text_encoder.linears_mut(), scale)
+    apply_lora_weights(&weights, sd.unet.linears_mut(), sd.text.linears_mut(), scale)
         .with_context(|| format!("cannot apply LoRA file {}", path.display()))
 }
 

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 use super::decode::{decode_example, DecodeOptions};
 use super::rng::{rng_for, Stream};
 use super::source::{Caption, Dataset};
-use super::transform::{preprocess, PreprocessOptions};
+use super::transform::{preprocess_with_geometry, Geometry, PreprocessOptions};
 
 /// How batches are made.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,6 +53,8 @@ pub struct Batch {
     pub captions: Vec<String>,
     /// Each example's index in the dataset.
     pub indices: Vec<usize>,
+    /// Each example's original size and crop offset (SDXL's time ids).
+    pub geometry: Vec<Geometry>,
 }
 
 struct Inner {
@@ -96,7 +98,7 @@ impl DataLoader {
 
     /// Decode and preprocess example `index` as epoch `epoch` sees it: CHW pixels and caption.
     pub fn load_example(&self, epoch: usize, index: usize) -> anyhow::Result<(Vec<f32>, String)> {
-        self.inner.load_example(epoch, index)
+        self.inner.load_example(epoch, index).map(|(pixels, caption, _)| (pixels, caption))
     }
 
     /// Make the batch of these dataset indices for epoch `epoch` (examples in parallel).
@@ -129,7 +131,7 @@ impl DataLoader {
 }
 
 impl Inner {
-    fn load_example(&self, epoch: usize, index: usize) -> anyhow::Result<(Vec<f32>, String)> {
+    fn load_example(&self, epoch: usize, index: usize) -> anyhow::Result<(Vec<f32>, String, Geometry)> {
         let example = self
             .dataset
             .examples
@@ -137,7 +139,7 @@ impl Inner {
             .with_context(|| format!("example {index} out of range ({} examples)", self.dataset.len()))?;
         let image = decode_example(example, &self.opts.decode)?;
         let mut aug_rng = rng_for(self.opts.seed, Stream::Augment, epoch as u64, index as u64);
-        let pixels = preprocess(&image, &self.opts.preprocess, &mut aug_rng)
+        let (pixels, geometry) = preprocess_with_geometry(&image, &self.opts.preprocess, &mut aug_rng)
             .with_context(|| format!("preprocessing {}", example.origin))?;
         let caption = match &example.caption {
             Caption::One(s) => s.clone(),
@@ -146,23 +148,25 @@ impl Inner {
                 list.choose(&mut rng).cloned().unwrap_or_default()
             }
         };
-        Ok((pixels, caption))
+        Ok((pixels, caption, geometry))
     }
 
     fn load_batch(&self, epoch: usize, indices: &[usize]) -> anyhow::Result<Batch> {
-        let loaded: Vec<(Vec<f32>, String)> = indices
+        let loaded: Vec<(Vec<f32>, String, Geometry)> = indices
             .par_iter()
             .map(|&i| self.load_example(epoch, i))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let res = self.opts.preprocess.resolution as usize;
         let mut data = Vec::with_capacity(indices.len() * 3 * res * res);
         let mut captions = Vec::with_capacity(indices.len());
-        for (pixels, caption) in loaded {
+        let mut geometry = Vec::with_capacity(indices.len());
+        for (pixels, caption, g) in loaded {
             data.extend_from_slice(&pixels);
             captions.push(caption);
+            geometry.push(g);
         }
         let pixel_values = Tensor::from_vec(data, (indices.len(), 3, res, res), &Device::Cpu)?;
-        Ok(Batch { pixel_values, captions, indices: indices.to_vec() })
+        Ok(Batch { pixel_values, captions, indices: indices.to_vec(), geometry })
     }
 }
 

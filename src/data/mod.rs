@@ -28,4 +28,4 @@ pub mod transform;
 pub use decode::{BadImage, DecodeOptions, OnBadImage};
 pub use loader::{Batch, DataLoader, LoaderOptions};
 pub use source::{Caption, Dataset, Example, ImageData, SourceOptions, SourceSpec};
-pub use transform::{CropMode, Interpolation, PreprocessOptions};
+pub use transform::{CropMode, Geometry, Interpolation, PreprocessOptions};

@@ -64,12 +64,25 @@ pub struct PreprocessOptions {
     /// Probability of a horizontal flip (`--random_flip` gives 0.5, off is 0).
     pub flip_p: f64,
     pub interpolation: Interpolation,
+    /// Flip the resized image before cropping it, as diffusers' SDXL script does (the SD 1.x
+    /// script crops, then flips); the recorded crop offset is then in the flipped image.
+    pub flip_before_crop: bool,
 }
 
 impl Default for PreprocessOptions {
     fn default() -> Self {
-        Self { resolution: 512, crop: CropMode::Random, flip_p: 0.0, interpolation: Interpolation::Lanczos }
+        Self { resolution: 512, crop: CropMode::Random, flip_p: 0.0, interpolation: Interpolation::Lanczos, flip_before_crop: false }
     }
+}
+
+/// Where an example's pixels came from, for SDXL's time ids: the original image size and the
+/// crop's top-left corner in the resized (and, with `flip_before_crop`, flipped) image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Geometry {
+    /// (height, width) of the decoded image.
+    pub original: (u32, u32),
+    /// (top, left) of the crop.
+    pub crop_top_left: (u32, u32),
 }
 
 /// The random part of one image's preprocessing, drawn before it is applied.
@@ -113,6 +126,11 @@ pub fn draw_augmentation(width: u32, height: u32, opts: &PreprocessOptions, rng:
 /// Resize, crop and flip one image with randomness from `rng`; CHW f32 in [-1, 1], length
 /// `3 * resolution²`.
 pub fn preprocess(image: &RgbImage, opts: &PreprocessOptions, rng: &mut impl rand::Rng) -> anyhow::Result<Vec<f32>> {
+    Ok(preprocess_with_geometry(image, opts, rng)?.0)
+}
+
+/// [`preprocess`], also returning the original size and crop offset of the example.
+pub fn preprocess_with_geometry(image: &RgbImage, opts: &PreprocessOptions, rng: &mut impl rand::Rng) -> anyhow::Result<(Vec<f32>, Geometry)> {
     let (w, h) = image.dimensions();
     anyhow::ensure!(w > 0 && h > 0, "cannot resize an empty {w}x{h} image");
     anyhow::ensure!(opts.resolution > 0, "resolution must be positive");
@@ -120,13 +138,17 @@ pub fn preprocess(image: &RgbImage, opts: &PreprocessOptions, rng: &mut impl ran
     let aug = draw_augmentation(rw, rh, opts, rng);
     // Resize only the crop: the same pixels as resizing everything, then cropping.
     let res = opts.resolution;
-    let window = Window { left: aug.left, top: aug.top, width: res.min(rw - aug.left), height: res.min(rh - aug.top) };
+    let width = res.min(rw - aug.left);
+    // Cropping the flipped image at `left` takes the mirrored window of the unflipped one.
+    let left = if opts.flip_before_crop && aug.flip { rw - width - aug.left } else { aug.left };
+    let window = Window { left, top: aug.top, width, height: res.min(rh - aug.top) };
     let cropped = if (w, h) == (rw, rh) {
         image::imageops::crop_imm(image, window.left, window.top, window.width, window.height).to_image()
     } else {
         pil_resize_window(image, rw, rh, opts.interpolation, window)
     };
-    Ok(crop_flip_to_chw(&cropped, res, Augmentation { top: 0, left: 0, flip: aug.flip }))
+    let geometry = Geometry { original: (h, w), crop_top_left: (aug.top, aug.left) };
+    Ok((crop_flip_to_chw(&cropped, res, Augmentation { top: 0, left: 0, flip: aug.flip }), geometry))
 }
 
 /// `Resize(resolution)` of torchvision on a PIL image.

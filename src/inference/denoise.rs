@@ -13,8 +13,10 @@ use crate::schedulers::Sampler;
 pub fn generate_image(sd: &StableDiffusion, opts: &GenerateOptions, sampler: &mut dyn Sampler, init_latents: &Tensor) -> anyhow::Result<Tensor> {
     let device = init_latents.device().clone();
     let guidance = opts.guidance_scale > 1.0;
-    let text = encode_prompts(sd, &opts.prompt, &opts.negative_prompt, guidance, &device)?;
-    let model_dtype = text.dtype();
+    let (_, _, lh, lw) = init_latents.dims4()?;
+    let scale = super::vae_scale_factor(sd);
+    let text = encode_prompts(sd, &opts.prompt, &opts.negative_prompt, guidance, (lh * scale, lw * scale), &device)?;
+    let model_dtype = text.context.dtype();
     sampler.set_timesteps(opts.steps)?;
     let mut latents = init_latents.to_dtype(DType::F32)?.affine(sampler.init_noise_sigma(), 0.0)?;
     let timesteps = sampler.timesteps().to_vec();

@@ -1,5 +1,7 @@
-//! CLIP text encoder (transformers' `CLIPTextModel`): token + position embeddings, pre-norm
-//! causal self-attention layers, last hidden state after the final layer norm.
+//! CLIP text encoder (transformers' `CLIPTextModel`, and `CLIPTextModelWithProjection` for
+//! SDXL's second encoder): token + position embeddings, pre-norm causal self-attention layers,
+//! the last hidden state after the final layer norm, the penultimate hidden state, and the
+//! projected pooled output.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -77,7 +79,20 @@ pub struct ClipTextModel {
     pub(crate) position_embedding: Tensor,
     pub layers: Vec<ClipEncoderLayer>,
     pub final_layer_norm: LayerNorm,
+    /// `text_projection` `[projection_dim, hidden]` (no bias), `CLIPTextModelWithProjection` only.
+    pub(crate) text_projection: Option<Tensor>,
     config: ClipTextConfig,
+}
+
+/// What [`ClipTextModel::forward_all`] returns.
+pub struct ClipTextOutput {
+    /// After the final layer norm `[B, L, hidden]`.
+    pub last_hidden_state: Tensor,
+    /// `hidden_states[-2]`: the output of the next-to-last layer, no final norm `[B, L, hidden]`.
+    pub penultimate: Tensor,
+    /// The final-normed state at the end-of-text token through `text_projection` `[B, proj]`
+    /// (`text_embeds`); `None` without a projection.
+    pub text_embeds: Option<Tensor>,
 }
 
 impl ClipTextModel {
@@ -85,6 +100,18 @@ impl ClipTextModel {
     /// (as SD ships them) or `embeddings...` (transformers 5 without the prefix); either way the
     /// LoRA names start with `text_model.`.
     pub fn load(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
+        Self::load_inner(vb, cfg, false)
+    }
+
+    /// [`Self::load`] for `CLIPTextModelWithProjection` (SDXL's `text_encoder_2`): also reads
+    /// `text_projection.weight` (`[projection_dim, hidden]`, `projection_dim` 512 when the config
+    /// leaves it out, as transformers' default).
+    pub fn load_with_projection(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
+        Self::load_inner(vb, cfg, true)
+    }
+
+    fn load_inner(vb: VarBuilder, cfg: &ClipTextConfig, projection: bool) -> Result<Self> {
+        let text_projection = if projection { Some(vb.get((cfg.projection_dim.unwrap_or(512), cfg.hidden_size), "text_projection.weight")?) } else { None };
         let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") { vb.pp("text_model") } else { vb };
         let hidden = cfg.hidden_size;
         let layers = (0..cfg.num_hidden_layers)
@@ -95,6 +122,7 @@ impl ClipTextModel {
             position_embedding: vb.get((cfg.max_position_embeddings, hidden), "embeddings.position_embedding.weight")?,
             layers,
             final_layer_norm: LayerNorm::load(vb.pp("final_layer_norm"), hidden, cfg.layer_norm_eps)?,
+            text_projection,
             config: cfg.clone(),
         })
     }
@@ -106,6 +134,59 @@ impl ClipTextModel {
     /// `input_ids` `[B, L]` (any integer dtype, L ≤ max positions) → last hidden state
     /// `[B, L, hidden]` after the final layer norm. No padding mask, as the SD pipelines do.
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let h = self.embed_and_run(input_ids, self.layers.len())?;
+        self.final_layer_norm.forward(&h)
+    }
+
+    /// The last hidden state, the penultimate hidden state and the projected pooled output, in
+    /// one pass (as transformers' `output_hidden_states=True`).
+    pub fn forward_all(&self, input_ids: &Tensor) -> Result<ClipTextOutput> {
+        let n = self.layers.len();
+        if n < 2 {
+            candle_core::bail!("text encoder: a penultimate hidden state needs at least 2 layers, the config has {n}")
+        }
+        let penultimate = self.embed_and_run(input_ids, n - 1)?;
+        let mask = causal_mask(input_ids.dim(1)?, penultimate.dtype(), penultimate.device())?;
+        let last = self.layers[n - 1].forward(&penultimate, &mask)?;
+        let last_hidden_state = self.final_layer_norm.forward(&last)?;
+        let text_embeds = match &self.text_projection {
+            None => None,
+            Some(w) => {
+                let pooled = self.pool(&last_hidden_state, input_ids)?;
+                Some(pooled.matmul(&w.t()?)?)
+            }
+        };
+        Ok(ClipTextOutput { last_hidden_state, penultimate, text_embeds })
+    }
+
+    /// transformers' pooling: the state at the end-of-text token of each row. With the legacy
+    /// `eos_token_id` 2 (SD/SDXL configs) that is the first position of the highest id (the EOS
+    /// token is the last of CLIP's vocabulary); otherwise the first position of `eos_token_id`.
+    fn pool(&self, hidden: &Tensor, input_ids: &Tensor) -> Result<Tensor> {
+        let ids = input_ids.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+        let eos = self.config.eos_token_id.unwrap_or(2);
+        let positions: Vec<u32> = ids
+            .iter()
+            .map(|row| {
+                let pos = if eos == 2 {
+                    let max = row.iter().copied().max().unwrap_or(0);
+                    row.iter().position(|&x| x == max)
+                } else {
+                    row.iter().position(|&x| x == eos)
+                };
+                pos.unwrap_or(0) as u32
+            })
+            .collect();
+        let rows = positions
+            .iter()
+            .enumerate()
+            .map(|(b, &p)| hidden.get(b)?.narrow(0, p as usize, 1))
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&rows, 0)
+    }
+
+    /// Embeddings, then the first `layers` encoder layers (no final norm).
+    fn embed_and_run(&self, input_ids: &Tensor, layers: usize) -> Result<Tensor> {
         let (batch, len) = input_ids.dims2()?;
         let cfg = &self.config;
         if len > cfg.max_position_embeddings {
@@ -120,10 +201,10 @@ impl ClipTextModel {
         let positions = self.position_embedding.narrow(0, 0, len)?;
         let mut h = tokens.broadcast_add(&positions)?;
         let mask = causal_mask(len, h.dtype(), h.device())?;
-        for layer in &self.layers {
+        for layer in &self.layers[..layers] {
             h = layer.forward(&h, &mask)?;
         }
-        self.final_layer_norm.forward(&h)
+        Ok(h)
     }
 
     /// Every LoRA-targetable linear (`…self_attn.{q,k,v,out}_proj`, `…mlp.fc1/fc2`), with full names

@@ -91,6 +91,26 @@ pub struct UNetConfig {
     /// Activation applied to the time embedding after the MLP (`time_embedding_act_fn`).
     pub time_embedding_act_fn: Option<Activation>,
     pub sample_size: Option<usize>,
+    /// SDXL's extra conditioning (`addition_embed_type = "text_time"`); `None` for SD 1.x/2.x.
+    pub addition: Option<TextTimeEmbedding>,
+}
+
+/// `addition_embed_type = "text_time"`: each of the six time ids (original size, crop
+/// top-left, target size) goes through a sinusoidal projection of `time_embed_dim`
+/// (`addition_time_embed_dim`); they are concatenated after the pooled text embedding, and
+/// `add_embedding` (an MLP from `input_dim` = `projection_class_embeddings_input_dim` to the time
+/// embedding's width) adds the result to the time embedding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TextTimeEmbedding {
+    pub time_embed_dim: usize,
+    pub input_dim: usize,
+}
+
+impl TextTimeEmbedding {
+    /// The width of the pooled text embedding the UNet expects.
+    pub fn pooled_dim(&self) -> usize {
+        self.input_dim.saturating_sub(6 * self.time_embed_dim)
+    }
 }
 
 #[derive(Deserialize)]
@@ -138,7 +158,8 @@ struct RawUNetConfig {
     conv_out_kernel: usize,
     attention_type: String,
     cross_attention_norm: Value,
-    addition_time_embed_dim: Value,
+    addition_time_embed_dim: Option<usize>,
+    projection_class_embeddings_input_dim: Option<usize>,
     sample_size: Option<usize>,
 }
 
@@ -189,7 +210,8 @@ impl Default for RawUNetConfig {
             conv_out_kernel: 3,
             attention_type: s("default"),
             cross_attention_norm: Value::Null,
-            addition_time_embed_dim: Value::Null,
+            addition_time_embed_dim: None,
+            projection_class_embeddings_input_dim: None,
             sample_size: None,
         }
     }
@@ -227,14 +249,12 @@ impl UNetConfig {
     fn resolve(raw: RawUNetConfig) -> anyhow::Result<Self> {
         for (field, value) in [
             ("class_embed_type", &raw.class_embed_type),
-            ("addition_embed_type", &raw.addition_embed_type),
             ("num_class_embeds", &raw.num_class_embeds),
             ("encoder_hid_dim", &raw.encoder_hid_dim),
             ("encoder_hid_dim_type", &raw.encoder_hid_dim_type),
             ("time_cond_proj_dim", &raw.time_cond_proj_dim),
             ("timestep_post_act", &raw.timestep_post_act),
             ("cross_attention_norm", &raw.cross_attention_norm),
-            ("addition_time_embed_dim", &raw.addition_time_embed_dim),
             ("reverse_transformer_layers_per_block", &raw.reverse_transformer_layers_per_block),
         ] {
             require_null(field, value)?;
@@ -315,6 +335,27 @@ impl UNetConfig {
                 bail!("unsupported `{field}` = {k} (only odd kernels)")
             }
         }
+        let addition = match &raw.addition_embed_type {
+            Value::Null => {
+                if let Some(d) = raw.addition_time_embed_dim {
+                    bail!("`addition_time_embed_dim` = {d} is set but `addition_embed_type` is null")
+                }
+                None
+            }
+            Value::String(s) if s == "text_time" => {
+                let time_embed_dim = raw
+                    .addition_time_embed_dim
+                    .context("`addition_embed_type` = \"text_time\" needs `addition_time_embed_dim`")?;
+                let input_dim = raw
+                    .projection_class_embeddings_input_dim
+                    .context("`addition_embed_type` = \"text_time\" needs `projection_class_embeddings_input_dim`")?;
+                if input_dim <= 6 * time_embed_dim {
+                    bail!("`projection_class_embeddings_input_dim` = {input_dim} leaves no room for a pooled text embedding beside 6 time ids of {time_embed_dim}")
+                }
+                Some(TextTimeEmbedding { time_embed_dim, input_dim })
+            }
+            other => bail!("unsupported `addition_embed_type` = {other} (supported: \"text_time\", null)"),
+        };
         let time_embedding_act_fn = match &raw.time_embedding_act_fn {
             Some(name) => Some(activation("time_embedding_act_fn", name)?),
             None => None,
@@ -348,6 +389,7 @@ impl UNetConfig {
             conv_out_kernel: raw.conv_out_kernel,
             time_embedding_act_fn,
             sample_size: raw.sample_size,
+            addition,
         })
     }
 }
@@ -484,6 +526,8 @@ pub struct ClipTextConfig {
     pub(crate) layer_norm_eps: f64,
     pub eos_token_id: Option<u32>,
     pub pad_token_id: Option<u32>,
+    /// Width of `text_projection` (`CLIPTextModelWithProjection`, SDXL's second encoder).
+    pub projection_dim: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -500,6 +544,7 @@ struct RawClipTextConfig {
     model_type: Option<String>,
     eos_token_id: Option<u32>,
     pad_token_id: Option<u32>,
+    projection_dim: Option<usize>,
 }
 
 impl Default for RawClipTextConfig {
@@ -517,6 +562,7 @@ impl Default for RawClipTextConfig {
             model_type: None,
             eos_token_id: Some(49407),
             pad_token_id: Some(1),
+            projection_dim: None,
         }
     }
 }
@@ -558,6 +604,7 @@ impl ClipTextConfig {
             layer_norm_eps: raw.layer_norm_eps,
             eos_token_id: raw.eos_token_id,
             pad_token_id: raw.pad_token_id,
+            projection_dim: raw.projection_dim,
         })
     }
 }

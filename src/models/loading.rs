@@ -24,7 +24,9 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 
 use super::config::{ClipTextConfig, UNetConfig, VaeConfig};
-use super::{AutoencoderKL, ClipTextModel, ClipTokenizer, UNet2DConditionModel};
+use super::text::{ContextRule, TextPair, TextSide};
+use super::{AutoencoderKL, ClipTextModel, ClipTokenizer, Conditioning, UNet2DConditionModel};
+use crate::vocab::Family;
 use crate::schedulers::SchedulerConfig;
 use crate::util::fs::read_text;
 use crate::vocab;
@@ -71,13 +73,18 @@ impl LoadOptions {
 pub struct StableDiffusion {
     /// The local folder the weights were read from.
     pub root: PathBuf,
-    pub tokenizer: ClipTokenizer,
-    pub text_encoder: ClipTextModel,
+    /// SD 1.x, 2.x or XL, decided once here (see [`super::family::family_of`]).
+    pub family: Family,
+    /// The (tokenizer, text encoder) pairs and the rule that makes the conditioning.
+    pub text: TextSide,
     pub unet: UNet2DConditionModel,
     pub vae: AutoencoderKL,
     pub scheduler: SchedulerConfig,
     /// What a single-file checkpoint was recognised as; `None` for a diffusers folder.
     pub single_file: Option<Recognition>,
+    /// `model_index.json`'s `force_zeros_for_empty_prompt` (SDXL pipelines: an absent negative
+    /// prompt is all zeros, context and pooled, not the encoding of "").
+    pub force_zeros_for_empty_prompt: bool,
     /// The frozen encoders' tensors by name, to move them off the training device and back.
     parking: Parking,
 }
@@ -86,7 +93,8 @@ pub struct StableDiffusion {
 /// which of them are parked in host memory.
 #[derive(Default)]
 struct Parking {
-    text_encoder: offload::Tensors,
+    /// One record per text encoder.
+    text_encoders: Vec<offload::Tensors>,
     vae: offload::Tensors,
     /// The text encoder, the VAE encoder: on the CPU while the encode cache serves them.
     text_parked: bool,
@@ -118,16 +126,16 @@ impl StableDiffusion {
         self.move_encoders(text, vae, device, false)
     }
 
-    /// The text encoder's output `[N, 77, D]` for `texts`, on `device`, wherever the text
-    /// encoder is (parked on the CPU or on the training device).
-    pub(crate) fn text_embeddings(&self, texts: &[&str], device: &Device) -> anyhow::Result<candle_core::Tensor> {
-        let ids = self.tokenizer.encode_batch(texts, &self.text_encoder_device())?;
-        Ok(self.text_encoder.forward(&ids)?.to_device(device)?)
+    /// The conditioning (context `[N, 77, D]`, and for SDXL the pooled embedding) for `texts`,
+    /// on `device`, wherever the text encoders are (parked on the CPU or on the training
+    /// device). No time ids: those come from the images.
+    pub(crate) fn text_embeddings(&self, texts: &[&str], device: &Device) -> anyhow::Result<Conditioning> {
+        self.text.encode(texts, device)
     }
 
-    /// Where the text encoder is (the CPU while parked).
+    /// Where the text encoders are (the CPU while parked).
     pub(crate) fn text_encoder_device(&self) -> Device {
-        self.text_encoder.token_embedding.device().clone()
+        self.text.device()
     }
 
     /// Where the VAE's encoder half is (the CPU while parked).
@@ -146,13 +154,21 @@ impl StableDiffusion {
     pub(crate) fn move_encoders(&mut self, text: bool, vae_encoder: bool, device: &Device, parked: bool) -> anyhow::Result<usize> {
         let mut moved = 0;
         if text {
-            anyhow::ensure!(!self.parking.text_encoder.is_empty(), "the text encoder was not loaded to move (LoadOptions::movable_encoders)");
-            let dtype = self.text_encoder.token_embedding.dtype();
-            let config = self.text_encoder.config().clone();
-            let (model, tensors) = offload::rebuild(&self.parking.text_encoder, dtype, device, |vb| ClipTextModel::load(vb, &config))?;
-            moved += offload::bytes(&tensors);
-            self.text_encoder = model;
-            self.parking.text_encoder = tensors;
+            anyhow::ensure!(
+                self.parking.text_encoders.len() == self.text.pairs.len() && self.parking.text_encoders.iter().all(|t| !t.is_empty()),
+                "the text encoders were not loaded to move (LoadOptions::movable_encoders)"
+            );
+            for (pair, record) in self.text.pairs.iter_mut().zip(self.parking.text_encoders.iter_mut()) {
+                let dtype = pair.encoder.token_embedding.dtype();
+                let config = pair.encoder.config().clone();
+                let projection = pair.encoder.text_projection.is_some();
+                let (model, tensors) = offload::rebuild(record, dtype, device, |vb| {
+                    if projection { ClipTextModel::load_with_projection(vb, &config) } else { ClipTextModel::load(vb, &config) }
+                })?;
+                moved += offload::bytes(&tensors);
+                pair.encoder = model;
+                *record = tensors;
+            }
             self.parking.text_parked = parked;
         }
         if vae_encoder {
@@ -193,18 +209,27 @@ impl StableDiffusion {
             return Self::load_single_file(&file, opts, device, dtype);
         }
         let files = resolve_model_files_with(source, opts, hub)?;
-        let tokenizer = ClipTokenizer::from_dir(&files.tokenizer_dir)
-            .with_context(|| format!("loading the tokenizer of {source}"))?;
-
-        let text_encoder_config = ClipTextConfig::from_json_str(&read_text(&files.text_encoder.config)?)
-            .with_context(|| format!("in {}", files.text_encoder.config.display()))?;
-        let (text_encoder, text_tensors) = files
-            .text_encoder
-            .open_weights(
-                "text_encoder",
-                &WeightOptions { optional_prefix: Some("text_model.".into()), ..Default::default() },
-            )?
-            .build_recorded(opts.movable_encoders, dtype, device, |vb| ClipTextModel::load(vb, &text_encoder_config))?;
+        let mut pairs = Vec::new();
+        let mut text_records = Vec::new();
+        let mut text_configs = Vec::new();
+        let second = files.text_encoder_2.as_ref().zip(files.tokenizer_2_dir.as_ref());
+        for (i, (component, tokenizer_dir)) in std::iter::once((&files.text_encoder, &files.tokenizer_dir)).chain(second).enumerate() {
+            let name = if i == 0 { "text_encoder" } else { "text_encoder_2" };
+            let tokenizer = ClipTokenizer::from_dir(tokenizer_dir)
+                .with_context(|| format!("loading the tokenizer of {source} ({})", tokenizer_dir.display()))?;
+            let config = ClipTextConfig::from_json_str(&read_text(&component.config)?)
+                .with_context(|| format!("in {}", component.config.display()))?;
+            // SDXL's second encoder is `CLIPTextModelWithProjection` (the pooled embedding).
+            let projection = i == 1;
+            let (encoder, record) = component
+                .open_weights(name, &WeightOptions { optional_prefix: Some("text_model.".into()), ..Default::default() })?
+                .build_recorded(opts.movable_encoders, dtype, device, |vb| {
+                    if projection { ClipTextModel::load_with_projection(vb, &config) } else { ClipTextModel::load(vb, &config) }
+                })?;
+            pairs.push(TextPair { tokenizer, encoder });
+            text_records.push(record);
+            text_configs.push(config);
+        }
 
         let unet_config = UNetConfig::from_json_str(&read_text(&files.unet.config)?)
             .with_context(|| format!("in {}", files.unet.config.display()))?;
@@ -226,8 +251,23 @@ impl StableDiffusion {
         let scheduler: SchedulerConfig = serde_json::from_str(&read_text(&files.scheduler_config)?)
             .with_context(|| format!("{} is not a valid scheduler config", files.scheduler_config.display()))?;
 
-        let parked = Parking { text_encoder: text_tensors, vae: vae_tensors, ..Default::default() };
-        Ok(Self { root: files.root, tokenizer, text_encoder, unet, vae, scheduler, single_file: None, parking: parked })
+        let family = super::family::family_of(&unet_config, &text_configs[0], pairs.len() > 1).with_context(|| format!("model {source}"))?;
+        let force_zeros_for_empty_prompt = match &files.model_index {
+            Some(path) => force_zeros(&read_text(path)?, family),
+            None => family == Family::Sdxl,
+        };
+        let parked = Parking { text_encoders: text_records, vae: vae_tensors, ..Default::default() };
+        Ok(Self {
+            root: files.root,
+            family,
+            text: TextSide { pairs, rule: ContextRule::of(family) },
+            unet,
+            vae,
+            scheduler,
+            single_file: None,
+            force_zeros_for_empty_prompt,
+            parking: parked,
+        })
     }
 
     /// Load a single-file checkpoint (LDM layout `.safetensors`), recognising the model from
@@ -255,17 +295,28 @@ impl StableDiffusion {
             (None, Some(w)) => w.build_recorded(opts.movable_encoders, dtype, device, |vb| AutoencoderKL::load(vb, &rec.vae))?,
             (None, None) => bail!("{}: no VAE weights", path.display()),
         };
+        let family = rec.family;
         Ok(Self {
             root: path.parent().map(Path::to_path_buf).unwrap_or_default(),
-            tokenizer,
-            text_encoder,
+            family,
+            text: TextSide { pairs: vec![TextPair { tokenizer, encoder: text_encoder }], rule: ContextRule::of(family) },
             unet,
             vae,
             scheduler,
             single_file: Some(rec),
-            parking: Parking { text_encoder: text_tensors, vae: vae_tensors, ..Default::default() },
+            force_zeros_for_empty_prompt: family == Family::Sdxl,
+            parking: Parking { text_encoders: vec![text_tensors], vae: vae_tensors, ..Default::default() },
         })
     }
+}
+
+/// `force_zeros_for_empty_prompt` of a `model_index.json`: the key when present, else the
+/// pipeline class's default (true for SDXL's, absent from SD 1.x/2.x pipelines).
+fn force_zeros(model_index: &str, family: Family) -> bool {
+    serde_json::from_str::<serde_json::Value>(model_index)
+        .ok()
+        .and_then(|v| v.get("force_zeros_for_empty_prompt").and_then(serde_json::Value::as_bool))
+        .unwrap_or(family == Family::Sdxl)
 }
 
 /// Build the VAE of a separate VAE file (`[model] vae`), keeping the model's scaling factor.
@@ -418,6 +469,9 @@ pub struct ModelFiles {
     pub text_encoder: ComponentFiles,
     pub unet: ComponentFiles,
     pub vae: ComponentFiles,
+    /// SDXL: `text_encoder_2/` and `tokenizer_2/` (its files are in `tokenizer_files`).
+    pub text_encoder_2: Option<ComponentFiles>,
+    pub tokenizer_2_dir: Option<PathBuf>,
 }
 
 impl ModelFiles {
@@ -437,6 +491,7 @@ impl ModelFiles {
             .chain(self.text_encoder.paths())
             .chain(self.unet.paths())
             .chain(self.vae.paths())
+            .chain(self.text_encoder_2.iter().flat_map(ComponentFiles::paths))
     }
 
     /// The same files under `root` (the plan is made with an empty root).
@@ -456,6 +511,8 @@ impl ModelFiles {
             text_encoder: component(&self.text_encoder),
             unet: component(&self.unet),
             vae: component(&self.vae),
+            text_encoder_2: self.text_encoder_2.as_ref().map(component),
+            tokenizer_2_dir: self.tokenizer_2_dir.as_ref().map(re),
         }
     }
 }
@@ -519,30 +576,33 @@ pub fn plan_model_files(
         PathBuf::from(rel)
     };
 
-    let model_index = if listing.contains("model_index.json") {
-        check_model_index(&read("model_index.json")?)?;
-        Some(PathBuf::from("model_index.json"))
+    let (model_index, two_encoders) = if listing.contains("model_index.json") {
+        (Some(PathBuf::from("model_index.json")), check_model_index(&read("model_index.json")?)?)
     } else {
-        None
+        (None, listing.contains(vocab::TEXT_ENCODER_2_CONFIG))
     };
     let scheduler_config = require(vocab::SCHEDULER_CONFIG, &mut missing);
 
     let mut tokenizer_files = Vec::new();
-    if listing.contains("tokenizer/tokenizer.json") {
-        tokenizer_files.push(PathBuf::from("tokenizer/tokenizer.json"));
-    } else {
-        for name in ["tokenizer/vocab.json", "tokenizer/merges.txt"] {
-            tokenizer_files.push(require(name, &mut missing));
+    let tokenizer_dirs: &[&str] = if two_encoders { &[vocab::TOKENIZER_DIR, vocab::TOKENIZER_2_DIR] } else { &[vocab::TOKENIZER_DIR] };
+    for dir in tokenizer_dirs {
+        if listing.contains(&format!("{dir}/tokenizer.json")) {
+            tokenizer_files.push(PathBuf::from(format!("{dir}/tokenizer.json")));
+        } else {
+            for name in ["vocab.json", "merges.txt"] {
+                tokenizer_files.push(require(&format!("{dir}/{name}"), &mut missing));
+            }
         }
-    }
-    for optional in ["tokenizer/tokenizer_config.json", "tokenizer/special_tokens_map.json"] {
-        if listing.contains(optional) {
-            tokenizer_files.push(PathBuf::from(optional));
+        for optional in ["tokenizer_config.json", "special_tokens_map.json"] {
+            if listing.contains(&format!("{dir}/{optional}")) {
+                tokenizer_files.push(PathBuf::from(format!("{dir}/{optional}")));
+            }
         }
     }
 
+    let second = [("text_encoder_2", vocab::TEXT_ENCODER_2_CONFIG, "model", VariantPolicy::PlainFirst)];
     let mut components = Vec::new();
-    for (dir, config, base, policy) in COMPONENTS {
+    for (dir, config, base, policy) in COMPONENTS.into_iter().chain(second.into_iter().filter(|_| two_encoders)) {
         let config = require(config, &mut missing);
         let prefix = format!("{dir}/");
         let in_dir: BTreeSet<String> =
@@ -576,10 +636,13 @@ pub fn plan_model_files(
     if !missing.is_empty() {
         bail!("not a complete Stable Diffusion folder: missing {}", missing.join(", "));
     }
+    let text_encoder_2 = if two_encoders { components.pop() } else { None };
     let vae = components.pop().expect("three components");
     let unet = components.pop().expect("three components");
     let text_encoder = components.pop().expect("three components");
     Ok(ModelFiles {
+        text_encoder_2,
+        tokenizer_2_dir: two_encoders.then(|| PathBuf::from(vocab::TOKENIZER_2_DIR)),
         root: PathBuf::new(),
         model_index,
         scheduler_config,
@@ -591,16 +654,21 @@ pub fn plan_model_files(
     })
 }
 
-/// Refuse pipelines whose layout is not SD 1.x/2.x (a second text encoder, a transformer
-/// instead of a UNet).
-fn check_model_index(json: &str) -> anyhow::Result<()> {
+/// Refuse pipelines whose layout is not SD 1.x/2.x/XL (a transformer instead of a UNet);
+/// returns whether it names a second text encoder and tokenizer (SDXL).
+fn check_model_index(json: &str) -> anyhow::Result<bool> {
     let index: serde_json::Value = serde_json::from_str(json).context("model_index.json is not valid JSON")?;
     let class = index.get("_class_name").and_then(|c| c.as_str()).unwrap_or("an unnamed pipeline");
-    if index.get("text_encoder_2").is_some_and(|v| !v.is_null() && v.get(0).is_some_and(|x| !x.is_null())) {
-        bail!("model_index.json describes {class} with a second text encoder (SDXL-style); only SD 1.x/2.x pipelines are supported");
-    }
     if index.get("unet").is_none() && index.get("transformer").is_some() {
-        bail!("model_index.json describes {class}, which uses a transformer instead of a UNet; only SD 1.x/2.x pipelines are supported");
+        bail!("model_index.json describes {class}, which uses a transformer instead of a UNet; only SD 1.x/2.x/XL pipelines are supported");
     }
-    Ok(())
+    let named = |key: &str| index.get(key).is_some_and(|v| !v.is_null() && v.get(0).is_some_and(|x| !x.is_null()));
+    let (encoder, tokenizer) = (named("text_encoder_2"), named("tokenizer_2"));
+    if encoder != tokenizer {
+        bail!("model_index.json of {class} names {} but not {}", if encoder { "text_encoder_2" } else { "tokenizer_2" }, if encoder { "tokenizer_2" } else { "text_encoder_2" });
+    }
+    if encoder && index.get("text_encoder").is_some_and(serde_json::Value::is_null) {
+        bail!("model_index.json of {class} has a second text encoder but no first (SDXL refiner-style); only pipelines with both text encoders are supported");
+    }
+    Ok(encoder)
 }

@@ -97,14 +97,14 @@ mod tests {
     fn parked_encoders_compute_what_they_did() -> anyhow::Result<()> {
         let mut sd = tiny();
         let dev = Device::Cpu;
-        let text = sd.text_embeddings(&["a red square", ""], &dev)?;
+        let text = sd.text_embeddings(&["a red square", ""], &dev)?.context;
         let px = Tensor::randn(0f32, 0.5, (1, 3, 32, 32), &dev)?;
         let dist = sd.vae.encode(&px)?;
         let decoded = sd.vae.decode(&dist.mean)?;
         let moved = sd.move_encoders(true, true, &dev, true)?;
         assert!(moved > 0);
         assert_eq!(sd.parked(), (true, true));
-        assert_eq!(max_diff(&sd.text_embeddings(&["a red square", ""], &dev)?, &text), 0.0);
+        assert_eq!(max_diff(&sd.text_embeddings(&["a red square", ""], &dev)?.context, &text), 0.0);
         let again = sd.vae.encode(&px)?;
         assert_eq!(max_diff(&again.mean, &dist.mean), 0.0);
         assert_eq!(max_diff(&again.std()?, &dist.std()?), 0.0);

@@ -7,6 +7,7 @@ use candle_core::{DType, Device};
 
 use super::lock::Fingerprint;
 use crate::adapters::lora::{LoraInit, LoraSpec, TrainableLora};
+use crate::vocab::Family;
 use crate::config::types::{self as cfg, Pipeline};
 use crate::config::LoadedPipeline;
 use crate::data::{self, DataLoader, LoaderOptions};
@@ -84,7 +85,30 @@ fn interpolation(i: cfg::Interpolation) -> data::Interpolation {
     data::Interpolation::from_name(&crate::config::choice_name(&i)).unwrap_or(data::Interpolation::Lanczos)
 }
 
-pub(crate) fn loader_options(p: &Pipeline) -> LoaderOptions {
+/// The model's family from its configs alone, without loading weights or downloading: a local
+/// single file (its header), a local diffusers folder, or a hub model already in the HF cache.
+/// `None` when that cannot tell (a hub model not yet downloaded, unreadable configs: loading
+/// then says why).
+pub(crate) fn probe_family(p: &Pipeline) -> Option<Family> {
+    if let Some(recognised) = crate::models::single_file::recognise_config(&p.model) {
+        return recognised.ok().map(|r| r.family);
+    }
+    let source = model_source(p).ok()?;
+    match crate::models::loading::ModelSource::parse(&source).ok()? {
+        crate::models::loading::ModelSource::Local(dir) => crate::models::family::family_of_folder(&dir).ok(),
+        crate::models::loading::ModelSource::Hub(id) => {
+            let hub = crate::models::loading::HubSettings::from_env();
+            let cache = p.model.cache_dir.clone().unwrap_or(hub.cache_dir);
+            let revision = p.model.revision.as_deref().filter(|r| !r.is_empty()).unwrap_or("main");
+            let snapshot = crate::models::loading::hub::cached_snapshot(&cache, &id, revision)?;
+            crate::models::family::family_of_folder(&snapshot).ok()
+        }
+    }
+}
+
+/// The data loader's options; `family` decides the preprocessing order (SDXL flips before it
+/// crops, as its script does).
+pub(crate) fn loader_options(p: &Pipeline, family: Option<Family>) -> LoaderOptions {
     let pre = &p.preprocess;
     LoaderOptions {
         batch_size: p.train.batch_size as usize,
@@ -99,6 +123,7 @@ pub(crate) fn loader_options(p: &Pipeline) -> LoaderOptions {
             },
             flip_p: if pre.random_flip { 0.5 } else { 0.0 },
             interpolation: interpolation(pre.interpolation),
+            flip_before_crop: family == Some(Family::Sdxl),
         },
         decode: data::DecodeOptions { max_image_pixels: Some(p.dataset.max_image_pixels) },
     }
@@ -223,7 +248,7 @@ impl BatchSource for LoaderSource {
     }
 
     fn batches<'a>(&'a self, epoch: usize, start_batch: usize) -> Box<dyn Iterator<Item = Result<TrainBatch>> + 'a> {
-        let to_train = |b: data::Batch| TrainBatch { pixel_values: b.pixel_values, captions: b.captions };
+        let to_train = |b: data::Batch| TrainBatch { pixel_values: b.pixel_values, captions: b.captions, geometry: b.geometry };
         if start_batch == 0 {
             return Box::new(self.0.epoch(epoch).map(move |b| b.map(to_train)));
         }

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Result, Tensor, D};
 use rand::{Rng, RngExt};
 use rand_distr::{Distribution, StandardNormal};
 
-use crate::models::UNet2DConditionModel;
+use crate::models::{Conditioning, UNet2DConditionModel};
 use crate::nn::CheckpointGrads;
 use crate::schedulers::ddpm::Ddpm;
 use crate::vocab::PredictionType;
@@ -73,10 +73,10 @@ pub fn denoising_loss(
     x0: &Tensor,
     noise: &Tensor,
     timesteps: &[u32],
-    encoder_hidden_states: &Tensor,
+    cond: &Conditioning,
     opts: &LossOptions,
 ) -> Result<Tensor> {
-    denoising_loss_checkpointed(unet, ddpm, x0, noise, timesteps, encoder_hidden_states, opts, None)
+    denoising_loss_checkpointed(unet, ddpm, x0, noise, timesteps, cond, opts, None)
 }
 
 /// The loss target for `prediction_type`: the noise ε or the velocity (`Ddpm::get_velocity`);
@@ -100,7 +100,7 @@ pub fn denoising_loss_checkpointed(
     x0: &Tensor,
     noise: &Tensor,
     timesteps: &[u32],
-    encoder_hidden_states: &Tensor,
+    cond: &Conditioning,
     opts: &LossOptions,
     ckpt: Option<&CheckpointGrads>,
 ) -> Result<Tensor> {
@@ -110,7 +110,7 @@ pub fn denoising_loss_checkpointed(
     let t = Tensor::from_vec(timesteps.to_vec(), timesteps.len(), x0.device())?;
     // The UNet runs in its weight dtype (autocast); its prediction and the loss are f32.
     let wd = unet.dtype();
-    let pred = unet.forward_checkpointed(&noisy.to_dtype(wd)?, &t, &encoder_hidden_states.to_dtype(wd)?, ckpt)?.to_dtype(DType::F32)?;
+    let pred = unet.forward_checkpointed(&noisy.to_dtype(wd)?, &t, &cond.to_dtype(wd)?, ckpt)?.to_dtype(DType::F32)?;
     let sq = (pred - target.to_dtype(DType::F32)?)?.sqr()?;
     match opts.snr_gamma {
         None => sq.mean_all(),

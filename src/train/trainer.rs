@@ -25,7 +25,8 @@ use super::lr::{lr_at, scale_lr, LrSchedule, StepPlan};
 use super::optim::{clip_grad_norm, global_grad_norm, AdamW, AdamWConfig};
 use super::precision::{round_through, GradScaler, GradScalerConfig, MixedPrecision};
 use super::step::{denoising_loss_checkpointed, LossOptions, NoiseDraw};
-use crate::models::StableDiffusion;
+use crate::models::conditioning::time_ids;
+use crate::models::{Conditioning, StableDiffusion};
 use crate::nn::CheckpointGrads;
 use crate::schedulers::ddpm::Ddpm;
 
@@ -76,6 +77,9 @@ pub struct TrainBatch {
     /// `[B, 3, R, R]` f32 in [-1, 1].
     pub pixel_values: Tensor,
     pub captions: Vec<String>,
+    /// Each image's original size and crop offset (SDXL's time ids; may be empty for models
+    /// without them).
+    pub geometry: Vec<crate::data::Geometry>,
 }
 
 /// The data stage as the loop sees it: a seeded order per epoch, and the ability to start an
@@ -123,7 +127,11 @@ pub struct Trainer<'a> {
     pub(crate) latent_cache_disk: Option<Arc<crate::data::cache::EncodeCache>>,
     pub(crate) text_cache_disk: Option<Arc<crate::data::cache::EncodeCache>>,
     device: Device,
-    text_cache: HashMap<String, Tensor>,
+    text_cache: HashMap<String, Conditioning>,
+    /// Parameters that are off the path to the loss by construction (SDXL: the first text
+    /// encoder's last layer, whose output the model never reads): they get no gradient and
+    /// AdamW leaves them as they are, as torch does for a `.grad` of None.
+    pub unused_params: std::collections::HashSet<String>,
     latent_cache: HashMap<u64, (Tensor, Tensor)>,
     /// With gradient checkpointing: the accumulator of the last micro-step's forward, merged
     /// into its backward's gradients (a fresh one per micro-step).
@@ -174,13 +182,14 @@ impl<'a> Trainer<'a> {
             text_cache_disk: None,
             device,
             text_cache: HashMap::new(),
+            unused_params: Default::default(),
             latent_cache: HashMap::new(),
             checkpoint: None,
         })
     }
 
-    /// Text embeddings `[B, 77, D]` for `captions` (the text encoder is frozen).
-    fn encode_text(&mut self, captions: &[String]) -> Result<Tensor> {
+    /// The text conditioning (context `[B, 77, D]`, SDXL's pooled embedding) for `captions`.
+    fn encode_text(&mut self, captions: &[String]) -> Result<Conditioning> {
         if !self.settings.cache_encodings {
             // The text encoder may carry trained LoRA branches: keep the graph.
             let refs: Vec<&str> = captions.iter().map(String::as_str).collect();
@@ -198,28 +207,45 @@ impl<'a> Trainer<'a> {
             Some(disk) => {
                 let mut still = Vec::new();
                 for c in missing {
-                    match disk.get(&disk.text_key(c), &self.device)? {
-                        Some(mut t) if t.len() == 1 => {
-                            self.text_cache.insert(c.to_string(), t.remove(0));
+                    match disk.get(&disk.text_key(c), &self.device)?.and_then(Conditioning::from_text_parts) {
+                        Some(row) => {
+                            self.text_cache.insert(c.to_string(), row);
                         }
-                        _ => still.push(c),
+                        None => still.push(c),
                     }
                 }
                 still
             }
         };
         if !missing.is_empty() {
-            let hidden = self.sd.text_embeddings(&missing, &self.device)?.detach();
+            let encoded = self.sd.text_embeddings(&missing, &self.device)?.detach();
             for (i, c) in missing.iter().enumerate() {
-                let row = hidden.get(i)?;
+                let row = encoded.get(i)?;
                 if let Some(disk) = &self.text_cache_disk {
-                    disk.put(&disk.text_key(c), &[&row])?;
+                    disk.put(&disk.text_key(c), &row.text_parts())?;
                 }
                 self.text_cache.insert(c.to_string(), row);
             }
         }
         let rows = captions.iter().map(|c| self.text_cache[c.as_str()].clone()).collect::<Vec<_>>();
-        Ok(Tensor::stack(&rows, 0)?)
+        Ok(Conditioning::stack(&rows)?)
+    }
+
+    /// SDXL's `[B, 6]` time ids of a batch: each image's original size, crop top-left and the
+    /// target size (the training resolution), as the SDXL script's `compute_time_ids`.
+    fn time_ids(&self, batch: &TrainBatch) -> Result<Tensor> {
+        let (b, _, h, w) = batch.pixel_values.dims4()?;
+        anyhow::ensure!(batch.geometry.len() == b, "the batch has {} image geometries for {b} images (SDXL needs each image's size and crop)", batch.geometry.len());
+        let ids: Vec<f32> = batch
+            .geometry
+            .iter()
+            .flat_map(|g| {
+                let (oh, ow) = g.original;
+                let (top, left) = g.crop_top_left;
+                time_ids((oh as usize, ow as usize), (top as usize, left as usize), (h, w))
+            })
+            .collect();
+        Ok(Tensor::from_vec(ids, (b, 6), &self.device)?)
     }
 
     /// Mean and std of the VAE posterior for each image of the batch.
@@ -294,7 +320,10 @@ impl<'a> Trainer<'a> {
     /// Loss of one micro-batch (not yet divided by the accumulation steps).
     pub(crate) fn micro_step_loss(&mut self, batch: &TrainBatch, micro_index: usize) -> Result<Tensor> {
         let (mean, std) = self.encode_pixels(&batch.pixel_values)?;
-        let text = self.encode_text(&batch.captions)?;
+        let mut text = self.encode_text(&batch.captions)?;
+        if self.sd.unet.config().addition.is_some() {
+            text = text.with_time_ids(self.time_ids(batch)?);
+        }
         let mut rng = micro_step_rng(self.settings.seed, micro_index);
         let draw = NoiseDraw::draw(
             &mut rng,
@@ -464,10 +493,13 @@ impl<'a> Trainer<'a> {
                     }
                     let mut step_grads = Vec::with_capacity(self.params.len());
                     for p in &self.params {
-                        let g = grads.get(p.var.as_tensor()).with_context(|| {
-                            format!("LoRA parameter `{}` received no gradient: the path from it to the loss is broken", p.name)
-                        })?;
-                        step_grads.push(g.to_dtype(DType::F32)?);
+                        match grads.get(p.var.as_tensor()) {
+                            Some(g) => step_grads.push(g.to_dtype(DType::F32)?),
+                            // Off the path to the loss by construction (SDXL's first encoder's
+                            // last layer): a zero that clipping ignores; AdamW skips it below.
+                            None if self.unused_params.contains(&p.name) => step_grads.push(p.var.as_tensor().zeros_like()?.to_dtype(DType::F32)?),
+                            None => bail!("LoRA parameter `{}` received no gradient: the path from it to the loss is broken", p.name),
+                        }
                     }
                     drop(grads);
                     acc = Some(match acc.take() {
@@ -510,7 +542,11 @@ impl<'a> Trainer<'a> {
                     );
                 } else {
                     let _p = crate::util::profile::scope("step.optimizer");
-                    self.optimizer.step(g.as_deref().expect("a finite window has gradients"), lr)?;
+                    let grads = g.as_deref().expect("a finite window has gradients");
+                    // torch's AdamW skips a parameter whose `.grad` is None (no weight decay either).
+                    let some: Vec<Option<&Tensor>> =
+                        grads.iter().zip(&self.params).map(|(g, p)| (!self.unused_params.contains(&p.name)).then_some(g)).collect();
+                    self.optimizer.step_some(&some, lr)?;
                 }
                 if let Some(scaler) = scaler.as_mut() {
                     scaler.update(found_inf);

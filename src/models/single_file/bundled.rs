@@ -41,6 +41,7 @@ pub(crate) fn bundled_scheduler(family: Family, prediction: PredictionType) -> a
     let text = match family {
         Family::Sd1 => SD1_SCHEDULER,
         Family::Sd2 => SD2_SCHEDULER,
+        Family::Sdxl => anyhow::bail!("SDXL single files are not recognised yet"),
     };
     let mut s: SchedulerConfig = serde_json::from_str(text).context("the bundled scheduler config")?;
     s.prediction_type = prediction.as_str().to_string();

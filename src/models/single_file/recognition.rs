@@ -15,23 +15,8 @@ use crate::schedulers::SchedulerConfig;
 use crate::util::fs::read_text;
 use crate::vocab::{self, PredictionType};
 
-/// The model families a single file is recognised as.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Family {
-    /// SD 1.x: CLIP ViT-L text encoder under `cond_stage_model.transformer.`.
-    Sd1,
-    /// SD 2.x: OpenCLIP ViT-H text encoder under `cond_stage_model.model.`.
-    Sd2,
-}
-
-impl Family {
-    pub fn name(self) -> &'static str {
-        match self {
-            Family::Sd1 => "SD 1.x",
-            Family::Sd2 => "SD 2.x",
-        }
-    }
-}
+/// The model families a single file is recognised as (SD 1.x and 2.x so far).
+pub use crate::vocab::Family;
 
 /// True when a `.safetensors` file holds an LDM single-file checkpoint (a UNet under
 /// `model.diffusion_model.`).
@@ -101,7 +86,7 @@ impl Recognition {
             t.num_attention_heads,
             match self.family {
                 Family::Sd1 => "quick_gelu",
-                Family::Sd2 => "gelu",
+                Family::Sd2 | Family::Sdxl => "gelu",
             }
         );
         out += &format!("vae:         channels {:?}, {} latent channels, scaling {}\n", v.block_out_channels, v.latent_channels, v.scaling_factor);
@@ -191,6 +176,7 @@ pub(crate) fn recognise(path: &Path, header: &Header, opts: &SingleFileOptions) 
             let heads: Vec<usize> = match family {
                 // SD 1.x: `num_heads: 8` in v1-inference.yaml, for every block.
                 Family::Sd1 => vec![8; layout.channels.len()],
+                Family::Sdxl => anyhow::bail!("SDXL single files are not recognised yet"),
                 // SD 2.x: `num_head_channels: 64`.
                 Family::Sd2 => layout
                     .channels
@@ -232,6 +218,7 @@ pub(crate) fn recognise(path: &Path, header: &Header, opts: &SingleFileOptions) 
     let text_layers_in_file = match family {
         Family::Sd1 => header.indices(&clip_layer_prefix(header)).len(),
         Family::Sd2 => header.indices(&format!("{OPEN_CLIP_PREFIX}transformer.resblocks.")).len(),
+        Family::Sdxl => anyhow::bail!("SDXL single files are not recognised yet"),
     };
     let has_ema = header.tensors.keys().any(|k| k.starts_with(EMA_PREFIX) && k != "model_ema.decay" && k != "model_ema.num_updates");
     if opts.ema && !has_ema {
@@ -289,6 +276,7 @@ fn prediction_type(header: &Header, family: Family, opts: &SingleFileOptions) ->
     }
     Ok(match family {
         Family::Sd1 => Prediction { kind: PredictionType::Epsilon, reason: "SD 1.x models predict noise".into() },
+        Family::Sdxl => Prediction { kind: PredictionType::Epsilon, reason: "SDXL base models predict noise".into() },
         Family::Sd2 => Prediction {
             kind: PredictionType::VPrediction,
             reason: "the SD 2.x 768 default, as diffusers guesses; SD 2.x base (512) models are epsilon: set [model] prediction_type".into(),
@@ -310,6 +298,7 @@ fn recognise_text(header: &Header, family: Family, layers: Option<usize>) -> any
                 "quick_gelu",
             )
         }
+        Family::Sdxl => anyhow::bail!("SDXL single files are not recognised yet"),
         Family::Sd2 => {
             let base = OPEN_CLIP_PREFIX;
             let blocks = header.indices(&format!("{base}transformer.resblocks.")).len();

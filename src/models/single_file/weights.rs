@@ -98,6 +98,7 @@ pub fn open_weights(rec: &mut Recognition, header: &Header, with_vae: bool) -> a
             }
             text_hint = Arc::new(|n: &str| Some(format!("{CLIP_PREFIX}{n}")));
         }
+        Family::Sdxl => anyhow::bail!("SDXL single files are not recognised yet"),
         Family::Sd2 => {
             let in_file = rec.text_layers_in_file;
             if in_file != layers && in_file != layers + 1 {

@@ -1,4 +1,5 @@
-//! UNet2DConditionModel (diffusers), SD 1.x and 2.x shapes, built from its `config.json`.
+//! UNet2DConditionModel (diffusers), SD 1.x, 2.x and XL shapes, built from its `config.json`;
+//! SDXL's `text_time` additional embedding (pooled text + size/crop time ids) included.
 //!
 //! - `embeddings`: sinusoidal timestep projection and the time-embedding MLP.
 //! - `resnet`: down/up samplers (the resnet block is `crate::nn::resnet`).
@@ -19,11 +20,15 @@ use self::embeddings::{timestep_embedding, TimestepEmbedding};
 use self::resnet::{conv2d_same, ResnetConfig};
 use self::transformer::TransformerConfig;
 use crate::models::config::{DownBlockType, UNetConfig, UpBlockType};
+use crate::models::Conditioning;
+use crate::nn::Activation;
 use crate::nn::{AdaptedLinear, CheckpointGrads, GroupNorm};
 
 pub struct UNet2DConditionModel {
     pub conv_in: FrozenConv2d,
     pub time_embedding: TimestepEmbedding,
+    /// SDXL's `add_embedding` (`addition_embed_type = "text_time"`).
+    pub add_embedding: Option<TimestepEmbedding>,
     pub down_blocks: Vec<DownBlock>,
     pub mid_block: Option<MidBlock>,
     pub up_blocks: Vec<UpBlock>,
@@ -60,6 +65,13 @@ impl UNet2DConditionModel {
         };
 
         let time_embedding = TimestepEmbedding::load(vb.pp("time_embedding"), "time_embedding", channels[0], cfg.time_embed_dim, cfg.act_fn)?;
+
+        // diffusers builds `add_embedding` with TimestepEmbedding's default activation (silu),
+        // whatever `act_fn` says.
+        let add_embedding = match &cfg.addition {
+            Some(a) => Some(TimestepEmbedding::load(vb.pp("add_embedding"), "add_embedding", a.input_dim, cfg.time_embed_dim, Activation::Silu)?),
+            None => None,
+        };
 
         let mut down_blocks = Vec::with_capacity(blocks);
         for (i, kind) in cfg.down_block_types.iter().enumerate() {
@@ -111,6 +123,7 @@ impl UNet2DConditionModel {
         Ok(Self {
             conv_in: conv2d_same(vb.pp("conv_in"), cfg.in_channels, channels[0], cfg.conv_in_kernel)?,
             time_embedding,
+            add_embedding,
             down_blocks,
             mid_block,
             up_blocks,
@@ -130,10 +143,11 @@ impl UNet2DConditionModel {
         self.conv_in.weight.dtype()
     }
 
-    /// `sample` `[B, C, H, W]`, `timesteps` `[B]` (any numeric dtype), `encoder_hidden_states`
-    /// `[B, 77, cross_dim]` → predicted noise (or velocity) `[B, C_out, H, W]`.
-    pub fn forward(&self, sample: &Tensor, timesteps: &Tensor, encoder_hidden_states: &Tensor) -> Result<Tensor> {
-        self.forward_checkpointed(sample, timesteps, encoder_hidden_states, None)
+    /// `sample` `[B, C, H, W]`, `timesteps` `[B]` (any numeric dtype), the conditioning (context
+    /// `[B, 77, cross_dim]`; for SDXL also the pooled embedding and time ids) → predicted noise
+    /// (or velocity) `[B, C_out, H, W]`.
+    pub fn forward(&self, sample: &Tensor, timesteps: &Tensor, cond: &Conditioning) -> Result<Tensor> {
+        self.forward_checkpointed(sample, timesteps, cond, None)
     }
 
     /// [`forward`](Self::forward) with gradient checkpointing when `ckpt` is given: every resnet
@@ -145,10 +159,11 @@ impl UNet2DConditionModel {
         &self,
         sample: &Tensor,
         timesteps: &Tensor,
-        encoder_hidden_states: &Tensor,
+        cond: &Conditioning,
         ckpt: Option<&CheckpointGrads>,
     ) -> Result<Tensor> {
         let cfg = &self.config;
+        let encoder_hidden_states = &cond.context;
         let (batch, channels, height, width) = sample.dims4()?;
         if channels != cfg.in_channels {
             candle_core::bail!("UNet expects {} input channels, got sample of shape {:?}", cfg.in_channels, sample.dims())
@@ -169,6 +184,11 @@ impl UNet2DConditionModel {
         let sample = if cfg.center_input_sample { ((sample * 2.0)? - 1.0)? } else { sample.clone() };
         let t_emb = timestep_embedding(&timesteps, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)?.to_dtype(sample.dtype())?;
         let mut emb = self.time_embedding.forward(&t_emb)?;
+        if let Some(add) = &self.add_embedding {
+            emb = (emb + add.forward(&self.text_time_input(cond, batch)?.to_dtype(sample.dtype())?)?)?;
+        } else if cond.pooled.is_some() || cond.time_ids.is_some() {
+            candle_core::bail!("this UNet has no `addition_embed_type`; a pooled embedding or time ids were given (an SDXL conditioning for an SD 1.x/2.x UNet?)")
+        }
         if let Some(act) = cfg.time_embedding_act_fn {
             emb = act.forward(&emb)?;
         }
@@ -204,6 +224,24 @@ impl UNet2DConditionModel {
         self.conv_out.forward(&h)
     }
 
+    /// SDXL: `[pooled text embedding, sinusoids of each of the 6 time ids]` `[B, input_dim]` (f32),
+    /// what `add_embedding` reads.
+    fn text_time_input(&self, cond: &Conditioning, batch: usize) -> Result<Tensor> {
+        let cfg = &self.config;
+        let Some(add) = cfg.addition else { candle_core::bail!("this UNet has no text_time embedding") };
+        let pooled = cond.pooled.as_ref().ok_or_else(|| candle_core::Error::Msg("this SDXL UNet needs the pooled text embedding (`text_embeds`)".into()))?;
+        let time_ids = cond.time_ids.as_ref().ok_or_else(|| candle_core::Error::Msg("this SDXL UNet needs the size and crop time ids (`time_ids`)".into()))?;
+        if pooled.dims() != [batch, add.pooled_dim()] {
+            candle_core::bail!("UNet pooled text embedding must be [{batch}, {}], got shape {:?}", add.pooled_dim(), pooled.dims())
+        }
+        if time_ids.dims() != [batch, 6] {
+            candle_core::bail!("UNet time ids must be [{batch}, 6], got shape {:?}", time_ids.dims())
+        }
+        let time = timestep_embedding(&time_ids.flatten_all()?, add.time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift)?
+            .reshape((batch, 6 * add.time_embed_dim))?;
+        Tensor::cat(&[&pooled.to_dtype(candle_core::DType::F32)?, &time], 1)
+    }
+
     /// Every linear layer, named as in diffusers: attention `to_q/to_k/to_v/to_out.0`,
     /// `ff.net.0.proj`, `ff.net.2`, `proj_in/proj_out` (also when stored as 1x1 convs: the
     /// weight is held as `[out, in]`), resnets' `time_emb_proj` and `time_embedding.linear_1/2`,
@@ -212,6 +250,9 @@ impl UNet2DConditionModel {
     pub fn linears_mut(&mut self) -> Vec<&mut AdaptedLinear> {
         let mut out = Vec::new();
         self.time_embedding.linears_mut(&mut out);
+        if let Some(add) = &mut self.add_embedding {
+            add.linears_mut(&mut out);
+        }
         for block in &mut self.down_blocks {
             block.linears_mut(&mut out);
         }

@@ -77,7 +77,7 @@ fn run_encode(ctx: &mut StageCtx<'_>, model: &mut LoadedModel, loader: &DataLoad
     // Encoders parked by an earlier run of this session (watch mode) come back to encode.
     sd.unpark_encoders(&device)?;
     let sd: &StableDiffusion = sd;
-    let opts = loader_options(plan.pipeline());
+    let opts = loader_options(plan.pipeline(), plan.family);
     let dataset = loader.dataset();
     let flips: &[bool] = if opts.preprocess.flip_p > 0.0 { &[false, true] } else { &[false] };
     let bar = indicatif::ProgressBar::new(dataset.len() as u64);
@@ -119,9 +119,8 @@ fn run_encode(ctx: &mut StageCtx<'_>, model: &mut LoadedModel, loader: &DataLoad
                 }
                 let key = cache.text_key(c);
                 if cache.get(&key, &device)?.is_none() {
-                    let ids = sd.tokenizer.encode_batch(&[c.as_str()], &device)?;
-                    let hidden = sd.text_encoder.forward(&ids)?;
-                    cache.put(&key, &[&hidden.get(0)?])?;
+                    let row = sd.text_embeddings(&[c.as_str()], &device)?.get(0)?;
+                    cache.put(&key, &row.text_parts())?;
                     new_texts += 1;
                 }
             }

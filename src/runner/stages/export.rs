@@ -157,10 +157,7 @@ fn model_facts(p: &cfg::Pipeline) -> Result<crate::adapters::kohya_meta::ModelFa
     let mut facts = match crate::models::single_file::recognise_config(&p.model) {
         Some(r) => {
             let r = r?;
-            crate::adapters::kohya_meta::ModelFacts {
-                v2: r.family == crate::models::single_file::recognition::Family::Sd2,
-                prediction: r.prediction.kind,
-            }
+            crate::adapters::kohya_meta::ModelFacts { family: r.family, prediction: r.prediction.kind }
         }
         None => {
             let source = model_source(p)?;

@@ -61,7 +61,7 @@ fn run_model(ctx: &mut StageCtx<'_>) -> Result<Ran> {
     };
     // Remove adapters a previous run of this session attached.
     model.sd.unet.linears_mut().into_iter().for_each(|l| l.loras.clear());
-    model.sd.text_encoder.linears_mut().into_iter().for_each(|l| l.loras.clear());
+    model.sd.text.all_linears_mut().into_iter().for_each(|l| l.loras.clear());
     model.device = device;
     ctx.session.model = Some(model);
     Ok(Ran::done())
@@ -114,7 +114,7 @@ fn run_dataset(ctx: &mut StageCtx<'_>) -> Result<Ran> {
             cfg::OnBadImage::Error => data::OnBadImage::Error,
             cfg::OnBadImage::Skip => data::OnBadImage::Skip,
         };
-        let (dataset, skipped) = data::decode::screen_dataset(dataset, &loader_options(p).decode, policy)?;
+        let (dataset, skipped) = data::decode::screen_dataset(dataset, &loader_options(p, None).decode, policy)?;
         tracing::info!("dataset: {} examples ({} skipped)", dataset.len(), skipped.len());
         ctx.session.dataset = Some((fp.to_string(), Arc::new(dataset), skipped.len()));
     }
@@ -146,7 +146,7 @@ pub(super) const PREPROCESS: Stage = Stage {
     },
     run: Run::Plain(|ctx| {
         let (_, dataset, _) = ctx.session.dataset.as_ref().context("the dataset stage runs before preprocess")?;
-        ctx.loader = Some(DataLoader::new(dataset.clone(), loader_options(ctx.plan.pipeline()))?);
+        ctx.loader = Some(DataLoader::new(dataset.clone(), loader_options(ctx.plan.pipeline(), ctx.plan.family))?);
         Ok(Ran::done())
     }),
 };

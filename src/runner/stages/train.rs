@@ -191,19 +191,23 @@ fn run_train(ctx: &mut StageCtx<'_>, model: &mut LoadedModel, loader: &DataLoade
     let unet_names: Vec<String> = sd.unet.linears_mut().iter().map(|l| l.name.clone()).collect();
     let mut used = crate::adapters::lora::keep_patterns_for(&mut unet_spec, unet_names.iter().map(String::as_str))?;
     let unet_loras = inject(sd.unet.linears_mut(), &unet_spec, &mut rng).context("[adapter] target_modules")?;
-    let te_loras: Vec<TrainableLora> = if p.adapter.text_encoder {
-        let mut te_spec = lora_spec(&p.adapter, &p.adapter.text_encoder_target_modules);
-        let te_names: Vec<String> = sd.text_encoder.linears_mut().iter().map(|l| l.name.clone()).collect();
-        used.extend(crate::adapters::lora::keep_patterns_for(&mut te_spec, te_names.iter().map(String::as_str))?);
-        inject(sd.text_encoder.linears_mut(), &te_spec, &mut rng).context("[adapter] text_encoder_target_modules")?
-    } else {
-        Vec::new()
-    };
+    // Every text encoder of the model gets the same targets (SDXL: both, as the reference).
+    let mut te_loras: Vec<Vec<TrainableLora>> = Vec::new();
+    if p.adapter.text_encoder {
+        for linears in sd.text.linears_mut() {
+            let mut te_spec = lora_spec(&p.adapter, &p.adapter.text_encoder_target_modules);
+            let te_names: Vec<String> = linears.iter().map(|l| l.name.clone()).collect();
+            used.extend(crate::adapters::lora::keep_patterns_for(&mut te_spec, te_names.iter().map(String::as_str))?);
+            te_loras.push(inject(linears, &te_spec, &mut rng).context("[adapter] text_encoder_target_modules")?);
+        }
+    }
     if let Some(unused) = p.adapter.rank_pattern.keys().chain(p.adapter.alpha_pattern.keys()).find(|k| !used.contains(*k)) {
         anyhow::bail!("[adapter] pattern key `{unused}` matches no targeted module of the UNet{}", if p.adapter.text_encoder { " or the text encoder" } else { "" });
     }
     let mut params = named_params("unet", &unet_loras);
-    params.extend(named_params("text_encoder", &te_loras));
+    for (i, loras) in te_loras.iter().enumerate() {
+        params.extend(named_params(if i == 0 { "text_encoder" } else { "text_encoder_2" }, loras));
+    }
     if p.train.precision == cfg::Precision::Fp16 {
         // The reference creates the LoRA weights in the base layer's dtype and only then upcasts
         // them (`cast_training_params`): the init is rounded to f16.
@@ -212,7 +216,7 @@ fn run_train(ctx: &mut StageCtx<'_>, model: &mut LoadedModel, loader: &DataLoade
         }
     }
     let n_params: usize = params.iter().map(|p| p.var.elem_count()).sum();
-    tracing::info!("adapter: {} modules, {n_params} trainable parameters", unet_loras.len() + te_loras.len());
+    tracing::info!("adapter: {} modules, {n_params} trainable parameters", unet_loras.len() + te_loras.iter().map(Vec::len).sum::<usize>());
     // Measure progress on up to 32 examples with fixed noise, before and after training.
     settings.eval_batches = 32usize.div_ceil(settings.batch_size).min(loader.batches_per_epoch());
     if !plan.no_cache {
@@ -221,6 +225,7 @@ fn run_train(ctx: &mut StageCtx<'_>, model: &mut LoadedModel, loader: &DataLoade
     let sd_ref: &StableDiffusion = sd;
     let mut trainer = Trainer::new(sd_ref, params, settings)?;
     trainer.stop = ctx.stop.clone();
+    trainer.unused_params = unused_text_params(&sd_ref.text, &te_loras);
     let cache = (!plan.no_cache).then(|| encode_cache(plan));
     if let Some(cache) = &cache {
         trainer.latent_cache_disk = caches_latents(plan).then(|| cache.clone());
@@ -317,7 +322,8 @@ fn run_train(ctx: &mut StageCtx<'_>, model: &mut LoadedModel, loader: &DataLoade
         // earlier finished run stay as they were.
         return Ok(Ran { complete: false, details: BTreeMap::new() });
     }
-    let weights = trained_weights(&unet_loras, &te_loras)?;
+    let te_refs: Vec<&[TrainableLora]> = te_loras.iter().map(Vec::as_slice).collect();
+    let weights = trained_weights(&unet_loras, &te_refs)?;
     write_lora_file(&weights, &out_dir.join(TRAINED_FILE), LoraFormat::Peft)?;
     let mut details = BTreeMap::new();
     details.insert("examples".to_string(), serde_json::Value::from(n_examples));
@@ -330,6 +336,26 @@ fn run_train(ctx: &mut StageCtx<'_>, model: &mut LoadedModel, loader: &DataLoade
     Ok(Ran { complete: true, details })
 }
 
+
+/// The text-encoder LoRA parameters the loss cannot reach: with SDXL's rule (penultimate hidden
+/// states, pooled from the last encoder) every encoder but the last stops one layer short, so
+/// the branches of its last layer get no gradient.
+pub(crate) fn unused_text_params(text: &crate::models::TextSide, te_loras: &[Vec<TrainableLora>]) -> std::collections::HashSet<String> {
+    let mut unused = std::collections::HashSet::new();
+    if text.rule != crate::models::text::ContextRule::PenultimateConcat {
+        return unused;
+    }
+    for (i, loras) in te_loras.iter().enumerate().take(text.pairs.len().saturating_sub(1)) {
+        let last = format!("text_model.encoder.layers.{}.", text.pairs[i].encoder.layers.len().saturating_sub(1));
+        let prefix = if i == 0 { "text_encoder" } else { "text_encoder_2" };
+        for nv in named_params(prefix, loras) {
+            if nv.name.starts_with(&format!("{prefix}.{last}")) {
+                unused.insert(nv.name);
+            }
+        }
+    }
+    unused
+}
 
 /// The dataset's folder name as kohya keys `ss_tag_frequency` (the hub name for a hub dataset).
 fn dataset_folder_name(p: &cfg::Pipeline) -> String {
