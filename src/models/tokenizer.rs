@@ -228,10 +228,14 @@ impl ClipTokenizer {
                 .trim_offsets(false)
                 .add_prefix_space(false),
         ));
+        // Every special token is split out of the text before BPE, as transformers does: SDXL's
+        // `tokenizer_2` (and SD 2.x's) pads with `!`, so a `!` in a prompt becomes id 0 there,
+        // not BPE's `!</w>`.
         tokenizer
             .add_special_tokens([
                 AddedToken::from(settings.bos_token.clone(), true),
                 AddedToken::from(settings.eos_token.clone(), true),
+                AddedToken::from(settings.pad_token.clone(), true),
             ])
             .map_err(|e| anyhow::anyhow!("adding the special tokens: {e}"))?;
         Self::finish(tokenizer, settings, source)
