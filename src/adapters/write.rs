@@ -145,7 +145,11 @@ pub(crate) fn serialize_lora_as(weights: &LoraWeights, format: LoraFormat, dtype
                 (format!("{p}.{name}.lora_A.weight"), format!("{p}.{name}.lora_B.weight"))
             }
             LoraFormat::Kohya => {
-                let stem = module_to_kohya(c, name);
+                // kohya names SDXL's encoders `lora_te1_` / `lora_te2_` (SD 1.x/2.x: `lora_te_`).
+                let stem = match c {
+                    Component::TextEncoder if !weights.text_encoder_2.is_empty() => format!("lora_te1_{}", name.replace('.', "_")),
+                    _ => module_to_kohya(c, name),
+                };
                 tensors.insert(format!("{stem}.alpha"), alpha_view(m.effective_alpha()));
                 (format!("{stem}.lora_down.weight"), format!("{stem}.lora_up.weight"))
             }

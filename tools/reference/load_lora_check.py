@@ -86,6 +86,17 @@ def fixed_inputs(unet, inputs_path):
     return sample, torch.tensor([10, 731]), ehs
 
 
+def added_cond(unet):
+    """SDXL's extra UNet inputs (pooled text embedding and time ids), fixed; None otherwise."""
+    c = unet.config
+    if c.addition_embed_type != "text_time":
+        return None
+    g = torch.Generator().manual_seed(4321)
+    pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+    return {"text_embeds": torch.randn(2, pooled, generator=g),
+            "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64], [80.0, 96, 8, 16, 64, 64]])}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("lora", help="folder with pytorch_lora_weights.safetensors, or a .safetensors file")
@@ -98,17 +109,23 @@ def main():
         print(f"error: LoRA path {a.lora} does not exist", file=sys.stderr)
         sys.exit(2)
     torch.set_num_threads(1)
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
     from diffusers.utils import logging as dlogging
     dlogging.set_verbosity_warning()
 
     problems = []
-    pipe = StableDiffusionPipeline.from_pretrained(a.model, torch_dtype=torch.float32, safety_checker=None,
-                                                   requires_safety_checker=False)
+    # The pipeline class model_index.json names (StableDiffusionPipeline, StableDiffusionXLPipeline).
+    extra = {"safety_checker": None, "requires_safety_checker": False} if "XL" not in open(os.path.join(a.model, "model_index.json")).read() else {}
+    pipe = DiffusionPipeline.from_pretrained(a.model, torch_dtype=torch.float32, **extra)
     unet = pipe.unet.eval()
     sample, timesteps, ehs = fixed_inputs(unet, a.inputs)
+    added = added_cond(unet)
+    if added is not None and a.inputs:
+        from safetensors.torch import load_file
+        d = load_file(a.inputs)
+        added = {"text_embeds": d["text_embeds"], "time_ids": d["time_ids"]}
     with torch.no_grad():
-        base = unet(sample, timesteps, ehs).sample
+        base = unet(sample, timesteps, ehs, added_cond_kwargs=added).sample
 
     cap = Capture()
     loggers = [logging.getLogger(n) for n in ("diffusers", "peft", "transformers")]
@@ -153,7 +170,7 @@ def main():
         ranks = sorted({int(m.r["checked"]) for m in injected.values()})
         report["scales"], report["ranks"] = scales, ranks
         with torch.no_grad():
-            lora_out = unet(sample, timesteps, ehs).sample
+            lora_out = unet(sample, timesteps, ehs, added_cond_kwargs=added).sample
         diff = (lora_out - base).abs()
         report["max_abs_diff_vs_base"] = float(diff.max())
         report["mean_abs_diff_vs_base"] = float(diff.mean())
