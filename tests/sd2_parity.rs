@@ -20,6 +20,8 @@ use lora::train::optim::{clip_grad_norm, global_grad_norm, AdamW, AdamWConfig};
 use lora::train::step::{denoising_loss, LossOptions};
 use rand::SeedableRng;
 
+use crate::support::{max_abs, rel_diff, to_vec_f32, scalar, timesteps_u32};
+
 /// f32 CPU forward parity: max |ours − reference| ≤ 1e-4 · max |reference|.
 const REL_TOL: f32 = 1e-4;
 
@@ -42,18 +44,6 @@ fn prompts() -> Vec<String> {
     meta["prompts"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_string()).collect()
 }
 
-fn max_abs(t: &Tensor) -> f32 {
-    t.to_dtype(DType::F32).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
-}
-
-/// max |ours − reference| / max |reference|.
-fn rel_diff(ours: &Tensor, reference: &Tensor) -> f32 {
-    assert_eq!(ours.dims(), reference.dims(), "shape");
-    let ours = ours.to_dtype(DType::F32).unwrap();
-    let reference = reference.to_dtype(DType::F32).unwrap();
-    max_abs(&(ours - &reference).unwrap()) / max_abs(&reference).max(1e-12)
-}
-
 /// Asserts `ours ≈ reference` within `REL_TOL` of the reference's largest magnitude; returns the
 /// relative error.
 fn assert_close(what: &str, ours: &Tensor, reference: &Tensor) -> f32 {
@@ -61,18 +51,6 @@ fn assert_close(what: &str, ours: &Tensor, reference: &Tensor) -> f32 {
     assert!(rel <= REL_TOL, "{what}: relative diff {rel:e} exceeds {REL_TOL:e}");
     eprintln!("{what}: max abs diff / max |ref| = {rel:e} (tolerance {REL_TOL:e})");
     rel
-}
-
-fn to_vec_f32(t: &Tensor) -> Vec<f32> {
-    t.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1().unwrap()
-}
-
-fn scalar(t: &Tensor) -> f32 {
-    to_vec_f32(t)[0]
-}
-
-fn timesteps_u32(t: &Tensor) -> Vec<u32> {
-    t.to_dtype(DType::I64).unwrap().to_vec1::<i64>().unwrap().iter().map(|&t| t as u32).collect()
 }
 
 #[test]

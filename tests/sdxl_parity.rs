@@ -17,6 +17,8 @@ use lora::train::step::{denoising_loss, LossOptions};
 use lora::vocab::Family;
 use rand::SeedableRng;
 
+use crate::support::{rel_diff, scalar, timesteps_u32, to_vec_f32};
+
 /// f32 CPU forward parity: max |ours − reference| ≤ 1e-4 · max |reference|.
 const REL_TOL: f32 = 1e-4;
 
@@ -35,34 +37,11 @@ fn sdxl() -> StableDiffusion {
 
 const PROMPTS: [&str; 3] = ["a red circle on a white background", "Two GREEN squares, side by side!", ""];
 
-fn max_abs(t: &Tensor) -> f32 {
-    t.to_dtype(DType::F32).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
-}
-
-fn rel_diff(ours: &Tensor, reference: &Tensor) -> f32 {
-    assert_eq!(ours.dims(), reference.dims(), "shape");
-    let ours = ours.to_dtype(DType::F32).unwrap();
-    let reference = reference.to_dtype(DType::F32).unwrap();
-    max_abs(&(ours - &reference).unwrap()) / max_abs(&reference).max(1e-12)
-}
-
 fn assert_close(what: &str, ours: &Tensor, reference: &Tensor) -> f32 {
     let rel = rel_diff(ours, reference);
     eprintln!("{what}: relative error {rel:e} (tolerance {REL_TOL:e})");
     assert!(rel <= REL_TOL, "{what}: relative error {rel:e} > {REL_TOL:e}");
     rel
-}
-
-fn to_vec_f32(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
-}
-
-fn scalar(t: &Tensor) -> f32 {
-    to_vec_f32(t)[0]
-}
-
-fn timesteps_u32(t: &Tensor) -> Vec<u32> {
-    t.to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap().iter().map(|&x| x as u32).collect()
 }
 
 #[test]

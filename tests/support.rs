@@ -1,6 +1,7 @@
 //! Helpers shared by the test modules: the training settings of a small run that the
-//! trainer-level tests start from (each changes what it tests), and the pattern rule by which a
-//! file on disk is one that `lora plan` announced (`checkpoint-<step>`, `logs/<...>`).
+//! trainer-level tests start from (each changes what it tests), the pattern rule by which a
+//! file on disk is one that `lora plan` announced (`checkpoint-<step>`, `logs/<...>`), and the
+//! tensor comparisons the parity tests measure their tolerances with.
 
 use std::path::Path;
 
@@ -89,4 +90,32 @@ fn output_patterns() {
     assert!(matches_output("metrics.jsonl", "metrics.jsonl"));
     assert!(matches_output("cache/encode/", "cache/encode/ab/abc.enc"));
     assert!(!matches_output("metrics.jsonl", "metrics.json"));
+}
+
+/// The largest |x| of a tensor (f32).
+pub fn max_abs(t: &candle_core::Tensor) -> f32 {
+    t.to_dtype(candle_core::DType::F32).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+}
+
+/// max |ours − reference| / max |reference| (shapes must agree).
+pub fn rel_diff(ours: &candle_core::Tensor, reference: &candle_core::Tensor) -> f32 {
+    assert_eq!(ours.dims(), reference.dims(), "shape");
+    let ours = ours.to_dtype(candle_core::DType::F32).unwrap();
+    let reference = reference.to_dtype(candle_core::DType::F32).unwrap();
+    max_abs(&(ours - &reference).unwrap()) / max_abs(&reference).max(1e-12)
+}
+
+/// Every element as f32, flattened.
+pub fn to_vec_f32(t: &candle_core::Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_dtype(candle_core::DType::F32).unwrap().to_vec1().unwrap()
+}
+
+/// The first element as f32.
+pub fn scalar(t: &candle_core::Tensor) -> f32 {
+    to_vec_f32(t)[0]
+}
+
+/// Timesteps stored as integers (or floats) as u32.
+pub fn timesteps_u32(t: &candle_core::Tensor) -> Vec<u32> {
+    t.to_dtype(candle_core::DType::F64).unwrap().to_vec1::<f64>().unwrap().iter().map(|&t| t as u32).collect()
 }
