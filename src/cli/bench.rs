@@ -55,7 +55,6 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if let Some(b) = args.batch {
         overrides.push(format!("train.batch_size={b}"));
     }
-    overrides.push("validation.prompts=[]".into());
     let tmp = tempfile::tempdir().context("creating a temporary output directory")?;
     overrides.push(format!("output.dir={:?}", tmp.path().display().to_string()));
     // Checkpoints are switched off below: their warnings (e.g. "no checkpoint will be saved")
@@ -68,6 +67,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     // No checkpoint inside the timed steps (set here, not as an override, so that validation
     // does not warn about a key the user never wrote).
     loaded.pipeline.checkpoints.every_steps = u64::MAX >> 1;
+    // No validation images either: cleared here too, since an override would leave a pipeline's
+    // other validation keys (`validation.steps`, ...) set without prompts, which is an error.
+    loaded.pipeline.validation.prompts.clear();
     let batch = loaded.pipeline.train.batch_size as usize * loaded.pipeline.train.gradient_accumulation_steps as usize;
     let resolution = loaded.pipeline.preprocess.resolution;
 
