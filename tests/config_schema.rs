@@ -100,7 +100,7 @@ fn tiny_pipeline_reads_the_fixtures() {
     assert!(p.model.path.as_ref().unwrap().join("model_index.json").is_file());
     assert_eq!(p.dataset.kind, DatasetKind::Parquet);
     assert!(p.dataset.path.as_ref().unwrap().is_dir());
-    assert_eq!(p.preprocess.resolution, 64);
+    assert_eq!(p.preprocess.resolution, Some(64));
     assert_eq!(p.train.batch_size, 4);
     assert_eq!(p.train.max_steps, Some(30));
     assert_eq!(p.train.seed, Some(0));
@@ -115,7 +115,7 @@ fn naruto_pipeline_is_the_guide_command() {
     assert_eq!(p.model.id.as_deref(), Some("stable-diffusion-v1-5/stable-diffusion-v1-5"));
     assert_eq!(p.dataset.kind, DatasetKind::Hub);
     assert_eq!(p.dataset.name.as_deref(), Some("lambdalabs/naruto-blip-captions"));
-    assert_eq!(p.preprocess.resolution, 512);
+    assert_eq!(p.preprocess.resolution, Some(512));
     assert_eq!(p.preprocess.crop(), Crop::Center);
     assert!(p.preprocess.random_flip);
     assert_eq!(p.train.batch_size, 1);
@@ -147,7 +147,7 @@ fn defaults_are_the_reference_scripts() {
     std::fs::write(&file, "[model]\npath = \"model\"\n[dataset]\nkind = \"parquet\"\npath = \"data\"\n").unwrap();
     let p = load_pipeline(&file, &[]).expect("minimal pipeline is valid").pipeline;
     assert_eq!((p.dataset.image_column.as_str(), p.dataset.caption_column.as_str()), ("image", "text"));
-    assert_eq!(p.preprocess.resolution, 512);
+    assert_eq!(p.preprocess.resolution, None, "unset: the model family decides (see runner_default_resolution)");
     assert_eq!(p.preprocess.crop(), Crop::Random);
     assert!(!p.preprocess.random_flip);
     assert_eq!(p.preprocess.interpolation, Interpolation::Lanczos);

@@ -64,7 +64,7 @@ fn validation_rgb(sd: &StableDiffusion, loaded: &LoadedPipeline, dir: &Path) -> 
 /// scheduler config file, the first N(0, 1) draw of the seed, the pipeline's settings.
 fn direct_rgb(sd: &StableDiffusion, loaded: &LoadedPipeline, sampler: &mut dyn Sampler) -> Vec<u8> {
     let p = &loaded.pipeline;
-    let res = p.preprocess.resolution as usize;
+    let res = p.preprocess.resolution.unwrap() as usize;
     let opts = GenerateOptions {
         prompt: p.validation.prompts[0].clone(),
         negative_prompt: String::new(),
@@ -265,7 +265,7 @@ fn validation_uses_the_negative_prompt() {
     assert!(with_negative != without, "the negative prompt changes the image");
 
     let p = &negative.pipeline;
-    let res = p.preprocess.resolution as usize;
+    let res = p.preprocess.resolution.unwrap() as usize;
     let opts = GenerateOptions {
         prompt: "a red circle".into(),
         negative_prompt: "a blue square".into(),

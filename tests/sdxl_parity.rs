@@ -315,3 +315,14 @@ fn sdxl_preprocessing_geometry_matches_the_script() {
         assert_eq!(vec![w - 64 - left, w - left], cols, "flip-then-crop window of {orig:?}");
     }
 }
+
+#[test]
+fn each_fixture_has_its_family_and_default_resolution() {
+    // What `preprocess.resolution` falls back to: 512 for SD 1.x, 768 for an SD 2.x v-prediction
+    // model, 1024 for SDXL (the reference scripts' defaults for those models).
+    for (dir, family, resolution) in [("tiny-sd", Family::Sd1, 512), ("sd2-tiny", Family::Sd2, 768), ("sdxl-tiny", Family::Sdxl, 1024)] {
+        let sd = StableDiffusion::load(fixtures().join(dir).to_str().unwrap(), &LoadOptions::default(), &Device::Cpu, DType::F32).unwrap();
+        assert_eq!((sd.family, sd.default_resolution()), (family, resolution), "{dir}");
+    }
+    assert_eq!(Family::Sd2.default_resolution(lora::vocab::PredictionType::Epsilon), 512, "SD 2.x base");
+}

@@ -71,7 +71,6 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     // other validation keys (`validation.steps`, ...) set without prompts, which is an error.
     loaded.pipeline.validation.prompts.clear();
     let batch = loaded.pipeline.train.batch_size as usize * loaded.pipeline.train.gradient_accumulation_steps as usize;
-    let resolution = loaded.pipeline.preprocess.resolution;
 
     let stamps = std::cell::RefCell::new(Vec::<Instant>::new());
     let started = Instant::now();
@@ -101,6 +100,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let peak_process = report.setup_peak_rss_bytes.max(peak);
     let device = if report.device_is_cpu { "cpu" } else { "cuda" };
     let p = &loaded.pipeline;
+    let resolution = report.run.resolution.unwrap_or(0);
     let precision = crate::config::choice_name(&p.train.precision);
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     if args.json {

@@ -222,9 +222,12 @@ pub enum Crop {
 #[serde(deny_unknown_fields, default)]
 pub struct PreprocessConfig {
     /// Size the shorter side is resized to and the square crop size, in pixels (at most 8192:
-    /// SD is trained at 512 to 1024, and larger sizes would not fit in memory).
+    /// SD is trained at 512 to 1024, and larger sizes would not fit in memory). Unset: the model
+    /// family's own, 512 for SD 1.x and SD 2.x base (epsilon), 768 for SD 2.x v-prediction
+    /// models (2.1), 1024 for SDXL, as the reference scripts default.
+    #[serde(skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 8, max = 8192), extend("multipleOf" = 8, "x-reference" = "--resolution"))]
-    pub resolution: u32,
+    pub resolution: Option<u32>,
     /// Crop the middle square.
     #[schemars(extend("x-reference" = "--center_crop"))]
     pub center_crop: bool,
@@ -243,7 +246,7 @@ pub struct PreprocessConfig {
 impl Default for PreprocessConfig {
     fn default() -> Self {
         Self {
-            resolution: 512,
+            resolution: None,
             center_crop: false,
             random_crop: None,
             random_flip: false,

@@ -30,7 +30,7 @@ pub(crate) fn validation_sampler(s: ValidationScheduler) -> SamplerChoice {
 /// Sample the validation images of `p` with `sd` as it is (adapters attached) into `dir`.
 pub fn validation_images(sd: &StableDiffusion, p: &Pipeline, dir: &Path, device: &Device) -> Result<Vec<PathBuf>> {
     let sampler = validation_sampler(p.validation.scheduler).resolve(sd)?;
-    let res = p.preprocess.resolution as usize;
+    let res = p.preprocess.resolution.unwrap_or_else(|| sd.default_resolution()) as usize;
     let mut files = Vec::new();
     for (i, prompt) in p.validation.prompts.iter().enumerate() {
         let opts = GenerateOptions {

@@ -133,6 +133,13 @@ impl StableDiffusion {
         self.text.encode(texts, device)
     }
 
+    /// The training resolution when a pipeline sets none: the family's, by the prediction type
+    /// of the scheduler config (SD 2.x: 768 for v-prediction, 512 for epsilon).
+    pub fn default_resolution(&self) -> u32 {
+        let prediction = crate::vocab::PredictionType::parse(&self.scheduler.prediction_type).unwrap_or_default();
+        self.family.default_resolution(prediction)
+    }
+
     /// Where the text encoders are (the CPU while parked).
     pub(crate) fn text_encoder_device(&self) -> Device {
         self.text.device()

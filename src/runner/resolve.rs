@@ -106,9 +106,28 @@ pub(crate) fn probe_family(p: &Pipeline) -> Option<Family> {
     }
 }
 
-/// The data loader's options; `family` decides the preprocessing order (SDXL flips before it
-/// crops, as its script does).
-pub(crate) fn loader_options(p: &Pipeline, family: Option<Family>) -> LoaderOptions {
+/// The training resolution: `preprocess.resolution`, else the loaded model's family default.
+pub(crate) fn resolution(p: &Pipeline, sd: &StableDiffusion) -> u32 {
+    p.preprocess.resolution.unwrap_or_else(|| sd.default_resolution())
+}
+
+/// `preprocess.resolution` for messages: the number, or the family default it stands for.
+pub(crate) fn resolution_text(p: &Pipeline) -> String {
+    match p.preprocess.resolution {
+        Some(r) => r.to_string(),
+        None => "the model family's default".to_string(),
+    }
+}
+
+/// The data loader's options for a loaded model: its family decides the preprocessing order
+/// (SDXL flips before it crops, as its script does) and, unless the pipeline says, the
+/// resolution.
+pub(crate) fn model_loader_options(p: &Pipeline, sd: &StableDiffusion) -> LoaderOptions {
+    loader_options(p, Some(sd.family), resolution(p, sd))
+}
+
+/// The data loader's options with the family and resolution given.
+pub(crate) fn loader_options(p: &Pipeline, family: Option<Family>, resolution: u32) -> LoaderOptions {
     let pre = &p.preprocess;
     LoaderOptions {
         batch_size: p.train.batch_size as usize,
@@ -116,7 +135,7 @@ pub(crate) fn loader_options(p: &Pipeline, family: Option<Family>) -> LoaderOpti
         shuffle: true,
         prefetch_batches: 2,
         preprocess: data::PreprocessOptions {
-            resolution: pre.resolution,
+            resolution,
             crop: match pre.crop() {
                 cfg::Crop::Center => data::CropMode::Center,
                 cfg::Crop::Random => data::CropMode::Random,

@@ -8,7 +8,7 @@ use candle_core::Device;
 
 use crate::runner::lock::Fingerprint;
 use crate::runner::plan::{Plan, StageId};
-use crate::runner::resolve::loader_options;
+use crate::runner::resolve::model_loader_options;
 use super::{LoadedModel, Run, nothing, out, with_rate, Ran, Stage, StageCtx};
 use crate::adapters::lora::InitRng;
 use crate::config::types as cfg;
@@ -77,7 +77,7 @@ fn run_encode(ctx: &mut StageCtx<'_>, model: &mut LoadedModel, loader: &DataLoad
     // Encoders parked by an earlier run of this session (watch mode) come back to encode.
     sd.unpark_encoders(&device)?;
     let sd: &StableDiffusion = sd;
-    let opts = loader_options(plan.pipeline(), plan.family);
+    let opts = model_loader_options(plan.pipeline(), sd);
     let dataset = loader.dataset();
     let flips: &[bool] = if opts.preprocess.flip_p > 0.0 { &[false, true] } else { &[false] };
     let bar = indicatif::ProgressBar::new(dataset.len() as u64);

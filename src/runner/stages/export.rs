@@ -114,7 +114,7 @@ fn export_files(ctx: &mut StageCtx<'_>, train_details: &BTreeMap<String, serde_j
                         _ => p.train.epochs,
                     },
                     batch_size: p.train.batch_size as usize,
-                    resolution: p.preprocess.resolution as usize,
+                    resolution: count("resolution").map_or(p.preprocess.resolution.unwrap_or(512) as usize, |r| r as usize),
                     seed: p.train.seed,
                     num_train_images: count("examples").unwrap_or(0) as usize,
                     prediction: facts.prediction,

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 
 use crate::runner::lock::Fingerprint;
 use crate::runner::plan::StageId;
-use crate::runner::resolve::{load_model, loader_options, select_device, source_options, source_spec, weight_dtype,};
+use crate::runner::resolve::{load_model, loader_options, model_loader_options, resolution_text, select_device, source_options, source_spec, weight_dtype,};
 use super::{LoadedModel, Run, no_outputs, not_off, nothing, Ran, Stage, StageCtx};
 use crate::config::choice_name;
 use crate::config::types as cfg;
@@ -114,7 +114,7 @@ fn run_dataset(ctx: &mut StageCtx<'_>) -> Result<Ran> {
             cfg::OnBadImage::Error => data::OnBadImage::Error,
             cfg::OnBadImage::Skip => data::OnBadImage::Skip,
         };
-        let (dataset, skipped) = data::decode::screen_dataset(dataset, &loader_options(p, None).decode, policy)?;
+        let (dataset, skipped) = data::decode::screen_dataset(dataset, &loader_options(p, None, 0).decode, policy)?;
         tracing::info!("dataset: {} examples ({} skipped)", dataset.len(), skipped.len());
         ctx.session.dataset = Some((fp.to_string(), Arc::new(dataset), skipped.len()));
     }
@@ -142,11 +142,13 @@ pub(super) const PREPROCESS: Stage = Stage {
             cfg::Crop::Random => "random crop",
         };
         let flip = if pre.random_flip { ", random flip" } else { "" };
-        format!("resize to {} ({}), {crop}{flip}, normalise to [-1, 1] (per batch, as training reads it)", pre.resolution, choice_name(&pre.interpolation))
+        format!("resize to {} ({}), {crop}{flip}, normalise to [-1, 1] (per batch, as training reads it)", resolution_text(p.pipeline()), choice_name(&pre.interpolation))
     },
     run: Run::Plain(|ctx| {
         let (_, dataset, _) = ctx.session.dataset.as_ref().context("the dataset stage runs before preprocess")?;
-        ctx.loader = Some(DataLoader::new(dataset.clone(), loader_options(ctx.plan.pipeline(), ctx.plan.family))?);
+        // The model stage has loaded the model (preprocess runs for stages that need both).
+        let model = ctx.session.model.as_ref().context("the model stage runs before preprocess")?;
+        ctx.loader = Some(DataLoader::new(dataset.clone(), model_loader_options(ctx.plan.pipeline(), &model.sd))?);
         Ok(Ran::done())
     }),
 };

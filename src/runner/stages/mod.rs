@@ -179,6 +179,8 @@ pub struct RunReport {
     pub files: Vec<PathBuf>,
     pub(crate) skipped_images: usize,
     pub examples: usize,
+    /// The resolution training ran at (`preprocess.resolution` or the model family's).
+    pub resolution: Option<u32>,
     pub seconds: f64,
     /// Every stage of the table in order, with what this run did with it.
     pub stages: Vec<(&'static str, Status)>,

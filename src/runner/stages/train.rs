@@ -172,6 +172,7 @@ fn run_train(ctx: &mut StageCtx<'_>, model: &mut LoadedModel, loader: &DataLoade
     let device = model.device.clone();
     let loader = loader.clone();
     let n_examples = loader.dataset().len();
+    ctx.report.resolution = Some(crate::runner::resolve::resolution(p, &model.sd));
     // For the kohya header (`ss_tag_frequency`), kept in the lock so export can rerun alone.
     let tag_frequency = crate::adapters::kohya_meta::tag_frequency(
         &dataset_folder_name(p),
@@ -327,6 +328,7 @@ fn run_train(ctx: &mut StageCtx<'_>, model: &mut LoadedModel, loader: &DataLoade
     write_lora_file(&weights, &out_dir.join(TRAINED_FILE), LoraFormat::Peft)?;
     let mut details = BTreeMap::new();
     details.insert("examples".to_string(), serde_json::Value::from(n_examples));
+    details.insert("resolution".to_string(), serde_json::Value::from(ctx.report.resolution.unwrap_or(0)));
     details.insert("tag_frequency".to_string(), tag_frequency);
     details.insert("max_train_steps".to_string(), serde_json::Value::from(ctx.report.train.as_ref().map_or(0, |t| t.max_train_steps)));
     details.insert("updates_per_epoch".to_string(), serde_json::Value::from(steps.updates_per_epoch));

@@ -28,7 +28,7 @@ pub(super) const VALIDATE: Stage = Stage {
             .add("train", p.fingerprint(StageId::Train))
             .add("adapter", &validation_adapter(p.pipeline()))
             .add_toml("validation", p.table("validation"))
-            .add("resolution", &p.pipeline().preprocess.resolution.to_string())
+            .add("resolution", &crate::runner::resolve::resolution_text(p.pipeline()))
             .finish()
     },
     reads: |p| vec![tidy(p, &validation_adapter(p.pipeline()))],
