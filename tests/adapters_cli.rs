@@ -254,3 +254,28 @@ fn convert_removes_only_temporaries_of_dead_converts_of_the_same_file() {
     }
     assert!(read_lora_file(&dir.path().join("k.safetensors")).is_ok());
 }
+
+/// kohya's SDXL form names the UNet in the original layout: `lora convert --to kohya --model
+/// <SDXL folder>` writes it so, reading it back needs the model (exit 2 without, naming
+/// `--model`), and the round trip gives the diffusers file's tensors exactly.
+#[test]
+fn convert_sdxl_through_kohyas_original_layout_names() {
+    let fixtures = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let model = fixtures.join("sdxl-tiny");
+    let src = fixtures.join("golden-sdxl/lora-diffusers/pytorch_lora_weights.safetensors");
+    let dir = tempfile::tempdir().unwrap();
+    let (kohya, back) = (dir.path().join("k.safetensors"), dir.path().join("b.safetensors"));
+    lora_cmd().args(["convert"]).arg(&src).arg(&kohya).args(["--to", "kohya", "--model"]).arg(&model).assert().success();
+    let k = lora::adapters::read_lora_file(&kohya).unwrap();
+    assert!(k.unet.keys().all(|n| n.starts_with("input_blocks.") || n.starts_with("middle_block.") || n.starts_with("output_blocks.")), "{:?}", k.unet.keys().next());
+    assert_eq!((k.text_encoder.len(), k.text_encoder_2.len()), (12, 12));
+    let out = lora_cmd().args(["convert"]).arg(&kohya).arg(&back).args(["--to", "diffusers"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--model"), "{}", String::from_utf8_lossy(&out.stderr));
+    lora_cmd().args(["convert"]).arg(&kohya).arg(&back).args(["--to", "diffusers", "--model"]).arg(&model).assert().success();
+    let (a, b) = (lora::adapters::read_lora_file(&src).unwrap(), lora::adapters::read_lora_file(&back).unwrap());
+    for (c, name, m) in a.modules() {
+        let other = b.component(c).get(name).unwrap_or_else(|| panic!("{name} lost in the round trip"));
+        assert_eq!(m.up.flatten_all().unwrap().to_vec1::<f32>().unwrap(), other.up.flatten_all().unwrap().to_vec1::<f32>().unwrap(), "{name}");
+    }
+}

@@ -165,6 +165,11 @@ fn tiny_sdxl_pipeline_trains_both_encoders_and_writes_sdxl_files() {
     let kohya = read_lora_file(&out.join(KOHYA_FILE)).unwrap();
     let m = &kohya.metadata;
     assert_eq!((m["ss_base_model_version"].as_str(), m["modelspec.architecture"].as_str(), m["ss_v2"].as_str()), ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", "false"));
+    // kohya's SDXL UNet names are the original layout's (`input_blocks.4.1.…`), as sd-scripts
+    // writes them; renamed back for this UNet they are the diffusers file's modules.
+    assert!(kohya.unet.keys().all(|n| lora::adapters::ldm_names::is_ldm_unet_name(n)), "SDXL kohya UNet names are the original layout's");
+    let unet_cfg = lora::models::config::UNetConfig::from_json_file(root().join("tests/fixtures/sdxl-tiny/unet/config.json")).unwrap();
+    let kohya = lora::adapters::ldm_names::to_diffusers_unet_names(&kohya, &unet_cfg).unwrap();
     for (c, name, module) in diffusers.modules() {
         let other = kohya.component(c).get(name).unwrap_or_else(|| panic!("{name} missing from the kohya file"));
         assert_eq!(module.down.flatten_all().unwrap().to_vec1::<f32>().unwrap(), other.down.flatten_all().unwrap().to_vec1::<f32>().unwrap(), "{name}");

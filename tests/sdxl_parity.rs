@@ -326,3 +326,33 @@ fn each_fixture_has_its_family_and_default_resolution() {
     }
     assert_eq!(Family::Sd2.default_resolution(lora::vocab::PredictionType::Epsilon), 512, "SD 2.x base");
 }
+
+#[test]
+fn sdxl_kohya_lora_with_original_layout_unet_names_matches_diffusers() {
+    // The golden LoRA with its UNet modules named as kohya sd-scripts names SDXL's
+    // (`lora_unet_input_blocks_4_1_…`): every stem is the one ComfyUI's own map gives for that
+    // module (tests/fixtures/ui-lora-keys-sdxl.json), and applied it gives diffusers' output
+    // (1e-4 relative) and image (2/255).
+    let weights = lora::adapters::read_lora_file(&fixtures().join("golden-sdxl/lora-diffusers/pytorch_lora_weights.safetensors")).unwrap();
+    let sd = sdxl();
+    let ldm = lora::adapters::ldm_names::to_ldm_unet_names(&weights, sd.unet.config()).unwrap();
+    let ui: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("ui-lora-keys-sdxl.json")).unwrap()).unwrap();
+    let sgm = ui["layouts"]["sdxl-tiny"]["stems"]["unet_sgm"].as_object().unwrap();
+    for name in ldm.unet.keys() {
+        let stem = format!("lora_unet_{}", name.replace('.', "_"));
+        let module = sgm.get(&stem).unwrap_or_else(|| panic!("{stem} is not an SGM stem ComfyUI knows"));
+        assert!(weights.unet.contains_key(module.as_str().unwrap()), "{stem} maps to {module}, not one of the LoRA's modules");
+    }
+    assert_eq!(ldm.unet.len(), weights.unet.len());
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("sgm.safetensors");
+    lora::adapters::write_lora_file(&ldm, &file, lora::adapters::LoraFormat::Kohya).unwrap();
+    let names = safetensors::SafeTensors::deserialize(&std::fs::read(&file).unwrap()).unwrap().names().iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert!(names.iter().any(|k| k.starts_with("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.")), "kohya's SDXL names");
+    let mut applied = sdxl();
+    apply_lora_file(&mut applied, &file, 1.0).unwrap();
+    let (g, cond) = unet_inputs();
+    let out = applied.unet.forward(&g["sample"], &g["timesteps"], &cond).unwrap();
+    assert_close("sdxl unet with original-layout kohya LoRA", &out, &golden("unet_lora.safetensors")["out_with_lora"]);
+    sample_and_compare(&applied, SamplerKind::Euler, "euler_lora");
+}

@@ -134,6 +134,15 @@ pub(crate) fn parse_key(key: &str) -> Result<ParsedKey> {
 /// underscore-joined names back into dotted module names (diffusers' fixed rules, our table).
 const COMPOUND_PARTS: &[&str] = &[
     "transformer_blocks",
+    "input_blocks",
+    "output_blocks",
+    "middle_block",
+    "label_emb",
+    "time_embed",
+    "in_layers",
+    "out_layers",
+    "emb_layers",
+    "skip_connection",
     "conv_norm_out",
     "time_emb_proj",
     "conv_shortcut",

@@ -434,8 +434,14 @@ pub fn apply_lora_weights(
 /// or infinite weights is refused, naming the tensors.
 pub fn apply_lora_file(sd: &mut crate::models::StableDiffusion, path: &Path, scale: f64) -> Result<()> {
     let weights = read_lora_file_for_use(path)?;
+    apply_lora_to_model(&weights, sd, scale).with_context(|| format!("cannot apply LoRA file {}", path.display()))
+}
+
+/// [`apply_lora_weights`] on a loaded model's UNet and text encoders; UNet modules named in the
+/// original layout (kohya's SDXL files: `input_blocks.4.1.…`) are renamed for this UNet first.
+pub fn apply_lora_to_model(weights: &LoraWeights, sd: &mut crate::models::StableDiffusion, scale: f64) -> Result<()> {
+    let weights = super::ldm_names::to_diffusers_unet_names(weights, sd.unet.config())?;
     apply_lora_weights(&weights, sd.unet.linears_mut(), sd.text.linears_mut(), scale)
-        .with_context(|| format!("cannot apply LoRA file {}", path.display()))
 }
 
 /// Overwrite the trainable tensors of `loras` with tensors named `{prefix}{peft name}`, e.g.

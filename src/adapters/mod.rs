@@ -3,12 +3,14 @@
 //! PEFT, old attention-processor and kohya forms), and `read` / `write` turn files into it and
 //! back; `inspect` describes a LoRA (format, base model guess, ranks, alphas) for `lora inspect`;
 //! `kohya_hash` the model and file hashes of kohya's header, `kohya_meta` the rest of it
-//! (training settings, model facts, ModelSpec keys, tag counts).
+//! (training settings, model facts, ModelSpec keys, tag counts); `ldm_names` the original-layout
+//! UNet names kohya gives SDXL LoRAs.
 
 pub mod inspect;
 pub mod keys;
 pub(crate) mod kohya_hash;
 pub mod kohya_meta;
+pub mod ldm_names;
 pub mod lora;
 pub mod pattern;
 pub mod read;

@@ -34,6 +34,12 @@ pub struct Args {
     /// Replace OUT if it exists.
     #[arg(long)]
     pub force: bool,
+    /// A diffusers model folder whose UNet config names the UNet modules in the original (LDM)
+    /// layout: needed to read kohya's SDXL files (`lora_unet_input_blocks_…`) into diffusers or
+    /// PEFT names; with `--to kohya` and an SDXL model, the UNet is written in that layout, as
+    /// kohya sd-scripts writes SDXL LoRAs.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
 }
 
 /// Checks on the output path alone (before reading anything): the message says what to do.
@@ -77,6 +83,36 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Target::Kohya => LoraFormat::Kohya,
         Target::Peft => LoraFormat::Peft,
     };
+    let has_ldm = weights.unet.keys().any(|n| crate::adapters::ldm_names::is_ldm_unet_name(n));
+    match (&args.model, format) {
+        // Without a model, names pass through (kohya to kohya keeps the original layout).
+        (None, f) if !has_ldm || f == LoraFormat::Kohya => {}
+        (None, _) => {
+            eprintln!(
+                "error: {} names its UNet modules in the original (LDM) layout (kohya's SDXL form, `lora_unet_input_blocks_…`); \
+                 give the model it was trained for with --model <diffusers folder> so they can be renamed",
+                args.input.display()
+            );
+            return Ok(ExitCode::from(super::EXIT_INVALID));
+        }
+        (Some(dir), _) => {
+            let renamed = crate::models::config::UNetConfig::from_json_file(dir.join("unet/config.json")).and_then(|cfg| {
+                let family = crate::models::family::family_of_folder(dir)?;
+                if format == LoraFormat::Kohya && family == crate::vocab::Family::Sdxl {
+                    crate::adapters::ldm_names::to_ldm_unet_names(&weights, &cfg)
+                } else {
+                    crate::adapters::ldm_names::to_diffusers_unet_names(&weights, &cfg)
+                }
+            });
+            match renamed {
+                Ok(w) => weights = w,
+                Err(err) => {
+                    eprintln!("error: --model {}: {err:#}", dir.display());
+                    return Ok(ExitCode::from(super::EXIT_INVALID));
+                }
+            }
+        }
+    }
     if format == LoraFormat::Kohya {
         // kohya headers carry `ss_*` keys, not diffusers' framework keys.
         weights.metadata.remove("format");

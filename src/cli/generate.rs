@@ -212,7 +212,7 @@ fn read_loras(loras: &[LoraSpec]) -> Result<Vec<LoraWeights>, String> {
 fn apply_loras(sd: &mut StableDiffusion, loras: &[LoraSpec], weights: &[LoraWeights]) -> Result<(), String> {
     for (lora, w) in loras.iter().zip(weights) {
         tracing::info!("applying LoRA {} (scale {})", lora.path.display(), lora.scale);
-        crate::adapters::apply_lora_weights(w, sd.unet.linears_mut(), sd.text.linears_mut(), lora.scale)
+        crate::adapters::lora::apply_lora_to_model(w, sd, lora.scale)
             .map_err(|e| format!("--lora {}: does not fit the model: {e:#}", lora.path.display()))?;
     }
     Ok(())

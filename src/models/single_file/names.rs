@@ -56,7 +56,7 @@ const NONE: &[(&str, &str)] = &[];
 
 /// A bidirectional prefix map between the two layouts.
 #[derive(Clone, Debug, Default)]
-pub(super) struct PrefixMap {
+pub(crate) struct PrefixMap {
     rules: Vec<PrefixRule>,
 }
 
@@ -66,7 +66,7 @@ impl PrefixMap {
     }
 
     /// The diffusers name of an LDM name (without the component prefix), if a rule covers it.
-    pub(super) fn to_diffusers(&self, ldm: &str) -> Option<String> {
+    pub(crate) fn to_diffusers(&self, ldm: &str) -> Option<String> {
         let rule = self.rules.iter().filter(|r| ldm.starts_with(&r.ldm)).max_by_key(|r| r.ldm.len())?;
         let rest = &ldm[rule.ldm.len()..];
         let rest = rename_inner(rest, rule.inner.iter().map(|(a, b)| (*a, *b)));
@@ -74,7 +74,7 @@ impl PrefixMap {
     }
 
     /// The LDM name a diffusers name is stored as.
-    pub(super) fn to_ldm(&self, diffusers: &str) -> Option<String> {
+    pub(crate) fn to_ldm(&self, diffusers: &str) -> Option<String> {
         let rule = self.rules.iter().filter(|r| diffusers.starts_with(&r.diffusers)).max_by_key(|r| r.diffusers.len())?;
         let rest = &diffusers[rule.diffusers.len()..];
         let rest = rename_inner(rest, rule.inner.iter().map(|(a, b)| (*b, *a)));
@@ -139,10 +139,37 @@ pub(super) fn unet_layout(h: &Header) -> anyhow::Result<UNetLayout> {
     Ok(UNetLayout { layers, channels, down_attention, up_attention, transformer_layers })
 }
 
+/// The LDM layout of a diffusers UNet config (`None` when its blocks differ in layers).
+fn layout_of_config(cfg: &crate::models::config::UNetConfig) -> Option<UNetLayout> {
+    use crate::models::config::{DownBlockType, UpBlockType};
+    let layers = *cfg.layers_per_block.first()?;
+    if cfg.layers_per_block.iter().any(|&l| l != layers) {
+        return None;
+    }
+    let blocks = cfg.block_out_channels.len();
+    Some(UNetLayout {
+        layers,
+        channels: cfg.block_out_channels.clone(),
+        down_attention: cfg.down_block_types.iter().map(|t| *t == DownBlockType::CrossAttnDownBlock2D).collect(),
+        // `unet_map` indexes up blocks in diffusers order (up block i mirrors down block n-1-i).
+        up_attention: (0..blocks).map(|i| cfg.up_block_types[i] == UpBlockType::CrossAttnUpBlock2D).collect(),
+        transformer_layers: cfg.transformer_layers_per_block.clone(),
+    })
+}
+
+/// LDM ↔ diffusers names of the UNet a config describes (the names kohya sd-scripts gives SDXL
+/// LoRAs, `input_blocks.4.1.…`); `None` for a UNet whose blocks differ in layers.
+pub(crate) fn unet_map_of_config(cfg: &crate::models::config::UNetConfig) -> Option<PrefixMap> {
+    layout_of_config(cfg).map(|l| unet_map(&l))
+}
+
 pub(super) fn unet_map(l: &UNetLayout) -> PrefixMap {
     let mut m = PrefixMap::default();
     m.add("time_embed.0.", "time_embedding.linear_1.", NONE);
     m.add("time_embed.2.", "time_embedding.linear_2.", NONE);
+    // SDXL's `label_emb` (the pooled text + time ids MLP).
+    m.add("label_emb.0.0.", "add_embedding.linear_1.", NONE);
+    m.add("label_emb.0.2.", "add_embedding.linear_2.", NONE);
     m.add("input_blocks.0.0.", "conv_in.", NONE);
     m.add("out.0.", "conv_norm_out.", NONE);
     m.add("out.2.", "conv_out.", NONE);

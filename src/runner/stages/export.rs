@@ -121,7 +121,13 @@ fn export_files(ctx: &mut StageCtx<'_>, train_details: &BTreeMap<String, serde_j
                     train_text_encoder: p.adapter.text_encoder,
                     pipeline_toml: resolved_toml(&ctx.plan.loaded),
                 };
-                let mut w = weights.clone();
+                // kohya sd-scripts names SDXL UNet modules in the original layout
+                // (`input_blocks.4.1.…`); both UIs load those for every module.
+                let mut w = if facts.family == crate::vocab::Family::Sdxl {
+                    crate::adapters::ldm_names::to_ldm_unet_names(&weights, &model_unet_config(p)?)?
+                } else {
+                    weights.clone()
+                };
                 w.metadata = crate::adapters::kohya_meta::training_metadata(&info);
                 // A single-file model (and a separate VAE) are named and hashed as kohya does.
                 w.metadata.extend(crate::adapters::kohya_hash::source_file_metadata(p.model.file.as_deref(), p.model.vae.as_deref())?);
@@ -148,6 +154,14 @@ fn export_files(ctx: &mut StageCtx<'_>, train_details: &BTreeMap<String, serde_j
         }
     }
     Ok(())
+}
+
+/// The UNet config of the pipeline's model (a diffusers folder: SDXL single files are not read).
+fn model_unet_config(p: &cfg::Pipeline) -> Result<crate::models::config::UNetConfig> {
+    let source = model_source(p)?;
+    let dir = crate::models::loading::resolve_model_dir(&source, &crate::models::loading::LoadOptions::from_config(&p.model))
+        .with_context(|| format!("finding the UNet config of {source} for the kohya names"))?;
+    crate::models::config::UNetConfig::from_json_file(dir.join("unet/config.json"))
 }
 
 /// The base model's generation and prediction type for the kohya header, from its configs (a
