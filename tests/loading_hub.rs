@@ -9,7 +9,7 @@ use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use lora::models::loading::{hub, resolve_model_files_with, HubSettings, LoadOptions};
+use lora::models::loading::{hub, resolve_model_files_with, HubSettings, LoadOptions, StableDiffusion};
 
 const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
 
@@ -285,4 +285,38 @@ fn settings_follow_the_hf_environment_variables() {
     assert!(!s.offline);
     assert_eq!(s.token.as_deref(), Some("hf_x"));
     assert!(from(&[("HF_HUB_OFFLINE", "TRUE")]).offline);
+}
+
+/// `[model] vae = "org/vae"` (as `--pretrained_vae_model_name_or_path`): a diffusers VAE repo is
+/// fetched into the HF cache (its config and safetensors weights only) and built from its own
+/// config, scaling factor included; the same folder given locally gives the same VAE.
+#[test]
+fn a_hub_vae_replaces_the_models_vae_with_its_own_config() {
+    let vae_dir = fixtures().join("tiny-sd/vae");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(vae_dir.join("config.json")).unwrap()).unwrap();
+    config["scaling_factor"] = serde_json::json!(0.5);
+    let config = serde_json::to_vec(&config).unwrap();
+    let weights = std::fs::read(vae_dir.join("diffusion_pytorch_model.safetensors")).unwrap();
+    let files: BTreeMap<String, Vec<u8>> =
+        [("config.json".to_string(), config.clone()), ("diffusion_pytorch_model.safetensors".to_string(), weights.clone()), ("diffusion_pytorch_model.bin".to_string(), b"pickle".to_vec())].into();
+    let hub_server = FakeHub::start("org/vae", files);
+    let cache = tempfile::tempdir().unwrap();
+    let online = settings(cache.path(), &hub_server.endpoint, false);
+    let model = fixtures().join("tiny-sd");
+    let opts = LoadOptions { vae: Some("org/vae".into()), ..Default::default() };
+    let sd = StableDiffusion::load_with(model.to_str().unwrap(), &opts, &online, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
+    assert_eq!(sd.vae.scaling_factor(), 0.5, "the hub VAE's own config");
+    let requests = hub_server.requests();
+    assert!(requests.iter().any(|r| r.contains("/org/vae/resolve/main/diffusion_pytorch_model.safetensors")), "{requests:?}");
+    assert!(!requests.iter().any(|r| r.contains(".bin")), "pickles are never fetched: {requests:?}");
+    // The same files as a local folder.
+    let local = tempfile::tempdir().unwrap();
+    std::fs::write(local.path().join("config.json"), &config).unwrap();
+    std::fs::write(local.path().join("diffusion_pytorch_model.safetensors"), &weights).unwrap();
+    let opts = LoadOptions { vae: Some(local.path().to_path_buf()), ..Default::default() };
+    let from_folder = StableDiffusion::load_with(model.to_str().unwrap(), &opts, &online, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
+    let px = candle_core::Tensor::randn(0f32, 0.5, (1, 3, 32, 32), &candle_core::Device::Cpu).unwrap();
+    let (a, b) = (sd.vae.encode(&px).unwrap().mean, from_folder.vae.encode(&px).unwrap().mean);
+    assert_eq!(a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    assert_eq!(from_folder.vae.scaling_factor(), 0.5);
 }

@@ -107,6 +107,9 @@ pub fn summary(loaded: &LoadedPipeline) -> String {
     if let Some(id) = &p.model.id {
         downloads.push(format!("model {id}"));
     }
+    if let Some(vae) = p.model.vae.as_ref().filter(|v| !v.exists() && crate::hub_id::is_hub_id(&v.to_string_lossy())) {
+        downloads.push(format!("VAE {}", vae.display()));
+    }
     if let Some(name) = &p.dataset.name {
         downloads.push(format!("dataset {name}"));
     }

@@ -83,9 +83,12 @@ pub struct ModelConfig {
     /// `file`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub file: Option<PathBuf>,
-    /// A separate VAE `.safetensors` file (diffusers layout, or an LDM VAE with or without the
-    /// `first_stage_model.` prefix) used instead of the model's VAE.
+    /// A VAE used instead of the model's: a `.safetensors` file (diffusers layout, or an LDM VAE
+    /// with or without the `first_stage_model.` prefix; the model's scaling factor), a diffusers
+    /// VAE folder, or a hub id such as "madebyollin/sdxl-vae-fp16-fix" (folder and hub VAEs bring
+    /// their own config, scaling factor and `force_upcast`).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-reference" = "--pretrained_vae_model_name_or_path"))]
     pub vae: Option<PathBuf>,
     /// With `file`: a diffusers folder (or one holding just the `unet/`, `vae/`, `text_encoder/`
     /// configs, `tokenizer/` and `scheduler/`) whose configs replace the recognised ones, as

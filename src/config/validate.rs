@@ -142,7 +142,11 @@ fn resolve_paths(p: &mut Pipeline, prov: &Provenance) {
         }
     }
     if let Some(v) = p.model.vae.as_mut() {
-        fix("model.vae", v);
+        // A hub VAE `org/name` stays as written unless such a local file or folder exists.
+        let local = prov.resolve_path("model.vae", v);
+        if local.exists() || !crate::hub_id::is_hub_id(&v.to_string_lossy()) {
+            *v = local;
+        }
     }
     if let Some(v) = p.model.config.as_mut() {
         fix("model.config", v);
@@ -730,7 +734,15 @@ impl Checks<'_> {
         }
         if let Some(vae) = &m.vae {
             let shown = self.shown("model.vae", vae);
-            if !vae.to_string_lossy().to_ascii_lowercase().ends_with(".safetensors") {
+            if vae.is_dir() {
+                for need in ["config.json", "diffusion_pytorch_model.safetensors"] {
+                    if !vae.join(need).is_file() {
+                        self.error(&["model.vae"], format!("VAE folder `{shown}` has no {need}"), Some("a diffusers VAE folder holds config.json and diffusion_pytorch_model.safetensors".into()));
+                    }
+                }
+            } else if !vae.exists() && crate::hub_id::is_hub_id(&vae.to_string_lossy()) {
+                // A hub VAE, fetched when the model loads.
+            } else if !vae.to_string_lossy().to_ascii_lowercase().ends_with(".safetensors") {
                 self.error(&["model.vae"], format!("VAE file `{shown}` is not a .safetensors file"), Some("lora reads safetensors only, because loading a pickle can run arbitrary code".into()));
             } else if !vae.is_file() {
                 self.error(&["model.vae"], format!("VAE file `{shown}` {}", what_is(vae).not_a("file")), None);

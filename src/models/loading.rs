@@ -213,7 +213,7 @@ impl StableDiffusion {
         dtype: DType,
     ) -> anyhow::Result<Self> {
         if let Some(file) = single_file_source(source, opts, hub)? {
-            return Self::load_single_file(&file, opts, device, dtype);
+            return Self::load_single_file_with(&file, opts, hub, device, dtype);
         }
         let files = resolve_model_files_with(source, opts, hub)?;
         let mut pairs = Vec::new();
@@ -248,7 +248,7 @@ impl StableDiffusion {
         let vae_config = VaeConfig::from_json_str(&read_text(&files.vae.config)?)
             .with_context(|| format!("in {}", files.vae.config.display()))?;
         let (vae, vae_tensors) = match &opts.vae {
-            Some(path) => load_vae_file(path, vae_config.scaling_factor, vae_dtype(dtype, &vae_config), device, opts.movable_encoders)?,
+            Some(path) => load_vae_source(path, &vae_config, dtype, device, opts.movable_encoders, hub)?,
             None => files
                 .vae
                 .open_weights("vae", &WeightOptions { legacy_attention_names: true, ..Default::default() })?
@@ -280,7 +280,7 @@ impl StableDiffusion {
     /// Load a single-file checkpoint (LDM layout `.safetensors`), recognising the model from
     /// its tensors (see [`crate::models::single_file`]). Each tensor is read from the memory map and converted
     /// to `dtype` when the network asks for it; nothing else is kept.
-    pub(crate) fn load_single_file(path: &Path, opts: &LoadOptions, device: &Device, dtype: DType) -> anyhow::Result<Self> {
+    fn load_single_file_with(path: &Path, opts: &LoadOptions, hub: &HubSettings, device: &Device, dtype: DType) -> anyhow::Result<Self> {
         let header = Header::read(path)?;
         let sf_opts = SingleFileOptions {
             config_dir: opts.config.clone(),
@@ -298,7 +298,7 @@ impl StableDiffusion {
         let unet = unet_weights.build(dtype, device, |vb| UNet2DConditionModel::load(vb, &rec.unet))?;
         drop(unet_weights);
         let (vae, vae_tensors) = match (&opts.vae, vae_weights) {
-            (Some(file), _) => load_vae_file(file, rec.vae.scaling_factor, dtype, device, opts.movable_encoders)?,
+            (Some(file), _) => load_vae_source(file, &rec.vae, dtype, device, opts.movable_encoders, hub)?,
             (None, Some(w)) => w.build_recorded(opts.movable_encoders, dtype, device, |vb| AutoencoderKL::load(vb, &rec.vae))?,
             (None, None) => bail!("{}: no VAE weights", path.display()),
         };
@@ -326,11 +326,32 @@ fn force_zeros(model_index: &str, family: Family) -> bool {
         .unwrap_or(family == Family::Sdxl)
 }
 
-/// Build the VAE of a separate VAE file (`[model] vae`), keeping the model's scaling factor.
-fn load_vae_file(path: &Path, scaling_factor: f64, dtype: DType, device: &Device, record: bool) -> anyhow::Result<(AutoencoderKL, offload::Tensors)> {
-    let (weights, config) = open_vae_file(path, scaling_factor)?;
-    tracing::info!("model: VAE from {}", path.display());
-    weights.build_recorded(record, dtype, device, |vb| AutoencoderKL::load(vb, &config))
+/// Build the VAE `[model] vae` names instead of the model's (`model_vae` is the model's own VAE
+/// config), as `--pretrained_vae_model_name_or_path` does:
+/// - a `.safetensors` file (diffusers or LDM layout; the model's scaling factor and upcast rule);
+/// - a diffusers VAE folder (`config.json` + `diffusion_pytorch_model.safetensors`), or a hub id
+///   such as `madebyollin/sdxl-vae-fp16-fix` fetched into the HF cache: built from its own
+///   config, scaling factor and `force_upcast` included, as `AutoencoderKL.from_pretrained`.
+fn load_vae_source(vae: &Path, model_vae: &VaeConfig, dtype: DType, device: &Device, record: bool, hub: &HubSettings) -> anyhow::Result<(AutoencoderKL, offload::Tensors)> {
+    if vae.is_file() || (!vae.exists() && !is_hub_id(&vae.to_string_lossy())) {
+        let (weights, config) = open_vae_file(vae, model_vae.scaling_factor)?;
+        tracing::info!("model: VAE from {}", vae.display());
+        return weights.build_recorded(record, vae_dtype(dtype, model_vae), device, |vb| AutoencoderKL::load(vb, &config));
+    }
+    const WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
+    let dir = if vae.is_dir() {
+        vae.to_path_buf()
+    } else {
+        let id = vae.to_string_lossy();
+        for file in ["config.json", WEIGHTS] {
+            hub::fetch_file(&id, "main", file, hub).with_context(|| format!("[model] vae: there is no local `{id}`, so it was looked up as a hub VAE"))?;
+        }
+        hub::fetch_file(&id, "main", "config.json", hub)?.parent().map(Path::to_path_buf).unwrap_or_default()
+    };
+    let config = VaeConfig::from_json_file(dir.join("config.json"))?;
+    let weights = ComponentWeights::open("vae", &[dir.join(WEIGHTS)], &WeightOptions { legacy_attention_names: true, ..Default::default() })?;
+    tracing::info!("model: VAE from {} (scaling factor {}, force_upcast {})", vae.display(), config.scaling_factor, config.force_upcast);
+    weights.build_recorded(record, vae_dtype(dtype, &config), device, |vb| AutoencoderKL::load(vb, &config))
 }
 
 /// True for a source naming a checkpoint file rather than a folder or a hub repository.
