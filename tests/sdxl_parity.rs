@@ -325,6 +325,10 @@ fn each_fixture_has_its_family_and_default_resolution() {
         assert_eq!((sd.family, sd.default_resolution()), (family, resolution), "{dir}");
     }
     assert_eq!(Family::Sd2.default_resolution(lora::vocab::PredictionType::Epsilon), 512, "SD 2.x base");
+    // The SDXL script keeps the model's own VAE in f32 under any precision; the SD 1.x script
+    // casts it to the weight dtype.
+    let load = |dir: &str| StableDiffusion::load(fixtures().join(dir).to_str().unwrap(), &LoadOptions::default(), &Device::Cpu, DType::BF16).unwrap();
+    assert_eq!((load("sdxl-tiny").vae.dtype(), load("tiny-sd").vae.dtype()), (DType::F32, DType::BF16));
 }
 
 #[test]

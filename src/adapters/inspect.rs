@@ -23,6 +23,12 @@ pub(crate) fn layer_kind(module: &str) -> String {
 
 /// Guess the base model a LoRA was trained on from its module names and widths.
 pub(crate) fn guess_base(weights: &LoraWeights) -> String {
+    // What the file's own kohya / ModelSpec header says wins over guessing from names.
+    let said = weights.metadata.get("modelspec.architecture").or_else(|| weights.metadata.get("ss_base_model_version"));
+    if let Some(said) = said.filter(|s| s.contains("xl")) {
+        let sdxl_names = !weights.text_encoder_2.is_empty() || weights.unet.keys().any(|n| n.starts_with("input_blocks") || n.starts_with("label_emb"));
+        return format!("SDXL (the header says `{said}`{})", if sdxl_names { "; its names agree" } else { "" });
+    }
     if !weights.text_encoder_2.is_empty() {
         return "SDXL (has a second text encoder)".into();
     }

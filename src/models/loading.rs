@@ -245,20 +245,23 @@ impl StableDiffusion {
             .open_weights("unet", &WeightOptions::default())?
             .build(dtype, device, |vb| UNet2DConditionModel::load(vb, &unet_config))?;
 
+        let family = super::family::family_of(&unet_config, &text_configs[0], pairs.len() > 1).with_context(|| format!("model {source}"))?;
         let vae_config = VaeConfig::from_json_str(&read_text(&files.vae.config)?)
             .with_context(|| format!("in {}", files.vae.config.display()))?;
+        // The SDXL script keeps the model's own VAE in f32 whatever the precision (only a
+        // `--pretrained_vae_model_name_or_path` VAE runs in the weight dtype); SD 1.x/2.x casts it.
+        let own_vae_dtype = if family == Family::Sdxl { DType::F32 } else { vae_dtype(dtype, &vae_config) };
         let (vae, vae_tensors) = match &opts.vae {
             Some(path) => load_vae_source(path, &vae_config, dtype, device, opts.movable_encoders, hub)?,
             None => files
                 .vae
                 .open_weights("vae", &WeightOptions { legacy_attention_names: true, ..Default::default() })?
-                .build_recorded(opts.movable_encoders, vae_dtype(dtype, &vae_config), device, |vb| AutoencoderKL::load(vb, &vae_config))?,
+                .build_recorded(opts.movable_encoders, own_vae_dtype, device, |vb| AutoencoderKL::load(vb, &vae_config))?,
         };
 
         let scheduler: SchedulerConfig = serde_json::from_str(&read_text(&files.scheduler_config)?)
             .with_context(|| format!("{} is not a valid scheduler config", files.scheduler_config.display()))?;
 
-        let family = super::family::family_of(&unet_config, &text_configs[0], pairs.len() > 1).with_context(|| format!("model {source}"))?;
         let force_zeros_for_empty_prompt = match &files.model_index {
             Some(path) => force_zeros(&read_text(path)?, family),
             None => family == Family::Sdxl,
