@@ -293,29 +293,38 @@ impl StableDiffusion {
         let mut rec = recognise(path, &header, &sf_opts)?;
         let weights = open_weights(&mut rec, &header, opts.vae.is_none())?;
         tracing::info!("model: {} recognised as {}", path.display(), rec.summary());
-        let (tokenizer, scheduler) = tokenizer_and_scheduler(&rec)?;
+        let (tokenizers, scheduler) = tokenizer_and_scheduler(&rec)?;
         // Each component's mapping is dropped as soon as its network is built.
-        let SingleFileWeights { unet: unet_weights, vae: vae_weights, text_encoder: text_weights } = weights;
+        let SingleFileWeights { unet: unet_weights, vae: vae_weights, text_encoder: text_weights, text_encoder_2: text_weights_2 } = weights;
         let (text_encoder, text_tensors) = text_weights.build_recorded(opts.movable_encoders, dtype, device, |vb| ClipTextModel::load(vb, &rec.text_encoder))?;
         drop(text_weights);
+        let mut encoders = vec![(text_encoder, text_tensors)];
+        if let (Some(w), Some(config)) = (text_weights_2, &rec.text_encoder_2) {
+            encoders.push(w.build_recorded(opts.movable_encoders, dtype, device, |vb| ClipTextModel::load_with_projection(vb, config))?);
+        }
+        anyhow::ensure!(encoders.len() == tokenizers.len(), "{} text encoders but {} tokenizers", encoders.len(), tokenizers.len());
+        let (pairs, text_records): (Vec<TextPair>, Vec<offload::Tensors>) =
+            tokenizers.into_iter().zip(encoders).map(|(tokenizer, (encoder, record))| (TextPair { tokenizer, encoder }, record)).unzip();
         let unet = unet_weights.build(dtype, device, |vb| UNet2DConditionModel::load(vb, &rec.unet))?;
         drop(unet_weights);
+        let family = rec.family;
+        // As for folders: SDXL's own VAE in f32.
+        let own_vae_dtype = if family == Family::Sdxl { DType::F32 } else { dtype };
         let (vae, vae_tensors) = match (&opts.vae, vae_weights) {
             (Some(file), _) => load_vae_source(file, &rec.vae, dtype, device, opts.movable_encoders, hub)?,
-            (None, Some(w)) => w.build_recorded(opts.movable_encoders, dtype, device, |vb| AutoencoderKL::load(vb, &rec.vae))?,
+            (None, Some(w)) => w.build_recorded(opts.movable_encoders, own_vae_dtype, device, |vb| AutoencoderKL::load(vb, &rec.vae))?,
             (None, None) => bail!("{}: no VAE weights", path.display()),
         };
-        let family = rec.family;
         Ok(Self {
             root: path.parent().map(Path::to_path_buf).unwrap_or_default(),
             family,
-            text: TextSide { pairs: vec![TextPair { tokenizer, encoder: text_encoder }], rule: ContextRule::of(family) },
+            text: TextSide { pairs, rule: ContextRule::of(family) },
             unet,
             vae,
             scheduler,
             single_file: Some(rec),
             force_zeros_for_empty_prompt: family == Family::Sdxl,
-            parking: Parking { text_encoders: vec![text_tensors], vae: vae_tensors, ..Default::default() },
+            parking: Parking { text_encoders: text_records, vae: vae_tensors, ..Default::default() },
         })
     }
 }

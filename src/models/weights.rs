@@ -175,7 +175,10 @@ struct StoredTensor {
     /// Rows `start..start + len` of the stored tensor's first dimension (a slice of a fused
     /// tensor such as OpenCLIP's `in_proj_weight`); `None` for the whole tensor.
     rows: Option<(usize, usize)>,
-    /// The shape the model sees (the slice's shape when `rows` is set).
+    /// The model sees the stored 2-D tensor transposed (OpenCLIP's `text_projection`, applied
+    /// as `x @ P`, is transformers' `text_projection.weight` transposed).
+    transpose: bool,
+    /// The shape the model sees (the slice's shape when `rows` is set; transposed).
     shape: Vec<usize>,
     dtype: String,
 }
@@ -187,6 +190,8 @@ pub(crate) struct MappedTensor {
     pub name: String,
     pub(crate) stored_name: String,
     pub rows: Option<(usize, usize)>,
+    /// Read the stored 2-D tensor transposed.
+    pub transpose: bool,
 }
 
 /// Names the stored tensor a missing model weight was expected as (for error messages).
@@ -251,6 +256,7 @@ impl ComponentWeights {
                     file: file_index,
                     stored_name: name.clone(),
                     rows: None,
+                    transpose: false,
                     shape: view.shape().to_vec(),
                     dtype: format!("{:?}", view.dtype()),
                 };
@@ -316,9 +322,15 @@ impl ComponentWeights {
                 }
                 shape[0] = len;
             }
+            if mapped.transpose {
+                if shape.len() != 2 {
+                    bail!("{component}: `{}` {shape:?} in {} is not 2-D, so it cannot be read transposed", mapped.stored_name, path.display());
+                }
+                shape.reverse();
+            }
             let canonical =
                 if options.legacy_attention_names { modern_attention_name(&mapped.name) } else { mapped.name.clone() };
-            let stored = StoredTensor { file: 0, stored_name: mapped.stored_name.clone(), rows: mapped.rows, shape, dtype: dtype.clone() };
+            let stored = StoredTensor { file: 0, stored_name: mapped.stored_name.clone(), rows: mapped.rows, transpose: mapped.transpose, shape, dtype: dtype.clone() };
             if let Some(previous) = stored_tensors.insert(canonical.clone(), stored) {
                 bail!(
                     "{component}: `{canonical}` would be read from both `{}` and `{}` in {}",
@@ -489,6 +501,7 @@ impl CheckingBackend {
                 Some((start, len)) => t.narrow(0, start, len)?.copy(),
                 None => Ok(t),
             })
+            .and_then(|t| if stored.transpose { t.t()?.contiguous() } else { Ok(t) })
             .map_err(|e| {
                 candle_core::Error::Msg(format!(
                     "reading weight `{}` ({} {:?}) from {}: {e}",

@@ -11,6 +11,9 @@ pub(super) const VAE_PREFIX: &str = "first_stage_model.";
 pub(super) const CLIP_PREFIX: &str = "cond_stage_model.transformer.";
 pub(super) const OPEN_CLIP_PREFIX: &str = "cond_stage_model.model.";
 pub(super) const EMA_PREFIX: &str = "model_ema.";
+/// SDXL's text encoders: CLIP ViT-L (transformers names) and OpenCLIP bigG.
+pub(super) const SDXL_CLIP_PREFIX: &str = "conditioner.embedders.0.transformer.";
+pub(super) const SDXL_OPEN_CLIP_PREFIX: &str = "conditioner.embedders.1.model.";
 
 /// Top-level names of an LDM checkpoint that are not network weights: the DDPM schedule
 /// buffers `LatentDiffusion` registers, and scalars some trainers add.

@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use serde_json::json;
 
 use super::header::Header;
-use super::names::{clip_layer_prefix, unet_layout, CLIP_PREFIX, EMA_PREFIX, OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX};
+use super::names::{clip_layer_prefix, unet_layout, CLIP_PREFIX, EMA_PREFIX, OPEN_CLIP_PREFIX, SDXL_CLIP_PREFIX, SDXL_OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX};
 use crate::models::config::{ClipTextConfig, UNetConfig, VaeConfig};
 use crate::schedulers::SchedulerConfig;
 use crate::util::fs::read_text;
@@ -41,6 +41,8 @@ pub struct Recognition {
     pub unet: UNetConfig,
     pub vae: VaeConfig,
     pub text_encoder: ClipTextConfig,
+    /// SDXL's second text encoder (OpenCLIP bigG with its projection).
+    pub text_encoder_2: Option<ClipTextConfig>,
     pub prediction: Prediction,
     /// The diffusers folder whose configs were used (`[model] config`), if any.
     pub(crate) configs_from: Option<PathBuf>,
@@ -89,6 +91,18 @@ impl Recognition {
                 Family::Sd2 | Family::Sdxl => "gelu",
             }
         );
+        if let Some(t2) = &self.text_encoder_2 {
+            out += &format!(
+                "text 2:      OpenCLIP {} layers of {}, {} heads, gelu, projection {}\n",
+                t2.num_hidden_layers,
+                t2.hidden_size,
+                t2.num_attention_heads,
+                t2.projection_dim.unwrap_or(0)
+            );
+        }
+        if let Some(add) = &u.addition {
+            out += &format!("conditioning: pooled {} + 6 time ids of {} (label_emb)\n", add.pooled_dim(), add.time_embed_dim);
+        }
         out += &format!("vae:         channels {:?}, {} latent channels, scaling {}\n", v.block_out_channels, v.latent_channels, v.scaling_factor);
         if !self.ignored.is_empty() {
             let mut reasons: BTreeMap<&str, usize> = BTreeMap::new();
@@ -134,10 +148,16 @@ pub(crate) fn recognise(path: &Path, header: &Header, opts: &SingleFileOptions) 
             if header.tensors.keys().any(|k| k.starts_with("lora_") || k.contains(".lora")) { " (it looks like a LoRA file)" } else { "" }
         );
     }
-    if header.tensors.keys().any(|k| k.starts_with("conditioner.embedders.")) {
-        bail!("{} is an SDXL checkpoint (`conditioner.embedders.*`); only SD 1.x and 2.x single files are supported", path.display());
-    }
-    let family = if header.tensors.keys().any(|k| k.starts_with(OPEN_CLIP_PREFIX)) {
+    let has = |prefix: &str| header.tensors.keys().any(|k| k.starts_with(prefix));
+    let family = if has("conditioner.embedders.") {
+        if !has(SDXL_CLIP_PREFIX) || !has(SDXL_OPEN_CLIP_PREFIX) {
+            bail!(
+                "{} is an SDXL-style checkpoint (`conditioner.embedders.*`) without both text encoders (`{SDXL_CLIP_PREFIX}*` and `{SDXL_OPEN_CLIP_PREFIX}*`; a refiner has only the second): only base-style SDXL single files are supported",
+                path.display()
+            );
+        }
+        Family::Sdxl
+    } else if header.tensors.keys().any(|k| k.starts_with(OPEN_CLIP_PREFIX)) {
         Family::Sd2
     } else if header.tensors.keys().any(|k| k.starts_with(CLIP_PREFIX)) {
         Family::Sd1
@@ -165,20 +185,20 @@ pub(crate) fn recognise(path: &Path, header: &Header, opts: &SingleFileOptions) 
     }
 
     let prediction = prediction_type(header, family, opts)?;
-    let (unet, vae, text_encoder, configs_from) = match &opts.config_dir {
+    let (unet, vae, text_encoder, text_encoder_2, configs_from) = match &opts.config_dir {
         Some(dir) => {
             let unet = UNetConfig::from_json_file(dir.join(vocab::UNET_CONFIG))?;
             let vae = VaeConfig::from_json_file(dir.join(vocab::VAE_CONFIG))?;
             let text = ClipTextConfig::from_json_file(dir.join(vocab::TEXT_ENCODER_CONFIG))?;
-            (unet, vae, text, Some(dir.clone()))
+            let text_2 = if family == Family::Sdxl { Some(ClipTextConfig::from_json_file(dir.join(vocab::TEXT_ENCODER_2_CONFIG))?) } else { None };
+            (unet, vae, text, text_2, Some(dir.clone()))
         }
         None => {
             let heads: Vec<usize> = match family {
                 // SD 1.x: `num_heads: 8` in v1-inference.yaml, for every block.
                 Family::Sd1 => vec![8; layout.channels.len()],
-                Family::Sdxl => anyhow::bail!("SDXL single files are not recognised yet"),
-                // SD 2.x: `num_head_channels: 64`.
-                Family::Sd2 => layout
+                // SD 2.x and SDXL: `num_head_channels: 64`.
+                Family::Sd2 | Family::Sdxl => layout
                     .channels
                     .iter()
                     .map(|&c| {
@@ -193,7 +213,7 @@ pub(crate) fn recognise(path: &Path, header: &Header, opts: &SingleFileOptions) 
             let down: Vec<&str> = layout.down_attention.iter().map(|&a| if a { "CrossAttnDownBlock2D" } else { "DownBlock2D" }).collect();
             let up: Vec<&str> = layout.up_attention.iter().map(|&a| if a { "CrossAttnUpBlock2D" } else { "UpBlock2D" }).collect();
             let v = prediction.kind == PredictionType::VPrediction;
-            let unet_json = json!({
+            let mut unet_json = json!({
                 "in_channels": conv_in[1],
                 "out_channels": conv_out[0],
                 "block_out_channels": layout.channels,
@@ -209,16 +229,33 @@ pub(crate) fn recognise(path: &Path, header: &Header, opts: &SingleFileOptions) 
                 "time_embedding_dim": time_embed[0],
                 "sample_size": if family == Family::Sd2 && v { 96 } else { 64 },
             });
+            let mut text_2 = None;
+            if family == Family::Sdxl {
+                // `label_emb.0.0` reads [pooled, 6 time-id sinusoids]: the pooled width is the
+                // projection's, the rest is six equal parts (SDXL base: 1280 + 6 x 256 = 2816).
+                let second = recognise_open_clip(header, SDXL_OPEN_CLIP_PREFIX, true)?;
+                let pooled = second.projection_dim.context("SDXL's second text encoder has no text_projection")?;
+                let label = header.shape(&format!("{p}label_emb.0.0.weight")).context("the SDXL UNet has no `label_emb.0.0.weight` (the pooled text + time-id embedding)")?;
+                let input = label[1];
+                if input <= pooled || (input - pooled) % 6 != 0 {
+                    bail!("{}: `label_emb.0.0.weight` reads {input} features, which is not the {pooled}-wide pooled embedding plus 6 equal time-id parts", path.display());
+                }
+                unet_json["addition_embed_type"] = json!("text_time");
+                unet_json["addition_time_embed_dim"] = json!((input - pooled) / 6);
+                unet_json["projection_class_embeddings_input_dim"] = json!(input);
+                unet_json["sample_size"] = json!(128);
+                text_2 = Some(second);
+            }
             let unet = UNetConfig::from_json_str(&unet_json.to_string())?;
             let vae = recognise_ldm_vae(header, VAE_PREFIX)?;
             let text = recognise_text(header, family, None)?;
-            (unet, vae, text, None)
+            (unet, vae, text, text_2, None)
         }
     };
     let text_layers_in_file = match family {
         Family::Sd1 => header.indices(&clip_layer_prefix(header)).len(),
         Family::Sd2 => header.indices(&format!("{OPEN_CLIP_PREFIX}transformer.resblocks.")).len(),
-        Family::Sdxl => anyhow::bail!("SDXL single files are not recognised yet"),
+        Family::Sdxl => header.indices(&format!("{SDXL_CLIP_PREFIX}text_model.encoder.layers.")).len(),
     };
     let has_ema = header.tensors.keys().any(|k| k.starts_with(EMA_PREFIX) && k != "model_ema.decay" && k != "model_ema.num_updates");
     if opts.ema && !has_ema {
@@ -230,6 +267,7 @@ pub(crate) fn recognise(path: &Path, header: &Header, opts: &SingleFileOptions) 
         unet,
         vae,
         text_encoder,
+        text_encoder_2,
         prediction,
         configs_from,
         ignored: Vec::new(),
@@ -298,7 +336,16 @@ fn recognise_text(header: &Header, family: Family, layers: Option<usize>) -> any
                 "quick_gelu",
             )
         }
-        Family::Sdxl => anyhow::bail!("SDXL single files are not recognised yet"),
+        Family::Sdxl => {
+            let base = format!("{SDXL_CLIP_PREFIX}text_model.");
+            (
+                need(format!("{base}embeddings.token_embedding.weight"))?,
+                need(format!("{base}embeddings.position_embedding.weight"))?,
+                header.indices(&format!("{base}encoder.layers.")).len(),
+                need(format!("{base}encoder.layers.0.mlp.fc1.weight"))?,
+                "quick_gelu",
+            )
+        }
         Family::Sd2 => {
             let base = OPEN_CLIP_PREFIX;
             let blocks = header.indices(&format!("{base}transformer.resblocks.")).len();
@@ -387,6 +434,35 @@ fn vae_config(header: &Header, prefix: &str, channels: Vec<usize>, layers: usize
         "scaling_factor": 0.18215,
     });
     VaeConfig::from_json_str(&vae_json.to_string())
+}
+
+/// An OpenCLIP text encoder's config from its tensors: every block (SDXL reads them all, its
+/// penultimate state and, through `text_projection`, the pooled one), `gelu`, heads of 64.
+fn recognise_open_clip(header: &Header, prefix: &str, projection: bool) -> anyhow::Result<ClipTextConfig> {
+    let need = |k: String| header.shape(&k).map(<[usize]>::to_vec).with_context(|| format!("the text encoder has no `{k}`"));
+    let token = need(format!("{prefix}token_embedding.weight"))?;
+    let position = need(format!("{prefix}positional_embedding"))?;
+    let fc1 = need(format!("{prefix}transformer.resblocks.0.mlp.c_fc.weight"))?;
+    let blocks = header.indices(&format!("{prefix}transformer.resblocks.")).len();
+    let hidden = token[1];
+    if hidden % 64 != 0 {
+        bail!("the second text encoder is {hidden} wide, not a multiple of OpenCLIP's head size 64, so its heads cannot be recognised; give `[model] config` (a diffusers folder with text_encoder_2/config.json)");
+    }
+    let mut json = json!({
+        "vocab_size": token[0],
+        "hidden_size": hidden,
+        "intermediate_size": fc1[0],
+        "num_hidden_layers": blocks,
+        "num_attention_heads": hidden / 64,
+        "max_position_embeddings": position[0],
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-5,
+    });
+    if projection {
+        // OpenCLIP stores `x @ P` ([hidden, projection]).
+        json["projection_dim"] = json!(need(format!("{prefix}text_projection"))?[1]);
+    }
+    ClipTextConfig::from_json_str(&json.to_string())
 }
 
 #[cfg(test)]

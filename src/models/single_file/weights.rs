@@ -12,7 +12,7 @@ use anyhow::{bail, Context};
 use super::header::Header;
 use super::names::{
     ema_name, open_clip_ldm_name, open_clip_name, unet_layout, unet_map, vae_map, OpenClip, CLIP_PREFIX, EMA_PREFIX, LDM_BUFFERS, OPEN_CLIP_PREFIX,
-    UNET_PREFIX, VAE_PREFIX,
+    SDXL_CLIP_PREFIX, SDXL_OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX,
 };
 use super::recognition::{recognise_diffusers_vae, recognise_ldm_vae, Family, Recognition};
 use crate::models::config::VaeConfig;
@@ -23,6 +23,8 @@ pub struct SingleFileWeights {
     pub unet: ComponentWeights,
     pub vae: Option<ComponentWeights>,
     pub text_encoder: ComponentWeights,
+    /// SDXL's OpenCLIP bigG (with its projection).
+    pub text_encoder_2: Option<ComponentWeights>,
 }
 
 /// Build the renaming weights of every component and check that every tensor of the file is
@@ -46,7 +48,7 @@ pub fn open_weights(rec: &mut Recognition, header: &Header, with_vae: bool) -> a
                 if rec.uses_ema && !header.has(&stored) {
                     bail!("{}: the EMA copy `{stored}` of `{name}` is missing", path.display());
                 }
-                unet.push(MappedTensor { name: diffusers, stored_name: stored, rows: None });
+                unet.push(MappedTensor { name: diffusers, stored_name: stored, rows: None, transpose: false });
             }
             None => unknown.push(name.clone()),
         }
@@ -72,7 +74,7 @@ pub fn open_weights(rec: &mut Recognition, header: &Header, with_vae: bool) -> a
             continue;
         }
         match vae_rules.to_diffusers(rest) {
-            Some(diffusers) => vae.push(MappedTensor { name: diffusers, stored_name: name.clone(), rows: None }),
+            Some(diffusers) => vae.push(MappedTensor { name: diffusers, stored_name: name.clone(), rows: None, transpose: false }),
             None => unknown.push(name.clone()),
         }
     }
@@ -84,61 +86,29 @@ pub fn open_weights(rec: &mut Recognition, header: &Header, with_vae: bool) -> a
         None
     };
 
-    // Text encoder.
-    let mut text = Vec::new();
-    let layers = rec.text_encoder.num_hidden_layers;
-    let hidden = rec.text_encoder.hidden_size;
-    let text_hint: MissingHint;
-    match rec.family {
-        Family::Sd1 => {
-            for (name, _) in &header.tensors {
-                let Some(rest) = name.strip_prefix(CLIP_PREFIX) else { continue };
-                claimed.insert(name);
-                text.push(MappedTensor { name: rest.to_string(), stored_name: name.clone(), rows: None });
-            }
-            text_hint = Arc::new(|n: &str| Some(format!("{CLIP_PREFIX}{n}")));
+    // Text encoders: SD 1.x's CLIP, SD 2.x's OpenCLIP (its last block unused), SDXL's CLIP-L and
+    // OpenCLIP bigG with its projection.
+    let mut texts = Vec::new();
+    let sources: Vec<(TextSource, &crate::models::config::ClipTextConfig)> = match rec.family {
+        Family::Sd1 => vec![(TextSource::HfClip(CLIP_PREFIX), &rec.text_encoder)],
+        Family::Sd2 => vec![(TextSource::OpenClip { prefix: OPEN_CLIP_PREFIX, projection: false }, &rec.text_encoder)],
+        Family::Sdxl => {
+            let second = rec.text_encoder_2.as_ref().context("an SDXL recognition has a second text encoder")?;
+            vec![(TextSource::HfClip(SDXL_CLIP_PREFIX), &rec.text_encoder), (TextSource::OpenClip { prefix: SDXL_OPEN_CLIP_PREFIX, projection: true }, second)]
         }
-        Family::Sdxl => anyhow::bail!("SDXL single files are not recognised yet"),
-        Family::Sd2 => {
-            let in_file = rec.text_layers_in_file;
-            if in_file != layers && in_file != layers + 1 {
-                bail!(
-                    "{}: the text encoder config has {layers} layers but the file has {in_file} OpenCLIP blocks (expected {layers}, or {} of which SD 2.x leaves the last unused)",
-                    path.display(),
-                    layers + 1
-                );
-            }
-            for (name, (shape, _)) in &header.tensors {
-                let Some(rest) = name.strip_prefix(OPEN_CLIP_PREFIX) else { continue };
-                claimed.insert(name);
-                if rest == "text_projection" || rest == "logit_scale" {
-                    ignored.push((name.clone(), "OpenCLIP projection tensors SD 2.x does not use".into()));
-                    continue;
-                }
-                match open_clip_name(rest, layers) {
-                    OpenClip::Plain(n) => text.push(MappedTensor { name: n, stored_name: name.clone(), rows: None }),
-                    OpenClip::Fused(base, kind) => {
-                        if shape.first() != Some(&(3 * hidden)) {
-                            bail!("{}: `{name}` has shape {shape:?}; a fused q/k/v projection of width {hidden} has {} rows", path.display(), 3 * hidden);
-                        }
-                        for (i, q) in ["q_proj", "k_proj", "v_proj"].iter().enumerate() {
-                            text.push(MappedTensor { name: format!("{base}.{q}.{kind}"), stored_name: name.clone(), rows: Some((i * hidden, hidden)) });
-                        }
-                    }
-                    OpenClip::Unused => ignored.push((name.clone(), "tensors of the last OpenCLIP layer (SD 2.x reads the penultimate)".into())),
-                    OpenClip::Unknown => unknown.push(name.clone()),
-                }
-            }
-            text_hint = Arc::new(|n: &str| open_clip_ldm_name(n).map(|l| format!("{OPEN_CLIP_PREFIX}{l}")));
-        }
+    };
+    for (i, (source, config)) in sources.into_iter().enumerate() {
+        let (text, hint) = map_text(header, &path, source, config, &mut claimed, &mut ignored, &mut unknown)?;
+        texts.push(ComponentWeights::open_mapped(
+            if i == 0 { "text_encoder" } else { "text_encoder_2" },
+            &path,
+            &text,
+            &WeightOptions { optional_prefix: Some("text_model.".into()), ..Default::default() },
+            Some(hint),
+        )?);
     }
-    let text_encoder = ComponentWeights::open_mapped(
-        "text_encoder",
-        &path,
-        &text,
-        &WeightOptions { optional_prefix: Some("text_model.".into()), ..Default::default() },
-        Some(text_hint),
-    )?;
+    let text_encoder_2 = if texts.len() > 1 { texts.pop() } else { None };
+    let text_encoder = texts.pop().expect("one text encoder");
 
     // Everything else.
     for name in header.tensors.keys() {
@@ -169,7 +139,94 @@ pub fn open_weights(rec: &mut Recognition, header: &Header, with_vae: bool) -> a
         );
     }
     rec.ignored = ignored;
-    Ok(SingleFileWeights { unet, vae, text_encoder })
+    Ok(SingleFileWeights { unet, vae, text_encoder, text_encoder_2 })
+}
+
+/// Where a text encoder's tensors are and how they are named.
+#[derive(Clone, Copy)]
+enum TextSource {
+    /// transformers' CLIP names under a prefix (SD 1.x, SDXL's first encoder).
+    HfClip(&'static str),
+    /// OpenCLIP names under a prefix: fused q/k/v, `text_projection` (`x @ P`) when the model
+    /// uses it (SDXL), else left out with the last block SD 2.x does not read.
+    OpenClip { prefix: &'static str, projection: bool },
+}
+
+/// The renamed tensors of one text encoder and the hint for missing ones; claims its tensors.
+fn map_text<'h>(
+    header: &'h Header,
+    path: &Path,
+    source: TextSource,
+    config: &crate::models::config::ClipTextConfig,
+    claimed: &mut BTreeSet<&'h str>,
+    ignored: &mut Vec<(String, String)>,
+    unknown: &mut Vec<String>,
+) -> anyhow::Result<(Vec<MappedTensor>, MissingHint)> {
+    let mut text = Vec::new();
+    let (layers, hidden) = (config.num_hidden_layers, config.hidden_size);
+    match source {
+        TextSource::HfClip(prefix) => {
+            for (name, _) in &header.tensors {
+                let Some(rest) = name.strip_prefix(prefix) else { continue };
+                claimed.insert(name);
+                if rest.ends_with("position_ids") {
+                    ignored.push((name.clone(), "position-id buffers".into()));
+                    continue;
+                }
+                text.push(MappedTensor { name: rest.to_string(), stored_name: name.clone(), rows: None, transpose: false });
+            }
+            Ok((text, Arc::new(move |n: &str| Some(format!("{prefix}{n}")))))
+        }
+        TextSource::OpenClip { prefix, projection } => {
+            let in_file = header.indices(&format!("{prefix}transformer.resblocks.")).len();
+            let expected = if projection { vec![layers] } else { vec![layers, layers + 1] };
+            if !expected.contains(&in_file) {
+                bail!(
+                    "{}: the text encoder config has {layers} layers but the file has {in_file} OpenCLIP blocks (expected {})",
+                    path.display(),
+                    if projection { format!("{layers}") } else { format!("{layers}, or {} of which SD 2.x leaves the last unused", layers + 1) }
+                );
+            }
+            for (name, (shape, _)) in &header.tensors {
+                let Some(rest) = name.strip_prefix(prefix) else { continue };
+                claimed.insert(name);
+                match (rest, projection) {
+                    ("text_projection", true) => {
+                        text.push(MappedTensor { name: "text_projection.weight".into(), stored_name: name.clone(), rows: None, transpose: true });
+                        continue;
+                    }
+                    ("logit_scale", true) => {
+                        ignored.push((name.clone(), "OpenCLIP's logit scale (contrastive training only)".into()));
+                        continue;
+                    }
+                    ("text_projection" | "logit_scale", false) => {
+                        ignored.push((name.clone(), "OpenCLIP projection tensors SD 2.x does not use".into()));
+                        continue;
+                    }
+                    _ => {}
+                }
+                match open_clip_name(rest, layers) {
+                    OpenClip::Plain(n) => text.push(MappedTensor { name: n, stored_name: name.clone(), rows: None, transpose: false }),
+                    OpenClip::Fused(base, kind) => {
+                        if shape.first() != Some(&(3 * hidden)) {
+                            bail!("{}: `{name}` has shape {shape:?}; a fused q/k/v projection of width {hidden} has {} rows", path.display(), 3 * hidden);
+                        }
+                        for (i, q) in ["q_proj", "k_proj", "v_proj"].iter().enumerate() {
+                            text.push(MappedTensor { name: format!("{base}.{q}.{kind}"), stored_name: name.clone(), rows: Some((i * hidden, hidden)), transpose: false });
+                        }
+                    }
+                    OpenClip::Unused => ignored.push((name.clone(), "tensors of the last OpenCLIP layer (SD 2.x reads the penultimate)".into())),
+                    OpenClip::Unknown => unknown.push(name.clone()),
+                }
+            }
+            Ok((text, Arc::new(move |n: &str| {
+                if n == "text_projection.weight" {
+                    return Some(format!("{prefix}text_projection"));
+                }
+                open_clip_ldm_name(n).map(|l| format!("{prefix}{l}"))
+            })))
+        }
+    }
 }
 
 /// A separate VAE file: a diffusers-layout `AutoencoderKL` file, an LDM VAE (`encoder.down.*`),
@@ -202,7 +259,7 @@ pub(crate) fn open_vae_file(path: &Path, scaling_factor: f64) -> anyhow::Result<
                 continue;
             }
             match (name.starts_with(prefix), rules.to_diffusers(rest)) {
-                (true, Some(d)) => mapped.push(MappedTensor { name: d, stored_name: name.clone(), rows: None }),
+                (true, Some(d)) => mapped.push(MappedTensor { name: d, stored_name: name.clone(), rows: None, transpose: false }),
                 _ => unknown.push(format!("`{name}`")),
             }
         }
