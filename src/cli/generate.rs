@@ -18,7 +18,8 @@ pub struct Args {
     /// (`FILE.safetensors` in the LDM layout, or a hub file `org/repo/FILE.safetensors`).
     #[arg(long)]
     pub model: String,
-    /// A separate VAE `.safetensors` file used instead of the model's.
+    /// A VAE used instead of the model's: a `.safetensors` file, a diffusers VAE folder or a hub id
+    /// (e.g. `madebyollin/sdxl-vae-fp16-fix`).
     #[arg(long)]
     pub vae: Option<PathBuf>,
     /// Single files: a diffusers folder whose configs, tokenizer and scheduler replace the
