@@ -9,16 +9,28 @@
 #   3. 50 real `lora run` steps of that model on a generated image folder, with the GPU's
 #      utilisation sampled, to show the whole loop (data, encode, train, checkpoint).
 #
+# `--sdxl` instead runs the SDXL row (issue 16): an SDXL-base-shaped model with random weights
+# (tools/device/make_sdxl.py, the published configs), `lora bench` at 1024 px, batch 1, bf16,
+# without and with gradient checkpointing, beside `reference_step.py --config sdxl`; about 6 minutes,
+# so it is a second call of the device tool: command `bash scripts/device-check.sh --sdxl`.
+#
 # Prepare here first: `scripts/device-prepare.sh` (CUDA build + wheels into .device/), then run
 # through the device tool: command `bash scripts/device-check.sh`, carry [".device"].
 # Dry run on the CPU with a small model (checks the script itself):
-#   scripts/device-prepare.sh --cpu && PYTHON=/work/refenv/bin/python bash scripts/device-check.sh --cpu-dry-run
+#   scripts/device-prepare.sh --cpu && PYTHON=/work/refenv/bin/python bash scripts/device-check.sh --cpu-dry-run [--sdxl]
 # Results: $OUT (the device tool's folder) or /tmp/device-check-out: summary.md, *.jsonl, logs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
 dry=0
-[ "${1:-}" = "--cpu-dry-run" ] && dry=1
+sdxl=0
+for arg in "$@"; do
+  case "$arg" in
+    --cpu-dry-run) dry=1 ;;
+    --sdxl) sdxl=1 ;;
+    *) echo "unknown argument $arg (--cpu-dry-run, --sdxl)"; exit 2 ;;
+  esac
+done
 py=${PYTHON:-python3}   # the Python with torch (on the GPU machine: python3)
 out=${OUT:-/tmp/device-check-out}
 work=${WORK:-/tmp/lora-device-check}
@@ -63,9 +75,11 @@ fi
 export RUST_LOG=${RUST_LOG:-info}
 
 # --- 1. parity tests on the device -----------------------------------------------------------
+if [ "$sdxl" = 0 ]; then
 say "parity tests on $device"
 LORA_TEST_DEVICE=$device timeout 240 "$tests" device_ --test-threads=1 2>&1 | tee "$out/parity.log" | grep -E "^test |test result|panicked|relative" || true
 grep -q "test result: ok" "$out/parity.log" || { echo "PARITY TESTS FAILED"; fail=1; }
+fi
 
 # --- 2. the SD 1.5-shaped model and the pipeline ---------------------------------------------
 say "python environment"
@@ -73,6 +87,50 @@ site=/tmp/lora-site
 "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .device/wheels/*.whl 2>&1 | tail -2
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 "$py" -c "import torch, diffusers, transformers, peft; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'cuda', torch.cuda.is_available())"
+if [ "$sdxl" = 1 ]; then
+  # --- SDXL: 1024 px bf16 beside diffusers --------------------------------------------------------
+  if [ "$dry" = 1 ]; then xres=128; else xres=1024; fi
+  say "random SDXL model"
+  timeout 400 "$py" tools/device/make_sdxl.py "$work/sdxl" $small --images 4 --resolution "$xres" || { echo "SDXL model generation failed"; exit 1; }
+  cat >"$work/sdxl.toml" <<TOML
+[model]
+path = "$work/sdxl/model"
+
+[dataset]
+kind = "imagefolder"
+path = "$work/sdxl/images/train"
+
+[preprocess]
+resolution = $xres
+center_crop = true
+
+[train]
+batch_size = 1
+learning_rate = 1e-4
+seed = 0
+precision = "$precision"
+device = "$device"
+
+[output]
+dir = "$work/sdxl-out"
+TOML
+  : >"$out/lora-bench.jsonl"; : >"$out/ref-bench.jsonl"
+  for ckpt in false true; do
+    say "lora bench SDXL $xres px checkpointing $ckpt"
+    timeout 200 "$lora" -q bench "$work/sdxl.toml" --cache --batch 1 --steps "$steps" --warmup "$warmup" \
+      --set "train.gradient_checkpointing=$ckpt" --json >>"$out/lora-bench.jsonl" 2>"$out/lora-sdxl-$ckpt.err" \
+      || { echo "lora bench failed:"; tail -5 "$out/lora-sdxl-$ckpt.err"; fail=1; }
+    tail -1 "$out/lora-bench.jsonl"
+    say "reference SDXL $xres px checkpointing $ckpt"
+    gc=(); [ "$ckpt" = true ] && gc=(--gradient-checkpointing)
+    if [ "$dry" = 1 ]; then ref_model=(--model "$work/sdxl/model"); else ref_model=(--config sdxl); fi
+    timeout 200 "$py" tools/reference/reference_step.py "${ref_model[@]}" --resolution "$xres" --batch 1 --dtype "$dtype" \
+      --steps "$steps" --warmup "$warmup" --device "$device" "${gc[@]}" >>"$out/ref-bench.jsonl" 2>"$out/ref-sdxl-$ckpt.err" \
+      || { echo "reference failed:"; tail -5 "$out/ref-sdxl-$ckpt.err"; }
+    tail -1 "$out/ref-bench.jsonl"
+  done
+  run_steps=0; run_start=0; run_end=0
+else
 say "random SD 1.5 model"
 timeout 300 "$py" tools/device/make_sd15.py "$work/sd15" $small --images 16 --resolution "$res" || { echo "model generation failed"; exit 1; }
 mkdir -p "$work/sd15/images-bench/train"
@@ -140,6 +198,8 @@ run_end=$(date +%s.%N)
 tail -8 "$out/run.log"
 ls "$work/run-out" || true
 
+fi
+
 # --- summary ---------------------------------------------------------------------------------
 python3 - "$out" "$run_start" "$run_end" "$run_steps" <<'PY' | tee "$out/summary.md"
 import json, sys, os
@@ -169,7 +229,8 @@ if os.path.exists(util):
     vals = [float(l.split(",")[0]) for l in open(util) if l.strip() and l.split(",")[0].strip().replace(".", "").isdigit()]
     if vals:
         extra = f", GPU utilisation mean {sum(vals) / len(vals):.0f}% over {len(vals)} samples"
-print(f"\nlora run: {n} steps in {t1 - t0:.1f} s wall (model load, data, encode, checkpoints included){extra}")
+if n:
+    print(f"\nlora run: {n} steps in {t1 - t0:.1f} s wall (model load, data, encode, checkpoints included){extra}")
 PY
 say "done (fail=$fail)"
 exit $fail
