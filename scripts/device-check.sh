@@ -40,6 +40,26 @@ started=$(date +%s)
 say() { echo "== [$(( $(date +%s) - started ))s] $*"; }
 fail=0
 
+# One side-by-side row: `lora bench` on pipeline $1 and the reference step on the same architecture
+# ($2: sd15 or sdxl; the generated model in the dry run, the published config on the GPU) at $3 px,
+# batch $4, gradient checkpointing $5, each under a timeout of $6 s; appends to the .jsonl files.
+bench_pair() {
+  local toml=$1 arch=$2 px=$3 batch=$4 ckpt=$5 limit=$6 tag="$2-$4-$5"
+  say "lora bench $arch $px px batch $batch checkpointing $ckpt"
+  timeout "$limit" "$lora" -q bench "$toml" --cache --resolution "$px" --batch "$batch" --steps "$steps" --warmup "$warmup" \
+    --set "train.gradient_checkpointing=$ckpt" --json >>"$out/lora-bench.jsonl" 2>"$out/lora-$tag.err" \
+    || { echo "lora bench failed:"; tail -5 "$out/lora-$tag.err"; fail=1; }
+  tail -1 "$out/lora-bench.jsonl"
+  say "reference $arch $px px batch $batch checkpointing $ckpt"
+  local gc=() ref_model=(--config "$arch")
+  [ "$ckpt" = true ] && gc=(--gradient-checkpointing)
+  [ "$dry" = 1 ] && ref_model=(--model "$work/$arch/model")
+  timeout "$limit" "$py" tools/reference/reference_step.py "${ref_model[@]}" --resolution "$px" --batch "$batch" --dtype "$dtype" \
+    --steps "$steps" --warmup "$warmup" --device "$device" "${gc[@]}" >>"$out/ref-bench.jsonl" 2>"$out/ref-$tag.err" \
+    || { echo "reference failed:"; tail -5 "$out/ref-$tag.err"; }
+  tail -1 "$out/ref-bench.jsonl"
+}
+
 # --- binaries and libraries ------------------------------------------------------------------
 [ -f .device/bin.tar.xz ] || { echo "no .device/bin.tar.xz: run scripts/device-prepare.sh first"; exit 2; }
 rm -rf "$work/bin" && tar -C "$work" -xJf .device/bin.tar.xz
@@ -116,18 +136,7 @@ dir = "$work/sdxl-out"
 TOML
   : >"$out/lora-bench.jsonl"; : >"$out/ref-bench.jsonl"
   for ckpt in false true; do
-    say "lora bench SDXL $xres px checkpointing $ckpt"
-    timeout 200 "$lora" -q bench "$work/sdxl.toml" --cache --batch 1 --steps "$steps" --warmup "$warmup" \
-      --set "train.gradient_checkpointing=$ckpt" --json >>"$out/lora-bench.jsonl" 2>"$out/lora-sdxl-$ckpt.err" \
-      || { echo "lora bench failed:"; tail -5 "$out/lora-sdxl-$ckpt.err"; fail=1; }
-    tail -1 "$out/lora-bench.jsonl"
-    say "reference SDXL $xres px checkpointing $ckpt"
-    gc=(); [ "$ckpt" = true ] && gc=(--gradient-checkpointing)
-    if [ "$dry" = 1 ]; then ref_model=(--model "$work/sdxl/model"); else ref_model=(--config sdxl); fi
-    timeout 200 "$py" tools/reference/reference_step.py "${ref_model[@]}" --resolution "$xres" --batch 1 --dtype "$dtype" \
-      --steps "$steps" --warmup "$warmup" --device "$device" "${gc[@]}" >>"$out/ref-bench.jsonl" 2>"$out/ref-sdxl-$ckpt.err" \
-      || { echo "reference failed:"; tail -5 "$out/ref-sdxl-$ckpt.err"; }
-    tail -1 "$out/ref-bench.jsonl"
+    bench_pair "$work/sdxl.toml" sdxl "$xres" 1 "$ckpt" 200
   done
   run_steps=0; run_start=0; run_end=0
 else
@@ -170,18 +179,7 @@ pipeline "$work/run.toml" "$work/sd15/images/train" "$work/run-out"
 : >"$out/lora-bench.jsonl"; : >"$out/ref-bench.jsonl"
 for batch in 1 4; do
   for ckpt in false true; do
-    say "lora bench batch $batch checkpointing $ckpt"
-    timeout 150 "$lora" -q bench "$work/bench.toml" --cache --resolution "$res" --batch "$batch" --steps "$steps" --warmup "$warmup" \
-      --set "train.gradient_checkpointing=$ckpt" --json >>"$out/lora-bench.jsonl" 2>"$out/lora-bench-$batch-$ckpt.err" \
-      || { echo "lora bench failed:"; tail -5 "$out/lora-bench-$batch-$ckpt.err"; fail=1; }
-    tail -1 "$out/lora-bench.jsonl"
-    say "reference batch $batch checkpointing $ckpt"
-    gc=(); [ "$ckpt" = true ] && gc=(--gradient-checkpointing)
-    if [ "$dry" = 1 ]; then ref_model=(--model "$work/sd15/model"); else ref_model=(--config sd15); fi
-    timeout 150 "$py" tools/reference/reference_step.py "${ref_model[@]}" --resolution "$res" --batch "$batch" --dtype "$dtype" \
-      --steps "$steps" --warmup "$warmup" --device "$device" "${gc[@]}" >>"$out/ref-bench.jsonl" 2>"$out/ref-$batch-$ckpt.err" \
-      || { echo "reference failed:"; tail -5 "$out/ref-$batch-$ckpt.err"; }
-    tail -1 "$out/ref-bench.jsonl"
+    bench_pair "$work/bench.toml" sd15 "$res" "$batch" "$ckpt" 150
   done
 done
 

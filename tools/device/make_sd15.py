@@ -84,20 +84,26 @@ def main():
         json.dump(SCHEDULER, f, indent=2)
     shutil.copy(os.path.join(REPO, "tests/fixtures/tiny-sd/model_index.json"), os.path.join(model, "model_index.json"))
 
-    # A captioned image folder: smooth random colour fields, so JPEG/PNG decode and resize do real work.
-    data = os.path.join(a.out, "images", "train")
+    data = write_images(a.out, a.images, a.resolution)
+    print(f"wrote {model} and {a.images} images in {data}", flush=True)
+
+
+def write_images(out, count, resolution):
+    """A captioned image folder `OUT/images/train` (metadata.jsonl): smooth random colour fields,
+    so PNG decode and resize do real work. Returns the folder."""
+    data = os.path.join(out, "images", "train")
     os.makedirs(data, exist_ok=True)
     rng = np.random.default_rng(0)
     words = ["red", "blue", "green", "yellow", "circle", "square", "sky", "tree", "house", "cat"]
     with open(os.path.join(data, "metadata.jsonl"), "w") as meta:
-        for i in range(a.images):
+        for i in range(count):
             small = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
-            img = Image.fromarray(small).resize((a.resolution, a.resolution), Image.BICUBIC)
+            img = Image.fromarray(small).resize((resolution, resolution), Image.BICUBIC)
             name = f"{i:04d}.png"
             img.save(os.path.join(data, name))
             caption = "a " + " ".join(rng.choice(words, size=4))
             meta.write(json.dumps({"file_name": name, "text": caption}) + "\n")
-    print(f"wrote {model} and {a.images} images in {data}", flush=True)
+    return data
 
 
 if __name__ == "__main__":

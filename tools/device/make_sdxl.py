@@ -9,15 +9,15 @@ padding with `!`; the scheduler is lora's bundled SDXL Euler config).
 --small shrinks every width (for the CPU dry run); block types, transformer depths per block, the
 text_time embedding and key names stay SDXL's. Seeded (torch.manual_seed(0)), saved in fp16.
 """
-import argparse, json, os, shutil, sys
+import argparse, os, shutil, sys
 
-import numpy as np
 import torch
-from PIL import Image
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 TINY = os.path.join(REPO, "tests/fixtures/sdxl-tiny")
+sys.path.insert(0, HERE)
+from make_sd15 import write_images  # noqa: E402
 
 UNET = dict(
     act_fn="silu", addition_embed_type="text_time", addition_time_embed_dim=256, attention_head_dim=[5, 10, 20],
@@ -78,15 +78,7 @@ def main():
     shutil.copy(os.path.join(REPO, "assets/sd/sdxl-scheduler_config.json"), os.path.join(model, "scheduler", "scheduler_config.json"))
     shutil.copy(os.path.join(TINY, "model_index.json"), os.path.join(model, "model_index.json"))
 
-    data = os.path.join(a.out, "images", "train")
-    os.makedirs(data, exist_ok=True)
-    rng = np.random.default_rng(0)
-    words = ["red", "blue", "green", "yellow", "circle", "square", "sky", "tree", "house", "cat"]
-    with open(os.path.join(data, "metadata.jsonl"), "w") as meta:
-        for i in range(a.images):
-            small = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
-            Image.fromarray(small).resize((a.resolution, a.resolution), Image.BICUBIC).save(os.path.join(data, f"{i:04d}.png"))
-            meta.write(json.dumps({"file_name": f"{i:04d}.png", "text": "a " + " ".join(rng.choice(words, size=4))}) + "\n")
+    data = write_images(a.out, a.images, a.resolution)
     print(f"wrote {model} and {a.images} images in {data}", flush=True)
 
 
