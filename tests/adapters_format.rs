@@ -327,6 +327,11 @@ fn kohya_header_carries_training_metadata_and_pipeline_hash() {
     assert_eq!(back.metadata["ss_network_dim"], "4");
     assert_eq!(back.metadata["ss_network_alpha"], "4");
     assert_eq!(back.metadata["ss_base_model_version"], "sd_v1");
+    // The caption tricks as kohya names them (off by default).
+    assert_eq!(
+        (back.metadata["ss_caption_dropout_rate"].as_str(), back.metadata["ss_shuffle_caption"].as_str(), back.metadata["ss_keep_tokens"].as_str()),
+        ("0", "false", "0")
+    );
     assert_eq!(back.metadata[PIPELINE_TOML_KEY], info.pipeline_toml);
     // sha256 of the TOML text, computed independently with `sha256sum` on this string.
     assert_eq!(back.metadata[PIPELINE_SHA256_KEY], "09ad56df743557b1488321e3aed09e0f0f142a86d6ac7c964c20a53733ac31f9");

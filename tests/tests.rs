@@ -17,6 +17,7 @@ mod config_broken;
 mod config_schema;
 mod config_editor_schema;
 mod data_cache;
+mod data_captions;
 mod data_decode;
 mod device_parity;
 mod data_hub;

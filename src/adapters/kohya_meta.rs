@@ -43,6 +43,11 @@ pub struct TrainingInfo {
     /// What the trained UNet predicts (`ss_v_parameterization`).
     pub prediction: PredictionType,
     pub train_text_encoder: bool,
+    /// `dataset.caption_dropout`, `shuffle_tags`, `keep_tokens` (kohya's `ss_caption_dropout_rate`,
+    /// `ss_shuffle_caption`, `ss_keep_tokens`).
+    pub caption_dropout: f64,
+    pub shuffle_tags: bool,
+    pub keep_tokens: usize,
     /// The resolved pipeline as TOML; stored with its sha256.
     pub pipeline_toml: String,
 }
@@ -73,6 +78,9 @@ pub fn training_metadata(info: &TrainingInfo) -> BTreeMap<String, String> {
     if let Some(seed) = info.seed {
         put("ss_seed", seed.to_string());
     }
+    put("ss_caption_dropout_rate", info.caption_dropout.to_string());
+    put("ss_shuffle_caption", info.shuffle_tags.to_string());
+    put("ss_keep_tokens", info.keep_tokens.to_string());
     put("ss_training_comment", format!("trained with lora {}", env!("CARGO_PKG_VERSION")));
     let digest = sha2::Sha256::digest(info.pipeline_toml.as_bytes());
     put(PIPELINE_SHA256_KEY, digest.iter().map(|b| format!("{b:02x}")).collect());

@@ -184,6 +184,19 @@ pub struct DatasetConfig {
     #[serde(default = "default_max_image_pixels")]
     #[schemars(range(min = 1))]
     pub max_image_pixels: u64,
+    /// Probability of training a step's example on an empty caption instead of its own, as
+    /// kohya's `--caption_dropout_rate` (0: never, the reference's behaviour).
+    #[serde(default)]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub caption_dropout: f64,
+    /// Shuffle a caption's comma-separated tags every time it is drawn and join them with ", ",
+    /// as kohya's `--shuffle_caption`.
+    #[serde(default)]
+    pub shuffle_tags: bool,
+    /// With `shuffle_tags`: the number of tags at the front kept in place (a trigger word), as
+    /// kohya's `--keep_tokens`.
+    #[serde(default)]
+    pub keep_tokens: u32,
 }
 
 fn default_image_column() -> String {

@@ -815,6 +815,13 @@ impl Checks<'_> {
 
     fn dataset(&mut self, p: &Pipeline) {
         let d = &p.dataset;
+        if d.keep_tokens > 0 && !d.shuffle_tags {
+            self.error(
+                &["dataset.keep_tokens"],
+                format!("`dataset.keep_tokens` = {} keeps tags in place while shuffling, but `dataset.shuffle_tags` is false, so it would do nothing", d.keep_tokens),
+                Some("set shuffle_tags = true, or remove keep_tokens".into()),
+            );
+        }
         match d.kind {
             DatasetKind::Hub => {
                 if d.name.is_none() {

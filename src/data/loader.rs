@@ -12,6 +12,7 @@ use candle_core::{Device, Tensor};
 use rand::seq::{IndexedRandom, SliceRandom};
 use rayon::prelude::*;
 
+use super::caption::CaptionOptions;
 use super::decode::{decode_example, DecodeOptions};
 use super::rng::{rng_for, Stream};
 use super::source::{Caption, Dataset};
@@ -29,6 +30,8 @@ pub struct LoaderOptions {
     pub prefetch_batches: usize,
     pub preprocess: PreprocessOptions,
     pub decode: DecodeOptions,
+    /// Caption dropout and tag shuffling (off: captions as the dataset has them).
+    pub captions: CaptionOptions,
 }
 
 impl Default for LoaderOptions {
@@ -40,6 +43,7 @@ impl Default for LoaderOptions {
             prefetch_batches: 2,
             preprocess: PreprocessOptions::default(),
             decode: DecodeOptions::default(),
+            captions: CaptionOptions::default(),
         }
     }
 }
@@ -147,6 +151,11 @@ impl Inner {
                 let mut rng = rng_for(self.opts.seed, Stream::Caption, epoch as u64, index as u64);
                 list.choose(&mut rng).cloned().unwrap_or_default()
             }
+        };
+        let caption = if self.opts.captions.is_off() {
+            caption
+        } else {
+            self.opts.captions.apply(&caption, &mut rng_for(self.opts.seed, Stream::CaptionTricks, epoch as u64, index as u64))
         };
         Ok((pixels, caption, geometry))
     }

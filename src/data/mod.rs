@@ -19,12 +19,14 @@
 //!    from `(seed, epoch, example)` through [`rng`], so results never depend on thread timing.
 
 pub mod cache;
+pub mod caption;
 pub mod decode;
 pub mod loader;
 pub mod rng;
 pub mod source;
 pub mod transform;
 
+pub use caption::CaptionOptions;
 pub use decode::{BadImage, DecodeOptions, OnBadImage};
 pub use loader::{Batch, DataLoader, LoaderOptions};
 pub use source::{Caption, Dataset, Example, ImageData, SourceOptions, SourceSpec};

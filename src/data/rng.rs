@@ -20,6 +20,8 @@ pub enum Stream {
     Augment = 3,
     /// One example's caption choice in one epoch (`a` = epoch, `b` = example index).
     Caption = 4,
+    /// One example's caption dropout and tag shuffle in one epoch (`a` = epoch, `b` = example).
+    CaptionTricks = 5,
 }
 
 /// SplitMix64's finaliser: a bijective mix of 64 bits.

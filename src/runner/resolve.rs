@@ -145,6 +145,11 @@ pub(crate) fn loader_options(p: &Pipeline, family: Option<Family>, resolution: u
             flip_before_crop: family == Some(Family::Sdxl),
         },
         decode: data::DecodeOptions { max_image_pixels: Some(p.dataset.max_image_pixels) },
+        captions: data::CaptionOptions {
+            dropout: p.dataset.caption_dropout,
+            shuffle_tags: p.dataset.shuffle_tags,
+            keep_tokens: p.dataset.keep_tokens as usize,
+        },
     }
 }
 

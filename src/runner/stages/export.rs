@@ -119,6 +119,9 @@ fn export_files(ctx: &mut StageCtx<'_>, train_details: &BTreeMap<String, serde_j
                     num_train_images: count("examples").unwrap_or(0) as usize,
                     prediction: facts.prediction,
                     train_text_encoder: p.adapter.text_encoder,
+                    caption_dropout: p.dataset.caption_dropout,
+                    shuffle_tags: p.dataset.shuffle_tags,
+                    keep_tokens: p.dataset.keep_tokens as usize,
                     pipeline_toml: resolved_toml(&ctx.plan.loaded),
                 };
                 // kohya sd-scripts names SDXL UNet modules in the original layout
