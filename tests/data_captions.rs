@@ -114,3 +114,23 @@ fn the_loader_applies_them_seeded_per_epoch_and_example() {
     assert!(dropped > total / 8 && dropped < total * 3 / 8, "{dropped} of {total} dropped at 0.25");
     assert!(reordered > (total - dropped) / 2, "{reordered} of {} kept captions reordered (4 free tags: 23 of 24 orders differ)", total - dropped);
 }
+
+/// A run with shuffled tags trains without a text cache (a shuffled caption is a new string at
+/// nearly every draw): the encode cache holds the latents only.
+#[test]
+fn shuffled_tags_train_without_a_text_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let overrides: Vec<String> = vec![
+        "train.max_steps=2".into(),
+        "dataset.shuffle_tags=true".into(),
+        "dataset.caption_dropout=0.5".into(),
+        format!("output.dir={:?}", out.display().to_string()),
+    ];
+    let loaded = lora::config::load_pipeline(&root.join("pipelines/tiny.toml"), &overrides).unwrap_or_else(|d| panic!("{}", d.render()));
+    lora::runner::run::run_pipeline(&loaded, &mut lora::runner::stages::Session::default(), &Default::default(), Arc::new(std::sync::atomic::AtomicBool::new(false))).unwrap();
+    let entries: usize = std::fs::read_dir(out.join("cache/encode")).unwrap().map(|d| std::fs::read_dir(d.unwrap().path()).unwrap().count()).sum();
+    assert_eq!(entries, 24, "one latent entry per image, no text entries");
+    assert!(out.join(lora::layout::DIFFUSERS_FILE).is_file());
+}

@@ -208,7 +208,8 @@ pub(crate) fn train_settings(loaded: &LoadedPipeline) -> TrainSettings {
         checkpoints_total_limit: p.checkpoints.total_limit.map(|n| n as usize),
         output_dir: p.output.dir.clone(),
         resume_from_checkpoint: p.checkpoints.resume.clone(),
-        cache_encodings: !p.adapter.text_encoder,
+        // As `stages::encode::caches_text`: no text cache for a trained encoder or shuffled tags.
+        cache_encodings: !p.adapter.text_encoder && !p.dataset.shuffle_tags,
         pipeline_sha256: Some(pipeline_sha256(loaded)),
         train_fingerprint: None,
         eval_batches: 0,

@@ -25,9 +25,11 @@ pub(super) fn caches_latents(p: &Plan) -> bool {
     matches!(p.pipeline().preprocess.crop(), cfg::Crop::Center)
 }
 
-/// Whether the text-encoder outputs can be cached: the text encoder is not trained.
+/// Whether the text-encoder outputs can be cached: the text encoder is not trained, and captions
+/// are not reshuffled every draw (`dataset.shuffle_tags` makes a new string nearly every step, so
+/// a cache would only grow; kohya refuses the combination too).
 pub(super) fn caches_text(p: &Plan) -> bool {
-    !p.pipeline().adapter.text_encoder
+    !p.pipeline().adapter.text_encoder && !p.pipeline().dataset.shuffle_tags
 }
 
 pub(super) const ENCODE: Stage = Stage {
