@@ -158,7 +158,7 @@ fn defaults_are_the_reference_scripts() {
     assert_eq!(p.train.gradient_accumulation_steps, 1);
     assert_eq!(p.train.learning_rate, 1e-4);
     assert_eq!((p.train.lr_scheduler, p.train.lr_warmup_steps), (LrScheduler::Constant, 500));
-    assert_eq!((p.optimizer.beta1, p.optimizer.beta2, p.optimizer.weight_decay, p.optimizer.epsilon), (0.9, 0.999, 1e-2, 1e-8));
+    assert_eq!((p.optimizer.beta1, p.optimizer.beta2(), p.optimizer.weight_decay(), p.optimizer.epsilon), (0.9, 0.999, 1e-2, 1e-8));
     assert_eq!(p.optimizer.max_grad_norm, 1.0);
     assert_eq!((p.train.snr_gamma, p.train.noise_offset, p.train.prediction_type), (None, 0.0, None));
     assert_eq!((p.checkpoints.every_steps, p.checkpoints.total_limit), (500, None));

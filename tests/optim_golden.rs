@@ -41,7 +41,7 @@ fn clip_then_adamw_step_equals_torch() {
     let after = lora::train::optim::global_grad_norm(&scaled).unwrap();
     assert!((again - norm).abs() < 1e-9 && (after - 0.05).abs() < 1e-6, "clip to 0.05 gave norm {after} (tolerance 1e-6)");
 
-    let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2 };
+    let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2, ..Default::default() };
     let mut opt = AdamW::new_named(vars.clone(), names.clone(), cfg).unwrap();
     opt.step(&grads, 1e-3).unwrap();
     assert_eq!(opt.step_count(), 1);

@@ -276,7 +276,7 @@ fn sd2_train_step_loss_and_every_lora_gradient_match_torch() {
 
 fn adamw_after(step: &HashMap<String, Tensor>, names: &[String], vars: &[Var], mut grads: Vec<Tensor>, max_norm: f64) -> f64 {
     clip_grad_norm(&mut grads, max_norm).unwrap();
-    let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2 };
+    let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2, ..Default::default() };
     let mut opt = AdamW::new_named(vars.to_vec(), names.to_vec(), cfg).unwrap();
     opt.step(&grads, 1e-3).unwrap();
     let mut worst = 0f64;

@@ -232,7 +232,7 @@ fn sdxl_train_step_with_unet_and_text_encoder_lora_matches_torch() {
     // Clip 1.0 (a no-op here: norm 0.073) and one AdamW step at the SDXL script's lr 1e-4;
     // parameters without a gradient are skipped (torch: `.grad` None), weight decay included.
     clip_grad_norm(&mut gs, 1.0).unwrap();
-    let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2 };
+    let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2, ..Default::default() };
     let mut opt = AdamW::new_named(vars.clone(), names.clone(), cfg).unwrap();
     let some: Vec<Option<&Tensor>> = gs.iter().enumerate().map(|(i, g)| (!unused.contains(&i)).then_some(g)).collect();
     opt.step_some(&some, 1e-4).unwrap();

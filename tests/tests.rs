@@ -34,6 +34,7 @@ mod models_config;
 mod models_lora;
 mod models_parity;
 mod optim_golden;
+mod optim_lion;
 mod report_outputs;
 mod run_tiny;
 mod sched_generate;

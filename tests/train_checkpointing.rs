@@ -280,7 +280,7 @@ mod trainer_loop {
             // eps = 1 makes AdamW's update ~ lr · m / (sqrt(v) + 1) ~ lr · the gradient for
             // gradients well below 1, so the weights show a gradient's scale (with the default
             // eps the first update is lr · sign(g), blind to scale and chaotic where g ~ 0).
-            adamw: AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1.0, weight_decay: 0.0 },
+            adamw: AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1.0, weight_decay: 0.0, ..Default::default() },
             gradient_checkpointing: checkpointing,
             ..crate::support::small_run(dir, steps, 7)
         }

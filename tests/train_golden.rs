@@ -104,7 +104,7 @@ pub(crate) fn check_training_step(dev: &Device) {
     let norm = clip_grad_norm(&mut grad_list, 1.0).unwrap();
     let reference_norm = scalar(&step["grad_norm_before_clip"]);
     assert!((norm - reference_norm).abs() <= 2e-4 * reference_norm, "grad norm {norm} vs {reference_norm} (2e-4 relative)");
-    let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2 };
+    let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2, ..Default::default() };
     let mut opt = AdamW::new_named(vars.clone(), names.clone(), cfg).unwrap();
     opt.step(&grad_list, 1e-3).unwrap();
     // After the step. AdamW's first (bias-corrected) step moves each element by lr·g/(|g|+eps)

@@ -148,7 +148,7 @@ fn half_step(dtype: DType, scaler: Option<&GradScaler>) -> StepErrors {
     let norm = clip_grad_norm(&mut clipped, 1.0).unwrap();
     let reference_norm = scalar(&step["grad_norm_before_clip"]);
     let norm_rel = (norm - reference_norm).abs() / reference_norm;
-    let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2 };
+    let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2, ..Default::default() };
     let mut opt = AdamW::new_named(vars.clone(), names.clone(), cfg).unwrap();
     opt.step(&clipped, 1e-3).unwrap();
     let (mut confident, mut all, mut flips, mut total) = (0f32, 0f32, 0usize, 0usize);

@@ -48,6 +48,9 @@ pub struct TrainingInfo {
     pub caption_dropout: f64,
     pub shuffle_tags: bool,
     pub keep_tokens: usize,
+    /// kohya's `ss_optimizer`: the optimizer class and its arguments, e.g.
+    /// `torch.optim.adamw.AdamW(weight_decay=0.01,betas=(0.9, 0.999),eps=1e-08)`.
+    pub optimizer: String,
     /// The resolved pipeline as TOML; stored with its sha256.
     pub pipeline_toml: String,
 }
@@ -81,6 +84,9 @@ pub fn training_metadata(info: &TrainingInfo) -> BTreeMap<String, String> {
     put("ss_caption_dropout_rate", info.caption_dropout.to_string());
     put("ss_shuffle_caption", info.shuffle_tags.to_string());
     put("ss_keep_tokens", info.keep_tokens.to_string());
+    if !info.optimizer.is_empty() {
+        put("ss_optimizer", info.optimizer.clone());
+    }
     put("ss_training_comment", format!("trained with lora {}", env!("CARGO_PKG_VERSION")));
     let digest = sha2::Sha256::digest(info.pipeline_toml.as_bytes());
     put(PIPELINE_SHA256_KEY, digest.iter().map(|b| format!("{b:02x}")).collect());

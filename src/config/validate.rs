@@ -658,6 +658,7 @@ impl Checks<'_> {
         self.dataset(p);
         self.preprocess(p);
         self.adapter(p);
+        self.optimizer(p);
         self.train(p);
         self.validation(p);
         self.output(p);
@@ -958,6 +959,16 @@ impl Checks<'_> {
                 &["adapter.text_encoder_target_modules"],
                 "`adapter.text_encoder_target_modules` is set but `adapter.text_encoder` is false".into(),
                 Some("set text_encoder = true to train text-encoder LoRA layers".into()),
+            );
+        }
+    }
+
+    fn optimizer(&mut self, p: &Pipeline) {
+        if p.optimizer.kind == crate::config::types::OptimizerKind::Lion && self.is_set("optimizer.epsilon") {
+            self.error(
+                &["optimizer.epsilon"],
+                "`optimizer.epsilon` is AdamW's; Lion takes the sign of its momentum and has no epsilon".into(),
+                Some("remove epsilon, or use kind = \"adamw\"".into()),
             );
         }
     }

@@ -193,9 +193,13 @@ pub(crate) fn train_settings(loaded: &LoadedPipeline) -> TrainSettings {
         lr_warmup_steps: t.lr_warmup_steps as usize,
         adamw: AdamWConfig {
             beta1: p.optimizer.beta1,
-            beta2: p.optimizer.beta2,
+            beta2: p.optimizer.beta2(),
             eps: p.optimizer.epsilon,
-            weight_decay: p.optimizer.weight_decay,
+            weight_decay: p.optimizer.weight_decay(),
+            rule: match p.optimizer.kind {
+                cfg::OptimizerKind::Adamw => crate::train::optim::UpdateRule::AdamW,
+                cfg::OptimizerKind::Lion => crate::train::optim::UpdateRule::Lion,
+            },
         },
         max_grad_norm: (p.optimizer.max_grad_norm > 0.0).then_some(p.optimizer.max_grad_norm),
         loss: LossOptions {

@@ -365,7 +365,10 @@ pub(crate) fn breaks_resume(key: &str) -> bool {
     // The keys of the stages training reads from (the model, the data and its preprocessing),
     // the adapter's shape, and the train keys that shape the data stream.
     let upstream = StageId::owner_of(key).is_some_and(|s| matches!(s, StageId::Model | StageId::Dataset | StageId::Preprocess));
-    upstream || key.starts_with("adapter.") || matches!(key, "train.batch_size" | "train.gradient_accumulation_steps" | "train.seed")
+    // `optimizer.kind`: the checkpoint's optimizer state is another rule's.
+    upstream
+        || key.starts_with("adapter.")
+        || matches!(key, "train.batch_size" | "train.gradient_accumulation_steps" | "train.seed" | "optimizer.kind")
 }
 
 /// The keys that differ, each as `(key, "key old -> new")`.
@@ -392,6 +395,8 @@ mod tests {
         assert!(breaks_resume("train.batch_size"));
         assert!(!breaks_resume("train.learning_rate"));
         assert!(!breaks_resume("train.max_steps"));
+        assert!(breaks_resume("optimizer.kind"), "the saved optimizer state is another rule's");
+        assert!(!breaks_resume("optimizer.beta1"));
         let old = BTreeMap::from([("adapter.rank".to_string(), serde_json::json!(4)), ("train.max_steps".to_string(), serde_json::json!(8))]);
         let new = BTreeMap::from([("adapter.rank".to_string(), serde_json::json!(8)), ("train.max_steps".to_string(), serde_json::json!(8))]);
         assert_eq!(changed_keys(&old, &new), vec![("adapter.rank".to_string(), "adapter.rank 4 -> 8".to_string())]);

@@ -1,6 +1,6 @@
-//! AdamW exactly as `torch.optim.AdamW` (decoupled weight decay, bias correction, f32 state),
-//! global-norm gradient clipping as `torch.nn.utils.clip_grad_norm_`, and the optimizer state's
-//! safetensors checkpoint.
+//! AdamW exactly as `torch.optim.AdamW` (decoupled weight decay, bias correction, f32 state), Lion
+//! as `lion-pytorch` (kohya's `--optimizer_type Lion`), global-norm gradient clipping as
+//! `torch.nn.utils.clip_grad_norm_`, and the optimizer state's safetensors checkpoint.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -8,19 +8,41 @@ use std::path::Path;
 use anyhow::{bail, Context};
 use candle_core::{DType, Tensor, Var};
 
-/// AdamW hyperparameters (the learning rate is passed to every [`AdamW::step`]).
+/// The update rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UpdateRule {
+    /// torch's AdamW.
+    #[default]
+    AdamW,
+    /// Lion (Chen et al. 2023) as `lion-pytorch`: `p ← p·(1 − lr·wd)`,
+    /// `p ← p − lr·sign(β1·m + (1−β1)·g)`, then `m ← β2·m + (1−β2)·g`; one moment, no eps.
+    Lion,
+}
+
+impl UpdateRule {
+    /// The name saved in the state file.
+    fn name(self) -> &'static str {
+        match self {
+            UpdateRule::AdamW => "AdamW",
+            UpdateRule::Lion => "Lion",
+        }
+    }
+}
+
+/// Optimizer hyperparameters (the learning rate is passed to every [`AdamW::step`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWConfig {
     pub beta1: f64,
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
+    pub rule: UpdateRule,
 }
 
 impl Default for AdamWConfig {
-    /// The reference script's defaults: betas 0.9 / 0.999, eps 1e-8, weight decay 1e-2.
+    /// The reference script's defaults: AdamW, betas 0.9 / 0.999, eps 1e-8, weight decay 1e-2.
     fn default() -> Self {
-        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2 }
+        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2, rule: UpdateRule::AdamW }
     }
 }
 
@@ -63,7 +85,12 @@ impl AdamW {
             .zip(names)
             .map(|(var, name)| {
                 let zeros = Tensor::zeros(var.shape(), DType::F32, var.device())?;
-                Ok(ParamState { name, exp_avg: zeros.clone(), exp_avg_sq: zeros, var, steps: 0 })
+                // Lion keeps one moment: no second buffer.
+                let exp_avg_sq = match cfg.rule {
+                    UpdateRule::AdamW => zeros.clone(),
+                    UpdateRule::Lion => Tensor::zeros(0, DType::F32, var.device())?,
+                };
+                Ok(ParamState { name, exp_avg: zeros, exp_avg_sq, var, steps: 0 })
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self { params, cfg, step_count: 0 })
@@ -111,10 +138,19 @@ impl AdamW {
             }
         }
         self.step_count += 1;
-        let AdamWConfig { beta1, beta2, eps, weight_decay } = self.cfg;
+        let AdamWConfig { beta1, beta2, eps, weight_decay, rule } = self.cfg;
         for (p, g) in self.params.iter_mut().zip(grads) {
             let Some(g) = g else { continue };
             p.steps += 1;
+            if rule == UpdateRule::Lion {
+                let g = g.to_dtype(DType::F32)?;
+                let param = p.var.as_tensor().to_dtype(DType::F32)?.affine(1.0 - lr * weight_decay, 0.0)?;
+                let update = ((&p.exp_avg * beta1)? + (&g * (1.0 - beta1))?)?.sign()?;
+                let new_param = (param - (update * lr)?)?.to_dtype(p.var.dtype())?;
+                p.var.set(&new_param)?;
+                p.exp_avg = ((&p.exp_avg * beta2)? + (&g * (1.0 - beta2))?)?;
+                continue;
+            }
             let k = p.steps as i32;
             let bias_correction1 = 1.0 - beta1.powi(k);
             let bias_correction2_sqrt = (1.0 - beta2.powi(k)).sqrt();
@@ -132,12 +168,21 @@ impl AdamW {
         Ok(())
     }
 
+    /// The moments a parameter keeps under this rule, by the name they are saved under: AdamW's
+    /// two, Lion's one.
+    fn moments<'p>(&self, p: &'p ParamState) -> Vec<(&'static str, &'p Tensor)> {
+        match self.cfg.rule {
+            UpdateRule::AdamW => vec![("exp_avg", &p.exp_avg), ("exp_avg_sq", &p.exp_avg_sq)],
+            UpdateRule::Lion => vec![("exp_avg", &p.exp_avg)],
+        }
+    }
+
     /// Save the step count, hyperparameters and moments as safetensors (`exp_avg.<name>`,
     /// `exp_avg_sq.<name>`), atomically.
     pub fn save(&self, path: &Path) -> anyhow::Result<()> {
         let mut buffers: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
         for p in &self.params {
-            for (prefix, t) in [("exp_avg", &p.exp_avg), ("exp_avg_sq", &p.exp_avg_sq)] {
+            for (prefix, t) in self.moments(p) {
                 let values = t.flatten_all()?.to_vec1::<f32>()?;
                 let bytes = values.iter().flat_map(|x| x.to_le_bytes()).collect();
                 buffers.push((format!("{prefix}.{}", p.name), t.dims().to_vec(), bytes));
@@ -150,7 +195,7 @@ impl AdamW {
             })
             .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
         let mut metadata = HashMap::from([
-            ("optimizer".to_string(), "AdamW".to_string()),
+            ("optimizer".to_string(), self.cfg.rule.name().to_string()),
             ("step".to_string(), self.step_count.to_string()),
             ("beta1".to_string(), self.cfg.beta1.to_string()),
             ("beta2".to_string(), self.cfg.beta2.to_string()),
@@ -180,10 +225,14 @@ impl AdamW {
             .with_context(|| format!("{}: no `step` in the metadata", path.display()))?
             .parse()
             .with_context(|| format!("{}: `step` is not an integer", path.display()))?;
+        let saved_rule = meta.get("optimizer").map_or("AdamW", String::as_str);
+        if saved_rule != self.cfg.rule.name() {
+            bail!("{}: the state is {saved_rule}'s, but this run's optimizer is {}", path.display(), self.cfg.rule.name());
+        }
         let expected: std::collections::HashSet<String> = self
             .params
             .iter()
-            .flat_map(|p| [format!("exp_avg.{}", p.name), format!("exp_avg_sq.{}", p.name)])
+            .flat_map(|p| self.moments(p).into_iter().map(|(prefix, _)| format!("{prefix}.{}", p.name)).collect::<Vec<_>>())
             .collect();
         let unexpected: Vec<&str> = st.names().into_iter().filter(|n| !expected.contains(*n)).collect();
         if !unexpected.is_empty() {
@@ -199,7 +248,8 @@ impl AdamW {
             };
             param_steps.push(steps);
             let mut pair = Vec::with_capacity(2);
-            for prefix in ["exp_avg", "exp_avg_sq"] {
+            let prefixes: Vec<&str> = self.moments(p).into_iter().map(|(prefix, _)| prefix).collect();
+            for prefix in prefixes {
                 let key = format!("{prefix}.{}", p.name);
                 let view = st.tensor(&key).map_err(|_| {
                     anyhow::anyhow!("{}: missing optimizer state `{key}`", path.display())
@@ -223,8 +273,10 @@ impl AdamW {
         }
         for ((p, mut pair), steps) in self.params.iter_mut().zip(restored).zip(param_steps) {
             p.steps = steps;
-            p.exp_avg_sq = pair.pop().expect("two moments");
-            p.exp_avg = pair.pop().expect("two moments");
+            if pair.len() == 2 {
+                p.exp_avg_sq = pair.pop().expect("two moments");
+            }
+            p.exp_avg = pair.pop().expect("one moment");
         }
         self.step_count = step;
         Ok(())

@@ -122,6 +122,21 @@ fn export_files(ctx: &mut StageCtx<'_>, train_details: &BTreeMap<String, serde_j
                     caption_dropout: p.dataset.caption_dropout,
                     shuffle_tags: p.dataset.shuffle_tags,
                     keep_tokens: p.dataset.keep_tokens as usize,
+                    optimizer: {
+                        let o = &p.optimizer;
+                        match o.kind {
+                            cfg::OptimizerKind::Adamw => format!(
+                                "torch.optim.adamw.AdamW(weight_decay={},betas=({}, {}),eps={})",
+                                o.weight_decay(),
+                                o.beta1,
+                                o.beta2(),
+                                o.epsilon
+                            ),
+                            cfg::OptimizerKind::Lion => {
+                                format!("lion_pytorch.lion_pytorch.Lion(weight_decay={},betas=({}, {}))", o.weight_decay(), o.beta1, o.beta2())
+                            }
+                        }
+                    },
                     pipeline_toml: resolved_toml(&ctx.plan.loaded),
                 };
                 // kohya sd-scripts names SDXL UNet modules in the original layout
