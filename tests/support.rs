@@ -35,6 +35,7 @@ pub fn small_run(dir: &Path, max_steps: usize, seed: u64) -> TrainSettings {
         pipeline_sha256: None,
         train_fingerprint: None,
         eval_batches: 0,
+        heldout_every_steps: None,
         tensorboard_dir: None,
         precision: MixedPrecision::No,
         grad_scaler: Default::default(),

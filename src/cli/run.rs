@@ -84,6 +84,9 @@ pub(crate) fn print_summary(report: &RunReport, resumes: Resumes) {
             if let (Some(before), Some(after)) = report.eval_loss {
                 println!("  eval loss  {before:.4} -> {after:.4} (fixed noise, {:+.2}%)", (after / before - 1.0) * 100.0);
             }
+            if let (Some(before), Some(after)) = report.heldout_loss {
+                println!("  val loss   {before:.4} -> {after:.4} (held-out examples, fixed noise, {:+.2}%)", (after / before - 1.0) * 100.0);
+            }
             if let Some(scale) = t.loss_scale {
                 println!("  fp16       {} skipped step(s) (inf/NaN gradients), loss scale {scale}", t.skipped_steps);
             }

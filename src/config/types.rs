@@ -655,7 +655,7 @@ pub enum ValidationScheduler {
     Euler,
 }
 
-/// `[validation]`: sample images while training. No prompt, no validation.
+/// `[validation]`: sample images while training (no prompt, no images), and the held-out loss.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ValidationConfig {
@@ -684,6 +684,17 @@ pub struct ValidationConfig {
     /// `negative_prompt`); empty is the embedding of "", as the reference.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub negative_prompt: String,
+    /// Hold this fraction of the dataset out of training (a seeded choice, at least one example,
+    /// at least one left to train on) and measure the denoising loss on it with fixed noise
+    /// before, during and after training, as kohya's / OneTrainer's validation loss: the number to
+    /// watch for over-fitting. 0 (the default) holds nothing out.
+    #[schemars(range(min = 0.0), extend("exclusiveMaximum" = 1))]
+    pub loss_split: f64,
+    /// With `loss_split`: also measure the held-out loss every N optimizer updates (else before
+    /// and after training only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub loss_every_steps: Option<u64>,
 }
 
 impl Default for ValidationConfig {
@@ -697,6 +708,8 @@ impl Default for ValidationConfig {
             steps: 30,
             guidance_scale: 7.5,
             negative_prompt: String::new(),
+            loss_split: 0.0,
+            loss_every_steps: None,
         }
     }
 }

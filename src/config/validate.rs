@@ -1025,6 +1025,13 @@ impl Checks<'_> {
 
     fn validation(&mut self, p: &Pipeline) {
         let v = &p.validation;
+        if v.loss_split == 0.0 && v.loss_every_steps.is_some() {
+            self.error(
+                &["validation.loss_every_steps"],
+                "`validation.loss_every_steps` is set but `validation.loss_split` is 0, so there is no held-out loss to measure".into(),
+                Some("set loss_split (e.g. 0.1) to hold part of the dataset out".into()),
+            );
+        }
         if v.prompts.is_empty() {
             let set: Vec<String> = ["num_images", "every_epochs", "every_steps", "scheduler", "steps", "guidance_scale", "negative_prompt"]
                 .iter()

@@ -21,6 +21,7 @@
 pub mod cache;
 pub mod caption;
 pub mod decode;
+pub mod holdout;
 pub mod loader;
 pub mod rng;
 pub mod source;

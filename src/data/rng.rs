@@ -22,6 +22,8 @@ pub enum Stream {
     Caption = 4,
     /// One example's caption dropout and tag shuffle in one epoch (`a` = epoch, `b` = example).
     CaptionTricks = 5,
+    /// The held-out examples of `validation.loss_split`.
+    HoldOut = 6,
 }
 
 /// SplitMix64's finaliser: a bijective mix of 64 bits.

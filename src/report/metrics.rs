@@ -20,9 +20,15 @@ pub(crate) fn keep_steps_up_to(path: &Path, step: usize) -> Result<()> {
     for line in text.lines() {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
         let Some(s) = v.get("step").and_then(serde_json::Value::as_u64) else { continue };
-        // A step has one update line and at most one evaluation line.
-        let is_eval = v.get("eval_loss").is_some();
-        if s as usize <= step && seen.insert((s, is_eval)) {
+        // A step has one update line, at most one evaluation line and one held-out line.
+        let kind = if v.get("eval_loss").is_some() {
+            1
+        } else if v.get("val_loss").is_some() {
+            2
+        } else {
+            0
+        };
+        if s as usize <= step && seen.insert((s, kind)) {
             kept.push_str(line);
             kept.push('\n');
         }
@@ -51,6 +57,17 @@ pub fn read_evals(path: &Path) -> Result<Vec<(u64, f64)>> {
     for v in json_lines(path)? {
         if let (Some(step), Some(eval)) = (v.get("step").and_then(serde_json::Value::as_u64), v.get("eval_loss").and_then(serde_json::Value::as_f64)) {
             by_step.insert(step, eval);
+        }
+    }
+    Ok(by_step.into_iter().collect())
+}
+
+/// The held-out losses (`validation.loss_split`) of `path` as `(step, val_loss)` in step order.
+pub fn read_heldout(path: &Path) -> Result<Vec<(u64, f64)>> {
+    let mut by_step = std::collections::BTreeMap::new();
+    for v in json_lines(path)? {
+        if let (Some(step), Some(loss)) = (v.get("step").and_then(serde_json::Value::as_u64), v.get("val_loss").and_then(serde_json::Value::as_f64)) {
+            by_step.insert(step, loss);
         }
     }
     Ok(by_step.into_iter().collect())

@@ -217,6 +217,7 @@ pub(crate) fn train_settings(loaded: &LoadedPipeline) -> TrainSettings {
         pipeline_sha256: Some(pipeline_sha256(loaded)),
         train_fingerprint: None,
         eval_batches: 0,
+        heldout_every_steps: p.validation.loss_every_steps.map(|n| n as usize),
         tensorboard_dir: (p.logging.report_to == cfg::ReportTo::Tensorboard).then(|| p.output.dir.join(&p.logging.dir)),
         precision: mixed_precision(t.precision),
         grad_scaler: GradScalerConfig::default(),

@@ -354,6 +354,10 @@ pub(crate) fn settings_snapshot(p: &Plan) -> BTreeMap<String, serde_json::Value>
     if written.get("train").and_then(|t| t.get("seed")).is_none() {
         out.remove("train.seed");
     }
+    // The held-out split decides which examples train.
+    if p.pipeline().validation.loss_split > 0.0 {
+        out.insert("validation.loss_split".into(), p.pipeline().validation.loss_split.into());
+    }
     out.insert("model files".into(), p.fingerprint(StageId::Model).into());
     out.insert("dataset files".into(), p.fingerprint(StageId::Dataset).into());
     out
@@ -368,7 +372,7 @@ pub(crate) fn breaks_resume(key: &str) -> bool {
     // `optimizer.kind`: the checkpoint's optimizer state is another rule's.
     upstream
         || key.starts_with("adapter.")
-        || matches!(key, "train.batch_size" | "train.gradient_accumulation_steps" | "train.seed" | "optimizer.kind")
+        || matches!(key, "train.batch_size" | "train.gradient_accumulation_steps" | "train.seed" | "optimizer.kind" | "validation.loss_split")
 }
 
 /// The keys that differ, each as `(key, "key old -> new")`.
@@ -397,6 +401,7 @@ mod tests {
         assert!(!breaks_resume("train.max_steps"));
         assert!(breaks_resume("optimizer.kind"), "the saved optimizer state is another rule's");
         assert!(!breaks_resume("optimizer.beta1"));
+        assert!(breaks_resume("validation.loss_split"), "another split trains on other examples");
         let old = BTreeMap::from([("adapter.rank".to_string(), serde_json::json!(4)), ("train.max_steps".to_string(), serde_json::json!(8))]);
         let new = BTreeMap::from([("adapter.rank".to_string(), serde_json::json!(8)), ("train.max_steps".to_string(), serde_json::json!(8))]);
         assert_eq!(changed_keys(&old, &new), vec![("adapter.rank".to_string(), "adapter.rank 4 -> 8".to_string())]);

@@ -61,6 +61,9 @@ pub struct TrainSettings {
     pub train_fingerprint: Option<String>,
     /// Batches of the fixed-noise evaluation loss measured before and after training (0: off).
     pub eval_batches: usize,
+    /// With a held-out source ([`Trainer::heldout`]): measure its loss every N updates too (else
+    /// before the first and after the last only).
+    pub heldout_every_steps: Option<usize>,
     /// Write TensorBoard scalars (train_loss, lr, grad_norm) to an event file in this folder.
     pub tensorboard_dir: Option<PathBuf>,
     /// `train.precision`. The models come in already cast to its weight dtype; this decides the
@@ -100,6 +103,8 @@ pub struct TrainOutcome {
     /// (a noise-free measure of progress; single-step losses vary with the drawn timesteps).
     pub eval_loss_before: Option<f64>,
     pub eval_loss_after: Option<f64>,
+    /// The held-out loss before and after training (`validation.loss_split`).
+    pub heldout_loss: (Option<f64>, Option<f64>),
     pub seconds: f64,
     pub interrupted: bool,
     pub resumed_from: Option<PathBuf>,
@@ -128,6 +133,9 @@ pub struct Trainer<'a> {
     pub(crate) text_cache_disk: Option<Arc<crate::data::cache::EncodeCache>>,
     device: Device,
     text_cache: HashMap<String, Conditioning>,
+    /// The held-out examples (`validation.loss_split`), never trained on: their loss with fixed
+    /// draws is measured before, every `heldout_every_steps` and after training.
+    pub heldout: Option<Box<dyn BatchSource + 'a>>,
     /// Parameters that are off the path to the loss by construction (SDXL: the first text
     /// encoder's last layer, whose output the model never reads): they get no gradient and
     /// AdamW leaves them as they are, as torch does for a `.grad` of None.
@@ -136,6 +144,15 @@ pub struct Trainer<'a> {
     /// With gradient checkpointing: the accumulator of the last micro-step's forward, merged
     /// into its backward's gradients (a fresh one per micro-step).
     checkpoint: Option<CheckpointGrads>,
+}
+
+/// One held-out point: a `metrics.jsonl` line `{"step": N, "val_loss": x}` and the `val_loss` scalar.
+fn record_heldout(metrics: &mut std::fs::File, tensorboard: Option<&mut crate::report::tensorboard::EventWriter>, step: u64, loss: f64) -> Result<()> {
+    writeln!(metrics, "{}", serde_json::json!({"step": step, "val_loss": loss}))?;
+    if let Some(tb) = tensorboard {
+        tb.scalars(step, &[("val_loss", loss)])?;
+    }
+    Ok(())
 }
 
 /// One evaluation point: a `metrics.jsonl` line and the `eval_loss` scalar.
@@ -183,6 +200,7 @@ impl<'a> Trainer<'a> {
             device,
             text_cache: HashMap::new(),
             unused_params: Default::default(),
+            heldout: None,
             latent_cache: HashMap::new(),
             checkpoint: None,
         })
@@ -361,6 +379,15 @@ impl<'a> Trainer<'a> {
         Ok((n > 0).then(|| total / n as f64))
     }
 
+    /// The mean loss over every held-out batch with fixed draws (`None` without a held-out source).
+    fn heldout_loss(&mut self) -> Result<Option<f64>> {
+        let Some(source) = self.heldout.take() else { return Ok(None) };
+        let batches = source.num_examples().div_ceil(self.settings.batch_size.max(1));
+        let loss = self.eval_loss(source.as_ref(), batches);
+        self.heldout = Some(source);
+        loss
+    }
+
     /// Run the whole loop over `source`.
     pub fn train(&mut self, source: &dyn BatchSource, mut progress: Option<&mut ProgressFn<'_>>) -> Result<TrainOutcome> {
         let s = self.settings.clone();
@@ -439,6 +466,7 @@ impl<'a> Trainer<'a> {
             first_loss: None,
             eval_loss_before: None,
             eval_loss_after: None,
+            heldout_loss: (None, None),
             seconds: 0.0,
             interrupted: false,
             resumed_from,
@@ -451,6 +479,12 @@ impl<'a> Trainer<'a> {
             return Ok(outcome);
         }
 
+        if state.global_step == 0 {
+            if let Some(loss) = self.heldout_loss()? {
+                outcome.heldout_loss.0 = Some(loss);
+                record_heldout(&mut metrics, tensorboard.as_mut(), 0, loss)?;
+            }
+        }
         if s.eval_batches > 0 && state.global_step == 0 {
             outcome.eval_loss_before = self.eval_loss(source, s.eval_batches)?;
             if let Some(e) = outcome.eval_loss_before {
@@ -584,6 +618,13 @@ impl<'a> Trainer<'a> {
                     cb(state.global_step, plan.max_train_steps, acc_loss, lr);
                 }
                 acc_loss = 0.0;
+                let last = state.global_step >= plan.max_train_steps;
+                if s.heldout_every_steps.is_some_and(|n| n > 0 && state.global_step % n == 0) || last {
+                    if let Some(loss) = self.heldout_loss()? {
+                        outcome.heldout_loss.1 = Some(loss);
+                        record_heldout(&mut metrics, tensorboard.as_mut(), state.global_step as u64, loss)?;
+                    }
+                }
 
                 let done = state.global_step >= plan.max_train_steps;
                 let interrupted = self.stop.load(Ordering::SeqCst);

@@ -148,7 +148,18 @@ pub(super) const PREPROCESS: Stage = Stage {
         let (_, dataset, _) = ctx.session.dataset.as_ref().context("the dataset stage runs before preprocess")?;
         // The model stage has loaded the model (preprocess runs for stages that need both).
         let model = ctx.session.model.as_ref().context("the model stage runs before preprocess")?;
-        ctx.loader = Some(DataLoader::new(dataset.clone(), model_loader_options(ctx.plan.pipeline(), &model.sd))?);
+        let opts = model_loader_options(ctx.plan.pipeline(), &model.sd);
+        let p = ctx.plan.pipeline();
+        if p.validation.loss_split > 0.0 {
+            let (train, held) = data::holdout::split(dataset, p.validation.loss_split, p.train.seed.unwrap_or(0))?;
+            tracing::info!("dataset: {} examples held out for the validation loss, {} to train on", held.len(), train.len());
+            // The held-out loss is measured as the training loss is, with fixed draws.
+            ctx.heldout = Some(DataLoader::new(Arc::new(held), opts.clone())?);
+            ctx.loader = Some(DataLoader::new(Arc::new(train), opts)?);
+        } else {
+            ctx.heldout = None;
+            ctx.loader = Some(DataLoader::new(dataset.clone(), opts)?);
+        }
         Ok(Ran::done())
     }),
 };

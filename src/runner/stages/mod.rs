@@ -195,6 +195,8 @@ pub struct RunReport {
     /// The fixed-noise evaluation loss before and after all the training (resumes included),
     /// from `metrics.jsonl`.
     pub eval_loss: (Option<f64>, Option<f64>),
+    /// The held-out loss (`validation.loss_split`) before and after training, from `metrics.jsonl`.
+    pub heldout_loss: (Option<f64>, Option<f64>),
     /// Seconds of the train stage spent on validation and plots between steps.
     pub(crate) side_seconds: f64,
 }
@@ -212,6 +214,8 @@ pub(crate) struct StageCtx<'a> {
     /// `lora bench`'s timing hook on the train stage.
     pub(crate) observer: Option<&'a mut (dyn TrainObserver + 'a)>,
     loader: Option<DataLoader>,
+    /// The held-out examples' loader (`validation.loss_split`), made with `loader`.
+    heldout: Option<DataLoader>,
 }
 
 /// Why a stage runs or not, for `plan` and the run log alike.
@@ -401,7 +405,7 @@ pub(crate) fn run_plan(plan: &Plan, session: &mut Session, opts: &RunOptions, st
     let mut report = RunReport::default();
     // (A reborrow for the walk's own lifetime.)
     let observer = observer.map(|o| o as &mut dyn TrainObserver);
-    let mut ctx = StageCtx { plan: &plan, session, lock: &mut lock, opts, stop, report: &mut report, start, observer, loader: None };
+    let mut ctx = StageCtx { plan: &plan, session, lock: &mut lock, opts, stop, report: &mut report, start, observer, loader: None, heldout: None };
     for (stage, status) in STAGES.iter().zip(statuses) {
         if crate::util::interrupt::requested() {
             // A stop signal between stages: what ran is recorded, the rest waits for the next run.

@@ -34,13 +34,19 @@ pub(super) const TRAIN: Stage = Stage {
     tracked: true,
     off: not_off,
     fingerprint: |p| {
-        Fingerprint::new("train")
-            .add("model", p.fingerprint(StageId::Model))
+        let mut f = Fingerprint::new("train");
+        f.add("model", p.fingerprint(StageId::Model))
             .add("preprocess", p.fingerprint(StageId::Preprocess))
             .add_toml("adapter", p.table("adapter"))
             .add_toml("optimizer", p.table("optimizer"))
-            .add_toml("train", p.table("train"))
-            .finish()
+            .add_toml("train", p.table("train"));
+        // The held-out split decides which examples train (only when set, so that pipelines
+        // without one keep their fingerprints).
+        let split = p.pipeline().validation.loss_split;
+        if split > 0.0 {
+            f.add("validation.loss_split", &split.to_string());
+        }
+        f.finish()
     },
     reads: |p| {
         let mut r = vec![format!("{} (resumes an interrupted run from its newest checkpoint that loads)", tidy(p, "checkpoint-<step>"))];
@@ -227,6 +233,9 @@ fn run_train(ctx: &mut StageCtx<'_>, model: &mut LoadedModel, loader: &DataLoade
     let mut trainer = Trainer::new(sd_ref, params, settings)?;
     trainer.stop = ctx.stop.clone();
     trainer.unused_params = unused_text_params(&sd_ref.text, &te_loras);
+    if let Some(held) = ctx.heldout.clone() {
+        trainer.heldout = Some(Box::new(LoaderSource(held, p.train.batch_size as usize)));
+    }
     let cache = (!plan.no_cache).then(|| encode_cache(plan));
     if let Some(cache) = &cache {
         trainer.latent_cache_disk = caches_latents(plan).then(|| cache.clone());
@@ -303,6 +312,7 @@ fn run_train(ctx: &mut StageCtx<'_>, model: &mut LoadedModel, loader: &DataLoade
     ctx.report.train_rate = rate.per_second();
     ctx.report.side_seconds = side.as_secs_f64();
     ctx.report.eval_loss = crate::report::metrics::eval_span(&crate::report::metrics::read_evals(&out_dir.join(METRICS_FILE))?);
+    ctx.report.heldout_loss = crate::report::metrics::eval_span(&crate::report::metrics::read_heldout(&out_dir.join(METRICS_FILE))?);
     ctx.report.loss_trend = crate::report::metrics::loss_trend(&crate::report::metrics::read_steps(&out_dir.join(METRICS_FILE))?);
     if let Some(cache) = &cache {
         let load = |a: &std::sync::atomic::AtomicUsize| a.load(std::sync::atomic::Ordering::Relaxed);
