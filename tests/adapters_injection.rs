@@ -272,3 +272,27 @@ fn trained_weights_export_in_the_reference_form_and_load_back() {
     let e = load_peft_tensors(&loras2, &empty, "before.").unwrap_err().to_string();
     assert!(e.contains("before.") && e.contains("lora_A.default.weight"), "{e}");
 }
+
+/// `pipelines/tiny-block-ranks.toml` (per-block ranks, kohya's `block_dims` / `block_alphas`, as
+/// rank / alpha patterns): every module of the exported file has the rank and alpha its block asks.
+#[test]
+fn per_block_ranks_example_gives_each_block_its_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let overrides: Vec<String> = vec!["train.max_steps=1".into(), format!("output.dir={:?}", out.display().to_string())];
+    let loaded = lora::config::load_pipeline(&std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("pipelines/tiny-block-ranks.toml"), &overrides).unwrap_or_else(|d| panic!("{}", d.render()));
+    lora::runner::run::run_pipeline(&loaded, &mut lora::runner::stages::Session::default(), &Default::default(), std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false))).unwrap();
+    let w = lora::adapters::read_lora_file(&out.join(lora::layout::KOHYA_FILE)).unwrap();
+    assert_eq!(w.unet.len(), 80, "the default targets of the tiny UNet");
+    for (name, m) in &w.unet {
+        let (rank, alpha) = if name.starts_with("down_blocks.0.") || name.starts_with("up_blocks.3.") {
+            // The alpha stays the global one (8), as PEFT's and kohya's `block_alphas` default.
+            (4, 8.0)
+        } else if name.starts_with("mid_block.") {
+            (16, 8.0)
+        } else {
+            (8, 8.0)
+        };
+        assert_eq!((m.down.dims()[0], m.alpha), (rank, Some(alpha)), "{name}");
+    }
+}

@@ -57,3 +57,4 @@ fn a_run_measures_the_heldout_loss_and_trains_without_those_examples() {
     let err = lora::config::load_pipeline(&root().join("pipelines/tiny.toml"), &["validation.loss_every_steps=10".to_string()]).err().unwrap().render();
     assert!(err.contains("validation.loss_every_steps") && err.contains("loss_split"), "{err}");
 }
+
