@@ -42,6 +42,7 @@ mod sched_golden;
 mod sched_oracle;
 mod sd2_parity;
 mod sdxl_parity;
+mod train_lr_min;
 mod train_golden;
 mod train_precision;
 mod train_checkpointing;

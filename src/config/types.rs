@@ -440,6 +440,9 @@ pub enum LrScheduler {
     CosineWithRestarts,
     /// Linear warmup, then polynomial decay (power 1) to 1e-7.
     Polynomial,
+    /// Linear warmup, then half a cosine down to `train.min_lr_ratio` of the learning rate
+    /// (transformers' schedule, kohya's `cosine_with_min_lr`).
+    CosineWithMinLr,
 }
 
 /// Floating-point precision of the frozen models.
@@ -562,6 +565,11 @@ pub struct TrainConfig {
     /// Linear warmup steps (ignored by "constant").
     #[schemars(extend("x-reference" = "--lr_warmup_steps"))]
     pub lr_warmup_steps: u64,
+    /// With `lr_scheduler = "cosine_with_min_lr"`: the floor of the cosine as a fraction of the
+    /// learning rate (kohya's `--lr_scheduler_min_lr_ratio`, transformers' `min_lr_rate`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0), extend("exclusiveMaximum" = 1))]
+    pub min_lr_ratio: Option<f64>,
     /// Random seed for noise, timesteps, data order and augmentation; unset draws one.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schemars(extend("x-reference" = "--seed"))]
@@ -604,6 +612,7 @@ impl Default for TrainConfig {
             scale_lr: false,
             lr_scheduler: LrScheduler::Constant,
             lr_warmup_steps: 500,
+            min_lr_ratio: None,
             seed: None,
             dataloader_workers: 0,
             precision: Precision::No,

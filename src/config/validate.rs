@@ -975,6 +975,20 @@ impl Checks<'_> {
 
     fn train(&mut self, p: &Pipeline) {
         let t = &p.train;
+        let min_lr = t.lr_scheduler == crate::config::types::LrScheduler::CosineWithMinLr;
+        match (min_lr, t.min_lr_ratio) {
+            (true, None) => self.error(
+                &["train.lr_scheduler"],
+                "`lr_scheduler = \"cosine_with_min_lr\"` needs `train.min_lr_ratio` (the floor as a fraction of the learning rate)".into(),
+                Some("e.g. min_lr_ratio = 0.1, as kohya's --lr_scheduler_min_lr_ratio".into()),
+            ),
+            (false, Some(_)) => self.error(
+                &["train.min_lr_ratio"],
+                "`train.min_lr_ratio` is set but `lr_scheduler` is not \"cosine_with_min_lr\", so it would do nothing".into(),
+                Some("set lr_scheduler = \"cosine_with_min_lr\", or remove min_lr_ratio".into()),
+            ),
+            _ => {}
+        }
         if let Some(steps) = t.max_steps {
             if t.lr_scheduler != LrScheduler::Constant && t.lr_warmup_steps > steps {
                 let default = if self.is_set("train.lr_warmup_steps") { "" } else { ", the default" };

@@ -167,8 +167,9 @@ pub(crate) fn lora_spec(a: &cfg::AdapterConfig, targets: &[String]) -> LoraSpec 
     }
 }
 
-fn lr_schedule(s: cfg::LrScheduler) -> LrSchedule {
+fn lr_schedule(s: cfg::LrScheduler, min_lr_ratio: Option<f64>) -> LrSchedule {
     match s {
+        cfg::LrScheduler::CosineWithMinLr => LrSchedule::CosineWithMinLr { min_lr_ratio: min_lr_ratio.unwrap_or(0.0) },
         cfg::LrScheduler::Constant => LrSchedule::Constant,
         cfg::LrScheduler::ConstantWithWarmup => LrSchedule::ConstantWithWarmup,
         cfg::LrScheduler::Linear => LrSchedule::Linear,
@@ -189,7 +190,7 @@ pub(crate) fn train_settings(loaded: &LoadedPipeline) -> TrainSettings {
         max_train_steps: t.max_steps.map(|n| n as usize),
         learning_rate: t.learning_rate,
         scale_lr: t.scale_lr,
-        lr_schedule: lr_schedule(t.lr_scheduler),
+        lr_schedule: lr_schedule(t.lr_scheduler, t.min_lr_ratio),
         lr_warmup_steps: t.lr_warmup_steps as usize,
         adamw: AdamWConfig {
             beta1: p.optimizer.beta1,

@@ -18,6 +18,9 @@ pub enum LrSchedule {
     CosineWithRestarts { num_cycles: usize },
     /// `polynomial`: warmup, then `(lr0 − lr_end)·(1 − p)^power + lr_end`; `lr_end` after the end.
     Polynomial { power: f64, lr_end: f64 },
+    /// transformers' `cosine_with_min_lr` (kohya's `--lr_scheduler cosine_with_min_lr` with
+    /// `--lr_scheduler_min_lr_ratio`): warmup, then half a cosine from 1 down to `min_lr_ratio`.
+    CosineWithMinLr { min_lr_ratio: f64 },
 }
 
 impl LrSchedule {
@@ -45,6 +48,7 @@ impl LrSchedule {
             Self::Cosine => "cosine",
             Self::CosineWithRestarts { .. } => "cosine_with_restarts",
             Self::Polynomial { .. } => "polynomial",
+            Self::CosineWithMinLr { .. } => "cosine_with_min_lr",
         }
     }
 }
@@ -77,6 +81,10 @@ pub(crate) fn lr_multiplier(schedule: &LrSchedule, base_lr: f64, step: usize, wa
         LrSchedule::Cosine => {
             let num_cycles = 0.5;
             (0.5 * (1.0 + (PI * num_cycles * 2.0 * progress).cos())).max(0.0)
+        }
+        LrSchedule::CosineWithMinLr { min_lr_ratio } => {
+            let factor = 0.5 * (1.0 + (PI * 0.5 * 2.0 * progress).cos());
+            (factor * (1.0 - min_lr_ratio) + min_lr_ratio).max(0.0)
         }
         LrSchedule::CosineWithRestarts { num_cycles } => {
             if progress >= 1.0 {
