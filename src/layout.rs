@@ -18,6 +18,16 @@ pub const DIFFUSERS_FILE: &str = "pytorch_lora_weights.safetensors";
 pub const KOHYA_FILE: &str = "pytorch_lora_weights_kohya.safetensors";
 /// The train stage's result, the trained weights in PEFT names, which export reads.
 pub const TRAINED_FILE: &str = "train/adapter.safetensors";
+/// The train stage's exponential moving average of the weights (`train.ema_decay`).
+pub const TRAINED_EMA_FILE: &str = "train/adapter_ema.safetensors";
+
+/// The EMA copy's name of an adapter file: `x.safetensors` → `x_ema.safetensors`.
+pub fn ema_name(file: &str) -> String {
+    match file.strip_suffix(".safetensors") {
+        Some(stem) => format!("{stem}_ema.safetensors"),
+        None => format!("{file}_ema"),
+    }
+}
 /// The lock entry of a training run in progress or interrupted (its checkpoints are resumed).
 pub const IN_PROGRESS: &str = "train.in_progress";
 /// One metrics line per optimizer update (and per evaluation).

@@ -90,3 +90,43 @@ fn lion_keys_default_per_kind_and_refuse_epsilon() {
     let err = load(&["optimizer.kind=\"prodigy\""]).err().expect("refused").render();
     assert!(err.contains("adamw") && err.contains("lion"), "names the kinds: {err}");
 }
+
+/// `train.ema_decay`: the moving average the optimizer keeps is diffusers' `EMAModel` (decay
+/// ramp (1 + k) / (10 + k) capped at 0.9 here, the first update copying the parameters), on the
+/// Lion trajectory above; it travels with the optimizer's state.
+#[test]
+fn ema_matches_diffusers_emamodel_and_survives_save_and_load() {
+    let g = golden();
+    let names = ["a", "b", "c"];
+    let cfg = AdamWConfig { ema_decay: Some(0.9), ..lion() };
+    let vars: Vec<Var> = names.iter().map(|n| Var::from_tensor(&g[&format!("before.{n}")]).unwrap()).collect();
+    let mut opt = AdamW::new_named(vars.clone(), names.iter().map(|n| n.to_string()).collect(), cfg).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("optimizer.safetensors");
+    let mut worst = 0f32;
+    for step in 0..5 {
+        let grads: Vec<Tensor> = names.iter().map(|n| g[&format!("grad.{step}.{n}")].clone()).collect();
+        opt.step(&grads, 3e-4).unwrap();
+        let ema = opt.ema_weights().expect("an EMA is kept");
+        for n in names {
+            for (o, w) in values(&ema[n]).iter().zip(values(&g[&format!("ema.{step}.{n}")])) {
+                worst = worst.max((o - w).abs());
+            }
+        }
+        if step == 2 {
+            // Saved and restored mid-way, the average goes on as if never interrupted.
+            opt.save(&path).unwrap();
+            let restored: Vec<Var> = vars.iter().map(|v| Var::from_tensor(&v.as_tensor().copy().unwrap()).unwrap()).collect();
+            let mut again = AdamW::new_named(restored.clone(), names.iter().map(|n| n.to_string()).collect(), cfg).unwrap();
+            again.load(&path).unwrap();
+            assert_eq!(values(&again.ema_weights().unwrap()["a"]), values(&ema["a"]));
+            // The restored optimizer steps its own copies of the parameters from here on.
+            opt = again;
+        }
+    }
+    eprintln!("EMA vs diffusers EMAModel: worst abs error over 5 steps {worst:e} (tolerance 1e-6)");
+    assert!(worst <= 1e-6, "worst abs error {worst:e}");
+    assert_eq!(lora::train::optim::ema_decay(0.9, 1), 0.0, "the first update copies the parameters");
+    assert_eq!(lora::train::optim::ema_decay(0.9, 3), 3.0 / 12.0);
+    assert_eq!(lora::train::optim::ema_decay(0.9, 1000), 0.9);
+}

@@ -47,6 +47,7 @@ mod train_golden;
 mod train_precision;
 mod train_checkpointing;
 mod loading_single_file;
+mod run_ema;
 mod run_heldout;
 mod run_single_file;
 mod runner_full_disk;

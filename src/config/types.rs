@@ -574,6 +574,13 @@ pub struct TrainConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schemars(extend("x-reference" = "--seed"))]
     pub seed: Option<u64>,
+    /// Keep an exponential moving average of the LoRA weights with this decay, as diffusers'
+    /// `EMAModel` (`--use_ema`, OneTrainer's and SimpleTuner's EMA): the decay ramps up as
+    /// (1 + k) / (10 + k) to this cap. The average is exported beside the trained weights
+    /// (`*_ema.safetensors`) and the final validation images use it; unset keeps none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0), extend("exclusiveMaximum" = 1, "x-reference" = "--ema_decay"))]
+    pub ema_decay: Option<f64>,
     /// Not supported yet (validation refuses it): images decode and preprocess on the shared thread pool (`RAYON_NUM_THREADS`).
     #[schemars(extend("x-reference" = "--dataloader_num_workers"))]
     pub dataloader_workers: u32,
@@ -614,6 +621,7 @@ impl Default for TrainConfig {
             lr_warmup_steps: 500,
             min_lr_ratio: None,
             seed: None,
+            ema_decay: None,
             dataloader_workers: 0,
             precision: Precision::No,
             device: Device::Auto,

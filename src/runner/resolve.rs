@@ -197,6 +197,7 @@ pub(crate) fn train_settings(loaded: &LoadedPipeline) -> TrainSettings {
             beta2: p.optimizer.beta2(),
             eps: p.optimizer.epsilon,
             weight_decay: p.optimizer.weight_decay(),
+            ema_decay: t.ema_decay,
             rule: match p.optimizer.kind {
                 cfg::OptimizerKind::Adamw => crate::train::optim::UpdateRule::AdamW,
                 cfg::OptimizerKind::Lion => crate::train::optim::UpdateRule::Lion,

@@ -15,7 +15,7 @@ use anyhow::{Context, Result};
 use super::lock::Lock;
 use super::plan::{Plan, StageId};
 use super::resolve::{diffusers_file, kohya_file};
-use crate::layout::{IN_PROGRESS, METRICS_FILE, TRAINED_FILE};
+use crate::layout::{IN_PROGRESS, METRICS_FILE, TRAINED_EMA_FILE, TRAINED_FILE};
 use crate::train::checkpoint::{self, TrainerState};
 
 /// Where earlier runs' results are set aside, relative to the output folder.
@@ -245,7 +245,7 @@ fn set_aside(plan: &Plan, lock: &Lock, why: String, changed: Vec<String>) -> Opt
         steps.sort();
         moved.extend(steps);
     }
-    let mut finished: Vec<String> = vec![TRAINED_FILE.into(), diffusers_file(p), kohya_file(p)];
+    let mut finished: Vec<String> = vec![TRAINED_FILE.into(), TRAINED_EMA_FILE.into(), diffusers_file(p), kohya_file(p)];
     if let Some(export) = lock.stages.get(StageId::Export.name()) {
         finished.extend(export.outputs.iter().cloned());
     }
@@ -372,7 +372,7 @@ pub(crate) fn breaks_resume(key: &str) -> bool {
     // `optimizer.kind`: the checkpoint's optimizer state is another rule's.
     upstream
         || key.starts_with("adapter.")
-        || matches!(key, "train.batch_size" | "train.gradient_accumulation_steps" | "train.seed" | "optimizer.kind" | "validation.loss_split")
+        || matches!(key, "train.batch_size" | "train.gradient_accumulation_steps" | "train.seed" | "optimizer.kind" | "validation.loss_split" | "train.ema_decay")
 }
 
 /// The keys that differ, each as `(key, "key old -> new")`.

@@ -37,13 +37,27 @@ pub struct AdamWConfig {
     pub eps: f64,
     pub weight_decay: f64,
     pub rule: UpdateRule,
+    /// Keep an exponential moving average of the parameters with this decay cap, as diffusers'
+    /// `EMAModel` (see [`ema_decay`]); `None` keeps none.
+    pub ema_decay: Option<f64>,
 }
 
 impl Default for AdamWConfig {
     /// The reference script's defaults: AdamW, betas 0.9 / 0.999, eps 1e-8, weight decay 1e-2.
     fn default() -> Self {
-        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2, rule: UpdateRule::AdamW }
+        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2, rule: UpdateRule::AdamW, ema_decay: None }
     }
+}
+
+/// diffusers' `EMAModel.get_decay` (no warmup, `update_after_step` 0, `min_decay` 0): 0 for the
+/// first update (the average becomes the parameters), then `(1 + k) / (10 + k)` capped at `cap`,
+/// `k` = updates − 1.
+pub fn ema_decay(cap: f64, optimization_step: usize) -> f64 {
+    let k = optimization_step.saturating_sub(1);
+    if k == 0 {
+        return 0.0;
+    }
+    ((1.0 + k as f64) / (10.0 + k as f64)).min(cap).max(0.0)
 }
 
 /// One trainable parameter with its first and second moment estimates (always f32).
@@ -54,6 +68,8 @@ struct ParamState {
     exp_avg_sq: Tensor,
     /// Updates this parameter received (torch keeps one `step` per parameter).
     steps: usize,
+    /// The moving average (`AdamWConfig::ema_decay`), f32.
+    ema: Option<Tensor>,
 }
 
 /// torch's AdamW (amsgrad off, maximize off) over candle `Var`s.
@@ -65,6 +81,8 @@ pub struct AdamW {
     params: Vec<ParamState>,
     cfg: AdamWConfig,
     step_count: usize,
+    /// EMAModel's `optimization_step`: updates the average took.
+    ema_step: usize,
 }
 
 impl AdamW {
@@ -90,10 +108,15 @@ impl AdamW {
                     UpdateRule::AdamW => zeros.clone(),
                     UpdateRule::Lion => Tensor::zeros(0, DType::F32, var.device())?,
                 };
-                Ok(ParamState { name, exp_avg: zeros, exp_avg_sq, var, steps: 0 })
+                // EMAModel starts from a copy of the parameters.
+                let ema = match cfg.ema_decay {
+                    Some(_) => Some(var.as_tensor().to_dtype(DType::F32)?.copy()?),
+                    None => None,
+                };
+                Ok(ParamState { name, exp_avg: zeros, exp_avg_sq, var, steps: 0, ema })
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Self { params, cfg, step_count: 0 })
+        Ok(Self { params, cfg, step_count: 0, ema_step: 0 })
     }
 
     /// The hyperparameters.
@@ -138,7 +161,7 @@ impl AdamW {
             }
         }
         self.step_count += 1;
-        let AdamWConfig { beta1, beta2, eps, weight_decay, rule } = self.cfg;
+        let AdamWConfig { beta1, beta2, eps, weight_decay, rule, .. } = self.cfg;
         for (p, g) in self.params.iter_mut().zip(grads) {
             let Some(g) = g else { continue };
             p.steps += 1;
@@ -165,16 +188,38 @@ impl AdamW {
             let new_param = (param - update)?.to_dtype(p.var.dtype())?;
             p.var.set(&new_param)?;
         }
+        // EMAModel.step after the optimizer's: every parameter, the decay by the update count.
+        if let Some(cap) = self.cfg.ema_decay {
+            self.ema_step += 1;
+            let decay = ema_decay(cap, self.ema_step);
+            for p in &mut self.params {
+                if let Some(ema) = &p.ema {
+                    let param = p.var.as_tensor().to_dtype(DType::F32)?;
+                    p.ema = Some((ema - ((ema - &param)? * (1.0 - decay))?)?);
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// The moving average of every parameter by name (`None` without `ema_decay`).
+    pub fn ema_weights(&self) -> Option<HashMap<String, Tensor>> {
+        self.cfg.ema_decay?;
+        Some(self.params.iter().filter_map(|p| p.ema.clone().map(|e| (p.name.clone(), e))).collect())
     }
 
     /// The moments a parameter keeps under this rule, by the name they are saved under: AdamW's
     /// two, Lion's one.
     fn moments<'p>(&self, p: &'p ParamState) -> Vec<(&'static str, &'p Tensor)> {
-        match self.cfg.rule {
+        let mut m = match self.cfg.rule {
             UpdateRule::AdamW => vec![("exp_avg", &p.exp_avg), ("exp_avg_sq", &p.exp_avg_sq)],
             UpdateRule::Lion => vec![("exp_avg", &p.exp_avg)],
+        };
+        // The moving average travels with the optimizer's state (a checkpoint resumes it).
+        if let Some(e) = &p.ema {
+            m.push(("ema", e));
         }
+        m
     }
 
     /// Save the step count, hyperparameters and moments as safetensors (`exp_avg.<name>`,
@@ -201,6 +246,7 @@ impl AdamW {
             ("beta2".to_string(), self.cfg.beta2.to_string()),
             ("eps".to_string(), self.cfg.eps.to_string()),
             ("weight_decay".to_string(), self.cfg.weight_decay.to_string()),
+            ("ema_step".to_string(), self.ema_step.to_string()),
         ]);
         for p in &self.params {
             metadata.insert(format!("step.{}", p.name), p.steps.to_string());
@@ -273,12 +319,20 @@ impl AdamW {
         }
         for ((p, mut pair), steps) in self.params.iter_mut().zip(restored).zip(param_steps) {
             p.steps = steps;
-            if pair.len() == 2 {
-                p.exp_avg_sq = pair.pop().expect("two moments");
+            let prefixes: Vec<&str> = match (self.cfg.rule, p.ema.is_some()) {
+                (UpdateRule::AdamW, ema) => ["exp_avg", "exp_avg_sq"].into_iter().chain(ema.then_some("ema")).collect(),
+                (UpdateRule::Lion, ema) => ["exp_avg"].into_iter().chain(ema.then_some("ema")).collect(),
+            };
+            for (prefix, t) in prefixes.into_iter().zip(pair.drain(..)) {
+                match prefix {
+                    "exp_avg" => p.exp_avg = t,
+                    "exp_avg_sq" => p.exp_avg_sq = t,
+                    _ => p.ema = Some(t),
+                }
             }
-            p.exp_avg = pair.pop().expect("one moment");
         }
         self.step_count = step;
+        self.ema_step = meta.get("ema_step").and_then(|s| s.parse().ok()).unwrap_or(0);
         Ok(())
     }
 }

@@ -2,7 +2,8 @@
 small problem, for tests/optim_lion.rs: three parameters of different shapes, five steps with
 seeded gradients (some exactly zero, to pin sign(0) = 0), lr 3e-4, betas (0.9, 0.99), weight decay
 0.1. Writes tests/fixtures/golden/lion.safetensors: `before.<p>`, `grad.<step>.<p>`,
-`after.<step>.<p>` (F32).
+`after.<step>.<p>` (F32), and `ema.<step>.<p>`: diffusers' `EMAModel(decay=0.9)` (what
+`train.ema_decay` follows) stepped after each update, its shadow parameters.
 
     /work/refenv/bin/python tools/reference/make_lion_golden.py
 """
@@ -21,6 +22,8 @@ def main():
     params = {k: torch.nn.Parameter(torch.randn(*s, generator=g)) for k, s in shapes.items()}
     out = {f"before.{k}": p.detach().clone() for k, p in params.items()}
     opt = Lion(list(params.values()), lr=3e-4, betas=(0.9, 0.99), weight_decay=0.1)
+    from diffusers.training_utils import EMAModel
+    ema = EMAModel(list(params.values()), decay=0.9)
     for step in range(5):
         for k, p in params.items():
             grad = torch.randn(*shapes[k], generator=g) * 0.1
@@ -29,8 +32,10 @@ def main():
             p.grad = grad
             out[f"grad.{step}.{k}"] = grad.clone()
         opt.step()
-        for k, p in params.items():
+        ema.step(list(params.values()))
+        for (k, p), shadow in zip(params.items(), ema.shadow_params):
             out[f"after.{step}.{k}"] = p.detach().clone()
+            out[f"ema.{step}.{k}"] = shadow.detach().clone()
     path = os.path.join(ROOT, "tests/fixtures/golden/lion.safetensors")
     save_file({k: v.contiguous() for k, v in out.items()}, path, metadata={"lion_pytorch": "lion-pytorch (PyPI)", "lr": "3e-4", "betas": "0.9,0.99", "weight_decay": "0.1"})
     print(f"wrote {path} ({len(out)} tensors)")

@@ -14,7 +14,7 @@ use crate::adapters::kohya_meta::TrainingInfo;
 use crate::adapters::weights::LoraFormat;
 use crate::config::choice_name;
 use crate::config::types as cfg;
-use crate::layout::TRAINED_FILE;
+use crate::layout::{TRAINED_EMA_FILE, TRAINED_FILE};
 use crate::util::path::tidy_path;
 
 /// Version of what export writes into the kohya header (model facts, ModelSpec, tag counts).
@@ -41,17 +41,27 @@ pub(super) const EXPORT: Stage = Stage {
         }
         f.finish()
     },
-    reads: |p| vec![tidy(p, TRAINED_FILE)],
+    reads: |p| {
+        let mut r = vec![tidy(p, TRAINED_FILE)];
+        if p.pipeline().train.ema_decay.is_some() {
+            r.push(tidy(p, TRAINED_EMA_FILE));
+        }
+        r
+    },
     outputs: |p| {
-        p.pipeline()
-            .output
-            .formats
-            .iter()
-            .map(|f| match f {
-                cfg::OutputFormat::Diffusers => out(diffusers_file(p.pipeline()), "diffusers form, as the reference script writes it", true),
-                cfg::OutputFormat::Kohya => out(kohya_file(p.pipeline()), "kohya form with training metadata (A1111, ComfyUI)", true),
-            })
-            .collect()
+        let ema = p.pipeline().train.ema_decay.is_some();
+        let mut o = Vec::new();
+        for f in &p.pipeline().output.formats {
+            let (file, what) = match f {
+                cfg::OutputFormat::Diffusers => (diffusers_file(p.pipeline()), "diffusers form, as the reference script writes it"),
+                cfg::OutputFormat::Kohya => (kohya_file(p.pipeline()), "kohya form with training metadata (A1111, ComfyUI)"),
+            };
+            if ema {
+                o.push(out(crate::layout::ema_name(&file), "the moving average of the weights (train.ema_decay), same form", true));
+            }
+            o.push(out(file, what, true));
+        }
+        o
     },
     describe: |p| {
         let names: Vec<String> = p.pipeline().output.formats.iter().map(choice_name).collect();
@@ -66,7 +76,7 @@ pub(super) const EXPORT: Stage = Stage {
             for f in old.outputs.iter().filter(|f| !wanted.contains(f)) {
                 let path = ctx.plan.out_dir.join(f);
                 if path.is_file() {
-                    tracing::info!("export: removing {} (its format is no longer in output.formats)", path.display());
+                    tracing::info!("export: removing {} (output.formats or train.ema_decay no longer ask for it)", path.display());
                     std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
                 }
             }
@@ -80,94 +90,103 @@ fn export_files(ctx: &mut StageCtx<'_>, train_details: &BTreeMap<String, serde_j
     let p = ctx.plan.pipeline();
     let dir = &ctx.plan.out_dir;
     // Never export weights that went NaN/inf (a diverged run): refused with the tensors named.
-    let weights = crate::adapters::read::read_lora_file_for_use(&dir.join(TRAINED_FILE)).context("the train stage's result")?;
     let save_dtype = match p.output.save_precision {
         cfg::SavePrecision::F32 => DType::F32,
         cfg::SavePrecision::Fp16 => DType::F16,
         cfg::SavePrecision::Bf16 => DType::BF16,
     };
     let count = |k: &str| train_details.get(k).and_then(serde_json::Value::as_u64);
-    for f in &p.output.formats {
-        match f {
-            cfg::OutputFormat::Diffusers => {
-                let path = dir.join(diffusers_file(p));
-                let bytes = crate::adapters::write::serialize_lora_as(&weights, LoraFormat::Diffusers, save_dtype)?;
-                crate::util::fs::write_atomic(&path, &bytes).with_context(|| format!("cannot write LoRA file {}", path.display()))?;
-                ctx.report.files.push(path);
-            }
-            cfg::OutputFormat::Kohya => {
-                let facts = model_facts(p)?;
-                let info = TrainingInfo {
-                    base_model_version: facts.base_model_version().into(),
-                    // kohya: a local model by its base name, a hub model by its id.
-                    model_name: match p.model.path.as_deref().or(p.model.file.as_deref()) {
-                        Some(local) => tidy_path(local).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-                        None => model_source(p)?,
-                    },
-                    rank: p.adapter.rank as usize,
-                    alpha: p.adapter.default_alpha(),
-                    learning_rate: p.train.learning_rate,
-                    max_train_steps: count("max_train_steps").or(p.train.max_steps).unwrap_or(0),
-                    // kohya's: the epochs the steps take, ceil(max_train_steps / updates per epoch).
-                    epochs: match (count("max_train_steps"), count("updates_per_epoch")) {
-                        (Some(steps), Some(per)) if per > 0 => steps.div_ceil(per),
-                        _ => p.train.epochs,
-                    },
-                    batch_size: p.train.batch_size as usize,
-                    resolution: count("resolution").map_or(p.preprocess.resolution.unwrap_or(512) as usize, |r| r as usize),
-                    seed: p.train.seed,
-                    num_train_images: count("examples").unwrap_or(0) as usize,
-                    prediction: facts.prediction,
-                    train_text_encoder: p.adapter.text_encoder,
-                    caption_dropout: p.dataset.caption_dropout,
-                    shuffle_tags: p.dataset.shuffle_tags,
-                    keep_tokens: p.dataset.keep_tokens as usize,
-                    optimizer: {
-                        let o = &p.optimizer;
-                        match o.kind {
-                            cfg::OptimizerKind::Adamw => format!(
-                                "torch.optim.adamw.AdamW(weight_decay={},betas=({}, {}),eps={})",
-                                o.weight_decay(),
-                                o.beta1,
-                                o.beta2(),
-                                o.epsilon
-                            ),
-                            cfg::OptimizerKind::Lion => {
-                                format!("lion_pytorch.lion_pytorch.Lion(weight_decay={},betas=({}, {}))", o.weight_decay(), o.beta1, o.beta2())
-                            }
-                        }
-                    },
-                    pipeline_toml: resolved_toml(&ctx.plan.loaded),
-                };
-                // kohya sd-scripts names SDXL UNet modules in the original layout
-                // (`input_blocks.4.1.…`); both UIs load those for every module.
-                let mut w = if facts.family == crate::vocab::Family::Sdxl {
-                    crate::adapters::ldm_names::to_ldm_unet_names(&weights, &model_unet_config(p)?)?
-                } else {
-                    weights.clone()
-                };
-                w.metadata = crate::adapters::kohya_meta::training_metadata(&info);
-                // A single-file model (and a separate VAE) are named and hashed as kohya does.
-                w.metadata.extend(crate::adapters::kohya_hash::source_file_metadata(p.model.file.as_deref(), p.model.vae.as_deref())?);
-                // ModelSpec, dated when training wrote its weights (so a rerun of export alone
-                // writes the same bytes).
-                // kohya's `--output_name` (the folder's name when unset).
-                let title = p.output.name.clone().unwrap_or_else(|| tidy_path(dir).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
-                let trained_at = std::fs::metadata(dir.join(TRAINED_FILE))
-                    .and_then(|m| m.modified())
-                    .ok()
-                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                    .map_or(0, |d| d.as_secs());
-                let spec = crate::adapters::kohya_meta::SpecInfo { title: title.clone(), resolution: info.resolution, timestamp: trained_at };
-                w.metadata.extend(crate::adapters::kohya_meta::modelspec_metadata(facts, &spec));
-                w.metadata.insert("ss_output_name".into(), title);
-                if let Some(tags) = train_details.get("tag_frequency") {
-                    w.metadata.insert("ss_tag_frequency".into(), tags.to_string());
+    // The trained weights, and with `train.ema_decay` their moving average as `*_ema` files.
+    let mut copies = vec![(TRAINED_FILE, false)];
+    if p.train.ema_decay.is_some() {
+        copies.push((TRAINED_EMA_FILE, true));
+    }
+    for (source, is_ema) in copies {
+        // Never export weights that went NaN/inf (a diverged run): refused with the tensors named.
+        let weights = crate::adapters::read::read_lora_file_for_use(&dir.join(source)).context("the train stage's result")?;
+        let named = |file: String| if is_ema { crate::layout::ema_name(&file) } else { file };
+        for f in &p.output.formats {
+            match f {
+                cfg::OutputFormat::Diffusers => {
+                    let path = dir.join(named(diffusers_file(p)));
+                    let bytes = crate::adapters::write::serialize_lora_as(&weights, LoraFormat::Diffusers, save_dtype)?;
+                    crate::util::fs::write_atomic(&path, &bytes).with_context(|| format!("cannot write LoRA file {}", path.display()))?;
+                    ctx.report.files.push(path);
                 }
-                let bytes = crate::adapters::kohya_hash::with_sshs_hashes(&crate::adapters::write::serialize_lora_as(&w, LoraFormat::Kohya, save_dtype)?)?;
-                let path = dir.join(kohya_file(p));
-                crate::util::fs::write_atomic(&path, &bytes).with_context(|| format!("cannot write LoRA file {}", path.display()))?;
-                ctx.report.files.push(path);
+                cfg::OutputFormat::Kohya => {
+                    let facts = model_facts(p)?;
+                    let info = TrainingInfo {
+                        base_model_version: facts.base_model_version().into(),
+                        // kohya: a local model by its base name, a hub model by its id.
+                        model_name: match p.model.path.as_deref().or(p.model.file.as_deref()) {
+                            Some(local) => tidy_path(local).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                            None => model_source(p)?,
+                        },
+                        rank: p.adapter.rank as usize,
+                        alpha: p.adapter.default_alpha(),
+                        learning_rate: p.train.learning_rate,
+                        max_train_steps: count("max_train_steps").or(p.train.max_steps).unwrap_or(0),
+                        // kohya's: the epochs the steps take, ceil(max_train_steps / updates per epoch).
+                        epochs: match (count("max_train_steps"), count("updates_per_epoch")) {
+                            (Some(steps), Some(per)) if per > 0 => steps.div_ceil(per),
+                            _ => p.train.epochs,
+                        },
+                        batch_size: p.train.batch_size as usize,
+                        resolution: count("resolution").map_or(p.preprocess.resolution.unwrap_or(512) as usize, |r| r as usize),
+                        seed: p.train.seed,
+                        num_train_images: count("examples").unwrap_or(0) as usize,
+                        prediction: facts.prediction,
+                        train_text_encoder: p.adapter.text_encoder,
+                        caption_dropout: p.dataset.caption_dropout,
+                        shuffle_tags: p.dataset.shuffle_tags,
+                        keep_tokens: p.dataset.keep_tokens as usize,
+                        optimizer: {
+                            let o = &p.optimizer;
+                            match o.kind {
+                                cfg::OptimizerKind::Adamw => format!(
+                                    "torch.optim.adamw.AdamW(weight_decay={},betas=({}, {}),eps={})",
+                                    o.weight_decay(),
+                                    o.beta1,
+                                    o.beta2(),
+                                    o.epsilon
+                                ),
+                                cfg::OptimizerKind::Lion => {
+                                    format!("lion_pytorch.lion_pytorch.Lion(weight_decay={},betas=({}, {}))", o.weight_decay(), o.beta1, o.beta2())
+                                }
+                            }
+                        },
+                        pipeline_toml: resolved_toml(&ctx.plan.loaded),
+                    };
+                    // kohya sd-scripts names SDXL UNet modules in the original layout
+                    // (`input_blocks.4.1.…`); both UIs load those for every module.
+                    let mut w = if facts.family == crate::vocab::Family::Sdxl {
+                        crate::adapters::ldm_names::to_ldm_unet_names(&weights, &model_unet_config(p)?)?
+                    } else {
+                        weights.clone()
+                    };
+                    w.metadata = crate::adapters::kohya_meta::training_metadata(&info);
+                    // A single-file model (and a separate VAE) are named and hashed as kohya does.
+                    w.metadata.extend(crate::adapters::kohya_hash::source_file_metadata(p.model.file.as_deref(), p.model.vae.as_deref())?);
+                    // ModelSpec, dated when training wrote its weights (so a rerun of export alone
+                    // writes the same bytes).
+                    // kohya's `--output_name` (the folder's name when unset).
+                    let title = p.output.name.clone().unwrap_or_else(|| tidy_path(dir).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+                    let trained_at = std::fs::metadata(dir.join(TRAINED_FILE))
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map_or(0, |d| d.as_secs());
+                    let spec = crate::adapters::kohya_meta::SpecInfo { title: title.clone(), resolution: info.resolution, timestamp: trained_at };
+                    w.metadata.extend(crate::adapters::kohya_meta::modelspec_metadata(facts, &spec));
+                    w.metadata.insert("ss_output_name".into(), title);
+                    if let Some(tags) = train_details.get("tag_frequency") {
+                        w.metadata.insert("ss_tag_frequency".into(), tags.to_string());
+                    }
+                    let bytes = crate::adapters::kohya_hash::with_sshs_hashes(&crate::adapters::write::serialize_lora_as(&w, LoraFormat::Kohya, save_dtype)?)?;
+                    let path = dir.join(named(kohya_file(p)));
+                    crate::util::fs::write_atomic(&path, &bytes).with_context(|| format!("cannot write LoRA file {}", path.display()))?;
+                    ctx.report.files.push(path);
+                }
             }
         }
     }

@@ -22,7 +22,7 @@ use crate::config::types as cfg;
 use crate::data::DataLoader;
 use crate::data;
 use crate::inference::validation::validation_images;
-use crate::layout::{IN_PROGRESS, METRICS_FILE, TRAINED_FILE};
+use crate::layout::{IN_PROGRESS, METRICS_FILE, TRAINED_EMA_FILE, TRAINED_FILE};
 use crate::models::StableDiffusion;
 use crate::report::plot::LOSS_PLOT;
 use crate::train::trainer::Trainer;
@@ -307,6 +307,7 @@ fn run_train(ctx: &mut StageCtx<'_>, model: &mut LoadedModel, loader: &DataLoade
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
+    let ema = trainer.optimizer.ema_weights();
     drop(trainer);
     crate::report::plot::refresh(&out_dir.join(METRICS_FILE), &out_dir.join(LOSS_PLOT));
     ctx.report.train_rate = rate.per_second();
@@ -335,6 +336,16 @@ fn run_train(ctx: &mut StageCtx<'_>, model: &mut LoadedModel, loader: &DataLoade
     }
     let te_refs: Vec<&[TrainableLora]> = te_loras.iter().map(Vec::as_slice).collect();
     let weights = trained_weights(&unet_loras, &te_refs)?;
+    // The moving average first: a run that writes TRAINED_FILE has written its EMA copy too.
+    match &ema {
+        Some(ema) => write_lora_file(&ema_lora_weights(&weights, ema)?, &out_dir.join(TRAINED_EMA_FILE), LoraFormat::Peft)?,
+        None => {
+            let stale = out_dir.join(TRAINED_EMA_FILE);
+            if stale.is_file() {
+                std::fs::remove_file(&stale).with_context(|| format!("removing {} (train.ema_decay is unset now)", stale.display()))?;
+            }
+        }
+    }
     write_lora_file(&weights, &out_dir.join(TRAINED_FILE), LoraFormat::Peft)?;
     let mut details = BTreeMap::new();
     details.insert("examples".to_string(), serde_json::Value::from(n_examples));
@@ -348,6 +359,24 @@ fn run_train(ctx: &mut StageCtx<'_>, model: &mut LoadedModel, loader: &DataLoade
     Ok(Ran { complete: true, details })
 }
 
+
+/// `raw` with every branch's weights replaced by their moving average (`ema`, by the trainer's
+/// parameter names `<component>.<module>.lora_A.weight` / `lora_B.weight`).
+fn ema_lora_weights(raw: &crate::adapters::LoraWeights, ema: &std::collections::HashMap<String, candle_core::Tensor>) -> Result<crate::adapters::LoraWeights> {
+    use crate::adapters::Component;
+    let mut w = raw.clone();
+    for (c, prefix) in [(Component::Unet, "unet"), (Component::TextEncoder, "text_encoder"), (Component::TextEncoder2, "text_encoder_2")] {
+        for (module, m) in w.component_mut(c).iter_mut() {
+            let get = |half: &str| {
+                let name = format!("{prefix}.{module}.{half}.weight");
+                ema.get(&name).cloned().with_context(|| format!("no moving average for `{name}`"))
+            };
+            m.down = get("lora_A")?;
+            m.up = get("lora_B")?;
+        }
+    }
+    Ok(w)
+}
 
 /// The text-encoder LoRA parameters the loss cannot reach: with SDXL's rule (penultimate hidden
 /// states, pooled from the last encoder) every encoder but the last stops one layer short, so

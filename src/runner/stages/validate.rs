@@ -79,12 +79,18 @@ pub(super) const VALIDATE: Stage = Stage {
 /// file when `output.formats` writes one, else the kohya one (the train stage's own file only
 /// when no format is asked for).
 pub(crate) fn validation_adapter(p: &cfg::Pipeline) -> String {
-    if p.output.formats.contains(&cfg::OutputFormat::Diffusers) {
+    let file = if p.output.formats.contains(&cfg::OutputFormat::Diffusers) {
         diffusers_file(p)
     } else if p.output.formats.contains(&cfg::OutputFormat::Kohya) {
         kohya_file(p)
     } else {
         TRAINED_FILE.to_string()
+    };
+    // With `train.ema_decay` the final images show the moving average, which is what is kept.
+    if p.train.ema_decay.is_some() {
+        crate::layout::ema_name(&file)
+    } else {
+        file
     }
 }
 
