@@ -130,3 +130,16 @@ fn ema_matches_diffusers_emamodel_and_survives_save_and_load() {
     assert_eq!(lora::train::optim::ema_decay(0.9, 3), 3.0 / 12.0);
     assert_eq!(lora::train::optim::ema_decay(0.9, 1000), 0.9);
 }
+
+/// What `lora bench` reports as the optimizer's state: AdamW's two f32 moments, Lion's one, and
+/// the moving average on top.
+#[test]
+fn optimizer_state_bytes_per_kind() {
+    let g = golden();
+    let vars = || ["a", "b", "c"].iter().map(|n| Var::from_tensor(&g[&format!("before.{n}")]).unwrap()).collect::<Vec<_>>();
+    let elems = 4 * 8 + 8 + 3 * 2 * 2;
+    let bytes = |cfg: AdamWConfig| AdamW::new(vars(), cfg).unwrap().state_bytes();
+    assert_eq!(bytes(AdamWConfig::default()), 2 * 4 * elems);
+    assert_eq!(bytes(lion()), 4 * elems, "half AdamW's");
+    assert_eq!(bytes(AdamWConfig { ema_decay: Some(0.99), ..lion() }), 2 * 4 * elems);
+}

@@ -110,7 +110,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 "batch": batch, "resolution": resolution, "steps": args.steps, "warmup": args.warmup,
                 "cache": args.cache, "precision": precision, "gradient_checkpointing": p.train.gradient_checkpointing,
                 "attention": attention.name(), "threads": rayon::current_num_threads(), "peak_rss_bytes": peak, "peak_rss_process_bytes": peak_process,
-                "peak_device_bytes": report.peak_device_bytes, "model_device_bytes": report.model_bytes, "total_s": total})
+                "peak_device_bytes": report.peak_device_bytes, "model_device_bytes": report.model_bytes, "total_s": total,
+                "optimizer": crate::config::choice_name(&p.optimizer.kind), "optimizer_state_bytes": report.run.optimizer_state_bytes})
         );
     } else {
         println!("lora bench {} ({})", args.pipeline.file.display(), report.device);
@@ -126,6 +127,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         if let Some(p) = peak {
             println!("  peak host memory {:.0} MiB resident while training (whole run {:.0} MiB)", mib(p), mib(peak_process.unwrap_or(p)));
+        }
+        if let Some(b) = report.run.optimizer_state_bytes {
+            println!("  optimizer {} state {:.2} MiB", crate::config::choice_name(&p.optimizer.kind), mib(b as u64));
         }
         println!("  whole run {total:.1} s (model load, data, warm-up included)");
     }

@@ -202,6 +202,12 @@ impl AdamW {
         Ok(())
     }
 
+    /// Bytes of state the optimizer keeps besides the parameters: AdamW's two moments, Lion's one,
+    /// and the moving average when there is one (all f32).
+    pub fn state_bytes(&self) -> usize {
+        self.params.iter().map(|p| self.moments(p).iter().map(|(_, t)| t.elem_count() * 4).sum::<usize>()).sum()
+    }
+
     /// The moving average of every parameter by name (`None` without `ema_decay`).
     pub fn ema_weights(&self) -> Option<HashMap<String, Tensor>> {
         self.cfg.ema_decay?;

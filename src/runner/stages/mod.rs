@@ -186,6 +186,8 @@ pub struct RunReport {
     pub stages: Vec<(&'static str, Status)>,
     /// Updates per second of this run's training (validation and plotting left out).
     pub train_rate: Option<f64>,
+    /// Bytes of optimizer state (moments, moving average) the train stage kept.
+    pub optimizer_state_bytes: Option<usize>,
     /// Mean loss of the first and last tenth of the steps in `metrics.jsonl` (resumes included).
     pub loss_trend: Option<crate::report::metrics::LossTrend>,
     /// A stop signal ended the run between stages or during training.

@@ -308,6 +308,7 @@ fn run_train(ctx: &mut StageCtx<'_>, model: &mut LoadedModel, loader: &DataLoade
         b.finish_and_clear();
     }
     let ema = trainer.optimizer.ema_weights();
+    ctx.report.optimizer_state_bytes = Some(trainer.optimizer.state_bytes());
     drop(trainer);
     crate::report::plot::refresh(&out_dir.join(METRICS_FILE), &out_dir.join(LOSS_PLOT));
     ctx.report.train_rate = rate.per_second();
