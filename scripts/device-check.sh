@@ -40,6 +40,35 @@ started=$(date +%s)
 say() { echo "== [$(( $(date +%s) - started ))s] $*"; }
 fail=0
 
+# A pipeline file $1 for model folder $2, image folder $3, output $4, at $5 px.
+pipeline() {
+  cat >"$1" <<TOML
+[model]
+path = "$2"
+
+[dataset]
+kind = "imagefolder"
+path = "$3"
+
+[preprocess]
+resolution = $5
+center_crop = true
+
+[train]
+batch_size = 1
+learning_rate = 1e-4
+seed = 0
+precision = "$precision"
+device = "$device"
+
+[checkpoints]
+every_steps = 25
+
+[output]
+dir = "$4"
+TOML
+}
+
 # One side-by-side row: `lora bench` on pipeline $1 and the reference step on the same architecture
 # ($2: sd15 or sdxl; the generated model in the dry run, the published config on the GPU) at $3 px,
 # batch $4, gradient checkpointing $5, each under a timeout of $6 s; appends to the .jsonl files.
@@ -112,28 +141,7 @@ if [ "$sdxl" = 1 ]; then
   if [ "$dry" = 1 ]; then xres=128; else xres=1024; fi
   say "random SDXL model"
   timeout 400 "$py" tools/device/make_sdxl.py "$work/sdxl" $small --images 4 --resolution "$xres" || { echo "SDXL model generation failed"; exit 1; }
-  cat >"$work/sdxl.toml" <<TOML
-[model]
-path = "$work/sdxl/model"
-
-[dataset]
-kind = "imagefolder"
-path = "$work/sdxl/images/train"
-
-[preprocess]
-resolution = $xres
-center_crop = true
-
-[train]
-batch_size = 1
-learning_rate = 1e-4
-seed = 0
-precision = "$precision"
-device = "$device"
-
-[output]
-dir = "$work/sdxl-out"
-TOML
+  pipeline "$work/sdxl.toml" "$work/sdxl/model" "$work/sdxl/images/train" "$work/sdxl-out" "$xres"
   : >"$out/lora-bench.jsonl"; : >"$out/ref-bench.jsonl"
   for ckpt in false true; do
     bench_pair "$work/sdxl.toml" sdxl "$xres" 1 "$ckpt" 200
@@ -145,35 +153,8 @@ timeout 300 "$py" tools/device/make_sd15.py "$work/sd15" $small --images 16 --re
 mkdir -p "$work/sd15/images-bench/train"
 cp "$work/sd15"/images/train/000[0-3].png "$work/sd15/images-bench/train/"
 head -4 "$work/sd15/images/train/metadata.jsonl" >"$work/sd15/images-bench/train/metadata.jsonl"
-pipeline() { # $1 = file, $2 = image folder, $3 = output dir
-  cat >"$1" <<TOML
-[model]
-path = "$work/sd15/model"
-
-[dataset]
-kind = "imagefolder"
-path = "$2"
-
-[preprocess]
-resolution = $res
-center_crop = true
-
-[train]
-batch_size = 1
-learning_rate = 1e-4
-seed = 0
-precision = "$precision"
-device = "$device"
-
-[checkpoints]
-every_steps = 25
-
-[output]
-dir = "$3"
-TOML
-}
-pipeline "$work/bench.toml" "$work/sd15/images-bench/train" "$work/bench-out"
-pipeline "$work/run.toml" "$work/sd15/images/train" "$work/run-out"
+pipeline "$work/bench.toml" "$work/sd15/model" "$work/sd15/images-bench/train" "$work/bench-out" "$res"
+pipeline "$work/run.toml" "$work/sd15/model" "$work/sd15/images/train" "$work/run-out" "$res"
 
 # --- 3. lora bench and the reference, side by side -------------------------------------------
 : >"$out/lora-bench.jsonl"; : >"$out/ref-bench.jsonl"

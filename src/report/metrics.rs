@@ -53,10 +53,16 @@ fn json_lines(path: &Path) -> Result<Vec<serde_json::Value>> {
 /// The fixed-noise evaluation losses of `path` as `(step, eval_loss)` in step order (lines
 /// `{"step": N, "eval_loss": x}`, written before the first and after the last update).
 pub fn read_evals(path: &Path) -> Result<Vec<(u64, f64)>> {
+    read_scalar(path, "eval_loss")
+}
+
+/// The `(step, value)` of every line of `path` that has `key`, in step order (the last line of
+/// a step wins).
+fn read_scalar(path: &Path, key: &str) -> Result<Vec<(u64, f64)>> {
     let mut by_step = std::collections::BTreeMap::new();
     for v in json_lines(path)? {
-        if let (Some(step), Some(eval)) = (v.get("step").and_then(serde_json::Value::as_u64), v.get("eval_loss").and_then(serde_json::Value::as_f64)) {
-            by_step.insert(step, eval);
+        if let (Some(step), Some(x)) = (v.get("step").and_then(serde_json::Value::as_u64), v.get(key).and_then(serde_json::Value::as_f64)) {
+            by_step.insert(step, x);
         }
     }
     Ok(by_step.into_iter().collect())
@@ -64,13 +70,7 @@ pub fn read_evals(path: &Path) -> Result<Vec<(u64, f64)>> {
 
 /// The held-out losses (`validation.loss_split`) of `path` as `(step, val_loss)` in step order.
 pub fn read_heldout(path: &Path) -> Result<Vec<(u64, f64)>> {
-    let mut by_step = std::collections::BTreeMap::new();
-    for v in json_lines(path)? {
-        if let (Some(step), Some(loss)) = (v.get("step").and_then(serde_json::Value::as_u64), v.get("val_loss").and_then(serde_json::Value::as_f64)) {
-            by_step.insert(step, loss);
-        }
-    }
-    Ok(by_step.into_iter().collect())
+    read_scalar(path, "val_loss")
 }
 
 /// The evaluation loss before training (step 0) and after it (the last evaluation past step 0).
