@@ -1,7 +1,7 @@
-//! `lr_scheduler = "cosine_with_min_lr"` with `train.min_lr_ratio`: transformers' schedule (what
-//! kohya's `--lr_scheduler cosine_with_min_lr --lr_scheduler_min_lr_ratio` builds), checked
-//! against the rates transformers 5.24 gives (`tools/reference/make_lr_golden.py`), and its keys'
-//! refusals.
+//! The peers' learning-rate schedules: `cosine_with_min_lr` with `train.min_lr_ratio`
+//! (transformers' schedule, what kohya's `--lr_scheduler cosine_with_min_lr
+//! --lr_scheduler_min_lr_ratio` builds), checked against the rates transformers 5.24 gives
+//! (`tools/reference/make_lr_golden.py`), its keys' refusals; and OneTrainer's `rex`.
 
 use lora::train::lr::{lr_at, LrSchedule};
 
@@ -30,4 +30,29 @@ fn min_lr_ratio_goes_with_its_scheduler() {
     assert!(err.contains("min_lr_ratio"), "{err}");
     let err = load(&["train.min_lr_ratio=0.1"]).err().unwrap().render();
     assert!(err.contains("train.min_lr_ratio") && err.contains("cosine_with_min_lr"), "{err}");
+}
+
+/// `lr_scheduler = "rex"`: OneTrainer's `lr_lambda_rex` (d = 0.9; `progress = step / steps`,
+/// `(1 − progress) / ((1 − d) + d·(1 − progress))`, 0 from the end on), written here from its
+/// definition, after our linear warmup.
+#[test]
+fn rex_follows_onetrainers_definition() {
+    let (warmup, total) = (4usize, 24usize);
+    let onetrainer = |current_step: usize, scheduler_steps: usize| -> f64 {
+        let (max_lr, min_lr, d) = (1.0, 0.0, 0.9);
+        if current_step < scheduler_steps {
+            let progress = current_step as f64 / scheduler_steps as f64;
+            let div = (1.0 - d) + (d * (1.0 - progress));
+            min_lr + (max_lr - min_lr) * ((1.0 - progress) / div)
+        } else {
+            min_lr
+        }
+    };
+    for step in 0..30 {
+        let ours = lr_at(&LrSchedule::Rex, 1.0, step, warmup, total);
+        let want = if step < warmup { step as f64 / warmup as f64 } else { onetrainer(step - warmup, total - warmup) };
+        assert!((ours - want).abs() < 1e-12, "step {step}: ours {ours}, OneTrainer {want}");
+    }
+    // It stays near the peak longer than linear decay: at the halfway point 0.5 / 0.55.
+    assert!((lr_at(&LrSchedule::Rex, 1.0, 14, 4, 24) - 0.5 / 0.55).abs() < 1e-12);
 }

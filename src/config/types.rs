@@ -443,6 +443,8 @@ pub enum LrScheduler {
     /// Linear warmup, then half a cosine down to `train.min_lr_ratio` of the learning rate
     /// (transformers' schedule, kohya's `cosine_with_min_lr`).
     CosineWithMinLr,
+    /// Linear warmup, then REX (arXiv 2107.04197) down to 0, as OneTrainer's `REX` (d = 0.9).
+    Rex,
 }
 
 /// Floating-point precision of the frozen models.

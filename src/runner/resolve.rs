@@ -169,6 +169,7 @@ pub(crate) fn lora_spec(a: &cfg::AdapterConfig, targets: &[String]) -> LoraSpec 
 
 fn lr_schedule(s: cfg::LrScheduler, min_lr_ratio: Option<f64>) -> LrSchedule {
     match s {
+        cfg::LrScheduler::Rex => LrSchedule::Rex,
         cfg::LrScheduler::CosineWithMinLr => LrSchedule::CosineWithMinLr { min_lr_ratio: min_lr_ratio.unwrap_or(0.0) },
         cfg::LrScheduler::Constant => LrSchedule::Constant,
         cfg::LrScheduler::ConstantWithWarmup => LrSchedule::ConstantWithWarmup,

@@ -21,6 +21,9 @@ pub enum LrSchedule {
     /// transformers' `cosine_with_min_lr` (kohya's `--lr_scheduler cosine_with_min_lr` with
     /// `--lr_scheduler_min_lr_ratio`): warmup, then half a cosine from 1 down to `min_lr_ratio`.
     CosineWithMinLr { min_lr_ratio: f64 },
+    /// REX (Chen et al. 2021, arXiv 2107.04197) as OneTrainer's `lr_lambda_rex` (d = 0.9): warmup,
+    /// then `(1 − p) / ((1 − d) + d·(1 − p))` down to 0 at the end.
+    Rex,
 }
 
 impl LrSchedule {
@@ -49,6 +52,7 @@ impl LrSchedule {
             Self::CosineWithRestarts { .. } => "cosine_with_restarts",
             Self::Polynomial { .. } => "polynomial",
             Self::CosineWithMinLr { .. } => "cosine_with_min_lr",
+            Self::Rex => "rex",
         }
     }
 }
@@ -81,6 +85,14 @@ pub(crate) fn lr_multiplier(schedule: &LrSchedule, base_lr: f64, step: usize, wa
         LrSchedule::Cosine => {
             let num_cycles = 0.5;
             (0.5 * (1.0 + (PI * num_cycles * 2.0 * progress).cos())).max(0.0)
+        }
+        LrSchedule::Rex => {
+            let d = 0.9;
+            if progress < 1.0 {
+                (1.0 - progress) / ((1.0 - d) + d * (1.0 - progress))
+            } else {
+                0.0
+            }
         }
         LrSchedule::CosineWithMinLr { min_lr_ratio } => {
             let factor = 0.5 * (1.0 + (PI * 0.5 * 2.0 * progress).cos());
