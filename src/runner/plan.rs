@@ -70,9 +70,6 @@ pub struct Plan {
     pub(crate) fingerprints: BTreeMap<StageId, String>,
     /// `--no-cache`: the encoders run every step, as the reference does (no encode stage).
     pub no_cache: bool,
-    /// The model's family as its configs tell it without loading or downloading
-    /// (`resolve::probe_family`); `None` until a hub model is downloaded.
-    pub family: Option<crate::vocab::Family>,
 }
 
 impl Plan {

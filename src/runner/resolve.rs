@@ -85,27 +85,6 @@ fn interpolation(i: cfg::Interpolation) -> data::Interpolation {
     data::Interpolation::from_name(&crate::config::choice_name(&i)).unwrap_or(data::Interpolation::Lanczos)
 }
 
-/// The model's family from its configs alone, without loading weights or downloading: a local
-/// single file (its header), a local diffusers folder, or a hub model already in the HF cache.
-/// `None` when that cannot tell (a hub model not yet downloaded, unreadable configs: loading
-/// then says why).
-pub(crate) fn probe_family(p: &Pipeline) -> Option<Family> {
-    if let Some(recognised) = crate::models::single_file::recognise_config(&p.model) {
-        return recognised.ok().map(|r| r.family);
-    }
-    let source = model_source(p).ok()?;
-    match crate::models::loading::ModelSource::parse(&source).ok()? {
-        crate::models::loading::ModelSource::Local(dir) => crate::models::family::family_of_folder(&dir).ok(),
-        crate::models::loading::ModelSource::Hub(id) => {
-            let hub = crate::models::loading::HubSettings::from_env();
-            let cache = p.model.cache_dir.clone().unwrap_or(hub.cache_dir);
-            let revision = p.model.revision.as_deref().filter(|r| !r.is_empty()).unwrap_or("main");
-            let snapshot = crate::models::loading::hub::cached_snapshot(&cache, &id, revision)?;
-            crate::models::family::family_of_folder(&snapshot).ok()
-        }
-    }
-}
-
 /// The training resolution: `preprocess.resolution`, else the loaded model's family default.
 pub(crate) fn resolution(p: &Pipeline, sd: &StableDiffusion) -> u32 {
     p.preprocess.resolution.unwrap_or_else(|| sd.default_resolution())

@@ -88,7 +88,7 @@ pub(crate) const STAGES: &[Stage] = &[load::MODEL, load::DATASET, load::PREPROCE
 impl Plan {
     /// Resolve `loaded` once: fingerprints in table order, each seeing the upstream ones.
     pub fn resolve(loaded: &crate::config::LoadedPipeline) -> Self {
-        let mut plan = Self { loaded: loaded.clone(), out_dir: loaded.pipeline.output.dir.clone(), fingerprints: BTreeMap::new(), no_cache: false, family: crate::runner::resolve::probe_family(&loaded.pipeline) };
+        let mut plan = Self { loaded: loaded.clone(), out_dir: loaded.pipeline.output.dir.clone(), fingerprints: BTreeMap::new(), no_cache: false };
         for stage in STAGES {
             let fp = (stage.fingerprint)(&plan);
             plan.fingerprints.insert(stage.id, fp);
