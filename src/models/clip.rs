@@ -142,10 +142,7 @@ impl ClipTextModel {
     /// one pass (as transformers' `output_hidden_states=True`).
     pub fn forward_all(&self, input_ids: &Tensor) -> Result<ClipTextOutput> {
         let n = self.layers.len();
-        if n < 2 {
-            candle_core::bail!("text encoder: a penultimate hidden state needs at least 2 layers, the config has {n}")
-        }
-        let penultimate = self.embed_and_run(input_ids, n - 1)?;
+        let penultimate = self.forward_penultimate(input_ids)?;
         let mask = causal_mask(input_ids.dim(1)?, penultimate.dtype(), penultimate.device())?;
         let last = self.layers[n - 1].forward(&penultimate, &mask)?;
         let last_hidden_state = self.final_layer_norm.forward(&last)?;
@@ -157,6 +154,15 @@ impl ClipTextModel {
             }
         };
         Ok(ClipTextOutput { last_hidden_state, penultimate, text_embeds })
+    }
+
+    /// `hidden_states[-2]` alone: every layer but the last, no final norm.
+    pub fn forward_penultimate(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let n = self.layers.len();
+        if n < 2 {
+            candle_core::bail!("text encoder: a penultimate hidden state needs at least 2 layers, the config has {n}")
+        }
+        self.embed_and_run(input_ids, n - 1)
     }
 
     /// transformers' pooling: the state at the end-of-text token of each row. With the legacy

@@ -66,14 +66,16 @@ impl TextSide {
                 Ok(Conditioning::context(hidden.to_device(device)?))
             }
             ContextRule::PenultimateConcat => {
+                // Every encoder's penultimate state; only the last one's final layer and pooled
+                // output are read (the others' last layers would be computed for nothing).
+                let last = self.pairs.len() - 1;
                 let mut contexts = Vec::with_capacity(self.pairs.len());
-                let mut pooled = None;
-                for (pair, ids) in self.pairs.iter().zip(ids) {
-                    let out = pair.encoder.forward_all(ids)?;
-                    contexts.push(out.penultimate.to_device(device)?);
-                    pooled = out.text_embeds;
+                for (pair, ids) in self.pairs[..last].iter().zip(ids) {
+                    contexts.push(pair.encoder.forward_penultimate(ids)?.to_device(device)?);
                 }
-                let pooled = pooled.ok_or_else(|| anyhow::anyhow!("the last text encoder has no text_projection for the pooled embedding"))?;
+                let out = self.pairs[last].encoder.forward_all(&ids[last])?;
+                contexts.push(out.penultimate.to_device(device)?);
+                let pooled = out.text_embeds.ok_or_else(|| anyhow::anyhow!("the last text encoder has no text_projection for the pooled embedding"))?;
                 Ok(Conditioning { context: Tensor::cat(&contexts, candle_core::D::Minus1)?, pooled: Some(pooled.to_device(device)?), time_ids: None })
             }
         }
