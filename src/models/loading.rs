@@ -355,10 +355,10 @@ fn load_vae_source(vae: &Path, model_vae: &VaeConfig, dtype: DType, device: &Dev
         vae.to_path_buf()
     } else {
         let id = vae.to_string_lossy();
-        for file in ["config.json", WEIGHTS] {
-            hub::fetch_file(&id, "main", file, hub).with_context(|| format!("[model] vae: there is no local `{id}`, so it was looked up as a hub VAE"))?;
-        }
-        hub::fetch_file(&id, "main", "config.json", hub)?.parent().map(Path::to_path_buf).unwrap_or_default()
+        let fetch = |file| hub::fetch_file(&id, "main", file, hub).with_context(|| format!("[model] vae: there is no local `{id}`, so it was looked up as a hub VAE"));
+        let config = fetch("config.json")?;
+        fetch(WEIGHTS)?;
+        config.parent().map(Path::to_path_buf).unwrap_or_default()
     };
     let config = VaeConfig::from_json_file(dir.join("config.json"))?;
     let weights = ComponentWeights::open("vae", &[dir.join(WEIGHTS)], &WeightOptions { legacy_attention_names: true, ..Default::default() })?;
