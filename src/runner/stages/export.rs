@@ -89,13 +89,12 @@ pub(super) const EXPORT: Stage = Stage {
 fn export_files(ctx: &mut StageCtx<'_>, train_details: &BTreeMap<String, serde_json::Value>) -> Result<()> {
     let p = ctx.plan.pipeline();
     let dir = &ctx.plan.out_dir;
-    // Never export weights that went NaN/inf (a diverged run): refused with the tensors named.
     let save_dtype = match p.output.save_precision {
         cfg::SavePrecision::F32 => DType::F32,
         cfg::SavePrecision::Fp16 => DType::F16,
         cfg::SavePrecision::Bf16 => DType::BF16,
     };
-    let count = |k: &str| train_details.get(k).and_then(serde_json::Value::as_u64);
+    let kohya = if p.output.formats.contains(&cfg::OutputFormat::Kohya) { Some(kohya_header(ctx, train_details)?) } else { None };
     // The trained weights, and with `train.ema_decay` their moving average as `*_ema` files.
     let mut copies = vec![(TRAINED_FILE, false)];
     if p.train.ema_decay.is_some() {
@@ -114,74 +113,12 @@ fn export_files(ctx: &mut StageCtx<'_>, train_details: &BTreeMap<String, serde_j
                     ctx.report.files.push(path);
                 }
                 cfg::OutputFormat::Kohya => {
-                    let facts = model_facts(p)?;
-                    let info = TrainingInfo {
-                        base_model_version: facts.base_model_version().into(),
-                        // kohya: a local model by its base name, a hub model by its id.
-                        model_name: match p.model.path.as_deref().or(p.model.file.as_deref()) {
-                            Some(local) => tidy_path(local).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-                            None => model_source(p)?,
-                        },
-                        rank: p.adapter.rank as usize,
-                        alpha: p.adapter.default_alpha(),
-                        learning_rate: p.train.learning_rate,
-                        max_train_steps: count("max_train_steps").or(p.train.max_steps).unwrap_or(0),
-                        // kohya's: the epochs the steps take, ceil(max_train_steps / updates per epoch).
-                        epochs: match (count("max_train_steps"), count("updates_per_epoch")) {
-                            (Some(steps), Some(per)) if per > 0 => steps.div_ceil(per),
-                            _ => p.train.epochs,
-                        },
-                        batch_size: p.train.batch_size as usize,
-                        resolution: count("resolution").map_or(p.preprocess.resolution.unwrap_or(512) as usize, |r| r as usize),
-                        seed: p.train.seed,
-                        num_train_images: count("examples").unwrap_or(0) as usize,
-                        prediction: facts.prediction,
-                        train_text_encoder: p.adapter.text_encoder,
-                        caption_dropout: p.dataset.caption_dropout,
-                        shuffle_tags: p.dataset.shuffle_tags,
-                        keep_tokens: p.dataset.keep_tokens as usize,
-                        optimizer: {
-                            let o = &p.optimizer;
-                            match o.kind {
-                                cfg::OptimizerKind::Adamw => format!(
-                                    "torch.optim.adamw.AdamW(weight_decay={},betas=({}, {}),eps={})",
-                                    o.weight_decay(),
-                                    o.beta1,
-                                    o.beta2(),
-                                    o.epsilon
-                                ),
-                                cfg::OptimizerKind::Lion => {
-                                    format!("lion_pytorch.lion_pytorch.Lion(weight_decay={},betas=({}, {}))", o.weight_decay(), o.beta1, o.beta2())
-                                }
-                            }
-                        },
-                        pipeline_toml: resolved_toml(&ctx.plan.loaded),
+                    let (metadata, ldm_names) = kohya.as_ref().expect("made when kohya is among the formats");
+                    let mut w = match ldm_names {
+                        Some(unet) => crate::adapters::ldm_names::to_ldm_unet_names(&weights, unet)?,
+                        None => weights.clone(),
                     };
-                    // kohya sd-scripts names SDXL UNet modules in the original layout
-                    // (`input_blocks.4.1.…`); both UIs load those for every module.
-                    let mut w = if facts.family == crate::vocab::Family::Sdxl {
-                        crate::adapters::ldm_names::to_ldm_unet_names(&weights, &model_unet_config(p)?)?
-                    } else {
-                        weights.clone()
-                    };
-                    w.metadata = crate::adapters::kohya_meta::training_metadata(&info);
-                    // A single-file model (and a separate VAE) are named and hashed as kohya does.
-                    w.metadata.extend(crate::adapters::kohya_hash::source_file_metadata(p.model.file.as_deref(), p.model.vae.as_deref())?);
-                    // ModelSpec, dated when training wrote its weights (so a rerun of export alone
-                    // writes the same bytes).
-                    // kohya's `--output_name` (the folder's name when unset).
-                    let title = p.output.name.clone().unwrap_or_else(|| tidy_path(dir).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
-                    let trained_at = std::fs::metadata(dir.join(TRAINED_FILE))
-                        .and_then(|m| m.modified())
-                        .ok()
-                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                        .map_or(0, |d| d.as_secs());
-                    let spec = crate::adapters::kohya_meta::SpecInfo { title: title.clone(), resolution: info.resolution, timestamp: trained_at };
-                    w.metadata.extend(crate::adapters::kohya_meta::modelspec_metadata(facts, &spec));
-                    w.metadata.insert("ss_output_name".into(), title);
-                    if let Some(tags) = train_details.get("tag_frequency") {
-                        w.metadata.insert("ss_tag_frequency".into(), tags.to_string());
-                    }
+                    w.metadata = metadata.clone();
                     let bytes = crate::adapters::kohya_hash::with_sshs_hashes(&crate::adapters::write::serialize_lora_as(&w, LoraFormat::Kohya, save_dtype)?)?;
                     let path = dir.join(named(kohya_file(p)));
                     crate::util::fs::write_atomic(&path, &bytes).with_context(|| format!("cannot write LoRA file {}", path.display()))?;
@@ -191,6 +128,80 @@ fn export_files(ctx: &mut StageCtx<'_>, train_details: &BTreeMap<String, serde_j
         }
     }
     Ok(())
+}
+
+/// The kohya header every kohya copy gets (training settings, model facts, hashes of a single-file
+/// model, ModelSpec, tag counts) and, for SDXL, the UNet config its original-layout names come
+/// from: worked out once per export, whatever the number of copies (`train.ema_decay`).
+fn kohya_header(ctx: &StageCtx<'_>, train_details: &BTreeMap<String, serde_json::Value>) -> Result<(BTreeMap<String, String>, Option<crate::models::config::UNetConfig>)> {
+    let p = ctx.plan.pipeline();
+    let dir = &ctx.plan.out_dir;
+    let count = |k: &str| train_details.get(k).and_then(serde_json::Value::as_u64);
+    let facts = model_facts(p)?;
+    let info = TrainingInfo {
+        base_model_version: facts.base_model_version().into(),
+        // kohya: a local model by its base name, a hub model by its id.
+        model_name: match p.model.path.as_deref().or(p.model.file.as_deref()) {
+            Some(local) => tidy_path(local).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            None => model_source(p)?,
+        },
+        rank: p.adapter.rank as usize,
+        alpha: p.adapter.default_alpha(),
+        learning_rate: p.train.learning_rate,
+        max_train_steps: count("max_train_steps").or(p.train.max_steps).unwrap_or(0),
+        // kohya's: the epochs the steps take, ceil(max_train_steps / updates per epoch).
+        epochs: match (count("max_train_steps"), count("updates_per_epoch")) {
+            (Some(steps), Some(per)) if per > 0 => steps.div_ceil(per),
+            _ => p.train.epochs,
+        },
+        batch_size: p.train.batch_size as usize,
+        resolution: count("resolution").map_or(p.preprocess.resolution.unwrap_or(512) as usize, |r| r as usize),
+        seed: p.train.seed,
+        num_train_images: count("examples").unwrap_or(0) as usize,
+        prediction: facts.prediction,
+        train_text_encoder: p.adapter.text_encoder,
+        caption_dropout: p.dataset.caption_dropout,
+        shuffle_tags: p.dataset.shuffle_tags,
+        keep_tokens: p.dataset.keep_tokens as usize,
+        optimizer: {
+            let o = &p.optimizer;
+            match o.kind {
+                cfg::OptimizerKind::Adamw => format!(
+                    "torch.optim.adamw.AdamW(weight_decay={},betas=({}, {}),eps={})",
+                    o.weight_decay(),
+                    o.beta1,
+                    o.beta2(),
+                    o.epsilon
+                ),
+                cfg::OptimizerKind::Lion => {
+                    format!("lion_pytorch.lion_pytorch.Lion(weight_decay={},betas=({}, {}))", o.weight_decay(), o.beta1, o.beta2())
+                }
+            }
+        },
+        pipeline_toml: resolved_toml(&ctx.plan.loaded),
+    };
+    // kohya sd-scripts names SDXL UNet modules in the original layout
+    // (`input_blocks.4.1.…`); both UIs load those for every module.
+    let ldm_names = if facts.family == crate::vocab::Family::Sdxl { Some(model_unet_config(p)?) } else { None };
+    let mut metadata = crate::adapters::kohya_meta::training_metadata(&info);
+    // A single-file model (and a separate VAE) are named and hashed as kohya does.
+    metadata.extend(crate::adapters::kohya_hash::source_file_metadata(p.model.file.as_deref(), p.model.vae.as_deref())?);
+    // ModelSpec, dated when training wrote its weights (so a rerun of export alone
+    // writes the same bytes).
+    // kohya's `--output_name` (the folder's name when unset).
+    let title = p.output.name.clone().unwrap_or_else(|| tidy_path(dir).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+    let trained_at = std::fs::metadata(dir.join(TRAINED_FILE))
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs());
+    let spec = crate::adapters::kohya_meta::SpecInfo { title: title.clone(), resolution: info.resolution, timestamp: trained_at };
+    metadata.extend(crate::adapters::kohya_meta::modelspec_metadata(facts, &spec));
+    metadata.insert("ss_output_name".into(), title);
+    if let Some(tags) = train_details.get("tag_frequency") {
+        metadata.insert("ss_tag_frequency".into(), tags.to_string());
+    }
+    Ok((metadata, ldm_names))
 }
 
 /// The UNet config of the pipeline's model (a diffusers folder: SDXL single files are not read).
