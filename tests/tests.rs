@@ -16,6 +16,7 @@ mod adapters_unet_golden;
 mod config_broken;
 mod config_schema;
 mod config_editor_schema;
+mod data_buckets;
 mod data_cache;
 mod data_captions;
 mod data_decode;

@@ -51,8 +51,21 @@ pub struct TrainingInfo {
     /// kohya's `ss_optimizer`: the optimizer class and its arguments, e.g.
     /// `torch.optim.adamw.AdamW(weight_decay=0.01,betas=(0.9, 0.999),eps=1e-08)`.
     pub optimizer: String,
+    /// Aspect-ratio buckets, when on: kohya's `ss_enable_bucket`, `ss_min_bucket_reso`,
+    /// `ss_max_bucket_reso`, `ss_bucket_no_upscale` and `ss_bucket_info` (the layout as JSON).
+    pub buckets: Option<BucketMeta>,
     /// The resolved pipeline as TOML; stored with its sha256.
     pub pipeline_toml: String,
+}
+
+/// The bucket keys of a kohya header.
+#[derive(Clone, Debug, Default)]
+pub struct BucketMeta {
+    pub min_reso: u32,
+    pub max_reso: u32,
+    pub no_upscale: bool,
+    /// `{"buckets": {"0": {"resolution": [w, h], "count": n}}, "mean_img_ar_error": e}`.
+    pub info: serde_json::Value,
 }
 
 /// Header metadata for a kohya file written after training: the `ss_*` keys A1111 reads, and
@@ -86,6 +99,13 @@ pub fn training_metadata(info: &TrainingInfo) -> BTreeMap<String, String> {
     put("ss_keep_tokens", info.keep_tokens.to_string());
     if !info.optimizer.is_empty() {
         put("ss_optimizer", info.optimizer.clone());
+    }
+    if let Some(b) = &info.buckets {
+        put("ss_enable_bucket", "true".into());
+        put("ss_min_bucket_reso", b.min_reso.to_string());
+        put("ss_max_bucket_reso", b.max_reso.to_string());
+        put("ss_bucket_no_upscale", b.no_upscale.to_string());
+        put("ss_bucket_info", b.info.to_string());
     }
     put("ss_training_comment", format!("trained with lora {}", env!("CARGO_PKG_VERSION")));
     let digest = sha2::Sha256::digest(info.pipeline_toml.as_bytes());

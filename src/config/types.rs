@@ -257,7 +257,36 @@ pub struct PreprocessConfig {
     /// Resampling filter used by the resize.
     #[schemars(extend("x-reference" = "--image_interpolation_mode"))]
     pub interpolation: Interpolation,
+    /// Aspect-ratio buckets, as kohya's `--enable_bucket`: images keep their aspect ratio; each
+    /// goes to the bucket (a size of at most `resolution`² pixels, sides in steps of
+    /// `bucket_reso_steps` between `min_bucket_reso` and `max_bucket_reso`) nearest its aspect
+    /// ratio, is resized to cover it and cropped to it (center or random, as set above), and every
+    /// batch is from one bucket. Off (the reference): every image is cropped square.
+    pub buckets: bool,
+    /// Smallest bucket side in pixels (kohya's `--min_bucket_reso`, default 256); with `buckets`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 8))]
+    pub min_bucket_reso: Option<u32>,
+    /// Largest bucket side in pixels (kohya's `--max_bucket_reso`, default 1024); with `buckets`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 8))]
+    pub max_bucket_reso: Option<u32>,
+    /// Step of bucket sides in pixels, a multiple of 8 (kohya's `--bucket_reso_steps`, default
+    /// 64); with `buckets`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 8), extend("multipleOf" = 8))]
+    pub bucket_reso_steps: Option<u32>,
+    /// Never enlarge an image: its bucket is its own size (shrunk to `resolution`² pixels when
+    /// larger) rounded down to `bucket_reso_steps` (kohya's `--bucket_no_upscale`); with `buckets`.
+    pub bucket_no_upscale: bool,
 }
+
+/// kohya's `--min_bucket_reso` default.
+pub const DEFAULT_MIN_BUCKET_RESO: u32 = 256;
+/// kohya's `--max_bucket_reso` default.
+pub const DEFAULT_MAX_BUCKET_RESO: u32 = 1024;
+/// kohya's `--bucket_reso_steps` default.
+pub const DEFAULT_BUCKET_RESO_STEPS: u32 = 64;
 
 impl Default for PreprocessConfig {
     fn default() -> Self {
@@ -267,11 +296,41 @@ impl Default for PreprocessConfig {
             random_crop: None,
             random_flip: false,
             interpolation: Interpolation::Lanczos,
+            buckets: false,
+            min_bucket_reso: None,
+            max_bucket_reso: None,
+            bucket_reso_steps: None,
+            bucket_no_upscale: false,
         }
     }
 }
 
 impl PreprocessConfig {
+    /// (min, max, step) of the buckets, kohya's defaults where unset.
+    pub fn bucket_bounds(&self) -> (u32, u32, u32) {
+        (
+            self.min_bucket_reso.unwrap_or(DEFAULT_MIN_BUCKET_RESO),
+            self.max_bucket_reso.unwrap_or(DEFAULT_MAX_BUCKET_RESO),
+            self.bucket_reso_steps.unwrap_or(DEFAULT_BUCKET_RESO_STEPS),
+        )
+    }
+
+    /// Why the buckets' bounds cannot hold `resolution`, naming the key (kohya asserts the same).
+    pub fn bucket_bounds_error(&self, resolution: u32) -> Option<(&'static str, String)> {
+        let (min, max, step) = self.bucket_bounds();
+        if min % step != 0 {
+            Some(("preprocess.min_bucket_reso", format!("`preprocess.min_bucket_reso` = {min} is not a multiple of `bucket_reso_steps` = {step} (e.g. {})", min / step * step)))
+        } else if max % step != 0 {
+            Some(("preprocess.max_bucket_reso", format!("`preprocess.max_bucket_reso` = {max} is not a multiple of `bucket_reso_steps` = {step} (e.g. {})", max.div_ceil(step) * step)))
+        } else if min > resolution {
+            Some(("preprocess.min_bucket_reso", format!("`preprocess.min_bucket_reso` = {min} is larger than the resolution {resolution}: no bucket would hold a square image")))
+        } else if max < resolution {
+            Some(("preprocess.max_bucket_reso", format!("`preprocess.max_bucket_reso` = {max} is smaller than the resolution {resolution}")))
+        } else {
+            None
+        }
+    }
+
     /// The crop to apply (validation has already rejected contradictory settings).
     pub fn crop(&self) -> Crop {
         if self.center_crop {

@@ -906,6 +906,19 @@ impl Checks<'_> {
             ),
             _ => {}
         }
+        if pp.buckets {
+            if let Some(res) = pp.resolution {
+                if let Some((key, msg)) = pp.bucket_bounds_error(res) {
+                    self.error(&[key], msg, Some("kohya's defaults are min 256, max 1024, step 64".into()));
+                }
+            }
+        } else {
+            for key in ["preprocess.min_bucket_reso", "preprocess.max_bucket_reso", "preprocess.bucket_reso_steps", "preprocess.bucket_no_upscale"] {
+                if self.is_set(key) {
+                    self.error(&[key], format!("`{key}` only shapes aspect-ratio buckets, and `preprocess.buckets` is false"), Some("set buckets = true, or remove it".into()));
+                }
+            }
+        }
     }
 
     fn adapter(&mut self, p: &Pipeline) {

@@ -63,10 +63,15 @@ impl EncodeCache {
         h.finalize().iter().map(|b| format!("{b:02x}")).collect()
     }
 
-    /// The key of a preprocessed image (CHW f32, exactly what the VAE encodes).
+    /// The key of a preprocessed image (CHW f32, exactly what the VAE encodes): its pixels and,
+    /// when not square, its size (so an aspect-ratio bucket's crop is its own entry).
     pub(crate) fn latent_key(&self, pixels: &Tensor) -> Result<String> {
         let v = pixels.flatten_all()?.to_vec1::<f32>()?;
-        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let mut bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let (_, h, w) = pixels.dims3()?;
+        if h != w {
+            bytes.extend(format!("{h}x{w}").bytes());
+        }
         Ok(self.key("latent", &bytes))
     }
 

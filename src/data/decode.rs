@@ -101,6 +101,22 @@ fn png_header_dimensions(bytes: &[u8]) -> Option<(u32, u32)> {
     Some((be(&bytes[16..20]), be(&bytes[20..24])))
 }
 
+/// One example's (width, height) from its header alone (nothing is decoded).
+pub fn image_size(example: &Example, _opts: &DecodeOptions) -> Result<(u32, u32), BadImage> {
+    let bad = |reason: String| BadImage { origin: example.origin.clone(), reason };
+    match &example.image {
+        ImageData::Bytes(bytes) => match png_header_dimensions(bytes) {
+            Some(dims) => Ok(dims),
+            None => ImageReader::new(Cursor::new(&bytes[..])).with_guessed_format().expect("reading from memory").into_dimensions(),
+        },
+        ImageData::File(path) => ImageReader::open(path)
+            .and_then(|r| r.with_guessed_format())
+            .map_err(image::ImageError::IoError)
+            .and_then(|r| r.into_dimensions()),
+    }
+    .map_err(|e| bad(format!("unreadable image header: {e}")))
+}
+
 /// Read and decode one example's image.
 pub fn decode_example(example: &Example, opts: &DecodeOptions) -> Result<RgbImage, BadImage> {
     match &example.image {

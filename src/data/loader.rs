@@ -12,11 +12,12 @@ use candle_core::{Device, Tensor};
 use rand::seq::{IndexedRandom, SliceRandom};
 use rayon::prelude::*;
 
+use super::bucket::{BucketOptions, Buckets};
 use super::caption::CaptionOptions;
-use super::decode::{decode_example, DecodeOptions};
+use super::decode::{decode_example, image_size, DecodeOptions};
 use super::rng::{rng_for, Stream};
 use super::source::{Caption, Dataset};
-use super::transform::{preprocess_with_geometry, Geometry, PreprocessOptions};
+use super::transform::{preprocess_to, Geometry, PreprocessOptions, Target};
 
 /// How batches are made.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,6 +33,8 @@ pub struct LoaderOptions {
     pub decode: DecodeOptions,
     /// Caption dropout and tag shuffling (off: captions as the dataset has them).
     pub captions: CaptionOptions,
+    /// Aspect-ratio buckets around `preprocess.resolution` (off: every image cropped square).
+    pub buckets: Option<BucketOptions>,
 }
 
 impl Default for LoaderOptions {
@@ -44,6 +47,7 @@ impl Default for LoaderOptions {
             preprocess: PreprocessOptions::default(),
             decode: DecodeOptions::default(),
             captions: CaptionOptions::default(),
+            buckets: None,
         }
     }
 }
@@ -51,7 +55,7 @@ impl Default for LoaderOptions {
 /// One batch.
 #[derive(Debug, Clone)]
 pub struct Batch {
-    /// `[B, 3, R, R]` f32 in [-1, 1], on the CPU.
+    /// `[B, 3, H, W]` f32 in [-1, 1], on the CPU: `R`² without buckets, the batch's bucket with.
     pub pixel_values: Tensor,
     /// The caption drawn for each example.
     pub captions: Vec<String>,
@@ -64,6 +68,8 @@ pub struct Batch {
 struct Inner {
     dataset: Arc<Dataset>,
     opts: LoaderOptions,
+    /// The bucket layout, when `opts.buckets` is set.
+    buckets: Option<Buckets>,
 }
 
 /// Seeded, prefetching batches over a dataset.
@@ -78,7 +84,24 @@ impl DataLoader {
         anyhow::ensure!(!dataset.is_empty(), "dataset {} has no examples", dataset.description);
         anyhow::ensure!(opts.batch_size > 0, "batch size must be at least 1");
         anyhow::ensure!(opts.preprocess.resolution > 0, "resolution must be positive");
-        Ok(Self { inner: Arc::new(Inner { dataset, opts }) })
+        let buckets = match &opts.buckets {
+            Some(b) => {
+                // Each image's size from its header (the dataset stage has screened them).
+                let sizes = dataset
+                    .examples
+                    .par_iter()
+                    .map(|e| image_size(e, &opts.decode).map_err(anyhow::Error::from))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                Some(Buckets::assign(&sizes, opts.preprocess.resolution, b))
+            }
+            None => None,
+        };
+        Ok(Self { inner: Arc::new(Inner { dataset, opts, buckets }) })
+    }
+
+    /// The bucket layout (`None` without buckets).
+    pub fn buckets(&self) -> Option<&Buckets> {
+        self.inner.buckets.as_ref()
     }
 
     /// The dataset.
@@ -86,9 +109,22 @@ impl DataLoader {
         &self.inner.dataset
     }
 
-    /// `len(dataloader)`: `ceil(examples / batch_size)` (the last batch may be short).
+    /// `len(dataloader)`: `ceil(examples / batch_size)` (the last batch may be short); with
+    /// buckets, that of each bucket, summed.
     pub fn batches_per_epoch(&self) -> usize {
-        self.inner.dataset.len().div_ceil(self.inner.opts.batch_size)
+        match &self.inner.buckets {
+            Some(b) => b.batches_per_epoch(self.inner.opts.batch_size),
+            None => self.inner.dataset.len().div_ceil(self.inner.opts.batch_size),
+        }
+    }
+
+    /// The batches (dataset indices) of epoch `epoch`, in order.
+    pub(crate) fn epoch_batches(&self, epoch: usize) -> Vec<Vec<usize>> {
+        let o = &self.inner.opts;
+        match &self.inner.buckets {
+            Some(b) => b.epoch_batches(o.seed, epoch, o.batch_size, o.shuffle),
+            None => self.epoch_order(epoch).chunks(o.batch_size).map(<[usize]>::to_vec).collect(),
+        }
     }
 
     /// The dataset indices in the order epoch `epoch` visits them.
@@ -105,6 +141,16 @@ impl DataLoader {
         self.inner.load_example(epoch, index).map(|(pixels, caption, _)| (pixels, caption))
     }
 
+    /// Example `index`'s pixels `[1, 3, H, W]` with the flip fixed, as the loader makes them under
+    /// a center crop (which draws nothing): what the encode stage caches.
+    pub(crate) fn fixed_pixels(&self, index: usize, image: &image::RgbImage, flip: bool) -> anyhow::Result<Tensor> {
+        let pre = PreprocessOptions { flip_p: if flip { 1.0 } else { 0.0 }, ..self.inner.opts.preprocess };
+        let target = self.inner.target(index, image);
+        let (pixels, _) = preprocess_to(image, &target, &pre, &mut rng_for(0, Stream::Augment, 0, 0))?;
+        let (w, h) = target.crop;
+        Ok(Tensor::from_vec(pixels, (1, 3, h as usize, w as usize), &Device::Cpu)?)
+    }
+
     /// Make the batch of these dataset indices for epoch `epoch` (examples in parallel).
     pub(crate) fn load_batch(&self, epoch: usize, indices: &[usize]) -> anyhow::Result<Batch> {
         self.inner.load_batch(epoch, indices)
@@ -113,8 +159,7 @@ impl DataLoader {
     /// The batches of epoch `epoch`, prepared by a background thread `prefetch_batches` ahead.
     /// Dropping the iterator stops the thread.
     pub fn epoch(&self, epoch: usize) -> EpochBatches {
-        let order = self.epoch_order(epoch);
-        let chunks: Vec<Vec<usize>> = order.chunks(self.inner.opts.batch_size).map(<[usize]>::to_vec).collect();
+        let chunks = self.epoch_batches(epoch);
         let remaining = chunks.len();
         let (tx, rx) = sync_channel(self.inner.opts.prefetch_batches.max(1));
         let inner = Arc::clone(&self.inner);
@@ -143,7 +188,7 @@ impl Inner {
             .with_context(|| format!("example {index} out of range ({} examples)", self.dataset.len()))?;
         let image = decode_example(example, &self.opts.decode)?;
         let mut aug_rng = rng_for(self.opts.seed, Stream::Augment, epoch as u64, index as u64);
-        let (pixels, geometry) = preprocess_with_geometry(&image, &self.opts.preprocess, &mut aug_rng)
+        let (pixels, geometry) = preprocess_to(&image, &self.target(index, &image), &self.opts.preprocess, &mut aug_rng)
             .with_context(|| format!("preprocessing {}", example.origin))?;
         let caption = match &example.caption {
             Caption::One(s) => s.clone(),
@@ -160,13 +205,33 @@ impl Inner {
         Ok((pixels, caption, geometry))
     }
 
+    /// Example `index`'s resize and crop: its bucket, or the square of the resolution.
+    fn target(&self, index: usize, image: &image::RgbImage) -> Target {
+        match &self.buckets {
+            Some(b) => Target { resized: b.resized[index], crop: b.sizes[b.of_example[index]], floor_center: true },
+            None => Target::square(image.width(), image.height(), self.opts.preprocess.resolution),
+        }
+    }
+
+    /// The (width, height) of batch `indices`' pixels.
+    fn batch_size_px(&self, indices: &[usize]) -> (usize, usize) {
+        let res = self.opts.preprocess.resolution as usize;
+        match (&self.buckets, indices.first()) {
+            (Some(b), Some(&i)) => {
+                let (w, h) = b.sizes[b.of_example[i]];
+                (w as usize, h as usize)
+            }
+            _ => (res, res),
+        }
+    }
+
     fn load_batch(&self, epoch: usize, indices: &[usize]) -> anyhow::Result<Batch> {
         let loaded: Vec<(Vec<f32>, String, Geometry)> = indices
             .par_iter()
             .map(|&i| self.load_example(epoch, i))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let res = self.opts.preprocess.resolution as usize;
-        let mut data = Vec::with_capacity(indices.len() * 3 * res * res);
+        let (w, h) = self.batch_size_px(indices);
+        let mut data = Vec::with_capacity(indices.len() * 3 * w * h);
         let mut captions = Vec::with_capacity(indices.len());
         let mut geometry = Vec::with_capacity(indices.len());
         for (pixels, caption, g) in loaded {
@@ -174,7 +239,8 @@ impl Inner {
             captions.push(caption);
             geometry.push(g);
         }
-        let pixel_values = Tensor::from_vec(data, (indices.len(), 3, res, res), &Device::Cpu)?;
+        let pixel_values = Tensor::from_vec(data, (indices.len(), 3, h, w), &Device::Cpu)
+            .context("the examples of a batch differ in size (a batch takes one bucket)")?;
         Ok(Batch { pixel_values, captions, indices: indices.to_vec(), geometry })
     }
 }

@@ -18,6 +18,7 @@
 //!    thread a few batches ahead. Everything random (order, crop, flip, caption choice) derives
 //!    from `(seed, epoch, example)` through [`rng`], so results never depend on thread timing.
 
+pub mod bucket;
 pub mod cache;
 pub mod caption;
 pub mod decode;

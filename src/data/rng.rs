@@ -24,6 +24,8 @@ pub enum Stream {
     CaptionTricks = 5,
     /// The held-out examples of `validation.loss_split`.
     HoldOut = 6,
+    /// The order of one aspect-ratio bucket's examples in one epoch (`a` = epoch, `b` = bucket).
+    Bucket = 7,
 }
 
 /// SplitMix64's finaliser: a bijective mix of 64 bits.

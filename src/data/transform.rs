@@ -108,14 +108,41 @@ pub fn center_crop_offset(size: u32, crop: u32) -> u32 {
     ((size as f64 - crop as f64) / 2.0).round_ties_even().max(0.0) as u32
 }
 
+/// The output of one image's preprocessing: the size it is resized to and the size it is then
+/// cropped to, both (width, height). Without buckets, the shorter side resized to the resolution
+/// and a square crop; with buckets, the image's bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target {
+    pub resized: (u32, u32),
+    pub crop: (u32, u32),
+    /// Center crops at `floor((size - crop) / 2)` as kohya's bucketed crop, instead of
+    /// torchvision's round-half-to-even.
+    pub floor_center: bool,
+}
+
+impl Target {
+    /// torchvision's `Resize(res)` + a `res`² crop of a `width` x `height` image.
+    pub fn square(width: u32, height: u32, resolution: u32) -> Self {
+        Self { resized: resized_size(width, height, resolution), crop: (resolution, resolution), floor_center: false }
+    }
+}
+
 /// Draw the crop offset and flip for a resized image of `width` x `height`.
 pub fn draw_augmentation(width: u32, height: u32, opts: &PreprocessOptions, rng: &mut impl rand::Rng) -> Augmentation {
     let res = opts.resolution;
+    let target = Target { resized: (width, height), crop: (res, res), floor_center: false };
+    draw_augmentation_for(&target, opts, rng)
+}
+
+/// Draw the crop offset (top first, then left) and the flip for `target`.
+pub fn draw_augmentation_for(target: &Target, opts: &PreprocessOptions, rng: &mut impl rand::Rng) -> Augmentation {
+    let ((width, height), (cw, ch)) = (target.resized, target.crop);
     let (top, left) = match opts.crop {
-        CropMode::Center => (center_crop_offset(height, res), center_crop_offset(width, res)),
+        CropMode::Center if target.floor_center => (height.saturating_sub(ch) / 2, width.saturating_sub(cw) / 2),
+        CropMode::Center => (center_crop_offset(height, ch), center_crop_offset(width, cw)),
         CropMode::Random => {
-            let top = rng.random_range(0..=height.saturating_sub(res));
-            let left = rng.random_range(0..=width.saturating_sub(res));
+            let top = rng.random_range(0..=height.saturating_sub(ch));
+            let left = rng.random_range(0..=width.saturating_sub(cw));
             (top, left)
         }
     };
@@ -134,21 +161,29 @@ pub fn preprocess_with_geometry(image: &RgbImage, opts: &PreprocessOptions, rng:
     let (w, h) = image.dimensions();
     anyhow::ensure!(w > 0 && h > 0, "cannot resize an empty {w}x{h} image");
     anyhow::ensure!(opts.resolution > 0, "resolution must be positive");
-    let (rw, rh) = resized_size(w, h, opts.resolution);
-    let aug = draw_augmentation(rw, rh, opts, rng);
+    preprocess_to(image, &Target::square(w, h, opts.resolution), opts, rng)
+}
+
+/// Resize `image` to `target.resized`, crop `target.crop` and flip, drawing from `rng`; CHW f32
+/// in [-1, 1] of the crop's size, and the example's original size and crop offset.
+pub fn preprocess_to(image: &RgbImage, target: &Target, opts: &PreprocessOptions, rng: &mut impl rand::Rng) -> anyhow::Result<(Vec<f32>, Geometry)> {
+    let (w, h) = image.dimensions();
+    anyhow::ensure!(w > 0 && h > 0, "cannot resize an empty {w}x{h} image");
+    let ((rw, rh), (cw, ch)) = (target.resized, target.crop);
+    anyhow::ensure!(cw > 0 && ch > 0 && rw >= cw && rh >= ch, "cannot crop {cw}x{ch} out of {rw}x{rh}");
+    let aug = draw_augmentation_for(target, opts, rng);
     // Resize only the crop: the same pixels as resizing everything, then cropping.
-    let res = opts.resolution;
-    let width = res.min(rw - aug.left);
+    let width = cw.min(rw - aug.left);
     // Cropping the flipped image at `left` takes the mirrored window of the unflipped one.
     let left = if opts.flip_before_crop && aug.flip { rw - width - aug.left } else { aug.left };
-    let window = Window { left, top: aug.top, width, height: res.min(rh - aug.top) };
+    let window = Window { left, top: aug.top, width, height: ch.min(rh - aug.top) };
     let cropped = if (w, h) == (rw, rh) {
         image::imageops::crop_imm(image, window.left, window.top, window.width, window.height).to_image()
     } else {
         pil_resize_window(image, rw, rh, opts.interpolation, window)
     };
     let geometry = Geometry { original: (h, w), crop_top_left: (aug.top, aug.left) };
-    Ok((crop_flip_to_chw(&cropped, res, Augmentation { top: 0, left: 0, flip: aug.flip }), geometry))
+    Ok((crop_flip_to_chw_sized(&cropped, (cw, ch), Augmentation { top: 0, left: 0, flip: aug.flip }), geometry))
 }
 
 /// `Resize(resolution)` of torchvision on a PIL image.
@@ -163,20 +198,26 @@ pub fn resize_shorter_side(image: &RgbImage, resolution: u32, interpolation: Int
 /// Crop `resolution²` at the augmentation's offset, flip if asked, and apply `ToTensor` +
 /// `Normalize(0.5, 0.5)`: `(v / 255 - 0.5) / 0.5` in f32, CHW.
 pub fn crop_flip_to_chw(image: &RgbImage, resolution: u32, aug: Augmentation) -> Vec<f32> {
-    let res = resolution as usize;
+    crop_flip_to_chw_sized(image, (resolution, resolution), aug)
+}
+
+/// [`crop_flip_to_chw`] for a `width` x `height` crop.
+pub fn crop_flip_to_chw_sized(image: &RgbImage, (width, height): (u32, u32), aug: Augmentation) -> Vec<f32> {
+    let (cw, ch) = (width as usize, height as usize);
     let (w, h) = (image.width() as usize, image.height() as usize);
-    let mut out = vec![0f32; 3 * res * res];
+    let plane = cw * ch;
+    let mut out = vec![0f32; 3 * plane];
     let raw = image.as_raw();
-    for y in 0..res {
+    for y in 0..ch {
         let sy = y + aug.top as usize;
-        for x in 0..res {
-            let cx = if aug.flip { res - 1 - x } else { x };
+        for x in 0..cw {
+            let cx = if aug.flip { cw - 1 - x } else { x };
             let sx = cx + aug.left as usize;
             // torchvision pads a crop larger than the image with zeros (black); never happens after
             // the shorter-side resize, kept for completeness.
             let pixel = if sy < h && sx < w { &raw[(sy * w + sx) * 3..(sy * w + sx) * 3 + 3] } else { &[0, 0, 0][..] };
             for c in 0..3 {
-                out[c * res * res + y * res + x] = (pixel[c] as f32 / 255.0 - 0.5) / 0.5;
+                out[c * plane + y * cw + x] = (pixel[c] as f32 / 255.0 - 0.5) / 0.5;
             }
         }
     }

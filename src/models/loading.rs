@@ -140,6 +140,13 @@ impl StableDiffusion {
         self.family.default_resolution(prediction)
     }
 
+    /// What image sides must be a multiple of: the VAE's downsampling times the UNet's.
+    pub fn pixel_multiple(&self) -> u32 {
+        let vae = 1u32 << self.vae.config().block_out_channels.len().saturating_sub(1);
+        let unet = 1u32 << self.unet.config().block_out_channels.len().saturating_sub(1);
+        vae * unet
+    }
+
     /// Where the text encoders are (the CPU while parked).
     pub(crate) fn text_encoder_device(&self) -> Device {
         self.text.device()

@@ -124,6 +124,10 @@ pub(crate) fn loader_options(p: &Pipeline, family: Option<Family>, resolution: u
             flip_before_crop: family == Some(Family::Sdxl),
         },
         decode: data::DecodeOptions { max_image_pixels: Some(p.dataset.max_image_pixels) },
+        buckets: pre.buckets.then(|| {
+            let (min_reso, max_reso, step) = pre.bucket_bounds();
+            data::bucket::BucketOptions { min_reso, max_reso, step, no_upscale: pre.bucket_no_upscale }
+        }),
         captions: data::CaptionOptions {
             dropout: p.dataset.caption_dropout,
             shuffle_tags: p.dataset.shuffle_tags,
@@ -251,12 +255,16 @@ pub(crate) fn named_params(prefix: &str, loras: &[TrainableLora]) -> Vec<NamedVa
         .collect()
 }
 
-/// Adapts the data loader to the trainer's [`BatchSource`] (with its batch size).
-pub(crate) struct LoaderSource(pub(crate) DataLoader, pub(crate) usize);
+/// Adapts the data loader to the trainer's [`BatchSource`].
+pub(crate) struct LoaderSource(pub(crate) DataLoader);
 
 impl BatchSource for LoaderSource {
     fn num_examples(&self) -> usize {
         self.0.dataset().len()
+    }
+
+    fn batches_per_epoch(&self, _batch_size: usize) -> usize {
+        self.0.batches_per_epoch()
     }
 
     fn batches<'a>(&'a self, epoch: usize, start_batch: usize) -> Box<dyn Iterator<Item = Result<TrainBatch>> + 'a> {
@@ -265,8 +273,7 @@ impl BatchSource for LoaderSource {
             return Box::new(self.0.epoch(epoch).map(move |b| b.map(to_train)));
         }
         // Resuming mid-epoch: the same seeded order, from the first batch not yet consumed.
-        let order = self.0.epoch_order(epoch);
-        let chunks: Vec<Vec<usize>> = order.chunks(self.1.max(1)).skip(start_batch).map(<[usize]>::to_vec).collect();
+        let chunks: Vec<Vec<usize>> = self.0.epoch_batches(epoch).into_iter().skip(start_batch).collect();
         Box::new(chunks.into_iter().map(move |c| self.0.load_batch(epoch, &c).map(to_train)))
     }
 }

@@ -147,8 +147,19 @@ impl StepPlan {
     ) -> anyhow::Result<Self> {
         anyhow::ensure!(num_examples > 0, "the dataset is empty: nothing to train on");
         anyhow::ensure!(batch_size > 0, "batch size must be at least 1");
+        Self::from_batches(num_examples.div_ceil(batch_size), gradient_accumulation_steps, num_epochs, max_train_steps)
+    }
+
+    /// [`StepPlan::new`] for a loader of `batches_per_epoch` batches (aspect-ratio buckets each
+    /// end in a short batch, so the count is theirs, summed).
+    pub fn from_batches(
+        batches_per_epoch: usize,
+        gradient_accumulation_steps: usize,
+        num_epochs: usize,
+        max_train_steps: Option<usize>,
+    ) -> anyhow::Result<Self> {
+        anyhow::ensure!(batches_per_epoch > 0, "the dataset is empty: nothing to train on");
         anyhow::ensure!(gradient_accumulation_steps > 0, "gradient accumulation steps must be at least 1");
-        let batches_per_epoch = num_examples.div_ceil(batch_size);
         let updates_per_epoch = batches_per_epoch.div_ceil(gradient_accumulation_steps);
         let max_train_steps = max_train_steps.unwrap_or(num_epochs * updates_per_epoch);
         anyhow::ensure!(max_train_steps > 0, "zero training steps (epochs 0 and no max_train_steps)");

@@ -89,6 +89,10 @@ pub struct TrainBatch {
 /// epoch at a given batch (for exact resume without decoding skipped images).
 pub trait BatchSource {
     fn num_examples(&self) -> usize;
+    /// Batches in one epoch (`ceil(examples / batch_size)`, or per aspect-ratio bucket).
+    fn batches_per_epoch(&self, batch_size: usize) -> usize {
+        self.num_examples().div_ceil(batch_size.max(1))
+    }
     fn batches<'a>(&'a self, epoch: usize, start_batch: usize) -> Box<dyn Iterator<Item = Result<TrainBatch>> + 'a>;
 }
 
@@ -391,7 +395,9 @@ impl<'a> Trainer<'a> {
     /// Run the whole loop over `source`.
     pub fn train(&mut self, source: &dyn BatchSource, mut progress: Option<&mut ProgressFn<'_>>) -> Result<TrainOutcome> {
         let s = self.settings.clone();
-        let plan = StepPlan::new(source.num_examples(), s.batch_size, s.gradient_accumulation_steps, s.num_epochs, s.max_train_steps)?;
+        anyhow::ensure!(source.num_examples() > 0, "the dataset is empty: nothing to train on");
+        anyhow::ensure!(s.batch_size > 0, "batch size must be at least 1");
+        let plan = StepPlan::from_batches(source.batches_per_epoch(s.batch_size), s.gradient_accumulation_steps, s.num_epochs, s.max_train_steps)?;
         let base_lr = if s.scale_lr { scale_lr(s.learning_rate, s.gradient_accumulation_steps, s.batch_size, 1) } else { s.learning_rate };
         std::fs::create_dir_all(&s.output_dir).with_context(|| format!("creating output directory {}", s.output_dir.display()))?;
 

@@ -4,13 +4,11 @@
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use candle_core::Device;
 
 use crate::runner::lock::Fingerprint;
 use crate::runner::plan::{Plan, StageId};
 use crate::runner::resolve::model_loader_options;
 use super::{LoadedModel, Run, nothing, out, with_rate, Ran, Stage, StageCtx};
-use crate::adapters::lora::InitRng;
 use crate::config::types as cfg;
 use crate::data::DataLoader;
 use crate::data::cache::EncodeCache;
@@ -91,17 +89,12 @@ fn run_encode(ctx: &mut StageCtx<'_>, model: &mut LoadedModel, loader: &DataLoad
     let (mut new_latents, mut new_texts) = (0usize, 0usize);
     // A caption several examples share is looked up once (not "reused" from the cache).
     let mut seen_captions: std::collections::HashSet<&str> = std::collections::HashSet::new();
-    for example in &dataset.examples {
+    for (index, example) in dataset.examples.iter().enumerate() {
         if caches_latents(plan) {
             let image = data::decode::decode_example(example, &opts.decode).map_err(|e| anyhow::anyhow!("{e}"))?;
             for &flip in flips {
-                // Exactly the loader's pixels for this variant: a center crop draws nothing,
-                // and flip_p 0 / 1 fixes the flip.
-                let pre = data::PreprocessOptions { flip_p: if flip { 1.0 } else { 0.0 }, ..opts.preprocess.clone() };
-                let mut rng = <InitRng as rand::SeedableRng>::seed_from_u64(0);
-                let pixels = data::transform::preprocess(&image, &pre, &mut rng)?;
-                let res = pre.resolution as usize;
-                let px = candle_core::Tensor::from_vec(pixels, (1, 3, res, res), &Device::Cpu)?;
+                // Exactly the loader's pixels for this variant (its bucket, when bucketed).
+                let px = loader.fixed_pixels(index, &image, flip)?;
                 let key = cache.latent_key(&px.get(0)?)?;
                 if cache.get(&key, &device)?.is_none() {
                     let dist = sd.vae.encode(&px.to_device(&device)?)?;

@@ -178,6 +178,13 @@ fn kohya_header(ctx: &StageCtx<'_>, train_details: &BTreeMap<String, serde_json:
                 }
             }
         },
+        buckets: match (p.preprocess.buckets, train_details.get("bucket_info")) {
+            (true, Some(layout)) => {
+                let (min_reso, max_reso, _) = p.preprocess.bucket_bounds();
+                Some(crate::adapters::kohya_meta::BucketMeta { min_reso, max_reso, no_upscale: p.preprocess.bucket_no_upscale, info: layout.clone() })
+            }
+            _ => None,
+        },
         pipeline_toml: resolved_toml(&ctx.plan.loaded),
     };
     // kohya sd-scripts names SDXL UNet modules in the original layout

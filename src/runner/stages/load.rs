@@ -142,6 +142,15 @@ pub(super) const PREPROCESS: Stage = Stage {
             cfg::Crop::Random => "random crop",
         };
         let flip = if pre.random_flip { ", random flip" } else { "" };
+        if pre.buckets {
+            let (min, max, step) = pre.bucket_bounds();
+            let upscale = if pre.bucket_no_upscale { ", never enlarging" } else { "" };
+            return format!(
+                "aspect-ratio buckets of about {}² pixels ({min} to {max} px in steps of {step}{upscale}), resize to cover, {crop}{flip}, normalise to [-1, 1]; {}",
+                resolution_text(p.pipeline()),
+                bucket_layout(p.pipeline())
+            );
+        }
         format!("resize to {} ({}), {crop}{flip}, normalise to [-1, 1] (per batch, as training reads it)", resolution_text(p.pipeline()), choice_name(&pre.interpolation))
     },
     run: Run::Plain(|ctx| {
@@ -150,6 +159,9 @@ pub(super) const PREPROCESS: Stage = Stage {
         let model = ctx.session.model.as_ref().context("the model stage runs before preprocess")?;
         let opts = model_loader_options(ctx.plan.pipeline(), &model.sd);
         let p = ctx.plan.pipeline();
+        if p.preprocess.buckets {
+            check_buckets(&p.preprocess, opts.preprocess.resolution, model.sd.pixel_multiple())?;
+        }
         if p.validation.loss_split > 0.0 {
             let (train, held) = data::holdout::split(dataset, p.validation.loss_split, p.train.seed.unwrap_or(0))?;
             tracing::info!("dataset: {} examples held out for the validation loss, {} to train on", held.len(), train.len());
@@ -160,6 +172,47 @@ pub(super) const PREPROCESS: Stage = Stage {
             ctx.heldout = None;
             ctx.loader = Some(DataLoader::new(dataset.clone(), opts)?);
         }
+        if let Some(b) = ctx.loader.as_ref().and_then(DataLoader::buckets) {
+            tracing::info!("buckets (kohya's, mean aspect-ratio error {:.4}):\n  {}", b.mean_ar_error, b.layout_lines().join("\n  "));
+        }
         Ok(Ran::done())
     }),
 };
+
+/// The bucket layout `plan` shows: a local dataset's image headers read and bucketed as the
+/// preprocess stage will (after `max_samples` and the held-out split; before bad images are
+/// screened out).
+fn bucket_layout(p: &cfg::Pipeline) -> String {
+    let Some(resolution) = p.preprocess.resolution else {
+        return "the layout is known once the model's resolution is (set preprocess.resolution to see it here)".into();
+    };
+    if p.dataset.kind == cfg::DatasetKind::Hub {
+        return "the layout is known once the hub dataset is read".into();
+    }
+    let layout = || -> Result<String> {
+        let dataset = data::source::load_source(&source_spec(p)?, &source_options(p))?;
+        let dataset = if p.validation.loss_split > 0.0 { data::holdout::split(&dataset, p.validation.loss_split, p.train.seed.unwrap_or(0))?.0 } else { dataset };
+        let loader = DataLoader::new(Arc::new(dataset), loader_options(p, None, resolution))?;
+        let b = loader.buckets().context("buckets are on")?;
+        Ok(format!("{} batches an epoch: {}", loader.batches_per_epoch(), b.layout_lines().join(", ")))
+    };
+    layout().unwrap_or_else(|e| format!("the layout could not be read yet ({e:#})"))
+}
+
+/// The bucket bounds against the resolved resolution (validation checks them when the pipeline
+/// sets it) and the model's size multiple (a bucket side the UNet cannot halve enough times would
+/// fail in its first step).
+fn check_buckets(pre: &cfg::PreprocessConfig, resolution: u32, multiple: u32) -> Result<()> {
+    if let Some((key, msg)) = pre.bucket_bounds_error(resolution) {
+        anyhow::bail!("{msg} (the resolution is the model's default; set `{key}` or `preprocess.resolution`)");
+    }
+    let (min, max, step) = pre.bucket_bounds();
+    for (key, v) in [("preprocess.bucket_reso_steps", step), ("preprocess.min_bucket_reso", min), ("preprocess.max_bucket_reso", max)] {
+        anyhow::ensure!(
+            v % multiple == 0,
+            "`{key}` = {v} is not a multiple of {multiple}: this model's VAE and UNet halve an image's sides that many times (e.g. {})",
+            v.div_ceil(multiple) * multiple
+        );
+    }
+    Ok(())
+}

@@ -178,6 +178,7 @@ fn run_train(ctx: &mut StageCtx<'_>, model: &mut LoadedModel, loader: &DataLoade
     let device = model.device.clone();
     let loader = loader.clone();
     let n_examples = loader.dataset().len();
+    let bucket_info = loader.buckets().map(|b| b.kohya_info());
     ctx.report.resolution = Some(crate::runner::resolve::resolution(p, &model.sd));
     // For the kohya header (`ss_tag_frequency`), kept in the lock so export can rerun alone.
     let tag_frequency = crate::adapters::kohya_meta::tag_frequency(
@@ -234,7 +235,7 @@ fn run_train(ctx: &mut StageCtx<'_>, model: &mut LoadedModel, loader: &DataLoade
     trainer.stop = ctx.stop.clone();
     trainer.unused_params = unused_text_params(&sd_ref.text, &te_loras);
     if let Some(held) = ctx.heldout.clone() {
-        trainer.heldout = Some(Box::new(LoaderSource(held, p.train.batch_size as usize)));
+        trainer.heldout = Some(Box::new(LoaderSource(held)));
     }
     let cache = (!plan.no_cache).then(|| encode_cache(plan));
     if let Some(cache) = &cache {
@@ -245,9 +246,8 @@ fn run_train(ctx: &mut StageCtx<'_>, model: &mut LoadedModel, loader: &DataLoade
     let mut last_log = Instant::now();
     // Validation while training, as the reference: at the end of every `every_epochs`-th epoch
     // (epoch 0 included), and every `every_steps` updates when set.
-    let steps = crate::train::lr::StepPlan::new(
-        n_examples,
-        p.train.batch_size as usize,
+    let steps = crate::train::lr::StepPlan::from_batches(
+        loader.batches_per_epoch(),
         p.train.gradient_accumulation_steps as usize,
         p.train.epochs as usize,
         p.train.max_steps.map(|n| n as usize),
@@ -299,7 +299,7 @@ fn run_train(ctx: &mut StageCtx<'_>, model: &mut LoadedModel, loader: &DataLoade
         }
     };
     let training = crate::util::interrupt::training();
-    let outcome = trainer.train(&LoaderSource(loader, p.train.batch_size as usize), Some(&mut on_update))?;
+    let outcome = trainer.train(&LoaderSource(loader), Some(&mut on_update))?;
     drop(training);
     if let Some(o) = observer.as_deref_mut() {
         o.finished(&device);
@@ -352,6 +352,9 @@ fn run_train(ctx: &mut StageCtx<'_>, model: &mut LoadedModel, loader: &DataLoade
     details.insert("examples".to_string(), serde_json::Value::from(n_examples));
     details.insert("resolution".to_string(), serde_json::Value::from(ctx.report.resolution.unwrap_or(0)));
     details.insert("tag_frequency".to_string(), tag_frequency);
+    if let Some(info) = bucket_info {
+        details.insert("bucket_info".to_string(), info);
+    }
     details.insert("max_train_steps".to_string(), serde_json::Value::from(ctx.report.train.as_ref().map_or(0, |t| t.max_train_steps)));
     details.insert("updates_per_epoch".to_string(), serde_json::Value::from(steps.updates_per_epoch));
     // What the next run compares with to say which keys changed.
