@@ -36,6 +36,7 @@ mod models_lora;
 mod models_parity;
 mod optim_golden;
 mod optim_lion;
+mod optim_peers;
 mod report_outputs;
 mod run_tiny;
 mod sched_generate;

@@ -428,30 +428,57 @@ pub enum OptimizerKind {
     /// momentum, one moment per parameter (half AdamW's state); usually with a learning rate 3-10x
     /// smaller than AdamW's.
     Lion,
+    /// AdamW with its two moments in bitsandbytes' blockwise dynamic 8-bit form (kohya's
+    /// `--optimizer_type AdamW8bit`): about a quarter of AdamW's state memory.
+    Adamw8bit,
+    /// Prodigy as `prodigyopt` (kohya's `--optimizer_type Prodigy`): Adam that estimates its own
+    /// step size; `train.learning_rate` multiplies the estimate and is left at 1.0.
+    Prodigy,
+    /// transformers' Adafactor with the learning rate from the schedule (kohya's
+    /// `--optimizer_type Adafactor` with `relative_step=False scale_parameter=False
+    /// warmup_init=False`): a factored second moment, no first moment.
+    Adafactor,
 }
 
-/// `[optimizer]`: AdamW (torch's, decoupled weight decay) or Lion, and gradient clipping.
+/// `[optimizer]`: AdamW (torch's, decoupled weight decay), Lion, 8-bit AdamW, Prodigy or
+/// Adafactor, and gradient clipping.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct OptimizerConfig {
-    /// The update rule: "adamw" (the reference's) or "lion" (as kohya's `--optimizer_type Lion`).
+    /// The update rule: "adamw" (the reference's), or as kohya's `--optimizer_type`: "lion",
+    /// "adamw8bit", "prodigy", "adafactor".
     pub kind: OptimizerKind,
     /// beta1 (AdamW's first moment; Lion's interpolation).
     #[schemars(range(min = 0), extend("exclusiveMaximum" = 1, "x-reference" = "--adam_beta1"))]
     pub beta1: f64,
-    /// beta2 (AdamW's second moment; Lion's momentum). Unset: 0.999 for AdamW, 0.99 for Lion
-    /// (lion-pytorch's default).
+    /// beta2 (AdamW's second moment; Lion's momentum). Unset: 0.999 for AdamW, 8-bit AdamW and
+    /// Prodigy, 0.99 for Lion (lion-pytorch's default). Adafactor has none.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0), extend("exclusiveMaximum" = 1, "x-reference" = "--adam_beta2"))]
     pub beta2: Option<f64>,
-    /// Decoupled weight decay. Unset: 1e-2 for AdamW (the reference's), 0 for Lion
-    /// (lion-pytorch's default).
+    /// Decoupled weight decay. Unset: 1e-2 for AdamW and 8-bit AdamW (the reference's), 0 for
+    /// Lion, Prodigy and Adafactor (their packages' defaults).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0), extend("x-reference" = "--adam_weight_decay"))]
     pub weight_decay: Option<f64>,
     /// AdamW epsilon.
     #[schemars(extend("exclusiveMinimum" = 0, "x-reference" = "--adam_epsilon"))]
     pub epsilon: f64,
+    /// Prodigy's `d_coef`: the estimated step size is multiplied by it (kind = "prodigy").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("exclusiveMinimum" = 0))]
+    pub d_coef: Option<f64>,
+    /// Prodigy's `use_bias_correction` (Adam's bias correction on the estimate; kind = "prodigy").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub use_bias_correction: Option<bool>,
+    /// Prodigy's `safeguard_warmup` (leave the lr out of the estimate's denominator, for runs
+    /// with a warmup; kind = "prodigy").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub safeguard_warmup: Option<bool>,
+    /// Adafactor's `scale_parameter`: scale the lr by each parameter's RMS (at least 1e-3);
+    /// kohya's recommended setting is false, the default (kind = "adafactor").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scale_parameter: Option<bool>,
     /// Clip the global gradient norm to this before each update; 0 turns clipping off. The
     /// reference script never clips (see docs/pipeline.md); we do.
     #[schemars(range(min = 0), extend("x-reference" = "--max_grad_norm"))]
@@ -460,7 +487,18 @@ pub struct OptimizerConfig {
 
 impl Default for OptimizerConfig {
     fn default() -> Self {
-        Self { kind: OptimizerKind::Adamw, beta1: 0.9, beta2: None, weight_decay: None, epsilon: 1e-8, max_grad_norm: 1.0 }
+        Self {
+            kind: OptimizerKind::Adamw,
+            beta1: 0.9,
+            beta2: None,
+            weight_decay: None,
+            epsilon: 1e-8,
+            d_coef: None,
+            use_bias_correction: None,
+            safeguard_warmup: None,
+            scale_parameter: None,
+            max_grad_norm: 1.0,
+        }
     }
 }
 
@@ -468,7 +506,7 @@ impl OptimizerConfig {
     /// `beta2`, or the kind's default.
     pub fn beta2(&self) -> f64 {
         self.beta2.unwrap_or(match self.kind {
-            OptimizerKind::Adamw => 0.999,
+            OptimizerKind::Adamw | OptimizerKind::Adamw8bit | OptimizerKind::Prodigy | OptimizerKind::Adafactor => 0.999,
             OptimizerKind::Lion => 0.99,
         })
     }
@@ -476,8 +514,8 @@ impl OptimizerConfig {
     /// `weight_decay`, or the kind's default.
     pub fn weight_decay(&self) -> f64 {
         self.weight_decay.unwrap_or(match self.kind {
-            OptimizerKind::Adamw => 1e-2,
-            OptimizerKind::Lion => 0.0,
+            OptimizerKind::Adamw | OptimizerKind::Adamw8bit => 1e-2,
+            OptimizerKind::Lion | OptimizerKind::Prodigy | OptimizerKind::Adafactor => 0.0,
         })
     }
 }

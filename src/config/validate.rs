@@ -977,11 +977,41 @@ impl Checks<'_> {
     }
 
     fn optimizer(&mut self, p: &Pipeline) {
-        if p.optimizer.kind == crate::config::types::OptimizerKind::Lion && self.is_set("optimizer.epsilon") {
+        use crate::config::types::OptimizerKind as K;
+        let kind = p.optimizer.kind;
+        let name = crate::config::choice_name(&kind);
+        // Keys the kind has no use for.
+        let foreign: &[(&str, &str)] = match kind {
+            K::Lion => &[("optimizer.epsilon", "Lion takes the sign of its momentum and has no epsilon")],
+            K::Adafactor => &[
+                ("optimizer.epsilon", "Adafactor's epsilons are fixed (1e-30, 1e-3)"),
+                ("optimizer.beta1", "Adafactor keeps no first moment here"),
+                ("optimizer.beta2", "Adafactor's decay follows 1 - step^-0.8"),
+            ],
+            _ => &[],
+        };
+        for (key, why) in foreign {
+            if self.is_set(key) {
+                self.error(&[key], format!("`{key}` does nothing for kind = \"{name}\": {why}"), Some("remove it, or pick another kind".into()));
+            }
+        }
+        let only: [(&str, K); 4] = [
+            ("optimizer.d_coef", K::Prodigy),
+            ("optimizer.use_bias_correction", K::Prodigy),
+            ("optimizer.safeguard_warmup", K::Prodigy),
+            ("optimizer.scale_parameter", K::Adafactor),
+        ];
+        for (key, owner) in only {
+            if kind != owner && self.is_set(key) {
+                let owner_name = crate::config::choice_name(&owner);
+                self.error(&[key], format!("`{key}` is {owner_name}'s, and `optimizer.kind` is \"{name}\""), Some(format!("set kind = \"{owner_name}\", or remove it")));
+            }
+        }
+        if kind == K::Prodigy && !self.is_set("train.learning_rate") {
             self.error(
-                &["optimizer.epsilon"],
-                "`optimizer.epsilon` is AdamW's; Lion takes the sign of its momentum and has no epsilon".into(),
-                Some("remove epsilon, or use kind = \"adamw\"".into()),
+                &["optimizer.kind"],
+                "Prodigy estimates its own step size and `train.learning_rate` multiplies it: the default 1e-4 would make it 10,000 times too small".into(),
+                Some("set train.learning_rate = 1.0, as people run Prodigy".into()),
             );
         }
     }

@@ -182,9 +182,20 @@ pub(crate) fn train_settings(loaded: &LoadedPipeline) -> TrainSettings {
             eps: p.optimizer.epsilon,
             weight_decay: p.optimizer.weight_decay(),
             ema_decay: t.ema_decay,
-            rule: match p.optimizer.kind {
-                cfg::OptimizerKind::Adamw => crate::train::optim::UpdateRule::AdamW,
-                cfg::OptimizerKind::Lion => crate::train::optim::UpdateRule::Lion,
+            rule: {
+                use crate::train::optim::UpdateRule;
+                let o = &p.optimizer;
+                match o.kind {
+                    cfg::OptimizerKind::Adamw => UpdateRule::AdamW,
+                    cfg::OptimizerKind::Lion => UpdateRule::Lion,
+                    cfg::OptimizerKind::Adamw8bit => UpdateRule::AdamW8bit,
+                    cfg::OptimizerKind::Prodigy => UpdateRule::Prodigy {
+                        d_coef: o.d_coef.unwrap_or(1.0),
+                        bias_correction: o.use_bias_correction.unwrap_or(false),
+                        safeguard_warmup: o.safeguard_warmup.unwrap_or(false),
+                    },
+                    cfg::OptimizerKind::Adafactor => UpdateRule::Adafactor { scale_parameter: o.scale_parameter.unwrap_or(false) },
+                }
             },
         },
         max_grad_norm: (p.optimizer.max_grad_norm > 0.0).then_some(p.optimizer.max_grad_norm),

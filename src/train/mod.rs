@@ -5,5 +5,6 @@ pub mod checkpoint;
 pub mod lr;
 pub mod optim;
 pub mod precision;
+pub mod quant8;
 pub mod step;
 pub mod trainer;

@@ -176,6 +176,28 @@ fn kohya_header(ctx: &StageCtx<'_>, train_details: &BTreeMap<String, serde_json:
                 cfg::OptimizerKind::Lion => {
                     format!("lion_pytorch.lion_pytorch.Lion(weight_decay={},betas=({}, {}))", o.weight_decay(), o.beta1, o.beta2())
                 }
+                cfg::OptimizerKind::Adamw8bit => format!(
+                    "bitsandbytes.optim.adamw.AdamW8bit(weight_decay={},betas=({}, {}),eps={})",
+                    o.weight_decay(),
+                    o.beta1,
+                    o.beta2(),
+                    o.epsilon
+                ),
+                cfg::OptimizerKind::Prodigy => format!(
+                    "prodigyopt.prodigy.Prodigy(weight_decay={},betas=({}, {}),eps={},d_coef={},use_bias_correction={},safeguard_warmup={})",
+                    o.weight_decay(),
+                    o.beta1,
+                    o.beta2(),
+                    o.epsilon,
+                    o.d_coef.unwrap_or(1.0),
+                    py_bool(o.use_bias_correction.unwrap_or(false)),
+                    py_bool(o.safeguard_warmup.unwrap_or(false))
+                ),
+                cfg::OptimizerKind::Adafactor => format!(
+                    "transformers.optimization.Adafactor(scale_parameter={},relative_step=False,warmup_init=False,weight_decay={})",
+                    py_bool(o.scale_parameter.unwrap_or(false)),
+                    o.weight_decay()
+                ),
             }
         },
         buckets: match (p.preprocess.buckets, train_details.get("bucket_info")) {
@@ -209,6 +231,11 @@ fn kohya_header(ctx: &StageCtx<'_>, train_details: &BTreeMap<String, serde_json:
         metadata.insert("ss_tag_frequency".into(), tags.to_string());
     }
     Ok((metadata, ldm_names))
+}
+
+/// Python's spelling of a bool, as kohya's `ss_optimizer` prints its arguments.
+fn py_bool(b: bool) -> &'static str {
+    if b { "True" } else { "False" }
 }
 
 /// The UNet config of the pipeline's model (a diffusers folder: SDXL single files are not read).
