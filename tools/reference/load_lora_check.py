@@ -12,6 +12,10 @@ Loads the pipeline with `StableDiffusionPipeline.from_pretrained(model)` and the
   - the number of UNet modules that got a LoRA differs from the number of LoRA modules in the file
     (every `lora.down` / `lora_A` / `lora_down` tensor must end up in the UNet);
   - some injected lora_A / lora_B weight is not bit-identical to a tensor of the file;
+  - DoRA (PEFT's `use_dora`): the number of UNet modules that got a DoRA magnitude differs from the
+    number of `lora_magnitude_vector` tensors in the UNet part of the file, or some injected magnitude
+    is not bit-identical to one of them (a file without magnitudes loads as a plain LoRA: nothing to
+    check then). diffusers drops kohya/LyCORIS-style `dora_scale` keys with a warning, which fails;
   - the LoRA does not change the UNet output at all;
   - with --expect: the output with the LoRA differs from the file's `out_with_lora` by more than
     --tol (relative to max(1, |expected|)).
@@ -30,7 +34,10 @@ import torch
 from safetensors import safe_open
 
 KEY_TROUBLE = ("unexpected", "missing", "unsupported", "no lora keys", "ignor", "not found", "could not",
-               "unused", "were not used", "not match", "mismatch")
+               "unused", "were not used", "not match", "mismatch",
+               # diffusers' "DoRA checkpoint that is not compatible ... filter out the keys associated to 'dora_scale'"
+               "dora_scale", "not compatible", "filter out")
+MAGNITUDE = ("lora_magnitude_vector", "lora_magnitude_vector.weight")
 
 
 class Capture(logging.Handler):
@@ -50,10 +57,11 @@ def digest(t):
 
 
 def file_lora_tensors(path):
-    """(number of LoRA modules in the UNet part of the file, {digest of every down/up tensor})."""
+    """(number of LoRA modules in the UNet part of the file, {digest of every down/up tensor},
+    number of DoRA magnitude tensors in the UNet part, {digest of every magnitude tensor})."""
     if os.path.isdir(path):
         path = os.path.join(path, "pytorch_lora_weights.safetensors")
-    modules, digests = 0, set()
+    modules, digests, magnitudes, mag_digests = 0, set(), 0, set()
     with safe_open(path, "pt") as f:
         for k in f.keys():
             is_unet = k.startswith("unet.") or k.startswith("lora_unet_") or not k.startswith(
@@ -63,7 +71,10 @@ def file_lora_tensors(path):
                 modules += 1
             if k.endswith(".weight"):
                 digests.add(digest(f.get_tensor(k)))
-    return modules, digests
+            if k.endswith(MAGNITUDE):
+                magnitudes += is_unet
+                mag_digests.add(digest(f.get_tensor(k)))
+    return modules, digests, magnitudes, mag_digests
 
 
 def file_has_text_encoder_keys(path):
@@ -154,7 +165,7 @@ def main():
 
     report = {"lora": a.lora, "model": a.model}
     if not problems:
-        n_file, file_digests = file_lora_tensors(a.lora)
+        n_file, file_digests, n_file_mag, mag_digests = file_lora_tensors(a.lora)
         injected = {n: m for n, m in unet.named_modules()
                     if hasattr(m, "lora_A") and "checked" in getattr(m, "lora_A", {})}
         report["file_lora_modules"] = n_file
@@ -166,6 +177,16 @@ def main():
                          or digest(m.lora_B["checked"].weight) not in file_digests]
         if not_from_file:
             problems.append(f"{len(not_from_file)} modules hold weights not found in the file, e.g. {not_from_file[0]}")
+        # DoRA: every magnitude of the file must end up in the UNet, bit for bit.
+        dora = {n: m for n, m in injected.items() if "checked" in (getattr(m, "lora_magnitude_vector", None) or {})}
+        if n_file_mag or dora:
+            report["file_dora_magnitudes"] = n_file_mag
+            report["unet_modules_with_dora"] = len(dora)
+            if len(dora) != n_file_mag:
+                problems.append(f"file has {n_file_mag} UNet DoRA magnitudes but {len(dora)} UNet modules got one")
+            mag_not_from_file = [n for n, m in dora.items() if digest(m.lora_magnitude_vector["checked"].weight) not in mag_digests]
+            if mag_not_from_file:
+                problems.append(f"{len(mag_not_from_file)} modules hold DoRA magnitudes not found in the file, e.g. {mag_not_from_file[0]}")
         scales = sorted({float(m.scaling["checked"]) for m in injected.values()})
         ranks = sorted({int(m.r["checked"]) for m in injected.values()})
         report["scales"], report["ranks"] = scales, ranks
