@@ -78,7 +78,7 @@ fn png_jpeg_webp_all_decode() {
     let mean: f64 = jpeg.as_raw().iter().zip(img.to_rgb8().as_raw()).map(|(a, b)| (*a as f64 - *b as f64).abs()).sum::<f64>() / (16.0 * 8.0 * 3.0);
     assert!(mean < 8.0, "jpeg mean abs diff {mean} (tolerance 8 levels)");
     // The fixture folder's JPEGs decode too.
-    let ex = Example { image: ImageData::File(fixture("shapes-folder/train/0000.jpg")), caption: Caption::One(String::new()), origin: "0000.jpg".into() };
+    let ex = Example { image: ImageData::File(fixture("shapes-folder/train/0000.jpg")), caption: Caption::One(String::new()), origin: "0000.jpg".into(), group: 0 };
     assert_eq!(decode_example(&ex, &DecodeOptions::default()).unwrap().dimensions(), (96, 64));
 }
 
@@ -96,13 +96,13 @@ fn bad_dataset() -> Dataset {
     let mut examples = Vec::new();
     for name in ["empty.png", "huge-header.png", "not-an-image.png", "truncated.png"] {
         let path = fixture(&format!("bad/{name}"));
-        examples.push(Example { origin: path.display().to_string(), image: ImageData::File(path), caption: Caption::One("x".into()) });
+        examples.push(Example { origin: path.display().to_string(), image: ImageData::File(path), caption: Caption::One("x".into()), group: 0 });
     }
     for name in ["0001.png", "0003.jpg"] {
         let path = fixture(&format!("shapes-folder/train/{name}"));
-        examples.push(Example { origin: path.display().to_string(), image: ImageData::File(path), caption: Caption::One("ok".into()) });
+        examples.push(Example { origin: path.display().to_string(), image: ImageData::File(path), caption: Caption::One("ok".into()), group: 0 });
     }
-    Dataset { examples, description: "bad + good".into() }
+    Dataset { examples, description: "bad + good".into(), groups: Vec::new() }
 }
 
 #[test]
@@ -180,7 +180,7 @@ fn elongated_images_are_refused_from_the_header_before_anything_is_allocated() {
     ImageBuffer::from_pixel(1, 2_000_000, Luma([128u8])).save(&strip).unwrap();
     let mut ds = bad_dataset();
     ds.examples.drain(..4);
-    ds.examples.push(Example { origin: strip.display().to_string(), image: ImageData::File(strip.clone()), caption: Caption::One("x".into()) });
+    ds.examples.push(Example { origin: strip.display().to_string(), image: ImageData::File(strip.clone()), caption: Caption::One("x".into()), group: 0 });
     let start = Instant::now();
     let (kept, skipped) = screen_dataset(ds.clone(), &DecodeOptions::default(), OnBadImage::Skip).unwrap();
     assert!(start.elapsed().as_secs_f64() < 2.0, "screening took {:?}", start.elapsed());
@@ -198,7 +198,7 @@ fn a_named_pipe_among_the_images_is_a_bad_image_not_a_hang() {
     let fifo = dir.path().join("pipe.png");
     let c = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
-    let ex = Example { origin: fifo.display().to_string(), image: ImageData::File(fifo.clone()), caption: Caption::One("x".into()) };
+    let ex = Example { origin: fifo.display().to_string(), image: ImageData::File(fifo.clone()), caption: Caption::One("x".into()), group: 0 };
     // Nobody writes to the pipe: reading it would block for ever.
     let err = decode_example(&ex, &DecodeOptions::default()).unwrap_err();
     assert_eq!(err.reason, "not a regular file: it is a named pipe (FIFO)");

@@ -23,6 +23,7 @@ mod data_decode;
 mod device_parity;
 mod data_hub;
 mod data_loader;
+mod data_multi_source;
 mod data_parquet_variants;
 mod data_sources;
 mod data_transform;

@@ -197,6 +197,66 @@ pub struct DatasetConfig {
     /// kohya's `--keep_tokens`.
     #[serde(default)]
     pub keep_tokens: u32,
+    /// How many times each image of this source is seen per epoch (kohya's `num_repeats`, the
+    /// `10_name` folder prefix).
+    #[serde(default = "default_repeats")]
+    #[schemars(range(min = 1))]
+    pub repeats: u32,
+    /// Put before every caption of this source with a space (kohya's `caption_prefix`): a
+    /// trigger word, e.g. "sks".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caption_prefix: Option<String>,
+    /// More sources trained together with this table's own, each with its own layout, columns,
+    /// repeats and caption prefix (kohya's `[[datasets.subsets]]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<ExtraSource>,
+}
+
+fn default_repeats() -> u32 {
+    1
+}
+
+/// `[[dataset.sources]]`: another dataset source, read as `[dataset]`'s own.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExtraSource {
+    /// The layout: "hub" needs `name`; "parquet", "imagefolder" and "sidecar" need `path`.
+    pub kind: DatasetKind,
+    /// Hub dataset id (kind = "hub").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Local dataset file or folder, relative to the pipeline file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// Column that holds the images.
+    #[serde(default = "default_image_column")]
+    pub image_column: String,
+    /// Column that holds the captions.
+    #[serde(default = "default_caption_column")]
+    pub caption_column: String,
+    /// Times each image is seen per epoch (kohya's `num_repeats`).
+    #[serde(default = "default_repeats")]
+    #[schemars(range(min = 1))]
+    pub repeats: u32,
+    /// Put before every caption of this source with a space (kohya's `caption_prefix`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caption_prefix: Option<String>,
+}
+
+impl DatasetConfig {
+    /// Every source: `[dataset]`'s own first, then `[[dataset.sources]]`, as (key prefix, source).
+    pub fn all_sources(&self) -> Vec<(String, ExtraSource)> {
+        let own = ExtraSource {
+            kind: self.kind,
+            name: self.name.clone(),
+            path: self.path.clone(),
+            image_column: self.image_column.clone(),
+            caption_column: self.caption_column.clone(),
+            repeats: self.repeats,
+            caption_prefix: self.caption_prefix.clone(),
+        };
+        std::iter::once(("dataset".to_string(), own)).chain(self.sources.iter().enumerate().map(|(i, s)| (format!("dataset.sources[{i}]"), s.clone()))).collect()
+    }
 }
 
 fn default_image_column() -> String {

@@ -154,6 +154,11 @@ fn resolve_paths(p: &mut Pipeline, prov: &Provenance) {
     if let Some(v) = p.dataset.path.as_mut() {
         fix("dataset.path", v);
     }
+    for (i, src) in p.dataset.sources.iter_mut().enumerate() {
+        if let Some(v) = src.path.as_mut() {
+            fix(&format!("dataset.sources[{i}].path"), v);
+        }
+    }
     fix("output.dir", &mut p.output.dir);
 }
 
@@ -804,6 +809,11 @@ impl Checks<'_> {
     /// (`fallback`, the typed value, when no source set it).
     fn shown(&self, key: &str, fallback: &Path) -> String {
         let written = self.written(key);
+        // `written` walks tables only: a key inside an array (`dataset.sources[0].path`) shows
+        // the resolved path.
+        if written.is_empty() {
+            return tidy_path(fallback).display().to_string();
+        }
         match self.prov.origin(key) {
             Some(o) if self.prov.base_dirs[o.source].is_some() && Path::new(&written).is_relative() => {
                 let file = Path::new(&self.prov.sources[o.source].name);
@@ -816,6 +826,19 @@ impl Checks<'_> {
 
     fn dataset(&mut self, p: &Pipeline) {
         let d = &p.dataset;
+        for (i, src) in d.sources.iter().enumerate() {
+            let key = format!("dataset.sources[{i}]");
+            match (src.kind, &src.name, &src.path) {
+                (DatasetKind::Hub, None, _) => self.error(&[&format!("{key}.kind"), &key], format!("`{key}` is kind \"hub\" and needs `name` (a hub dataset id)"), None),
+                (DatasetKind::Hub, Some(_), Some(_)) => self.error(&[&format!("{key}.path"), &key], format!("`{key}.path` is for local datasets; kind \"hub\" reads `name`"), None),
+                (DatasetKind::Hub, Some(name), None) if !valid_hub_id(name) => {
+                    self.error(&[&format!("{key}.name"), &key], format!("`{key}.name` = \"{name}\" is not a hub dataset id (owner/name)"), None)
+                }
+                (DatasetKind::Hub, Some(_), None) => {}
+                (kind, _, Some(path)) => self.dataset_path(&format!("{key}.path"), kind, path),
+                (_, _, None) => self.error(&[&format!("{key}.kind"), &key], format!("`{key}` is a local dataset and needs `path`"), None),
+            }
+        }
         if d.keep_tokens > 0 && !d.shuffle_tags {
             self.error(
                 &["dataset.keep_tokens"],
@@ -843,7 +866,7 @@ impl Checks<'_> {
                 }
                 match &d.path {
                     None => self.error(&["dataset.kind"], format!("dataset kind \"{}\" needs `dataset.path`", kind_name(kind)), None),
-                    Some(path) => self.dataset_path(kind, path),
+                    Some(path) => self.dataset_path("dataset.path", kind, path),
                 }
             }
         }
@@ -858,25 +881,26 @@ impl Checks<'_> {
         }
     }
 
-    fn dataset_path(&mut self, kind: DatasetKind, path: &Path) {
-        let shown = self.shown("dataset.path", path);
+    fn dataset_path(&mut self, key: &str, kind: DatasetKind, path: &Path) {
+        let shown = self.shown(key, path);
         let found = what_is(path);
         if !matches!(found, Found::Dir | Found::File) {
-            return self.error(&["dataset.path"], format!("dataset path `{shown}` {}", found.not_a("file or folder")), None);
+            let what = if key == "dataset.path" { "dataset path".to_string() } else { format!("`{key}`") };
+            return self.error(&[key], format!("{what} `{shown}` {}", found.not_a("file or folder")), None);
         }
         match kind {
             DatasetKind::Parquet => {
                 let ok = if path.is_file() { true } else { find_file(path, 3, &|n| n.ends_with(".parquet")) };
                 if !ok {
-                    self.error(&["dataset.path"], format!("no .parquet file in `{shown}`"), None);
+                    self.error(&[key], format!("no .parquet file in `{shown}`"), None);
                 }
             }
             DatasetKind::Imagefolder => {
                 if !path.is_dir() {
-                    self.error(&["dataset.path"], format!("`{shown}` is a file; kind \"imagefolder\" needs a folder"), None);
+                    self.error(&[key], format!("`{shown}` is a file; kind \"imagefolder\" needs a folder"), None);
                 } else if !find_file(path, 3, &|n| crate::layout::METADATA_NAMES.contains(&n)) {
                     self.error(
-                        &["dataset.path"],
+                        &[key],
                         format!("no metadata.jsonl or metadata.csv in `{shown}`"),
                         Some("an image folder needs metadata.jsonl lines {\"file_name\": ..., \"text\": ...} (or a metadata.csv with those columns); for .txt captions next to the images use kind = \"sidecar\"".into()),
                     );
@@ -884,7 +908,7 @@ impl Checks<'_> {
             }
             DatasetKind::Sidecar => {
                 if !path.is_dir() {
-                    self.error(&["dataset.path"], format!("`{shown}` is a file; kind \"sidecar\" needs a folder"), None);
+                    self.error(&[key], format!("`{shown}` is a file; kind \"sidecar\" needs a folder"), None);
                 }
             }
             DatasetKind::Hub => {}

@@ -68,9 +68,9 @@ impl EncodeCache {
     pub(crate) fn latent_key(&self, pixels: &Tensor) -> Result<String> {
         let v = pixels.flatten_all()?.to_vec1::<f32>()?;
         let mut bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-        let (_, h, w) = pixels.dims3()?;
-        if h != w {
-            bytes.extend(format!("{h}x{w}").bytes());
+        let dims = pixels.dims();
+        if dims.len() >= 2 && dims[dims.len() - 2] != dims[dims.len() - 1] {
+            bytes.extend(format!("{}x{}", dims[dims.len() - 2], dims[dims.len() - 1]).bytes());
         }
         Ok(self.key("latent", &bytes))
     }

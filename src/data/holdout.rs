@@ -21,6 +21,7 @@ pub fn split(dataset: &Dataset, fraction: f64, seed: u64) -> anyhow::Result<(Dat
     let part = |keep: bool, what: &str| Dataset {
         examples: dataset.examples.iter().zip(&out).filter(|(_, &o)| o == keep).map(|(e, _)| e.clone()).collect(),
         description: format!("{} ({what})", dataset.description),
+        groups: dataset.groups.clone(),
     };
     Ok((part(false, "training part"), part(true, &format!("{held} held out"))))
 }

@@ -64,13 +64,19 @@ pub(crate) fn model_source(p: &Pipeline) -> Result<String> {
 }
 
 pub(crate) fn source_spec(p: &Pipeline) -> Result<data::SourceSpec> {
-    let path = || p.dataset.path.clone().context("[dataset] needs `path` for this kind");
-    Ok(match p.dataset.kind {
+    let all = p.dataset.all_sources();
+    spec_of(p, &all[0].1)
+}
+
+/// The layout to read for one source (`[dataset]`'s own or one of `[[dataset.sources]]`).
+fn spec_of(p: &Pipeline, s: &cfg::ExtraSource) -> Result<data::SourceSpec> {
+    let path = || s.path.clone().context("a local dataset source needs `path`");
+    Ok(match s.kind {
         cfg::DatasetKind::Parquet => data::SourceSpec::Parquet { path: path()? },
         cfg::DatasetKind::Imagefolder => data::SourceSpec::ImageFolder { dir: path()? },
         cfg::DatasetKind::Sidecar => data::SourceSpec::Sidecar { dir: path()?, caption_extensions: vec!["txt".into(), "caption".into()] },
         cfg::DatasetKind::Hub => data::SourceSpec::Hub {
-            repo_id: p.dataset.name.clone().context("[dataset] kind = \"hub\" needs `name`")?,
+            repo_id: s.name.clone().context("a dataset source of kind \"hub\" needs `name`")?,
             hub: data::source::hub::HubOptions {
                 revision: None,
                 cache_dir: p.model.cache_dir.clone(),
@@ -79,6 +85,33 @@ pub(crate) fn source_spec(p: &Pipeline) -> Result<data::SourceSpec> {
             },
         },
     })
+}
+
+/// Read every source of the pipeline's dataset as one (`max_samples` draws from the first
+/// source's examples, as before there were several); a single source without repeats or prefix
+/// is read exactly as it always was.
+pub fn load_dataset(p: &Pipeline) -> Result<data::Dataset> {
+    let all = p.dataset.all_sources();
+    if all.len() == 1 && all[0].1.repeats == 1 && all[0].1.caption_prefix.is_none() {
+        return data::source::load_source(&source_spec(p)?, &source_options(p));
+    }
+    let mut parts = Vec::with_capacity(all.len());
+    for (i, (key, s)) in all.iter().enumerate() {
+        let mut opts = source_options(p);
+        opts.image_column = s.image_column.clone();
+        opts.caption_column = s.caption_column.clone();
+        if i > 0 {
+            opts.max_samples = None;
+        }
+        let dataset = data::source::load_source(&spec_of(p, s)?, &opts).with_context(|| format!("reading `{key}`"))?;
+        let name = match (&s.name, &s.path) {
+            (Some(name), _) => name.clone(),
+            (None, Some(path)) => crate::util::path::tidy_path(path).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            (None, None) => String::new(),
+        };
+        parts.push((dataset, data::source::SourceGroup { name, repeats: s.repeats }, s.caption_prefix.clone()));
+    }
+    Ok(data::Dataset::combine(parts))
 }
 
 fn interpolation(i: cfg::Interpolation) -> data::Interpolation {

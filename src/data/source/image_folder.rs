@@ -100,10 +100,10 @@ pub fn load(dir: &Path, opts: &SourceOptions) -> anyhow::Result<Dataset> {
             if !path.is_file() {
                 bail!("{}: image file {} does not exist", at(), path.display());
             }
-            examples.push(Example { image: ImageData::File(path.clone()), caption, origin: path.display().to_string() });
+            examples.push(Example { image: ImageData::File(path.clone()), caption, origin: path.display().to_string(), group: 0 });
         }
     }
-    Ok(Dataset { examples, description: dir.display().to_string() })
+    Ok(Dataset { examples, description: dir.display().to_string(), groups: Vec::new() })
 }
 
 /// Whether a `file_name` names a file below the metadata file's folder: relative, no `..`, no

@@ -46,6 +46,8 @@ pub struct Example {
     pub caption: Caption,
     /// Where it comes from, for messages: a file path, or `file.parquet row 12`.
     pub origin: String,
+    /// Its source among [`Dataset::groups`] (0 for a one-source dataset).
+    pub group: usize,
 }
 
 /// The examples of one dataset, in source order (after the `max_samples` subset).
@@ -54,9 +56,56 @@ pub struct Dataset {
     pub examples: Vec<Example>,
     /// What was read, for messages (a path).
     pub description: String,
+    /// The sources the examples come from (empty: one source, seen once an epoch).
+    pub groups: Vec<SourceGroup>,
+}
+
+/// One source of a dataset of several: its name (kohya's folder name in `ss_tag_frequency`) and
+/// how often each of its images is seen per epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceGroup {
+    pub name: String,
+    pub repeats: u32,
 }
 
 impl Dataset {
+    /// Several sources as one dataset, in order: each example tagged with its source and its
+    /// caption (every choice of a list) behind the source's prefix and a space, as kohya's
+    /// `caption_prefix`.
+    pub fn combine(parts: Vec<(Dataset, SourceGroup, Option<String>)>) -> Dataset {
+        let mut out = Dataset::default();
+        let mut descriptions = Vec::new();
+        for (group, (dataset, info, prefix)) in parts.into_iter().enumerate() {
+            descriptions.push(dataset.description.clone());
+            let with_prefix = |c: String| match &prefix {
+                Some(p) if !p.is_empty() => format!("{p} {c}"),
+                _ => c,
+            };
+            out.examples.extend(dataset.examples.into_iter().map(|mut e| {
+                e.group = group;
+                e.caption = match e.caption {
+                    Caption::One(c) => Caption::One(with_prefix(c)),
+                    Caption::Choices(list) => Caption::Choices(list.into_iter().map(with_prefix).collect()),
+                };
+                e
+            }));
+            out.groups.push(info);
+        }
+        out.description = descriptions.join(" + ");
+        out
+    }
+
+    /// Each example as many times as its source's `repeats` (copies side by side), as kohya's
+    /// `num_repeats`: what one epoch of training goes through.
+    pub fn repeated(&self) -> Dataset {
+        let times = |e: &Example| self.groups.get(e.group).map_or(1, |g| g.repeats.max(1)) as usize;
+        if self.examples.iter().all(|e| times(e) == 1) {
+            return self.clone();
+        }
+        let examples = self.examples.iter().flat_map(|e| std::iter::repeat_n(e.clone(), times(e))).collect();
+        Dataset { examples, description: self.description.clone(), groups: self.groups.clone() }
+    }
+
     pub fn len(&self) -> usize {
         self.examples.len()
     }

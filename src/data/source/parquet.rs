@@ -47,7 +47,7 @@ pub fn load(path: &Path, opts: &SourceOptions) -> anyhow::Result<Dataset> {
     for file in shard_files(path)? {
         read_file(&file, opts, &mut examples)?;
     }
-    Ok(Dataset { examples, description: path.display().to_string() })
+    Ok(Dataset { examples, description: path.display().to_string(), groups: Vec::new() })
 }
 
 fn read_file(file: &Path, opts: &SourceOptions, out: &mut Vec<Example>) -> anyhow::Result<()> {
@@ -77,7 +77,7 @@ fn read_file(file: &Path, opts: &SourceOptions, out: &mut Vec<Example>) -> anyho
                 .with_context(|| format!("{origin}: column `{}`", opts.image_column))?;
             let caption = caption_at(captions.as_ref(), i)
                 .with_context(|| format!("{origin}: column `{}`", opts.caption_column))?;
-            out.push(Example { image, caption, origin });
+            out.push(Example { image, caption, origin, group: 0 });
             row += 1;
         }
     }

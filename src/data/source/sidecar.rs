@@ -33,7 +33,8 @@ pub fn load(dir: &Path, caption_extensions: &[String]) -> anyhow::Result<Dataset
             image: ImageData::File(path.clone()),
             caption: Caption::One(text.trim().to_string()),
             origin: path.display().to_string(),
+            group: 0,
         });
     }
-    Ok(Dataset { examples, description: dir.display().to_string() })
+    Ok(Dataset { examples, description: dir.display().to_string(), groups: Vec::new() })
 }

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 
 use crate::runner::lock::Fingerprint;
 use crate::runner::plan::StageId;
-use crate::runner::resolve::{load_model, loader_options, model_loader_options, resolution_text, select_device, source_options, source_spec, weight_dtype,};
+use crate::runner::resolve::{load_dataset, load_model, loader_options, model_loader_options, resolution_text, select_device, weight_dtype};
 use super::{LoadedModel, Run, no_outputs, not_off, nothing, Ran, Stage, StageCtx};
 use crate::config::choice_name;
 use crate::config::types as cfg;
@@ -78,8 +78,10 @@ pub(super) const DATASET: Stage = Stage {
     fingerprint: |p| {
         let mut f = Fingerprint::new("dataset");
         f.add_toml("dataset", p.table("dataset"));
-        if let Some(path) = &p.pipeline().dataset.path {
-            f.add_files("files", path);
+        for (_, source) in p.pipeline().dataset.all_sources() {
+            if let Some(path) = &source.path {
+                f.add_files("files", path);
+            }
         }
         // The subset drawn with max_samples depends on the seed.
         if p.pipeline().dataset.max_samples.is_some() {
@@ -109,7 +111,7 @@ fn run_dataset(ctx: &mut StageCtx<'_>) -> Result<Ran> {
     if !ctx.opts.force && ctx.session.dataset.as_ref().is_some_and(|(f, _, _)| f == fp) {
         tracing::info!("dataset: kept in memory");
     } else {
-        let dataset = data::source::load_source(&source_spec(p)?, &source_options(p))?;
+        let dataset = load_dataset(p)?;
         let policy = match p.dataset.on_bad_image {
             cfg::OnBadImage::Error => data::OnBadImage::Error,
             cfg::OnBadImage::Skip => data::OnBadImage::Skip,
@@ -165,12 +167,14 @@ pub(super) const PREPROCESS: Stage = Stage {
         if p.validation.loss_split > 0.0 {
             let (train, held) = data::holdout::split(dataset, p.validation.loss_split, p.train.seed.unwrap_or(0))?;
             tracing::info!("dataset: {} examples held out for the validation loss, {} to train on", held.len(), train.len());
-            // The held-out loss is measured as the training loss is, with fixed draws.
+            // The held-out loss is measured as the training loss is, with fixed draws. Repeats
+            // apply after the split: no copy of a held-out image is trained on.
             ctx.heldout = Some(DataLoader::new(Arc::new(held), opts.clone())?);
-            ctx.loader = Some(DataLoader::new(Arc::new(train), opts)?);
+            ctx.loader = Some(DataLoader::new(Arc::new(train.repeated()), opts)?);
         } else {
             ctx.heldout = None;
-            ctx.loader = Some(DataLoader::new(dataset.clone(), opts)?);
+            let dataset = if dataset.groups.iter().any(|g| g.repeats > 1) { Arc::new(dataset.repeated()) } else { dataset.clone() };
+            ctx.loader = Some(DataLoader::new(dataset, opts)?);
         }
         if let Some(b) = ctx.loader.as_ref().and_then(DataLoader::buckets) {
             tracing::info!("buckets (kohya's, mean aspect-ratio error {:.4}):\n  {}", b.mean_ar_error, b.layout_lines().join("\n  "));
@@ -190,8 +194,9 @@ fn bucket_layout(p: &cfg::Pipeline) -> String {
         return "the layout is known once the hub dataset is read".into();
     }
     let layout = || -> Result<String> {
-        let dataset = data::source::load_source(&source_spec(p)?, &source_options(p))?;
+        let dataset = load_dataset(p)?;
         let dataset = if p.validation.loss_split > 0.0 { data::holdout::split(&dataset, p.validation.loss_split, p.train.seed.unwrap_or(0))?.0 } else { dataset };
+        let dataset = dataset.repeated();
         let loader = DataLoader::new(Arc::new(dataset), loader_options(p, None, resolution))?;
         let b = loader.buckets().context("buckets are on")?;
         Ok(format!("{} batches an epoch: {}", loader.batches_per_epoch(), b.layout_lines().join(", ")))

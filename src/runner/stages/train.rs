@@ -181,13 +181,29 @@ fn run_train(ctx: &mut StageCtx<'_>, model: &mut LoadedModel, loader: &DataLoade
     let bucket_info = loader.buckets().map(|b| b.kohya_info());
     ctx.report.resolution = Some(crate::runner::resolve::resolution(p, &model.sd));
     // For the kohya header (`ss_tag_frequency`), kept in the lock so export can rerun alone.
-    let tag_frequency = crate::adapters::kohya_meta::tag_frequency(
-        &dataset_folder_name(p),
-        loader.dataset().examples.iter().flat_map(|e| match &e.caption {
-            data::Caption::One(c) => vec![c.as_str()],
-            data::Caption::Choices(list) => list.iter().map(String::as_str).collect(),
-        }),
-    );
+    let tag_frequency = {
+        // Per source (its folder name), each image once whatever its repeats.
+        let examples = &loader.dataset().examples;
+        let groups = &loader.dataset().groups;
+        let mut seen = std::collections::HashSet::new();
+        let mut by_group: Vec<Vec<&str>> = vec![Vec::new(); groups.len().max(1)];
+        for e in examples.iter().filter(|e| seen.insert(e.origin.as_str())) {
+            let captions = match &e.caption {
+                data::Caption::One(c) => vec![c.as_str()],
+                data::Caption::Choices(list) => list.iter().map(String::as_str).collect(),
+            };
+            let last = by_group.len() - 1;
+            by_group[e.group.min(last)].extend(captions);
+        }
+        let mut all = serde_json::Map::new();
+        for (i, captions) in by_group.into_iter().enumerate() {
+            let name = groups.get(i).map_or_else(|| dataset_folder_name(p), |g| g.name.clone());
+            if let serde_json::Value::Object(m) = crate::adapters::kohya_meta::tag_frequency(&name, captions) {
+                all.extend(m);
+            }
+        }
+        serde_json::Value::Object(all)
+    };
     let sd = &mut model.sd;
     // Encoders parked by an earlier run of this session come back before anything trains.
     sd.unpark_encoders(&device)?;
