@@ -87,6 +87,16 @@ fn spec_of(p: &Pipeline, s: &cfg::ExtraSource) -> Result<data::SourceSpec> {
     })
 }
 
+/// A source's name as kohya keys `ss_tag_frequency`: its folder's name (the hub id for a hub
+/// dataset).
+pub(crate) fn source_name(s: &cfg::ExtraSource) -> String {
+    match (&s.name, &s.path) {
+        (Some(name), _) => name.clone(),
+        (None, Some(path)) => crate::util::path::tidy_path(path).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        (None, None) => String::new(),
+    }
+}
+
 /// Read every source of the pipeline's dataset as one (`max_samples` draws from the first
 /// source's examples, as before there were several); a single source without repeats or prefix
 /// is read exactly as it always was.
@@ -104,12 +114,7 @@ pub fn load_dataset(p: &Pipeline) -> Result<data::Dataset> {
             opts.max_samples = None;
         }
         let dataset = data::source::load_source(&spec_of(p, s)?, &opts).with_context(|| format!("reading `{key}`"))?;
-        let name = match (&s.name, &s.path) {
-            (Some(name), _) => name.clone(),
-            (None, Some(path)) => crate::util::path::tidy_path(path).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-            (None, None) => String::new(),
-        };
-        parts.push((dataset, data::source::SourceGroup { name, repeats: s.repeats }, s.caption_prefix.clone()));
+        parts.push((dataset, data::source::SourceGroup { name: source_name(s), repeats: s.repeats }, s.caption_prefix.clone()));
     }
     Ok(data::Dataset::combine(parts))
 }

@@ -197,7 +197,7 @@ fn run_train(ctx: &mut StageCtx<'_>, model: &mut LoadedModel, loader: &DataLoade
         }
         let mut all = serde_json::Map::new();
         for (i, captions) in by_group.into_iter().enumerate() {
-            let name = groups.get(i).map_or_else(|| dataset_folder_name(p), |g| g.name.clone());
+            let name = groups.get(i).map_or_else(|| crate::runner::resolve::source_name(&p.dataset.all_sources()[0].1), |g| g.name.clone());
             if let serde_json::Value::Object(m) = crate::adapters::kohya_meta::tag_frequency(&name, captions) {
                 all.extend(m);
             }
@@ -416,13 +416,4 @@ pub(crate) fn unused_text_params(text: &crate::models::TextSide, te_loras: &[Vec
         }
     }
     unused
-}
-
-/// The dataset's folder name as kohya keys `ss_tag_frequency` (the hub name for a hub dataset).
-fn dataset_folder_name(p: &cfg::Pipeline) -> String {
-    match (&p.dataset.name, &p.dataset.path) {
-        (Some(name), _) => name.clone(),
-        (None, Some(path)) => tidy_path(path).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-        (None, None) => String::new(),
-    }
 }
