@@ -113,10 +113,8 @@ fn writing_kohya_matches_the_kohya_golden() {
 /// A LoRA with mixed ranks, alphas and a text encoder, built in memory.
 fn synthetic() -> LoraWeights {
     let dev = Device::Cpu;
-    let module = |r: usize, i: usize, o: usize, alpha: Option<f64>| LoraModule {
-        down: Tensor::randn(0f32, 1.0, (r, i), &dev).unwrap(),
-        up: Tensor::randn(0f32, 1.0, (o, r), &dev).unwrap(),
-        alpha,
+    let module = |r: usize, i: usize, o: usize, alpha: Option<f64>| {
+        LoraModule::new(Tensor::randn(0f32, 1.0, (r, i), &dev).unwrap(), Tensor::randn(0f32, 1.0, (o, r), &dev).unwrap(), alpha)
     };
     let mut w = LoraWeights::default();
     w.unet.insert("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q".into(), module(4, 32, 32, Some(4.0)));

@@ -45,6 +45,8 @@ fn spec(targets: &[&str]) -> LoraSpec {
         rank_pattern: BTreeMap::new(),
         alpha_pattern: BTreeMap::new(),
         init: LoraInit::Gaussian,
+        conv: None,
+        use_dora: false,
     }
 }
 

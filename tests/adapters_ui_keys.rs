@@ -29,7 +29,7 @@ fn stems(v: &Value) -> BTreeSet<String> {
 
 fn module(rank: usize, seed: f64) -> LoraModule {
     let t = |n| Tensor::full(seed as f32, n, &Device::Cpu).unwrap();
-    LoraModule { down: t((rank, 3)), up: t((5, rank)), alpha: Some(rank as f64 / 2.0) }
+    LoraModule::new(t((rank, 3)), t((5, rank)), Some(rank as f64 / 2.0))
 }
 
 /// A LoRA on every named module (UNet and text encoder).

@@ -25,7 +25,7 @@ fn bench_tiny_unet_forward_and_backward() {
     for linear in unet.linears_mut().into_iter().filter(|l| ["to_q", "to_k", "to_v", "to_out.0"].iter().any(|t| l.name.ends_with(&format!(".{t}")))) {
         let down = Var::randn(0f32, 0.25, (4, linear.in_features()), &dev).unwrap();
         let up = Var::zeros((linear.out_features(), 4), DType::F32, &dev).unwrap();
-        linear.loras.push(LoraBranch { down: down.as_tensor().clone(), up: up.as_tensor().clone(), scale: 1.0 });
+        linear.loras.push(LoraBranch::new(down.as_tensor().clone(), up.as_tensor().clone(), 1.0));
         vars.push((down, up));
     }
     for size in [8usize, 32] {

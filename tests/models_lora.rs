@@ -58,7 +58,7 @@ fn unet_with_reference_lora_matches_diffusers() {
         let down = &file[&format!("unet.{}.lora.down.weight", linear.name)];
         let up = &file[&format!("unet.{}.lora.up.weight", linear.name)];
         // alpha = r = 4: scale 1.
-        linear.loras.push(LoraBranch { down: down.clone(), up: up.clone(), scale: 1.0 });
+        linear.loras.push(LoraBranch::new(down.clone(), up.clone(), 1.0));
         attached += 1;
     }
     assert_eq!(attached * 2, file.len(), "every LoRA pair in the file has a matching UNet linear");
@@ -77,7 +77,7 @@ fn lora_gradients_reach_every_branch_and_equal_torch() {
     for linear in unet.linears_mut().into_iter().filter(|l| is_target(&l.name)) {
         let down = Var::from_tensor(&step[&format!("before.{}.lora_A.default.weight", linear.name)]).unwrap();
         let up = Var::from_tensor(&step[&format!("before.{}.lora_B.default.weight", linear.name)]).unwrap();
-        linear.loras.push(LoraBranch { down: down.as_tensor().clone(), up: up.as_tensor().clone(), scale: 1.0 });
+        linear.loras.push(LoraBranch::new(down.as_tensor().clone(), up.as_tensor().clone(), 1.0));
         vars.push((linear.name.clone(), down, up));
     }
     // 10 transformers (3 down blocks × 1 layer, 1 mid, 3 up blocks × 2 layers) × 2 attentions
@@ -123,7 +123,7 @@ fn random_lora_branches_all_get_finite_nonzero_gradients() {
     for linear in unet.linears_mut().into_iter().filter(|l| is_target(&l.name)) {
         let down = Var::randn(0f32, 0.25, (4, linear.in_features()), &dev).unwrap();
         let up = Var::randn(0f32, 0.25, (linear.out_features(), 4), &dev).unwrap();
-        linear.loras.push(LoraBranch { down: down.as_tensor().clone(), up: up.as_tensor().clone(), scale: 1.0 });
+        linear.loras.push(LoraBranch::new(down.as_tensor().clone(), up.as_tensor().clone(), 1.0));
         vars.push((linear.name.clone(), down, up));
     }
     assert_eq!(vars.len(), 80, "number of LoRA-targeted linears");

@@ -414,7 +414,7 @@ fn sd2_train_step_in_f64_matches_torch() {
         }
         let a = Var::from_tensor(&f(&step[&format!("before.{n}.lora_A.default.weight")])).unwrap();
         let b = Var::from_tensor(&f(&step[&format!("before.{n}.lora_B.default.weight")])).unwrap();
-        lin.loras.push(lora::nn::LoraBranch { down: a.as_tensor().clone(), up: b.as_tensor().clone(), scale: 1.0 });
+        lin.loras.push(lora::nn::LoraBranch::new(a.as_tensor().clone(), b.as_tensor().clone(), 1.0));
         vars.push((n, a, b));
     }
     assert_eq!(vars.len(), 80);

@@ -12,6 +12,7 @@ mod adapters_format;
 mod adapters_kohya_meta;
 mod adapters_ui_keys;
 mod adapters_injection;
+mod adapters_locon_dora;
 mod adapters_unet_golden;
 mod config_broken;
 mod config_schema;

@@ -9,7 +9,9 @@
 //! - old attention processors: `unet.<attn>.processor.to_q_lora.down.weight`, `to_out_lora` →
 //!   `to_out.0` (`text_encoder.<attn>.to_q_lora.down.weight` → `q_proj`, `to_out_lora` → `out_proj`);
 //! - kohya: `lora_unet_<module with _>.lora_down.weight` / `.lora_up.weight` / `.alpha`
-//!   (`lora_te_`, `lora_te1_`; `lora_te2_` for SDXL's second encoder).
+//!   (`lora_te_`, `lora_te1_`; `lora_te2_` for SDXL's second encoder);
+//! - DoRA's magnitude: `<module>.lora_magnitude_vector` (diffusers; `.weight` / `.default.weight`
+//!   in PEFT's names), kohya / LyCORIS `<stem>.dora_scale`.
 
 
 use anyhow::{anyhow, bail, Result};
@@ -42,6 +44,8 @@ pub(crate) enum Part {
     Down,
     Up,
     Alpha,
+    /// DoRA's magnitude (`lora_magnitude_vector`, kohya / LyCORIS `dora_scale`).
+    Magnitude,
 }
 
 /// A key understood: component, module name, part, and the format it is written in.
@@ -68,8 +72,8 @@ pub(crate) fn parse_key(key: &str) -> Result<ParsedKey> {
             "lora_down.weight" => Part::Down,
             "lora_up.weight" => Part::Up,
             "alpha" => Part::Alpha,
-            "dora_scale" => bail!("key `{key}`: DoRA LoRAs are not supported"),
-            _ => bail!("kohya key `{key}`: unknown suffix `.{suffix}` (expected lora_down.weight, lora_up.weight or alpha)"),
+            "dora_scale" => Part::Magnitude,
+            _ => bail!("kohya key `{key}`: unknown suffix `.{suffix}` (expected lora_down.weight, lora_up.weight, alpha or dora_scale)"),
         };
         if stem.is_empty() {
             bail!("kohya key `{key}` names no module");
@@ -99,6 +103,11 @@ pub(crate) fn parse_key(key: &str) -> Result<ParsedKey> {
     if let Some(m) = rest.strip_suffix(".alpha") {
         return parsed(m, Part::Alpha, None);
     }
+    for suffix in [".lora_magnitude_vector", ".lora_magnitude_vector.weight", ".lora_magnitude_vector.default.weight"] {
+        if let Some(m) = rest.strip_suffix(suffix) {
+            return parsed(m, Part::Magnitude, None);
+        }
+    }
     for (suffix, part, format) in [
         (".lora_A.weight", Part::Down, LoraFormat::Peft),
         (".lora_B.weight", Part::Up, LoraFormat::Peft),
@@ -123,9 +132,6 @@ pub(crate) fn parse_key(key: &str) -> Result<ParsedKey> {
                 return parsed(&format!("{attn}.{name}"), part, Some(LoraFormat::AttnProcessor));
             }
         }
-    }
-    if rest.contains("dora") || rest.contains("magnitude") {
-        bail!("key `{key}`: DoRA LoRAs are not supported");
     }
     bail!("key `{key}` is not a LoRA key we understand (expected `.lora.down.weight`, `.lora_A.weight`, `.to_q_lora.down.weight`, `.alpha`, ...)")
 }

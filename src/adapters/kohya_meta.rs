@@ -54,6 +54,10 @@ pub struct TrainingInfo {
     /// Aspect-ratio buckets, when on: kohya's `ss_enable_bucket`, `ss_min_bucket_reso`,
     /// `ss_max_bucket_reso`, `ss_bucket_no_upscale` and `ss_bucket_info` (the layout as JSON).
     pub buckets: Option<BucketMeta>,
+    /// LoCon's conv rank and alpha (kohya's `conv_dim` / `conv_alpha` in `ss_network_args`).
+    pub conv: Option<(usize, f64)>,
+    /// DoRA (`"dora_wd": "True"` in `ss_network_args`, LyCORIS's name for it).
+    pub dora: bool,
     /// The resolved pipeline as TOML; stored with its sha256.
     pub pipeline_toml: String,
 }
@@ -79,6 +83,17 @@ pub fn training_metadata(info: &TrainingInfo) -> BTreeMap<String, String> {
     put("ss_network_module", "networks.lora".into());
     put("ss_network_dim", info.rank.to_string());
     put("ss_network_alpha", fmt_number(info.alpha));
+    let mut args = serde_json::Map::new();
+    if let Some((r, a)) = info.conv {
+        args.insert("conv_dim".into(), r.to_string().into());
+        args.insert("conv_alpha".into(), fmt_number(a).into());
+    }
+    if info.dora {
+        args.insert("dora_wd".into(), "True".into());
+    }
+    if !args.is_empty() {
+        put("ss_network_args", Value::Object(args).to_string());
+    }
     put("ss_base_model_version", info.base_model_version.clone());
     put("ss_sd_model_name", info.model_name.clone());
     put("ss_learning_rate", info.learning_rate.to_string());

@@ -32,7 +32,7 @@ use super::keys::{down_key};
 use super::weights::LoraFormat;
 use super::read::read_lora_file_for_use;
 use super::weights::{Component, LoraModule, LoraWeights};
-use crate::nn::{AdaptedLinear, LoraBranch};
+use crate::nn::{AdaptedConv2d, AdaptedLinear, LoraBranch};
 
 /// The RNG we recommend for LoRA initialisation: a named algorithm, stable across versions.
 pub type InitRng = chacha20::ChaCha8Rng;
@@ -61,6 +61,12 @@ pub struct LoraSpec {
     /// Per-pattern alpha overrides.
     pub alpha_pattern: BTreeMap<String, f64>,
     pub init: LoraInit,
+    /// LoCon: rank and alpha of a branch on every convolution offered (kohya's `conv_dim` /
+    /// `conv_alpha`); `rank_pattern` / `alpha_pattern` override them per module. `None`: no conv
+    /// gets a branch.
+    pub conv: Option<(usize, f64)>,
+    /// DoRA (PEFT's `use_dora`): every branch also learns a magnitude per output channel.
+    pub use_dora: bool,
 }
 
 impl Default for LoraSpec {
@@ -81,6 +87,8 @@ impl LoraSpec {
             rank_pattern: BTreeMap::new(),
             alpha_pattern: BTreeMap::new(),
             init: LoraInit::Gaussian,
+            conv: None,
+            use_dora: false,
         }
     }
 
@@ -104,6 +112,8 @@ pub struct TrainableLora {
     pub down: Var,
     /// B, `[out, r]`, f32.
     pub up: Var,
+    /// DoRA's magnitude m, `[out]`, f32.
+    pub magnitude: Option<Var>,
     pub alpha: f64,
     pub rank: usize,
 }
@@ -122,6 +132,14 @@ impl TrainableLora {
     pub fn peft_up_name(&self) -> String {
         format!("{}.lora_B.default.weight", self.module)
     }
+    /// PEFT's parameter name of DoRA's magnitude (`<module>.lora_magnitude_vector.default.weight`).
+    pub fn peft_magnitude_name(&self) -> String {
+        format!("{}.lora_magnitude_vector.default.weight", self.module)
+    }
+    /// The trainable tensors: A, B, and m for DoRA.
+    pub fn vars(&self) -> impl Iterator<Item = &Var> {
+        [Some(&self.down), Some(&self.up), self.magnitude.as_ref()].into_iter().flatten()
+    }
 }
 
 
@@ -137,9 +155,15 @@ fn pattern_value<T: Copy>(patterns: &[(ModulePattern, T)], name: &str) -> Option
 /// Keep in `spec`'s `rank_pattern` and `alpha_pattern` only the keys that match a module of
 /// `names` that `spec.targets` selects (for one part of a model, when the patterns are shared
 /// with another part). Returns the keys kept.
-pub(crate) fn keep_patterns_for<'a>(spec: &mut LoraSpec, names: impl IntoIterator<Item = &'a str>) -> Result<std::collections::BTreeSet<String>> {
+/// `convs` are convolutions that take a branch whatever the targets (LoCon).
+pub(crate) fn keep_patterns_for<'a>(
+    spec: &mut LoraSpec,
+    names: impl IntoIterator<Item = &'a str>,
+    convs: impl IntoIterator<Item = &'a str>,
+) -> Result<std::collections::BTreeSet<String>> {
     let targets = spec.targets.iter().map(|t| ModulePattern::parse(t)).collect::<Result<Vec<_>>>()?;
-    let targeted: Vec<&str> = names.into_iter().filter(|n| targets.iter().any(|t| t.matches(n))).collect();
+    let mut targeted: Vec<&str> = names.into_iter().filter(|n| targets.iter().any(|t| t.matches(n))).collect();
+    targeted.extend(convs);
     let hits = |k: &str| -> Result<bool> {
         let p = ModulePattern::parse(k)?;
         Ok(targeted.iter().any(|n| p.matches(n)))
@@ -175,6 +199,17 @@ pub struct ModulePlan {
 /// Decide which of `names` get a branch, and with what rank and alpha. Errors name every
 /// pattern that matched nothing, with near names.
 pub fn plan_targets<'a>(names: impl IntoIterator<Item = &'a str> + Clone, spec: &LoraSpec) -> Result<Vec<ModulePlan>> {
+    plan_layers(names, std::iter::empty(), spec)
+}
+
+/// [`plan_targets`] over linear layers (`names`, chosen by `spec.targets`) and convolutions
+/// (`conv_names`, every one of them when `spec.conv` is set, at its rank and alpha unless a
+/// pattern says otherwise). Linear plans come first, each group in name order.
+pub(crate) fn plan_layers<'a>(
+    names: impl IntoIterator<Item = &'a str> + Clone,
+    conv_names: impl IntoIterator<Item = &'a str>,
+    spec: &LoraSpec,
+) -> Result<Vec<ModulePlan>> {
     if spec.rank == 0 {
         bail!("LoRA rank must be at least 1");
     }
@@ -183,6 +218,11 @@ pub fn plan_targets<'a>(names: impl IntoIterator<Item = &'a str> + Clone, spec: 
     }
     if spec.targets.is_empty() {
         bail!("no LoRA target modules given");
+    }
+    if let Some((r, a)) = spec.conv {
+        if r == 0 || !(a.is_finite() && a > 0.0) {
+            bail!("conv LoRA needs a rank of at least 1 and a positive alpha, got rank {r}, alpha {a}");
+        }
     }
     let targets = spec.targets.iter().map(|t| ModulePattern::parse(t)).collect::<Result<Vec<_>>>()?;
     let mut rank_patterns = Vec::new();
@@ -202,6 +242,8 @@ pub fn plan_targets<'a>(names: impl IntoIterator<Item = &'a str> + Clone, spec: 
 
     let mut sorted: Vec<&str> = names.clone().into_iter().collect();
     sorted.sort_unstable();
+    let mut convs: Vec<&str> = conv_names.into_iter().collect();
+    convs.sort_unstable();
     let mut problems = Vec::new();
     let mut plans = Vec::new();
     let mut target_hits = vec![0usize; targets.len()];
@@ -221,10 +263,24 @@ pub fn plan_targets<'a>(names: impl IntoIterator<Item = &'a str> + Clone, spec: 
             });
         }
     }
+    if let Some((conv_rank, conv_alpha)) = spec.conv {
+        for &name in &convs {
+            plans.push(ModulePlan {
+                module: name.to_string(),
+                rank: pattern_value(&rank_patterns, name).unwrap_or(conv_rank),
+                alpha: pattern_value(&alpha_patterns, name).unwrap_or(conv_alpha),
+            });
+        }
+    }
     for (t, hits) in targets.iter().zip(&target_hits) {
         if *hits == 0 {
+            let conv_hint = if convs.iter().any(|n| t.matches(n)) {
+                " (it matches convolutions, which take a branch through `conv_rank`, not the target list)"
+            } else {
+                ""
+            };
             problems.push(format!(
-                "LoRA target `{}` matches no module; near names: {}",
+                "LoRA target `{}` matches no module{conv_hint}; near names: {}",
                 t.text(),
                 near_names(t.text(), sorted.iter().copied()).join(", ")
             ));
@@ -248,7 +304,8 @@ pub fn plan_targets<'a>(names: impl IntoIterator<Item = &'a str> + Clone, spec: 
     Ok(plans)
 }
 
-/// Draw A (`[rank, in_features]`) as `init` says, as f32 values in row-major order.
+/// Draw A (`rank` rows of `in_features` values: a conv's fan-in `in·kh·kw`) as `init` says, as
+/// f32 values in row-major order.
 fn init_down<R: Rng + ?Sized>(init: LoraInit, rank: usize, in_features: usize, rng: &mut R) -> Result<Vec<f32>> {
     let n = rank * in_features;
     Ok(match init {
@@ -270,34 +327,102 @@ fn init_down<R: Rng + ?Sized>(init: LoraInit, rank: usize, in_features: usize, r
     })
 }
 
-/// Inject LoRA branches into the layers `spec` targets and return them for training.
+/// A layer LoRA can adapt.
+pub enum LayerMut<'a> {
+    Linear(&'a mut AdaptedLinear),
+    Conv(&'a mut AdaptedConv2d),
+}
+
+impl LayerMut<'_> {
+    fn name(&self) -> &str {
+        match self {
+            Self::Linear(l) => &l.name,
+            Self::Conv(c) => &c.name,
+        }
+    }
+    fn weight(&self) -> &Tensor {
+        match self {
+            Self::Linear(l) => &l.weight,
+            Self::Conv(c) => &c.conv.weight,
+        }
+    }
+    /// A's shape at rank `r`: `[r, in]`, or a conv's `[r, in, kh, kw]`.
+    fn down_shape(&self, r: usize) -> Vec<usize> {
+        match self {
+            Self::Linear(l) => vec![r, l.in_features()],
+            Self::Conv(c) => {
+                let (r, i, kh, kw) = c.down_shape(r);
+                vec![r, i, kh, kw]
+            }
+        }
+    }
+    fn out_features(&self) -> usize {
+        self.weight().dims()[0]
+    }
+    fn push(&mut self, branch: LoraBranch) {
+        match self {
+            Self::Linear(l) => l.loras.push(branch),
+            Self::Conv(c) => c.loras.push(branch),
+        }
+    }
+}
+
+/// Inject LoRA branches into the linear layers `spec` targets and return them for training.
 ///
 /// Every matched layer gets one new branch whose tensors are the returned `Var`s' tensors
 /// (f32, on the layer's device); scale alpha / r. Layers are initialised in name order.
 pub fn inject<R: Rng + ?Sized>(linears: Vec<&mut AdaptedLinear>, spec: &LoraSpec, rng: &mut R) -> Result<Vec<TrainableLora>> {
-    let mut by_name: BTreeMap<String, &mut AdaptedLinear> = BTreeMap::new();
-    for lin in linears {
-        let name = lin.name.clone();
-        if by_name.insert(name.clone(), lin).is_some() {
+    inject_layers(linears, Vec::new(), spec, rng)
+}
+
+/// [`inject`] into linear layers and, when `spec.conv` is set, every one of `convs` (LoCon),
+/// initialised after the linear layers, each group in name order. A conv's A is
+/// `[r, in, kh, kw]` (its kaiming bound uses fan-in `in·kh·kw`, as torch's for a conv weight).
+/// With `spec.use_dora` each branch also gets DoRA's magnitude, initialised to `‖W‖` per output
+/// channel (PEFT's init: B = 0, so `‖W + s·B A‖ = ‖W‖`).
+pub fn inject_layers<R: Rng + ?Sized>(
+    linears: Vec<&mut AdaptedLinear>,
+    convs: Vec<&mut AdaptedConv2d>,
+    spec: &LoraSpec,
+    rng: &mut R,
+) -> Result<Vec<TrainableLora>> {
+    let mut by_name: BTreeMap<String, LayerMut<'_>> = BTreeMap::new();
+    let mut conv_names = Vec::new();
+    for layer in linears.into_iter().map(LayerMut::Linear).chain(convs.into_iter().map(LayerMut::Conv)) {
+        let name = layer.name().to_string();
+        if matches!(layer, LayerMut::Conv(_)) {
+            conv_names.push(name.clone());
+        }
+        if by_name.insert(name.clone(), layer).is_some() {
             bail!("two layers share the module name `{name}`");
         }
     }
-    let plans = plan_targets(by_name.keys().map(String::as_str), spec)?;
+    let linear_names: Vec<String> = by_name.iter().filter(|(_, l)| matches!(l, LayerMut::Linear(_))).map(|(n, _)| n.clone()).collect();
+    let plans = plan_layers(linear_names.iter().map(String::as_str), conv_names.iter().map(String::as_str), spec)?;
     let mut out = Vec::with_capacity(plans.len());
     for plan in plans {
-        let lin = by_name.get_mut(&plan.module).expect("planned module exists");
-        let (in_f, out_f) = (lin.in_features(), lin.out_features());
-        let device = lin.weight.device().clone();
-        let down = Tensor::from_vec(init_down(spec.init, plan.rank, in_f, rng)?, (plan.rank, in_f), &device)?;
+        let layer = by_name.get_mut(&plan.module).expect("planned module exists");
+        let shape = layer.down_shape(plan.rank);
+        let fan_in: usize = shape[1..].iter().product();
+        let out_f = layer.out_features();
+        let device = layer.weight().device().clone();
+        let down = Tensor::from_vec(init_down(spec.init, plan.rank, fan_in, rng)?, shape, &device)?;
         let up = Tensor::zeros((out_f, plan.rank), DType::F32, &device)?;
         let down = Var::from_tensor(&down)?;
         let up = Var::from_tensor(&up)?;
-        lin.loras.push(LoraBranch {
+        let magnitude = if spec.use_dora {
+            let w = layer.weight().to_dtype(DType::F32)?;
+            Some(Var::from_tensor(&w.reshape((out_f, ()))?.sqr()?.sum(1)?.sqrt()?)?)
+        } else {
+            None
+        };
+        layer.push(LoraBranch {
             down: down.as_tensor().clone(),
             up: up.as_tensor().clone(),
             scale: plan.alpha / plan.rank as f64,
+            magnitude: magnitude.as_ref().map(|m| m.as_tensor().clone()),
         });
-        out.push(TrainableLora { module: plan.module, down, up, alpha: plan.alpha, rank: plan.rank });
+        out.push(TrainableLora { module: plan.module, down, up, magnitude, alpha: plan.alpha, rank: plan.rank });
     }
     Ok(out)
 }
@@ -316,6 +441,10 @@ pub fn trained_weights(unet: &[TrainableLora], text_encoders: &[&[TrainableLora]
                         down: l.down.as_tensor().to_dtype(DType::F32)?.copy()?,
                         up: l.up.as_tensor().to_dtype(DType::F32)?.copy()?,
                         alpha: Some(l.alpha),
+                        magnitude: match &l.magnitude {
+                            Some(m) => Some(m.as_tensor().to_dtype(DType::F32)?.copy()?),
+                            None => None,
+                        },
                     },
                 ))
             })
@@ -326,15 +455,26 @@ pub fn trained_weights(unet: &[TrainableLora], text_encoders: &[&[TrainableLora]
     Ok(LoraWeights { unet: snapshot(unet)?, text_encoder: te(0)?, text_encoder_2: te(1)?, ..LoraWeights::default() })
 }
 
-/// Match the modules of one component of a LoRA file to `linears` and check shapes. Returns
-/// (index into linears, module) pairs, or every problem found.
+/// The shape `m`'s A takes on `layer` (its own, or a 1x1 conv's `[r, in, 1, 1]` ↔ a linear's
+/// `[r, in]`), or `None` when it does not fit.
+fn fitted_down_shape(layer: &LayerMut<'_>, m: &LoraModule) -> Option<Vec<usize>> {
+    let r = m.rank();
+    let want = layer.down_shape(r);
+    let got = m.down.dims();
+    let pointwise = |d: &[usize]| d[2..].iter().all(|&k| k == 1);
+    let fits = got == want.as_slice() || (got[..2] == want[..2] && pointwise(got) && pointwise(&want));
+    (fits && m.up.dims() == [layer.out_features(), r] && m.magnitude.as_ref().is_none_or(|g| g.dims() == [layer.out_features()])).then_some(want)
+}
+
+/// Match the modules of one component of a LoRA file to `layers` and check shapes. Returns
+/// (index into layers, module, A's shape there) triples, or every problem found.
 fn match_component<'w>(
     component: Component,
     format: Option<LoraFormat>,
     modules: &'w BTreeMap<String, LoraModule>,
-    linears: &[&mut AdaptedLinear],
+    layers: &[LayerMut<'_>],
     problems: &mut Vec<String>,
-) -> Vec<(usize, &'w LoraModule)> {
+) -> Vec<(usize, &'w LoraModule, Vec<usize>)> {
     let title = match component {
         Component::Unet => "UNet",
         Component::TextEncoder => "text encoder",
@@ -342,9 +482,9 @@ fn match_component<'w>(
     };
     let mut exact = BTreeMap::new();
     let mut underscored = BTreeMap::new();
-    for (i, lin) in linears.iter().enumerate() {
-        exact.insert(lin.name.as_str(), i);
-        underscored.insert(lin.name.replace('.', "_"), i);
+    for (i, layer) in layers.iter().enumerate() {
+        exact.insert(layer.name(), i);
+        underscored.insert(layer.name().replace('.', "_"), i);
     }
     let mut out = Vec::new();
     for (name, m) in modules {
@@ -354,47 +494,61 @@ fn match_component<'w>(
         let Some(i) = idx else {
             problems.push(format!(
                 "{title} LoRA module `{name}` (key `{key}`) matches no layer of the model; near names: {}",
-                near_names(name, linears.iter().map(|l| l.name.as_str())).join(", ")
+                near_names(name, layers.iter().map(|l| l.name())).join(", ")
             ));
             continue;
         };
-        let lin = &linears[i];
-        let (r, in_f) = (m.down.dims()[0], m.down.dims()[1]);
-        let (out_f, r_up) = (m.up.dims()[0], m.up.dims()[1]);
-        if in_f != lin.in_features() || out_f != lin.out_features() || r != r_up {
+        let layer = &layers[i];
+        let Some(shape) = fitted_down_shape(layer, m) else {
+            let kind = if matches!(layer, LayerMut::Conv(_)) { "convolution" } else { "layer" };
             problems.push(format!(
-                "{title} LoRA module `{name}` (key `{key}`): down {:?} / up {:?} do not fit layer `{}` with weight {:?} (down must be [r, {}], up [{}, r])",
+                "{title} LoRA module `{name}` (key `{key}`): down {:?} / up {:?}{} do not fit {kind} `{}` with weight {:?} (down must be {:?} with r = rank, up [{}, r]{})",
                 m.down.dims(),
                 m.up.dims(),
-                lin.name,
-                lin.weight.dims(),
-                lin.in_features(),
-                lin.out_features()
+                m.magnitude.as_ref().map_or(String::new(), |g| format!(" / DoRA magnitude {:?}", g.dims())),
+                layer.name(),
+                layer.weight().dims(),
+                layer.down_shape(m.rank()),
+                layer.out_features(),
+                if m.magnitude.is_some() { format!(", magnitude [{}]", layer.out_features()) } else { String::new() },
             ));
             continue;
-        }
-        out.push((i, m));
+        };
+        out.push((i, m, shape));
     }
     out
 }
 
-/// Attach the branches of `weights` to the given layers (the UNet's, then each text encoder's
-/// in order), each scaled by its alpha / r times `scale`. Nothing is attached unless every
-/// module matches a layer with fitting shapes.
+/// Attach the branches of `weights` to the given linear layers (the UNet's, then each text
+/// encoder's in order), each scaled by its alpha / r times `scale`. Nothing is attached unless
+/// every module matches a layer with fitting shapes.
 pub fn apply_lora_weights(
     weights: &LoraWeights,
-    mut unet: Vec<&mut AdaptedLinear>,
-    mut text_encoders: Vec<Vec<&mut AdaptedLinear>>,
+    unet: Vec<&mut AdaptedLinear>,
+    text_encoders: Vec<Vec<&mut AdaptedLinear>>,
+    scale: f64,
+) -> Result<()> {
+    apply_lora_layers(weights, unet, Vec::new(), text_encoders, scale)
+}
+
+/// [`apply_lora_weights`] with the UNet's convolutions too (LoCon modules).
+pub fn apply_lora_layers(
+    weights: &LoraWeights,
+    unet: Vec<&mut AdaptedLinear>,
+    unet_convs: Vec<&mut AdaptedConv2d>,
+    text_encoders: Vec<Vec<&mut AdaptedLinear>>,
     scale: f64,
 ) -> Result<()> {
     let mut problems = Vec::new();
     let f = weights.source_format;
+    let mut unet: Vec<LayerMut<'_>> = unet.into_iter().map(LayerMut::Linear).chain(unet_convs.into_iter().map(LayerMut::Conv)).collect();
+    let mut text_encoders: Vec<Vec<LayerMut<'_>>> = text_encoders.into_iter().map(|l| l.into_iter().map(LayerMut::Linear).collect()).collect();
     let unet_plan = match_component(Component::Unet, f, &weights.unet, &unet, &mut problems);
     let mut te_plans = Vec::new();
     for (i, component) in [Component::TextEncoder, Component::TextEncoder2].into_iter().enumerate() {
         let modules = weights.component(component);
         match text_encoders.get(i) {
-            Some(linears) => te_plans.push(match_component(component, f, modules, linears, &mut problems)),
+            Some(layers) => te_plans.push(match_component(component, f, modules, layers, &mut problems)),
             None if modules.is_empty() => te_plans.push(Vec::new()),
             None => problems.push(format!(
                 "the LoRA has {} modules for a {} text encoder{}; this model has {} text encoder{}",
@@ -409,21 +563,26 @@ pub fn apply_lora_weights(
     if !problems.is_empty() {
         bail!("{}", problems.join("\n"));
     }
-    let attach = |lin: &mut AdaptedLinear, m: &LoraModule| -> Result<()> {
-        let device = lin.weight.device().clone();
-        lin.loras.push(LoraBranch {
-            down: m.down.to_dtype(DType::F32)?.to_device(&device)?,
+    let attach = |layer: &mut LayerMut<'_>, m: &LoraModule, shape: Vec<usize>| -> Result<()> {
+        let device = layer.weight().device().clone();
+        let magnitude = match &m.magnitude {
+            Some(g) => Some(g.to_dtype(DType::F32)?.to_device(&device)?),
+            None => None,
+        };
+        layer.push(LoraBranch {
+            down: m.down.to_dtype(DType::F32)?.reshape(shape)?.to_device(&device)?,
             up: m.up.to_dtype(DType::F32)?.to_device(&device)?,
             scale: m.scale() * scale,
+            magnitude,
         });
         Ok(())
     };
-    for (i, m) in unet_plan {
-        attach(&mut *unet[i], m)?;
+    for (i, m, shape) in unet_plan {
+        attach(&mut unet[i], m, shape)?;
     }
-    for (linears, plan) in text_encoders.iter_mut().zip(te_plans) {
-        for (i, m) in plan {
-            attach(&mut *linears[i], m)?;
+    for (layers, plan) in text_encoders.iter_mut().zip(te_plans) {
+        for (i, m, shape) in plan {
+            attach(&mut layers[i], m, shape)?;
         }
     }
     Ok(())
@@ -441,7 +600,8 @@ pub fn apply_lora_file(sd: &mut crate::models::StableDiffusion, path: &Path, sca
 /// original layout (kohya's SDXL files: `input_blocks.4.1.…`) are renamed for this UNet first.
 pub fn apply_lora_to_model(weights: &LoraWeights, sd: &mut crate::models::StableDiffusion, scale: f64) -> Result<()> {
     let weights = super::ldm_names::to_diffusers_unet_names(weights, sd.unet.config())?;
-    apply_lora_weights(&weights, sd.unet.linears_mut(), sd.text.linears_mut(), scale)
+    let (linears, convs) = sd.unet.layers_mut();
+    apply_lora_layers(&weights, linears, convs, sd.text.linears_mut(), scale)
 }
 
 /// Overwrite the trainable tensors of `loras` with tensors named `{prefix}{peft name}`, e.g.
@@ -455,14 +615,16 @@ pub fn load_peft_tensors(
     let mut staged = Vec::with_capacity(loras.len() * 2);
     let mut problems = Vec::new();
     for l in loras {
-        for (var, name) in [(&l.down, l.peft_down_name()), (&l.up, l.peft_up_name())] {
+        let magnitude = l.magnitude.as_ref().map(|m| (m, l.peft_magnitude_name()));
+        for (var, name) in [(&l.down, l.peft_down_name()), (&l.up, l.peft_up_name())].into_iter().chain(magnitude.iter().map(|(m, n)| (*m, n.clone()))) {
             let key = format!("{prefix}{name}");
             match tensors.get(&key) {
                 None => problems.push(format!("tensor `{key}` is missing")),
-                Some(t) if t.dims() != var.dims() => {
-                    problems.push(format!("tensor `{key}` has shape {:?}, the LoRA parameter has {:?}", t.dims(), var.dims()))
+                // The same values in PEFT's shape (a conv's B `[out, r, 1, 1]`, m `[1, out, 1, 1]`).
+                Some(t) if t.elem_count() == var.elem_count() && t.dims().iter().filter(|&&d| d != 1).eq(var.dims().iter().filter(|&&d| d != 1)) => {
+                    staged.push((var, t))
                 }
-                Some(t) => staged.push((var, t)),
+                Some(t) => problems.push(format!("tensor `{key}` has shape {:?}, the LoRA parameter has {:?}", t.dims(), var.dims())),
             }
         }
     }
@@ -470,7 +632,7 @@ pub fn load_peft_tensors(
         bail!("{}", problems.join("\n"));
     }
     for (var, t) in staged {
-        var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+        var.set(&t.to_dtype(var.dtype())?.reshape(var.dims())?.to_device(var.device())?)?;
     }
     Ok(())
 }
@@ -495,8 +657,15 @@ pub fn load_lora_modules(loras: &[TrainableLora], modules: &BTreeMap<String, Lor
                         problems.push(format!("LoRA module `{}` has alpha {a}, the injected branch {}", l.module, l.alpha));
                     }
                 }
+                if m.magnitude.is_some() != l.magnitude.is_some() {
+                    problems.push(format!("LoRA module `{}` {} DoRA magnitude, the injected branch {}", l.module, if m.magnitude.is_some() { "has a" } else { "has no" }, if l.magnitude.is_some() { "has one" } else { "has none" }));
+                    continue;
+                }
                 tensors.insert(l.peft_down_name(), m.down.clone());
                 tensors.insert(l.peft_up_name(), m.up.clone());
+                if let Some(g) = &m.magnitude {
+                    tensors.insert(l.peft_magnitude_name(), g.clone());
+                }
             }
         }
     }

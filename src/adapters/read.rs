@@ -152,6 +152,7 @@ pub fn parse_lora_bytes(bytes: &[u8]) -> Result<LoraWeights> {
         up: Option<(String, Tensor)>,
         alpha: Option<f64>,
         alpha_key: Option<String>,
+        magnitude: Option<(String, Tensor)>,
     }
     let mut pending: BTreeMap<(u8, String), (Component, Pending)> = BTreeMap::new();
     let mut format_counts: BTreeMap<LoraFormat, usize> = BTreeMap::new();
@@ -173,9 +174,14 @@ pub fn parse_lora_bytes(bytes: &[u8]) -> Result<LoraWeights> {
             .1;
         let duplicate = |other: &str| anyhow!("keys `{other}` and `{key}` both give module `{}`", parsed.module);
         match parsed.part {
-            Part::Down | Part::Up => {
-                if view.shape().len() != 2 {
-                    bail!("tensor `{key}` has shape {:?}; a LoRA linear weight must be 2-dimensional", view.shape());
+            Part::Down | Part::Up | Part::Magnitude => {
+                let shape = view.shape();
+                match (parsed.part, shape.len()) {
+                    (Part::Down | Part::Up, 2 | 4) | (Part::Magnitude, 1 | 2 | 4) => {}
+                    _ => bail!("tensor `{key}` has shape {shape:?}; a LoRA weight is [r, in] / [out, r] (a conv's [r, in, kh, kw] / [out, r, 1, 1]), a DoRA magnitude [out]"),
+                }
+                if parsed.part == Part::Up && shape.len() == 4 && (shape[2], shape[3]) != (1, 1) {
+                    bail!("tensor `{key}` has shape {shape:?}; a conv LoRA's up weight is a 1x1 conv [out, r, 1, 1]");
                 }
                 let t = view_to_tensor(key, &view)?;
                 if !t.dtype().is_float() {
@@ -187,7 +193,11 @@ pub fn parse_lora_bytes(bytes: &[u8]) -> Result<LoraWeights> {
                 if nan + inf > 0 {
                     non_finite.push(NonFiniteTensor { key: key.to_string(), nan, inf, total: values.len() });
                 }
-                let place = if parsed.part == Part::Down { &mut slot.down } else { &mut slot.up };
+                let place = match parsed.part {
+                    Part::Down => &mut slot.down,
+                    Part::Up => &mut slot.up,
+                    _ => &mut slot.magnitude,
+                };
                 if let Some((other, _)) = place {
                     return Err(duplicate(other));
                 }
@@ -210,6 +220,8 @@ pub fn parse_lora_bytes(bytes: &[u8]) -> Result<LoraWeights> {
             anyhow!("module `{module}` has an up weight ({}) but no down weight", p.up.as_ref().map_or_else(|| p.alpha_key.clone().unwrap_or_default(), |u| u.0.clone()))
         })?;
         let (up_key, up) = p.up.ok_or_else(|| anyhow!("module `{module}` has a down weight (`{down_key}`) but no up weight"))?;
+        // Keep B as `[out, r]` (a conv's 1x1 B flattened); A keeps its kernel.
+        let up = if up.rank() == 4 { up.reshape((up.dims()[0], up.dims()[1]))? } else { up };
         let (r, r_up) = (down.dims()[0], up.dims()[1]);
         if r != r_up || r == 0 {
             bail!(
@@ -222,7 +234,30 @@ pub fn parse_lora_bytes(bytes: &[u8]) -> Result<LoraWeights> {
         if weights.component(component).contains_key(&module) {
             bail!("two spellings of module `{module}` in one file (e.g. `{down_key}`)");
         }
-        weights.component_mut(component).insert(module, LoraModule { down, up, alpha: p.alpha });
+        let magnitude = match p.magnitude {
+            None => None,
+            Some((key, m)) => {
+                let out = up.dims()[0];
+                let dims = m.dims().to_vec();
+                // `lora_magnitude_vector`: `[out]` (linear) or `[1, out, 1, 1]` (conv), PEFT's
+                // shapes; `dora_scale`: `[out, 1]` / `[out, 1, 1, 1]`, LyCORIS's output axis. Its
+                // input-axis form (`[1, in]`, LyCORIS before 3.1.1) is another decomposition.
+                let on_output = if key.ends_with(".dora_scale") {
+                    dims == [out, 1] || dims == [out, 1, 1, 1]
+                } else {
+                    dims == [out] || dims == [1, out, 1, 1]
+                };
+                if !on_output {
+                    bail!(
+                        "DoRA magnitude `{key}` has shape {dims:?}; module `{module}` has {out} output channels, so it must hold {out} values, one per output channel, \
+                         shaped [{out}] or [1, {out}, 1, 1] (lora_magnitude_vector) or [{out}, 1] / [{out}, 1, 1, 1] (dora_scale); \
+                         a `[1, in]` dora_scale is LyCORIS's input-axis decomposition, which is not read"
+                    );
+                }
+                Some(m.reshape(out)?)
+            }
+        };
+        weights.component_mut(component).insert(module, LoraModule { down, up, alpha: p.alpha, magnitude });
     }
     if let Some(json) = weights.metadata.get(ADAPTER_METADATA_KEY).cloned() {
         apply_adapter_metadata(&mut weights, &json).with_context(|| format!("header key `{ADAPTER_METADATA_KEY}`"))?;

@@ -54,13 +54,15 @@ pub enum Component {
     TextEncoder2,
 }
 
-/// One module's LoRA: `down` A `[r, in]`, `up` B `[out, r]` (f32 on CPU when read), and the
-/// alpha if the file gave one.
+/// One module's LoRA: `down` A `[r, in]` (a conv's `[r, in, kh, kw]`), `up` B `[out, r]` (f32
+/// on CPU when read), the alpha if the file gave one, and DoRA's magnitude `[out]` if any.
 #[derive(Clone, Debug)]
 pub struct LoraModule {
     pub down: Tensor,
     pub up: Tensor,
     pub alpha: Option<f64>,
+    /// DoRA's magnitude m, one value per output channel (`lora_magnitude_vector`, `dora_scale`).
+    pub magnitude: Option<Tensor>,
 }
 
 impl LoraModule {
@@ -76,7 +78,11 @@ impl LoraModule {
         self.alpha.unwrap_or(self.rank() as f64)
     }
     pub(crate) fn param_count(&self) -> usize {
-        self.down.elem_count() + self.up.elem_count()
+        self.down.elem_count() + self.up.elem_count() + self.magnitude.as_ref().map_or(0, Tensor::elem_count)
+    }
+    /// A plain (not DoRA) module.
+    pub fn new(down: Tensor, up: Tensor, alpha: Option<f64>) -> Self {
+        Self { down, up, alpha, magnitude: None }
     }
 }
 
@@ -138,7 +144,7 @@ impl LoraWeights {
             .into_iter()
             .flat_map(move |c| self.component(c).iter().map(move |(n, m)| (c, n, m)))
     }
-    /// Number of LoRA parameters (A and B of every module).
+    /// Number of LoRA parameters (A, B and DoRA's m of every module).
     pub(crate) fn param_count(&self) -> usize {
         self.modules().map(|(_, _, m)| m.param_count()).sum()
     }

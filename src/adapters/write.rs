@@ -107,6 +107,10 @@ fn adapter_metadata(weights: &LoraWeights) -> Option<String> {
         out.insert(format!("{p}.rank_pattern"), rank_pattern.into());
         out.insert(format!("{p}.alpha_pattern"), alpha_pattern.into());
         out.insert(format!("{p}.target_modules"), targets.into());
+        if modules.values().any(|m| m.magnitude.is_some()) {
+            // diffusers builds the LoraConfig from this header alone when it is present.
+            out.insert(format!("{p}.use_dora"), true.into());
+        }
     }
     if out.is_empty() {
         None
@@ -155,8 +159,14 @@ pub(crate) fn serialize_lora_as(weights: &LoraWeights, format: LoraFormat, dtype
             }
             LoraFormat::AttnProcessor => bail!("the old attention-processor form is read only; write diffusers, peft or kohya"),
         };
-        for (key, t) in [(down_key, &m.down), (up_key, &m.up)] {
-            if tensors.insert(key.clone(), tensor_view(t, dtype)?).is_some() {
+        // A conv's B is a 1x1 conv `[out, r, 1, 1]` in every form.
+        let up = if m.down.rank() == 4 { m.up.reshape((m.up.dims()[0], m.rank(), 1, 1))? } else { m.up.clone() };
+        let mut views = vec![(down_key, tensor_view(&m.down, dtype)?), (up_key, tensor_view(&up, dtype)?)];
+        if let Some(mag) = &m.magnitude {
+            views.push(magnitude_view(c, name, m, mag, format, &weights.text_encoder_2)?);
+        }
+        for (key, view) in views {
+            if tensors.insert(key.clone(), view).is_some() {
                 bail!("two modules map to the same key `{key}`");
             }
         }
@@ -173,6 +183,41 @@ pub(crate) fn serialize_lora_as(weights: &LoraWeights, format: LoraFormat, dtype
     };
     let header = if header.is_empty() { None } else { Some(header) };
     Ok(safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), header)?)
+}
+
+/// DoRA's magnitude of module `name` as `format` stores it, always in f32 (it scales the
+/// whole weight: bf16's 2⁻⁹ would move every weight by up to 0.4%):
+/// - diffusers: `unet.<module>.lora_magnitude_vector` (no `.weight`, as diffusers saves it),
+///   PEFT: `unet.<module>.lora_magnitude_vector.weight`; `[out]` for a linear, PEFT's
+///   `[1, out, 1, 1]` for a conv;
+/// - kohya: `<stem>.dora_scale`, LyCORIS's output-axis form (`wd_on_out`): `[out, 1]` for a
+///   linear, `[out, 1, 1, 1]` for a conv, the magnitude itself.
+fn magnitude_view(
+    c: Component,
+    name: &str,
+    m: &super::weights::LoraModule,
+    mag: &Tensor,
+    format: LoraFormat,
+    text_encoder_2: &BTreeMap<String, super::weights::LoraModule>,
+) -> Result<(String, OwnedView)> {
+    let out = mag.elem_count();
+    let conv = m.down.rank() == 4;
+    let (key, shape): (String, Vec<usize>) = match format {
+        LoraFormat::Diffusers | LoraFormat::Peft => {
+            let suffix = if format == LoraFormat::Peft { ".weight" } else { "" };
+            let shape = if conv { vec![1, out, 1, 1] } else { vec![out] };
+            (format!("{}.{name}.lora_magnitude_vector{suffix}", c.diffusers_prefix()), shape)
+        }
+        LoraFormat::Kohya => {
+            let stem = match c {
+                Component::TextEncoder if !text_encoder_2.is_empty() => format!("lora_te1_{}", name.replace('.', "_")),
+                _ => module_to_kohya(c, name),
+            };
+            (format!("{stem}.dora_scale"), if conv { vec![out, 1, 1, 1] } else { vec![out, 1] })
+        }
+        LoraFormat::AttnProcessor => bail!("the old attention-processor form is read only"),
+    };
+    Ok((key, tensor_view(&mag.reshape(shape)?, DType::F32)?))
 }
 
 /// Write `weights` to `path` in `format`, atomically (temporary file, then rename).

@@ -436,6 +436,22 @@ pub struct AdapterConfig {
     /// Alpha per pattern, overriding `alpha` for the modules it matches (PEFT's `alpha_pattern`).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub alpha_pattern: BTreeMap<String, AlphaValue>,
+    /// LoCon (kohya's `conv_dim`): also put a LoRA branch of this rank on every convolution of
+    /// the UNet's resnets and samplers (`conv1`, `conv2`, `conv_shortcut`, `downsamplers.0.conv`,
+    /// `upsamplers.0.conv`); `rank_pattern` / `alpha_pattern` override it per module. Unset: no
+    /// convolution is adapted (the reference).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1), extend("x-reference" = "kohya --network_args conv_dim"))]
+    pub conv_rank: Option<u32>,
+    /// Alpha of the convolutions' branches (scale conv_alpha / conv_rank). Defaults to
+    /// `conv_rank` (scale 1), as `alpha` defaults to `rank`; kohya's default is 1.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("exclusiveMinimum" = 0, "x-reference" = "kohya --network_args conv_alpha"))]
+    pub conv_alpha: Option<f64>,
+    /// DoRA (PEFT's `use_dora`): every branch also learns a magnitude per output channel, the
+    /// weight becoming `m · (W + ΔW) / ‖W + ΔW‖`. Saved as diffusers saves it
+    /// (`lora_magnitude_vector`) and, in the kohya file, as LyCORIS's `dora_scale`.
+    pub use_dora: bool,
     /// Also train LoRA layers in the text encoder (as the SDXL and DreamBooth scripts offer).
     pub text_encoder: bool,
     /// Text-encoder modules to wrap when `text_encoder` is true.
@@ -462,6 +478,9 @@ impl Default for AdapterConfig {
             target_modules: ["to_k", "to_q", "to_v", "to_out.0"].map(String::from).to_vec(),
             rank_pattern: BTreeMap::new(),
             alpha_pattern: BTreeMap::new(),
+            conv_rank: None,
+            conv_alpha: None,
+            use_dora: false,
             text_encoder: false,
             text_encoder_target_modules: ["q_proj", "k_proj", "v_proj", "out_proj"]
                 .map(String::from)

@@ -991,6 +991,23 @@ impl Checks<'_> {
                 );
             }
         }
+        if a.conv_rank.is_none() && self.is_set("adapter.conv_alpha") {
+            self.error(
+                &["adapter.conv_alpha"],
+                "`adapter.conv_alpha` is set but `adapter.conv_rank` is not: no convolution gets a branch to scale".into(),
+                Some("set conv_rank to adapt the resnets' convolutions (LoCon), or remove conv_alpha".into()),
+            );
+        }
+        if let (Some(r), Some(alpha)) = (a.conv_rank, a.conv_alpha) {
+            let scale = alpha / r as f64;
+            if alpha.is_finite() && scale < MIN_LORA_SCALE {
+                self.error(
+                    &["adapter.conv_alpha"],
+                    format!("`adapter.conv_alpha` = {alpha:e} with conv_rank {r} scales the update by {scale:e}: the adapter would do nothing (alpha / rank must be at least {MIN_LORA_SCALE:e})"),
+                    Some("kohya's usual conv_alpha is 1 or half the conv_rank".into()),
+                );
+            }
+        }
         if !a.text_encoder && self.is_set("adapter.text_encoder_target_modules") {
             self.warning(
                 &["adapter.text_encoder_target_modules"],

@@ -196,7 +196,7 @@ impl AutoencoderKL {
             let input = if i == 0 { last } else { ch[n - i] };
             let output = ch[n - 1 - i];
             let resnets = VaeBlock::load_resnets(&bvb, &name, cfg.layers_per_block + 1, &resnet(input, output))?;
-            let upsampler = if i + 1 < n { Some(Upsample2D::load(bvb.pp("upsamplers.0"), output)?) } else { None };
+            let upsampler = if i + 1 < n { Some(Upsample2D::load(bvb.pp("upsamplers.0"), &format!("{name}.upsamplers.0"), output)?) } else { None };
             dec_blocks.push(VaeBlock { resnets, downsampler: None, upsampler });
         }
         let decoder = VaeCoder {
@@ -228,7 +228,7 @@ impl AutoencoderKL {
             let bvb = enc.pp(format!("down_blocks.{i}"));
             let input = if i == 0 { first } else { ch[i - 1] };
             let resnets = VaeBlock::load_resnets(&bvb, &name, cfg.layers_per_block, &resnet(input, ch[i]))?;
-            let downsampler = if i + 1 < n { Some(Downsample2D::load(bvb.pp("downsamplers.0"), ch[i], 0)?) } else { None };
+            let downsampler = if i + 1 < n { Some(Downsample2D::load(bvb.pp("downsamplers.0"), &format!("{name}.downsamplers.0"), ch[i], 0)?) } else { None };
             enc_blocks.push(VaeBlock { resnets, downsampler, upsampler: None });
         }
         let encoder = VaeCoder {

@@ -249,7 +249,7 @@ mod tests {
         let a = Var::randn(0f32, 0.5, (2, 8), dev)?;
         let up = Var::randn(0f32, 0.5, (8, 2), dev)?;
         let mut lin = AdaptedLinear::new("toy", w, Some(b));
-        lin.loras.push(LoraBranch { down: a.as_tensor().clone(), up: up.as_tensor().clone(), scale: 0.75 });
+        lin.loras.push(LoraBranch::new(a.as_tensor().clone(), up.as_tensor().clone(), 0.75));
         let norm = GroupNorm { num_groups: 2, weight: Tensor::ones(8, DType::F32, dev)?, bias: Tensor::zeros(8, DType::F32, dev)?, eps: 1e-5 };
         Ok((Toy { lin, norm }, a, up))
     }

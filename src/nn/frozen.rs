@@ -284,8 +284,9 @@ impl FrozenConv2d {
     }
 }
 
-impl Module for FrozenConv2d {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+impl FrozenConv2d {
+    /// The convolution without its bias, `[B, C_out, H', W']` in the weight's dtype.
+    pub(crate) fn forward_no_bias(&self, x: &Tensor) -> Result<Tensor> {
         let g = self.geometry;
         let x = if x.dtype() == self.weight.dtype() { x.clone() } else { x.to_dtype(self.weight.dtype())? };
         let y = match &self.cpu_op {
@@ -299,10 +300,21 @@ impl Module for FrozenConv2d {
                 }
             }
         };
+        Ok(y)
+    }
+
+    /// `y + bias` over the channel axis of `[B, C_out, H, W]`.
+    pub(crate) fn add_bias(&self, y: Tensor) -> Result<Tensor> {
         match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, g.c_out, 1, 1))?),
+            Some(b) => y.broadcast_add(&b.reshape((1, self.geometry.c_out, 1, 1))?),
             None => Ok(y),
         }
+    }
+}
+
+impl Module for FrozenConv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.add_bias(self.forward_no_bias(x)?)
     }
 }
 

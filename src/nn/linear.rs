@@ -1,5 +1,7 @@
 //! `AdaptedLinear`: a frozen linear layer (`y = x Wᵀ + b`) that can carry LoRA branches
-//! (`y += scale · (x Aᵀ) Bᵀ`), PEFT's `lora.Linear` in candle.
+//! (`y += scale · (x Aᵀ) Bᵀ`), PEFT's `lora.Linear` in candle, and DoRA branches (PEFT's
+//! `use_dora`: `y = (m / ‖W + s·B A‖) ⊙ (x Wᵀ + s·x Aᵀ Bᵀ) + b`, the norm per output row and
+//! detached, as PEFT computes it).
 //!
 //! Every model layer that LoRA can target (attention projections, CLIP's q/k/v/out) is an
 //! `AdaptedLinear` with its full diffusers/transformers module name, so `adapters::lora`
@@ -10,23 +12,88 @@ use candle_nn::VarBuilder;
 
 use super::frozen::FrozenMatmul;
 
-/// One LoRA branch: `down` is A `[r, in]`, `up` is B `[out, r]`, `scale` is alpha / r times
-/// the user's strength. Tensors may be `Var`s (training) or plain tensors (inference).
+/// One LoRA branch: `down` is A `[r, in]` (a conv's `[r, in, kh, kw]`), `up` is B `[out, r]`,
+/// `scale` is alpha / r times the user's strength; `magnitude` (`[out]`) makes it a DoRA
+/// branch. Tensors may be `Var`s (training) or plain tensors (inference).
 #[derive(Clone, Debug)]
 pub struct LoraBranch {
     pub down: Tensor,
     pub up: Tensor,
     pub scale: f64,
+    /// DoRA's magnitude m, one value per output channel (PEFT's `lora_magnitude_vector`).
+    pub magnitude: Option<Tensor>,
 }
 
 impl LoraBranch {
+    /// A plain LoRA branch.
+    pub fn new(down: Tensor, up: Tensor, scale: f64) -> Self {
+        Self { down, up, scale, magnitude: None }
+    }
+
     pub fn rank(&self) -> usize {
         self.down.dims()[0]
     }
 
-    /// `scale · up @ down`, the weight delta `[out, in]` this branch adds.
-    pub(crate) fn delta_weight(&self) -> Result<Tensor> {
-        self.up.to_dtype(DType::F32)?.matmul(&self.down.to_dtype(DType::F32)?)? * self.scale
+    /// `scale · up @ down`, the weight delta this branch adds, in `dtype` and in the shape of
+    /// `weight_shape` (`[out, in]`, or a conv's `[out, in, kh, kw]`).
+    pub(crate) fn delta_weight_shaped(&self, weight_shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let r = self.rank();
+        let down = self.down.to_dtype(dtype)?.reshape((r, ()))?;
+        let up = self.up.to_dtype(dtype)?.reshape((weight_shape[0], r))?;
+        (up.matmul(&down)? * self.scale)?.reshape(weight_shape)
+    }
+
+    /// DoRA's per-output-channel factor `m / ‖W + ΔW‖` (`[out]`), the norm over every axis but
+    /// the first and detached (PEFT, and the DoRA paper §4.3); `None` for plain LoRA. Computed
+    /// in f32, or f64 for an f64 weight.
+    pub(crate) fn dora_factor(&self, weight: &Tensor) -> Result<Option<Tensor>> {
+        let Some(m) = &self.magnitude else { return Ok(None) };
+        let out = weight.dims()[0];
+        let dtype = merge_dtype(weight);
+        let merged = (weight.detach().to_dtype(dtype)? + self.delta_weight_shaped(weight.dims(), dtype)?.detach())?;
+        let norm = merged.reshape((out, ()))?.sqr()?.sum(1)?.sqrt()?;
+        Ok(Some(m.to_dtype(dtype)?.reshape(out)?.div(&norm)?))
+    }
+
+    /// The weight this branch merges to: `W + ΔW`, times `m / ‖W + ΔW‖` for DoRA (in f32, or
+    /// f64 for an f64 weight).
+    pub(crate) fn merged_weight(&self, weight: &Tensor) -> Result<Tensor> {
+        let dtype = merge_dtype(weight);
+        let merged = (weight.to_dtype(dtype)? + self.delta_weight_shaped(weight.dims(), dtype)?)?;
+        match self.dora_factor(weight)? {
+            None => Ok(merged),
+            Some(g) => {
+                let mut shape = vec![1usize; weight.rank()];
+                shape[0] = weight.dims()[0];
+                merged.broadcast_mul(&g.reshape(shape)?)
+            }
+        }
+    }
+}
+
+/// The dtype weights and their LoRA deltas are combined in: f64 for f64 weights, else f32.
+fn merge_dtype(weight: &Tensor) -> DType {
+    if weight.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// `y += s·lora` for a plain branch, `y += (g − 1)·base + g·s·lora` for a DoRA branch with
+/// factor `g` (PEFT's form: `base` is the bias-free base output, the bias is added after).
+/// `channel_dim` is the axis of the output channels in `y` (last for a linear, 1 for a conv).
+pub(crate) fn add_branch(y: Tensor, base: &Tensor, lora: Tensor, scale: f64, factor: Option<Tensor>, channel_dim: usize) -> Result<Tensor> {
+    let lora = (lora * scale)?;
+    match factor {
+        None => y + lora,
+        Some(g) => {
+            let mut shape = vec![1usize; y.rank()];
+            shape[channel_dim] = g.dims()[0];
+            let g = g.to_dtype(y.dtype())?.reshape(shape)?;
+            let g1 = g.affine(1.0, -1.0)?;
+            (y + base.broadcast_mul(&g1)?)? + lora.broadcast_mul(&g)?
+        }
     }
 }
 
@@ -78,11 +145,11 @@ impl AdaptedLinear {
         self.weight.dims()[0]
     }
 
-    /// Fold every branch into the weight (`W += scale · B A`) and drop the branches.
+    /// Fold every branch into the weight (`W += scale · B A`; DoRA: `W ← m/‖W + ΔW‖ · (W + ΔW)`)
+    /// and drop the branches.
     pub fn merge(&mut self) -> Result<()> {
         for lora in self.loras.drain(..) {
-            let delta = lora.delta_weight()?.to_dtype(self.weight.dtype())?;
-            self.weight = (&self.weight + delta)?;
+            self.weight = lora.merged_weight(&self.weight)?.to_dtype(self.weight.dtype())?;
         }
         self.base = FrozenMatmul::new(&self.weight)?;
         Ok(())
@@ -102,10 +169,14 @@ fn linear_no_bias(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 impl Module for AdaptedLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = self.base.forward(x, &self.weight)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
+        let base = self.base.forward(x, &self.weight)?;
+        // Plain LoRA adds its branches to `x Wᵀ + b` (the order PEFT sums in); DoRA needs the
+        // bias-free base, and adds the bias last.
+        let dora = self.loras.iter().any(|l| l.magnitude.is_some());
+        let mut y = match (&self.bias, dora) {
+            (Some(b), false) => base.broadcast_add(b)?,
+            _ => base.clone(),
+        };
         for lora in &self.loras {
             // PEFT casts the input to the LoRA dtype and the result back to the base dtype. Under
             // autocast (the reference's mixed precision) the branch's two matmuls then run in the
@@ -116,9 +187,13 @@ impl Module for AdaptedLinear {
             let (down, up) = (lora.down.to_dtype(dtype)?, lora.up.to_dtype(dtype)?);
             let h = linear_no_bias(&x.to_dtype(dtype)?, &down)?;
             let h = linear_no_bias(&h, &up)?;
-            y = (y + (h * lora.scale)?)?;
+            let channel = y.rank() - 1;
+            y = add_branch(y, &base, h, lora.scale, lora.dora_factor(&self.weight)?, channel)?;
         }
-        Ok(y)
+        match (&self.bias, dora) {
+            (Some(b), true) => y.broadcast_add(b),
+            _ => Ok(y),
+        }
     }
 }
 
@@ -135,7 +210,7 @@ mod tests {
         let a = Var::randn(0f32, 1.0, (2, 3), &dev)?;
         let up = Var::randn(0f32, 1.0, (5, 2), &dev)?;
         let mut lin = AdaptedLinear::new("x", w.clone(), Some(b.clone()));
-        lin.loras.push(LoraBranch { down: a.as_tensor().clone(), up: up.as_tensor().clone(), scale: 0.5 });
+        lin.loras.push(LoraBranch::new(a.as_tensor().clone(), up.as_tensor().clone(), 0.5));
         let x = Tensor::randn(0f32, 1.0, (2, 4, 3), &dev)?;
         let y = lin.forward(&x)?;
         // Independent computation: merged weight.
@@ -164,7 +239,7 @@ mod tests {
         let probe = Tensor::randn(0f32, 1.0, (2, 6, o), &dev)?;
         let run = |dtype: DType| -> Result<(Tensor, Tensor, Tensor)> {
             let mut lin = AdaptedLinear::new("x", w.to_dtype(dtype)?, Some(b.to_dtype(dtype)?));
-            lin.loras.push(LoraBranch { down: a.as_tensor().clone(), up: up.as_tensor().clone(), scale: 0.5 });
+            lin.loras.push(LoraBranch::new(a.as_tensor().clone(), up.as_tensor().clone(), 0.5));
             let y = lin.forward(&x.to_dtype(dtype)?)?;
             assert_eq!(y.dtype(), dtype, "the output keeps the base dtype");
             let loss = y.to_dtype(DType::F32)?.mul(&probe)?.sum_all()?;

@@ -2,6 +2,7 @@
 //!
 //! - `frozen`: frozen conv and linear as custom ops whose backward returns only the input gradient.
 //! - `linear`: the frozen linear layer that can carry LoRA branches (`AdaptedLinear`).
+//! - `conv`: the frozen conv that can carry LoRA (LoCon) branches (`AdaptedConv2d`).
 //! - `norm`: layer norm and group norm composed from differentiable ops.
 //! - `fused_norm`: GroupNorm (+ SiLU) as one CPU f32 kernel with its own backward.
 //! - `attention`: multi-head scaled dot-product attention and the choice of its implementation.
@@ -14,6 +15,7 @@
 pub mod activation;
 pub mod attention;
 pub mod checkpoint;
+pub mod conv;
 pub(crate) mod flash_attention;
 pub mod frozen;
 pub(crate) mod fused_norm;
@@ -25,5 +27,6 @@ pub mod resnet;
 pub(crate) use activation::Activation;
 pub use attention::scaled_dot_product_attention;
 pub use checkpoint::CheckpointGrads;
+pub use conv::AdaptedConv2d;
 pub use linear::{AdaptedLinear, LoraBranch};
 pub use norm::{GroupNorm, LayerNorm};

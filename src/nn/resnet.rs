@@ -6,7 +6,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use crate::nn::frozen::FrozenConv2d;
 
-use super::{Activation, AdaptedLinear, GroupNorm};
+use super::{Activation, AdaptedConv2d, AdaptedLinear, GroupNorm};
 
 /// How a `ResnetBlock2D` is built.
 #[derive(Clone, Debug)]
@@ -27,11 +27,11 @@ pub struct ResnetConfig {
 #[derive(Clone, Debug)]
 pub struct ResnetBlock2D {
     pub(crate) norm1: GroupNorm,
-    pub conv1: FrozenConv2d,
+    pub conv1: AdaptedConv2d,
     pub time_emb_proj: Option<AdaptedLinear>,
     pub norm2: GroupNorm,
-    pub(crate) conv2: FrozenConv2d,
-    pub conv_shortcut: Option<FrozenConv2d>,
+    pub(crate) conv2: AdaptedConv2d,
+    pub conv_shortcut: Option<AdaptedConv2d>,
     act: Activation,
     output_scale_factor: f64,
     skip_time_act: bool,
@@ -55,13 +55,17 @@ impl ResnetBlock2D {
             }
             None => None,
         };
-        let conv_shortcut = if i != o { Some(crate::nn::frozen::conv2d(i, o, 1, Default::default(), vb.pp("conv_shortcut"))?) } else { None };
+        let conv_shortcut = if i != o {
+            Some(AdaptedConv2d::new(format!("{name}.conv_shortcut"), crate::nn::frozen::conv2d(i, o, 1, Default::default(), vb.pp("conv_shortcut"))?))
+        } else {
+            None
+        };
         Ok(Self {
             norm1: GroupNorm::load(vb.pp("norm1"), cfg.groups, i, cfg.eps)?,
-            conv1: conv2d_same(vb.pp("conv1"), i, o, 3)?,
+            conv1: AdaptedConv2d::new(format!("{name}.conv1"), conv2d_same(vb.pp("conv1"), i, o, 3)?),
             time_emb_proj,
             norm2: GroupNorm::load(vb.pp("norm2"), cfg.groups, o, cfg.eps)?,
-            conv2: conv2d_same(vb.pp("conv2"), o, o, 3)?,
+            conv2: AdaptedConv2d::new(format!("{name}.conv2"), conv2d_same(vb.pp("conv2"), o, o, 3)?),
             conv_shortcut,
             act: cfg.act,
             output_scale_factor: cfg.output_scale_factor,
@@ -69,10 +73,16 @@ impl ResnetBlock2D {
         })
     }
 
-    /// The time-embedding projection, if any (the only linear layer in a resnet).
-    pub fn linears_mut<'a>(&'a mut self, out: &mut Vec<&'a mut AdaptedLinear>) {
+    /// The layers LoRA can adapt: the time-embedding projection (the only linear layer of a
+    /// resnet), and the convolutions `conv1`, `conv2` and `conv_shortcut` (when the widths differ).
+    pub fn layers_mut<'a>(&'a mut self, lin: &mut Vec<&'a mut AdaptedLinear>, conv: &mut Vec<&'a mut AdaptedConv2d>) {
         if let Some(proj) = &mut self.time_emb_proj {
-            out.push(proj);
+            lin.push(proj);
+        }
+        conv.push(&mut self.conv1);
+        conv.push(&mut self.conv2);
+        if let Some(c) = &mut self.conv_shortcut {
+            conv.push(c);
         }
     }
 

@@ -48,6 +48,9 @@ pub(crate) fn targets_in_model(p: &Pipeline, found: &mut Vec<Finding>) {
         }
         narrow.extend(super::targets_layers::narrow_layers(patterns, a.rank, &rank_pattern, &layers));
         targeted.extend(super::targets_layers::targeted(patterns, &layers).into_iter().map(str::to_string));
+        if key == "adapter.target_modules" && a.conv_rank.is_some() {
+            targeted.extend(super::targets_layers::locon_convs(&layers).into_iter().map(str::to_string));
+        }
         linear.extend(super::targets_layers::linear_names(&layers).into_iter().map(str::to_string));
         read += 1;
     }

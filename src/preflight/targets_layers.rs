@@ -119,7 +119,7 @@ pub(crate) fn target_problem(pattern: &str, layers: &BTreeMap<String, Layer>, co
         let count = matched.len();
         return Some((
             format!(
-                "target `{pattern}` matches {count} module(s) of {component}, but they are convolutions (e.g. `{name}`, a {kh}x{kw} Conv2d): only Linear layers are adapted"
+                "target `{pattern}` matches {count} module(s) of {component}, but they are convolutions (e.g. `{name}`, a {kh}x{kw} Conv2d): the target list adapts Linear layers; `adapter.conv_rank` adapts the resnets' and samplers' convolutions"
             ),
             near_help,
         ));
@@ -133,6 +133,15 @@ pub(crate) fn target_problem(pattern: &str, layers: &BTreeMap<String, Layer>, co
 /// The names of the linear layers of `layers`.
 pub(crate) fn linear_names(layers: &BTreeMap<String, Layer>) -> Vec<&str> {
     layers.iter().filter(|(_, l)| matches!(l, Layer::Linear { .. })).map(|(n, _)| n.as_str()).collect()
+}
+
+/// The convolutions `adapter.conv_rank` adapts (LoCon): those of the resnets and samplers.
+pub(crate) fn locon_convs(layers: &BTreeMap<String, Layer>) -> Vec<&str> {
+    layers
+        .iter()
+        .filter(|(name, l)| matches!(l, Layer::Conv2d { .. }) && [".resnets.", ".downsamplers.", ".upsamplers."].iter().any(|p| name.contains(p)))
+        .map(|(n, _)| n.as_str())
+        .collect()
 }
 
 /// The linear layers of `layers` that one of `targets` matches.

@@ -185,6 +185,8 @@ pub(crate) fn lora_spec(a: &cfg::AdapterConfig, targets: &[String]) -> LoraSpec 
             cfg::LoraInit::Gaussian => LoraInit::Gaussian,
             cfg::LoraInit::Kaiming => LoraInit::Kaiming,
         },
+        conv: a.conv_rank.map(|r| (r as usize, a.conv_alpha.unwrap_or(r as f64))),
+        use_dora: a.use_dora,
     }
 }
 
@@ -291,15 +293,20 @@ pub(crate) fn source_options(p: &Pipeline) -> data::SourceOptions {
 }
 
 /// The trainable tensors of injected branches under their checkpoint names
-/// (`<prefix>.<module>.lora_A.weight` / `lora_B`, PEFT's names as the reference saves them).
+/// (`<prefix>.<module>.lora_A.weight` / `lora_B`, PEFT's names as the reference saves them;
+/// DoRA's `lora_magnitude_vector.weight`).
 pub(crate) fn named_params(prefix: &str, loras: &[TrainableLora]) -> Vec<NamedVar> {
     loras
         .iter()
         .flat_map(|l| {
+            let magnitude = l.magnitude.as_ref().map(|m| NamedVar { name: format!("{prefix}.{}.lora_magnitude_vector.weight", l.module), var: m.clone() });
             [
-                NamedVar { name: format!("{prefix}.{}.lora_A.weight", l.module), var: l.down.clone() },
-                NamedVar { name: format!("{prefix}.{}.lora_B.weight", l.module), var: l.up.clone() },
+                Some(NamedVar { name: format!("{prefix}.{}.lora_A.weight", l.module), var: l.down.clone() }),
+                Some(NamedVar { name: format!("{prefix}.{}.lora_B.weight", l.module), var: l.up.clone() }),
+                magnitude,
             ]
+            .into_iter()
+            .flatten()
         })
         .collect()
 }

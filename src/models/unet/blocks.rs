@@ -11,7 +11,7 @@ use candle_nn::VarBuilder;
 
 use super::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 use super::transformer::{Transformer2DModel, TransformerConfig};
-use crate::nn::{AdaptedLinear, CheckpointGrads};
+use crate::nn::{AdaptedConv2d, AdaptedLinear, CheckpointGrads};
 
 /// `resnet(x, temb)`, checkpointed through `ckpt` when given.
 fn run_resnet(resnet: &ResnetBlock2D, x: &Tensor, temb: &Tensor, ckpt: Option<&CheckpointGrads>) -> Result<Tensor> {
@@ -71,7 +71,7 @@ impl DownBlock {
             .collect::<Result<Vec<_>>>()?;
         let attentions = load_attentions(&vb, name, num_layers, attention)?;
         let downsampler = match downsample_padding {
-            Some(padding) => Some(Downsample2D::load(vb.pp("downsamplers.0"), resnet.out_channels, padding)?),
+            Some(padding) => Some(Downsample2D::load(vb.pp("downsamplers.0"), &format!("{name}.downsamplers.0"), resnet.out_channels, padding)?),
             None => None,
         };
         Ok(Self { resnets, attentions, downsampler })
@@ -95,8 +95,13 @@ impl DownBlock {
         Ok((h, skips))
     }
 
-    pub fn linears_mut<'a>(&'a mut self, out: &mut Vec<&'a mut AdaptedLinear>) {
-        collect_linears(&mut self.resnets, &mut self.attentions, out);
+    /// The linear layers (resnets', then attentions') and the convolutions (resnets', then the
+    /// downsampler's) LoRA can adapt.
+    pub fn layers_mut<'a>(&'a mut self, lin: &mut Vec<&'a mut AdaptedLinear>, conv: &mut Vec<&'a mut AdaptedConv2d>) {
+        collect_layers(&mut self.resnets, &mut self.attentions, lin, conv);
+        if let Some(d) = &mut self.downsampler {
+            conv.push(&mut d.conv);
+        }
     }
 }
 
@@ -125,8 +130,9 @@ impl MidBlock {
         Ok(h)
     }
 
-    pub fn linears_mut<'a>(&'a mut self, out: &mut Vec<&'a mut AdaptedLinear>) {
-        collect_linears(&mut self.resnets, &mut self.attentions, out);
+    /// The linear layers and convolutions LoRA can adapt.
+    pub fn layers_mut<'a>(&'a mut self, lin: &mut Vec<&'a mut AdaptedLinear>, conv: &mut Vec<&'a mut AdaptedConv2d>) {
+        collect_layers(&mut self.resnets, &mut self.attentions, lin, conv);
     }
 }
 
@@ -170,7 +176,7 @@ impl UpBlock {
             })
             .collect::<Result<Vec<_>>>()?;
         let attentions = load_attentions(&vb, name, num_layers, attention)?;
-        let upsampler = if add_upsample { Some(Upsample2D::load(vb.pp("upsamplers.0"), channels.out_channels)?) } else { None };
+        let upsampler = if add_upsample { Some(Upsample2D::load(vb.pp("upsamplers.0"), &format!("{name}.upsamplers.0"), channels.out_channels)?) } else { None };
         Ok(Self { resnets, attentions, upsampler })
     }
 
@@ -199,16 +205,25 @@ impl UpBlock {
         }
     }
 
-    pub fn linears_mut<'a>(&'a mut self, out: &mut Vec<&'a mut AdaptedLinear>) {
-        collect_linears(&mut self.resnets, &mut self.attentions, out);
+    /// The linear layers and convolutions (resnets', then the upsampler's) LoRA can adapt.
+    pub fn layers_mut<'a>(&'a mut self, lin: &mut Vec<&'a mut AdaptedLinear>, conv: &mut Vec<&'a mut AdaptedConv2d>) {
+        collect_layers(&mut self.resnets, &mut self.attentions, lin, conv);
+        if let Some(u) = &mut self.upsampler {
+            conv.push(&mut u.conv);
+        }
     }
 }
 
-fn collect_linears<'a>(resnets: &'a mut [ResnetBlock2D], attentions: &'a mut [Transformer2DModel], out: &mut Vec<&'a mut AdaptedLinear>) {
+fn collect_layers<'a>(
+    resnets: &'a mut [ResnetBlock2D],
+    attentions: &'a mut [Transformer2DModel],
+    lin: &mut Vec<&'a mut AdaptedLinear>,
+    conv: &mut Vec<&'a mut AdaptedConv2d>,
+) {
     for resnet in resnets {
-        resnet.linears_mut(out);
+        resnet.layers_mut(lin, conv);
     }
     for attention in attentions {
-        attention.linears_mut(out);
+        attention.linears_mut(lin);
     }
 }

@@ -22,7 +22,7 @@ use self::transformer::TransformerConfig;
 use crate::models::config::{DownBlockType, UNetConfig, UpBlockType};
 use crate::models::Conditioning;
 use crate::nn::Activation;
-use crate::nn::{AdaptedLinear, CheckpointGrads, GroupNorm};
+use crate::nn::{AdaptedConv2d, AdaptedLinear, CheckpointGrads, GroupNorm};
 
 pub struct UNet2DConditionModel {
     pub conv_in: FrozenConv2d,
@@ -155,7 +155,7 @@ impl UNet2DConditionModel {
     /// of keeping its activations, and the gradients of the LoRA parameters inside them land in
     /// `ckpt` (merge them into the `GradStore` of the backward with
     /// [`CheckpointGrads::merge_into`]). Same value and gradients as without.
-    pub(crate) fn forward_checkpointed(
+    pub fn forward_checkpointed(
         &self,
         sample: &Tensor,
         timesteps: &Tensor,
@@ -248,20 +248,40 @@ impl UNet2DConditionModel {
     /// e.g. `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`. Pick LoRA targets by
     /// name from this list.
     pub fn linears_mut(&mut self) -> Vec<&mut AdaptedLinear> {
-        let mut out = Vec::new();
-        self.time_embedding.linears_mut(&mut out);
+        self.layers_mut().0
+    }
+
+    /// Every convolution of the resnets and samplers (kohya's LoCon targets), named as in
+    /// diffusers: `down_blocks.0.resnets.0.conv1`, `…conv2`, `…conv_shortcut`,
+    /// `down_blocks.0.downsamplers.0.conv`, `up_blocks.0.upsamplers.0.conv`. `conv_in` and
+    /// `conv_out` are not among them (kohya leaves them too).
+    pub fn convs_mut(&mut self) -> Vec<&mut AdaptedConv2d> {
+        self.layers_mut().1
+    }
+
+    /// Drop every LoRA branch of the linear layers and convolutions.
+    pub fn clear_loras(&mut self) {
+        let (lin, conv) = self.layers_mut();
+        lin.into_iter().for_each(|l| l.loras.clear());
+        conv.into_iter().for_each(|c| c.loras.clear());
+    }
+
+    /// [`Self::linears_mut`] and [`Self::convs_mut`] at once.
+    pub fn layers_mut(&mut self) -> (Vec<&mut AdaptedLinear>, Vec<&mut AdaptedConv2d>) {
+        let (mut lin, mut conv) = (Vec::new(), Vec::new());
+        self.time_embedding.linears_mut(&mut lin);
         if let Some(add) = &mut self.add_embedding {
-            add.linears_mut(&mut out);
+            add.linears_mut(&mut lin);
         }
         for block in &mut self.down_blocks {
-            block.linears_mut(&mut out);
+            block.layers_mut(&mut lin, &mut conv);
         }
         if let Some(mid) = &mut self.mid_block {
-            mid.linears_mut(&mut out);
+            mid.layers_mut(&mut lin, &mut conv);
         }
         for block in &mut self.up_blocks {
-            block.linears_mut(&mut out);
+            block.layers_mut(&mut lin, &mut conv);
         }
-        out
+        (lin, conv)
     }
 }

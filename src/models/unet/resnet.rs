@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
-use crate::nn::frozen::FrozenConv2d;
+use crate::nn::AdaptedConv2d;
 
 pub(crate) use crate::nn::resnet::{conv2d_same, ResnetBlock2D, ResnetConfig};
 
@@ -11,14 +11,16 @@ pub(crate) use crate::nn::resnet::{conv2d_same, ResnetBlock2D, ResnetConfig};
 /// With `padding == 0` (the VAE) the input is first padded by one on the right and bottom.
 #[derive(Clone, Debug)]
 pub(crate) struct Downsample2D {
-    pub conv: FrozenConv2d,
+    pub conv: AdaptedConv2d,
     padding: usize,
 }
 
 impl Downsample2D {
-    pub fn load(vb: VarBuilder, channels: usize, padding: usize) -> Result<Self> {
+    /// `name`: the sampler's module name (`down_blocks.0.downsamplers.0`).
+    pub fn load(vb: VarBuilder, name: &str, channels: usize, padding: usize) -> Result<Self> {
         let cfg = Conv2dConfig { padding, stride: 2, ..Default::default() };
-        Ok(Self { conv: crate::nn::frozen::conv2d(channels, channels, 3, cfg, vb.pp("conv"))?, padding })
+        let conv = crate::nn::frozen::conv2d(channels, channels, 3, cfg, vb.pp("conv"))?;
+        Ok(Self { conv: AdaptedConv2d::new(format!("{name}.conv"), conv), padding })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -35,12 +37,13 @@ impl Downsample2D {
 /// (`upsamplers.0.conv`).
 #[derive(Clone, Debug)]
 pub(crate) struct Upsample2D {
-    pub conv: FrozenConv2d,
+    pub conv: AdaptedConv2d,
 }
 
 impl Upsample2D {
-    pub fn load(vb: VarBuilder, channels: usize) -> Result<Self> {
-        Ok(Self { conv: conv2d_same(vb.pp("conv"), channels, channels, 3)? })
+    /// `name`: the sampler's module name (`up_blocks.0.upsamplers.0`).
+    pub fn load(vb: VarBuilder, name: &str, channels: usize) -> Result<Self> {
+        Ok(Self { conv: AdaptedConv2d::new(format!("{name}.conv"), conv2d_same(vb.pp("conv"), channels, channels, 3)?) })
     }
 
     /// Upsample to `size` (H, W) if given, else by a factor of two.

@@ -207,6 +207,8 @@ fn kohya_header(ctx: &StageCtx<'_>, train_details: &BTreeMap<String, serde_json:
             }
             _ => None,
         },
+        conv: p.adapter.conv_rank.map(|r| (r as usize, p.adapter.conv_alpha.unwrap_or(r as f64))),
+        dora: p.adapter.use_dora,
         pipeline_toml: resolved_toml(&ctx.plan.loaded),
     };
     // kohya sd-scripts names SDXL UNet modules in the original layout

@@ -60,7 +60,7 @@ fn run_model(ctx: &mut StageCtx<'_>) -> Result<Ran> {
         None => LoadedModel { fingerprint: fp.to_string(), sd: load_model(p, &device, dtype)?, device: device.clone() },
     };
     // Remove adapters a previous run of this session attached.
-    model.sd.unet.linears_mut().into_iter().for_each(|l| l.loras.clear());
+    model.sd.unet.clear_loras();
     model.sd.text.all_linears_mut().into_iter().for_each(|l| l.loras.clear());
     model.device = device;
     ctx.session.model = Some(model);

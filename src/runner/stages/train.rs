@@ -14,7 +14,7 @@ use crate::runner::resolve::{lora_spec, named_params, train_settings, LoaderSour
 use super::encode::{caches_latents, caches_text, encode_cache};
 use super::validate::publish_validation;
 use super::{LoadedModel, Run, not_off, out, progress_bar, tidy, Output, Ran, Refused, Stage, StageCtx};
-use crate::adapters::lora::{inject, trained_weights, InitRng, TrainableLora};
+use crate::adapters::lora::{inject, inject_layers, trained_weights, InitRng, TrainableLora};
 use crate::adapters::weights::LoraFormat;
 use crate::adapters::write::write_lora_file;
 use crate::config::choice_name;
@@ -212,16 +212,24 @@ fn run_train(ctx: &mut StageCtx<'_>, model: &mut LoadedModel, loader: &DataLoade
     // configs would be two): each part gets the keys that match one of its targeted modules, and
     // a key that matches in neither is an error.
     let mut unet_spec = lora_spec(&p.adapter, &p.adapter.target_modules);
-    let unet_names: Vec<String> = sd.unet.linears_mut().iter().map(|l| l.name.clone()).collect();
-    let mut used = crate::adapters::lora::keep_patterns_for(&mut unet_spec, unet_names.iter().map(String::as_str))?;
-    let unet_loras = inject(sd.unet.linears_mut(), &unet_spec, &mut rng).context("[adapter] target_modules")?;
+    let (unet_names, conv_names): (Vec<String>, Vec<String>) = {
+        let (lin, conv) = sd.unet.layers_mut();
+        (lin.iter().map(|l| l.name.clone()).collect(), conv.iter().map(|c| c.name.clone()).collect())
+    };
+    let offered = if unet_spec.conv.is_some() { conv_names.as_slice() } else { &[] };
+    let mut used = crate::adapters::lora::keep_patterns_for(&mut unet_spec, unet_names.iter().map(String::as_str), offered.iter().map(String::as_str))?;
+    let unet_loras = {
+        let (lin, conv) = sd.unet.layers_mut();
+        inject_layers(lin, conv, &unet_spec, &mut rng).context("[adapter] target_modules / conv_rank")?
+    };
     // Every text encoder of the model gets the same targets (SDXL: both, as the reference).
     let mut te_loras: Vec<Vec<TrainableLora>> = Vec::new();
     if p.adapter.text_encoder {
         for linears in sd.text.linears_mut() {
             let mut te_spec = lora_spec(&p.adapter, &p.adapter.text_encoder_target_modules);
+            te_spec.conv = None;
             let te_names: Vec<String> = linears.iter().map(|l| l.name.clone()).collect();
-            used.extend(crate::adapters::lora::keep_patterns_for(&mut te_spec, te_names.iter().map(String::as_str))?);
+            used.extend(crate::adapters::lora::keep_patterns_for(&mut te_spec, te_names.iter().map(String::as_str), std::iter::empty())?);
             te_loras.push(inject(linears, &te_spec, &mut rng).context("[adapter] text_encoder_target_modules")?);
         }
     }

@@ -58,7 +58,7 @@ pub(super) const VALIDATE: Stage = Stage {
         let (device, sd) = (model.device.clone(), &mut model.sd);
         // As the reference, the final images come from the saved file loaded into a fresh
         // pipeline: the training branches are taken off and the exported file applied.
-        sd.unet.linears_mut().into_iter().for_each(|l| l.loras.clear());
+        sd.unet.clear_loras();
         sd.text.all_linears_mut().into_iter().for_each(|l| l.loras.clear());
         let adapter = dir.join(validation_adapter(ctx.plan.pipeline()));
         crate::adapters::lora::apply_lora_file(sd, &adapter, 1.0)?;
