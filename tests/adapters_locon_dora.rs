@@ -143,6 +143,23 @@ fn a_kohya_locon_file_gives_kohya_unet_output() {
     assert!(e < 1e-4, "LoCon UNet output: relative error {e:e}");
 }
 
+/// The LoCon + DoRA adapter `lora run pipelines/tiny.toml` wrote (conv_rank 2, conv_alpha 1,
+/// use_dora, 10 steps; `golden/locon-dora-ours/`): diffusers loads all 123 modules and all 123
+/// magnitudes with no key left over (`tools/reference/load_lora_check.py`, which also saved its
+/// UNet output), and our UNet with the file gives diffusers' output (f32, 1e-4 relative as the
+/// other parity tests; the adapter moves the output by 0.29 absolute).
+#[test]
+fn our_locon_dora_file_gives_diffusers_unet_output() {
+    let weights = read_lora_file(&fixtures().join("golden/locon-dora-ours/pytorch_lora_weights.safetensors")).unwrap();
+    assert_eq!(weights.unet.len(), 123);
+    assert!(weights.unet.values().all(|m| m.magnitude.is_some()));
+    let mut unet = tiny_unet();
+    let (lin, conv) = unet.layers_mut();
+    apply_lora_layers(&weights, lin, conv, vec![], 1.0).unwrap();
+    let e = rel_diff(&unet_out(&unet), &golden("locon-dora-ours/unet_out.safetensors")["out_with_lora"]);
+    assert!(e < 1e-4, "our LoCon + DoRA file in diffusers vs here: relative error {e:e}");
+}
+
 /// The convolutions `conv_rank` adapts are exactly kohya's `conv_dim` convolutions (the
 /// resnets' and samplers' 3x3 convs) plus the resnets' `conv_shortcut`, which kohya adapts at
 /// `network_dim` (ours take `conv_rank`; `rank_pattern` can set them apart).

@@ -19,7 +19,7 @@ Loads the pipeline with `StableDiffusionPipeline.from_pretrained(model)` and the
   - the LoRA does not change the UNet output at all;
   - with --expect: the output with the LoRA differs from the file's `out_with_lora` by more than
     --tol (relative to max(1, |expected|)).
-It prints the UNet output difference with/without the LoRA on fixed inputs (the --inputs file's
+With --save FILE it writes diffusers' UNet output with the LoRA (`out_with_lora`) there. It prints the UNet output difference with/without the LoRA on fixed inputs (the --inputs file's
 `sample`, `timesteps`, `encoder_hidden_states`, or seeded random ones), and one JSON summary line last.
 """
 import argparse
@@ -115,6 +115,7 @@ def main():
     ap.add_argument("--inputs", default=None, help="safetensors with sample/timesteps/encoder_hidden_states")
     ap.add_argument("--expect", default=None, help="safetensors with out_with_lora to compare against")
     ap.add_argument("--tol", type=float, default=1e-4)
+    ap.add_argument("--save", default=None, help="write diffusers' output with the LoRA here as `out_with_lora` (safetensors)")
     a = ap.parse_args()
     if not os.path.exists(a.lora):
         print(f"error: LoRA path {a.lora} does not exist", file=sys.stderr)
@@ -199,6 +200,10 @@ def main():
               f" (base output mean |x| {base.abs().mean():.6g}); {len(injected)} modules, ranks {ranks}, scales {scales}")
         if float(diff.max()) == 0.0:
             problems.append("the LoRA does not change the UNet output")
+        if a.save:
+            from safetensors.torch import save_file
+            save_file({"out_with_lora": lora_out.contiguous()}, a.save, metadata={"lora": os.path.basename(a.lora), "inputs": a.inputs or "seeded random", "by": "diffusers load_lora_weights (tools/reference/load_lora_check.py)"})
+            report["saved"] = a.save
         if a.expect:
             from safetensors.torch import load_file
             exp = load_file(a.expect)["out_with_lora"]
