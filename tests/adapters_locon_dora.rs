@@ -400,3 +400,59 @@ fn a_locon_dora_run_exports_every_module_and_resumes_exactly() {
         assert_eq!(t.flatten_all().unwrap().to_vec1::<f32>().ok(), b[k].flatten_all().unwrap().to_vec1::<f32>().ok(), "{k}");
     }
 }
+
+/// SDXL: our kohya file names the convolutions as kohya sd-scripts does (the original layout:
+/// `lora_unet_input_blocks_1_0_in_layers_2` for `down_blocks.0.resnets.0.conv1`, `…_op` for a
+/// downsampler, `…_skip_connection` for `conv_shortcut`), stem for stem as kohya's own SDXL
+/// network (`golden/locon-kohya.json`, `sdxl-tiny`), and a file so named applies to the same
+/// modules.
+#[test]
+fn sdxl_conv_modules_take_kohyas_original_layout_names() {
+    let json = locon_json();
+    let want: BTreeMap<String, String> = json["layouts"]["sdxl-tiny"]["resnet_sampler_stems"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(stem, module)| (stem.clone(), module.as_str().unwrap().to_string()))
+        .collect();
+    let sd = lora::models::loading::StableDiffusion::load(
+        fixtures().join("sdxl-tiny").to_str().unwrap(),
+        &lora::models::loading::LoadOptions::default(),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    let mut sd = sd;
+    let (lin, conv) = sd.unet.layers_mut();
+    let mut weights = lora::adapters::LoraWeights::default();
+    let module = |out: usize, shape: Vec<usize>| {
+        lora::adapters::LoraModule::new(Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap(), Tensor::zeros((out, 2), DType::F32, &Device::Cpu).unwrap(), Some(1.0))
+    };
+    for c in &conv {
+        let (r, i, kh, kw) = c.down_shape(2);
+        weights.unet.insert(c.name.clone(), module(c.out_channels(), vec![r, i, kh, kw]));
+    }
+    for l in lin.iter().filter(|l| l.name.contains("time_emb_proj")) {
+        weights.unet.insert(l.name.clone(), module(l.out_features(), vec![2, l.in_features()]));
+    }
+    let ldm = lora::adapters::ldm_names::to_ldm_unet_names(&weights, sd.unet.config()).unwrap();
+    // Each module renamed alone: its kohya stem.
+    let ours: BTreeMap<String, String> = weights
+        .unet
+        .iter()
+        .map(|(d, m)| {
+            let mut one = lora::adapters::LoraWeights::default();
+            one.unet.insert(d.clone(), m.clone());
+            let l = lora::adapters::ldm_names::to_ldm_unet_names(&one, sd.unet.config()).unwrap();
+            (format!("lora_unet_{}", l.unet.keys().next().unwrap().replace('.', "_")), d.clone())
+        })
+        .collect();
+    assert_eq!(ldm.unet.len(), weights.unet.len(), "no two modules share an original-layout name");
+    assert_eq!(ours, want);
+    // Read back from kohya's names, they land on the same modules.
+    let bytes = serialize_lora(&ldm, LoraFormat::Kohya).unwrap();
+    let back = lora::adapters::ldm_names::to_diffusers_unet_names(&parse_lora_bytes(&bytes).unwrap(), sd.unet.config()).unwrap();
+    assert_eq!(back.unet.keys().collect::<Vec<_>>(), weights.unet.keys().collect::<Vec<_>>());
+    let (lin, conv) = sd.unet.layers_mut();
+    apply_lora_layers(&back, lin, conv, vec![], 1.0).unwrap();
+}
