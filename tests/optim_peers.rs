@@ -196,8 +196,13 @@ fn adamw8bit_follows_the_f32_trajectory_with_a_quarter_of_the_state() {
 }
 
 /// The tiny pipeline with `kind`, 30 steps at batch 4: the eval loss (fixed noise) before and
-/// after, the optimizer state's bytes and the kohya header's `ss_optimizer`.
+/// after, the optimizer state's bytes and the kohya header's `ss_optimizer` (`tiny_run_d` also
+/// gives `metrics.jsonl`'s `prodigy_d` of every step, empty for the other kinds).
 fn tiny_run(extra: &[&str]) -> (f64, f64, usize, String) {
+    tiny_run_d(extra).0
+}
+
+fn tiny_run_d(extra: &[&str]) -> ((f64, f64, usize, String), Vec<f64>) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
     let mut overrides: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
@@ -206,7 +211,12 @@ fn tiny_run(extra: &[&str]) -> (f64, f64, usize, String) {
     let loaded = lora::config::load_pipeline(&root.join("pipelines/tiny.toml"), &overrides).unwrap_or_else(|d| panic!("{}", d.render()));
     let report = lora::runner::run::run_pipeline(&loaded, &mut lora::runner::stages::Session::default(), &Default::default(), std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false))).unwrap();
     let kohya = lora::adapters::read_lora_file(&out.join(lora::layout::KOHYA_FILE)).unwrap();
-    (report.eval_loss.0.unwrap(), report.eval_loss.1.unwrap(), report.optimizer_state_bytes.unwrap(), kohya.metadata["ss_optimizer"].clone())
+    let d: Vec<f64> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("prodigy_d")?.as_f64())
+        .collect();
+    ((report.eval_loss.0.unwrap(), report.eval_loss.1.unwrap(), report.optimizer_state_bytes.unwrap(), kohya.metadata["ss_optimizer"].clone()), d)
 }
 
 #[test]
@@ -215,7 +225,12 @@ fn prodigy_adafactor_and_8bit_runs_train_the_tiny_pipeline() {
     // Prodigy's d starts at 1e-6 and grows for a few dozen steps before it moves the weights
     // (measured: eval loss -0.01% after 30 steps, -12.7% after 100), so it gets 100.
     let (before, adamw, adamw_bytes, _) = tiny_run(&[]);
-    let (b, prodigy, _, name) = tiny_run(&["optimizer.kind=\"prodigy\"", "train.learning_rate=1.0", "train.max_steps=100"]);
+    let ((b, prodigy, _, name), d) = tiny_run_d(&["optimizer.kind=\"prodigy\"", "train.learning_rate=1.0", "train.max_steps=100"]);
+    // The estimate is logged every step; it starts at prodigyopt's d0 = 1e-6 (step 1 leaves it
+    // there) and only grows (Prodigy's d is a running maximum).
+    assert_eq!(d.len(), 100, "prodigy_d on every step's metrics line");
+    assert_eq!(d[0], 1e-6);
+    assert!(d.windows(2).all(|w| w[1] >= w[0]) && d[99] > 1e-4, "d grows: {} -> {}", d[0], d[99]);
     assert_eq!(b, before, "the same fixed-noise evaluation before training");
     assert!(name.starts_with("prodigyopt.prodigy.Prodigy("), "{name}");
     let (_, adafactor, _, name) = tiny_run(&["optimizer.kind=\"adafactor\""]);

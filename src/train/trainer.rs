@@ -612,11 +612,19 @@ impl<'a> Trainer<'a> {
                     line["skipped"] = found_inf.into();
                     line["skipped_steps"] = state.skipped_steps.into();
                 }
+                // Prodigy's step-size estimate: the effective learning rate is d · lr.
+                let prodigy_d = self.optimizer.prodigy_d();
+                if let Some(d) = prodigy_d {
+                    line["prodigy_d"] = d.into();
+                }
                 writeln!(metrics, "{line}")?;
                 if let Some(tb) = tensorboard.as_mut() {
                     let mut scalars = vec![("train_loss", acc_loss), ("lr", lr), ("grad_norm", _norm)];
                     if let Some(scale) = loss_scale {
                         scalars.push(("loss_scale", scale));
+                    }
+                    if let Some(d) = prodigy_d {
+                        scalars.push(("prodigy_d", d));
                     }
                     tb.scalars(state.global_step as u64, &scalars)?;
                 }
