@@ -77,11 +77,11 @@ pub(crate) fn with_sshs_hashes(bytes: &[u8]) -> Result<Vec<u8>> {
     let tensors = st.tensors();
     let all: HashMap<String, String> = meta.metadata().clone().unwrap_or_default();
     let ss_only: HashMap<String, String> = all.iter().filter(|(k, _)| k.starts_with("ss_")).map(|(k, v)| (k.clone(), v.clone())).collect();
-    let ss_bytes = safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), Some(ss_only))?;
+    let ss_bytes = crate::util::safetensors_bytes::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), Some(ss_only))?;
     let mut with = all;
     with.insert("sshs_model_hash".into(), model_hash);
     with.insert("sshs_legacy_hash".into(), legacy_hash_of(&ss_bytes));
-    Ok(safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), Some(with))?)
+    crate::util::safetensors_bytes::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), Some(with))
 }
 
 #[cfg(test)]

@@ -182,7 +182,7 @@ pub(crate) fn serialize_lora_as(weights: &LoraWeights, format: LoraFormat, dtype
         }
     };
     let header = if header.is_empty() { None } else { Some(header) };
-    Ok(safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), header)?)
+    crate::util::safetensors_bytes::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), header)
 }
 
 /// DoRA's magnitude of module `name` as `format` stores it, always in f32 (it scales the

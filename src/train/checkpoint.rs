@@ -86,7 +86,7 @@ pub(crate) fn save_safetensors_atomic(
             Ok((n.clone(), safetensors::tensor::TensorView::new(to_st_dtype(*dt)?, shape.clone(), bytes)?))
         })
         .collect::<Result<_>>()?;
-    let bytes = safetensors::serialize(owned, metadata)?;
+    let bytes = crate::util::safetensors_bytes::serialize(owned, metadata)?;
     crate::util::fs::write_atomic(path, &bytes).with_context(|| format!("writing {}", path.display()))
 }
 

@@ -375,7 +375,7 @@ impl AdamW {
         for p in &self.params {
             metadata.insert(format!("step.{}", p.name), p.steps.to_string());
         }
-        let bytes = safetensors::serialize(views, Some(metadata))
+        let bytes = crate::util::safetensors_bytes::serialize(views, Some(metadata))
             .with_context(|| format!("serialising optimizer state for {}", path.display()))?;
         crate::util::fs::write_atomic(path, &bytes)
             .with_context(|| format!("writing optimizer state {}", path.display()))?;

@@ -3,6 +3,7 @@
 //! special files (FIFOs, devices) for messages.
 
 pub(crate) mod file_kind;
+pub(crate) mod safetensors_bytes;
 pub mod fs;
 pub(crate) mod interrupt;
 pub mod path;
