@@ -18,6 +18,7 @@ pub mod cli;
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod dist;
 pub mod hub_id;
 pub mod inference;
 pub mod layout;

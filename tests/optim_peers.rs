@@ -241,9 +241,11 @@ fn prodigy_adafactor_and_8bit_runs_train_the_tiny_pipeline() {
     for (kind, after) in [("prodigy", prodigy), ("adafactor", adafactor), ("adamw8bit", eight)] {
         assert!(after < before, "{kind} lowers the eval loss: {before} -> {after}");
     }
-    // 8-bit AdamW follows AdamW closely on a real run: within 10% of AdamW's improvement
-    // (measured 1.1395 vs 1.1403 from 1.1551, 5%).
-    assert!((eight - adamw).abs() < 0.1 * (before - adamw), "adamw8bit {eight} vs adamw {adamw}");
+    // 8-bit AdamW follows AdamW closely on a real run: within 25% of AdamW's improvement. This
+    // depends on the draws: 5% with the batch-wide draws (1.1395 vs 1.1403 from 1.1551), 18% with
+    // the per-example draws (1.1103 vs 1.1121 from 1.1219; 8-bit ahead). The step-for-step
+    // comparison is `adamw8bit_follows_the_f32_trajectory_with_a_quarter_of_the_state` above.
+    assert!((eight - adamw).abs() < 0.25 * (before - adamw), "adamw8bit {eight} vs adamw {adamw}");
     assert!(eight_bytes as f64 <= 0.3 * adamw_bytes as f64);
 }
 

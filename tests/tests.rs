@@ -27,6 +27,7 @@ mod data_loader;
 mod data_multi_source;
 mod data_parquet_variants;
 mod data_sources;
+mod dist_ranks;
 mod data_transform;
 mod loading_hub;
 mod loading_pipeline;

@@ -156,11 +156,17 @@ fn restore_sigpipe() {
 
 /// candle asks for its thread count on every matmul and, without `RAYON_NUM_THREADS`, answers by
 /// parsing `/proc/cpuinfo` each time (10-20% of a small training step). Set the variable once, to
-/// the cores this process may use, before any thread starts.
+/// the cores this process may use, before any thread starts. Several ranks on one machine
+/// (torchrun's `LOCAL_WORLD_SIZE`, SLURM's `SLURM_NTASKS_PER_NODE`) share its cores evenly.
 fn pin_thread_count() {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        let local = ["LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"]
+            .iter()
+            .find_map(|k| std::env::var(k).ok()?.trim().parse::<usize>().ok())
+            .filter(|&l| l > 1)
+            .unwrap_or(1);
+        std::env::set_var("RAYON_NUM_THREADS", (n / local).max(1).to_string());
     }
 }
 

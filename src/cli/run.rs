@@ -33,7 +33,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     let stop = crate::util::interrupt::flag();
     let mut session = Session::default();
-    let report = run_pipeline(&loaded, &mut session, &RunOptions { force: args.force, no_cache: args.no_cache }, stop)?;
+    let report = run_pipeline(&loaded, &mut session, &RunOptions { force: args.force, no_cache: args.no_cache, dist: None }, stop)?;
     print_summary(&report, Resumes::Rerun);
     if report.stopped {
         return Ok(ExitCode::from(crate::util::interrupt::exit_code()));

@@ -19,6 +19,9 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if let Some(w) = crate::dist::World::from_env()? {
+        anyhow::bail!("lora watch runs one process; it was started as rank {} of {} by a launcher (use `lora run` under torchrun or srun)", w.rank, w.size);
+    }
     if !args.pipeline.file.is_file() {
         eprintln!("error: {} is not a file: give the pipeline file to watch", args.pipeline.file.display());
         return Ok(ExitCode::from(super::EXIT_INVALID));

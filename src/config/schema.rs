@@ -237,7 +237,7 @@ pub fn key_tables_markdown(root: &Value) -> String {
     let mut out = String::new();
     let stages = [
         "model", "dataset", "preprocess", "adapter", "optimizer", "train", "checkpoints", "validation", "output",
-        "logging",
+        "logging", "distributed",
     ];
     let top: Map<String, Value> = root.get("properties").and_then(Value::as_object).cloned().unwrap_or_default();
     let required_top: Vec<&str> = root

@@ -49,6 +49,33 @@ pub struct Pipeline {
     /// Metrics and trackers.
     #[serde(default)]
     pub logging: LoggingConfig,
+    /// Several processes training together, as a launcher (torchrun, srun) starts them.
+    #[serde(default)]
+    pub distributed: DistributedConfig,
+}
+
+/// `[distributed]`: how the ranks a launcher started (torchrun's `RANK` / `WORLD_SIZE` /
+/// `MASTER_ADDR` / `MASTER_PORT`, SLURM's `SLURM_PROCID` / `SLURM_NTASKS` / `SLURM_NODELIST`)
+/// talk. Without a launcher (or with a world of one) nothing here applies. See
+/// `docs/distributed.md`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistributedConfig {
+    /// The port rank 0 listens on for the other ranks. Unset: `LORA_DIST_PORT`, else the
+    /// launcher's `MASTER_PORT` + 1 (torchrun's own store holds `MASTER_PORT`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<u16>,
+    /// Seconds a collective waits for a rank before the job ends naming it (NCCL's
+    /// `NCCL_TIMEOUT`): a rank that died or hangs stops every other rank within this time.
+    #[schemars(range(min = 1))]
+    pub timeout_s: u64,
+}
+
+impl Default for DistributedConfig {
+    fn default() -> Self {
+        Self { port: None, timeout_s: 300 }
+    }
 }
 
 /// `[model]`: the base model, from the Hugging Face hub, a local diffusers folder or a

@@ -28,15 +28,16 @@ impl StageId {
     pub(crate) const ALL: [StageId; 7] = [Self::Model, Self::Dataset, Self::Preprocess, Self::Encode, Self::Train, Self::Export, Self::Validate];
 
     /// The pipeline tables the stage owns (reads). Their keys are what the stage's fingerprint
-    /// is made of, except train's `[checkpoints]` and `[logging]`: how it saves and logs, not what
-    /// it trains (a changed `every_steps` does not retrain a finished run).
+    /// is made of, except train's `[checkpoints]`, `[logging]` and `[distributed]`: how it saves,
+    /// logs and talks, not what it trains (a changed `every_steps` does not retrain a finished
+    /// run). The number of ranks is in train's fingerprint (it sets the global batch).
     pub const fn tables(self) -> &'static [&'static str] {
         match self {
             Self::Model => &["model"],
             Self::Dataset => &["dataset"],
             Self::Preprocess => &["preprocess"],
             Self::Encode => &[],
-            Self::Train => &["adapter", "optimizer", "train", "checkpoints", "logging"],
+            Self::Train => &["adapter", "optimizer", "train", "checkpoints", "logging", "distributed"],
             Self::Export => &["output"],
             Self::Validate => &["validation"],
         }
@@ -70,6 +71,8 @@ pub struct Plan {
     pub(crate) fingerprints: BTreeMap<StageId, String>,
     /// `--no-cache`: the encoders run every step, as the reference does (no encode stage).
     pub no_cache: bool,
+    /// The processes training together (a launcher's `WORLD_SIZE`; 1 without one).
+    pub world: usize,
 }
 
 impl Plan {

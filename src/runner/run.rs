@@ -14,10 +14,57 @@ use crate::config::LoadedPipeline;
 
 /// Run every stage of `loaded` that is not up to date (the stage table in `runner::stages`).
 /// `stop` ends training cleanly (a stop signal, or an edit in watch mode).
+/// Under a launcher (torchrun, srun) this process is one rank of several: it connects to the
+/// others first (`crate::dist`), and only rank 0 walks the whole table (see `docs/distributed.md`).
 pub fn run_pipeline(loaded: &LoadedPipeline, session: &mut Session, opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<RunReport> {
+    let mut opts = opts.clone();
+    if opts.dist.is_none() {
+        if let Some(world) = crate::dist::World::from_env()? {
+            opts.dist = Some(Arc::new(connect_job(loaded, &world)?));
+        }
+    }
+    let opts = &opts;
     let mut report = super::stages::run_plan(&Plan::resolve(loaded), session, opts, stop, None)?;
     report.skipped_train = report.train.is_none() && report.stages.iter().any(|(n, s)| *n == "train" && *s == super::stages::Status::UpToDate);
     Ok(report)
+}
+
+/// Connect this rank to the job `world` describes, on `[distributed] port`, `LORA_DIST_PORT` or
+/// the launcher's port + 1. Refused: several ranks on GPUs (they need NCCL, which this build
+/// does not have).
+fn connect_job(loaded: &LoadedPipeline, world: &crate::dist::World) -> Result<crate::dist::Comm> {
+    let p = &loaded.pipeline;
+    let gpu = match p.train.device {
+        crate::config::types::Device::Cpu => false,
+        crate::config::types::Device::Cuda(_) => true,
+        crate::config::types::Device::Auto => crate::device::CUDA_BUILT,
+    };
+    if gpu {
+        bail!(
+            "this is rank {} of {} on a GPU: several GPU ranks need NCCL, which this build does not have (its TCP collectives are for CPU ranks); \
+             run one process, or set train.device = \"cpu\" to train on CPU ranks",
+            world.rank,
+            world.size
+        );
+    }
+    let port = match (p.distributed.port, std::env::var("LORA_DIST_PORT").ok()) {
+        (Some(port), _) => port,
+        (None, Some(v)) => v.trim().parse::<u16>().map_err(|_| anyhow::anyhow!("LORA_DIST_PORT={v:?} is not a port number"))?,
+        (None, None) => world.master_port.checked_add(crate::dist::PORT_OFFSET).ok_or_else(|| anyhow::anyhow!("MASTER_PORT {} has no port after it", world.master_port))?,
+    };
+    let plan = Plan::resolve(loaded);
+    let job = plan.fingerprint(super::plan::StageId::Train).to_string();
+    tracing::info!(
+        "rank {} of {} ({:?}, local rank {}): {} on port {port}",
+        world.rank,
+        world.size,
+        world.launcher,
+        world.local_rank,
+        if world.is_main() { "waiting for the other ranks".to_string() } else { format!("joining rank 0 at {}", world.master_addr) }
+    );
+    let comm = crate::dist::Comm::connect(world, port, std::time::Duration::from_secs(p.distributed.timeout_s), &job)?;
+    tracing::info!("rank {} of {}: every rank joined", world.rank, world.size);
+    Ok(comm)
 }
 
 /// What `lora bench` needs back.
@@ -81,7 +128,10 @@ impl super::stages::TrainObserver for BenchObserver<'_> {
 pub fn bench_pipeline(loaded: &LoadedPipeline, no_cache: bool, on_update: &mut dyn FnMut(usize, usize, f64, f64)) -> Result<BenchReport> {
     let mut observer =
         BenchObserver { on_update, train_started: None, device: None, model_bytes: None, setup_peak_rss_bytes: None, peak_device_bytes: None, sampler: None };
-    let opts = RunOptions { force: false, no_cache };
+    if let Some(w) = crate::dist::World::from_env()? {
+        bail!("lora bench runs one process; it was started as rank {} of {} (run it without the launcher)", w.rank, w.size);
+    }
+    let opts = RunOptions { force: false, no_cache, dist: None };
     let run = super::stages::run_plan(&Plan::resolve(loaded), &mut Session::default(), &opts, Arc::new(AtomicBool::new(false)), Some(&mut observer))?;
     let (Some(train_started), Some((device_is_cpu, device))) = (observer.train_started, observer.device.take()) else {
         bail!("the train stage did not run (is {} a fresh folder?)", loaded.pipeline.output.dir.display());

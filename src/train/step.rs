@@ -42,24 +42,60 @@ pub fn randn(rng: &mut impl Rng, shape: &[usize], device: &Device) -> Result<Ten
     Tensor::from_vec(data, shape, device)
 }
 
+/// Which random stream a draw uses: every example's draws depend only on the run's seed, the
+/// (global) micro-step and the example's position in the global batch, so that N ranks with
+/// batch b draw what one process with batch N·b draws (see `docs/distributed.md`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum DrawStream {
+    /// Training micro-step `micro` (counted over the whole run).
+    Train { micro: u64 },
+    /// The fixed draws of evaluation batch `batch` (the same every evaluation).
+    Eval { batch: u64 },
+}
+
+impl DrawStream {
+    /// The generator of the example at global batch position `position`: ChaCha8 keyed by
+    /// (seed, stream kind, step, position), 32 bytes with no two (step, position) alike.
+    pub(crate) fn rng(self, seed: u64, position: u64) -> chacha20::ChaCha8Rng {
+        let (kind, index) = match self {
+            Self::Train { micro } => (1u64, micro),
+            Self::Eval { batch } => (2u64, batch),
+        };
+        let mut key = [0u8; 32];
+        for (i, word) in [seed, kind, index, position].into_iter().enumerate() {
+            key[8 * i..8 * i + 8].copy_from_slice(&word.to_le_bytes());
+        }
+        <chacha20::ChaCha8Rng as rand::SeedableRng>::from_seed(key)
+    }
+}
+
 impl NoiseDraw {
-    /// Draw everything a micro-step needs for latents of `latent_shape` (`[B, C, h, w]`).
-    pub fn draw(
-        rng: &mut impl Rng,
+    /// Draw a micro-step's randomness per example: example `i` of this batch (global position
+    /// `first_position + i`) takes its posterior sample, noise, offset noise and timestep, in
+    /// that order, from its own stream ([`DrawStream::rng`]).
+    pub(crate) fn draw_per_example(
+        stream: DrawStream,
+        seed: u64,
+        first_position: u64,
         latent_shape: &[usize],
         num_train_timesteps: usize,
         noise_offset: f64,
         device: &Device,
     ) -> Result<Self> {
-        let posterior = randn(rng, latent_shape, device)?;
-        let mut noise = randn(rng, latent_shape, device)?;
-        if noise_offset != 0.0 {
-            // noise += offset * randn(B, C, 1, 1), as the reference.
-            let offset = randn(rng, &[latent_shape[0], latent_shape[1], 1, 1], device)?;
-            noise = noise.broadcast_add(&(offset * noise_offset)?)?;
+        let one: Vec<usize> = std::iter::once(1).chain(latent_shape[1..].iter().copied()).collect();
+        let (mut posterior, mut noise, mut timesteps) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..latent_shape[0] {
+            let mut rng = stream.rng(seed, first_position + i as u64);
+            posterior.push(randn(&mut rng, &one, device)?);
+            let mut n = randn(&mut rng, &one, device)?;
+            if noise_offset != 0.0 {
+                let offset = randn(&mut rng, &[1, latent_shape[1], 1, 1], device)?;
+                n = n.broadcast_add(&(offset * noise_offset)?)?;
+            }
+            noise.push(n);
+            timesteps.push(rng.random_range(0..num_train_timesteps as u32));
         }
-        let timesteps = (0..latent_shape[0]).map(|_| rng.random_range(0..num_train_timesteps as u32)).collect();
-        Ok(Self { posterior, noise, timesteps })
+        Ok(Self { posterior: Tensor::cat(&posterior, 0)?, noise: Tensor::cat(&noise, 0)?, timesteps })
     }
 }
 

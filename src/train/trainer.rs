@@ -17,14 +17,12 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use rand::SeedableRng;
-use chacha20::ChaCha8Rng;
 
 use super::checkpoint::{self, NamedVar, TrainerState};
 use super::lr::{lr_at, scale_lr, LrSchedule, StepPlan};
 use super::optim::{clip_grad_norm, global_grad_norm, AdamW, AdamWConfig};
 use super::precision::{round_through, GradScaler, GradScalerConfig, MixedPrecision};
-use super::step::{denoising_loss_checkpointed, LossOptions, NoiseDraw};
+use super::step::{denoising_loss_checkpointed, DrawStream, LossOptions, NoiseDraw};
 use crate::models::conditioning::time_ids;
 use crate::models::{Conditioning, StableDiffusion};
 use crate::nn::CheckpointGrads;
@@ -148,6 +146,10 @@ pub struct Trainer<'a> {
     /// With gradient checkpointing: the accumulator of the last micro-step's forward, merged
     /// into its backward's gradients (a fresh one per micro-step).
     checkpoint: Option<CheckpointGrads>,
+    /// The job's collectives when several processes train together (`crate::dist`): each takes
+    /// its share of the batches, gradients are averaged before every update, and only rank 0
+    /// writes (metrics, TensorBoard, checkpoints) and evaluates.
+    pub comm: Option<Arc<crate::dist::Comm>>,
 }
 
 /// One held-out point: a `metrics.jsonl` line `{"step": N, "val_loss": x}` and the `val_loss` scalar.
@@ -168,11 +170,43 @@ fn record_eval(metrics: &mut std::fs::File, tensorboard: Option<&mut crate::repo
     Ok(())
 }
 
-/// The seed of micro-step `k`'s random stream.
-fn micro_step_rng(seed: u64, k: usize) -> ChaCha8Rng {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    rng.set_stream(k as u64 + 1);
-    rng
+/// sha256 (hex, first 16 digits) of every parameter's f32 bytes, in order.
+fn weights_digest(params: &[NamedVar]) -> Result<String> {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for p in params {
+        for v in p.var.as_tensor().flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()? {
+            h.update(v.to_le_bytes());
+        }
+    }
+    Ok(h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect())
+}
+
+/// The batches of one rank out of `size`: batch `j` of its epoch is the inner source's batch
+/// `j·size + rank`, the tail padded from the epoch's start, so that every rank runs
+/// `ceil(batches / size)` batches (as accelerate's `even_batches`).
+struct Sharded<'a> {
+    inner: &'a dyn BatchSource,
+    rank: usize,
+    size: usize,
+    batch_size: usize,
+}
+
+impl BatchSource for Sharded<'_> {
+    fn num_examples(&self) -> usize {
+        self.inner.num_examples()
+    }
+    fn batches_per_epoch(&self, batch_size: usize) -> usize {
+        self.inner.batches_per_epoch(batch_size).div_ceil(self.size)
+    }
+    fn batches<'b>(&'b self, epoch: usize, start_batch: usize) -> Box<dyn Iterator<Item = Result<TrainBatch>> + 'b> {
+        let total = self.inner.batches_per_epoch(self.batch_size);
+        let per = total.div_ceil(self.size);
+        Box::new((start_batch..per).map(move |j| {
+            let g = (j * self.size + self.rank) % total;
+            self.inner.batches(epoch, g).next().unwrap_or_else(|| Err(anyhow::anyhow!("batch {g} of epoch {epoch} is missing")))
+        }))
+    }
 }
 
 fn pixel_key(t: &Tensor) -> Result<u64> {
@@ -207,6 +241,7 @@ impl<'a> Trainer<'a> {
             heldout: None,
             latent_cache: HashMap::new(),
             checkpoint: None,
+            comm: None,
         })
     }
 
@@ -243,7 +278,8 @@ impl<'a> Trainer<'a> {
             let encoded = self.sd.text_embeddings(&missing, &self.device)?.detach();
             for (i, c) in missing.iter().enumerate() {
                 let row = encoded.get(i)?;
-                if let Some(disk) = &self.text_cache_disk {
+                // Only rank 0 writes the shared cache (it filled it before training).
+                if let Some(disk) = self.text_cache_disk.as_ref().filter(|_| self.comm.as_ref().is_none_or(|c| c.is_main())) {
                     disk.put(&disk.text_key(c), &row.text_parts())?;
                 }
                 self.text_cache.insert(c.to_string(), row);
@@ -331,7 +367,9 @@ impl<'a> Trainer<'a> {
             let (mean, std) = self.vae_encode_rows(&px)?;
             for (j, &i) in missing.iter().enumerate() {
                 let (m, s) = (mean.get(j)?, std.get(j)?);
-                disk.put(&keys[i], &[&m, &s])?;
+                if self.comm.as_ref().is_none_or(|c| c.is_main()) {
+                    disk.put(&keys[i], &[&m, &s])?;
+                }
                 rows[i] = Some((m, s));
             }
         }
@@ -340,15 +378,19 @@ impl<'a> Trainer<'a> {
     }
 
     /// Loss of one micro-batch (not yet divided by the accumulation steps).
-    pub(crate) fn micro_step_loss(&mut self, batch: &TrainBatch, micro_index: usize) -> Result<Tensor> {
+    /// The draws are per example ([`NoiseDraw::draw_per_example`]): this rank's examples sit at
+    /// global batch positions `rank · batch_size + i`.
+    pub(crate) fn micro_step_loss(&mut self, batch: &TrainBatch, stream: DrawStream) -> Result<Tensor> {
         let (mean, std) = self.encode_pixels(&batch.pixel_values)?;
         let mut text = self.encode_text(&batch.captions)?;
         if self.sd.unet.config().addition.is_some() {
             text = text.with_time_ids(self.time_ids(batch)?);
         }
-        let mut rng = micro_step_rng(self.settings.seed, micro_index);
-        let draw = NoiseDraw::draw(
-            &mut rng,
+        let rank = self.comm.as_ref().map_or(0, |c| c.rank());
+        let draw = NoiseDraw::draw_per_example(
+            stream,
+            self.settings.seed,
+            (rank * self.settings.batch_size) as u64,
             mean.dims(),
             self.ddpm.num_train_timesteps,
             self.settings.loss.noise_offset,
@@ -375,8 +417,8 @@ impl<'a> Trainer<'a> {
         let mut n = 0usize;
         for (i, batch) in source.batches(0, 0).take(batches).enumerate() {
             let batch = batch?;
-            // Streams far from the training ones (which count up from 1).
-            let loss = self.micro_step_loss(&batch, usize::MAX / 2 + i)?.detach();
+            // Streams of their own, the same every evaluation.
+            let loss = self.micro_step_loss(&batch, DrawStream::Eval { batch: i as u64 })?.detach();
             total += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             n += 1;
         }
@@ -397,9 +439,19 @@ impl<'a> Trainer<'a> {
         let s = self.settings.clone();
         anyhow::ensure!(source.num_examples() > 0, "the dataset is empty: nothing to train on");
         anyhow::ensure!(s.batch_size > 0, "batch size must be at least 1");
+        let comm = self.comm.clone();
+        let main = comm.as_ref().is_none_or(|c| c.is_main());
+        let world = comm.as_ref().map_or(1, |c| c.size());
+        let sharded = comm.as_ref().map(|c| Sharded { inner: source, rank: c.rank(), size: c.size(), batch_size: s.batch_size });
+        // Evaluations (rank 0 only) read the whole source; training reads this rank's share.
+        let eval_source = source;
+        let source: &dyn BatchSource = match &sharded {
+            Some(sh) => sh,
+            None => source,
+        };
         let plan = StepPlan::from_batches(source.batches_per_epoch(s.batch_size), s.gradient_accumulation_steps, s.num_epochs, s.max_train_steps)?;
-        let base_lr = if s.scale_lr { scale_lr(s.learning_rate, s.gradient_accumulation_steps, s.batch_size, 1) } else { s.learning_rate };
-        std::fs::create_dir_all(&s.output_dir).with_context(|| format!("creating output directory {}", s.output_dir.display()))?;
+        let base_lr = if s.scale_lr { scale_lr(s.learning_rate, s.gradient_accumulation_steps, s.batch_size, world) } else { s.learning_rate };
+
 
         let mut state = TrainerState {
             global_step: 0,
@@ -413,6 +465,8 @@ impl<'a> Trainer<'a> {
         let mut scaler = s.precision.uses_loss_scaling().then(|| GradScaler::new(s.grad_scaler));
         let mut resumed_from = None;
         let loaded = match s.resume_from_checkpoint.as_deref() {
+            // Another rank loads exactly the checkpoint rank 0 loaded (told below).
+            _ if !main => None,
             // The newest checkpoint that loads (a damaged one is reported and the previous used).
             Some("latest") => {
                 let found = checkpoint::load_newest_loadable(&s.output_dir, &self.params, &mut self.optimizer)?;
@@ -429,6 +483,23 @@ impl<'a> Trainer<'a> {
                 None => None,
             },
             None => None,
+        };
+        // Every rank starts from rank 0's checkpoint (or none).
+        let loaded = match &comm {
+            None => loaded,
+            Some(c) => {
+                let path: Option<String> = c.broadcast_json(Some(&loaded.as_ref().map(|(d, _)| d.display().to_string())))?;
+                match (loaded, path) {
+                    (Some(l), _) => Some(l),
+                    (None, Some(p)) => {
+                        let dir = PathBuf::from(p);
+                        let st = checkpoint::load_checkpoint(&dir, &self.params, &mut self.optimizer)
+                            .with_context(|| format!("rank {} loading rank 0's checkpoint {} (the ranks must share the output folder)", c.rank(), dir.display()))?;
+                        Some((dir, st))
+                    }
+                    (None, None) => None,
+                }
+            }
         };
         if let Some((dir, st)) = loaded {
             tracing::info!("resumed from {} at step {}", crate::util::path::tidy_path(&dir).display(), st.global_step);
@@ -449,20 +520,23 @@ impl<'a> Trainer<'a> {
 
         // Logs hold every step once after any number of resumes: drop what a stopped or killed
         // run logged past the step resumed from (and everything, on a fresh start).
-        let metrics_path = s.output_dir.join("metrics.jsonl");
-        crate::report::metrics::keep_steps_up_to(&metrics_path, state.global_step)?;
-        if let Some(dir) = &s.tensorboard_dir {
-            crate::report::tensorboard::keep_steps_up_to(dir, state.global_step as u64)?;
+        // Only rank 0 writes (logs, checkpoints).
+        if main {
+            std::fs::create_dir_all(&s.output_dir).with_context(|| format!("creating output directory {}", s.output_dir.display()))?;
         }
-        let mut metrics = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&metrics_path)
-            .with_context(|| format!("opening {}", metrics_path.display()))?;
-
+        let metrics_path = s.output_dir.join("metrics.jsonl");
+        let mut metrics = if main {
+            crate::report::metrics::keep_steps_up_to(&metrics_path, state.global_step)?;
+            if let Some(dir) = &s.tensorboard_dir {
+                crate::report::tensorboard::keep_steps_up_to(dir, state.global_step as u64)?;
+            }
+            Some(std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path).with_context(|| format!("opening {}", metrics_path.display()))?)
+        } else {
+            None
+        };
         let mut tensorboard = match &s.tensorboard_dir {
-            Some(dir) => Some(crate::report::tensorboard::EventWriter::create(dir)?),
-            None => None,
+            Some(dir) if main => Some(crate::report::tensorboard::EventWriter::create(dir)?),
+            _ => None,
         };
         let started = Instant::now();
         let mut outcome = TrainOutcome {
@@ -485,18 +559,19 @@ impl<'a> Trainer<'a> {
             return Ok(outcome);
         }
 
-        if state.global_step == 0 {
+        if let (Some(m), 0) = (metrics.as_mut(), state.global_step) {
             if let Some(loss) = self.heldout_loss()? {
                 outcome.heldout_loss.0 = Some(loss);
-                record_heldout(&mut metrics, tensorboard.as_mut(), 0, loss)?;
+                record_heldout(m, tensorboard.as_mut(), 0, loss)?;
+            }
+            if s.eval_batches > 0 {
+                outcome.eval_loss_before = self.eval_loss(eval_source, s.eval_batches)?;
+                if let Some(e) = outcome.eval_loss_before {
+                    record_eval(m, tensorboard.as_mut(), 0, e)?;
+                }
             }
         }
-        if s.eval_batches > 0 && state.global_step == 0 {
-            outcome.eval_loss_before = self.eval_loss(source, s.eval_batches)?;
-            if let Some(e) = outcome.eval_loss_before {
-                record_eval(&mut metrics, tensorboard.as_mut(), 0, e)?;
-            }
-        }
+        let digests = std::env::var_os("LORA_DIST_DIGEST").is_some_and(|v| v == "1");
         let mut acc: Option<Vec<Tensor>> = None;
         let mut acc_loss = 0f64;
         // fp16: a micro-step of this accumulation window had a non-finite loss (its gradients
@@ -510,7 +585,7 @@ impl<'a> Trainer<'a> {
                 let batch_in_epoch = start_batch + offset;
                 let micro_index = epoch * plan.batches_per_epoch + batch_in_epoch;
                 let forward = crate::util::profile::scope("step.forward");
-                let loss = self.micro_step_loss(&batch, micro_index)?;
+                let loss = self.micro_step_loss(&batch, DrawStream::Train { micro: micro_index as u64 })?;
                 drop(forward);
                 let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                 if !loss_value.is_finite() && scaler.is_none() {
@@ -556,7 +631,35 @@ impl<'a> Trainer<'a> {
                     continue;
                 }
                 let mut g = acc.take();
-                let overflow = std::mem::take(&mut window_overflow);
+                let mut overflow = std::mem::take(&mut window_overflow);
+                // Several ranks: average the gradients (DDP's all-reduce, before unscaling and
+                // clipping), the logged loss, and agree on an overflow and on a stop.
+                let mut stop_now = self.stop.load(Ordering::SeqCst);
+                if let Some(c) = &comm {
+                    let grads = match g.take() {
+                        Some(g) => g,
+                        None => self.params.iter().map(|p| p.var.as_tensor().zeros_like()?.to_dtype(DType::F32)).collect::<candle_core::Result<Vec<_>>>()?,
+                    };
+                    let mut flat: Vec<f32> = Vec::with_capacity(grads.iter().map(Tensor::elem_count).sum::<usize>() + 3);
+                    for t in &grads {
+                        flat.extend(t.flatten_all()?.to_vec1::<f32>()?);
+                    }
+                    flat.extend([acc_loss as f32, f32::from(u8::from(overflow)), f32::from(u8::from(stop_now))]);
+                    let _p = crate::util::profile::scope("step.all_reduce");
+                    c.all_reduce_mean(&mut flat)?;
+                    let n = flat.len();
+                    acc_loss = flat[n - 3] as f64;
+                    overflow = flat[n - 2] > 0.0;
+                    stop_now = flat[n - 1] > 0.0;
+                    let mut at = 0;
+                    let mut averaged = Vec::with_capacity(grads.len());
+                    for t in &grads {
+                        let k = t.elem_count();
+                        averaged.push(Tensor::from_slice(&flat[at..at + k], t.dims(), t.device())?);
+                        at += k;
+                    }
+                    g = Some(averaged);
+                }
                 // GradScaler: unscale (before clipping, as accelerate's clip_grad_norm_ does), and
                 // skip the optimizer step when any gradient is inf/NaN.
                 let found_inf = match (&scaler, g.as_mut()) {
@@ -601,6 +704,11 @@ impl<'a> Trainer<'a> {
                 outcome.skipped_steps = state.skipped_steps;
                 outcome.loss_scale = scaler.as_ref().map(GradScaler::scale);
                 state.global_step += 1;
+                if digests {
+                    // `LORA_DIST_DIGEST=1`: every rank logs a digest of its weights after every
+                    // update (the multi-process tests compare the ranks').
+                    tracing::info!("weights digest: rank {} step {} {}", comm.as_ref().map_or(0, |c| c.rank()), state.global_step, weights_digest(&self.params)?);
+                }
                 state.last_loss = Some(acc_loss);
                 outcome.first_loss.get_or_insert(acc_loss);
                 outcome.final_loss = Some(acc_loss);
@@ -617,7 +725,9 @@ impl<'a> Trainer<'a> {
                 if let Some(d) = prodigy_d {
                     line["prodigy_d"] = d.into();
                 }
-                writeln!(metrics, "{line}")?;
+                if let Some(m) = metrics.as_mut() {
+                    writeln!(m, "{line}")?;
+                }
                 if let Some(tb) = tensorboard.as_mut() {
                     let mut scalars = vec![("train_loss", acc_loss), ("lr", lr), ("grad_norm", _norm)];
                     if let Some(scale) = loss_scale {
@@ -633,17 +743,17 @@ impl<'a> Trainer<'a> {
                 }
                 acc_loss = 0.0;
                 let last = state.global_step >= plan.max_train_steps;
-                if s.heldout_every_steps.is_some_and(|n| n > 0 && state.global_step % n == 0) || last {
+                if let Some(m) = metrics.as_mut().filter(|_| s.heldout_every_steps.is_some_and(|n| n > 0 && state.global_step % n == 0) || last) {
                     if let Some(loss) = self.heldout_loss()? {
                         outcome.heldout_loss.1 = Some(loss);
-                        record_heldout(&mut metrics, tensorboard.as_mut(), state.global_step as u64, loss)?;
+                        record_heldout(m, tensorboard.as_mut(), state.global_step as u64, loss)?;
                     }
                 }
 
                 let done = state.global_step >= plan.max_train_steps;
-                let interrupted = self.stop.load(Ordering::SeqCst);
+                let interrupted = stop_now;
                 let due = s.checkpointing_steps.is_some_and(|n| n > 0 && state.global_step % n == 0);
-                if due || (interrupted && !done) {
+                if main && (due || (interrupted && !done)) {
                     let dir = checkpoint::save_checkpoint(&s.output_dir, &self.params, &self.optimizer, &state, s.checkpoints_total_limit)?;
                     tracing::info!("saved {}", crate::util::path::tidy_path(&dir).display());
                     outcome.checkpoints.push(dir);
@@ -659,10 +769,10 @@ impl<'a> Trainer<'a> {
         }
         outcome.global_step = state.global_step;
         // After the last update (a resumed run too: the run's first evaluation is in the metrics).
-        if s.eval_batches > 0 && !outcome.interrupted && state.global_step > 0 {
-            outcome.eval_loss_after = self.eval_loss(source, s.eval_batches)?;
+        if let Some(m) = metrics.as_mut().filter(|_| s.eval_batches > 0 && !outcome.interrupted && state.global_step > 0) {
+            outcome.eval_loss_after = self.eval_loss(eval_source, s.eval_batches)?;
             if let Some(e) = outcome.eval_loss_after {
-                record_eval(&mut metrics, tensorboard.as_mut(), state.global_step as u64, e)?;
+                record_eval(m, tensorboard.as_mut(), state.global_step as u64, e)?;
             }
         }
         outcome.seconds = started.elapsed().as_secs_f64();

@@ -88,7 +88,9 @@ pub(crate) const STAGES: &[Stage] = &[load::MODEL, load::DATASET, load::PREPROCE
 impl Plan {
     /// Resolve `loaded` once: fingerprints in table order, each seeing the upstream ones.
     pub fn resolve(loaded: &crate::config::LoadedPipeline) -> Self {
-        let mut plan = Self { loaded: loaded.clone(), out_dir: loaded.pipeline.output.dir.clone(), fingerprints: BTreeMap::new(), no_cache: false };
+        // A launcher's world (the variables are read again, and checked, when the ranks connect).
+        let world = crate::dist::World::from_env().ok().flatten().map_or(1, |w| w.size);
+        let mut plan = Self { loaded: loaded.clone(), out_dir: loaded.pipeline.output.dir.clone(), fingerprints: BTreeMap::new(), no_cache: false, world };
         for stage in STAGES {
             let fp = (stage.fingerprint)(&plan);
             plan.fingerprints.insert(stage.id, fp);
@@ -169,6 +171,8 @@ pub struct RunOptions {
     pub force: bool,
     /// Encode every step, as the reference does: no encode stage, no encode cache.
     pub no_cache: bool,
+    /// The job's collectives when a launcher started several ranks (`run_pipeline` connects).
+    pub dist: Option<Arc<crate::dist::Comm>>,
 }
 
 /// What a run did, for the summary.
@@ -393,13 +397,35 @@ fn run_stage(stage: &Stage, ctx: &mut StageCtx<'_>) -> Result<Ran> {
 pub(crate) fn run_plan(plan: &Plan, session: &mut Session, opts: &RunOptions, stop: Arc<AtomicBool>, observer: Option<&mut dyn TrainObserver>) -> Result<RunReport> {
     let started = Instant::now();
     let mut plan = plan.clone();
+    // Every rank trains with the same seed: rank 0's, when the file leaves it to chance.
     plan.pick_seed();
+    if let Some(c) = &opts.dist {
+        plan.loaded.pipeline.train.seed = Some(c.broadcast_json(plan.loaded.pipeline.train.seed.as_ref())?);
+        if !c.is_main() {
+            return follow_plan(plan, session, opts, stop, c.clone(), started);
+        }
+    }
     plan.no_cache = opts.no_cache;
     let dir = plan.out_dir.clone();
-    session.hold(&dir)?;
-    let mut lock = Lock::read(&dir)?;
-    lock.pipeline = plan.loaded.path.display().to_string();
-    let (statuses, start) = decide_all(&plan, &lock, opts.force);
+    let held = session.hold(&dir);
+    let lock = held.and_then(|_| Lock::read(&dir));
+    let decided = lock.map(|mut lock| {
+        lock.pipeline = plan.loaded.path.display().to_string();
+        let (statuses, start) = decide_all(&plan, &lock, opts.force);
+        (lock, statuses, start)
+    });
+    // Rank 0 tells the other ranks what this run does before anything loads: train or not.
+    if let Some(c) = &opts.dist {
+        let go = match &decided {
+            Err(e) => Go::Failed(format!("{e:#}")),
+            Ok((_, statuses, _)) => match statuses.iter().find_map(|s| if let Status::Refused(w) = s { Some(w.clone()) } else { None }) {
+                Some(why) => Go::Failed(why),
+                None => Go::Train(STAGES.iter().zip(statuses).any(|(st, s)| st.id == StageId::Train && matches!(s, Status::Run(_)))),
+            },
+        };
+        c.broadcast_json(Some(&go))?;
+    }
+    let (mut lock, statuses, start) = decided?;
     // Refused before anything loads or changes (what `plan` says as "refused").
     if let Some(why) = statuses.iter().find_map(|s| if let Status::Refused(w) = s { Some(w.clone()) } else { None }) {
         return Err(Refused(why).into());
@@ -438,6 +464,41 @@ pub(crate) fn run_plan(plan: &Plan, session: &mut Session, opts: &RunOptions, st
     // Examples of the training these results come from, when the dataset was not loaded now.
     if report.examples == 0 && !report.stages.iter().any(|(n, s)| *n == "dataset" && matches!(s, Status::Load)) {
         report.examples = lock.stages.get(StageId::Train.name()).and_then(|r| r.details.get("examples")).and_then(serde_json::Value::as_u64).unwrap_or(0) as usize;
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// What rank 0 tells the other ranks after deciding: whether training runs, or why the job ends.
+#[derive(serde::Serialize, serde::Deserialize)]
+enum Go {
+    Train(bool),
+    Failed(String),
+}
+
+/// The walk of a rank other than 0: nothing of the output folder is held, read for deciding or
+/// written. It loads the model and the data, and trains when rank 0 trains, its share of every
+/// batch; rank 0 encodes the cache, saves checkpoints, exports and validates.
+fn follow_plan(mut plan: Plan, session: &mut Session, opts: &RunOptions, stop: Arc<AtomicBool>, comm: Arc<crate::dist::Comm>, started: Instant) -> Result<RunReport> {
+    plan.no_cache = opts.no_cache;
+    let mut report = RunReport::default();
+    match comm.broadcast_json::<Go>(None)? {
+        Go::Failed(why) => anyhow::bail!("rank 0 ends the job before training: {why}"),
+        Go::Train(false) => {
+            tracing::info!("rank {}: rank 0 does not train this time (up to date); nothing to do", comm.rank());
+            report.seconds = started.elapsed().as_secs_f64();
+            return Ok(report);
+        }
+        Go::Train(true) => {}
+    }
+    let mut lock = Lock::default();
+    let mut ctx = StageCtx { plan: &plan, session, lock: &mut lock, opts, stop, report: &mut report, start: None, observer: None, loader: None, heldout: None };
+    for stage in STAGES.iter().filter(|s| matches!(s.id, StageId::Model | StageId::Dataset | StageId::Preprocess | StageId::Train)) {
+        ctx.report.stages.push((stage.id.name(), if stage.tracked { Status::Run(format!("rank {} of {}", comm.rank(), comm.size())) } else { Status::Load }));
+        let ran = run_stage(stage, &mut ctx).with_context(|| format!("rank {}: stage {}", comm.rank(), stage.id.name()))?;
+        if !ran.complete {
+            break;
+        }
     }
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
@@ -489,7 +550,7 @@ mod tests {
     #[test]
     fn the_table_follows_the_stage_ids_and_every_table_has_one_owner() {
         assert_eq!(STAGES.iter().map(|s| s.id).collect::<Vec<_>>(), StageId::ALL.to_vec());
-        for table in ["model", "dataset", "preprocess", "adapter", "optimizer", "train", "checkpoints", "logging", "validation", "output"] {
+        for table in ["model", "dataset", "preprocess", "adapter", "optimizer", "train", "checkpoints", "logging", "validation", "output", "distributed"] {
             assert_eq!(StageId::ALL.iter().filter(|s| s.tables().contains(&table)).count(), 1, "[{table}]");
         }
         assert_eq!(StageId::owner_of("train.learning_rate"), Some(StageId::Train));

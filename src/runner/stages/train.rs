@@ -46,6 +46,11 @@ pub(super) const TRAIN: Stage = Stage {
         if split > 0.0 {
             f.add("validation.loss_split", &split.to_string());
         }
+        // Several ranks train another global batch (only then, so one process keeps its
+        // fingerprint).
+        if p.world > 1 {
+            f.add("world size", &p.world.to_string());
+        }
         f.finish()
     },
     reads: |p| {
@@ -62,8 +67,18 @@ pub(super) const TRAIN: Stage = Stage {
             Some(n) => format!("{n} steps"),
             None => format!("{} epochs", pl.train.epochs),
         };
+        let ranks = if p.world > 1 {
+            format!(
+                "; {} ranks: batch {} per rank, {} in all, rank 0 writes every file (the others only read its checkpoints and cache)",
+                p.world,
+                pl.train.batch_size,
+                pl.train.batch_size as usize * p.world
+            )
+        } else {
+            String::new()
+        };
         format!(
-            "LoRA rank {} on {}{}; {steps}, batch {} x {}, lr {} ({})",
+            "LoRA rank {} on {}{}; {steps}, batch {} x {}, lr {} ({}){ranks}",
             pl.adapter.rank,
             pl.adapter.target_modules.join(", "),
             if pl.adapter.text_encoder { " and the text encoder" } else { "" },
@@ -145,9 +160,12 @@ fn run_train(ctx: &mut StageCtx<'_>, model: &mut LoadedModel, loader: &DataLoade
     if plan.no_cache {
         settings.cache_encodings = false;
     }
+    // A rank other than 0 writes nothing: it trains its share, loading what rank 0 resumes from.
+    let follower = ctx.opts.dist.as_ref().is_some_and(|c| !c.is_main());
     // What `plan` said (the one decision): resume, start over with earlier results set aside,
     // or the user's own `checkpoints.resume`.
     match ctx.start.clone() {
+        _ if follower => {}
         Some(crate::runner::resume::Start::Explicit(_)) => {}
         Some(crate::runner::resume::Start::Resume { newest, warnings, .. }) => {
             tracing::info!("train: resuming the interrupted run from {} (or the newest checkpoint before it that loads)", tidy_path(&newest).display());
@@ -171,9 +189,11 @@ fn run_train(ctx: &mut StageCtx<'_>, model: &mut LoadedModel, loader: &DataLoade
         None => anyhow::bail!("the train stage runs only as decided by the stage table"),
     }
     // Mark the stage in progress before the first step, so any crash resumes.
-    ctx.lock.stages.remove(StageId::Train.name());
-    ctx.lock.record_with(IN_PROGRESS, plan.fingerprint(StageId::Train), vec![], snapshot.clone());
-    ctx.lock.write(&out_dir)?;
+    if !follower {
+        ctx.lock.stages.remove(StageId::Train.name());
+        ctx.lock.record_with(IN_PROGRESS, plan.fingerprint(StageId::Train), vec![], snapshot.clone());
+        ctx.lock.write(&out_dir)?;
+    }
 
     let device = model.device.clone();
     let loader = loader.clone();
@@ -255,7 +275,18 @@ fn run_train(ctx: &mut StageCtx<'_>, model: &mut LoadedModel, loader: &DataLoade
         park_cached_encoders(sd, caches_text(plan), caches_latents(plan), &device)?;
     }
     let sd_ref: &StableDiffusion = sd;
+    if let Some(c) = &ctx.opts.dist {
+        tracing::info!(
+            "train: rank {} of {}: batch {} per rank, {} in all (x {} accumulation)",
+            c.rank(),
+            c.size(),
+            settings.batch_size,
+            settings.batch_size * c.size(),
+            settings.gradient_accumulation_steps
+        );
+    }
     let mut trainer = Trainer::new(sd_ref, params, settings)?;
+    trainer.comm = ctx.opts.dist.clone();
     trainer.stop = ctx.stop.clone();
     trainer.unused_params = unused_text_params(&sd_ref.text, &te_loras);
     if let Some(held) = ctx.heldout.clone() {
@@ -277,7 +308,7 @@ fn run_train(ctx: &mut StageCtx<'_>, model: &mut LoadedModel, loader: &DataLoade
         p.train.max_steps.map(|n| n as usize),
     )?;
     let validate_at = |step: usize| -> bool {
-        if p.validation.prompts.is_empty() {
+        if p.validation.prompts.is_empty() || follower {
             return false;
         }
         let by_steps = p.validation.every_steps.is_some_and(|n| n > 0 && step % n as usize == 0);
@@ -286,7 +317,7 @@ fn run_train(ctx: &mut StageCtx<'_>, model: &mut LoadedModel, loader: &DataLoade
         let by_epochs = epoch_end && p.validation.every_epochs > 0 && epoch % p.validation.every_epochs as usize == 0;
         (by_steps || by_epochs) && step < steps.max_train_steps
     };
-    let checkpoint_due = |step: usize| p.checkpoints.every_steps > 0 && step % p.checkpoints.every_steps as usize == 0;
+    let checkpoint_due = |step: usize| !follower && p.checkpoints.every_steps > 0 && step % p.checkpoints.every_steps as usize == 0;
     let mut last_plot = Instant::now();
     let mut rate = crate::report::metrics::StepRate::new();
     let mut side = std::time::Duration::ZERO;
@@ -307,13 +338,21 @@ fn run_train(ctx: &mut StageCtx<'_>, model: &mut LoadedModel, loader: &DataLoade
                 Err(e) => tracing::warn!("validation at step {step} failed: {e:#}"),
             }
         }
-        if validate_at(step) || checkpoint_due(step) || last_plot.elapsed().as_secs() >= 30 {
+        if !follower && (validate_at(step) || checkpoint_due(step) || last_plot.elapsed().as_secs() >= 30) {
             crate::report::plot::refresh(&out_dir.join(METRICS_FILE), &out_dir.join(LOSS_PLOT));
             last_plot = Instant::now();
         }
         let spent = paused.elapsed();
         rate.pause(spent);
         side += spent;
+        if follower {
+            // Rank 0 shows the progress; the others log now and then.
+            if last_log.elapsed().as_secs_f64() > 30.0 || step == total {
+                tracing::info!("step {step}/{total} loss {loss:.4} (mean over the ranks)");
+                last_log = Instant::now();
+            }
+            return;
+        }
         let b = bar.get_or_insert_with(|| progress_bar(total, step.saturating_sub(1)));
         b.set_position(step as u64);
         b.set_message(format!("loss {loss:.4} lr {lr:.2e}"));
@@ -334,6 +373,12 @@ fn run_train(ctx: &mut StageCtx<'_>, model: &mut LoadedModel, loader: &DataLoade
     let ema = trainer.optimizer.ema_weights();
     ctx.report.optimizer_state_bytes = Some(trainer.optimizer.state_bytes());
     drop(trainer);
+    if follower {
+        let interrupted = outcome.interrupted;
+        ctx.report.stopped |= interrupted;
+        ctx.report.train = Some(outcome);
+        return Ok(Ran { complete: !interrupted, details: BTreeMap::new() });
+    }
     crate::report::plot::refresh(&out_dir.join(METRICS_FILE), &out_dir.join(LOSS_PLOT));
     ctx.report.train_rate = rate.per_second();
     ctx.report.side_seconds = side.as_secs_f64();
@@ -401,6 +446,9 @@ fn ema_lora_weights(raw: &crate::adapters::LoraWeights, ema: &std::collections::
             };
             m.down = get("lora_A")?;
             m.up = get("lora_B")?;
+            if m.magnitude.is_some() {
+                m.magnitude = Some(get("lora_magnitude_vector")?);
+            }
         }
     }
     Ok(w)
