@@ -240,3 +240,23 @@ fn the_unet_computes_every_example_alone() {
         assert_eq!(cat, full, "a batch of 8 in chunks of {n}");
     }
 }
+
+/// Our own launcher: `lora run FILE --ranks 2` starts two ranks of itself (torchrun's variables,
+/// a free port), both finish with the same bits after every update, rank 1's lines come through
+/// prefixed, and the adapter is written once; `--gpus` is refused by name on this build.
+#[test]
+fn the_ranks_flag_starts_the_ranks_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let o = lora(&out, &sets(&["train.batch_size=2"])).arg("--ranks").arg("2").output().unwrap();
+    let l = log(&o);
+    assert!(o.status.success(), "{l}");
+    let (d0, d1) = (digests(&l, 0), digests(&l, 1));
+    assert_eq!(d0.len(), 4);
+    assert_eq!(d0, d1, "both ranks hold the same bits after every update");
+    assert!(l.lines().any(|line| line.starts_with("rank 1: ")), "rank 1's log comes through prefixed:\n{l}");
+    assert!(out.join(lora::layout::DIFFUSERS_FILE).is_file());
+    let g = lora(&out, &[]).arg("--gpus").arg("2").output().unwrap();
+    assert!(!g.status.success());
+    assert!(log(&g).contains("distributed.gpus"), "{}", log(&g));
+}

@@ -21,16 +21,34 @@ pub struct Args {
     /// encode cache).
     #[arg(long)]
     pub no_cache: bool,
+    /// Start N CPU ranks of this run on this machine (our own launcher, as `[distributed]
+    /// ranks`); under torchrun or srun the launcher's ranks are used instead.
+    #[arg(long, value_name = "N")]
+    pub ranks: Option<u32>,
+    /// One rank per GPU: not available yet (GPU ranks need NCCL, which this build lacks).
+    #[arg(long, value_name = "N")]
+    pub gpus: Option<u32>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if args.dry_run {
         return super::plan::run(super::plan::Args { pipeline: args.pipeline, force: args.force, no_cache: args.no_cache, json: false });
     }
-    let loaded = match args.pipeline.load(&[]) {
+    let mut extra = Vec::new();
+    if let Some(n) = args.gpus {
+        extra.push(format!("distributed.gpus={n}"));
+    }
+    let loaded = match args.pipeline.load(&extra) {
         Ok(l) => l,
         Err(code) => return Ok(code),
     };
+    let ranks = args.ranks.or(loaded.pipeline.distributed.ranks).unwrap_or(1) as usize;
+    if ranks > 1 && crate::dist::World::from_env()?.is_none() {
+        if matches!(loaded.pipeline.train.device, crate::config::types::Device::Cuda(_)) {
+            anyhow::bail!("--ranks starts CPU ranks, but train.device asks for a GPU: several GPU ranks need NCCL, which this build does not have");
+        }
+        return crate::dist::launch::launch_local(ranks);
+    }
     let stop = crate::util::interrupt::flag();
     let mut session = Session::default();
     let report = run_pipeline(&loaded, &mut session, &RunOptions { force: args.force, no_cache: args.no_cache, dist: None }, stop)?;

@@ -70,11 +70,21 @@ pub struct DistributedConfig {
     /// `NCCL_TIMEOUT`): a rank that died or hangs stops every other rank within this time.
     #[schemars(range(min = 1))]
     pub timeout_s: u64,
+    /// Our own launcher: `lora run` starts this many CPU ranks of itself on this machine (as
+    /// `--ranks N` does), with torchrun's variables. Ignored under a launcher.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub ranks: Option<u32>,
+    /// One rank per GPU of this machine (`--gpus N`). Not available yet: GPU ranks need NCCL,
+    /// which this build does not have (validation refuses the key, saying so).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub gpus: Option<u32>,
 }
 
 impl Default for DistributedConfig {
     fn default() -> Self {
-        Self { port: None, timeout_s: 300 }
+        Self { port: None, timeout_s: 300, ranks: None, gpus: None }
     }
 }
 

@@ -663,6 +663,7 @@ impl Checks<'_> {
         self.dataset(p);
         self.preprocess(p);
         self.adapter(p);
+        self.distributed(p);
         self.optimizer(p);
         self.train(p);
         self.validation(p);
@@ -942,6 +943,30 @@ impl Checks<'_> {
                     self.error(&[key], format!("`{key}` only shapes aspect-ratio buckets, and `preprocess.buckets` is false"), Some("set buckets = true, or remove it".into()));
                 }
             }
+        }
+    }
+
+    /// `[distributed]` settings this binary cannot honour.
+    fn distributed(&mut self, p: &Pipeline) {
+        let d = &p.distributed;
+        if let Some(n) = d.gpus {
+            let why = if crate::device::CUDA_BUILT {
+                "GPU ranks need NCCL, which this build does not have (its collectives are TCP, for CPU ranks)"
+            } else {
+                "this `lora` was built without CUDA"
+            };
+            self.error(
+                &["distributed.gpus"],
+                format!("`distributed.gpus` = {n}: {why}"),
+                Some("train on one GPU, or on CPU ranks with `distributed.ranks` (docs/distributed.md)".into()),
+            );
+        }
+        if d.ranks.is_some_and(|n| n > 1) && matches!(p.train.device, crate::config::types::Device::Cuda(_)) {
+            self.error(
+                &["distributed.ranks", "train.device"],
+                "`distributed.ranks` starts CPU ranks, but `train.device` asks for a GPU: several GPU ranks need NCCL, which this build does not have".into(),
+                Some("set train.device = \"cpu\", or run one process on the GPU".into()),
+            );
         }
     }
 

@@ -8,6 +8,7 @@
 //! have; `lora run` refuses several CUDA ranks rather than copy gradients through the host.
 //! `docs/distributed.md` says what each rank does.
 
+pub mod launch;
 pub mod tcp;
 
 use std::time::Duration;

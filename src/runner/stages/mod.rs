@@ -88,8 +88,12 @@ pub(crate) const STAGES: &[Stage] = &[load::MODEL, load::DATASET, load::PREPROCE
 impl Plan {
     /// Resolve `loaded` once: fingerprints in table order, each seeing the upstream ones.
     pub fn resolve(loaded: &crate::config::LoadedPipeline) -> Self {
-        // A launcher's world (the variables are read again, and checked, when the ranks connect).
-        let world = crate::dist::World::from_env().ok().flatten().map_or(1, |w| w.size);
+        // A launcher's world (the variables are read again, and checked, when the ranks connect),
+        // else the ranks our own launcher starts (`[distributed] ranks`).
+        let world = crate::dist::World::from_env()
+            .ok()
+            .flatten()
+            .map_or_else(|| loaded.pipeline.distributed.ranks.unwrap_or(1).max(1) as usize, |w| w.size);
         let mut plan = Self { loaded: loaded.clone(), out_dir: loaded.pipeline.output.dir.clone(), fingerprints: BTreeMap::new(), no_cache: false, world };
         for stage in STAGES {
             let fp = (stage.fingerprint)(&plan);
