@@ -8,7 +8,7 @@ use lora::adapters::read::read_lora_file;
 use predicates::prelude::*;
 
 fn golden(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden").join(name)
+    crate::support::repo_root().join("tests/fixtures/golden").join(name)
 }
 
 fn lora_cmd() -> Command {
@@ -260,7 +260,7 @@ fn convert_removes_only_temporaries_of_dead_converts_of_the_same_file() {
 /// `--model`), and the round trip gives the diffusers file's tensors exactly.
 #[test]
 fn convert_sdxl_through_kohyas_original_layout_names() {
-    let fixtures = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let fixtures = crate::support::repo_root().join("tests/fixtures");
     let model = fixtures.join("sdxl-tiny");
     let src = fixtures.join("golden-sdxl/lora-diffusers/pytorch_lora_weights.safetensors");
     let dir = tempfile::tempdir().unwrap();

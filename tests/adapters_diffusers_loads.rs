@@ -5,14 +5,13 @@
 //! Needs the reference Python (torch, diffusers, transformers, peft): set
 //! `LORA_REFERENCE_PYTHON=/path/to/python` and run `cargo test --test tests adapters_diffusers_loads -- --ignored`.
 
-use std::path::PathBuf;
 use std::process::Command;
 
 #[test]
 #[ignore = "needs the reference Python environment (LORA_REFERENCE_PYTHON)"]
 fn diffusers_loads_our_files_with_the_same_effect() {
     let python = std::env::var("LORA_REFERENCE_PYTHON").expect("set LORA_REFERENCE_PYTHON to a Python with diffusers");
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/adapters_diffusers_check.py");
+    let script = crate::support::repo_root().join("tests/adapters_diffusers_check.py");
     let work = tempfile::tempdir().unwrap();
     let out = Command::new(python)
         .arg(&script)

@@ -18,7 +18,7 @@ use lora::nn::AdaptedLinear;
 use safetensors::{Dtype, SafeTensors};
 
 fn golden(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden").join(name)
+    crate::support::repo_root().join("tests/fixtures/golden").join(name)
 }
 fn diffusers_golden() -> PathBuf {
     golden("lora-diffusers/pytorch_lora_weights.safetensors")

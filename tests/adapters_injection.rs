@@ -282,7 +282,7 @@ fn per_block_ranks_example_gives_each_block_its_rank() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
     let overrides: Vec<String> = vec!["train.max_steps=1".into(), format!("output.dir={:?}", out.display().to_string())];
-    let loaded = lora::config::load_pipeline(&std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("pipelines/tiny-block-ranks.toml"), &overrides).unwrap_or_else(|d| panic!("{}", d.render()));
+    let loaded = lora::config::load_pipeline(&crate::support::repo_root().join("pipelines/tiny-block-ranks.toml"), &overrides).unwrap_or_else(|d| panic!("{}", d.render()));
     lora::runner::run::run_pipeline(&loaded, &mut lora::runner::stages::Session::default(), &Default::default(), std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false))).unwrap();
     let w = lora::adapters::read_lora_file(&out.join(lora::layout::KOHYA_FILE)).unwrap();
     assert_eq!(w.unet.len(), 80, "the default targets of the tiny UNet");

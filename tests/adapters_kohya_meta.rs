@@ -17,7 +17,7 @@ use lora::layout::{DIFFUSERS_FILE, KOHYA_FILE};
 use sha2::Digest;
 
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    crate::support::repo_root()
 }
 
 fn run(pipeline: &str, out: &Path, extra: &[&str]) {

@@ -23,7 +23,7 @@ use serde_json::Value;
 use crate::support::rel_diff;
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    crate::support::repo_root().join("tests/fixtures")
 }
 
 fn golden(name: &str) -> HashMap<String, Tensor> {
@@ -57,6 +57,14 @@ impl Dtype for UNet2DConditionModel {
     fn convs_dtype(&self) -> DType {
         self.conv_in.weight.dtype()
     }
+}
+
+/// The tiny UNet's output with `weights` applied to its linear layers and convolutions.
+fn unet_out_with(weights: &lora::adapters::LoraWeights) -> Tensor {
+    let mut unet = tiny_unet();
+    let (lin, conv) = unet.layers_mut();
+    apply_lora_layers(weights, lin, conv, vec![], 1.0).unwrap();
+    unet_out(&unet)
 }
 
 fn locon_json() -> Value {
@@ -119,10 +127,7 @@ fn a_diffusers_dora_file_gives_diffusers_unet_output() {
     let weights = read_lora_file(&fixtures().join("golden/lora-dora/pytorch_lora_weights.safetensors")).unwrap();
     assert_eq!(weights.unet.len(), 80);
     assert!(weights.unet.values().all(|m| m.magnitude.is_some()), "every module keeps its magnitude");
-    let mut unet = tiny_unet();
-    let (lin, conv) = unet.layers_mut();
-    apply_lora_layers(&weights, lin, conv, vec![], 1.0).unwrap();
-    let e = rel_diff(&unet_out(&unet), &golden("lora-dora/unet_out.safetensors")["out_with_lora"]);
+    let e = rel_diff(&unet_out_with(&weights), &golden("lora-dora/unet_out.safetensors")["out_with_lora"]);
     assert!(e < 1e-4, "DoRA UNet output: relative error {e:e}");
 }
 
@@ -136,10 +141,7 @@ fn a_kohya_locon_file_gives_kohya_unet_output() {
     let counts = &json["layouts"]["tiny-sd"]["counts"];
     let total: u64 = ["linear", "conv1x1", "conv3x3"].iter().map(|k| counts[k].as_u64().unwrap()).sum();
     assert_eq!(weights.unet.len() as u64, total, "every module of kohya's network is read");
-    let mut unet = tiny_unet();
-    let (lin, conv) = unet.layers_mut();
-    apply_lora_layers(&weights, lin, conv, vec![], 1.0).unwrap();
-    let e = rel_diff(&unet_out(&unet), &golden("unet_locon.safetensors")["out_with_lora"]);
+    let e = rel_diff(&unet_out_with(&weights), &golden("unet_locon.safetensors")["out_with_lora"]);
     assert!(e < 1e-4, "LoCon UNet output: relative error {e:e}");
 }
 
@@ -153,10 +155,7 @@ fn our_locon_dora_file_gives_diffusers_unet_output() {
     let weights = read_lora_file(&fixtures().join("golden/locon-dora-ours/pytorch_lora_weights.safetensors")).unwrap();
     assert_eq!(weights.unet.len(), 123);
     assert!(weights.unet.values().all(|m| m.magnitude.is_some()));
-    let mut unet = tiny_unet();
-    let (lin, conv) = unet.layers_mut();
-    apply_lora_layers(&weights, lin, conv, vec![], 1.0).unwrap();
-    let e = rel_diff(&unet_out(&unet), &golden("locon-dora-ours/unet_out.safetensors")["out_with_lora"]);
+    let e = rel_diff(&unet_out_with(&weights), &golden("locon-dora-ours/unet_out.safetensors")["out_with_lora"]);
     assert!(e < 1e-4, "our LoCon + DoRA file in diffusers vs here: relative error {e:e}");
 }
 
@@ -309,10 +308,7 @@ fn locon_dora_files_round_trip_and_use_the_loaders_keys() {
         }
         let back = parse_lora_bytes(&bytes).unwrap();
         assert_eq!(back.unet.len(), loras.len(), "{format}: every module");
-        let mut fresh = tiny_unet();
-        let (lin, conv) = fresh.layers_mut();
-        apply_lora_layers(&back, lin, conv, vec![], 1.0).unwrap();
-        let e = rel_diff(&unet_out(&fresh), &want);
+        let e = rel_diff(&unet_out_with(&back), &want);
         // The file holds the same f32 values: only summation order may differ.
         assert!(e < 1e-5, "{format}: UNet output off by {e:e}");
     }
@@ -334,7 +330,7 @@ fn kohyas_locon_file_rewrites_with_the_same_keys() {
 }
 
 fn run_tiny(out: &std::path::Path, extra: &[&str], stop_at_once: bool) -> lora::runner::stages::RunReport {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let root = crate::support::repo_root();
     let mut overrides: Vec<String> = vec![
         "train.max_steps=4".into(),
         "train.batch_size=2".into(),

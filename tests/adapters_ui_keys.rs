@@ -16,7 +16,7 @@ use lora::models::loading::{LoadOptions, StableDiffusion};
 use serde_json::Value;
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    crate::support::repo_root().join("tests/fixtures")
 }
 
 fn ui_keys() -> Value {

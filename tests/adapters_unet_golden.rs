@@ -10,7 +10,7 @@ use lora::models::config::UNetConfig;
 use lora::models::UNet2DConditionModel;
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    crate::support::repo_root().join("tests/fixtures")
 }
 
 fn unet_output_with(lora_file: &str) -> (Tensor, Tensor) {

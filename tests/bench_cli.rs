@@ -7,7 +7,7 @@ use assert_cmd::Command;
 
 #[test]
 fn bench_prints_json_and_a_profile_without_checkpoint_warnings() {
-    let root = env!("CARGO_MANIFEST_DIR");
+    let root = crate::support::repo_root();
     // tiny.toml saves every 10 steps; 2 bench steps would warn "no checkpoint will be saved".
     let out = Command::cargo_bin("lora")
         .unwrap()

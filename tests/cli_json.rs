@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use assert_cmd::Command;
 
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    crate::support::repo_root()
 }
 
 fn lora() -> Command {

@@ -9,7 +9,7 @@ use std::process::Command;
 use assert_cmd::cargo::CommandCargoExt;
 
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    crate::support::repo_root()
 }
 
 fn lora() -> Command {

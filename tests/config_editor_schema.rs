@@ -8,7 +8,7 @@ use lora::config::validate::schema_messages;
 use lora::config::{editor_schema, pipeline_schema};
 
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    crate::support::repo_root()
 }
 
 fn parse(path: &Path) -> Option<toml::Table> {

@@ -12,7 +12,7 @@ use lora::config::*;
 use lora::util::path::tidy_path;
 
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    crate::support::repo_root()
 }
 
 fn bless() -> bool {

@@ -15,7 +15,7 @@ use lora::data::source::{load_source, SourceOptions, SourceSpec};
 use lora::data::{DataLoader, LoaderOptions};
 
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    crate::support::repo_root()
 }
 
 #[test]

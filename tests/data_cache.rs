@@ -12,7 +12,7 @@ use lora::runner::stages::{RunOptions, RunReport, Session};
 use lora::layout::DIFFUSERS_FILE;
 
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    crate::support::repo_root()
 }
 
 /// The tiny pipeline for one epoch (24 images, batch 2: every image's entry is read once).

@@ -121,7 +121,7 @@ fn the_loader_applies_them_seeded_per_epoch_and_example() {
 fn shuffled_tags_train_without_a_text_cache() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
-    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let root = crate::support::repo_root();
     let overrides: Vec<String> = vec![
         "train.max_steps=2".into(),
         "dataset.shuffle_tags=true".into(),

@@ -11,7 +11,7 @@ use lora::data::decode::{check_all, decode_example, decode_rgb8, screen_dataset,
 use lora::data::source::{Caption, Dataset, Example, ImageData};
 
 fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/datasets").join(rel)
+    crate::support::repo_root().join("tests/fixtures/datasets").join(rel)
 }
 
 fn encode(img: DynamicImage, format: ImageFormat) -> Vec<u8> {

@@ -3,7 +3,6 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use lora::data::source::hub::HubOptions;
@@ -70,7 +69,7 @@ fn serve_fake_hub(parquet: Vec<u8>) -> (String, Arc<Mutex<Vec<String>>>) {
 
 #[test]
 fn hub_dataset_downloads_train_parquet_then_works_offline() {
-    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    let fixture = crate::support::repo_root()
         .join("tests/fixtures/datasets/shapes-parquet/data/train-00000-of-00001.parquet");
     let (url, seen) = serve_fake_hub(std::fs::read(&fixture).unwrap());
     let cache = tempfile::tempdir().unwrap();

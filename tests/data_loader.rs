@@ -1,7 +1,6 @@
 //! The loader: batch shapes and `drop_last = false`, every example once per epoch, the seeded
 //! order, per-epoch augmentation and caption draws, and determinism regardless of threads.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use lora::data::loader::{Batch, DataLoader, LoaderOptions};
@@ -9,7 +8,7 @@ use lora::data::source::{load_source, Caption, SourceOptions, SourceSpec};
 use lora::data::transform::{CropMode, Interpolation, PreprocessOptions};
 
 fn dataset() -> Arc<lora::data::Dataset> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/datasets/shapes-parquet");
+    let path = crate::support::repo_root().join("tests/fixtures/datasets/shapes-parquet");
     Arc::new(load_source(&SourceSpec::Parquet { path }, &SourceOptions::default()).unwrap())
 }
 

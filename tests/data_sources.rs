@@ -8,7 +8,7 @@ use lora::data::decode::{decode_example, DecodeOptions};
 use lora::data::source::{load_source, Caption, Dataset, ImageData, SourceOptions, SourceSpec};
 
 fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/datasets").join(rel)
+    crate::support::repo_root().join("tests/fixtures/datasets").join(rel)
 }
 
 fn parquet(path: PathBuf) -> SourceSpec {

@@ -3,7 +3,6 @@
 //! and PIL's resampling on a synthetic image checked against an independent f64 convolution.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 use image::RgbImage;
@@ -12,7 +11,7 @@ use lora::data::transform::{
 };
 
 fn golden() -> HashMap<String, Tensor> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden/vae.safetensors");
+    let path = crate::support::repo_root().join("tests/fixtures/golden/vae.safetensors");
     candle_core::safetensors::load(path, &Device::Cpu).unwrap()
 }
 

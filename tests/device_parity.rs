@@ -12,7 +12,7 @@ use lora::models::UNet2DConditionModel;
 use lora::nn::frozen::{FrozenConv2d, FrozenMatmul};
 
 fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+    crate::support::repo_root().join("tests/fixtures").join(rel)
 }
 
 /// The device under test: `LORA_TEST_DEVICE` = `cpu` (default), `cuda`, `cuda:N`.

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use candle_core::Device;
 
 fn pipeline() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("pipelines/tiny.toml")
+    crate::support::repo_root().join("pipelines/tiny.toml")
 }
 
 fn free_port() -> u16 {
@@ -222,7 +222,7 @@ fn a_torchrun_launch_trains_what_one_process_with_twice_the_batch_trains() {
 #[test]
 fn the_unet_computes_every_example_alone() {
     use candle_core::{DType, Tensor};
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd/unet");
+    let dir = crate::support::repo_root().join("tests/fixtures/tiny-sd/unet");
     let cfg = lora::models::config::UNetConfig::from_json_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     let vb = unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&[dir.join("diffusion_pytorch_model.safetensors")], DType::F64, &Device::Cpu).unwrap() };
     let unet = lora::models::UNet2DConditionModel::load(vb, &cfg).unwrap();

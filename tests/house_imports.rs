@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 fn src() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src")
+    crate::support::repo_root().join("src")
 }
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {

@@ -20,7 +20,7 @@ use lora::schedulers::{Ddim, EulerDiscrete, Sampler, SamplerKind, SchedulerConfi
 use rand::SeedableRng;
 
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    crate::support::repo_root()
 }
 
 /// A copy of `tests/fixtures/tiny-sd` (weights linked, not copied) whose

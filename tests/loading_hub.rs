@@ -14,7 +14,7 @@ use lora::models::loading::{hub, resolve_model_files_with, HubSettings, LoadOpti
 const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    crate::support::repo_root().join("tests/fixtures")
 }
 
 /// Every file of the fixture model, by repository path.

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use lora::models::loading::{HubSettings, LoadOptions, StableDiffusion};
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    crate::support::repo_root().join("tests/fixtures")
 }
 
 fn offline_hub(cache: &Path) -> HubSettings {

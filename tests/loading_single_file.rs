@@ -14,7 +14,7 @@ use lora::models::loading::{HubSettings, LoadOptions, StableDiffusion};
 use lora::models::single_file::recognition::Family;
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    crate::support::repo_root().join("tests/fixtures")
 }
 
 fn offline_hub(cache: &Path) -> HubSettings {

@@ -7,7 +7,7 @@ use candle_core::{DType, Device};
 use lora::models::tokenizer::{ClipTokenizer, ClipTokenizerSettings};
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    crate::support::repo_root().join("tests/fixtures")
 }
 
 fn golden() -> (Vec<String>, Vec<Vec<u32>>) {

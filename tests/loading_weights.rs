@@ -15,7 +15,7 @@ use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    crate::support::repo_root().join("tests/fixtures")
 }
 
 /// A tensor to write: name, shape, values (stored as f32 or f16).

@@ -11,7 +11,7 @@ use lora::models::UNet2DConditionModel;
 use lora::nn::LoraBranch;
 
 fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+    crate::support::repo_root().join("tests/fixtures").join(rel)
 }
 
 #[test]

@@ -13,7 +13,7 @@ use lora::models::UNet2DConditionModel;
 const REL_TOL: f32 = 1e-4;
 
 fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+    crate::support::repo_root().join("tests/fixtures").join(rel)
 }
 
 fn tiny_unet_json() -> serde_json::Value {

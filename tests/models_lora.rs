@@ -22,7 +22,7 @@ const GRAD_REL_TOL: f32 = 1e-3;
 const TARGETS: [&str; 4] = ["to_q", "to_k", "to_v", "to_out.0"];
 
 fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+    crate::support::repo_root().join("tests/fixtures").join(rel)
 }
 
 fn golden(rel: &str) -> HashMap<String, Tensor> {

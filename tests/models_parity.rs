@@ -12,7 +12,7 @@ use lora::models::{AutoencoderKL, ClipTextModel, UNet2DConditionModel};
 const REL_TOL: f32 = 1e-4;
 
 fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+    crate::support::repo_root().join("tests/fixtures").join(rel)
 }
 
 fn weights(rel: &str) -> VarBuilder<'static> {

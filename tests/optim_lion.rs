@@ -4,13 +4,12 @@
 //! keys' per-kind defaults and refusals.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use candle_core::{Device, Tensor, Var};
 use lora::train::optim::{AdamW, AdamWConfig, UpdateRule};
 
 fn golden() -> HashMap<String, Tensor> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden/lion.safetensors");
+    let path = crate::support::repo_root().join("tests/fixtures/golden/lion.safetensors");
     candle_core::safetensors::load(path, &Device::Cpu).unwrap()
 }
 
@@ -79,7 +78,7 @@ fn lion_state_is_one_moment_and_is_not_adamws() {
 
 #[test]
 fn lion_keys_default_per_kind_and_refuse_epsilon() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let root = crate::support::repo_root();
     let load = |set: &[&str]| lora::config::load_pipeline(&root.join("pipelines/tiny.toml"), &set.iter().map(|s| s.to_string()).collect::<Vec<_>>());
     let p = load(&["optimizer.kind=\"lion\""]).unwrap_or_else(|d| panic!("{}", d.render())).pipeline;
     assert_eq!((p.optimizer.beta2(), p.optimizer.weight_decay()), (0.99, 0.0), "lion-pytorch's defaults");

@@ -4,14 +4,13 @@
 //! their state through a checkpoint and the 8-bit state's size.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor, Var};
 use lora::train::optim::{AdamW, AdamWConfig, UpdateRule};
 use lora::train::quant8;
 
 fn golden(name: &str) -> HashMap<String, Tensor> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden").join(name);
+    let path = crate::support::repo_root().join("tests/fixtures/golden").join(name);
     candle_core::safetensors::load(path, &Device::Cpu).unwrap()
 }
 
@@ -43,7 +42,7 @@ fn replay(g: &HashMap<String, Tensor>, prefix: &str, names: &[&str], cfg: AdamWC
 }
 
 fn prodigy(weight_decay: f64, bias_correction: bool, safeguard_warmup: bool) -> AdamWConfig {
-    AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay, rule: UpdateRule::Prodigy { d_coef: 1.0, bias_correction, safeguard_warmup }, ema_decay: None }
+    AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay, rule: UpdateRule::Prodigy { d_coef: 1.0, bias_correction, safeguard_warmup }, ema_decay: None, fused: false }
 }
 
 #[test]
@@ -152,7 +151,7 @@ fn adamw8bit_follows_the_f32_trajectory_with_a_quarter_of_the_state() {
     let g = golden("adamw8bit.safetensors");
     let target = g["traj.target"].clone();
     let var = Var::from_tensor(&g["traj.init"]).unwrap();
-    let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2, rule: UpdateRule::AdamW8bit, ema_decay: None };
+    let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2, rule: UpdateRule::AdamW8bit, ema_decay: None, fused: false };
     let mut opt = AdamW::new(vec![var.clone()], cfg).unwrap();
     let f32_var = Var::from_tensor(&g["traj.init"]).unwrap();
     let mut f32_opt = AdamW::new(vec![f32_var.clone()], AdamWConfig { rule: UpdateRule::AdamW, ..cfg }).unwrap();
@@ -207,7 +206,7 @@ fn tiny_run_d(extra: &[&str]) -> ((f64, f64, usize, String), Vec<f64>) {
     let out = dir.path().join("out");
     let mut overrides: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
     overrides.push(format!("output.dir={:?}", out.display().to_string()));
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let root = crate::support::repo_root();
     let loaded = lora::config::load_pipeline(&root.join("pipelines/tiny.toml"), &overrides).unwrap_or_else(|d| panic!("{}", d.render()));
     let report = lora::runner::run::run_pipeline(&loaded, &mut lora::runner::stages::Session::default(), &Default::default(), std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false))).unwrap();
     let kohya = lora::adapters::read_lora_file(&out.join(lora::layout::KOHYA_FILE)).unwrap();
@@ -251,7 +250,7 @@ fn prodigy_adafactor_and_8bit_runs_train_the_tiny_pipeline() {
 
 #[test]
 fn optimizer_keys_of_another_kind_and_prodigy_without_an_lr_are_refused_by_name() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let root = crate::support::repo_root();
     let err = |o: &[&str]| {
         let o: Vec<String> = o.iter().map(|s| s.to_string()).collect();
         lora::config::load_pipeline(&root.join("pipelines/tiny.toml"), &o).err().expect("refused").render()

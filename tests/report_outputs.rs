@@ -17,7 +17,7 @@ use lora::runner::stages::{describe, BOOKKEEPING};
 use crate::support::matches_output;
 
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    crate::support::repo_root()
 }
 
 /// 4 steps of batch 2, two prompts x two images of 2 sampling steps, validation every 2 steps:

@@ -2,14 +2,13 @@
 //! every form (`*_ema.safetensors`), the final validation images use it, and unsetting the key
 //! removes the EMA files this tool wrote (the trained ones stay).
 
-use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use lora::layout::{DIFFUSERS_FILE, KOHYA_FILE, TRAINED_EMA_FILE};
 
 fn run(out: &std::path::Path, extra: &[&str]) -> lora::runner::stages::RunReport {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let root = crate::support::repo_root();
     let mut overrides: Vec<String> = vec!["train.max_steps=6".into(), format!("output.dir={:?}", out.display().to_string())];
     overrides.extend(extra.iter().map(|s| s.to_string()));
     let loaded = lora::config::load_pipeline(&root.join("pipelines/tiny.toml"), &overrides).unwrap_or_else(|d| panic!("{}", d.render()));

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use lora::data::source::{load_source, SourceOptions, SourceSpec};
 
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    crate::support::repo_root()
 }
 
 fn shapes() -> lora::data::Dataset {

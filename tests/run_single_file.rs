@@ -19,7 +19,7 @@ use predicates::prelude::*;
 use sha2::{Digest, Sha256};
 
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    crate::support::repo_root()
 }
 
 fn single() -> PathBuf {

@@ -12,7 +12,7 @@ use lora::runner::stages::{RunOptions, RunReport, Session};
 use lora::layout::{DIFFUSERS_FILE, KOHYA_FILE};
 
 fn pipeline() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("pipelines/tiny.toml")
+    crate::support::repo_root().join("pipelines/tiny.toml")
 }
 
 fn run(out: &Path, extra: &[&str], stop_at_once: bool) -> RunReport {

@@ -23,7 +23,7 @@ impl Drop for Mounted {
 }
 
 fn run(out: &Path, stop_at_once: bool) -> anyhow::Result<RunReport> {
-    let pipeline = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("pipelines/tiny.toml");
+    let pipeline = crate::support::repo_root().join("pipelines/tiny.toml");
     let overrides: Vec<String> = vec![
         "train.max_steps=3".into(),
         "train.batch_size=2".into(),

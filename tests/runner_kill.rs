@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 const STEPS: u64 = 16;
 
 fn pipeline() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("pipelines/tiny.toml")
+    crate::support::repo_root().join("pipelines/tiny.toml")
 }
 
 fn lora(out: &Path, extra: &[&str]) -> Command {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use crate::runner_kill::wait_for;
 
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    crate::support::repo_root()
 }
 
 /// A copy of the tiny pipeline in `dir` (absolute model and dataset paths), training `steps`

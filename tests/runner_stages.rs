@@ -18,7 +18,7 @@ use lora::runner::stages::{describe, Status, BOOKKEEPING};
 use crate::support::matches_output;
 
 pub(crate) fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    crate::support::repo_root()
 }
 
 pub(crate) fn load(file: &Path, out: &Path, extra: &[&str]) -> LoadedPipeline {

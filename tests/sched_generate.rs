@@ -15,7 +15,7 @@ use predicates::prelude::PredicateBooleanExt;
 const PROMPT: &str = "a red circle on a white background";
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    crate::support::repo_root().join("tests/fixtures")
 }
 
 fn sampling_golden() -> HashMap<String, Tensor> {

@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor};
 use lora::schedulers::{build_sampler, Ddpm, SamplerKind, SchedulerConfig};
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    crate::support::repo_root().join("tests/fixtures")
 }
 
 fn golden(name: &str) -> HashMap<String, Tensor> {

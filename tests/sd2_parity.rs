@@ -26,7 +26,7 @@ use crate::support::{max_abs, rel_diff, to_vec_f32, scalar, timesteps_u32};
 const REL_TOL: f32 = 1e-4;
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    crate::support::repo_root().join("tests/fixtures")
 }
 
 fn golden(name: &str) -> HashMap<String, Tensor> {

@@ -23,7 +23,7 @@ use crate::support::{rel_diff, scalar, timesteps_u32, to_vec_f32};
 const REL_TOL: f32 = 1e-4;
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    crate::support::repo_root().join("tests/fixtures")
 }
 
 fn golden(name: &str) -> HashMap<String, Tensor> {

@@ -3,7 +3,17 @@
 //! file on disk is one that `lora plan` announced (`checkpoint-<step>`, `logs/<...>`), and the
 //! tensor comparisons the parity tests measure their tolerances with.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// The repository the tests read their fixtures and pipelines from: `LORA_REPO_ROOT` when set
+/// (a test binary copied to another machine, where the checkout lies elsewhere: the device check
+/// sets it), else the folder this test binary was built from.
+pub fn repo_root() -> PathBuf {
+    match std::env::var_os("LORA_REPO_ROOT") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+    }
+}
 
 use lora::train::lr::LrSchedule;
 use lora::train::optim::AdamWConfig;

@@ -17,7 +17,7 @@ use lora::train::step::{denoising_loss_checkpointed, LossOptions};
 use rand::SeedableRng;
 
 fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+    crate::support::repo_root().join("tests/fixtures").join(rel)
 }
 
 fn golden(rel: &str) -> HashMap<String, Tensor> {

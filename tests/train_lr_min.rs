@@ -7,7 +7,7 @@ use lora::train::lr::{lr_at, LrSchedule};
 
 #[test]
 fn cosine_with_min_lr_matches_transformers() {
-    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden/lr_cosine_with_min_lr.json");
+    let path = crate::support::repo_root().join("tests/fixtures/golden/lr_cosine_with_min_lr.json");
     let g: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let want: Vec<f64> = serde_json::from_value(g["lr"].clone()).unwrap();
     let schedule = LrSchedule::CosineWithMinLr { min_lr_ratio: 0.1 };
@@ -23,7 +23,7 @@ fn cosine_with_min_lr_matches_transformers() {
 
 #[test]
 fn min_lr_ratio_goes_with_its_scheduler() {
-    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let root = crate::support::repo_root();
     let load = |set: &[&str]| lora::config::load_pipeline(&root.join("pipelines/tiny.toml"), &set.iter().map(|s| s.to_string()).collect::<Vec<_>>());
     assert!(load(&["train.lr_scheduler=\"cosine_with_min_lr\"", "train.min_lr_ratio=0.1", "train.lr_warmup_steps=5"]).is_ok());
     let err = load(&["train.lr_scheduler=\"cosine_with_min_lr\""]).err().unwrap().render();

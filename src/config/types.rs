@@ -599,6 +599,11 @@ pub struct OptimizerConfig {
     /// reference script never clips (see docs/pipeline.md); we do.
     #[schemars(range(min = 0), extend("x-reference" = "--max_grad_norm"))]
     pub max_grad_norm: f64,
+    /// AdamW (kind = "adamw") on the CPU: update every LoRA parameter in one pass over one flat
+    /// buffer instead of about ten tensor ops per parameter; the same arithmetic, bit for bit.
+    /// Off by default until `lora bench` shows it faster (docs/benchmarks.md); GPUs have no fused
+    /// kernel yet, so it is refused with a CUDA `train.device`.
+    pub fused: bool,
 }
 
 impl Default for OptimizerConfig {
@@ -614,6 +619,7 @@ impl Default for OptimizerConfig {
             safeguard_warmup: None,
             scale_parameter: None,
             max_grad_norm: 1.0,
+            fused: false,
         }
     }
 }

@@ -1056,6 +1056,16 @@ impl Checks<'_> {
             ],
             _ => &[],
         };
+        if p.optimizer.fused && kind != K::Adamw {
+            self.error(&["optimizer.fused"], format!("`optimizer.fused` is AdamW's one-pass update; kind = \"{name}\" has none"), Some("remove it, or use kind = \"adamw\"".into()));
+        }
+        if p.optimizer.fused && matches!(p.train.device, crate::config::types::Device::Cuda(_)) {
+            self.error(
+                &["optimizer.fused", "train.device"],
+                "`optimizer.fused` runs on the host: there is no fused GPU kernel yet, so on a GPU it would change nothing".into(),
+                Some("remove it for GPU training".into()),
+            );
+        }
         for (key, why) in foreign {
             if self.is_set(key) {
                 self.error(&[key], format!("`{key}` does nothing for kind = \"{name}\": {why}"), Some("remove it, or pick another kind".into()));

@@ -222,6 +222,7 @@ pub(crate) fn train_settings(loaded: &LoadedPipeline) -> TrainSettings {
             eps: p.optimizer.epsilon,
             weight_decay: p.optimizer.weight_decay(),
             ema_decay: t.ema_decay,
+            fused: p.optimizer.fused,
             rule: {
                 use crate::train::optim::UpdateRule;
                 let o = &p.optimizer;

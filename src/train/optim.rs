@@ -57,12 +57,17 @@ pub struct AdamWConfig {
     /// Keep an exponential moving average of the parameters with this decay cap, as diffusers'
     /// `EMAModel` (see [`ema_decay`]); `None` keeps none.
     pub ema_decay: Option<f64>,
+    /// AdamW only: update every parameter in one pass over one flat host buffer
+    /// ([`adamw_fused_host`]: the same arithmetic as the per-parameter tensor ops, bit for bit)
+    /// instead of about ten tensor ops per parameter. CPU parameters only; the device kernel is
+    /// issue 17's.
+    pub fused: bool,
 }
 
 impl Default for AdamWConfig {
     /// The reference script's defaults: AdamW, betas 0.9 / 0.999, eps 1e-8, weight decay 1e-2.
     fn default() -> Self {
-        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2, rule: UpdateRule::AdamW, ema_decay: None }
+        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2, rule: UpdateRule::AdamW, ema_decay: None, fused: false }
     }
 }
 
@@ -241,6 +246,9 @@ impl AdamW {
         self.step_count += 1;
         match self.cfg.rule {
             UpdateRule::Prodigy { d_coef, bias_correction, safeguard_warmup } => self.prodigy_step(grads, lr, d_coef, bias_correction, safeguard_warmup)?,
+            UpdateRule::AdamW if self.cfg.fused && self.params.iter().all(|p| p.var.device().is_cpu()) => {
+                adamw_fused_host(&mut self.params, grads, lr, &self.cfg)?;
+            }
             rule => {
                 for (p, g) in self.params.iter_mut().zip(grads) {
                     let Some(g) = g else { continue };
@@ -468,6 +476,60 @@ fn adamw_step(p: &mut ParamState, g: &Tensor, lr: f64, cfg: &AdamWConfig) -> can
     p.set_slot("exp_avg", m);
     p.set_slot("exp_avg_sq", v);
     param - update
+}
+
+/// [`adamw_step`] for every parameter with a gradient in one pass: the parameters, gradients and
+/// both moments gathered into one flat f32 buffer each, one elementwise loop over all of them
+/// (each element with its parameter's bias corrections), scattered back. Every operation is the
+/// tensor version's, in the same order and in f32 (`x·a + 0` where candle's `affine` adds a zero,
+/// which also gives zeros the same sign), so the results are the same bits.
+fn adamw_fused_host(params: &mut [ParamState], grads: &[Option<&Tensor>], lr: f64, cfg: &AdamWConfig) -> candle_core::Result<()> {
+    let AdamWConfig { beta1, beta2, eps, weight_decay, .. } = *cfg;
+    struct Segment {
+        index: usize,
+        len: usize,
+        step_size: f32,
+        inv_bc2: f32,
+    }
+    let (mut p_all, mut g_all, mut m_all, mut v_all) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut segments = Vec::new();
+    for (index, (p, g)) in params.iter_mut().zip(grads).enumerate() {
+        let Some(g) = g else { continue };
+        p.steps += 1;
+        let k = p.steps as i32;
+        let bias_correction1 = 1.0 - beta1.powi(k);
+        let bias_correction2_sqrt = (1.0 - beta2.powi(k)).sqrt();
+        let before = p_all.len();
+        p_all.extend(p.var.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+        g_all.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+        m_all.extend(p.slot("exp_avg").flatten_all()?.to_vec1::<f32>()?);
+        v_all.extend(p.slot("exp_avg_sq").flatten_all()?.to_vec1::<f32>()?);
+        segments.push(Segment { index, len: p_all.len() - before, step_size: (lr / bias_correction1) as f32, inv_bc2: (1.0 / bias_correction2_sqrt) as f32 });
+    }
+    let (b1, omb1, b2, omb2) = (beta1 as f32, (1.0 - beta1) as f32, beta2 as f32, (1.0 - beta2) as f32);
+    let (decay, eps) = ((1.0 - lr * weight_decay) as f32, eps as f32);
+    let mut at = 0;
+    for seg in &segments {
+        let range = at..at + seg.len;
+        for i in range.clone() {
+            let g = g_all[i];
+            let param = p_all[i] * decay + 0.0;
+            let m = (m_all[i] * b1 + 0.0) + (g * omb1 + 0.0);
+            let v = (v_all[i] * b2 + 0.0) + ((g * g) * omb2 + 0.0);
+            let denom = v.sqrt() * seg.inv_bc2 + eps;
+            let update = (m / denom) * seg.step_size + 0.0;
+            m_all[i] = m;
+            v_all[i] = v;
+            p_all[i] = param - update;
+        }
+        let p = &mut params[seg.index];
+        let (dims, device) = (p.var.dims().to_vec(), p.var.device().clone());
+        p.set_slot("exp_avg", Tensor::from_slice(&m_all[range.clone()], dims.as_slice(), &device)?);
+        p.set_slot("exp_avg_sq", Tensor::from_slice(&v_all[range.clone()], dims.as_slice(), &device)?);
+        p.var.set(&Tensor::from_slice(&p_all[range], dims.as_slice(), &device)?.to_dtype(p.var.dtype())?)?;
+        at += seg.len;
+    }
+    Ok(())
 }
 
 /// lion-pytorch's Lion on one parameter.
