@@ -950,7 +950,7 @@ impl Checks<'_> {
     fn distributed(&mut self, p: &Pipeline) {
         let d = &p.distributed;
         if let Some(n) = d.gpus {
-            let why = if crate::device::CUDA_BUILT {
+            let why = if cfg!(feature = "cuda") {
                 "GPU ranks need NCCL, which this build does not have (its collectives are TCP, for CPU ranks)"
             } else {
                 "this `lora` was built without CUDA"
