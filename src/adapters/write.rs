@@ -138,15 +138,17 @@ pub(crate) fn serialize_lora_as(weights: &LoraWeights, format: LoraFormat, dtype
     }
     let mut tensors: BTreeMap<String, OwnedView> = BTreeMap::new();
     for (c, name, m) in weights.modules() {
-        let (down_key, up_key) = match format {
+        // DoRA's magnitude goes under the last key: `lora_magnitude_vector` as diffusers saves it
+        // (no `.weight`; PEFT's names have it), kohya / LyCORIS `dora_scale`.
+        let (down_key, up_key, magnitude_key) = match format {
             LoraFormat::Diffusers => {
                 let p = c.diffusers_prefix();
                 let mid = if c == Component::Unet { "lora" } else { "lora_linear_layer" };
-                (format!("{p}.{name}.{mid}.down.weight"), format!("{p}.{name}.{mid}.up.weight"))
+                (format!("{p}.{name}.{mid}.down.weight"), format!("{p}.{name}.{mid}.up.weight"), format!("{p}.{name}.lora_magnitude_vector"))
             }
             LoraFormat::Peft => {
                 let p = c.diffusers_prefix();
-                (format!("{p}.{name}.lora_A.weight"), format!("{p}.{name}.lora_B.weight"))
+                (format!("{p}.{name}.lora_A.weight"), format!("{p}.{name}.lora_B.weight"), format!("{p}.{name}.lora_magnitude_vector.weight"))
             }
             LoraFormat::Kohya => {
                 // kohya names SDXL's encoders `lora_te1_` / `lora_te2_` (SD 1.x/2.x: `lora_te_`).
@@ -155,15 +157,26 @@ pub(crate) fn serialize_lora_as(weights: &LoraWeights, format: LoraFormat, dtype
                     _ => module_to_kohya(c, name),
                 };
                 tensors.insert(format!("{stem}.alpha"), alpha_view(m.effective_alpha()));
-                (format!("{stem}.lora_down.weight"), format!("{stem}.lora_up.weight"))
+                (format!("{stem}.lora_down.weight"), format!("{stem}.lora_up.weight"), format!("{stem}.dora_scale"))
             }
             LoraFormat::AttnProcessor => bail!("the old attention-processor form is read only; write diffusers, peft or kohya"),
         };
         // A conv's B is a 1x1 conv `[out, r, 1, 1]` in every form.
-        let up = if m.down.rank() == 4 { m.up.reshape((m.up.dims()[0], m.rank(), 1, 1))? } else { m.up.clone() };
+        let conv = m.down.rank() == 4;
+        let up = if conv { m.up.reshape((m.up.dims()[0], m.rank(), 1, 1))? } else { m.up.clone() };
         let mut views = vec![(down_key, tensor_view(&m.down, dtype)?), (up_key, tensor_view(&up, dtype)?)];
         if let Some(mag) = &m.magnitude {
-            views.push(magnitude_view(c, name, m, mag, format, &weights.text_encoder_2)?);
+            // Shapes: diffusers / PEFT `[out]` for a linear, PEFT's `[1, out, 1, 1]` for a conv;
+            // kohya LyCORIS's output-axis form (`wd_on_out`), `[out, 1]` / `[out, 1, 1, 1]`. Always
+            // f32: it scales the whole weight, and bf16's 2⁻⁹ would move every weight by up to 0.4%.
+            let out = mag.elem_count();
+            let shape = match (format, conv) {
+                (LoraFormat::Kohya, false) => vec![out, 1],
+                (LoraFormat::Kohya, true) => vec![out, 1, 1, 1],
+                (_, false) => vec![out],
+                (_, true) => vec![1, out, 1, 1],
+            };
+            views.push((magnitude_key, tensor_view(&mag.reshape(shape)?, DType::F32)?));
         }
         for (key, view) in views {
             if tensors.insert(key.clone(), view).is_some() {
@@ -183,41 +196,6 @@ pub(crate) fn serialize_lora_as(weights: &LoraWeights, format: LoraFormat, dtype
     };
     let header = if header.is_empty() { None } else { Some(header) };
     crate::util::safetensors_bytes::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), header)
-}
-
-/// DoRA's magnitude of module `name` as `format` stores it, always in f32 (it scales the
-/// whole weight: bf16's 2⁻⁹ would move every weight by up to 0.4%):
-/// - diffusers: `unet.<module>.lora_magnitude_vector` (no `.weight`, as diffusers saves it),
-///   PEFT: `unet.<module>.lora_magnitude_vector.weight`; `[out]` for a linear, PEFT's
-///   `[1, out, 1, 1]` for a conv;
-/// - kohya: `<stem>.dora_scale`, LyCORIS's output-axis form (`wd_on_out`): `[out, 1]` for a
-///   linear, `[out, 1, 1, 1]` for a conv, the magnitude itself.
-fn magnitude_view(
-    c: Component,
-    name: &str,
-    m: &super::weights::LoraModule,
-    mag: &Tensor,
-    format: LoraFormat,
-    text_encoder_2: &BTreeMap<String, super::weights::LoraModule>,
-) -> Result<(String, OwnedView)> {
-    let out = mag.elem_count();
-    let conv = m.down.rank() == 4;
-    let (key, shape): (String, Vec<usize>) = match format {
-        LoraFormat::Diffusers | LoraFormat::Peft => {
-            let suffix = if format == LoraFormat::Peft { ".weight" } else { "" };
-            let shape = if conv { vec![1, out, 1, 1] } else { vec![out] };
-            (format!("{}.{name}.lora_magnitude_vector{suffix}", c.diffusers_prefix()), shape)
-        }
-        LoraFormat::Kohya => {
-            let stem = match c {
-                Component::TextEncoder if !text_encoder_2.is_empty() => format!("lora_te1_{}", name.replace('.', "_")),
-                _ => module_to_kohya(c, name),
-            };
-            (format!("{stem}.dora_scale"), if conv { vec![out, 1, 1, 1] } else { vec![out, 1] })
-        }
-        LoraFormat::AttnProcessor => bail!("the old attention-processor form is read only"),
-    };
-    Ok((key, tensor_view(&mag.reshape(shape)?, DType::F32)?))
 }
 
 /// Write `weights` to `path` in `format`, atomically (temporary file, then rename).
