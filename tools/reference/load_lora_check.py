@@ -31,6 +31,8 @@ import sys
 import warnings
 
 import torch
+
+from reflib import Capture
 from safetensors import safe_open
 
 KEY_TROUBLE = ("unexpected", "missing", "unsupported", "no lora keys", "ignor", "not found", "could not",
@@ -38,17 +40,6 @@ KEY_TROUBLE = ("unexpected", "missing", "unsupported", "no lora keys", "ignor", 
                # diffusers' "DoRA checkpoint that is not compatible ... filter out the keys associated to 'dora_scale'"
                "dora_scale", "not compatible", "filter out")
 MAGNITUDE = ("lora_magnitude_vector", "lora_magnitude_vector.weight")
-
-
-class Capture(logging.Handler):
-    """Collects WARNING+ records of the libraries that report LoRA key problems."""
-
-    def __init__(self):
-        super().__init__(level=logging.WARNING)
-        self.records = []
-
-    def emit(self, record):
-        self.records.append(f"{record.name}: {record.getMessage()}")
 
 
 def digest(t):

@@ -25,6 +25,8 @@ import tempfile
 import warnings
 
 import torch
+
+from reflib import Capture
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -34,15 +36,6 @@ OUT = os.path.join(ROOT, "tests/fixtures/golden/lora-dora")
 TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 RANK = 4
 MAX_BYTES = 300 * 1024
-
-
-class Capture(logging.Handler):
-    def __init__(self):
-        super().__init__(level=logging.WARNING)
-        self.records = []
-
-    def emit(self, record):
-        self.records.append(f"{record.name}: {record.getMessage()}")
 
 
 def load_pipe():

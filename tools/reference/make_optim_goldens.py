@@ -329,20 +329,25 @@ def adafactor_golden():
 
 # --- bitsandbytes ------------------------------------------------------------------------------
 
-def nearest_codes(x, code, blocksize):
-    """Exact nearest code per element (the CUDA rule), pure torch: y = x * (1/absmax_b)."""
+def blockwise_codes(x, blocksize, block_codes):
+    """Codes of `x` block by block: `block_codes(blk, absmax)` for each block of `blocksize` values
+    (a block of zeros is all code 0)."""
     n = x.numel()
     flat = x.reshape(-1).float()
     codes = torch.empty(n, dtype=torch.uint8)
     for s in range(0, n, blocksize):
         blk = flat[s:s + blocksize]
         am = blk.abs().max()
-        if am == 0:
-            codes[s:s + blocksize] = 0
-            continue
-        y = (blk * (1.0 / am)).clamp(-1, 1)
-        codes[s:s + blocksize] = (y[:, None] - code[None, :]).abs().argmin(dim=1).to(torch.uint8)
+        codes[s:s + blocksize] = 0 if am == 0 else block_codes(blk, am)
     return codes.reshape(x.shape)
+
+
+def nearest_codes(x, code, blocksize):
+    """Exact nearest code per element (the CUDA rule), pure torch: y = x * (1/absmax_b)."""
+    def block(blk, am):
+        y = (blk * (1.0 / am)).clamp(-1, 1)
+        return (y[:, None] - code[None, :]).abs().argmin(dim=1).to(torch.uint8)
+    return blockwise_codes(x, blocksize, block)
 
 
 def lut_codes(x, code, blocksize):
@@ -351,20 +356,13 @@ def lut_codes(x, code, blocksize):
     j = torch.arange(65536, dtype=torch.float32)
     grid = -1.0 + (2.0 * j) / 65535.0
     lut = torch.searchsorted(mid.contiguous(), grid, side="left").to(torch.uint8)  # #mid < grid
-    n = x.numel()
-    flat = x.reshape(-1).float()
-    codes = torch.empty(n, dtype=torch.uint8)
-    for s in range(0, n, blocksize):
-        blk = flat[s:s + blocksize]
-        am = blk.abs().max()
-        if am == 0:
-            codes[s:s + blocksize] = 0
-            continue
+
+    def block(blk, am):
         inv = torch.tensor(1.0, dtype=torch.float32) / am
         y = (blk * inv).clamp(-1, 1)
         idx = (((y + 1.0) * 0.5) * 65535.0 + 0.5).to(torch.int64)
-        codes[s:s + blocksize] = lut[idx]
-    return codes.reshape(x.shape)
+        return lut[idx]
+    return blockwise_codes(x, blocksize, block)
 
 
 def adamw8bit_golden():

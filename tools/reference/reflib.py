@@ -2,13 +2,27 @@
 
 Everything here calls diffusers / peft / torch the way `train_text_to_image_lora.py` does; nothing is
 re-implemented. Used by make_sd2_fixtures.py and check_sd1_goldens.py (which proves these helpers
-reproduce the existing SD 1.5 goldens before they are trusted for new ones).
+reproduce the existing SD 1.5 goldens before they are trusted for new ones), and, for `Capture`, by
+load_lora_check.py and make_dora_lora_file.py.
 """
+import logging
+
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig
 
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+
+
+class Capture(logging.Handler):
+    """Collects WARNING+ records of the libraries that report LoRA key problems."""
+
+    def __init__(self):
+        super().__init__(level=logging.WARNING)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(f"{record.name}: {record.getMessage()}")
 
 
 def add_lora(unet, rank=4):
