@@ -34,7 +34,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if args.dry_run {
         return super::plan::run(super::plan::Args { pipeline: args.pipeline, force: args.force, no_cache: args.no_cache, json: false });
     }
+    // The flags are the `[distributed]` keys, so validation judges them as it judges the file.
     let mut extra = Vec::new();
+    if let Some(n) = args.ranks {
+        extra.push(format!("distributed.ranks={n}"));
+    }
     if let Some(n) = args.gpus {
         extra.push(format!("distributed.gpus={n}"));
     }
@@ -42,11 +46,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Ok(l) => l,
         Err(code) => return Ok(code),
     };
-    let ranks = args.ranks.or(loaded.pipeline.distributed.ranks).unwrap_or(1) as usize;
+    let ranks = loaded.pipeline.distributed.ranks.unwrap_or(1) as usize;
     if ranks > 1 && crate::dist::World::from_env()?.is_none() {
-        if matches!(loaded.pipeline.train.device, crate::config::types::Device::Cuda(_)) {
-            anyhow::bail!("--ranks starts CPU ranks, but train.device asks for a GPU: several GPU ranks need NCCL, which this build does not have");
-        }
         return crate::dist::launch::launch_local(ranks);
     }
     let stop = crate::util::interrupt::flag();

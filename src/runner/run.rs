@@ -17,14 +17,15 @@ use crate::config::LoadedPipeline;
 /// Under a launcher (torchrun, srun) this process is one rank of several: it connects to the
 /// others first (`crate::dist`), and only rank 0 walks the whole table (see `docs/distributed.md`).
 pub fn run_pipeline(loaded: &LoadedPipeline, session: &mut Session, opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<RunReport> {
+    let plan = Plan::resolve(loaded);
     let mut opts = opts.clone();
     if opts.dist.is_none() {
         if let Some(world) = crate::dist::World::from_env()? {
-            opts.dist = Some(Arc::new(connect_job(loaded, &world)?));
+            opts.dist = Some(Arc::new(connect_job(&plan, &world)?));
         }
     }
     let opts = &opts;
-    let mut report = super::stages::run_plan(&Plan::resolve(loaded), session, opts, stop, None)?;
+    let mut report = super::stages::run_plan(&plan, session, opts, stop, None)?;
     report.skipped_train = report.train.is_none() && report.stages.iter().any(|(n, s)| *n == "train" && *s == super::stages::Status::UpToDate);
     Ok(report)
 }
@@ -32,8 +33,8 @@ pub fn run_pipeline(loaded: &LoadedPipeline, session: &mut Session, opts: &RunOp
 /// Connect this rank to the job `world` describes, on `[distributed] port`, `LORA_DIST_PORT` or
 /// the launcher's port + 1. Refused: several ranks on GPUs (they need NCCL, which this build
 /// does not have).
-fn connect_job(loaded: &LoadedPipeline, world: &crate::dist::World) -> Result<crate::dist::Comm> {
-    let p = &loaded.pipeline;
+fn connect_job(plan: &Plan, world: &crate::dist::World) -> Result<crate::dist::Comm> {
+    let p = plan.pipeline();
     let gpu = match p.train.device {
         crate::config::types::Device::Cpu => false,
         crate::config::types::Device::Cuda(_) => true,
@@ -52,7 +53,6 @@ fn connect_job(loaded: &LoadedPipeline, world: &crate::dist::World) -> Result<cr
         (None, Some(v)) => v.trim().parse::<u16>().map_err(|_| anyhow::anyhow!("LORA_DIST_PORT={v:?} is not a port number"))?,
         (None, None) => world.master_port.checked_add(crate::dist::PORT_OFFSET).ok_or_else(|| anyhow::anyhow!("MASTER_PORT {} has no port after it", world.master_port))?,
     };
-    let plan = Plan::resolve(loaded);
     let job = plan.fingerprint(super::plan::StageId::Train).to_string();
     tracing::info!(
         "rank {} of {} ({:?}, local rank {}): {} on port {port}",
