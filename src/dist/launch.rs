@@ -4,6 +4,11 @@
 //! terminal (its progress bar counts the job's updates); the other ranks' log lines come through
 //! prefixed with their rank. When a rank fails, the others are stopped at once and the launcher
 //! exits with the failed rank's code.
+//!
+//! Signals: the ranks run in a process group of their own, so a terminal's Ctrl-C reaches the
+//! launcher alone, which passes the stop signal (SIGINT, SIGTERM, SIGHUP) on to every rank once;
+//! they finish the step, rank 0 saves a checkpoint, and the launcher exits with their code. A
+//! rank whose launcher dies (even by SIGKILL) gets SIGTERM from the kernel (Linux).
 
 use std::io::BufRead;
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -36,6 +41,8 @@ fn child_args() -> Vec<std::ffi::OsString> {
 /// Start `n` ranks of this run and wait for them; the exit code is rank 0's, or the first
 /// failed rank's.
 pub fn launch_local(n: usize) -> Result<ExitCode> {
+    // Stop signals set a flag here instead of ending the launcher (and orphaning the ranks).
+    let _ = crate::util::interrupt::flag();
     let exe = std::env::current_exe().context("finding this executable to start the ranks")?;
     let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).context("finding a free local port for the ranks")?.port();
     // The cores are shared: each rank gets its part of this process's thread count.
@@ -58,6 +65,19 @@ pub fn launch_local(n: usize) -> Result<ExitCode> {
         if rank > 0 {
             c.stdout(Stdio::null()).stderr(Stdio::piped());
         }
+        #[cfg(unix)]
+        {
+            use std::os::unix::process::CommandExt;
+            c.process_group(0);
+            #[cfg(target_os = "linux")]
+            // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches only the child.
+            unsafe {
+                c.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                    Ok(())
+                });
+            }
+        }
         let mut child = c.spawn().with_context(|| format!("starting rank {rank}"))?;
         if let Some(err) = child.stderr.take() {
             forwarders.push(std::thread::spawn(move || {
@@ -70,7 +90,21 @@ pub fn launch_local(n: usize) -> Result<ExitCode> {
     }
     let mut codes: Vec<Option<i32>> = vec![None; n];
     let mut failed: Option<(usize, i32)> = None;
+    let mut forwarded = false;
     while codes.iter().any(Option::is_none) {
+        if !forwarded && crate::util::interrupt::requested() {
+            forwarded = true;
+            let sig = i32::from(crate::util::interrupt::exit_code()) - 128;
+            for (rank, child) in children.iter().enumerate() {
+                if codes[rank].is_none() {
+                    #[cfg(unix)]
+                    // SAFETY: kill(2) on a child this process started and has not reaped.
+                    unsafe {
+                        libc::kill(child.id() as libc::pid_t, sig);
+                    }
+                }
+            }
+        }
         for (rank, child) in children.iter_mut().enumerate() {
             if codes[rank].is_some() {
                 continue;
@@ -78,7 +112,8 @@ pub fn launch_local(n: usize) -> Result<ExitCode> {
             if let Some(status) = child.try_wait()? {
                 let code = status.code().unwrap_or(1);
                 codes[rank] = Some(code);
-                if code != 0 && failed.is_none() {
+                // After a stop signal the ranks end with 128 + its number on purpose.
+                if code != 0 && failed.is_none() && !forwarded {
                     failed = Some((rank, code));
                 }
             }
