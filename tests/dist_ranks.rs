@@ -260,3 +260,36 @@ fn the_ranks_flag_starts_the_ranks_itself() {
     assert!(!g.status.success());
     assert!(log(&g).contains("distributed.gpus"), "{}", log(&g));
 }
+
+/// SIGTERM to our launcher (as `docker stop` or SLURM send it) stops the whole job the way it
+/// stops one process: the launcher passes it on to its ranks, waits for them, and exits 143;
+/// rank 0 saved a checkpoint and exported nothing, and a plain rerun resumes from it.
+#[test]
+fn sigterm_to_the_launcher_stops_every_rank_with_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let s = sets(&["train.batch_size=1", "train.max_steps=150", "checkpoints.every_steps=1000"]);
+    let mut job = lora(&out, &s).arg("--ranks").arg("2").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    // Signal once training has started (rank 0 has written its first metrics line).
+    while !std::fs::read_to_string(out.join("metrics.jsonl")).is_ok_and(|m| m.contains("\"loss\"")) {
+        assert!(Instant::now() < deadline, "training never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = Command::new("kill").args(["-TERM", &job.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let t = Instant::now();
+    let o = job.wait_with_output().unwrap();
+    let l = log(&o);
+    assert_eq!(o.status.code(), Some(143), "{l}");
+    assert!(t.elapsed() < Duration::from_secs(30), "the job took {:?} to stop", t.elapsed());
+    assert!(!l.contains("failed"), "a stop is not a rank failure:\n{l}");
+    let checkpoints: Vec<String> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("checkpoint-")).collect();
+    assert_eq!(checkpoints.len(), 1, "{checkpoints:?}");
+    assert!(!out.join(lora::layout::DIFFUSERS_FILE).exists(), "a stopped job exports nothing");
+    let again = lora(&out, &s).arg("--ranks").arg("2").output().unwrap();
+    let l = log(&again);
+    assert!(again.status.success(), "{l}");
+    assert!(l.contains("resum"), "the rerun resumes:\n{l}");
+    assert!(out.join(lora::layout::DIFFUSERS_FILE).is_file());
+}
